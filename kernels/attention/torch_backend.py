@@ -1,0 +1,93 @@
+"""Reference attention backend in plain PyTorch (CPU or GPU): the oracle for tests.
+
+Strategy: requests that add one token (decodes) are padded into one batched SDPA call
+with a key-length mask; each request that adds several tokens (prefill / extend chunk)
+gets its own SDPA call, so a long prefill next to many decodes never pads every decode
+to the prefill's length. K/V are gathered from the pool by slot index, which keeps the
+backend agnostic to how the allocator scattered the slots.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sglang_duet.kernels.attention.base import AttentionBackend, ForwardBatch
+
+
+@dataclass
+class _Group:
+    q_rows: torch.Tensor  # [b, n] rows of the T new tokens (n = new tokens per request)
+    kv_slots: torch.Tensor  # [b, L] pool slots, padded with slot 0 (the reserved padding slot)
+    mask: torch.Tensor | None  # [b, 1, n, L] bool (True = may attend) or None
+    is_causal: bool  # SDPA's own causal mask is right (no cached prefix, square scores)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def __init__(self) -> None:
+        self._groups: list[_Group] = []
+        self._fb: ForwardBatch | None = None
+
+    def plan(self, fb: ForwardBatch) -> None:
+        self._fb = fb
+        self._groups = []
+        dev = fb.device
+        seq = fb.seq_lens_cpu or fb.seq_lens.tolist()
+        pre = fb.prefix_lens_cpu or fb.prefix_lens.tolist()
+        kv_indptr = [0]
+        for s in seq:
+            kv_indptr.append(kv_indptr[-1] + s)
+        q_start = 0
+        decodes: list[int] = []
+        for i, (s, p) in enumerate(zip(seq, pre)):
+            n = s - p
+            if n == 1:
+                decodes.append(i)
+            else:
+                rows = torch.arange(q_start, q_start + n, device=dev).unsqueeze(0)
+                slots = fb.kv_indices[kv_indptr[i]:kv_indptr[i + 1]].unsqueeze(0)
+                if p == 0:
+                    self._groups.append(_Group(rows, slots, None, True))
+                else:
+                    # Query j sits at position p + j and sees keys at positions <= p + j
+                    # (bottom-right aligned causal mask, which SDPA's is_causal is not).
+                    qpos = torch.arange(p, s, device=dev).unsqueeze(1)
+                    kpos = torch.arange(s, device=dev).unsqueeze(0)
+                    self._groups.append(_Group(rows, slots, (kpos <= qpos)[None, None], False))
+            q_start += n
+        if decodes:
+            # All rows/slots below are built on the host once per step, shared by every layer.
+            q_off = [0]
+            for s, p in zip(seq, pre):
+                q_off.append(q_off[-1] + s - p)
+            max_len = max(seq[i] for i in decodes)
+            slots = torch.zeros(len(decodes), max_len, dtype=torch.long, device=dev)
+            for b, i in enumerate(decodes):
+                slots[b, : seq[i]] = fb.kv_indices[kv_indptr[i]:kv_indptr[i + 1]]
+            lens = torch.tensor([seq[i] for i in decodes], device=dev)
+            mask = (torch.arange(max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+            rows = torch.tensor([q_off[i] for i in decodes], dtype=torch.long, device=dev).unsqueeze(1)
+            self._groups.append(_Group(rows, slots, mask, False))
+
+    def run(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool) -> torch.Tensor:
+        fb = self._fb
+        assert fb is not None, "plan() must be called before run()"
+        kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
+        k_buf, v_buf = kv_pool.get_kv(layer_id)
+        T, H, D = q.shape
+        n_rep = H // k_buf.shape[1]
+        out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+        for g in self._groups:
+            qg = q[g.q_rows].transpose(1, 2)  # [b, H, n, D]
+            kg = k_buf[g.kv_slots].transpose(1, 2)  # [b, H_kv, L, D]
+            vg = v_buf[g.kv_slots].transpose(1, 2)
+            if n_rep > 1:  # GQA: query head h reads kv head h // n_rep (HF's repeat_kv)
+                kg = kg.repeat_interleave(n_rep, dim=1)
+                vg = vg.repeat_interleave(n_rep, dim=1)
+            og = F.scaled_dot_product_attention(qg, kg.to(q.dtype), vg.to(q.dtype), attn_mask=g.mask,
+                                                is_causal=g.is_causal)
+            out[g.q_rows] = og.transpose(1, 2)
+        return out.reshape(T, H * D)

@@ -1,0 +1,123 @@
+"""What a policy asks the executor to run: the step plan and its lane batches.
+
+Pure data, no torch: the same plan drives the real executor, the emulated GPU and the
+discrete-event simulator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class LaneKind(str, Enum):
+    AGGREGATED = "aggregated"  # one launch on all SMs
+    PREFILL = "prefill"        # split mode: the prefill partition
+    DECODE = "decode"          # split mode: the decode partition
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Tokens [start, start + length) of a request's prefill input (prompt + any recomputed output)."""
+
+    rid: str
+    start: int
+    length: int
+
+
+@dataclass
+class LaneBatch:
+    """What one lane runs in one launch."""
+
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    decode: list[str] = field(default_factory=list)  # request ids, one new token each per step
+    steps: int = 1  # look-ahead k: decode steps launched back to back (decode-only batches)
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(c.length for c in self.prefill)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefill_tokens + len(self.decode)
+
+    def is_empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+@dataclass
+class StepPlan:
+    """A policy's decision for the lanes that are idle now.
+
+    Either `aggregated` is set (one launch on all SMs), or one or both of the split lanes.
+    """
+
+    aggregated: LaneBatch | None = None
+    prefill_lane: LaneBatch | None = None
+    decode_lane: LaneBatch | None = None
+    prefill_sms: int | None = None
+    decode_sms: int | None = None
+    predicted_ms: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def mode(self) -> str:
+        return "aggregated" if self.aggregated is not None else "split"
+
+    def lane_batches(self) -> list[tuple[LaneKind, LaneBatch]]:
+        out = []
+        if self.aggregated is not None and not self.aggregated.is_empty():
+            out.append((LaneKind.AGGREGATED, self.aggregated))
+        if self.prefill_lane is not None and not self.prefill_lane.is_empty():
+            out.append((LaneKind.PREFILL, self.prefill_lane))
+        if self.decode_lane is not None and not self.decode_lane.is_empty():
+            out.append((LaneKind.DECODE, self.decode_lane))
+        return out
+
+    def is_empty(self) -> bool:
+        return not self.lane_batches()
+
+
+@dataclass
+class ReqWork:
+    """One request's part of a launch, as the executor needs it (slots already allocated)."""
+
+    rid: str
+    input_ids: list[int]        # the new tokens of this launch (prefill chunk, or [last token] for decode)
+    start_pos: int              # position of input_ids[0]
+    kv_slots: list[int]         # slots of all tokens [0, start_pos + len(input_ids) + steps - 1)
+    sample: bool                # whether this launch ends with a sampled token (last prefill chunk, decode)
+    steps: int = 1              # decode steps (look-ahead); the extra slots are pre-reserved
+    sampling_seed: int = 0
+    # penalties need the history; sampling needs the params (a SamplingParams)
+    params: object = None
+    output_ids: list[int] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Launch:
+    """A lane batch resolved against the core's state, handed to an executor."""
+
+    launch_id: int
+    lane: LaneKind
+    batch: LaneBatch
+    work: list[ReqWork]
+    sms: int | None = None
+    predicted_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LaunchResult:
+    """What an executor reports when a launch's events complete.
+
+    `tokens[rid]` holds the sampled ids in step order (k of them for a k-step decode launch;
+    none for a prefill chunk that is not the last). `logprobs[rid]` parallels it when asked for.
+    """
+
+    launch_id: int
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[dict]] = field(default_factory=dict)
+    # when each token of a k-step decode was produced (device event times); default: finished_at
+    token_times: dict[str, list[float]] = field(default_factory=dict)
+    started_at: float = 0.0
+    finished_at: float = 0.0

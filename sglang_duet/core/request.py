@@ -1,0 +1,72 @@
+"""A request's state inside the scheduler core. Pure Python."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from sglang_duet.sampling_params import SamplingParams
+
+
+class ReqState(str, Enum):
+    WAITING = "waiting"  # not admitted (or retracted): holds no KV
+    RUNNING = "running"  # holds KV; prefilling while computed < len(seq) - 1, then decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    seed: int
+    eos_ids: frozenset[int] = frozenset()
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    state: ReqState = ReqState.WAITING
+    kv_slots: list[int] = field(default_factory=list)  # the request's row of the req-to-token table
+    num_computed: int = 0  # tokens of seq whose KV is in the cache
+    inflight: int | None = None  # launch id while a lane works on it
+    aborted: bool = False
+    finish_reason: dict | None = None
+    # timings (clock of the core)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finish_time: float | None = None
+    num_retractions: int = 0
+    max_tbt: float = 0.0
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def seq_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output without building the whole list."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.prompt_ids[start:] + self.output_ids[:end - p]
+
+    @property
+    def remaining_prefill(self) -> int:
+        """Tokens still to compute before the next token can be sampled (1 means: decode)."""
+        return self.seq_len - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.state == ReqState.RUNNING and self.remaining_prefill == 1 and bool(self.output_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.state == ReqState.RUNNING and not self.is_decoding
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.params.max_new_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.state == ReqState.FINISHED

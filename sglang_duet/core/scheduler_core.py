@@ -1,0 +1,414 @@
+"""SchedulerCore: request state machine, queues and KV accounting. Pure Python, no torch.
+
+The same core runs in the offline Engine, in the server's scheduler process and in the
+discrete-event simulator. It asks a policy for a `StepPlan` whenever lanes are idle, turns the
+plan into `Launch`es (allocating KV slots, retracting requests when KV runs out), and applies
+the `LaunchResult`s that executors report, possibly from two lanes at different cadences.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sglang_duet.core.kv_allocator import TokenSlotAllocator
+from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, LaunchResult, PrefillChunk, ReqWork, StepPlan
+from sglang_duet.core.request import Request, ReqState
+from sglang_duet.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+ALL_LANES = frozenset({LaneKind.AGGREGATED, LaneKind.PREFILL, LaneKind.DECODE})
+
+
+class AdmissionError(ValueError):
+    """A request that can never run (too long, duplicate id, queue full); served as HTTP 400/503."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class CoreConfig:
+    kv_slots: int  # size of the KV pool in token slots (slot 0 reserved)
+    context_length: int
+    max_running_requests: int = 256
+    max_queued_requests: int | None = None
+    chunked_prefill_size: int = 8192
+
+
+@dataclass
+class RequestUpdate:
+    """What changed for one request after a launch: new tokens, and the outcome if it ended."""
+
+    rid: str
+    new_token_ids: list[int]
+    new_logprobs: list[dict] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: dict | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+
+@dataclass
+class SchedulerView:
+    """What a policy may read. The lists are the core's own; a policy must not mutate them."""
+
+    now: float
+    waiting: list[Request]  # FCFS (retracted requests first), hold no KV
+    prefilling: list[Request]  # admitted, prefill not complete, not on a lane
+    decoding: list[Request]  # ready for their next decode step, not on a lane
+    inflight: dict[LaneKind, Launch]
+    idle_lanes: frozenset[LaneKind]
+    kv_free: int
+    kv_total: int
+    num_running: int  # requests holding KV (on a lane or not)
+    config: CoreConfig
+
+    @property
+    def all_idle(self) -> bool:
+        return LaneKind.AGGREGATED in self.idle_lanes
+
+
+@dataclass
+class CoreStats:
+    launches: dict[str, int] = field(default_factory=lambda: {"aggregated": 0, "prefill": 0, "decode": 0})
+    plans: dict[str, int] = field(default_factory=lambda: {"aggregated": 0, "split": 0})
+    last_sms: dict[str, int] = field(default_factory=dict)
+    retractions: int = 0
+    finished: int = 0
+    aborted: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class SchedulerCore:
+    def __init__(
+        self,
+        config: CoreConfig,
+        policy,
+        clock: Callable[[], float] = time.monotonic,
+        stop_checker: Callable[[Request], str | None] | None = None,
+    ):
+        self.config = config
+        self.policy = policy
+        self.clock = clock
+        self.stop_checker = stop_checker
+        self.allocator = TokenSlotAllocator(config.kv_slots)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, Request] = {}  # insertion order = admission order
+        self.inflight: dict[int, Launch] = {}
+        self._busy: dict[LaneKind, int] = {}
+        self._next_launch = 0
+        self._pending_updates: list[RequestUpdate] = []
+        self.stats = CoreStats()
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add_request(
+        self,
+        rid: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        seed: int = 0,
+        eos_ids: frozenset[int] | set[int] = frozenset(),
+        arrival_time: float | None = None,
+    ) -> Request:
+        if rid in self.requests:
+            raise AdmissionError(f"Duplicate request id {rid!r}.")
+        n = len(prompt_ids)
+        if n == 0:
+            raise AdmissionError("The prompt is empty.")
+        ctx = self.config.context_length
+        if n >= ctx:
+            raise AdmissionError(f"The input ({n} tokens) is longer than the model's context length ({ctx} tokens).")
+        if n + 1 > self.allocator.capacity:
+            raise AdmissionError(
+                f"The input ({n} tokens) does not fit in the KV cache ({self.allocator.capacity} tokens)."
+            )
+        q = self.config.max_queued_requests
+        if q is not None and len(self.waiting) >= q:
+            raise AdmissionError("Too many queued requests; try again later.", status=503)
+        stop_ids = set(eos_ids) if not params.ignore_eos else set()
+        req = Request(
+            rid=rid,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            arrival_time=self.clock() if arrival_time is None else arrival_time,
+            seed=seed,
+            eos_ids=frozenset(stop_ids | set(params.stop_token_ids)),
+        )
+        self.requests[rid] = req
+        self.waiting.append(req)
+        self.stats.prompt_tokens += n
+        return req
+
+    def abort(self, rid: str, message: str = "Aborted by the client.") -> None:
+        """Abort a request in any state; its update (and KV release) happens now or when its lane reports."""
+        req = self.requests.get(rid)
+        if req is None or req.finished:
+            return
+        req.aborted = True
+        if req.inflight is not None:
+            return  # the lane still writes to its slots; release when the launch reports
+        self._finish(req, {"type": "abort", "message": message})
+        self._pending_updates.append(self._update(req, []))
+
+    def take_updates(self) -> list[RequestUpdate]:
+        """Updates produced outside apply_result (aborts)."""
+        out, self._pending_updates = self._pending_updates, []
+        return out
+
+    # ---- introspection ---------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.inflight)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def kv_used(self) -> int:
+        return self.allocator.capacity - self.allocator.available
+
+    def idle_lanes(self) -> frozenset[LaneKind]:
+        if not self._busy:
+            return ALL_LANES
+        return frozenset(k for k in (LaneKind.PREFILL, LaneKind.DECODE) if k not in self._busy)
+
+    def view(self) -> SchedulerView:
+        prefilling, decoding = [], []
+        for r in self.running.values():
+            if r.inflight is None and not r.aborted:
+                (decoding if r.is_decoding else prefilling).append(r)
+        return SchedulerView(
+            now=self.clock(),
+            waiting=list(self.waiting),
+            prefilling=prefilling,
+            decoding=decoding,
+            inflight={k: self.inflight[i] for k, i in self._busy.items()},
+            idle_lanes=self.idle_lanes(),
+            kv_free=self.allocator.available,
+            kv_total=self.allocator.capacity,
+            num_running=len(self.running),
+            config=self.config,
+        )
+
+    # ---- planning ----------------------------------------------------------------------------
+
+    def schedule(self) -> list[Launch]:
+        """Ask the policy for work for the idle lanes and resolve it into launches."""
+        if not self.waiting and not self.running:
+            return []
+        view = self.view()
+        if not view.idle_lanes or (not view.waiting and not view.prefilling and not view.decoding):
+            return []
+        plan = self.policy.plan(view)
+        if plan is None or plan.is_empty():
+            return []
+        launches = self._materialize(plan, view.idle_lanes)
+        if launches:
+            self.stats.plans[plan.mode] += 1
+            if plan.prefill_sms:
+                self.stats.last_sms["prefill"] = plan.prefill_sms
+            if plan.decode_sms:
+                self.stats.last_sms["decode"] = plan.decode_sms
+        return launches
+
+    def _materialize(self, plan: StepPlan, idle: frozenset[LaneKind]) -> list[Launch]:
+        batches = plan.lane_batches()
+        for lane, _ in batches:
+            if lane not in idle:
+                raise RuntimeError(f"policy {self.policy!r} planned work for the busy lane {lane.value}")
+        if plan.aggregated is not None and (plan.prefill_lane or plan.decode_lane):
+            raise RuntimeError("a plan is either aggregated or split, not both")
+        launches = []
+        for lane, batch in batches:
+            work = self._resolve(batch)
+            if not work:
+                continue
+            launch = Launch(self._next_launch, lane, batch, work)
+            launch.sms = {LaneKind.PREFILL: plan.prefill_sms, LaneKind.DECODE: plan.decode_sms}.get(lane)
+            launch.predicted_ms = plan.predicted_ms
+            self._next_launch += 1
+            for w in work:
+                self.requests[w.rid].inflight = launch.launch_id
+            self.inflight[launch.launch_id] = launch
+            self._busy[lane] = launch.launch_id
+            self.stats.launches[lane.value] += 1
+            launches.append(launch)
+        return launches
+
+    def _resolve(self, batch: LaneBatch) -> list[ReqWork]:
+        """Allocate KV for a lane batch; retract decodes when KV runs out; drop prefills that don't fit."""
+        steps = max(1, batch.steps)
+        decodes = []
+        for rid in batch.decode:
+            r = self.requests.get(rid)
+            if r is None or r.inflight is not None or not r.is_decoding or r.aborted:
+                raise RuntimeError(f"policy planned a decode for {rid!r}, which is not ready to decode")
+            decodes.append(r)
+        # Decodes first: they already hold KV and their users are waiting for the next token.
+        need = len(decodes) * steps
+        while need > self.allocator.available and decodes:
+            victim = self._pick_victim(decodes)
+            decodes.remove(victim)
+            self._retract(victim)
+            need = len(decodes) * steps
+        work: list[ReqWork] = []
+        for r in decodes:
+            r.kv_slots.extend(self.allocator.alloc(steps))
+            work.append(self._work(r, [r.output_ids[-1]], r.num_computed, True, steps))
+        for chunk in batch.prefill:
+            w = self._resolve_prefill(chunk)
+            if w is not None:
+                work.append(w)
+        return work
+
+    def _resolve_prefill(self, chunk: PrefillChunk) -> ReqWork | None:
+        r = self.requests.get(chunk.rid)
+        if r is None or r.inflight is not None or r.aborted or r.finished:
+            raise RuntimeError(f"policy planned a prefill for {chunk.rid!r}, which cannot prefill now")
+        if chunk.start != r.num_computed or not 0 < chunk.length <= r.remaining_prefill:
+            raise RuntimeError(f"bad prefill chunk {chunk} for a request with {r.num_computed}/{r.seq_len} computed")
+        admitting = r.state == ReqState.WAITING
+        if admitting and len(self.running) >= self.config.max_running_requests:
+            return None
+        slots = self.allocator.alloc(chunk.length)
+        if slots is None:
+            return None  # the policy over-asked; the request waits for KV
+        if admitting:
+            self.waiting.remove(r)
+            r.state = ReqState.RUNNING
+            self.running[r.rid] = r
+            if r.first_scheduled_time is None:
+                r.first_scheduled_time = self.clock()
+        r.kv_slots.extend(slots)
+        end = chunk.start + chunk.length
+        return self._work(r, r.seq_ids(chunk.start, end), chunk.start, end == r.seq_len, 1)
+
+    def _work(self, r: Request, ids: list[int], start: int, sample: bool, steps: int) -> ReqWork:
+        return ReqWork(
+            rid=r.rid, input_ids=ids, start_pos=start, kv_slots=r.kv_slots, sample=sample, steps=steps,
+            sampling_seed=r.seed, params=r.params, output_ids=r.output_ids, prompt_ids=r.prompt_ids,
+        )
+
+    def _pick_victim(self, candidates: list[Request]) -> Request:
+        # SGLang retracts the requests that lose least work: fewest output tokens, then longest prompt.
+        return min(candidates, key=lambda r: (len(r.output_ids), -len(r.prompt_ids), -r.arrival_time))
+
+    def _retract(self, r: Request) -> None:
+        """Free a running request's KV and queue it again; its tokens so far are kept and recomputed."""
+        self.allocator.free(r.kv_slots)
+        r.kv_slots = []
+        r.num_computed = 0
+        r.state = ReqState.WAITING
+        r.num_retractions += 1
+        del self.running[r.rid]
+        self.waiting.appendleft(r)
+        self.stats.retractions += 1
+        logger.info("retracted %s (%d tokens) to free KV", r.rid, r.seq_len)
+
+    # ---- results -----------------------------------------------------------------------------
+
+    def apply_result(self, result: LaunchResult) -> list[RequestUpdate]:
+        launch = self.inflight.pop(result.launch_id)
+        for lane, lid in list(self._busy.items()):
+            if lid == launch.launch_id:
+                del self._busy[lane]
+        now = result.finished_at or self.clock()
+        if hasattr(self.policy, "on_result"):
+            self.policy.on_result(launch, result)
+        updates = self.take_updates()
+        for w in launch.work:
+            r = self.requests[w.rid]
+            r.inflight = None
+            if r.aborted:
+                if not r.finished:
+                    self._finish(r, {"type": "abort", "message": "Aborted by the client."})
+                    updates.append(self._update(r, []))
+                continue
+            tokens = result.tokens.get(w.rid, [])
+            lps = result.logprobs.get(w.rid, [])
+            times = result.token_times.get(w.rid)
+            new: list[int] = []
+            new_lps: list[dict] = []
+            if not w.sample:
+                r.num_computed += len(w.input_ids)
+                continue
+            r.num_computed = w.start_pos + len(w.input_ids)
+            for i, t in enumerate(tokens[: w.steps]):
+                if i > 0:
+                    r.num_computed += 1  # the previous sampled token was fed back on the device
+                r.output_ids.append(t)
+                new.append(t)
+                if i < len(lps):
+                    r.logprobs.append(lps[i])
+                    new_lps.append(lps[i])
+                self._record_token_time(r, times[i] if times and i < len(times) else now)
+                reason = self._check_finished(r, t)
+                if reason is not None:
+                    self._finish(r, reason)
+                    break
+            self.stats.generated_tokens += len(new)
+            updates.append(self._update(r, new, new_lps))
+        return updates
+
+    def _record_token_time(self, r: Request, t: float) -> None:
+        if r.first_token_time is None:
+            r.first_token_time = t
+        elif r.last_token_time is not None:
+            r.max_tbt = max(r.max_tbt, t - r.last_token_time)
+        r.last_token_time = t
+
+    def _check_finished(self, r: Request, token: int) -> dict | None:
+        n_out = len(r.output_ids)
+        if token in r.eos_ids and n_out > r.params.min_new_tokens:  # the sampler bans eos before min_new_tokens
+            return {"type": "stop", "matched": token}
+        if r.max_new_tokens is not None and n_out >= r.max_new_tokens:
+            return {"type": "length", "length": n_out}
+        if r.seq_len >= self.config.context_length:
+            return {"type": "length", "length": n_out}
+        if r.params.stop and self.stop_checker is not None:
+            matched = self.stop_checker(r)
+            if matched is not None:
+                return {"type": "stop", "matched": matched}
+        return None
+
+    def _finish(self, r: Request, reason: dict) -> None:
+        if r.state == ReqState.WAITING and r in self.waiting:
+            self.waiting.remove(r)
+        self.allocator.free(r.kv_slots)
+        r.kv_slots = []
+        self.running.pop(r.rid, None)
+        r.state = ReqState.FINISHED
+        r.finish_reason = reason
+        r.finish_time = self.clock()
+        if reason["type"] == "abort":
+            self.stats.aborted += 1
+        else:
+            self.stats.finished += 1
+
+    def _update(self, r: Request, new: list[int], new_lps: list[dict] | None = None) -> RequestUpdate:
+        u = RequestUpdate(
+            rid=r.rid, new_token_ids=new, new_logprobs=new_lps or [], finished=r.finished,
+            finish_reason=r.finish_reason, prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.output_ids),
+            arrival_time=r.arrival_time, first_token_time=r.first_token_time, finish_time=r.finish_time,
+        )
+        if r.finished:
+            # The core forgets a finished request once its outcome is reported.
+            self.requests.pop(r.rid, None)
+        return u

@@ -1,0 +1,160 @@
+"""Incremental detokenisation and stop-string helpers (pure Python, no torch).
+
+Why the offsets: decoding token by token and concatenating is wrong for two reasons.
+  * Byte-level BPE splits one multi-byte UTF-8 character over several tokens; a lone piece
+    decodes to U+FFFD, which must not be streamed.
+  * decode(suffix) != suffix of decode(all) for many tokenizers (SentencePiece drops the leading
+    space of the first piece, cleanup rules look at neighbours, ...).
+So each step decodes a short window [prefix_offset, len(ids)) and subtracts the decode of
+[prefix_offset, read_offset) — text already emitted, decoded in the same left context. The window
+only advances once its decode ends in a complete character.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_REPLACEMENT = "\ufffd"
+# Tokens of prompt context decoded in front of the output, so its first piece is rendered as it
+# would be mid-text (e.g. keeps SentencePiece's leading space). Same as SGLang/vLLM.
+_PROMPT_CONTEXT_TOKENS = 5
+
+
+def _decode(tokenizer: Any, ids: list[int], skip_special_tokens: bool, spaces_between_special_tokens: bool) -> str:
+    if not ids:
+        return ""
+    return tokenizer.decode(
+        ids,
+        skip_special_tokens=skip_special_tokens,
+        spaces_between_special_tokens=spaces_between_special_tokens,
+    )
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of output token ids into a stream of safe-to-emit text deltas."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: list[int] | None = None,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.spaces_between_special_tokens = spaces_between_special_tokens
+        context = list(prompt_ids[-_PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
+        self._ids: list[int] = context  # prompt context + output tokens
+        self._prefix_offset = 0  # start of the decode window
+        self._read_offset = len(context)  # everything before this has been emitted
+        self.text = ""  # all text emitted so far
+        self.output_ids: list[int] = []
+
+    def _window(self, start: int, end: int | None = None) -> str:
+        return _decode(
+            self.tokenizer, self._ids[start:end], self.skip_special_tokens, self.spaces_between_special_tokens
+        )
+
+    def add(self, token_ids: list[int]) -> str:
+        """Append tokens; return the new text that is safe to emit ('' while a character is incomplete)."""
+        if not token_ids:
+            return ""
+        self._ids.extend(token_ids)
+        self.output_ids.extend(token_ids)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Emit whatever is held back (call when the request finishes: a trailing U+FFFD is then real)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self._read_offset >= len(self._ids):
+            return ""
+        prefix_text = self._window(self._prefix_offset, self._read_offset)
+        new_text = self._window(self._prefix_offset)
+        if not final and (len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT)):
+            # Nothing new yet (e.g. a skipped special token) or a character still incomplete.
+            return ""
+        if new_text.startswith(prefix_text):
+            delta = new_text[len(prefix_text):]
+        else:
+            # The window's decode rewrote text we already emitted (rare: a tokenizer whose earlier
+            # chars depend on later tokens). Emitted text cannot be taken back; emit what follows
+            # the common prefix, skipping the part already sent.
+            delta = new_text[max(len(prefix_text), _common_prefix_len(prefix_text, new_text)):]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self.text += delta
+        return delta
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def find_stop_string(text: str, stops: list[str], start: int = 0) -> tuple[int, str] | None:
+    """Earliest stop-string match in `text` that ends after `start`.
+
+    `start` is where the newly added text begins (len(text) before the last delta): a stop string
+    split across deltas is found because each stop is searched from `start - len(stop) + 1`, and a
+    match lying wholly before `start` is not reported again. Returns (index where the match
+    begins, the stop string). Ties (same index) go to the shorter stop, the one a finer-grained
+    stream would have completed first.
+    """
+    best: tuple[int, str] | None = None
+    for s in stops:
+        if not s:
+            continue
+        i = text.find(s, max(0, start - len(s) + 1))
+        if i < 0:
+            continue
+        if best is None or i < best[0] or (i == best[0] and len(s) < len(best[1])):
+            best = (i, s)
+    return best
+
+
+def holdback_len(text: str, stops: list[str]) -> int:
+    """How many trailing chars of `text` could begin a stop string (so must not be streamed yet)."""
+    best = 0
+    for s in stops:
+        # Only proper prefixes: a complete stop is find_stop_string's business.
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class StopChecker:
+    """Per-token stop-string check for the scheduler: decodes only a short tail of the output."""
+
+    # Extra tokens beyond the longest stop's length: covers tokens that decode to nothing
+    # (skipped specials, pieces of a multi-byte char) without decoding the whole output.
+    MARGIN_TOKENS = 8
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def check(self, output_ids: list[int], stops: list[str], skip_special_tokens: bool = True) -> str | None:
+        """The stop string that ends inside the text of output_ids[-1], or None."""
+        if not stops or not output_ids:
+            return None
+        longest = max(len(s) for s in stops)
+        n = longest + self.MARGIN_TOKENS
+        while True:
+            tail_ids = output_ids[-n:]
+            tail = _decode(self.tokenizer, tail_ids, skip_special_tokens, True)
+            # Enough context once the tail before the last token holds a whole stop string, or
+            # there is nothing more to decode.
+            before = _decode(self.tokenizer, tail_ids[:-1], skip_special_tokens, True)
+            if len(before) >= longest or n >= len(output_ids):
+                break
+            n *= 2
+        # The last token's text starts where `tail` stops agreeing with `before` (a completed
+        # multi-byte char replaces a trailing U+FFFD of `before`).
+        cut = _common_prefix_len(before, tail)
+        hit = find_stop_string(tail, stops, cut)
+        return hit[1] if hit else None

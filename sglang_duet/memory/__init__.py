@@ -1,0 +1,3 @@
+from sglang_duet.memory.kv_pool import KVCachePool
+
+__all__ = ["KVCachePool"]

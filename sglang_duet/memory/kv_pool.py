@@ -1,0 +1,61 @@
+"""Token-slot KV cache pool (page size 1), SGLang's MHATokenToKVPool in miniature.
+
+One contiguous allocation [2, layers, slots, H_kv, D] so that sizing from a byte budget
+is exact and the per-layer k/v buffers are views. Slot 0 is reserved as the padding slot:
+padded entries of index tensors (CUDA-graph decode, batched gathers) point at it, so it
+must never hold a live token. Usable slots are 1..num_slots-1; which slot belongs to
+which request is the allocator's business (SchedulerCore), not this class's.
+"""
+from __future__ import annotations
+
+import torch
+
+PADDING_SLOT = 0
+
+
+class KVCachePool:
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        if num_slots < 2:
+            raise ValueError(f"KV pool needs at least 2 slots (slot 0 is padding), got {num_slots}")
+        self.num_layers = num_layers
+        self.num_slots = num_slots
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        # zeros, not empty: the padding slot is read by masked-out lanes; garbage there
+        # could be NaN/Inf, and 0 * NaN in a matmul is still NaN.
+        self.buffer = torch.zeros(2, num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.k_buffers = [self.buffer[0, i] for i in range(num_layers)]
+        self.v_buffers = [self.buffer[1, i] for i in range(num_layers)]
+
+    @property
+    def usable_slots(self) -> int:
+        return self.num_slots - 1
+
+    def set_kv(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v ([T, H_kv, D]) of new tokens at slots `loc` ([T] long)."""
+        self.k_buffers[layer][loc] = k.to(self.dtype)
+        self.v_buffers[layer][loc] = v.to(self.dtype)
+
+    def get_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_buffers[layer], self.v_buffers[layer]
+
+    @staticmethod
+    def bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """K and V of one token over all layers."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * head_dim * elem
+
+    @classmethod
+    def from_budget(cls, model_config, byte_budget: int, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> "KVCachePool":
+        """As many slots as fit in `byte_budget` bytes (slot 0 included in the count)."""
+        per = cls.bytes_per_slot(model_config.num_hidden_layers, model_config.num_key_value_heads,
+                                 model_config.head_dim, dtype)
+        num_slots = int(byte_budget) // per
+        if num_slots < 2:
+            raise ValueError(f"KV budget of {byte_budget} bytes holds {num_slots} slots of {per} bytes; need >= 2")
+        return cls(model_config.num_hidden_layers, num_slots, model_config.num_key_value_heads,
+                   model_config.head_dim, dtype, device)

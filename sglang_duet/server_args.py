@@ -1,0 +1,41 @@
+"""All knobs of an engine or server, with SGLang's names where SGLang has the knob."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServerArgs:
+    model_path: str | None = None  # None: the embedded default model (SmolLM2-135M-Instruct)
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    model_config: str | None = None  # config file for --load-format dummy / the emulated executor
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    device: str = "auto"  # auto | cpu | cuda
+    served_model_name: str | None = None
+    context_length: int | None = None
+    # memory
+    mem_fraction_static: float | None = None  # GPU: share of device memory for weights + KV
+    kv_cache_bytes: int | None = None  # CPU: byte budget of the KV pool (default 1 GiB)
+    max_total_tokens: int | None = None  # overrides both: KV pool size in tokens
+    max_running_requests: int | None = None
+    max_queued_requests: int | None = None
+    # scheduling
+    policy: str = "aggregated"  # a built-in name or a path to a policy file
+    policy_config: str | None = None  # YAML/JSON file of policy options
+    chunked_prefill_size: int = 8192  # prefill token budget per step (SGLang's default)
+    tbt_slo_ms: float = 100.0
+    ttft_slo_ms: float = 1000.0
+    # execution
+    executor: str = "model"  # model | emulated
+    hardware: str = "h100"  # hardware file for the emulated executor / cost model
+    attention_backend: str = "torch"
+    disable_cuda_graph: bool = False
+    random_seed: int = 0
+    # server
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    log_level: str = "info"
+    tp_size: int = 1
+    skip_warmup: bool = False
+    extra: dict = field(default_factory=dict)

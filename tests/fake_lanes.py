@@ -1,0 +1,91 @@
+"""A two-lane executor for core tests: no model, a virtual clock, and a KV pool of token ids.
+
+Each launch writes its input tokens into the slots the core allocated and derives the next token
+from the tokens it reads back through the request's slot list, so any slot bookkeeping error in
+the core shows up as a different output than `reference_tokens`.
+"""
+from __future__ import annotations
+
+import heapq
+
+from sglang_duet.core.plan import LaneKind, Launch, LaunchResult
+
+VOCAB = 97
+
+
+def next_token(seq: list[int]) -> int:
+    h = 7
+    for t in seq:
+        h = (h * 31 + t) % 1_000_003
+    return 3 + h % (VOCAB - 3)  # never 0..2, so tests can pick eos ids freely
+
+
+def reference_tokens(prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(next_token(seq))
+    return seq[len(prompt):]
+
+
+class FakeLanes:
+    """Runs launches on a virtual clock: a launch takes `prefill_ms` per prefill token plus `decode_ms` per step."""
+
+    def __init__(self, core, pool_size: int, prefill_ms: float = 1.0, decode_ms: float = 10.0, forced: dict | None = None):
+        self.core = core
+        self.kv = [None] * pool_size
+        self.prefill_ms = prefill_ms
+        self.decode_ms = decode_ms
+        self.now = 0.0
+        self.pending: list[tuple[float, int, LaunchResult]] = []
+        self.forced = forced or {}  # rid -> {position: token}: force e.g. an eos at an output index
+        self.max_concurrent = 0
+        self.launches: list[Launch] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def submit(self, launch: Launch) -> None:
+        self.launches.append(launch)
+        res = LaunchResult(launch.launch_id, started_at=self.now)
+        dur = 0.0
+        for w in launch.work:
+            slots = w.kv_slots
+            for i, t in enumerate(w.input_ids):
+                self.kv[slots[w.start_pos + i]] = t
+            if not w.sample:
+                dur += len(w.input_ids) * self.prefill_ms
+                continue
+            if len(w.input_ids) > 1 or launch.lane != LaneKind.DECODE:
+                dur += len(w.input_ids) * self.prefill_ms
+            pos = w.start_pos + len(w.input_ids)  # tokens now in the cache
+            out = []
+            for step in range(w.steps):
+                seq = [self.kv[s] for s in slots[:pos]]
+                assert None not in seq, f"{w.rid}: read an unwritten slot"
+                n_out = pos - len(w.prompt_ids)
+                tok = self.forced.get(w.rid, {}).get(n_out, next_token(seq))
+                out.append(tok)
+                if step + 1 < w.steps:
+                    self.kv[slots[pos]] = tok
+                    pos += 1
+            res.tokens[w.rid] = out
+        dur += launch.batch.steps * self.decode_ms if launch.batch.decode else 0.0
+        res.finished_at = self.now + dur / 1e3
+        heapq.heappush(self.pending, (res.finished_at, launch.launch_id, res))
+        self.max_concurrent = max(self.max_concurrent, len(self.pending))
+
+    def run(self, max_iters: int = 100_000) -> list:
+        """Drive the core until every request has finished; return all updates."""
+        updates = []
+        for _ in range(max_iters):
+            updates.extend(self.core.take_updates())
+            for launch in self.core.schedule():
+                self.submit(launch)
+            if not self.pending:
+                if not self.core.has_unfinished():
+                    return updates
+                raise AssertionError("core has work but scheduled nothing")
+            t, _, res = heapq.heappop(self.pending)
+            self.now = t
+            updates.extend(self.core.apply_result(res))
+        raise AssertionError("did not finish")
