@@ -1,6 +1,7 @@
 """Sampling parameters of one request, with SGLang's names, defaults and error wording."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 _EPS = 1e-6
@@ -69,6 +70,10 @@ class SamplingParams:
         def num(name, v, kinds=(int, float)):
             if isinstance(v, bool) or not isinstance(v, kinds):
                 raise SamplingParamsError(f"{name} must be a number, got {v!r}.")
+            # NaN slips through every range check below (all comparisons are False) and inf
+            # temperature would pass too, so reject non-finite values here.
+            if not math.isfinite(v):
+                raise SamplingParamsError(f"{name} must be a finite number, got {v!r}.")
 
         num("temperature", self.temperature)
         num("top_p", self.top_p)
