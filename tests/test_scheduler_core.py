@@ -7,7 +7,7 @@ from sglang_duet.core.plan import LaneBatch, LaneKind, PrefillChunk, StepPlan
 from sglang_duet.core.scheduler_core import AdmissionError, CoreConfig, SchedulerCore
 from sglang_duet.policies.base import Policy, PolicyContext, load_policy, select_prefills
 from sglang_duet.sampling_params import SamplingParams
-from tests.fake_lanes import FakeLanes, reference_tokens
+from fake_lanes import FakeLanes, reference_tokens
 
 
 def make(pool=4096, policy="aggregated", budget=8192, max_running=256, ctx_len=4096, **pctx):

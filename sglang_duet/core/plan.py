@@ -92,6 +92,7 @@ class ReqWork:
     params: object = None
     output_ids: list[int] = field(default_factory=list)
     prompt_ids: list[int] = field(default_factory=list)
+    eos_ids: frozenset[int] = frozenset()  # banned by the sampler before min_new_tokens
 
 
 @dataclass

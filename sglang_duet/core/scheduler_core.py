@@ -304,6 +304,7 @@ class SchedulerCore:
         return ReqWork(
             rid=r.rid, input_ids=ids, start_pos=start, kv_slots=r.kv_slots, sample=sample, steps=steps,
             sampling_seed=r.seed, params=r.params, output_ids=r.output_ids, prompt_ids=r.prompt_ids,
+            eos_ids=r.eos_ids,
         )
 
     def _pick_victim(self, candidates: list[Request]) -> Request:

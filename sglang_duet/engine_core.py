@@ -1,0 +1,183 @@
+"""The inside of the scheduler process: model (or emulated GPU), KV pool, core, policy, executor.
+
+Used by the offline `Engine` and by the server's scheduler process alike.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from sglang_duet.core.scheduler_core import AdmissionError, CoreConfig, RequestUpdate, SchedulerCore
+from sglang_duet.policies.base import PolicyContext, load_policy
+from sglang_duet.sampling_params import SamplingParams, SamplingParamsError
+from sglang_duet.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_BYTES_DEFAULT = 1 << 30
+CPU_KV_SLOTS_MAX = 200_000  # a tiny test model would otherwise get millions of slots
+GPU_MEM_FRACTION_DEFAULT = 0.85
+MAX_RUNNING_DEFAULT = 256
+
+
+class EngineCore:
+    def __init__(self, args: ServerArgs, clock=time.monotonic):
+        self.args = args
+        self.clock = clock
+        if args.tp_size != 1:
+            raise ValueError(f"--tp-size {args.tp_size}: only 1 is supported for now")
+        self._rng = random.Random(args.random_seed)
+        if args.executor == "emulated":
+            self._init_emulated(args)
+        elif args.executor == "model":
+            self._init_model(args)
+        else:
+            raise ValueError(f"--executor must be 'model' or 'emulated', got {args.executor!r}")
+        self.context_length = args.context_length or self.model_config.max_position_embeddings
+        self.policy = load_policy(args.policy, self._policy_context(args))
+        self.core = SchedulerCore(
+            CoreConfig(
+                kv_slots=self.kv_slots,
+                context_length=self.context_length,
+                max_running_requests=args.max_running_requests or MAX_RUNNING_DEFAULT,
+                max_queued_requests=args.max_queued_requests,
+                chunked_prefill_size=args.chunked_prefill_size,
+            ),
+            self.policy,
+            clock=clock,
+            stop_checker=self._stop_checker(),
+        )
+        self.eos_ids = self._eos_ids()
+        logger.info(
+            "engine ready: model=%s policy=%s executor=%s kv_slots=%d context=%d",
+            self.model_config.name, self.policy.name, args.executor, self.kv_slots, self.context_length,
+        )
+
+    # ---- construction -------------------------------------------------------------------------
+
+    def _init_model(self, args: ServerArgs) -> None:
+        import torch
+
+        from sglang_duet.executor.model_executor import ModelExecutor
+        from sglang_duet.kernels.attention import get_attention_backend
+        from sglang_duet.memory.kv_pool import KVCachePool
+        from sglang_duet.model_loader.loader import load_model
+
+        device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        loaded = load_model(args.model_path, load_format=args.load_format, dtype=args.dtype, device=str(device),
+                            model_config_path=args.model_config, seed=args.random_seed)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.chat_template = loaded.chat_template
+        self.model_dir = loaded.model_dir
+        model = loaded.model
+        dtype = next(model.parameters()).dtype
+        per_slot = KVCachePool.bytes_per_slot(self.model_config.num_hidden_layers,
+                                              self.model_config.num_key_value_heads, self.model_config.head_dim, dtype)
+        if args.max_total_tokens:
+            slots = args.max_total_tokens + 1
+        elif device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            frac = args.mem_fraction_static or GPU_MEM_FRACTION_DEFAULT
+            used = total - free
+            budget = int(total * frac) - used
+            if budget < per_slot * 2:
+                raise ValueError(f"--mem-fraction-static {frac}: no memory left for the KV cache after the weights")
+            slots = budget // per_slot
+        else:
+            slots = min((args.kv_cache_bytes or CPU_KV_BYTES_DEFAULT) // per_slot, CPU_KV_SLOTS_MAX)
+        self.kv_pool = KVCachePool(self.model_config.num_hidden_layers, int(slots), self.model_config.num_key_value_heads,
+                                   self.model_config.head_dim, dtype, device)
+        self.kv_slots = int(slots)
+        attn = get_attention_backend(args.attention_backend, self.model_config, device)
+        self.executor = ModelExecutor(model, self.kv_pool, attn, device, clock=self.clock)
+        self.device = str(device)
+
+    def _init_emulated(self, args: ServerArgs) -> None:
+        from sglang_duet.executor.emulated import build_emulated
+
+        build_emulated(self, args)
+
+    def _policy_context(self, args: ServerArgs) -> PolicyContext:
+        options = {}
+        if args.policy_config:
+            options = _read_config_file(args.policy_config)
+        cost_model = hardware = None
+        try:
+            from sglang_duet.cost_model.hardware import HardwareSpec
+            from sglang_duet.cost_model.roofline import CostModel
+
+            hardware = HardwareSpec.load(args.hardware)
+            cost_model = CostModel(self.model_config, hardware)
+        except Exception as e:  # noqa: BLE001 - the cost model is optional for policies that need none
+            logger.debug("no cost model: %s", e)
+        return PolicyContext(chunked_prefill_size=args.chunked_prefill_size, tbt_slo_ms=args.tbt_slo_ms,
+                             ttft_slo_ms=args.ttft_slo_ms, cost_model=cost_model, hardware=hardware, options=options)
+
+    def _stop_checker(self):
+        if self.tokenizer is None:
+            return None
+        from sglang_duet.detokenizer import StopChecker
+
+        checker = StopChecker(self.tokenizer)
+        return lambda r: checker.check(r.output_ids, r.params.stop, r.params.skip_special_tokens)
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None:
+            ids.add(tok_eos)
+        return frozenset(ids)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def add_request(self, rid: str, input_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        """Validate and queue a request; raises AdmissionError / SamplingParamsError with a clear message."""
+        params.verify(self.vocab_size)
+        bad = next((t for t in input_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise AdmissionError(f"Token id {bad!r} is outside the vocabulary [0, {self.vocab_size}).")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        self.core.add_request(rid, input_ids, params, seed=seed, eos_ids=self.eos_ids, arrival_time=arrival_time)
+
+    def abort(self, rid: str) -> None:
+        self.core.abort(rid)
+
+    def has_work(self) -> bool:
+        return self.core.has_unfinished()
+
+    def step(self, timeout: float | None = None) -> list[RequestUpdate]:
+        """One scheduler iteration: plan for idle lanes, launch, and apply whatever finished."""
+        updates = self.core.take_updates()
+        for launch in self.core.schedule():
+            self.executor.submit(launch)
+        if self.core.inflight:
+            for res in self.executor.poll(timeout):
+                updates.extend(self.core.apply_result(res))
+        updates.extend(self.core.take_updates())
+        return updates
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _read_config_file(path: str) -> dict:
+    import json
+
+    import yaml
+
+    with open(path) as f:
+        text = f.read()
+    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"--policy-config {path}: expected a mapping of options")
+    return data
+
+
+__all__ = ["EngineCore", "AdmissionError", "SamplingParamsError"]

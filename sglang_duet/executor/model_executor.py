@@ -1,0 +1,76 @@
+"""Runs launches on a real model (CPU, or one CUDA stream): forward, then sample, per step."""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+
+from sglang_duet.core.plan import Launch, LaunchResult, ReqWork
+from sglang_duet.executor.base import Executor
+from sglang_duet.kernels.attention.base import ForwardBatch
+from sglang_duet.sampling.sampler import Sampler, SamplingRow
+
+
+class ModelExecutor(Executor):
+    """Synchronous: `submit` runs the launch to completion; `poll` hands back its result.
+
+    A split plan's two lanes run one after the other here, which is what a machine without
+    SM partitioning can do; the scheduler core cannot tell the difference.
+    """
+
+    def __init__(self, model, kv_pool, attn_backend, device: torch.device, clock=time.monotonic):
+        self.model = model
+        self.kv_pool = kv_pool
+        self.attn = attn_backend
+        self.device = device
+        self.sampler = Sampler(vocab_size=model.config.vocab_size)
+        self.clock = clock
+        self._done: deque[LaunchResult] = deque()
+
+    def submit(self, launch: Launch) -> None:
+        self._done.append(self.run(launch))
+
+    def poll(self, timeout: float | None = None) -> list[LaunchResult]:
+        out = list(self._done)
+        self._done.clear()
+        return out
+
+    @torch.inference_mode()
+    def run(self, launch: Launch) -> LaunchResult:
+        res = LaunchResult(launch.launch_id, started_at=self.clock())
+        work = launch.work
+        sampled = {w.rid: [] for w in work if w.sample}
+        lps: dict[str, list[dict]] = {w.rid: [] for w in work if w.sample and w.params.logprobs}
+        times: dict[str, list[float]] = {w.rid: [] for w in work if w.sample}
+        steps = max(w.steps for w in work)
+        for step in range(steps):
+            if step == 0:
+                active = work
+                batch = [(w.input_ids, w.start_pos, w.kv_slots, w.sample) for w in work]
+            else:  # look-ahead decode: feed back the token sampled in the previous step
+                active = [w for w in work if w.steps > step]
+                batch = [([sampled[w.rid][-1]], w.start_pos + step, w.kv_slots, True) for w in active]
+            fb = ForwardBatch.build(batch, self.device)
+            logits = self.model(fb, self.attn, self.kv_pool)
+            rows_work = [w for w in active if w.sample]
+            if not rows_work:
+                continue
+            out = self.sampler(logits, [self._row(w, sampled[w.rid]) for w in rows_work])
+            now = self.clock()
+            for w, tok, lp in zip(rows_work, out.token_ids, out.logprobs):
+                sampled[w.rid].append(tok)
+                times[w.rid].append(now)
+                if w.rid in lps and lp is not None:
+                    lps[w.rid].append(lp)
+        res.tokens = sampled
+        res.logprobs = lps
+        res.token_times = times
+        res.finished_at = self.clock()
+        return res
+
+    @staticmethod
+    def _row(w: ReqWork, this_launch: list[int]) -> SamplingRow:
+        out = w.output_ids + this_launch if this_launch else w.output_ids
+        return SamplingRow(params=w.params, seed=w.sampling_seed, prompt_ids=w.prompt_ids, output_ids=out,
+                           eos_ids=list(w.eos_ids))

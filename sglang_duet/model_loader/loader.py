@@ -1,0 +1,179 @@
+"""load_model: one entry point for HF safetensors (single / sharded), GGUF and dummy weights.
+
+dtype policy ('auto'): on a GPU, the checkpoint's dtype (config.json `dtype`/`torch_dtype`);
+on the CPU always float32, because CPU bf16/fp16 matmuls are slow and the CPU path is the
+test oracle that must match transformers in float32. An explicit --dtype always wins.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sglang_duet.models.config import ModelConfig
+from sglang_duet.models.llama import LlamaForCausalLM
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: Any | None  # transformers fast tokenizer, or None (dummy without tokenizer)
+    model_dir: str | None
+    chat_template: str | None
+    dtype: torch.dtype
+    device: torch.device
+    load_format: str  # the resolved format: safetensors | gguf | dummy
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else _DTYPES[checkpoint_dtype]
+    if dtype not in _DTYPES:
+        raise ValueError(f"Invalid --dtype {dtype!r}: expected one of auto, bfloat16, float16, float32")
+    return _DTYPES[dtype]
+
+
+def _resolve_format(model_path: str, load_format: str) -> str:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"Invalid --load-format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
+    if load_format != "auto":
+        return load_format
+    if os.path.isfile(model_path):
+        if model_path.endswith(".gguf"):
+            return "gguf"
+        if model_path.endswith(".safetensors"):
+            return "safetensors"
+        raise ValueError(f"Cannot tell the format of {model_path}; pass --load-format")
+    if glob.glob(os.path.join(model_path, "*.safetensors")):
+        return "safetensors"
+    if glob.glob(os.path.join(model_path, "*.gguf")):
+        return "gguf"
+    raise ValueError(f"No *.safetensors or *.gguf weights in {model_path} (.bin checkpoints are not supported)")
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    """Shards listed by model.safetensors.index.json, else every *.safetensors in the folder."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return [os.path.join(model_dir, s) for s in sorted(set(weight_map.values()))]
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"No safetensors weights in {model_dir}")
+    return files
+
+
+def iter_safetensors(files: list[str]):
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_tokenizer(model_dir: str | None):
+    """The folder's tokenizer, or None when it has no tokenizer files."""
+    if model_dir is None or not os.path.isdir(model_dir):
+        return None
+    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def _chat_template(tokenizer, model_dir: str | None) -> str | None:
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    if model_dir and os.path.isfile(os.path.join(model_dir, "chat_template.jinja")):
+        with open(os.path.join(model_dir, "chat_template.jinja")) as f:
+            return f.read()
+    return None
+
+
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    # Build on the meta device, then allocate uninitialised storage on the target device:
+    # no host-side init of multi-GB weights that are overwritten right away.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, dtype)
+    model = model.to(dtype).to_empty(device=device)
+    return model.eval()
+
+
+def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "auto",
+               device: str | torch.device = "cpu", model_config_path: str | None = None,
+               seed: int = 0) -> LoadedModel:
+    """Load a model for serving.
+
+    model_path: HF folder, *.gguf file (or a folder holding one), or None for the embedded
+    default model (SmolLM2-135M-Instruct). With load_format='dummy', weights are random
+    (deterministic from `seed`) and the config comes from `model_config_path` (a folder or
+    a JSON file) or from model_path.
+    """
+    device = torch.device(device)
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"Invalid --load-format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
+    if model_path is None and not (load_format == "dummy" and model_config_path):
+        from sglang_duet.model_loader.embedded import default_model_path
+
+        model_path = default_model_path()
+    if model_path is not None and not os.path.exists(model_path):
+        raise FileNotFoundError(f"Model path {model_path!r} does not exist (only local paths are supported)")
+
+    if load_format == "dummy":
+        cfg = ModelConfig.from_path(model_config_path or model_path)
+        model_dir = model_path if model_path and os.path.isdir(model_path) else None
+        torch_dtype = resolve_dtype(dtype, cfg.dtype, device)
+        model = _empty_model(cfg, torch_dtype, device)
+        model.init_dummy_weights(seed)
+        tok = load_tokenizer(model_dir)
+        return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "dummy")
+
+    fmt = _resolve_format(model_path, load_format)
+    if fmt == "gguf":
+        return _load_gguf(model_path, dtype, device)
+
+    model_dir = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+    cfg = ModelConfig.from_path(model_config_path or model_dir)
+    torch_dtype = resolve_dtype(dtype, cfg.dtype, device)
+    files = [model_path] if os.path.isfile(model_path) else safetensors_files(model_dir)
+    model = _empty_model(cfg, torch_dtype, device)
+    model.load_weights(iter_safetensors(files))
+    tok = load_tokenizer(model_dir)
+    return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "safetensors")
+
+
+def _load_gguf(path: str, dtype: str, device: torch.device) -> LoadedModel:
+    from sglang_duet.model_loader.gguf_loader import load_gguf_tokenizer, read_gguf
+
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if len(found) != 1:
+            raise ValueError(f"Expected exactly one *.gguf in {path}, found {len(found)}")
+        path = found[0]
+    contents = read_gguf(path)
+    cfg = ModelConfig.from_dict(contents.config)
+    cfg.name = cfg.name or os.path.basename(path).removesuffix(".gguf")
+    torch_dtype = resolve_dtype(dtype, cfg.dtype, device)
+    model = _empty_model(cfg, torch_dtype, device)
+    model.load_weights(contents.tensors.items())
+    tok = load_gguf_tokenizer(path, contents.tokenizer_pre)
+    template = getattr(tok, "chat_template", None) or contents.chat_template
+    return LoadedModel(model, cfg, tok, os.path.dirname(os.path.abspath(path)), template, torch_dtype, device, "gguf")

@@ -1,0 +1,222 @@
+"""The Llama family written once: Llama 2/3 (incl. llama3 RoPE scaling), SmolLM2, Mistral
+(without sliding window), Qwen2 (QKV bias) and Qwen3 (QK-norm).
+
+Numerics follow transformers step for step (RMSNorm in float32 then cast back, RoPE with
+float32 inv_freq and the rotate_half layout, cos/sin cast to the activation dtype) so that
+greedy decoding is token-exact against `generate(do_sample=False)` in float32.
+
+Module names mirror HF (`model.layers.N.self_attn.q_proj`, ...) so that safetensors load
+by name. Tokens of all requests are flattened into one [T, hidden] batch; attention is
+delegated to an AttentionBackend that reads/writes the KV pool.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglang_duet.kernels.attention.base import AttentionBackend, ForwardBatch
+from sglang_duet.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """float32 inverse frequencies, same formula (and rounding) as transformers."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type") or scaling.get("type")
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"Unsupported rope scaling {kind!r}")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        # Qwen2 hard-codes bias on q/k/v and none on o; Llama/Qwen3 use attention_bias for all four.
+        qkv_bias = cfg.attention_bias or cfg.family == "qwen2"
+        o_bias = cfg.attention_bias and cfg.family != "qwen2"
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, cfg.q_size, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.kv_size, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, h, bias=o_bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of each head, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionBackend, kv_pool) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        o = attn.run(self.layer_id, q, k, v, kv_pool)
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        bias = bool(cfg.raw.get("mlp_bias", False))
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_id)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn, kv_pool):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_pool)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    # Names present in some checkpoints that carry no weights of ours.
+    _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        act = config.raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"Unsupported hidden_act {act!r} (only silu)")
+        if config.raw.get("use_sliding_window"):
+            raise ValueError("Sliding-window attention is not supported")
+        self.config = config
+        self.dtype = dtype
+        self.model = LlamaModel(config)
+        # Tied embeddings: no lm_head module at all, forward reads embed_tokens.weight.
+        # (Avoids a shared Parameter, which meta-device init + to_empty would silently untie.)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._inv_freq_cpu = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self._inv_freq: torch.Tensor | None = None
+
+    def rope_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, 1, head_dim] (broadcast over heads) in the activation dtype."""
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq_cpu.to(positions.device)
+        freqs = positions.float()[:, None] * self._inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+    @torch.no_grad()
+    def forward(self, fb: ForwardBatch, attn: AttentionBackend, kv_pool, planned: bool = False) -> torch.Tensor:
+        """Logits [len(fb.sample_indices), vocab] in float32.
+
+        Calls attn.plan(fb) unless the caller already did (planned=True), e.g. an executor
+        that plans outside a captured CUDA graph.
+        """
+        if not planned:
+            attn.plan(fb)
+        x = self.model.embed_tokens(fb.input_ids)
+        cos, sin = self.rope_cos_sin(fb.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attn, kv_pool)
+        # RMSNorm and lm_head are per-token: only the rows we sample from need them.
+        x = self.model.norm(x[fb.sample_indices])
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, w).float()
+
+    # ---- weights ---------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (HF name, tensor) pairs into the parameters; strict about missing/extra names."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        unexpected: list[str] = []
+        for name, tensor in weights:
+            if name.endswith(self._IGNORED_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # some tied checkpoints still store a copy
+            p = params.get(name)
+            if p is None:
+                unexpected.append(name)
+                continue
+            if tuple(p.shape) != tuple(tensor.shape):
+                raise ValueError(f"Shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(tensor.to(device=p.device, dtype=p.dtype))
+            loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if unexpected or missing:
+            raise ValueError(f"Checkpoint does not match the model: missing {missing[:8]}"
+                             f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                             f"{'...' if len(unexpected) > 8 else ''}")
+
+    def init_dummy_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Deterministic random weights: N(0, std) matrices, ones for norms, zeros for biases.
+
+        The generator lives on the parameters' device, so values are reproducible per device
+        without materialising multi-GB tensors on the host.
+        """
+        dev = next(self.parameters()).device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=gen)

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny transformers-built checkpoints (see tests/tiny_models.py)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # lets test modules `import tiny_models`
+
+from tiny_models import FAMILIES, build_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """get(family, sharded=False) -> path of a tiny HF model folder, built once per session."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[tuple[str, bool], str] = {}
+
+    def get(family: str, sharded: bool = False) -> str:
+        key = (family, sharded)
+        if key not in built:
+            built[key] = build_tiny_model(family, root / f"{family}{'-sharded' if sharded else ''}", sharded=sharded)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_model_dir(request, tiny_model_factory) -> str:
+    """Parametrised over every tiny family."""
+    return tiny_model_factory(request.param)
