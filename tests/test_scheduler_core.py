@@ -82,6 +82,14 @@ def test_kv_exhaustion_retracts_and_recomputes():
     assert core.allocator.available == core.allocator.capacity
 
 
+def test_request_outgrowing_the_whole_pool_finishes_with_length():
+    core, lanes = make(pool=21)  # 20 usable slots
+    core.add_request("g", prompt(0, 10), SamplingParams(max_new_tokens=100))
+    out, reasons = outputs(lanes.run())
+    assert reasons["g"] == {"type": "length", "length": 10}
+    assert out["g"] == reference_tokens(prompt(0, 10), 10)
+
+
 def test_request_that_can_never_fit_is_rejected():
     core, _ = make(pool=32, ctx_len=100)
     with pytest.raises(AdmissionError, match="does not fit in the KV cache"):

@@ -381,7 +381,8 @@ class SchedulerCore:
             return {"type": "stop", "matched": token}
         if r.max_new_tokens is not None and n_out >= r.max_new_tokens:
             return {"type": "length", "length": n_out}
-        if r.seq_len >= self.config.context_length:
+        if r.seq_len >= min(self.config.context_length, self.allocator.capacity):
+            # a sequence the whole KV pool cannot hold one more token of could never be resumed
             return {"type": "length", "length": n_out}
         if r.params.stop and self.stop_checker is not None:
             matched = self.stop_checker(r)
