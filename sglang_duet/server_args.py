@@ -28,8 +28,9 @@ class ServerArgs:
     # execution
     executor: str = "model"  # model | emulated
     hardware: str = "h100"  # hardware file for the emulated executor / cost model
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto: flashinfer, else triton, else torch on a GPU; torch on a CPU
     disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None  # largest decode batch captured (SGLang's buckets up to this)
     random_seed: int = 0
     # server
     host: str = "127.0.0.1"

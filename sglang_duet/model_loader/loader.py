@@ -42,7 +42,10 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str, device: torch
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else _DTYPES[checkpoint_dtype]
+        if device.type == "cpu":
+            return torch.float32  # CPU matmuls in half precision are slow and lose parity
+        # like vLLM/SGLang: a float32 checkpoint is served in bf16 on a GPU (FlashInfer has no fp32 kernels)
+        return torch.bfloat16 if checkpoint_dtype == "float32" else _DTYPES[checkpoint_dtype]
     if dtype not in _DTYPES:
         raise ValueError(f"Invalid --dtype {dtype!r}: expected one of auto, bfloat16, float16, float32")
     return _DTYPES[dtype]

@@ -14,10 +14,12 @@ Order of operations (SGLang / vLLM):
      then draw with the exponential race: argmax(log p - log E), E ~ Exp(1) i.i.d. per vocab entry,
      which is an exact sample from p.
 
-Reproducibility: the noise E of a row comes from a generator seeded with step_seed(seed, step),
-step = len(output_ids). It depends on nothing else — not on the row's position, the other rows, the
-batch size, or whether the request was retracted and recomputed — so a request with a fixed seed
-yields the same tokens however it is batched (up to float ties in the filters).
+Reproducibility: the noise E of a row is a pure function of (step_seed(seed, step), vocab index),
+step = len(output_ids): a counter-based hash computed with integer tensor ops (`race_log_noise`), not
+a stateful generator. It depends on nothing else — not on the row's position, the other rows, the
+batch size, the device, or whether the request was retracted and recomputed — so a request with a
+fixed seed yields the same tokens however it is batched (up to float ties in the filters), and the
+graph-safe GPU sampler (sglang_duet.kernels.gpu_sampling) draws the very same noise on the device.
 """
 from __future__ import annotations
 
@@ -64,19 +66,58 @@ def _mix64(x: int) -> int:
 
 
 def step_seed(seed: int, step: int) -> int:
-    """Generator seed for one (request seed, decode step); any Python int seed is accepted."""
+    """Noise key for one (request seed, decode step); any Python int seed is accepted."""
     return _mix64(_mix64(seed & _MASK64) ^ (step & _MASK64))
 
 
+# ---- counter-based noise, shared with the GPU sampler ------------------------------------------
+# Everything below runs on int64 tensors holding values in [0, 2^32) and never lets a product reach
+# 2^63, so it is exact (no signed overflow) and gives the same bits on every device and backend.
+_M32 = 0xFFFFFFFF
+
+
+def noise_key_halves(seed: int, step: int) -> tuple[int, int]:
+    """step_seed split into two 32-bit halves (lo, hi): what a device tensor of keys holds."""
+    k = step_seed(seed, step)
+    return k & _M32, k >> 32
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32): split c in 16-bit halves so products stay < 2^48."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def hash32(x: Tensor) -> Tensor:
+    """lowbias32 (xorshift-multiply, a bijection of [0, 2^32) with good avalanche)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def race_log_noise(key_lo: Tensor, key_hi: Tensor, vocab: int) -> Tensor:
+    """log E for E ~ Exp(1), one per (row, vocab entry): [S, vocab] float32.
+
+    key_lo/key_hi: [S] int64 halves of step_seed (noise_key_halves). The uniform u has 23 random
+    bits and is exact in float32: u = (2m + 1) / 2^24, so 0 < u < 1 and log E = log(-log u) is
+    finite. Both logs are taken in float64 and rounded once to float32 so that CPU and CUDA libm
+    differences (an ulp in float32) do not change a draw.
+    """
+    j = torch.arange(vocab, dtype=torch.int64, device=key_lo.device)
+    h = hash32(hash32(j.unsqueeze(0) ^ key_lo.unsqueeze(1)) ^ key_hi.unsqueeze(1))
+    u = ((h >> 9) * 2 + 1).to(torch.float64) * (2.0 ** -24)
+    return torch.log(-torch.log(u)).to(torch.float32)
+
+
 class Sampler:
-    """Stateless apart from cached generators (one per device), so not thread-safe.
+    """Stateless (the noise is counter-based), so one instance may serve any number of batches.
 
     vocab_size: when set, logits columns past it (vocabulary padding of the LM head) are ignored.
     """
 
     def __init__(self, vocab_size: int | None = None):
         self.vocab_size = vocab_size
-        self._generators: dict[str, torch.Generator] = {}
 
     def __call__(self, logits: Tensor, rows: list[SamplingRow]) -> SampleOutput:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
@@ -151,22 +192,12 @@ class Sampler:
         if any(m > 0.0 for m in min_ps):
             _min_p(x, min_ps)
 
-        # Noise is drawn row by row from its own (seed, step) generator; everything else is batched.
-        noise = torch.empty((S, V), dtype=torch.float32, device=dev)
-        gen = self._generator(dev)
-        for j, r in enumerate(rows):
-            gen.manual_seed(step_seed(r.seed, len(r.output_ids)))
-            noise[j].exponential_(generator=gen)
-        # Clamp so E == 0 cannot give +inf, which would turn a masked (-inf) entry into NaN.
-        noise.clamp_min_(torch.finfo(torch.float32).tiny).log_()
+        # Noise is a pure function of each row's (seed, step) key: batched, and device-independent.
+        keys = [noise_key_halves(r.seed, len(r.output_ids)) for r in rows]
+        key_lo = torch.tensor([k[0] for k in keys], dtype=torch.int64, device=dev)
+        key_hi = torch.tensor([k[1] for k in keys], dtype=torch.int64, device=dev)
+        noise = race_log_noise(key_lo, key_hi, V)
         return (x - noise).argmax(dim=-1).tolist()
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = self._generators[key] = torch.Generator(device=device)
-        return gen
 
     @staticmethod
     def _logprobs(logits: Tensor, rows: list[SamplingRow], token_ids: list[int]) -> list[dict | None]:

@@ -1,0 +1,154 @@
+"""The model executor on a CUDA GPU: eager prefill/mixed launches, CUDA-graph decode launches.
+
+`GPUModelExecutor` extends `ModelExecutor` (whose eager loop it keeps for prefill, mixed
+batches and anything the graph path cannot express) with a decode path through
+`CudaGraphDecodeRunner`: every step of a k-step decode launch replays a captured graph, the
+sampled ids stay on the device and are fed back as the next step's input ids, and the host
+reads all k steps' ids once at the end (the launch's only host sync). Per-token timestamps come
+from CUDA events recorded after each step, mapped onto the host clock at that single sync.
+
+A decode launch takes the graph path when every row adds one token and samples, the batch fits
+the largest bucket, and no row needs what the device sampler does not do (penalties, an active
+min_new_tokens ban, logprobs): those run eagerly with the CPU-semantics `Sampler`.
+
+`build_model_executor` is the factory the engine calls: the plain ModelExecutor on a CPU, this
+class on a GPU (graphs unless disabled or the backend cannot be captured).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from sglang_duet.core.plan import Launch, LaunchResult, ReqWork
+from sglang_duet.executor.model_executor import ModelExecutor
+from sglang_duet.kernels import gpu_sampling
+from sglang_duet.kernels.cuda_graph import DEFAULT_MAX_BS, CudaGraphDecodeRunner, supports_graphs
+from sglang_duet.sampling.penalties import has_penalty
+
+logger = logging.getLogger(__name__)
+
+
+class GPUModelExecutor(ModelExecutor):
+    def __init__(self, model, kv_pool, attn_backend, device: torch.device, clock=time.monotonic,
+                 graph_runner: CudaGraphDecodeRunner | None = None):
+        super().__init__(model, kv_pool, attn_backend, device, clock=clock)
+        self.graphs = graph_runner
+        self.vocab = model.config.vocab_size
+        self._events = device.type == "cuda"
+
+    @torch.inference_mode()
+    def run(self, launch: Launch) -> LaunchResult:
+        if self.graphs is not None and self.graph_eligible(launch.work):
+            return self._run_graph(launch)
+        return super().run(launch)
+
+    def graph_eligible(self, work: list[ReqWork]) -> bool:
+        if not work or len(work) > self.graphs.max_bs:
+            return False
+        for w in work:
+            p = w.params
+            if len(w.input_ids) != 1 or not w.sample or p is None:
+                return False
+            if has_penalty(p) or p.logprobs:
+                return False
+            if w.eos_ids and len(w.output_ids) < p.min_new_tokens:
+                return False
+        return True
+
+    def _run_graph(self, launch: Launch) -> LaunchResult:
+        res = LaunchResult(launch.launch_id, started_at=self.clock())
+        work = launch.work
+        steps = max(w.steps for w in work)
+        mode = self._mode([w.params for w in work])
+        ids_per_step: list[torch.Tensor] = []
+        rows_per_step: list[list[ReqWork]] = []
+        events: list[torch.cuda.Event] = []
+        prev_ids: torch.Tensor | None = None
+        prev_rows: list[ReqWork] = []
+        for step in range(steps):
+            rows = [w for w in work if w.steps > step]
+            if step == 0:
+                input_ids = [w.input_ids[0] for w in rows]
+            elif len(rows) == len(prev_rows):
+                input_ids = prev_ids
+            else:  # some requests asked for fewer steps: keep the rows still running
+                keep = [i for i, w in enumerate(prev_rows) if w.steps > step]
+                input_ids = prev_ids[torch.tensor(keep, device=prev_ids.device)]
+            positions = [w.start_pos + step for w in rows]
+            seq = [p + 1 for p in positions]
+            out_loc = [w.kv_slots[p] for w, p in zip(rows, positions)]
+            kv = [s for w, n in zip(rows, seq) for s in w.kv_slots[:n]]
+            sampling = None
+            if mode != "greedy":
+                sampling = gpu_sampling.SamplingTensors.host_rows(
+                    [w.params for w in rows], [w.sampling_seed for w in rows],
+                    [len(w.output_ids) + step for w in rows], self.vocab)
+            _, ids = self.graphs.run(input_ids, positions, out_loc, seq, kv, sampling, mode)
+            prev_ids = ids.clone()  # the static output buffer is overwritten by the next replay
+            prev_rows = rows
+            ids_per_step.append(prev_ids)
+            rows_per_step.append(rows)
+            if self._events:
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                events.append(ev)
+        flat = torch.cat(ids_per_step).tolist()  # the one host sync of the launch
+        now = self.clock()
+        times = self._step_times(events, now, steps)
+        sampled: dict[str, list[int]] = {w.rid: [] for w in work}
+        token_times: dict[str, list[float]] = {w.rid: [] for w in work}
+        i = 0
+        for step, rows in enumerate(rows_per_step):
+            for w in rows:
+                sampled[w.rid].append(flat[i])
+                token_times[w.rid].append(times[step])
+                i += 1
+        res.tokens = sampled
+        res.logprobs = {}
+        res.token_times = token_times
+        res.finished_at = now
+        return res
+
+    @staticmethod
+    def _step_times(events: list, end_host: float, steps: int) -> list[float]:
+        """Host-clock time of each step's completion: the last event is 'now' (we just synced)."""
+        if not events:
+            return [end_host] * steps
+        last = events[-1]
+        return [end_host - ev.elapsed_time(last) / 1000.0 for ev in events]
+
+    def _mode(self, params: list) -> str:
+        if all(p.is_greedy for p in params):
+            return "greedy"
+        return "filtered" if gpu_sampling.needs_filters(params, self.vocab) else "sample"
+
+
+def build_model_executor(model, kv_pool, attn_backend, device: torch.device, args=None, clock=time.monotonic):
+    """The executor for this device: ModelExecutor on a CPU; GPUModelExecutor on a GPU, with
+    CUDA-graph decode unless args.disable_cuda_graph or the backend cannot be captured.
+
+    args: a ServerArgs (or None for defaults); reads disable_cuda_graph and, when present,
+    cuda_graph_max_bs (SGLang's name; default 256).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ModelExecutor(model, kv_pool, attn_backend, device, clock=clock)
+    runner = None
+    disabled = bool(getattr(args, "disable_cuda_graph", False))
+    if not disabled and supports_graphs(attn_backend):
+        max_bs = getattr(args, "cuda_graph_max_bs", None) or DEFAULT_MAX_BS
+        start = time.perf_counter()
+        # Static kv-index buffers: every live slot once, but never more than max_bs full contexts
+        # (a tiny model can have millions of slots).
+        max_ctx = model.config.max_position_embeddings
+        max_kv = min(kv_pool.num_slots, max_bs * max_ctx) + max_bs
+        runner = CudaGraphDecodeRunner(model, attn_backend, kv_pool, max_bs=max_bs, max_kv_tokens=max_kv)
+        runner.capture(("greedy",))
+        logger.info("captured %d decode graphs (max bs %d) in %.1f s", len(runner.sizes), runner.max_bs,
+                    time.perf_counter() - start)
+    elif not disabled:
+        logger.info("attention backend %s has no CUDA-graph support: decode runs eagerly",
+                    getattr(attn_backend, "name", attn_backend))
+    return GPUModelExecutor(model, kv_pool, attn_backend, device, clock=clock, graph_runner=runner)
