@@ -30,7 +30,9 @@ class ServerArgs:
     hardware: str = "h100"  # hardware file for the emulated executor / cost model
     attention_backend: str = "auto"  # auto: flashinfer, else triton, else torch on a GPU; torch on a CPU
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int | None = None  # largest decode batch captured (SGLang's buckets up to this)
+    cuda_graph_max_bs: int | None = None
+    lanes: str = "auto"  # auto | 1 | 2; auto: two lanes on CUDA when the policy can split
+    sm_partition_backend: str = "auto"  # auto | cuda | torch | none (green contexts via cuda-bindings or torch)  # largest decode batch captured (SGLang's buckets up to this)
     random_seed: int = 0
     # server
     host: str = "127.0.0.1"

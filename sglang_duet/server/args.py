@@ -1,0 +1,140 @@
+"""Command-line flags of the server: one per ServerArgs field, with SGLang's names.
+
+The parser is built from the dataclass so a new ServerArgs field gets a flag without touching this
+file; `_SPECS` only adds help, choices and aliases. Checks that need no model run here, so a wrong
+flag fails in a second with a message naming it instead of after the model load.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, fields
+
+from sglang_duet.server_args import ServerArgs
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# field -> (help, extra argparse kwargs)
+_SPECS: dict[str, tuple[str, dict]] = {
+    "model_path": ("HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+                   {"aliases": ["--model"]}),
+    "load_format": ("weights format", {"choices": ["auto", "safetensors", "gguf", "dummy"]}),
+    "model_config": ("model config JSON for --load-format dummy and the emulated executor", {}),
+    "dtype": ("weights/activations dtype", {"choices": ["auto", "bfloat16", "float16", "float32", "half",
+                                                        "float", "bf16", "fp16", "fp32"]}),
+    "device": ("device to run on", {"choices": ["auto", "cpu", "cuda"]}),
+    "served_model_name": ("model name in the OpenAI API (default: the model path)", {}),
+    "context_length": ("max tokens per sequence (default: the model's)", {}),
+    "mem_fraction_static": ("GPU: fraction of device memory for weights + KV cache", {}),
+    "kv_cache_bytes": ("CPU: byte budget of the KV pool", {}),
+    "max_total_tokens": ("KV pool size in tokens (overrides the memory settings)", {}),
+    "max_running_requests": ("max requests holding KV at once", {}),
+    "max_queued_requests": ("max waiting requests; more get HTTP 503", {}),
+    "policy": ("scheduling policy: a built-in name or a path to a policy .py file", {}),
+    "policy_config": ("YAML/JSON file of policy options", {}),
+    "chunked_prefill_size": ("prefill token budget per step", {}),
+    "tbt_slo_ms": ("time-between-tokens SLO in ms (policies that use it)", {}),
+    "ttft_slo_ms": ("time-to-first-token SLO in ms (policies that use it)", {}),
+    "executor": ("run a real model, or emulate a GPU with the roofline cost model",
+                 {"choices": ["model", "emulated"]}),
+    "hardware": ("hardware file or name (configs/hardware) for the cost model / emulator", {}),
+    "attention_backend": ("attention backend", {}),
+    "disable_cuda_graph": ("do not capture CUDA graphs", {}),
+    "cuda_graph_max_bs": ("largest decode batch captured in a CUDA graph (default 256)", {}),
+    "lanes": ("executor lanes: 2 runs split plans' prefill and decode concurrently on SM partitions",
+              {"choices": ["auto", "1", "2"]}),
+    "sm_partition_backend": ("how SM partitions (green contexts) are made", {"choices": ["auto", "cuda", "torch", "none"]}),
+    "random_seed": ("seed for dummy weights and for requests without a seed", {}),
+    "host": ("HTTP host", {}),
+    "port": ("HTTP port", {}),
+    "api_key": ("require `Authorization: Bearer KEY` on every route but /health", {}),
+    "log_level": ("log level", {"choices": list(LOG_LEVELS)}),
+    "tp_size": ("tensor parallel size (only 1 is supported)", {"aliases": ["--tensor-parallel-size"]}),
+    "skip_warmup": ("do not send a warm-up request before reporting ready", {}),
+}
+_SKIP = {"extra"}
+
+
+def _type_of(default, annotation: str):
+    ann = str(annotation)
+    if "bool" in ann:
+        return bool
+    if "int" in ann:
+        return int
+    if "float" in ann:
+        return float
+    return str
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    for f in fields(ServerArgs):
+        if f.name in _SKIP:
+            continue
+        help_text, extra = _SPECS.get(f.name, ("", {}))
+        extra = dict(extra)
+        names = ["--" + f.name.replace("_", "-")] + extra.pop("aliases", [])
+        default = f.default if f.default is not MISSING else None
+        typ = _type_of(default, f.type)
+        if typ is bool:
+            parser.add_argument(*names, dest=f.name, action="store_true", default=default, help=help_text)
+        else:
+            parser.add_argument(*names, dest=f.name, type=typ, default=default,
+                                help=f"{help_text} (default: {default})" if help_text else None, **extra)
+
+
+def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Serve a model over HTTP (OpenAI API + SGLang native API).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_cli_args(p)
+    return p
+
+
+def server_args_from_namespace(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> ServerArgs:
+    kwargs = {f.name: getattr(ns, f.name) for f in fields(ServerArgs) if f.name not in _SKIP and hasattr(ns, f.name)}
+    args = ServerArgs(**kwargs)
+    problem = check_server_args(args)
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def check_server_args(a: ServerArgs) -> str | None:
+    """The first problem found, worded with the flag's name; None if all is well."""
+    if a.tp_size != 1:
+        return f"--tp-size {a.tp_size}: tensor parallelism is not supported; only --tp-size 1 works"
+    if not 0 < a.port < 65536:
+        return f"--port {a.port}: must be in 1..65535"
+    if a.mem_fraction_static is not None and not 0.0 < a.mem_fraction_static <= 1.0:
+        return f"--mem-fraction-static {a.mem_fraction_static}: must be in (0, 1]"
+    for name in ("context_length", "max_total_tokens", "max_running_requests", "chunked_prefill_size",
+                 "kv_cache_bytes"):
+        v = getattr(a, name)
+        if v is not None and v <= 0:
+            return f"--{name.replace('_', '-')} {v}: must be positive"
+    if a.max_queued_requests is not None and a.max_queued_requests < 0:
+        return f"--max-queued-requests {a.max_queued_requests}: must be at least 0"
+    for name in ("tbt_slo_ms", "ttft_slo_ms"):
+        v = getattr(a, name)
+        if not v > 0:
+            return f"--{name.replace('_', '-')} {v}: must be positive"
+    for name in ("model_path", "model_config", "policy_config"):
+        v = getattr(a, name)
+        if v is not None and not os.path.exists(v):
+            return f"--{name.replace('_', '-')} {v}: no such file or directory"
+    try:
+        from sglang_duet.policies.base import BUILTIN_POLICIES
+    except ImportError:  # policies package missing: let the scheduler report it
+        return None
+    if a.policy not in BUILTIN_POLICIES:
+        if not a.policy.endswith(".py"):
+            known = ", ".join(sorted(BUILTIN_POLICIES))
+            return f"--policy {a.policy}: unknown policy; use one of {known} or a path to a .py file"
+        if not os.path.isfile(a.policy):
+            return f"--policy {a.policy}: no such policy file"
+    return None
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> ServerArgs:
+    parser = make_parser(prog)
+    ns = parser.parse_args(argv)
+    return server_args_from_namespace(ns, parser)

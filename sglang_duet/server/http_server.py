@@ -1,0 +1,144 @@
+"""The FastAPI app: routes, API-key check, error rendering."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sglang_duet.server.errors import APIError, json_response
+from sglang_duet.server.native_api import NativeServing
+from sglang_duet.server.openai_api import OpenAIServing, loads_body
+from sglang_duet.server.tokenizer_manager import TokenizerManager
+
+logger = logging.getLogger("sglang_duet.server")
+
+HEALTH_GENERATE_TIMEOUT_S = 30.0
+_OPEN_PATHS = frozenset({"/health"})
+
+
+class APIKeyMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware, which would buffer streams and hide disconnects)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        got = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(got, self.expected):
+            resp = APIError(401, "Invalid or missing API key (send `Authorization: Bearer <key>`).",
+                            code="invalid_api_key").response()
+            return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
+    app = FastAPI(title="sglang-duet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    openai = OpenAIServing(tm, server_args.model_path)
+    native = NativeServing(tm)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_req, e: APIError):
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req, e: StarletteHTTPException):
+        return APIError(e.status_code, str(e.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_req, e: Exception):
+        logger.exception("internal error")
+        return APIError(500, f"Internal server error: {type(e).__name__}: {e}").response()
+
+    async def body_of(request: Request) -> dict:
+        return loads_body(await request.body())
+
+    # ---- health and info -------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        if tm.dead:
+            return APIError(503, tm.dead).response()
+        if not tm.ready:
+            return APIError(503, "The server is starting.").response()
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate(request: Request):
+        if tm.dead:
+            return APIError(503, tm.dead).response()
+        ids = tm.tokenize("Hi") if tm.tokenizer is not None else [0]
+        params = tm.make_params({"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True})
+        group = tm.submit([(f"health-{tm.new_rid()}", ids, params)], request)
+        try:
+            async with asyncio.timeout(HEALTH_GENERATE_TIMEOUT_S):
+                while await group.next() is not None:
+                    pass
+        except (APIError, TimeoutError) as e:
+            return APIError(503, f"Health generation failed: {e or 'timeout'}").response()
+        finally:
+            group.close()
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def model_info():
+        return json_response({"model_path": server_args.model_path or tm.info.model_path,
+                              "tokenizer_path": tm.info.model_path if tm.tokenizer is not None else None,
+                              "is_generation": True, "served_model_name": tm.served_model_name,
+                              "context_length": tm.context_length, "vocab_size": tm.vocab_size})
+
+    @app.get("/get_server_info")
+    async def server_info():
+        info = dataclasses.asdict(server_args)
+        info.pop("api_key", None)  # never echo the secret
+        info.update(served_model_name=tm.served_model_name, policy_info=tm.info.policy,
+                    kv_slots=tm.info.kv_slots, context_length=tm.context_length,
+                    max_running_requests=tm.info.max_running_requests, device=tm.info.device,
+                    internal_states=[tm.internal_state()], version=_version())
+        return json_response(info)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(tm.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- generation ------------------------------------------------------------------------
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        return await native.generate(request, await body_of(request))
+
+    @app.get("/v1/models")
+    async def models():
+        return openai.list_models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        return openai.retrieve_model(model_id)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await openai.completions(request, await body_of(request))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await openai.chat(request, await body_of(request))
+
+    if server_args.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=server_args.api_key)
+    return app
+
+
+def _version() -> str:
+    from sglang_duet import __version__
+
+    return __version__

@@ -1,0 +1,100 @@
+"""IPC plumbing shared by the three processes: socket paths, ZMQ sockets, child-process setup."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import zmq
+
+from sglang_duet.server.io_struct import ReadyInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IPCPaths:
+    root: str  # private directory (mode 0700) holding the sockets and the tokenizer copy
+    scheduler_in: str  # main -> scheduler
+    detokenizer_in: str  # scheduler -> detokenizer
+    main_in: str  # detokenizer -> main
+
+    @classmethod
+    def create(cls) -> "IPCPaths":
+        # mkdtemp creates the directory with mode 0700: other users cannot connect to our sockets.
+        root = tempfile.mkdtemp(prefix="sglang-duet-")
+        os.chmod(root, 0o700)
+        return cls(root, f"ipc://{root}/scheduler", f"ipc://{root}/detokenizer", f"ipc://{root}/main")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def pull_socket(ctx: zmq.Context, addr: str) -> zmq.Socket:
+    s = ctx.socket(zmq.PULL)
+    s.setsockopt(zmq.RCVHWM, 0)  # never drop or block: back-pressure is the scheduler's job
+    s.setsockopt(zmq.LINGER, 0)
+    s.bind(addr)
+    return s
+
+
+def push_socket(ctx: zmq.Context, addr: str) -> zmq.Socket:
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, 0)  # send() never blocks the event loop / the scheduler loop
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(addr)
+    return s
+
+
+def spawn_context():
+    # 'spawn', not fork: the main process runs an event loop, threads and maybe CUDA; a forked child
+    # would inherit their half-held locks.
+    return mp.get_context("spawn")
+
+
+def setup_child(name: str, log_level: str) -> None:
+    """First thing a child does: logging, signals, and dying together with the parent."""
+    logging.basicConfig(level=log_level.upper(), format=f"[%(asctime)s {name}] %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    # Ctrl-C reaches the whole process group; the main process decides how to stop the children.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM comes from the main process stopping us: nothing to save, so leave at once (a
+    # SystemExit raised at a random point, e.g. inside atexit hooks, only prints noise).
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    try:  # Linux: get SIGTERM if the main process dies without cleaning up (e.g. SIGKILL)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def parent_alive() -> bool:
+    parent = mp.parent_process()
+    return parent is None or parent.is_alive()
+
+
+def send_ready(conn, info: ReadyInfo) -> None:
+    import msgspec
+
+    # The readiness pipe carries msgpack bytes too (send_bytes), not pickled objects.
+    conn.send_bytes(msgspec.msgpack.encode(info))
+
+
+def recv_ready(conn) -> ReadyInfo:
+    import msgspec
+
+    return msgspec.msgpack.decode(conn.recv_bytes(), type=ReadyInfo)
+
+
+def error_text(exc: BaseException) -> str:
+    """What the main process prints when a child fails to start: the cause, then the traceback."""
+    import traceback
+
+    tb = "".join(traceback.format_exception(exc))
+    return f"{type(exc).__name__}: {exc}\n{tb}"

@@ -1,0 +1,205 @@
+"""Start the three processes, supervise them, serve HTTP, and stop cleanly.
+
+Startup: the scheduler (loads the model) and the detokenizer (imports transformers meanwhile) are
+spawned together; each reports readiness or its startup error over a pipe. Then uvicorn serves and
+a warm-up request goes through the whole path before /health turns 200 and "ready" is logged.
+A child that dies later fails the in-flight requests, turns /health to 503 and ends the server with
+a non-zero exit code. SIGTERM/SIGINT stop uvicorn, then the children; the socket dir is removed.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from multiprocessing.connection import wait as mp_wait
+
+import msgspec
+
+from sglang_duet.server.ipc import IPCPaths, recv_ready, spawn_context
+from sglang_duet.server_args import ServerArgs
+
+logger = logging.getLogger("sglang_duet.server")
+
+GRACEFUL_SHUTDOWN_S = 5
+WARMUP_TIMEOUT_S = 600
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+class _Stop(BaseException):
+    """Raised by our signal handler outside uvicorn's lifetime (e.g. during model loading)."""
+
+
+def _on_signal(sig, _frame):
+    raise _Stop(sig)
+
+
+def launch_server(args: ServerArgs) -> int:
+    """Run the server until stopped; returns the process exit code."""
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    server = Launcher(args)
+    try:
+        server.start_children()
+        return server.serve()
+    except StartupError as e:
+        logger.error("%s", e)
+        return 1
+    except _Stop:
+        logger.info("stopped")
+        return 0 if server.exit_code is None else server.exit_code
+    finally:
+        server.stop_children()
+
+
+class Launcher:
+    def __init__(self, args: ServerArgs):
+        self.args = args
+        self.paths = IPCPaths.create()
+        self.procs: dict = {}
+        self.exit_code: int | None = None
+        self.tm = None
+        self.uvicorn = None
+
+    # ---- children ----------------------------------------------------------------------------
+
+    def start_children(self) -> None:
+        from sglang_duet.server.detokenizer_proc import run_detokenizer_process
+        from sglang_duet.server.scheduler_proc import run_scheduler_process
+
+        ctx = spawn_context()
+        s_parent, s_child = ctx.Pipe()
+        d_parent, d_child = ctx.Pipe()
+        args_bytes = msgspec.msgpack.encode(self.args)  # no pickled objects cross the process boundary
+        self.procs["scheduler"] = ctx.Process(target=run_scheduler_process, name="sglang-duet-scheduler",
+                                              args=(args_bytes, self.paths, s_child), daemon=True)
+        self.procs["detokenizer"] = ctx.Process(target=run_detokenizer_process, name="sglang-duet-detokenizer",
+                                                args=(self.args.log_level, self.paths, d_child), daemon=True)
+        for p in self.procs.values():
+            p.start()
+        s_child.close()
+        d_child.close()
+        info = self._wait_ready("scheduler", s_parent)
+        d_parent.send_bytes((info.tokenizer_dir or "").encode())
+        self._wait_ready("detokenizer", d_parent)
+        self.info = info
+        logger.info("model %s loaded: context %d, %d KV slots, policy %s", info.model_name or info.model_path,
+                    info.context_length, info.kv_slots, info.policy.get("name"))
+
+    def _wait_ready(self, name: str, conn):
+        proc = self.procs[name]
+        mp_wait([conn, proc.sentinel])
+        try:
+            info = recv_ready(conn) if conn.poll() else None
+        except EOFError:
+            info = None
+        if info is None:
+            proc.join(1)
+            raise StartupError(f"The {name} process exited during startup (exit code {proc.exitcode}).")
+        if info.status != "ready":
+            raise StartupError(f"The {name} process failed to start: {info.error}")
+        conn.close()
+        return info
+
+    def stop_children(self) -> None:
+        for p in self.procs.values():
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + 5
+        for p in self.procs.values():
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1)
+        if self.tm is not None:
+            with contextlib.suppress(Exception):
+                self.tm.close()
+        self.paths.cleanup()
+
+    # ---- HTTP --------------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        import uvicorn
+
+        from sglang_duet.server.http_server import create_app
+        from sglang_duet.server.tokenizer_manager import TokenizerManager
+
+        self.tm = TokenizerManager(self.args, self.info, self.paths)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_app):
+            self.tm.start()
+            loop = asyncio.get_running_loop()
+            for name, p in self.procs.items():
+                loop.add_reader(p.sentinel, self._child_died, name, p)
+            threading.Thread(target=self._warmup, name="warmup", daemon=True).start()
+            yield
+            for p in self.procs.values():
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(p.sentinel)
+
+        app = create_app(self.tm, self.args, lifespan=lifespan)
+        level = self.args.log_level.lower()
+        config = uvicorn.Config(app, host=self.args.host, port=self.args.port, loop="uvloop",
+                                log_level=level, access_log=level == "debug",
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, timeout_keep_alive=30)
+        self.uvicorn = uvicorn.Server(config)
+        self.uvicorn.run()
+        if self.exit_code is None and not self.uvicorn.started:
+            self.exit_code = 1  # e.g. the port is taken: uvicorn logged why
+        return self.exit_code or 0
+
+    def _child_died(self, name: str, proc) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(proc.sentinel)
+        proc.join(0.1)
+        msg = f"The {name} process died unexpectedly (exit code {proc.exitcode}); the server is shutting down."
+        logger.error(msg)
+        self.tm.fail_all(msg)
+        self.exit_code = 1
+        # Give the failed requests a moment to send their error responses, then stop.
+        loop.call_later(0.5, self._request_exit)
+
+    def _request_exit(self) -> None:
+        if self.uvicorn is not None:
+            self.uvicorn.should_exit = True
+
+    def _warmup(self) -> None:
+        """Send one small request through HTTP -> scheduler -> detokenizer -> HTTP, then report ready."""
+        a = self.args
+        host = "127.0.0.1" if a.host in ("0.0.0.0", "", "::") else a.host
+        url = f"http://{host}:{a.port}"
+        while not self.uvicorn.started:
+            if self.uvicorn.should_exit:
+                return
+            time.sleep(0.05)
+        if not a.skip_warmup:
+            body = {"sampling_params": {"max_new_tokens": 2, "temperature": 0.0, "ignore_eos": True}}
+            if self.tm.tokenizer is not None:
+                body["text"] = "The capital city of France is"
+            else:
+                body["input_ids"] = [1, 2, 3]
+            req = urllib.request.Request(f"{url}/generate", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            if a.api_key:
+                req.add_header("Authorization", f"Bearer {a.api_key}")
+            try:
+                with urllib.request.urlopen(req, timeout=WARMUP_TIMEOUT_S) as r:
+                    r.read()
+            except Exception as e:  # noqa: BLE001
+                logger.error("warm-up request failed: %s; shutting down", e)
+                self.exit_code = 1
+                self.uvicorn.should_exit = True
+                return
+        self.tm.ready = True
+        logger.info("The server is ready at %s (policy %s)", url, self.info.policy.get("name"))
+        print(f"sglang-duet ready: {url}", file=sys.stderr, flush=True)

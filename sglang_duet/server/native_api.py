@@ -1,0 +1,116 @@
+"""SGLang's native /generate: text or input_ids (one or a batch), SGLang's response shape.
+
+Streaming sends `data: {text, output_ids, meta_info}` events whose text and output_ids are
+CUMULATIVE (the whole output so far, as SGLang's default streaming does), then `data: [DONE]`.
+"""
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+
+from sglang_duet.server.errors import APIError, json_response
+from sglang_duet.server.sse import sse, start_stream
+from sglang_duet.server.tokenizer_manager import TokenizerManager
+
+
+class NativeServing:
+    def __init__(self, tm: TokenizerManager):
+        self.tm = tm
+
+    def _inputs(self, body: dict) -> tuple[list[list[int]], bool]:
+        text, input_ids = body.get("text"), body.get("input_ids")
+        if (text is None) == (input_ids is None):
+            raise APIError(400, "Give exactly one of text or input_ids.", param="text")
+        if text is not None:
+            if isinstance(text, str):
+                return [self.tm.tokenize(text)], False
+            if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+                return [self.tm.tokenize(t) for t in text], True
+            raise APIError(400, "text must be a string or a non-empty list of strings.", param="text")
+        if isinstance(input_ids, list) and input_ids and all(isinstance(x, list) for x in input_ids):
+            return [list(x) for x in input_ids], True
+        if isinstance(input_ids, list):
+            return [list(input_ids)], False
+        raise APIError(400, "input_ids must be a list of token ids or a list of such lists.", param="input_ids")
+
+    def _params(self, body: dict, n: int) -> list:
+        sp = body.get("sampling_params") or {}
+        sps = sp if isinstance(sp, list) else [sp] * n
+        if len(sps) != n or not all(isinstance(d, dict) for d in sps):
+            raise APIError(400, f"sampling_params must be an object or a list of {n} objects.",
+                           param="sampling_params")
+        out = []
+        for d in sps:
+            d = dict(d)
+            if body.get("return_logprob"):
+                d["logprobs"] = True
+                d["top_logprobs"] = int(body.get("top_logprobs_num") or 0)
+            out.append(self.tm.make_params(d))
+        return out
+
+    def _rids(self, body: dict, n: int, batch: bool) -> list[str]:
+        rid = body.get("rid")
+        if rid is None:
+            return [self.tm.new_rid() for _ in range(n)]
+        rids = rid if isinstance(rid, list) else [rid]
+        if len(rids) != n or not all(isinstance(r, str) and r for r in rids):
+            raise APIError(400, f"rid must be a string{' or a list of ' + str(n) + ' strings' if batch else ''}.",
+                           param="rid")
+        return rids
+
+    async def generate(self, request: Request, body: dict):
+        ids_list, batch = self._inputs(body)
+        n = len(ids_list)
+        params = self._params(body, n)
+        rids = self._rids(body, n, batch)
+        stream = bool(body.get("stream", False))
+        with_text = bool(body.get("return_text_in_logprobs", False))
+        group = self.tm.submit(list(zip(rids, ids_list, params)), request)
+        start = time.monotonic()
+        acc = [{"text": "", "ids": [], "lps": []} for _ in range(n)]
+
+        def add(i, d):
+            a = acc[i]
+            a["text"] += d.text
+            a["ids"].extend(d.ids)
+            if d.logprobs:
+                a["lps"].extend(d.logprobs)
+
+        def result(i, d) -> dict:
+            a = acc[i]
+            meta = {"id": rids[i], "finish_reason": d.finish_reason if d.finished else None,
+                    "prompt_tokens": d.prompt_tokens or len(ids_list[i]), "completion_tokens": d.completion_tokens,
+                    "cached_tokens": d.cached_tokens, "e2e_latency": time.monotonic() - start}
+            if params[i].logprobs:
+                tok = self.tm.tokenizer if with_text else None
+                meta["output_token_logprobs"] = [[lp.logprob, lp.token_id, _t(tok, lp.token_id)] for lp in a["lps"]]
+                meta["output_top_logprobs"] = [[[v, t, _t(tok, t)] for t, v in lp.top] for lp in a["lps"]]
+            out = {"text": a["text"], "output_ids": list(a["ids"]), "meta_info": meta}
+            if batch and stream:
+                out["index"] = i
+            return out
+
+        if not stream:
+            last = [None] * n
+            try:
+                while (b := await group.next()) is not None:
+                    for i, d in b:
+                        add(i, d)
+                        last[i] = d
+            finally:
+                group.close()
+            outs = [result(i, last[i]) for i in range(n)]
+            return json_response(outs if batch else outs[0])
+
+        def render(b):
+            for i, d in b:
+                add(i, d)
+                if d.text or d.ids or d.finished:
+                    yield sse(result(i, d))
+
+        return await start_stream(group, render, lambda: ())
+
+
+def _t(tokenizer, tid: int):
+    return tokenizer.decode([tid]) if tokenizer is not None else None

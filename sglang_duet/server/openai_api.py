@@ -1,0 +1,242 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (stream and not)."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import orjson
+from starlette.requests import Request
+
+from sglang_duet.server import openai_protocol as proto
+from sglang_duet.server.errors import APIError, json_response
+from sglang_duet.server.sse import sse, start_stream
+from sglang_duet.server.tokenizer_manager import TokenizerManager
+
+
+class OpenAIServing:
+    def __init__(self, tm: TokenizerManager, model_path: str | None):
+        self.tm = tm
+        self.model_path = model_path
+        self.fmt = proto.LogprobFormatter(tm.tokenizer)
+        name = tm.served_model_name
+        # Clients may name the model by its served name, its path, or the path's last component.
+        self.model_names = {name, os.path.basename(name.rstrip("/"))}
+        for p in (model_path, tm.info.model_path, tm.info.model_name):
+            if p:
+                self.model_names |= {p, os.path.basename(p.rstrip("/"))}
+        self.model_names.discard("")
+
+    # ---- models ----------------------------------------------------------------------------
+
+    def model_card(self) -> dict:
+        return {"id": self.tm.served_model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "sglang-duet", "root": self.model_path or self.tm.info.model_path,
+                "max_model_len": self.tm.context_length}
+
+    def list_models(self):
+        return json_response({"object": "list", "data": [self.model_card()]})
+
+    def retrieve_model(self, model_id: str):
+        if model_id not in self.model_names:
+            raise self._unknown_model(model_id)
+        return json_response(self.model_card())
+
+    def check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is None:
+            return  # OpenAI requires it; SGLang serves one model and lets it be left out
+        if not isinstance(model, str) or model not in self.model_names:
+            raise self._unknown_model(model)
+
+    @staticmethod
+    def _unknown_model(model) -> APIError:
+        return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    # ---- completions ------------------------------------------------------------------------
+
+    async def completions(self, request: Request, body: dict):
+        self.check_model(body)
+        n = proto.get_n(body)
+        stream = bool(proto.get(body, "stream", bool, False))
+        usage_chunk = proto.include_usage(body)
+        echo = bool(proto.get(body, "echo", bool, False))
+        if body.get("suffix"):
+            raise APIError(400, "suffix is not supported.", param="suffix")
+        sd = proto.sampling_dict(body, default_max_tokens=16)  # OpenAI's default for completions
+        lp = proto.get(body, "logprobs", int, None)
+        if lp is not None:
+            if not 0 <= lp <= 20:
+                raise APIError(400, f"logprobs must be in [0, 20], got {lp}.", param="logprobs")
+            sd.update(logprobs=True, top_logprobs=lp)
+        prompts = proto.completion_prompts(body)
+        ids_list = [self.tm.tokenize(p) if isinstance(p, str) else p for p in prompts]
+        reqs, meta = [], []  # meta: (prompt index, prompt text for echo)
+        base = uuid.uuid4().hex
+        for pi, ids in enumerate(ids_list):
+            for ci, d in enumerate(proto.choice_seeds(sd, n)):
+                reqs.append((f"cmpl-{base}-{pi}-{ci}", ids, self.tm.make_params(d)))
+                prompt_text = prompts[pi] if isinstance(prompts[pi], str) else (
+                    self.tm.tokenizer.decode(ids) if self.tm.tokenizer is not None else "")
+                meta.append(prompt_text if echo else "")
+        cid = f"cmpl-{base}"
+        created = int(time.time())
+        model = body.get("model") or self.tm.served_model_name
+        group = self.tm.submit(reqs, request)
+
+        def choice(i, text, finish, logprobs):
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": proto.finish_reason(finish),
+                    "matched_stop": proto.matched_stop(finish)}
+
+        if not stream:
+            try:
+                res = await _collect(group)
+            finally:
+                group.close()
+            choices, pt, ct = [], 0, 0
+            for i, r in enumerate(res):
+                lps = None
+                if lp is not None:
+                    lps, _ = self.fmt.completion(r["logprobs"], len(meta[i]))
+                choices.append(choice(i, meta[i] + r["text"], r["finish_reason"], lps))
+                ct += r["completion_tokens"]
+            pt = sum(len(ids) for ids in ids_list)
+            return json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
+                                  "choices": choices, "usage": proto.usage(pt, ct)})
+
+        offsets = [len(m) for m in meta]
+        counts = {}
+
+        def chunk(choices, usage=None):
+            c = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+            if usage_chunk:
+                c["usage"] = usage
+            return sse(c)
+
+        def render(batch):
+            out = []
+            for i, d in batch:
+                counts[i] = (d.prompt_tokens, d.completion_tokens)
+                lps = None
+                if lp is not None:
+                    lps, offsets[i] = self.fmt.completion(d.logprobs, offsets[i])
+                text = d.text
+                if meta[i]:  # echo: the prompt comes first, once
+                    text, meta[i] = meta[i] + text, ""
+                if text or lps and lps["tokens"] or d.finished:
+                    out.append(chunk([choice(i, text, d.finish_reason if d.finished else None, lps)]))
+            return out
+
+        def tail():
+            if usage_chunk:
+                pt = sum(len(ids) for ids in ids_list)
+                yield chunk([], proto.usage(pt, sum(c for _, c in counts.values())))
+
+        return await start_stream(group, render, tail)
+
+    # ---- chat -------------------------------------------------------------------------------
+
+    async def chat(self, request: Request, body: dict):
+        self.check_model(body)
+        n = proto.get_n(body)
+        stream = bool(proto.get(body, "stream", bool, False))
+        usage_chunk = proto.include_usage(body)
+        messages = proto.chat_messages(body)
+        sd = proto.sampling_dict(body, default_max_tokens=None)  # until eos / context end, like OpenAI
+        want_lp = bool(proto.get(body, "logprobs", bool, False))
+        top = proto.get(body, "top_logprobs", int, None)
+        if top is not None and not want_lp:
+            raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
+        if want_lp:
+            sd.update(logprobs=True, top_logprobs=top or 0)
+        extra = body.get("chat_template_kwargs") or {}
+        if not isinstance(extra, dict):
+            raise APIError(400, "chat_template_kwargs must be an object.", param="chat_template_kwargs")
+        ids = self.tm.apply_chat_template(messages, **extra)
+        base = uuid.uuid4().hex
+        reqs = [(f"chatcmpl-{base}-{i}", ids, self.tm.make_params(d)) for i, d in enumerate(proto.choice_seeds(sd, n))]
+        cid = f"chatcmpl-{base}"
+        created = int(time.time())
+        model = body.get("model") or self.tm.served_model_name
+        group = self.tm.submit(reqs, request)
+
+        if not stream:
+            try:
+                res = await _collect(group)
+            finally:
+                group.close()
+            choices, ct = [], 0
+            for i, r in enumerate(res):
+                choices.append({
+                    "index": i, "message": {"role": "assistant", "content": r["text"]},
+                    "logprobs": {"content": self.fmt.chat(r["logprobs"])} if want_lp else None,
+                    "finish_reason": proto.finish_reason(r["finish_reason"]),
+                    "matched_stop": proto.matched_stop(r["finish_reason"]),
+                })
+                ct += r["completion_tokens"]
+            return json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                                  "choices": choices, "usage": proto.usage(len(ids), ct)})
+
+        started = set()
+        counts = {}
+
+        def chunk(choices, usage=None):
+            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "choices": choices}
+            if usage_chunk:
+                c["usage"] = usage
+            return sse(c)
+
+        def render(batch):
+            out = []
+            for i, d in batch:
+                counts[i] = d.completion_tokens
+                if i not in started:  # OpenAI's first chunk of a choice names the role
+                    started.add(i)
+                    out.append(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}]))
+                if d.text or (want_lp and d.logprobs):
+                    out.append(chunk([{"index": i, "delta": {"content": d.text},
+                                       "logprobs": {"content": self.fmt.chat(d.logprobs)} if want_lp else None,
+                                       "finish_reason": None}]))
+                if d.finished:
+                    out.append(chunk([{"index": i, "delta": {}, "logprobs": None,
+                                       "finish_reason": proto.finish_reason(d.finish_reason),
+                                       "matched_stop": proto.matched_stop(d.finish_reason)}]))
+            return out
+
+        def tail():
+            if usage_chunk:
+                yield chunk([], proto.usage(len(ids), sum(counts.values())))
+
+        return await start_stream(group, render, tail)
+
+
+async def _collect(group) -> list[dict]:
+    res = [{"text": [], "ids": [], "logprobs": [], "finish_reason": None, "prompt_tokens": 0,
+            "completion_tokens": 0, "cached_tokens": 0} for _ in group.states]
+    while (batch := await group.next()) is not None:
+        for i, d in batch:
+            r = res[i]
+            r["text"].append(d.text)
+            r["ids"].extend(d.ids)
+            r["logprobs"].extend(d.logprobs)
+            if d.finished:
+                r.update(finish_reason=d.finish_reason, prompt_tokens=d.prompt_tokens,
+                         completion_tokens=d.completion_tokens, cached_tokens=d.cached_tokens)
+    for r in res:
+        r["text"] = "".join(r["text"])
+    return res
+
+
+def loads_body(raw: bytes) -> dict:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise APIError(400, f"Malformed JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    return body
+
+
+__all__ = ["OpenAIServing", "loads_body"]

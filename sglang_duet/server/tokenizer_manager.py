@@ -1,0 +1,333 @@
+"""TokenizerManager (main process): validate, tokenize, send to the scheduler, stream results back.
+
+Everything a client can get wrong is checked here, before the scheduler sees it (the scheduler
+checks again and answers ReqError if something slips through). Per request it keeps a small state
+that the receive loop fills from the detokenizer's BatchStrOut messages; handlers consume it through
+`RequestGroup.next()`, which returns `Delta`s. Leaving early (client gone, handler
+cancelled) must abort the request so the scheduler frees its KV slots: see RequestGroup.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from sglang_duet.sampling_params import SamplingParams, SamplingParamsError
+from sglang_duet.server import io_struct as io
+from sglang_duet.server.errors import APIError, sampling_error
+from sglang_duet.server.ipc import IPCPaths, pull_socket, push_socket
+from sglang_duet.server.metrics import ServerMetrics
+
+logger = logging.getLogger("sglang_duet.server")
+
+DISCONNECT_CHECK_S = 0.5  # how often a waiting non-streaming handler checks for a gone client
+
+
+@dataclass
+class Delta:
+    """What arrived for one request since the handler last looked."""
+
+    text: str
+    ids: list[int]
+    logprobs: list[io.TokenLogprob]
+    finished: bool
+    finish_reason: dict | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class ReqState:
+    rid: str
+    prompt_tokens: int
+    created: float
+    pending: list[io.StrOut] = field(default_factory=list)
+    finished: bool = False
+    error: APIError | None = None
+    event: asyncio.Event | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finish_time: float | None = None
+
+
+class TokenizerManager:
+    def __init__(self, server_args, info: io.ReadyInfo, paths: IPCPaths):
+        self.args = server_args
+        self.info = info
+        self.paths = paths
+        self.tokenizer = None
+        if info.tokenizer_dir:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_dir, local_files_only=True)
+        self.chat_template = info.chat_template
+        self.context_length = info.context_length
+        self.vocab_size = info.vocab_size
+        self.served_model_name = server_args.served_model_name or _default_name(server_args, info)
+        self.metrics = ServerMetrics(self.served_model_name)
+        self.states: dict[str, ReqState] = {}
+        self.stats: io.SchedulerStats | None = None
+        self.dead: str | None = None  # why the server can no longer serve (a child died)
+        self.ready = False  # warm-up request went through
+        self._zctx = zmq.Context(1)
+        self._actx = zmq.asyncio.Context(1)
+        # A plain (sync) PUSH socket: send() never blocks (no HWM) and works from `finally` blocks of
+        # cancelled handlers, which is where aborts come from.
+        self._send = push_socket(self._zctx, paths.scheduler_in)
+        self._recv = pull_socket(self._actx, paths.main_in)
+        self._loop_task: asyncio.Task | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._recv_loop())
+
+    def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._send.close(linger=0)
+        self._recv.close(linger=0)
+        self._zctx.term()
+        self._actx.term()
+
+    def fail_all(self, message: str) -> None:
+        """A child died: every in-flight request ends with an error."""
+        self.dead = message
+        for st in list(self.states.values()):
+            if not st.finished:
+                st.error = APIError(503, message)
+                st.finished = True
+                st.event.set()
+
+    # ---- input validation ------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(400, "This model has no tokenizer; send input_ids instead of text.", param="text")
+        return self.tokenizer.encode(text)
+
+    def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(400, "This model has no tokenizer, so chat completions are unavailable.")
+        if not self.chat_template:
+            raise APIError(400, "This model has no chat template; use /v1/completions.")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a template error is the request's problem
+            raise APIError(400, f"Cannot apply the chat template to these messages: {e}", param="messages") from e
+        # The template writes the special tokens itself (bos, role markers).
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def make_params(self, d: dict) -> SamplingParams:
+        try:
+            p = SamplingParams.from_dict(d)
+            p.verify(self.vocab_size)
+        except (SamplingParamsError, TypeError) as e:
+            raise sampling_error(e) from e
+        return p
+
+    def check_input(self, ids: list[int]) -> None:
+        n = len(ids)
+        if n == 0:
+            raise APIError(400, "The prompt is empty.", param="prompt")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise APIError(400, f"Token id {t!r} is outside the vocabulary [0, {self.vocab_size}).",
+                               param="input_ids")
+        if n >= self.context_length:
+            raise APIError(400, f"The input ({n} tokens) is longer than the model's context length "
+                                f"({self.context_length} tokens).", code="context_length_exceeded")
+        if self.info.kv_slots and n + 1 > self.info.kv_slots - 1:
+            raise APIError(400, f"The input ({n} tokens) does not fit in the KV cache "
+                                f"({self.info.kv_slots - 1} tokens).")
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def new_rid(self) -> str:
+        return uuid.uuid4().hex
+
+    def submit(self, reqs: list[tuple[str, list[int], SamplingParams]], request=None) -> "RequestGroup":
+        """Send requests that are answered together (n choices, a batch); all are validated first,
+        so a bad one sends none. `request` (starlette) lets waits notice a client that hung up."""
+        if self.dead:
+            raise APIError(503, self.dead)
+        seen = set()
+        for rid, ids, _ in reqs:
+            if rid in self.states or rid in seen:
+                raise APIError(400, f"Duplicate request id {rid!r}.", param="rid")
+            seen.add(rid)
+            self.check_input(ids)
+        now = time.monotonic()
+        try:
+            msgs = [io.encode(io.GenerateReq(rid, ids, params.to_dict(), now)) for rid, ids, params in reqs]
+        except OverflowError:  # an integer parameter beyond 64 bits (top_k=10**30, ...)
+            raise APIError(400, "An integer sampling parameter is out of range.") from None
+        event = asyncio.Event()  # shared: one wake-up for whichever request of the group has news
+        states = []
+        for (rid, ids, _), msg in zip(reqs, msgs):
+            st = ReqState(rid, len(ids), now, event=event)
+            self.states[rid] = st
+            states.append(st)
+            self._send.send(msg)
+        return RequestGroup(self, states, request)
+
+    def abort(self, rid: str) -> None:
+        """Forget a request; if it is still running, tell the scheduler to free its KV. Idempotent."""
+        st = self.states.pop(rid, None)
+        if st is not None and not st.finished:
+            self._send.send(io.encode(io.AbortReq(rid)))
+
+    # ---- receive loop ----------------------------------------------------------------------
+
+    async def _recv_loop(self) -> None:
+        while True:
+            data = await self._recv.recv()
+            try:
+                msg = io.decode(data)
+                if isinstance(msg, io.BatchStrOut):
+                    self._on_outputs(msg)
+                elif isinstance(msg, io.SchedulerStats):
+                    self.stats = msg
+                    self.metrics.on_stats(msg)
+                elif isinstance(msg, io.ReqError):
+                    st = self.states.get(msg.rid)
+                    if st is not None:
+                        st.error = APIError(msg.status, msg.message)
+                        st.finished = True
+                        st.event.set()
+            except msgspec.DecodeError as e:
+                logger.error("dropping an undecodable message: %s", e)
+            except Exception:  # noqa: BLE001 - keep serving the other requests
+                logger.exception("error handling a message from the detokenizer")
+
+    def _on_outputs(self, batch: io.BatchStrOut) -> None:
+        now = time.monotonic()
+        for o in batch.outs:
+            st = self.states.get(o.rid)
+            if st is None or st.finished:
+                continue  # aborted by us; the scheduler's final word on it is not needed
+            n = len(o.new_ids)
+            if n:
+                if st.first_token_time is None:
+                    st.first_token_time = now
+                    self.metrics.on_first_token(now - st.created)
+                    self.metrics.on_tokens(n, None)
+                else:
+                    self.metrics.on_tokens(n, now - st.last_token_time)
+                st.last_token_time = now
+            if o.finished:
+                st.finished = True
+                st.finish_time = now
+                self.metrics.on_finish(o.prompt_tokens, now - st.created)
+            st.pending.append(o)
+            st.event.set()
+
+    # ---- introspection ---------------------------------------------------------------------
+
+    def internal_state(self) -> dict:
+        s = self.stats
+        out = {"num_inflight_http_requests": len(self.states), "ready": self.ready, "dead": self.dead}
+        if s is not None:
+            out.update(num_running_reqs=s.num_running, num_queue_reqs=s.num_waiting,
+                       num_inflight_launches=s.num_inflight_launches, kv_used_slots=s.kv_used,
+                       kv_free_slots=s.kv_free, kv_total_slots=s.kv_total,
+                       token_usage=s.kv_used / s.kv_total if s.kv_total else 0.0, launches=s.launches,
+                       plans=s.plans, last_sms=s.last_sms, finished=s.finished, aborted=s.aborted,
+                       retractions=s.retractions, stats_age_s=time.monotonic() - s.time)
+        return out
+
+
+class RequestGroup:
+    """Requests answered together. `next()` returns [(index, Delta)] as news arrives, None when all
+    are finished; `close()` (always call it, e.g. in `finally`) aborts whatever still runs. Plain
+    methods, not an async generator: closing must work synchronously from a cancelled handler."""
+
+    def __init__(self, tm: TokenizerManager, states: list[ReqState], request=None):
+        self.tm = tm
+        self.states = states
+        # While set, waits poll it for a client that hung up. Streaming handlers clear it once the
+        # response starts: starlette then watches for the disconnect itself.
+        self.request = request
+        self._remaining = list(range(len(states)))
+        self._event = states[0].event
+        self._last_check = time.monotonic()
+
+    @property
+    def rids(self) -> list[str]:
+        return [st.rid for st in self.states]
+
+    async def next(self) -> list[tuple[int, Delta]] | None:
+        while self._remaining:
+            if not any(self.states[i].pending or self.states[i].error for i in self._remaining):
+                await self._wait()
+            self._event.clear()
+            batch = []
+            for i in list(self._remaining):
+                st = self.states[i]
+                if st.error is not None:
+                    raise st.error
+                if st.pending:
+                    outs, st.pending = st.pending, []
+                    d = _merge(outs)
+                    batch.append((i, d))
+                    if d.finished:
+                        self._remaining.remove(i)
+            if batch:
+                return batch
+        return None
+
+    async def _wait(self) -> None:
+        if self.request is None:
+            await self._event.wait()
+            return
+        while True:
+            # Check by elapsed time, not only when nothing arrives: a request that keeps producing
+            # tokens must notice its client hung up too.
+            now = time.monotonic()
+            if now - self._last_check >= DISCONNECT_CHECK_S:
+                self._last_check = now
+                if await self.request.is_disconnected():
+                    raise APIError(499, "Client disconnected.")
+            try:
+                await asyncio.wait_for(self._event.wait(), DISCONNECT_CHECK_S)
+                return
+            except asyncio.TimeoutError:
+                pass
+
+    def close(self) -> None:
+        for st in self.states:
+            self.tm.abort(st.rid)
+
+
+def _merge(outs: list[io.StrOut]) -> Delta:
+    last = outs[-1]
+    if len(outs) == 1:
+        return Delta(last.text, list(last.new_ids), list(last.logprobs or ()), last.finished, last.finish_reason,
+                     last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+    ids, lps = [], []
+    for o in outs:
+        ids.extend(o.new_ids)
+        if o.logprobs:
+            lps.extend(o.logprobs)
+    return Delta("".join(o.text for o in outs), ids, lps, last.finished, last.finish_reason, last.prompt_tokens,
+                 last.completion_tokens, last.cached_tokens)
+
+
+def _default_name(args, info: io.ReadyInfo) -> str:
+    import os
+
+    if args.model_path:
+        return args.model_path.rstrip("/")
+    if args.load_format != "dummy" and args.executor == "model":
+        from sglang_duet.model_loader.embedded import GGUF_FILENAME
+
+        return GGUF_FILENAME.split(".")[0]  # the embedded default: "SmolLM2-135M-Instruct"
+    return info.model_name or (os.path.basename(info.model_path or "") or "default")
