@@ -5,6 +5,9 @@
 #   bash scripts/gpu_run.sh            # all phases: env, tests (pytest -m gpu tests/gpu), benchmark
 #   bash scripts/gpu_run.sh tests      # only the GPU tests
 #   bash scripts/gpu_run.sh bench      # only benchmark/step_latency.py (Qwen3-8B dummy bf16)
+#   bash scripts/gpu_run.sh duet       # Duet: tests/gpu/test_gpu_duet.py (facts in duet_facts.json),
+#                                      # then calibration (sglang_duet.calibrate, Qwen3-8B dummy)
+#   bash scripts/gpu_run.sh calibrate  # only the calibration (DUET_CALIBRATE_ARGS=--quick for a short one)
 #
 # Logs and results go under $OUT (the device tool brings that folder back; at most 8 files,
 # two folders deep). One device command may run 10 minutes, so every phase has its own
@@ -80,6 +83,30 @@ if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
     log "step_latency exit code $r"
     [ $r -ne 0 ] && rc=$r
   fi
+fi
+# ---- Duet: SM partitions, two-lane executor, calibration ----------------------------------------
+if [ "$PHASE" = duet ]; then
+  export DUET_GPU_FACTS="$OUT/duet_facts.json"
+  T=$(( $(left) - 240 ))  # leave the calibration about 4 minutes
+  log "pytest tests/gpu/test_gpu_duet.py (timeout ${T}s)"
+  timeout "$T" python3 -m pytest -m gpu tests/gpu/test_gpu_duet.py -v -rs --durations=15 -p no:cacheprovider \
+    -o addopts="" --timeout=240 >"$OUT/pytest_duet.log" 2>&1
+  r=$?
+  tail -n 5 "$OUT/pytest_duet.log" | tee -a "$OUT/gpu_run.log"
+  log "pytest (duet) exit code $r"
+  [ $r -ne 0 ] && rc=$r
+fi
+if [ "$PHASE" = duet ] || [ "$PHASE" = calibrate ]; then
+  HW=$(python3 -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name(0) else "h100")')
+  T=$(( $(left) - 10 ))
+  mkdir -p "$OUT/calibration"
+  log "calibration on $HW (timeout ${T}s) ${DUET_CALIBRATE_ARGS:-}"
+  # shellcheck disable=SC2086
+  timeout "$T" python3 -m sglang_duet.calibrate --model-config configs/models/qwen3-8b.json --hardware "$HW" \
+    --out "$OUT/calibration/$HW-calibrated.yaml" ${DUET_CALIBRATE_ARGS:-} >"$OUT/calibrate.log" 2>&1
+  r=$?
+  log "calibration exit code $r"
+  [ $r -ne 0 ] && rc=$r
 fi
 log "done, exit $rc"
 exit $rc

@@ -59,7 +59,7 @@ class EngineCore:
     def _init_model(self, args: ServerArgs) -> None:
         import torch
 
-        from sglang_duet.executor.gpu_executor import build_model_executor
+        from sglang_duet.executor.duet_executor import build_executor
         from sglang_duet.kernels.attention import get_attention_backend
         from sglang_duet.memory.kv_pool import KVCachePool
         from sglang_duet.model_loader.loader import load_model
@@ -91,7 +91,7 @@ class EngineCore:
                                    self.model_config.head_dim, dtype, device)
         self.kv_slots = int(slots)
         attn = get_attention_backend(args.attention_backend, self.model_config, device)
-        self.executor = build_model_executor(model, self.kv_pool, attn, device, args, clock=self.clock)
+        self.executor = build_executor(model, self.kv_pool, attn, device, args, clock=self.clock)
         self.device = str(device)
 
     def _init_emulated(self, args: ServerArgs) -> None:

@@ -187,6 +187,8 @@ class SchedulerCore:
     def idle_lanes(self) -> frozenset[LaneKind]:
         if not self._busy:
             return ALL_LANES
+        if LaneKind.AGGREGATED in self._busy:
+            return frozenset()  # an aggregated launch holds every SM
         return frozenset(k for k in (LaneKind.PREFILL, LaneKind.DECODE) if k not in self._busy)
 
     def view(self) -> SchedulerView:

@@ -1,0 +1,406 @@
+"""Calibrate the cost model's per-SM-count curves on this GPU's green-context partitions.
+
+    python -m sglang_duet.calibrate --model-config configs/models/qwen3-8b.json --hardware h100 \\
+        --out configs/hardware/h100-calibrated.yaml [--quick]
+    python -m sglang_duet.calibrate --device cpu --quick --model-config configs/models/smollm2-135m.json \\
+        --out /tmp/cal.yaml                      # smoke test of the same code path on a CPU
+
+On every partition size of the grid (8, 16, ..., 120 SMs on an H100) and on the whole GPU:
+1. compute(S): a bf16 GEMM sweep on a stream confined to S SMs; the best FLOP/s of the sweep;
+2. bandwidth(S): a large device-to-device copy, bytes read + written per second;
+3. real steps of the dummy model (decode steps through the partition's CUDA graphs, eager
+   prefills) on some sizes, for a validation table: the cost model's prediction before
+   calibration (the shipped estimates) and after (the measured curves, plus a launch overhead
+   fitted on the decode rows), with each side's median absolute error.
+It writes the calibration file in the documented format (`hardware.write_calibration`: measured
+absolute curves on the granted SM counts, `base:` the shipped file) and a report beside it
+(<out>.report.md / .json). On a CPU it refuses unless `--device cpu --quick`, which runs the same
+code with the `none` partitioner on tiny sizes and writes a file `HardwareSpec.load` accepts
+(its numbers describe the CPU, not a GPU: never ship it).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sglang_duet.cost_model.hardware import HardwareSpec, configs_dir, write_calibration
+from sglang_duet.cost_model.roofline import CostModel
+
+logger = logging.getLogger("sglang_duet.calibrate")
+
+
+@dataclass(frozen=True)
+class Settings:
+    gemm_shapes: tuple  # (M, N, K) per sweep point
+    copy_bytes: int  # bytes of one buffer (the copy moves twice this)
+    decode: tuple  # (batch, context) rows of the validation table
+    prefill: tuple  # prompt lengths
+    warmup: int
+    iters: int
+    prefill_iters: int  # long prefills on few SMs take seconds: fewer repetitions
+    validate_points: int  # how many sizes (spread over the grid, whole GPU included) get model rows
+
+
+FULL = Settings(gemm_shapes=((4096, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 4096)), copy_bytes=1 << 30,
+                decode=((1, 1024), (32, 1024), (128, 1024)), prefill=(1024, 4096), warmup=2, iters=5, prefill_iters=2,
+                validate_points=6)
+QUICK_GPU = Settings(gemm_shapes=((4096, 4096, 4096),), copy_bytes=256 << 20, decode=((1, 256), (8, 256)),
+                     prefill=(512,), warmup=1, iters=3, prefill_iters=2, validate_points=3)
+QUICK_CPU = Settings(gemm_shapes=((64, 64, 64), (128, 128, 128)), copy_bytes=4 << 20, decode=((1, 16), (2, 16)),
+                     prefill=(16,), warmup=1, iters=1, prefill_iters=1, validate_points=2)
+
+
+@dataclass
+class SizePoint:
+    requested: int
+    granted: int
+    flops: float  # best of the GEMM sweep, FLOP/s
+    bandwidth: float  # copy, bytes read + written per second
+    gemm: list = field(default_factory=list)  # [(M, N, K, FLOP/s)]
+
+
+@dataclass
+class Row:
+    kind: str  # decode | prefill
+    sms: int
+    batch: int
+    tokens: int  # decode: context per request; prefill: prompt length
+    measured_ms: float
+    before_ms: float = 0.0
+    after_ms: float = 0.0
+
+    @property
+    def before_err(self) -> float:
+        return (self.before_ms - self.measured_ms) / self.measured_ms
+
+    @property
+    def after_err(self) -> float:
+        return (self.after_ms - self.measured_ms) / self.measured_ms
+
+
+class CalibrationRefused(SystemExit):
+    pass
+
+
+# ---- timing on one partition ----------------------------------------------------------------------
+
+_EVENTS_OK = True  # cleared if CUDA events cannot be recorded on a partition's stream
+
+
+def time_on(stream, fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call of fn() issued on `stream` (None: the current stream), back to back.
+
+    On a GPU: CUDA events around the calls on that stream; should events fail on a green-context
+    stream (a [check] of gpu.md), a device synchronisation around them instead."""
+    global _EVENTS_OK
+    if device.type != "cuda":
+        for _ in range(warmup):
+            fn()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - start) / iters
+    ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    with ctx:
+        for _ in range(warmup):
+            fn()
+        if _EVENTS_OK:
+            try:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    fn()
+                end.record()
+                end.synchronize()
+                return start.elapsed_time(end) / 1e3 / iters
+            except RuntimeError as e:
+                logger.warning("CUDA events failed on this stream (%s): timing with device synchronisation", e)
+                _EVENTS_OK = False
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - t) / iters
+
+
+def measure_size(part, sms: int, s: Settings, device: torch.device, dtype: torch.dtype) -> SizePoint:
+    stream = part.stream(sms)
+    granted = part.granted(sms)
+    gemm = []
+    for m, n, k in s.gemm_shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        t = time_on(stream, lambda: a @ b, device, s.warmup, s.iters)
+        gemm.append((m, n, k, 2.0 * m * n * k / t))
+        del a, b
+    src = torch.empty(s.copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_on(stream, lambda: dst.copy_(src), device, s.warmup, max(s.iters, 3))
+    del src, dst
+    return SizePoint(sms, granted, max(g[3] for g in gemm), 2.0 * s.copy_bytes / t, gemm)
+
+
+def curves(points: list[SizePoint]) -> tuple[list, list]:
+    """[(granted SMs, value)] sorted and deduplicated (the best value per granted count)."""
+    best_c: dict[int, float] = {}
+    best_b: dict[int, float] = {}
+    for p in points:
+        best_c[p.granted] = max(best_c.get(p.granted, 0.0), p.flops)
+        best_b[p.granted] = max(best_b.get(p.granted, 0.0), p.bandwidth)
+    return sorted(best_c.items()), sorted(best_b.items())
+
+
+# ---- model steps ---------------------------------------------------------------------------------------
+
+def spread(sizes: list[int], n: int) -> list[int]:
+    """n sizes spread over the list, both ends included."""
+    if n >= len(sizes):
+        return list(sizes)
+    if n <= 1:
+        return [sizes[-1]]
+    idx = sorted({round(i * (len(sizes) - 1) / (n - 1)) for i in range(n)})
+    return [sizes[i] for i in idx]
+
+
+def measure_model(args, part, sizes: list[int], s: Settings, device: torch.device):
+    """Validation rows: decode steps (the partition's CUDA graphs) and eager prefills, per size."""
+    from sglang_duet.executor.duet_executor import PartitionedDecodeRunner
+    from sglang_duet.kernels.attention import get_attention_backend, resolve_backend_name
+    from sglang_duet.kernels.attention.base import ForwardBatch
+    from sglang_duet.kernels.cuda_graph import supports_graphs
+    from sglang_duet.memory.kv_pool import KVCachePool
+    from sglang_duet.model_loader.loader import load_model
+
+    loaded = load_model(None, load_format="dummy", model_config_path=args.model_config, dtype=args.dtype,
+                        device=str(device))
+    model, cfg = loaded.model, loaded.config
+    attn = get_attention_backend(resolve_backend_name(args.attention_backend, device), cfg, device)
+    dtype = loaded.dtype
+    want = max([b * (c + 1) for b, c in s.decode] + list(s.prefill)) + 1
+    pool = KVCachePool(cfg.num_hidden_layers, want, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+    graphs = device.type == "cuda" and supports_graphs(attn)
+    max_bs = max(b for b, _ in s.decode)
+    runner = PartitionedDecodeRunner(model, attn, pool, max_bs=max_bs, use_graphs=graphs, max_kv_tokens=want + max_bs)
+    rows: list[Row] = []
+    for sms in sizes:
+        stream = part.stream(sms)
+        granted = part.granted(sms)
+        whole = granted >= part.total
+        runner.select(None if whole else ("single", granted), stream)
+        for bs, ctx in s.decode:
+            table = torch.arange(1, 1 + bs * (ctx + 1), device=device).view(bs, ctx + 1)
+            kv, out_loc = table.reshape(-1), table[:, ctx]
+            ids = torch.randint(0, cfg.vocab_size, (bs,), device=device)
+            pos, seq = [ctx] * bs, [ctx + 1] * bs
+            t = time_on(stream, lambda: runner.run(ids, pos, out_loc, seq, kv), device, s.warmup, s.iters)
+            rows.append(Row("decode", granted, bs, ctx, t * 1e3))
+            logger.info("decode bs=%d ctx=%d on %d SMs: %.3f ms", bs, ctx, granted, t * 1e3)
+        for n in s.prefill:
+            prompt = torch.randint(0, cfg.vocab_size, (n,)).tolist()
+            fb = ForwardBatch.build([(prompt, 0, list(range(1, n + 1)), True)], device)
+            t = time_on(stream, lambda: model(fb, attn, pool), device, 1, s.prefill_iters)
+            rows.append(Row("prefill", granted, 1, n, t * 1e3))
+            logger.info("prefill %d on %d SMs: %.3f ms", n, granted, t * 1e3)
+    runner.select(None)
+    return rows, cfg, torch.empty((), dtype=dtype).element_size()
+
+
+def predict(rows: list[Row], cfg, spec: HardwareSpec, dtype_bytes: int, attr: str) -> None:
+    cm = CostModel(cfg, spec, dtype_bytes=dtype_bytes)
+    for r in rows:
+        shape = [(1, r.tokens)] * r.batch if r.kind == "decode" else [(r.tokens, 0)]
+        sms = None if r.sms >= spec.total_sms else r.sms
+        setattr(r, attr, cm.batch_time(shape, sms) * 1e3)
+
+
+def fit_launch_overhead(rows: list[Row], cfg, spec: HardwareSpec, dtype_bytes: int) -> float | None:
+    """Per-kernel overhead that centres the decode rows (median of residual / kernels; >= 0)."""
+    bare = dataclasses.replace(spec, launch_overhead_s=0.0)
+    cm = CostModel(cfg, bare, dtype_bytes=dtype_bytes)
+    per_kernel = []
+    for r in rows:
+        if r.kind != "decode":
+            continue
+        shape = [(1, r.tokens)] * r.batch
+        sms = None if r.sms >= spec.total_sms else r.sms
+        ops = cm.breakdown(shape, sms)
+        kernels = sum(o.kernels for o in ops)
+        per_kernel.append((r.measured_ms / 1e3 - sum(o.time for o in ops)) / max(kernels, 1))
+    return max(0.0, statistics.median(per_kernel)) if per_kernel else None
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+
+def _median_abs(values) -> float | None:
+    values = [abs(v) for v in values]
+    return statistics.median(values) if values else None
+
+
+def report_markdown(rep: dict) -> str:
+    lines = [f"# Calibration: {rep['device']} ({rep['partition_backend']} partitions)", "",
+             f"Written to `{rep['out']}` (base `{rep['base']}`){' — QUICK smoke run, not for use' if rep['quick'] else ''}.",
+             "", "| requested SMs | granted | GEMM TFLOP/s (best of sweep) | copy GB/s (read + write) |",
+             "|---:|---:|---:|---:|"]
+    for p in rep["sizes"]:
+        lines.append(f"| {p['requested']} | {p['granted']} | {p['flops'] / 1e12:.2f} | {p['bandwidth'] / 1e9:.1f} |")
+    lines += ["", f"Launch overhead fitted on the decode rows (in-sample): {rep['launch_overhead_s']}", "",
+              "| kind | SMs | batch | ctx / tokens | measured ms | before ms | before err | after ms | after err |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rep["rows"]:
+        lines.append(f"| {r['kind']} | {r['sms']} | {r['batch']} | {r['tokens']} | {r['measured_ms']:.3f} | "
+                     f"{r['before_ms']:.3f} | {100 * r['before_err']:+.1f}% | {r['after_ms']:.3f} | "
+                     f"{100 * r['after_err']:+.1f}% |")
+    mb, ma = rep["median_abs_error_before"], rep["median_abs_error_after"]
+    if mb is not None:
+        lines += ["", f"Median absolute error: before {100 * mb:.1f}%, after {100 * ma:.1f}%."]
+    return "\n".join(lines) + "\n"
+
+
+def _driver_version() -> str | None:
+    try:
+        from cuda.bindings import driver
+
+        err, v = driver.cuDriverGetVersion()
+        return f"{v // 1000}.{(v % 1000) // 10}" if err == driver.CUresult.CUDA_SUCCESS else None
+    except Exception:  # noqa: BLE001 - metadata only
+        return None
+
+
+def _base_ref(hardware: str, out: Path) -> str:
+    p = Path(hardware)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return os.path.relpath(p.resolve(), out.resolve().parent)
+    return hardware
+
+
+def run(args) -> dict:
+    want_cpu = args.device == "cpu"
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CalibrationRefused("calibrate: --device cuda but no CUDA device is visible")
+    if device.type != "cuda" and not (want_cpu and args.quick):
+        raise CalibrationRefused(
+            "calibrate: calibration measures a GPU's SM partitions (green contexts) and needs a CUDA device; "
+            "none is visible. On a CPU only the smoke mode runs: add --device cpu --quick "
+            "(it writes numbers that describe the CPU, not a GPU).")
+    from sglang_duet.kernels.sm_partition import SMPartitioner
+
+    spec = HardwareSpec.load(args.hardware)
+    backend = args.backend if device.type == "cuda" else "none"
+    part = SMPartitioner.for_device(device, spec, backend)
+    s = FULL if not args.quick else (QUICK_GPU if device.type == "cuda" else QUICK_CPU)
+    sizes = args.sizes or (part.sizes() if not args.quick else spread(part.sizes(), 3))
+    gemm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+
+    points = []
+    for sms in sizes:
+        p = measure_size(part, sms, s, device, gemm_dtype)
+        points.append(p)
+        logger.info("%d SMs (granted %d): %.1f TFLOP/s, %.0f GB/s", sms, p.granted, p.flops / 1e12, p.bandwidth / 1e9)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    compute_curve, bandwidth_curve = curves(points)
+
+    vsizes = args.validate_sizes or spread(sizes, s.validate_points)
+    rows, cfg, dtype_bytes = measure_model(args, part, vsizes, s, device) if not args.skip_model else ([], None, 2)
+
+    measured = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "driver": _driver_version(),
+        "torch": str(torch.__version__),
+        "cuda": torch.version.cuda,
+        "partition_backend": part.backend,
+        "exact_grants": part.exact_grants,
+        "granted": {int(p.requested): int(p.granted) for p in points},
+        "method": (f"{gemm_dtype} GEMM sweep {[list(g) for g in s.gemm_shapes]} (best FLOP/s) and a "
+                   f"{s.copy_bytes >> 20} MiB device copy (read + write), on a stream of each partition size "
+                   f"({part.backend} partitions)"),
+        "quick": bool(args.quick),
+    }
+    base = _base_ref(args.hardware, out)
+    write_calibration(out, base, compute_curve, bandwidth_curve, measured)
+    overhead = None
+    if rows:
+        predict(rows, cfg, spec, dtype_bytes, "before_ms")
+        cal = HardwareSpec.load(out)
+        if not args.no_fit_overhead:
+            overhead = fit_launch_overhead(rows, cfg, cal, dtype_bytes)
+        extra = {"launch_overhead_s": overhead} if overhead is not None else {}
+        mb = _median_abs(r.before_err for r in rows)
+        measured["validation"] = {"rows": len(rows), "median_abs_error_before": mb, "model": cfg.name}
+        write_calibration(out, base, compute_curve, bandwidth_curve, measured, **extra)
+        cal = HardwareSpec.load(out)
+        predict(rows, cfg, cal, dtype_bytes, "after_ms")
+        ma = _median_abs(r.after_err for r in rows)
+        measured["validation"]["median_abs_error_after"] = ma
+        write_calibration(out, base, compute_curve, bandwidth_curve, measured, **extra)
+    HardwareSpec.load(out)  # what we wrote must load
+    rep = {
+        "out": str(out), "base": base, "quick": bool(args.quick), "device": measured["device"],
+        "partition_backend": part.backend, "partitioner": part.describe(),
+        "sizes": [asdict(p) for p in points],
+        "compute_curve": compute_curve, "bandwidth_curve": bandwidth_curve,
+        "launch_overhead_s": overhead,
+        "rows": [dict(asdict(r), before_err=r.before_err, after_err=r.after_err) for r in rows],
+        "median_abs_error_before": _median_abs(r.before_err for r in rows),
+        "median_abs_error_after": _median_abs(r.after_err for r in rows),
+        "seconds": time.perf_counter() - started,
+    }
+    stem = out.with_suffix("")
+    Path(f"{stem}.report.json").write_text(json.dumps(rep, indent=2, default=str))
+    Path(f"{stem}.report.md").write_text(report_markdown(rep))
+    return rep
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sglang_duet.calibrate", description=__doc__.split("\n")[0])
+    p.add_argument("--model-config", default=str(configs_dir() / "models" / "qwen3-8b.json"),
+                   help="model config for the dummy-weight validation steps")
+    p.add_argument("--hardware", default="h100", help="shipped hardware file (name or path) the calibration extends")
+    p.add_argument("--out", required=True, help="calibration file to write (YAML)")
+    p.add_argument("--quick", action="store_true", help="few sizes, small shapes (a smoke run)")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu (cpu only with --quick)")
+    p.add_argument("--backend", default="auto", help="SM partition backend: auto | cuda | torch | none")
+    p.add_argument("--dtype", default="auto", help="model dtype (auto: bf16 on a GPU, float32 on a CPU)")
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--sizes", type=int, nargs="*", help="SM counts to measure (default: the grid + the whole GPU)")
+    p.add_argument("--validate-sizes", type=int, nargs="*", help="SM counts for the model-step validation rows")
+    p.add_argument("--skip-model", action="store_true", help="curves only, no validation table")
+    p.add_argument("--no-fit-overhead", action="store_true", help="keep the base file's launch overhead")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        with torch.inference_mode():
+            rep = run(args)
+    except CalibrationRefused as e:
+        print(str(e.code), file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(report_markdown(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,631 @@
+"""Two lanes on one GPU: DuetServe's interruption-free execution.
+
+`DuetGPUExecutor` (concurrent_lanes=True) runs
+
+* AGGREGATED launches on all SMs, on the default stream: exactly the GPU executor's path
+  (`GPUModelExecutor`: CUDA-graph decode, eager prefill / mixed batches);
+* split mode: a PREFILL launch eagerly on the prefill partition's green-context stream, while
+  the DECODE lane replays k captured decode graphs back to back on the decode partition's
+  stream; the ids sampled at step j are step j+1's input ids on the device (the KV slots of
+  all k steps were reserved by the core). Graphs are captured per (partition, batch bucket).
+
+Completion. A lane's launch is issued by a worker thread (below) that records CUDA events on the
+lane's stream: one per decode step (per-token times) and one after the launch's last kernel.
+`poll(timeout)` finds finished launches with `event.query()`, never a host sync, and reads the
+sampled ids once per launch (`tolist()` of one small tensor whose event has completed). Event
+times are mapped onto the host clock through an anchor event (`EventTimer`).
+
+Lanes are joined by events only. The core hands a request to a lane only after the previous
+launch touching it was applied, and that happens only once its completion event was seen, so
+the KV written by a prefill on one stream is complete before a decode on another reads it.
+
+Worker threads. One issues the AGGREGATED and DECODE lanes (they share the decode graph runner
+and its attention state, and never run at the same time), one issues the PREFILL lane (its own
+attention backend instance: backends keep per-step plan state). Issuing on threads keeps host
+work (building batches, FlashInfer's plan, which waits for its own stream) off the scheduler's
+thread and lets the two lanes issue independently. Work that cannot stay on the device (rows
+needing penalties, logprobs or an active min_new_tokens ban) runs through the CPU-semantics
+sampler on the lane's worker, which then waits for that lane's stream only.
+
+The same class runs on a CPU with the `none` partitioner (no streams): each worker then computes
+its launch as it issues it and the "events" are host timestamps, so the logic (two lanes in
+flight, results at their own cadence, tokens identical to aggregated mode) is tested without a GPU.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from sglang_duet.core.plan import LaneKind, Launch, LaunchResult, ReqWork
+from sglang_duet.executor.base import Executor
+from sglang_duet.executor.gpu_executor import GPUModelExecutor, build_model_executor
+from sglang_duet.executor.model_executor import ModelExecutor
+from sglang_duet.kernels import gpu_sampling
+from sglang_duet.kernels.attention.base import ForwardBatch
+from sglang_duet.kernels.cuda_graph import DEFAULT_MAX_BS, CudaGraphDecodeRunner, _Bucket, supports_graphs
+from sglang_duet.kernels.sm_partition import Partition, SMPartitioner
+from sglang_duet.memory.kv_pool import PADDING_SLOT
+from sglang_duet.sampling.penalties import has_penalty
+
+logger = logging.getLogger(__name__)
+
+SINGLE_LANE_POLICIES = frozenset({"aggregated", "chunked"})  # never plan split lanes
+EVENT_POLL_S = 2e-4  # poll() re-checks pending CUDA events this often
+REANCHOR_S = 10.0  # re-map GPU event time onto the host clock this often (clock drift)
+
+
+def _stream_ctx(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+# ---- device time -> host time ---------------------------------------------------------------------
+
+@dataclass
+class _HostMark:
+    """A completion marker for work already finished on the host (CPU, or a lane that synced)."""
+
+    t: float
+
+    def query(self) -> bool:
+        return True
+
+
+@dataclass
+class _Mark:
+    event: object  # torch.cuda.Event(enable_timing=True)
+    anchor: tuple  # (anchor event, host time of the anchor) current when this mark was recorded
+
+    def query(self) -> bool:
+        return self.event.query()
+
+
+class EventTimer:
+    """Marks on the current stream (CUDA events, or host timestamps on a CPU), read as host times.
+
+    An anchor event recorded on an idle stream completes within microseconds; the host time at
+    which it is seen complete maps every later event: t = t_anchor + anchor.elapsed_time(event).
+    Re-anchoring every REANCHOR_S bounds the drift between the GPU and host clocks; a mark keeps
+    the anchor that was current when it was recorded (always an earlier event)."""
+
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.monotonic):
+        self.cuda = device.type == "cuda"
+        self.clock = clock
+        self.device = device
+        self._anchor = None
+        if self.cuda:
+            self._stream = torch.cuda.Stream(device)
+            self._reanchor()
+
+    def _reanchor(self) -> None:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(self._stream)
+        while not ev.query():
+            pass
+        self._anchor = (ev, self.clock())
+
+    def maybe_reanchor(self) -> None:
+        if self.cuda and self.clock() - self._anchor[1] > REANCHOR_S:
+            self._reanchor()
+
+    def mark(self):
+        if not self.cuda:
+            return _HostMark(self.clock())
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()  # on the current stream: the lane's
+        return _Mark(ev, self._anchor)
+
+    def host_time(self, mark) -> float:
+        if isinstance(mark, _HostMark):
+            return mark.t
+        anchor, t0 = mark.anchor
+        return t0 + anchor.elapsed_time(mark.event) / 1e3
+
+
+# ---- one decode runner, graphs per partition ---------------------------------------------------------
+
+class PartitionedDecodeRunner(CudaGraphDecodeRunner):
+    """The CUDA-graph decode runner with one set of graphs per SM partition.
+
+    A kernel captured from a green-context stream is bound to that context's SMs, so each
+    partition needs its own graphs; everything else is shared: static input buffers, the
+    attention backend's per-bucket state (e.g. a FlashInfer cuda-graph wrapper) and the graph
+    memory pool. Sharing is safe because the decode lane and the aggregated lane never run at
+    the same time and are issued from one thread. `select(key, stream)` picks the partition
+    (key None: all SMs) before `run`. Captures happen lazily on first use of a (partition,
+    bucket, mode), on the partition's stream, in thread-local capture mode and without a device
+    synchronisation, so the other lane keeps running meanwhile (torch.cuda.graph would sync the
+    whole device and forbid the other thread's CUDA calls).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._by_key: dict[int | None, dict[int, _Bucket]] = {None: self._buckets}
+        self._states: dict[int, object] = {}
+        self._key: int | None = None
+        self._stream = None
+        self._side = torch.cuda.Stream(self.device) if self.use_graphs else None  # all-SM captures
+
+    def select(self, key: int | None, stream=None) -> None:
+        """Replay (and capture) the graphs of partition `key` (None: all SMs) from now on."""
+        self._key = key
+        self._stream = stream
+        self._buckets = self._by_key.setdefault(key, {})
+
+    def captured(self) -> dict:
+        """{partition key: {bucket: [modes]}} of the graphs captured so far."""
+        out = {k: {bs: sorted(b.graphs) for bs, b in v.items() if b.graphs} for k, v in self._by_key.items()}
+        return {k: v for k, v in out.items() if v}
+
+    def _ensure(self, bs: int, mode: str) -> _Bucket:
+        bucket = self._buckets.get(bs)
+        if bucket is None:
+            state = self._states.get(bs)
+            if state is None and supports_graphs(self.attn):
+                state = self._states[bs] = self.attn.graph_state(bs, self.max_kv_tokens)
+            bucket = self._buckets[bs] = _Bucket(bs, state)
+        if self.use_graphs and mode not in bucket.graphs:
+            self._capture_on(bucket, mode, self._stream if self._stream is not None else self._side)
+        return bucket
+
+    @torch.inference_mode()
+    def _capture_on(self, bucket: _Bucket, mode: str, stream) -> None:
+        bs = bucket.bs
+        cur = torch.cuda.current_stream(self.device)
+        stream.wait_stream(cur)  # the static buffers may have writes pending on the current stream
+        with torch.cuda.stream(stream):
+            # Dummy inputs, as the base runner: every row a padding row (token 0, position 0, slot 0).
+            self._put(self.input_ids, [], 0, bs, 0)
+            self._put(self.positions, [], 0, bs, 0)
+            self._put(self.out_cache_loc, [], 0, bs, PADDING_SLOT)
+            self._put(self.seq_lens, [], 0, bs, 1)
+            self._put(self.prefix_lens, [], 0, bs, 0)
+            self._put(self.kv_indptr, list(range(bs + 1)), bs + 1, bs + 1, 0)
+            self._put(self.kv_indices, [], 0, bs, PADDING_SLOT)
+            self._put_sampling([[1.0] * bs, [self.vocab] * bs, [float("inf")] * bs, [0.0] * bs, [True] * bs,
+                                [0] * bs, [0] * bs], bs, bs)
+            fb = self._batch(bs, [1] * bs)
+            st = self._sampling_view(bs)
+            self._plan(bucket, fb)
+            for _ in range(2):  # lazy inits, autotuning, Triton compiles: outside the capture
+                self._forward(fb, st, mode)
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self._mempool, capture_error_mode="thread_local")
+            try:
+                out = self._forward(fb, st, mode)
+            finally:
+                graph.capture_end()
+        if cur is not stream:
+            cur.wait_stream(stream)
+        bucket.graphs[mode] = graph
+        bucket.outputs[mode] = out
+
+
+# ---- launches in flight ----------------------------------------------------------------------------
+
+@dataclass
+class _Record:
+    launch: Launch
+    stream: object = None
+    partition: Partition | None = None
+    submitted_at: float = 0.0
+    issued: bool = False  # the worker has queued (or, on a CPU, computed) all of the launch's work
+    first: object = None  # mark before the launch's first kernel
+    done: object = None  # mark after its last kernel
+    finish: Callable[[], LaunchResult] | None = None  # the one host read; builds the result
+    error: BaseException | None = None
+    path: str = ""  # graph | device | eager | aggregated
+
+
+@dataclass
+class DuetStats:
+    launches: dict = field(default_factory=lambda: {"aggregated": 0, "prefill": 0, "decode": 0})
+    paths: dict = field(default_factory=lambda: {"graph": 0, "device": 0, "eager": 0, "aggregated": 0})
+    max_lanes_in_flight: int = 0
+    splits_used: set = field(default_factory=set)
+
+
+class _LaneWorker(threading.Thread):
+    """Issues one lane group's launches in order, one at a time."""
+
+    def __init__(self, name: str, executor: "DuetGPUExecutor"):
+        super().__init__(name=f"duet-{name}", daemon=True)
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.ex = executor
+
+    def run(self) -> None:
+        if self.ex.device.type == "cuda":
+            torch.cuda.set_device(self.ex.device)
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            rec, fn = item
+            try:
+                with torch.inference_mode():
+                    fn(rec)
+            except BaseException as e:  # noqa: BLE001 - delivered to the scheduler thread by poll()
+                rec.error = e
+            self.ex._issued(rec)
+
+
+# ---- the executor ---------------------------------------------------------------------------------
+
+class DuetGPUExecutor(Executor):
+    concurrent_lanes = True
+
+    def __init__(self, model, kv_pool, attn_backend, device: torch.device | str, partitioner: SMPartitioner,
+                 clock: Callable[[], float] = time.monotonic, graph_runner: PartitionedDecodeRunner | None = None,
+                 make_attn: Callable[[], object] | None = None, event_poll_s: float = EVENT_POLL_S):
+        self.model = model
+        self.kv_pool = kv_pool
+        self.device = _indexed(device)  # worker threads set it as their current device
+        self.partitioner = partitioner
+        self.clock = clock
+        self.vocab = model.config.vocab_size
+        self.runner = graph_runner
+        self.attn_main = attn_backend
+        self.attn_prefill = (make_attn or _attn_factory(attn_backend, model, self.device))()
+        # AGGREGATED: the plain GPU executor (graphs on all SMs); eager fallbacks per worker.
+        self._agg = GPUModelExecutor(model, kv_pool, attn_backend, self.device, clock=clock, graph_runner=graph_runner)
+        self._eager_main = ModelExecutor(model, kv_pool, attn_backend, self.device, clock=clock)
+        self._eager_prefill = ModelExecutor(model, kv_pool, self.attn_prefill, self.device, clock=clock)
+        self.timer = EventTimer(self.device, clock)
+        self.event_poll_s = event_poll_s
+        self.stats = DuetStats()
+        # (lane, launch id, start, end) in host time, device-measured on a GPU: lane overlap evidence
+        self.intervals: collections.deque = collections.deque(maxlen=4096)
+        self._inflight: dict[int, _Record] = {}
+        self._cv = threading.Condition()
+        self._seq = 0  # bumped by workers when a record is issued (poll's lost-wakeup guard)
+        self._workers = {"main": _LaneWorker("main", self), "prefill": _LaneWorker("prefill", self)}
+        for w in self._workers.values():
+            w.start()
+        self._closed = False
+
+    # ---- Executor API ------------------------------------------------------------------------------
+    def submit(self, launch: Launch) -> None:
+        if self._closed:
+            raise RuntimeError("executor is shut down")
+        stream, part = self._placement(launch)
+        rec = _Record(launch, stream, part, submitted_at=self.clock())
+        with self._cv:
+            self._inflight[launch.launch_id] = rec
+            lanes = {r.launch.lane for r in self._inflight.values()}
+            self.stats.max_lanes_in_flight = max(self.stats.max_lanes_in_flight, len(lanes))
+        self.stats.launches[launch.lane.value] += 1
+        if part is not None:
+            self.stats.splits_used.add(part.decode_sms)
+        if launch.lane == LaneKind.PREFILL:
+            self._workers["prefill"].q.put((rec, self._run_prefill))
+        elif launch.lane == LaneKind.DECODE:
+            self._workers["main"].q.put((rec, self._run_decode))
+        else:
+            self._workers["main"].q.put((rec, self._run_aggregated))
+
+    def poll(self, timeout: float | None = None) -> list[LaunchResult]:
+        """Finished launches; waits up to `timeout` seconds (None: until one finishes) by polling events."""
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        self.timer.maybe_reanchor()
+        while True:
+            with self._cv:
+                seq = self._seq
+            out = self._collect()
+            if out or not self._inflight:
+                return out
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return out
+            # Records the device still works on get no notification: re-check their events soon.
+            device_pending = any(r.issued and not isinstance(r.done, _HostMark) for r in self._inflight.values())
+            wait = self.event_poll_s if device_pending else 1.0
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            with self._cv:
+                if self._seq == seq:
+                    self._cv.wait(wait)
+
+    def busy(self) -> bool:
+        return bool(self._inflight)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers.values():
+            w.q.put(None)
+        for w in self._workers.values():
+            w.join(timeout=30)
+
+    def prepare(self, decode_sms, batch_sizes=None, modes=("greedy",)) -> None:
+        """Create the splits and capture their decode graphs now (call with nothing in flight, e.g. at
+        start-up), instead of lazily at their first use (a one-off stall of the decode lane)."""
+        for s in decode_sms:
+            part = self.partitioner.split(s)
+            if self.runner is None or not self.runner.use_graphs:
+                continue
+            self.runner.select(part.decode_sms, part.decode_stream)
+            with _stream_ctx(part.decode_stream):
+                for bs in reversed(batch_sizes or self.runner.sizes):
+                    for mode in modes:
+                        self.runner._ensure(self.runner.bucket_size(bs), mode)
+            self.runner.select(None)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ---- placement ----------------------------------------------------------------------------------
+    def _placement(self, launch: Launch) -> tuple[object, Partition | None]:
+        """(stream, split) a launch runs on: the default stream for AGGREGATED; the split's decode or
+        prefill stream otherwise (launch.sms from the plan; when missing, the partition of the other
+        lane's launch in flight, else the smallest decode partition)."""
+        if launch.lane == LaneKind.AGGREGATED:
+            return None, None
+        other = next((r.partition for r in self._inflight.values() if r.partition is not None), None)
+        if launch.lane == LaneKind.DECODE:
+            part = self.partitioner.split(launch.sms) if launch.sms else (other or self.partitioner.split(
+                self.partitioner.grid()[0]))
+            return part.decode_stream, part
+        if launch.sms:
+            part = self.partitioner.split_for_prefill(launch.sms)
+        else:
+            part = other or self.partitioner.split(self.partitioner.grid()[0])
+        return part.prefill_stream, part
+
+    # ---- worker side ------------------------------------------------------------------------------------
+    def _issued(self, rec: _Record) -> None:
+        with self._cv:
+            rec.issued = True
+            self._seq += 1
+            self._cv.notify_all()
+
+    def _run_aggregated(self, rec: _Record) -> None:
+        if self.runner is not None:
+            self.runner.select(None)
+        self._run_sync(rec, self._agg, "aggregated")
+
+    def _run_decode(self, rec: _Record) -> None:
+        work = rec.launch.work
+        with _stream_ctx(rec.stream):
+            if self.runner is not None and self._agg.graph_eligible(work):
+                self.runner.select(rec.partition.decode_sms, rec.stream)
+                self._issue_decode(rec)
+            else:
+                self._run_sync(rec, self._eager_main, "eager")
+
+    def _run_prefill(self, rec: _Record) -> None:
+        work = rec.launch.work
+        with _stream_ctx(rec.stream):
+            if all(w.steps == 1 for w in work) and all(self._device_sampling_ok(w) for w in work if w.sample):
+                self._issue_prefill(rec)
+            else:
+                self._run_sync(rec, self._eager_prefill, "eager")
+
+    def _run_sync(self, rec: _Record, executor: ModelExecutor, path: str) -> None:
+        """A launch the lane's worker runs to completion (host-semantics sampling, or aggregated)."""
+        res = executor.run(rec.launch)
+        rec.path = path
+        rec.done = _HostMark(res.finished_at)
+        rec.first = _HostMark(res.started_at)
+        rec.finish = lambda: res
+
+    @staticmethod
+    def _device_sampling_ok(w: ReqWork) -> bool:
+        """Whether the graph-safe device sampler gives this row the CPU sampler's token."""
+        p = w.params
+        if p is None or has_penalty(p) or p.logprobs:
+            return False
+        return not (w.eos_ids and len(w.output_ids) < p.min_new_tokens)
+
+    def _mode(self, params: list) -> str:
+        return self._agg._mode(params)
+
+    def _index(self, idx: list[int]) -> torch.Tensor:
+        cuda = self.device.type == "cuda"
+        host = torch.tensor(idx, dtype=torch.long, pin_memory=cuda)
+        return host.to(self.device, non_blocking=cuda)  # pinned + async: no wait on the lane's stream
+
+    def _issue_decode(self, rec: _Record) -> None:
+        """k decode steps back to back on the lane's stream; the ids of step j feed step j+1 on the device."""
+        launch, runner = rec.launch, self.runner
+        work = launch.work
+        steps = max(w.steps for w in work)
+        mode = self._mode([w.params for w in work])
+        rec.path = "graph"
+        rec.first = self.timer.mark()
+        marks, ids_per_step, rows_per_step = [], [], []
+        prev_ids, prev_rows = None, []
+        for step in range(steps):
+            rows = [w for w in work if w.steps > step]
+            if step == 0:
+                input_ids = [w.input_ids[0] for w in rows]
+            elif len(rows) == len(prev_rows):
+                input_ids = prev_ids
+            else:  # some requests asked for fewer steps: keep the rows still running
+                input_ids = prev_ids[self._index([i for i, w in enumerate(prev_rows) if w.steps > step])]
+            positions = [w.start_pos + step for w in rows]
+            seq = [p + 1 for p in positions]
+            out_loc = [w.kv_slots[p] for w, p in zip(rows, positions)]
+            kv = [s for w, n in zip(rows, seq) for s in w.kv_slots[:n]]
+            sampling = None
+            if mode != "greedy":
+                sampling = gpu_sampling.SamplingTensors.host_rows(
+                    [w.params for w in rows], [w.sampling_seed for w in rows],
+                    [len(w.output_ids) + step for w in rows], self.vocab)
+            _, ids = runner.run(input_ids, positions, out_loc, seq, kv, sampling, mode)
+            prev_ids = ids.clone()  # the static output buffer is overwritten by the next replay
+            prev_rows = rows
+            ids_per_step.append(prev_ids)
+            rows_per_step.append(rows)
+            marks.append(self.timer.mark())
+        flat = torch.cat(ids_per_step)
+        rec.done = self.timer.mark()
+        stream, timer = rec.stream, self.timer
+
+        def finish() -> LaunchResult:
+            with _stream_ctx(stream):  # that stream is idle now: the read does not wait
+                values = flat.tolist()
+            times = [timer.host_time(m) for m in marks]
+            res = LaunchResult(launch.launch_id, started_at=timer.host_time(rec.first), finished_at=times[-1])
+            res.tokens = {w.rid: [] for w in work}
+            res.token_times = {w.rid: [] for w in work}
+            i = 0
+            for step, rows in enumerate(rows_per_step):
+                for w in rows:
+                    res.tokens[w.rid].append(values[i])
+                    res.token_times[w.rid].append(times[step])
+                    i += 1
+            return res
+
+        rec.finish = finish
+
+    def _issue_prefill(self, rec: _Record) -> None:
+        """An eager forward on the lane's stream, sampled on the device: no host wait."""
+        launch = rec.launch
+        work = launch.work
+        rows = [w for w in work if w.sample]
+        params = [w.params for w in rows]
+        st, filters = None, False
+        # Host->device copies first, while the lane's stream is idle (they would wait for it later).
+        if rows and not all(p.is_greedy for p in params):
+            st = gpu_sampling.SamplingTensors.build(params, [w.sampling_seed for w in rows],
+                                                    [len(w.output_ids) for w in rows], self.vocab, self.device)
+            filters = gpu_sampling.needs_filters(params, self.vocab)
+        fb = ForwardBatch.build([(w.input_ids, w.start_pos, w.kv_slots, w.sample) for w in work], self.device)
+        rec.path = "device"
+        rec.first = self.timer.mark()
+        logits = self.model(fb, self.attn_prefill, self.kv_pool)
+        ids = None
+        if rows:
+            ids = (gpu_sampling.greedy(logits, self.vocab) if st is None
+                   else gpu_sampling.sample(logits, st, self.vocab, filters=filters))
+        rec.done = self.timer.mark()
+        stream, timer = rec.stream, self.timer
+
+        def finish() -> LaunchResult:
+            values = []
+            if ids is not None:
+                with _stream_ctx(stream):
+                    values = ids.tolist()
+            end = timer.host_time(rec.done)
+            res = LaunchResult(launch.launch_id, started_at=timer.host_time(rec.first), finished_at=end)
+            res.tokens = {w.rid: [t] for w, t in zip(rows, values)}
+            res.token_times = {w.rid: [end] for w in rows}
+            return res
+
+        rec.finish = finish
+
+    # ---- scheduler side -----------------------------------------------------------------------------------
+    def _collect(self) -> list[LaunchResult]:
+        # A failed launch is reported before anything else finishes, so no result is dropped.
+        for lid, rec in list(self._inflight.items()):
+            if rec.issued and rec.error is not None:
+                with self._cv:
+                    self._inflight.pop(lid, None)
+                raise RuntimeError(f"{rec.launch.lane.value} lane: launch {lid} failed: {rec.error!r}") from rec.error
+        out = []
+        for lid, rec in list(self._inflight.items()):
+            if not rec.issued or not rec.done.query():
+                continue
+            res = rec.finish()
+            with self._cv:
+                self._inflight.pop(lid, None)
+            self.stats.paths[rec.path] = self.stats.paths.get(rec.path, 0) + 1
+            self.intervals.append((rec.launch.lane, lid, res.started_at, res.finished_at))
+            out.append(res)
+        return out
+
+
+def lane_overlap_s(intervals, a: LaneKind = LaneKind.PREFILL, b: LaneKind = LaneKind.DECODE) -> float:
+    """Total time during which a launch of lane `a` and one of lane `b` ran at once."""
+    xs = [(s, e) for lane, _, s, e in intervals if lane == a]
+    ys = [(s, e) for lane, _, s, e in intervals if lane == b]
+    return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in xs for s2, e2 in ys)
+
+
+def _indexed(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _attn_factory(attn, model, device):
+    """A second instance of the same attention backend (plan state is per instance)."""
+    def make():
+        from sglang_duet.kernels.attention import get_attention_backend
+
+        return get_attention_backend(getattr(attn, "name", "torch"), model.config, device)
+
+    return make
+
+
+# ---- factory ---------------------------------------------------------------------------------------------
+
+def resolve_lanes(value, device: torch.device | str, policy: str | None) -> int:
+    """--lanes auto|1|2: auto gives two lanes on a CUDA device for a policy that can split."""
+    v = "auto" if value in (None, "") else str(value)
+    if v in ("1", "2"):
+        return int(v)
+    if v != "auto":
+        raise ValueError(f"--lanes must be auto, 1 or 2, got {value!r}")
+    can_split = (policy or "aggregated") not in SINGLE_LANE_POLICIES
+    return 2 if torch.device(device).type == "cuda" and can_split else 1
+
+
+def _arg(args, name: str, default=None):
+    if args is None:
+        return default
+    got = getattr(args, name, None)
+    if got is None:
+        got = (getattr(args, "extra", None) or {}).get(name)
+    return default if got is None else got
+
+
+def build_executor(model, kv_pool, attn_backend, device, args=None, clock=time.monotonic):
+    """The engine's executor factory: two lanes (DuetGPUExecutor) when --lanes resolves to 2, else
+    the single-lane `build_model_executor` (ModelExecutor on a CPU, GPUModelExecutor on a GPU)."""
+    lanes = resolve_lanes(_arg(args, "lanes", "auto"), device, _arg(args, "policy", "aggregated"))
+    if lanes == 1:
+        return build_model_executor(model, kv_pool, attn_backend, torch.device(device), args, clock=clock)
+    return build_duet_executor(model, kv_pool, attn_backend, device, args, clock=clock)
+
+
+def build_duet_executor(model, kv_pool, attn_backend, device, args=None, clock=time.monotonic,
+                        partitioner: SMPartitioner | None = None, make_attn=None) -> DuetGPUExecutor:
+    """DuetGPUExecutor with a partitioner for this device (args.sm_partition_backend: auto|cuda|torch|none;
+    grid from args.hardware) and a partitioned decode runner: CUDA graphs on a GPU (all-SM greedy
+    buckets captured now, partitions lazily), the same static-buffer path run eagerly on a CPU."""
+    device = torch.device(device)
+    if partitioner is None:
+        hw = None
+        try:
+            from sglang_duet.cost_model.hardware import HardwareSpec
+
+            hw = HardwareSpec.load(_arg(args, "hardware", "h100"))
+        except Exception as e:  # noqa: BLE001 - the grid then uses Hopper's defaults
+            logger.warning("no hardware spec for the SM grid (%s): granularity 8, minimum 8", e)
+        partitioner = SMPartitioner.for_device(device, hw, _arg(args, "sm_partition_backend", "auto"))
+    runner = None
+    max_bs = _arg(args, "cuda_graph_max_bs", None) or DEFAULT_MAX_BS
+    max_kv = min(kv_pool.num_slots, max_bs * model.config.max_position_embeddings) + max_bs
+    if device.type != "cuda":
+        runner = PartitionedDecodeRunner(model, attn_backend, kv_pool, max_bs=max_bs, use_graphs=False,
+                                         max_kv_tokens=max_kv)
+    elif not _arg(args, "disable_cuda_graph", False) and supports_graphs(attn_backend):
+        start = time.perf_counter()
+        runner = PartitionedDecodeRunner(model, attn_backend, kv_pool, max_bs=max_bs, max_kv_tokens=max_kv)
+        runner.capture(("greedy",))
+        logger.info("captured %d all-SM decode graphs in %.1f s; partition graphs are captured on first use",
+                    len(runner.sizes), time.perf_counter() - start)
+    ex = DuetGPUExecutor(model, kv_pool, attn_backend, device, partitioner, clock=clock, graph_runner=runner,
+                         make_attn=make_attn)
+    logger.info("two-lane executor: SM partitions via %s (%d SMs, grid %s)", partitioner.backend,
+                partitioner.total, partitioner.grid())
+    return ex

@@ -1,0 +1,214 @@
+"""DuetGPUExecutor on a CPU: the `none` partitioner, one worker thread per lane, the real tiny llama.
+
+Split mode (prefill on one lane, k=3 decode steps on the other) must give the tokens of aggregated
+mode, with both lanes in flight at once and results applied at each lane's own cadence; the
+k-step decode goes through the partitioned runner's static buffers (graphs need a GPU: tests/gpu).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, ReqWork, StepPlan
+from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
+from sglang_duet.executor.duet_executor import (
+    DuetGPUExecutor, PartitionedDecodeRunner, build_duet_executor, build_executor, lane_overlap_s, resolve_lanes,
+)
+from sglang_duet.executor.model_executor import ModelExecutor
+from sglang_duet.kernels.attention.torch_backend import TorchAttentionBackend
+from sglang_duet.kernels.sm_partition import SMPartitioner
+from sglang_duet.memory.kv_pool import KVCachePool
+from sglang_duet.model_loader.loader import load_model
+from sglang_duet.policies.base import Policy, PolicyContext, load_policy, select_prefills
+from sglang_duet.sampling_params import SamplingParams
+
+SLOTS = 1024
+
+
+class SplitAlways(Policy):
+    """Prefill chunks of up to 16 tokens on the prefill lane; decodes k=3 steps on the decode lane."""
+
+    name = "test-split-always"
+
+    def plan(self, view):
+        plan = StepPlan(prefill_sms=100, decode_sms=32)
+        if LaneKind.PREFILL in view.idle_lanes:
+            chunks = select_prefills(view, 16)
+            if chunks:
+                plan.prefill_lane = LaneBatch(prefill=chunks)
+        if LaneKind.DECODE in view.idle_lanes and view.decoding:
+            plan.decode_lane = LaneBatch(decode=[r.rid for r in view.decoding], steps=3)
+        return plan
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_factory):
+    torch.manual_seed(0)
+    return load_model(tiny_model_factory("llama"), dtype="float32", device="cpu").model
+
+
+def prompt(i: int, n: int) -> list[int]:
+    return [(i * 37 + j * 11) % 300 + 3 for j in range(n)]
+
+
+# (prompt length, new tokens, sampling) per request; the penalty row takes the eager fallback
+REQUESTS = [
+    (5, 14, dict(temperature=0.0)),
+    (23, 10, dict(temperature=0.0)),
+    (40, 12, dict(temperature=0.0)),
+    (9, 11, dict(temperature=0.0, repetition_penalty=1.3)),
+    (31, 9, dict(temperature=0.8, top_p=0.9, seed=7)),
+    (17, 13, dict(temperature=0.0)),
+]
+ARRIVALS = {0: [0, 1], 3: [2, 3], 6: [4], 9: [5]}  # scheduler iteration -> requests arriving
+
+
+def serve(model, make_executor, policy):
+    """Drive a SchedulerCore like EngineCore.step does; returns (tokens, core, executor, trace)."""
+    pool = KVCachePool(model.config.num_hidden_layers, SLOTS, model.config.num_key_value_heads,
+                       model.config.head_dim, torch.float32, "cpu")
+    core = SchedulerCore(CoreConfig(kv_slots=SLOTS, context_length=512, chunked_prefill_size=16), policy)
+    ex = make_executor(pool)
+    out: dict[str, list[int]] = {}
+    trace = []  # (lane of the applied result, lanes still in flight)
+    it = 0
+    try:
+        while it < 10_000 and (core.has_unfinished() or it <= max(ARRIVALS)):
+            for i in ARRIVALS.get(it, []):
+                n, new, sp = REQUESTS[i]
+                core.add_request(f"r{i}", prompt(i, n), SamplingParams(max_new_tokens=new, **sp), seed=100 + i)
+            for launch in core.schedule():
+                ex.submit(launch)
+            if core.inflight:
+                for res in ex.poll(timeout=10.0):
+                    lane = core.inflight[res.launch_id].lane
+                    for u in core.apply_result(res):
+                        out.setdefault(u.rid, []).extend(u.new_token_ids)
+                    trace.append((lane, {l.lane for l in core.inflight.values()}))
+            it += 1
+        assert not core.has_unfinished(), "did not finish"
+        assert not ex.busy()
+    finally:
+        ex.shutdown()
+    return out, core, ex, trace
+
+
+def duet(model, cls=DuetGPUExecutor):
+    def make(pool):
+        part = SMPartitioner(132, 8, 8, backend="none", device="cpu")
+        runner = PartitionedDecodeRunner(model, TorchAttentionBackend(), pool, max_bs=16, use_graphs=False)
+        return cls(model, pool, runner.attn, "cpu", part, graph_runner=runner, make_attn=TorchAttentionBackend)
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """Aggregated mode on the plain single-lane executor."""
+    out, core, _, _ = serve(model, lambda pool: ModelExecutor(model, pool, TorchAttentionBackend(), torch.device("cpu")),
+                            load_policy("aggregated", PolicyContext(chunked_prefill_size=16)))
+    assert core.allocator.available == core.allocator.capacity
+    assert {k: len(v) for k, v in out.items()} == {f"r{i}": r[1] for i, r in enumerate(REQUESTS)}
+    return out
+
+
+def test_split_mode_gives_aggregated_tokens_with_two_lanes_in_flight(model, reference):
+    out, core, ex, trace = serve(model, duet(model), SplitAlways())
+    assert out == reference
+    assert core.stats.plans["split"] > 0 and core.stats.launches["aggregated"] == 0
+    assert core.allocator.available == core.allocator.capacity, "KV pool not back to free"
+    assert ex.stats.max_lanes_in_flight == 2
+    assert lane_overlap_s(ex.intervals) > 0, "prefill and decode never ran at the same time"
+    # decodes took the k-step device path (static buffers, ids fed back), the penalty row the eager one,
+    # prefills sampled on the device
+    assert ex.stats.paths["graph"] > 0 and ex.stats.paths["eager"] > 0 and ex.stats.paths["device"] > 0
+    assert ex.stats.splits_used == {32}
+    assert ex.runner.captured() == {}  # CPU: nothing captured, buckets used per partition key
+    assert 32 in ex.runner._by_key and ex.runner._by_key[32]
+    assert {r.role for r in ex.partitioner.records} == {"decode", "prefill"}
+
+
+def test_aggregated_plans_through_the_two_lane_executor(model, reference):
+    out, core, ex, _ = serve(model, duet(model), load_policy("aggregated", PolicyContext(chunked_prefill_size=16)))
+    assert out == reference
+    assert ex.stats.launches["aggregated"] > 0 and ex.stats.launches["decode"] == 0
+    assert ex.stats.paths["aggregated"] == ex.stats.launches["aggregated"]
+    assert core.allocator.available == core.allocator.capacity
+
+
+class SlowPrefill(DuetGPUExecutor):
+    """Prefill launches take 60 ms more, as a long prefill would on its partition."""
+
+    def _run_prefill(self, rec):
+        super()._run_prefill(rec)
+        time.sleep(0.06)
+        if rec.done is not None and hasattr(rec.done, "t"):
+            rec.done.t = self.clock()
+
+
+def test_decode_results_arrive_at_their_own_cadence_during_a_prefill(model, reference):
+    out, core, ex, trace = serve(model, duet(model, SlowPrefill), SplitAlways())
+    assert out == reference
+    during = [lane for lane, still in trace if lane == LaneKind.DECODE and LaneKind.PREFILL in still]
+    assert len(during) >= 3, "the decode lane did not keep stepping while a prefill ran"
+    assert lane_overlap_s(ex.intervals) > 0.05
+    assert core.allocator.available == core.allocator.capacity
+
+
+def test_token_times_are_per_step_and_ordered(model):
+    pool = KVCachePool(model.config.num_hidden_layers, 64, model.config.num_key_value_heads, model.config.head_dim,
+                       torch.float32, "cpu")
+    ex = duet(model)(pool)
+    try:
+        w = ReqWork("a", [5], 3, list(range(1, 9)), True, steps=4, params=SamplingParams(temperature=0.0),
+                    prompt_ids=[3, 4, 5, 6])
+        ex.submit(Launch(0, LaneKind.DECODE, LaneBatch(decode=["a"], steps=4), [w], sms=20))
+        (res,) = ex.poll(timeout=10)
+        assert len(res.tokens["a"]) == 4 and res.token_times["a"] == sorted(res.token_times["a"])
+        assert res.started_at <= res.token_times["a"][0] and res.finished_at == res.token_times["a"][-1]
+        assert ex.stats.splits_used == {24}  # 20 SMs asked, the grid gives 24
+        assert ex.poll(timeout=0) == [] and not ex.busy()
+    finally:
+        ex.shutdown()
+
+
+def test_a_failing_launch_is_reported_by_poll(model):
+    pool = KVCachePool(model.config.num_hidden_layers, 64, model.config.num_key_value_heads, model.config.head_dim,
+                       torch.float32, "cpu")
+    ex = duet(model)(pool)
+    try:
+        bad = ReqWork("a", [5, 6], 0, [1], True, params=SamplingParams(temperature=0.0))  # too few KV slots
+        ex.submit(Launch(0, LaneKind.PREFILL, LaneBatch(), [bad], sms=100))
+        with pytest.raises(RuntimeError, match="prefill lane: launch 0 failed"):
+            ex.poll(timeout=10)
+        assert not ex.busy()
+    finally:
+        ex.shutdown()
+
+
+def test_lanes_flag_and_factory(model):
+    assert resolve_lanes("auto", "cpu", "duet") == 1 and resolve_lanes("auto", "cuda", "duet") == 2
+    assert resolve_lanes("auto", "cuda", "aggregated") == 1 and resolve_lanes("2", "cpu", "aggregated") == 2
+    assert resolve_lanes(None, "cuda", "static-split") == 2
+    with pytest.raises(ValueError, match="--lanes"):
+        resolve_lanes("3", "cpu", "duet")
+    pool = KVCachePool(model.config.num_hidden_layers, 64, model.config.num_key_value_heads, model.config.head_dim,
+                       torch.float32, "cpu")
+
+    class Args:
+        policy = "duet"
+        hardware = "h100"
+        extra = {}
+
+    assert type(build_executor(model, pool, TorchAttentionBackend(), "cpu", Args())) is ModelExecutor
+    Args.extra = {"lanes": "2"}
+    ex = build_executor(model, pool, TorchAttentionBackend(), "cpu", Args())
+    try:
+        assert isinstance(ex, DuetGPUExecutor) and ex.concurrent_lanes
+        assert ex.partitioner.backend == "none" and ex.partitioner.grid()[-1] == 120
+        assert isinstance(ex.runner, PartitionedDecodeRunner) and not ex.runner.use_graphs
+    finally:
+        ex.shutdown()
+    ex = build_duet_executor(model, pool, TorchAttentionBackend(), "cpu")
+    ex.shutdown()
