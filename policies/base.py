@@ -20,7 +20,9 @@ logger = logging.getLogger("sglang_duet.policy")
 
 __all__ = [
     "Policy", "PolicyContext", "SchedulerView", "StepPlan", "LaneBatch", "LaneKind", "PrefillChunk",
-    "select_prefills", "load_policy", "BUILTIN_POLICIES",
+    "select_prefills", "load_policy", "BUILTIN_POLICIES", "require_cost_model", "decode_ids", "chunked_batch",
+    "batch_shape", "remaining_tokens", "useful_decode_tokens", "lookahead_cap", "LatencyModel", "steps_ms",
+    "predict_ms", "log_plan",
 ]
 
 
@@ -142,3 +144,117 @@ def load_policy(name_or_path: str, ctx: PolicyContext | None = None) -> Policy:
     if len(classes) != 1:
         raise ValueError(f"--policy: {name_or_path!r} must define exactly one Policy subclass, found {len(classes)}")
     return classes[0](ctx or PolicyContext())
+
+
+# ---- shared helpers for the built-in policies (and users' own) --------------------------------
+#
+# Everything a policy needs twice lives here, so chunked, duet and static-split stay short and
+# agree on what a "chunked plan", a batch's shape or a look-ahead limit is.
+
+
+def require_cost_model(ctx: PolicyContext, policy_name: str, need_model: bool = True) -> None:
+    """Fail at construction (not at the first long prompt) when a policy needs the roofline."""
+    if ctx.hardware is None or (need_model and ctx.cost_model is None):
+        what = "a cost model" if need_model else "a hardware spec"
+        raise ValueError(
+            f"policy {policy_name!r} needs {what}: pass --hardware (e.g. h100, or a calibration YAML) "
+            f"and a model the cost model can describe (--model-config for dummy weights or the emulated "
+            f"executor); no cost model is configured"
+        )
+
+
+def decode_ids(view: SchedulerView) -> list[str]:
+    return [r.rid for r in view.decoding]
+
+
+def chunked_batch(view: SchedulerView, token_budget: int) -> LaneBatch:
+    """Decode-first mixed batch (Sarathi-Serve / vLLM v1 / SGLang --enable-mixed-chunk).
+
+    Every ready decode gets its token; prefill chunks fill what is left of `token_budget`.
+    Each decode reserves one KV slot before any prefill is admitted."""
+    decodes = decode_ids(view)
+    prefills = select_prefills(view, token_budget - len(decodes), kv_reserved=len(decodes))
+    return LaneBatch(prefill=prefills, decode=decodes)
+
+
+def batch_shape(view: SchedulerView, batch: LaneBatch) -> list[tuple[int, int]]:
+    """The cost model's (new tokens, cached tokens) per request for one step of `batch`."""
+    shape = [(c.length, c.start) for c in batch.prefill]
+    if batch.decode:
+        ctx = {r.rid: r.num_computed for r in view.decoding}
+        shape.extend((1, ctx[rid]) for rid in batch.decode)
+    return shape
+
+
+def remaining_tokens(r, context_length: int) -> int:
+    """Tokens a decoding request may still emit (max_new_tokens, then the context length)."""
+    left = context_length - r.seq_len
+    if r.max_new_tokens is not None:
+        left = min(left, r.max_new_tokens - len(r.output_ids))
+    return max(1, left)
+
+
+def useful_decode_tokens(remaining: list[int], k: int) -> int:
+    """Tokens a k-step decode launch really delivers: a request that finishes after m < k
+    steps contributes m (its later steps are wasted rows of the launch)."""
+    return sum(min(k, m) for m in remaining)
+
+
+def lookahead_cap(view: SchedulerView, remaining: list[int], k_max: int, kv_reserved: int = 0) -> int:
+    """Largest useful look-ahead: at most k_max, no more steps than the longest remaining
+    request needs, and k * batch KV slots must fit after `kv_reserved` (this step's prefills)."""
+    if not remaining:
+        return 1
+    kv_k = (view.kv_free - kv_reserved) // len(remaining)
+    return max(1, min(k_max, max(remaining), kv_k))
+
+
+class LatencyModel:
+    """The cost model as policies use it: milliseconds for a plan's lane batches.
+
+    A k-step decode launch's steps see growing contexts; step time is (nearly) linear in the
+    context, so the first and the k_ref-th step are priced and the steps in between
+    interpolated: two roofline calls per SM count instead of k."""
+
+    def __init__(self, cost_model, k_ref: int = 8):
+        self.cm = cost_model
+        self.k_ref = max(2, k_ref)
+
+    def step_ms(self, shape, sms: int | None = None) -> float:
+        return self.cm.batch_time(shape, sms) * 1e3 if shape else 0.0
+
+    def decode_steps_ms(self, shape, sms: int | None, k: int) -> tuple[float, float]:
+        """(total ms of k back-to-back decode steps, ms of the slowest (last) step)."""
+        return steps_ms(*self.decode_curve(shape, sms), k)
+
+    def decode_curve(self, shape, sms: int | None) -> tuple[float, float]:
+        """(first step ms, growth per step ms): decode_steps_ms for every k from two calls."""
+        first = self.step_ms(shape, sms)
+        later = self.step_ms([(q, c + self.k_ref - 1) for q, c in shape], sms)
+        return first, (later - first) / (self.k_ref - 1)
+
+
+def steps_ms(first: float, slope: float, k: int) -> tuple[float, float]:
+    """(total, last step) ms of k decode steps on a linear step-time curve."""
+    return k * first + slope * k * (k - 1) / 2, first + slope * (k - 1)
+
+
+def predict_ms(ctx: PolicyContext, view: SchedulerView, batch: LaneBatch, sms: int | None = None) -> float | None:
+    """Predicted ms of one step of `batch`, or None without a cost model (prediction is optional
+    for policies that decide without one; it feeds the predicted-vs-actual log)."""
+    if ctx.cost_model is None or batch.is_empty():
+        return None
+    return ctx.cost_model.batch_time(batch_shape(view, batch), sms) * 1e3
+
+
+def log_plan(policy: Policy, plan: StepPlan) -> StepPlan:
+    """Debug log of every decision; predicted vs actual follows in on_result."""
+    if logger.isEnabledFor(logging.DEBUG):
+        lanes = ", ".join(
+            f"{lane.value}: {len(b.prefill)}p/{b.prefill_tokens}t + {len(b.decode)}d x{b.steps}"
+            for lane, b in plan.lane_batches()
+        )
+        pred = ", ".join(f"{k}={v:.1f}ms" for k, v in plan.predicted_ms.items())
+        logger.debug("%s plan %s [%s] sms=(p=%s, d=%s) predicted(%s): %s", policy.name, plan.mode, lanes,
+                     plan.prefill_sms, plan.decode_sms, pred, plan.reason)
+    return plan

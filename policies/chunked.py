@@ -1,0 +1,26 @@
+"""Decode-first chunked prefill (Sarathi-Serve, vLLM v1, SGLang --enable-mixed-chunk).
+
+Every step runs one token for every running decode plus prefill chunks up to the token budget
+(`chunked_prefill_size`) minus those decodes, on all SMs. A long prompt is spread over many
+steps, so no step is much longer than a budget's worth of tokens: TBT stays bounded at the
+price of re-reading the weights (and earlier chunks' KV) once per chunk.
+"""
+from __future__ import annotations
+
+from sglang_duet.policies.base import Policy, SchedulerView, StepPlan, chunked_batch, log_plan, predict_ms
+
+
+class ChunkedPolicy(Policy):
+    name = "chunked"
+
+    def plan(self, view: SchedulerView) -> StepPlan | None:
+        if not view.all_idle:
+            return None  # one lane on all SMs: wait for the launch in flight
+        batch = chunked_batch(view, self.ctx.chunked_prefill_size)
+        if batch.is_empty():
+            return None
+        plan = StepPlan(aggregated=batch, reason=f"decode-first, budget {self.ctx.chunked_prefill_size}")
+        pred = predict_ms(self.ctx, view, batch)
+        if pred is not None:
+            plan.predicted_ms["aggregated"] = pred
+        return log_plan(self, plan)
