@@ -22,6 +22,7 @@ class _Group:
     kv_slots: torch.Tensor  # [b, L] pool slots, padded with slot 0 (the reserved padding slot)
     mask: torch.Tensor | None  # [b, 1, n, L] bool (True = may attend) or None
     is_causal: bool  # SDPA's own causal mask is right (no cached prefix, square scores)
+    decode: bool = False  # one query per request: the batched GQA matmul path
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -70,7 +71,7 @@ class TorchAttentionBackend(AttentionBackend):
             lens = torch.tensor([seq[i] for i in decodes], device=dev)
             mask = (torch.arange(max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :]
             rows = torch.tensor([q_off[i] for i in decodes], dtype=torch.long, device=dev).unsqueeze(1)
-            self._groups.append(_Group(rows, slots, mask, False))
+            self._groups.append(_Group(rows, slots, mask, False, decode=True))
 
     def run(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool) -> torch.Tensor:
         fb = self._fb
@@ -81,13 +82,30 @@ class TorchAttentionBackend(AttentionBackend):
         n_rep = H // k_buf.shape[1]
         out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
         for g in self._groups:
+            kg = k_buf[g.kv_slots].to(q.dtype)  # [b, L, H_kv, D]
+            vg = v_buf[g.kv_slots].to(q.dtype)
+            if g.decode:
+                out[g.q_rows[:, 0]] = _decode_attention(q[g.q_rows[:, 0]], kg, vg, g.mask, n_rep)
+                continue
             qg = q[g.q_rows].transpose(1, 2)  # [b, H, n, D]
-            kg = k_buf[g.kv_slots].transpose(1, 2)  # [b, H_kv, L, D]
-            vg = v_buf[g.kv_slots].transpose(1, 2)
-            if n_rep > 1:  # GQA: query head h reads kv head h // n_rep (HF's repeat_kv)
-                kg = kg.repeat_interleave(n_rep, dim=1)
-                vg = vg.repeat_interleave(n_rep, dim=1)
-            og = F.scaled_dot_product_attention(qg, kg.to(q.dtype), vg.to(q.dtype), attn_mask=g.mask,
-                                                is_causal=g.is_causal)
+            # GQA: query head h reads kv head h // n_rep (HF's repeat_kv), without materialising the repeat
+            og = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask,
+                                                is_causal=g.is_causal, enable_gqa=n_rep > 1)
             out[g.q_rows] = og.transpose(1, 2)
         return out.reshape(T, H * D)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """One query per request: q [b, H, D], k/v [b, L, H_kv, D], mask [b, 1, 1, L] -> [b, H, D].
+
+    The H query heads are viewed as [H_kv, n_rep] so each group multiplies its own kv head:
+    two batched matmuls, no repeated K/V (SDPA's GQA path on CPU was several times slower).
+    """
+    b, H, D = q.shape
+    hkv = k.shape[2]
+    qg = q.view(b, hkv, n_rep, D)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * (D ** -0.5)  # [b, H_kv, n_rep, L]
+    scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v.transpose(1, 2)).view(b, H, D)
+

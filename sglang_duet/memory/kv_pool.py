@@ -36,8 +36,10 @@ class KVCachePool:
 
     def set_kv(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v ([T, H_kv, D]) of new tokens at slots `loc` ([T] long)."""
-        self.k_buffers[layer][loc] = k.to(self.dtype)
-        self.v_buffers[layer][loc] = v.to(self.dtype)
+        # index_copy_ is a plain scatter; `buf[loc] = x` goes through index_put's generic path,
+        # ~70x slower on CPU for the few rows of a decode step.
+        self.k_buffers[layer].index_copy_(0, loc, k.to(self.dtype))
+        self.v_buffers[layer].index_copy_(0, loc, v.to(self.dtype))
 
     def get_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_buffers[layer], self.v_buffers[layer]
