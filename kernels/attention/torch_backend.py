@@ -82,8 +82,8 @@ class TorchAttentionBackend(AttentionBackend):
         n_rep = H // k_buf.shape[1]
         out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
         for g in self._groups:
-            kg = k_buf[g.kv_slots].to(q.dtype)  # [b, L, H_kv, D]
-            vg = v_buf[g.kv_slots].to(q.dtype)
+            kg = _gather(k_buf, g.kv_slots).to(q.dtype)  # [b, L, H_kv, D]
+            vg = _gather(v_buf, g.kv_slots).to(q.dtype)
             if g.decode:
                 out[g.q_rows[:, 0]] = _decode_attention(q[g.q_rows[:, 0]], kg, vg, g.mask, n_rep)
                 continue
@@ -93,6 +93,11 @@ class TorchAttentionBackend(AttentionBackend):
                                                 is_causal=g.is_causal, enable_gqa=n_rep > 1)
             out[g.q_rows] = og.transpose(1, 2)
         return out.reshape(T, H * D)
+
+
+def _gather(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """buf[slots] for a 2-D slot table; index_select is ~2x faster than advanced indexing on CPU."""
+    return buf.index_select(0, slots.reshape(-1)).view(*slots.shape, *buf.shape[1:])
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, n_rep: int) -> torch.Tensor:
