@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import heapq
 
-from sglang_duet.core.plan import LaneKind, Launch, LaunchResult
+from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, LaunchResult, StepPlan
+from sglang_duet.policies.base import Policy, select_prefills
 
 VOCAB = 97
 
@@ -89,3 +90,25 @@ class FakeLanes:
             self.now = t
             updates.extend(self.core.apply_result(res))
         raise AssertionError("did not finish")
+
+
+
+class SplitAlways(Policy):
+    """A test policy: prefill chunks on the prefill lane and k-step decodes on the decode lane, always."""
+
+    name = "test-split-always"
+
+    def __init__(self, prefill_budget: int = 64, steps: int = 3, prefill_sms: int = 100, decode_sms: int = 32):
+        super().__init__()
+        self.prefill_budget, self.steps = prefill_budget, steps
+        self.prefill_sms, self.decode_sms = prefill_sms, decode_sms
+
+    def plan(self, view):
+        plan = StepPlan(prefill_sms=self.prefill_sms, decode_sms=self.decode_sms)
+        if LaneKind.PREFILL in view.idle_lanes:
+            chunks = select_prefills(view, self.prefill_budget)
+            if chunks:
+                plan.prefill_lane = LaneBatch(prefill=chunks)
+        if LaneKind.DECODE in view.idle_lanes and view.decoding:
+            plan.decode_lane = LaneBatch(decode=[r.rid for r in view.decoding], steps=self.steps)
+        return plan

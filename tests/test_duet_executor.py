@@ -23,24 +23,9 @@ from sglang_duet.memory.kv_pool import KVCachePool
 from sglang_duet.model_loader.loader import load_model
 from sglang_duet.policies.base import Policy, PolicyContext, load_policy, select_prefills
 from sglang_duet.sampling_params import SamplingParams
+from fake_lanes import SplitAlways
 
 SLOTS = 1024
-
-
-class SplitAlways(Policy):
-    """Prefill chunks of up to 16 tokens on the prefill lane; decodes k=3 steps on the decode lane."""
-
-    name = "test-split-always"
-
-    def plan(self, view):
-        plan = StepPlan(prefill_sms=100, decode_sms=32)
-        if LaneKind.PREFILL in view.idle_lanes:
-            chunks = select_prefills(view, 16)
-            if chunks:
-                plan.prefill_lane = LaneBatch(prefill=chunks)
-        if LaneKind.DECODE in view.idle_lanes and view.decoding:
-            plan.decode_lane = LaneBatch(decode=[r.rid for r in view.decoding], steps=3)
-        return plan
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +99,7 @@ def reference(model):
 
 
 def test_split_mode_gives_aggregated_tokens_with_two_lanes_in_flight(model, reference):
-    out, core, ex, trace = serve(model, duet(model), SplitAlways())
+    out, core, ex, trace = serve(model, duet(model), SplitAlways(prefill_budget=16, steps=3))
     assert out == reference
     assert core.stats.plans["split"] > 0 and core.stats.launches["aggregated"] == 0
     assert core.allocator.available == core.allocator.capacity, "KV pool not back to free"
@@ -148,7 +133,7 @@ class SlowPrefill(DuetGPUExecutor):
 
 
 def test_decode_results_arrive_at_their_own_cadence_during_a_prefill(model, reference):
-    out, core, ex, trace = serve(model, duet(model, SlowPrefill), SplitAlways())
+    out, core, ex, trace = serve(model, duet(model, SlowPrefill), SplitAlways(prefill_budget=16, steps=3))
     assert out == reference
     during = [lane for lane, still in trace if lane == LaneKind.DECODE and LaneKind.PREFILL in still]
     assert len(during) >= 3, "the decode lane did not keep stepping while a prefill ran"

@@ -7,7 +7,7 @@ from sglang_duet.core.plan import LaneBatch, LaneKind, PrefillChunk, StepPlan
 from sglang_duet.core.scheduler_core import AdmissionError, CoreConfig, SchedulerCore
 from sglang_duet.policies.base import Policy, PolicyContext, load_policy, select_prefills
 from sglang_duet.sampling_params import SamplingParams
-from fake_lanes import FakeLanes, reference_tokens
+from fake_lanes import FakeLanes, SplitAlways, reference_tokens
 
 
 def make(pool=4096, policy="aggregated", budget=8192, max_running=256, ctx_len=4096, **pctx):
@@ -172,24 +172,8 @@ def test_select_prefills_is_fcfs_and_checks_kv():
     assert select_prefills(v, 100, kv_reserved=20) == []
 
 
-class SplitEveryStep(Policy):
-    """A test policy: prefill on its own lane, decodes k=3 steps at a time on the other."""
-
-    name = "test-split"
-
-    def plan(self, view):
-        plan = StepPlan(prefill_sms=100, decode_sms=32)
-        if LaneKind.PREFILL in view.idle_lanes:
-            chunks = select_prefills(view, 64)
-            if chunks:
-                plan.prefill_lane = LaneBatch(prefill=chunks)
-        if LaneKind.DECODE in view.idle_lanes and view.decoding:
-            plan.decode_lane = LaneBatch(decode=[r.rid for r in view.decoding], steps=3)
-        return plan
-
-
 def test_two_lanes_at_their_own_cadence():
-    core, lanes = make(policy=SplitEveryStep(), budget=64)
+    core, lanes = make(policy=SplitAlways(), budget=64)
     lanes.prefill_ms = 2.0  # a 64-token chunk takes 128 ms, a 3-step decode 30 ms
     core.add_request("d", prompt(0, 4), SamplingParams(max_new_tokens=40))
     lanes.run()
@@ -208,7 +192,7 @@ def test_two_lanes_at_their_own_cadence():
 
 
 def test_lookahead_finish_mid_steps_frees_extra_slots():
-    core, lanes = make(policy=SplitEveryStep())
+    core, lanes = make(policy=SplitAlways())
     lanes.forced = {"x": {4: 1}}
     core.add_request("x", prompt(0, 4), SamplingParams(max_new_tokens=40), eos_ids={1})
     out, reasons = outputs(lanes.run())

@@ -23,6 +23,7 @@ from sglang_duet.cost_model.roofline import CostModel
 from sglang_duet.memory.kv_pool import KVCachePool
 from sglang_duet.policies.base import Policy, PolicyContext, load_policy, select_prefills
 from sglang_duet.sampling_params import SamplingParams
+from fake_lanes import SplitAlways
 
 pytestmark = GPU
 
@@ -201,20 +202,6 @@ def test_timing_events_on_partition_streams(part):
 
 # ---- split mode end to end --------------------------------------------------------------------
 
-class SplitAlways(Policy):
-    name = "test-split-always"
-
-    def plan(self, view):
-        plan = StepPlan(prefill_sms=100, decode_sms=32)
-        if LaneKind.PREFILL in view.idle_lanes:
-            chunks = select_prefills(view, 64)
-            if chunks:
-                plan.prefill_lane = LaneBatch(prefill=chunks)
-        if LaneKind.DECODE in view.idle_lanes and view.decoding:
-            plan.decode_lane = LaneBatch(decode=[r.rid for r in view.decoding], steps=4)
-        return plan
-
-
 def _serve(model, ex, policy, prompts, new):
     slots = 4096
     core = SchedulerCore(CoreConfig(kv_slots=slots, context_length=2048, chunked_prefill_size=64), policy)
@@ -269,7 +256,7 @@ def test_split_mode_tokens_match_aggregated(part, tmp_path, attn_name, dtype):
     ref = _serve(model, _duet(model, attn_name, part), load_policy("aggregated", PolicyContext(chunked_prefill_size=64)),
                  prompts, new)
     ex = _duet(model, attn_name, part)
-    got = _serve(model, ex, SplitAlways(), prompts, new)
+    got = _serve(model, ex, SplitAlways(prefill_budget=64, steps=4), prompts, new)
     overlap = lane_overlap_s(ex.intervals)
     FACTS[f"split_{attn_name}_{dtype}"] = {"paths": ex.stats.paths, "lane_overlap_s": overlap,
                                             "captured": {str(k): v for k, v in ex.runner.captured().items()}}
