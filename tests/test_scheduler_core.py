@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_duet.core.plan import LaneBatch, LaneKind, PrefillChunk, StepPlan
+from sglang_duet.core.plan import LaneBatch, LaneKind, StepPlan
 from sglang_duet.core.scheduler_core import AdmissionError, CoreConfig, SchedulerCore
 from sglang_duet.policies.base import Policy, PolicyContext, load_policy, select_prefills
 from sglang_duet.sampling_params import SamplingParams

@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from gpu_common import GPU, SMALL_CONFIG, requires_flashinfer, requires_triton, small_model
-from sglang_duet.core.plan import LaneBatch, LaneKind, StepPlan
 from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
 from sglang_duet.cost_model.hardware import HardwareSpec
 from sglang_duet.cost_model.roofline import CostModel
 from sglang_duet.memory.kv_pool import KVCachePool
-from sglang_duet.policies.base import Policy, PolicyContext, load_policy, select_prefills
+from sglang_duet.policies.base import PolicyContext, load_policy
 from sglang_duet.sampling_params import SamplingParams
 from fake_lanes import SplitAlways
 
