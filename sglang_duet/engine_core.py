@@ -132,9 +132,13 @@ class EngineCore:
 
     # ---- requests -------------------------------------------------------------------------------
 
+    #: set by an executor whose token ids come from a tokenizer larger than the model config's
+    #: vocabulary (the emulated GPU emits ids of the embedded tokenizer for any model config)
+    input_vocab_size: int | None = None
+
     @property
     def vocab_size(self) -> int:
-        return self.model_config.vocab_size
+        return max(self.model_config.vocab_size, self.input_vocab_size or 0)
 
     def add_request(self, rid: str, input_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:

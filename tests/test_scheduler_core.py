@@ -220,3 +220,21 @@ def test_policy_bugs_are_refused():
     core.add_request("b", [3, 4, 5], SamplingParams())
     with pytest.raises(RuntimeError, match="busy lane"):
         core.schedule()
+
+
+def test_slot_allocator_reuses_freed_slots_and_scales_to_huge_pools():
+    from sglang_duet.core.kv_allocator import TokenSlotAllocator
+
+    a = TokenSlotAllocator(10)
+    x = a.alloc(4)
+    assert x == [1, 2, 3, 4] and a.available == 5
+    a.free(x[:2])
+    y = a.alloc(5)
+    assert sorted(y) == [1, 2, 5, 6, 7] and a.available == 2
+    assert a.alloc(3) is None
+    a.free(y)
+    a.free(x[2:])
+    assert a.available == a.capacity == 9
+    assert len(set(a.alloc(9))) == 9 and a.alloc(1) is None
+    big = TokenSlotAllocator(600_000_000)  # an emulated 141 GB GPU with a tiny model: O(1) memory
+    assert big.available == 599_999_999 and big.alloc(3) == [1, 2, 3]

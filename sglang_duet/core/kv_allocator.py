@@ -11,7 +11,10 @@ class TokenSlotAllocator:
         if size < 2:
             raise ValueError(f"KV pool too small: {size} slots")
         self.size = size
-        self._free: list[int] = list(range(size - 1, 0, -1))  # pop() hands out low slots first
+        # Slots never handed out are the range [_fresh, size): an emulated GPU's pool can hold
+        # hundreds of millions of slots, which a list of all of them would take gigabytes to hold.
+        self._fresh = 1
+        self._free: list[int] = []  # returned slots, reused first
 
     @property
     def capacity(self) -> int:
@@ -19,16 +22,21 @@ class TokenSlotAllocator:
 
     @property
     def available(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.size - self._fresh
 
     def alloc(self, n: int) -> list[int] | None:
-        if n > len(self._free):
+        if n > self.available:
             return None
         if n == 0:
             return []
-        out = self._free[-n:]
-        del self._free[-n:]
+        take = min(n, len(self._free))
+        out = self._free[len(self._free) - take:]
+        del self._free[len(self._free) - take:]
         out.reverse()
+        if take < n:
+            start = self._fresh
+            self._fresh += n - take
+            out.extend(range(start, self._fresh))
         return out
 
     def free(self, slots: list[int]) -> None:

@@ -239,6 +239,7 @@ def build_emulated(engine_core, args) -> None:
     engine_core.chat_template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     engine_core.model_dir = tok_dir
     engine_core.kv_slots = int(slots)
+    engine_core.input_vocab_size = hi  # prompts are tokenized by the embedded tokenizer, whatever the config
     engine_core.executor = EmulatedExecutor(
         cm, clock_mode="wall", contention=extra.get("emulated_contention", "bandwidth"),
         clock=engine_core.clock, time_scale=float(extra.get("emulated_time_scale", 1.0)),
