@@ -69,7 +69,8 @@ class SamplingParams:
     def verify(self, vocab_size: int | None = None) -> None:
         def num(name, v, kinds=(int, float)):
             if isinstance(v, bool) or not isinstance(v, kinds):
-                raise SamplingParamsError(f"{name} must be a number, got {v!r}.")
+                what = "an integer" if kinds == (int,) else "a number"
+                raise SamplingParamsError(f"{name} must be {what}, got {v!r}.")
             # NaN slips through every range check below (all comparisons are False) and inf
             # temperature would pass too, so reject non-finite values here.
             if not math.isfinite(v):
@@ -115,7 +116,8 @@ class SamplingParams:
             if not s:
                 raise SamplingParamsError("stop strings must not be empty.")
             if len(s) > MAX_STOP_STRING_LEN:
-                raise SamplingParamsError(f"each stop string may be at most {MAX_STOP_STRING_LEN} characters.")
+                raise SamplingParamsError(f"stop strings may be at most {MAX_STOP_STRING_LEN} characters each, "
+                                          f"got one of {len(s)}.")
         if not isinstance(self.stop_token_ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids
         ):
@@ -124,6 +126,9 @@ class SamplingParams:
             for t in self.stop_token_ids:
                 if not 0 <= t < vocab_size:
                     raise SamplingParamsError(f"stop_token_ids holds {t}, outside the vocabulary [0, {vocab_size}).")
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(f"{name} must be a boolean, got {getattr(self, name)!r}.")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise SamplingParamsError(f"seed must be an integer, got {self.seed!r}.")
         if not isinstance(self.top_logprobs, int) or isinstance(self.top_logprobs, bool) or not 0 <= self.top_logprobs <= 20:

@@ -100,7 +100,10 @@ class DetokenizerProcess:
             if isinstance(msg, io.BatchTokenOut):
                 self.send.send(io.encode(self.handle(msg)))
             elif isinstance(msg, io.DetokRegister):
-                self.reqs[msg.rid] = _ReqDetok(self.tokenizer, msg)
+                try:
+                    self.reqs[msg.rid] = _ReqDetok(self.tokenizer, msg)
+                except Exception:  # noqa: BLE001 - one odd registration must not stop the others
+                    logger.exception("registering %s failed", msg.rid)
             else:  # ReqError, SchedulerStats: for the main process as they are
                 self.send.send(data)
 
@@ -130,7 +133,7 @@ class DetokenizerProcess:
 def run_detokenizer_process(log_level: str, paths: IPCPaths, conn) -> None:
     """Starts, imports what it needs, then waits for the tokenizer location (known only once the
     scheduler has loaded the model) before reporting ready."""
-    setup_child("detokenizer", log_level)
+    setup_child("detokenizer", log_level, paths.root)
     try:
         import transformers  # noqa: F401 - import while the scheduler loads the model
 

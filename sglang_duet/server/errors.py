@@ -6,6 +6,7 @@ from starlette.responses import Response
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error"}
+RETRY_AFTER_S = 1  # what a 503 (queue full, starting, draining) tells clients to wait before retrying
 
 
 class APIError(Exception):
@@ -23,7 +24,11 @@ class APIError(Exception):
                           "code": self.code if self.code is not None else self.status}}
 
     def response(self) -> Response:
-        return Response(orjson.dumps(self.body()), status_code=self.status, media_type="application/json")
+        # 503 is always temporary here (queue full, starting, shutting down, a child died and a
+        # supervisor restarts us): say when to come back, as HTTP and OpenAI clients expect.
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return Response(orjson.dumps(self.body()), status_code=self.status, media_type="application/json",
+                        headers=headers)
 
 
 # SamplingParams field -> the request field a client wrote (OpenAI names where they differ)
@@ -40,6 +45,8 @@ def sampling_error(e: Exception) -> APIError:
     first = msg.split(" ", 1)[0]
     names = {f.name for f in fields(SamplingParams)}
     param = _PARAM_NAMES.get(first, first) if first in names else None
+    if msg.startswith("Unknown sampling parameter"):
+        param = "sampling_params"
     return APIError(getattr(e, "status", 400), msg, param=param)
 
 

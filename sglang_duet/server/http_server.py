@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sglang_duet.server.body_limit import BodyLimitMiddleware
 from sglang_duet.server.errors import APIError, json_response
 from sglang_duet.server.native_api import NativeServing
 from sglang_duet.server.openai_api import OpenAIServing, loads_body
@@ -67,6 +68,8 @@ def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
     async def health():
         if tm.dead:
             return APIError(503, tm.dead).response()
+        if tm.draining:
+            return APIError(503, tm.draining).response()
         if not tm.ready:
             return APIError(503, "The server is starting.").response()
         return Response(status_code=200)
@@ -133,7 +136,8 @@ def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
     async def chat(request: Request):
         return await openai.chat(request, await body_of(request))
 
-    if server_args.api_key:
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server_args.max_request_bytes)
+    if server_args.api_key:  # added last: outermost, so a client without the key learns nothing more
         app.add_middleware(APIKeyMiddleware, api_key=server_args.api_key)
     return app
 

@@ -87,6 +87,10 @@ class SchedulerStats(msgspec.Struct, tag="stats"):
     retractions: int
     prompt_tokens: int
     generated_tokens: int
+    submitted: int = 0  # GenerateReqs admitted into the core (each ends finished or aborted)
+    rejected: int = 0  # GenerateReqs answered with a ReqError instead
+    peak_running: int = 0  # most requests holding KV at once, since start
+    peak_waiting: int = 0  # most requests queued at once, since start
 
 
 # ---- detokenizer -> main ---------------------------------------------------------------------

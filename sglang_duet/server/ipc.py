@@ -58,20 +58,43 @@ def spawn_context():
     return mp.get_context("spawn")
 
 
-def setup_child(name: str, log_level: str) -> None:
-    """First thing a child does: logging, signals, and dying together with the parent."""
+def setup_child(name: str, log_level: str, socket_dir: str | None = None) -> None:
+    """First thing a child does: logging, signals, and dying together with the parent.
+
+    socket_dir: removed by this child when the main process died without removing it (SIGKILL):
+    no socket files or tokenizer copy are left in /tmp after a crash.
+    """
     logging.basicConfig(level=log_level.upper(), format=f"[%(asctime)s {name}] %(levelname)s %(message)s",
                         stream=sys.stderr)
     # Ctrl-C reaches the whole process group; the main process decides how to stop the children.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # SIGTERM comes from the main process stopping us: nothing to save, so leave at once (a
-    # SystemExit raised at a random point, e.g. inside atexit hooks, only prints noise).
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    parent = os.getppid()
+
+    def on_sigterm(*_):
+        # From the main process stopping us (it removes the dir itself), or PR_SET_PDEATHSIG because
+        # it died. Nothing to save: leave at once (a SystemExit raised at a random point, e.g. inside
+        # atexit hooks, only prints noise).
+        if socket_dir and _gone(parent):
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:  # Linux: get SIGTERM if the main process dies without cleaning up (e.g. SIGKILL)
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def _gone(pid: int) -> bool:
+    """pid has exited. At PR_SET_PDEATHSIG time the dead parent may still be our parent, as a zombie."""
+    if os.getppid() != pid:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 def parent_alive() -> bool:

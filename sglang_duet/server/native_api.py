@@ -2,6 +2,9 @@
 
 Streaming sends `data: {text, output_ids, meta_info}` events whose text and output_ids are
 CUMULATIVE (the whole output so far, as SGLang's default streaming does), then `data: [DONE]`.
+
+Unknown top-level fields are ignored, as SGLang's /generate does (its request is a dataclass that
+FastAPI fills leniently); unknown *sampling* parameters are a 400 (SamplingParams.from_dict).
 """
 from __future__ import annotations
 
@@ -11,26 +14,31 @@ from starlette.requests import Request
 
 from sglang_duet.server.errors import APIError, json_response
 from sglang_duet.server.sse import sse, start_stream
-from sglang_duet.server.tokenizer_manager import TokenizerManager
+from sglang_duet.server.tokenizer_manager import MAX_SEQS_PER_REQUEST, TokenizerManager
 
 
 class NativeServing:
     def __init__(self, tm: TokenizerManager):
         self.tm = tm
 
-    def _inputs(self, body: dict) -> tuple[list[list[int]], bool]:
+    async def _inputs(self, body: dict) -> tuple[list[list[int]], bool]:
         text, input_ids = body.get("text"), body.get("input_ids")
         if (text is None) == (input_ids is None):
             raise APIError(400, "Give exactly one of text or input_ids.", param="text")
         if text is not None:
             if isinstance(text, str):
-                return [self.tm.tokenize(text)], False
+                return [await self.tm.tokenize_async(text)], False
             if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
-                return [self.tm.tokenize(t) for t in text], True
+                _check_batch(len(text))
+                return [await self.tm.tokenize_async(t) for t in text], True
             raise APIError(400, "text must be a string or a non-empty list of strings.", param="text")
         if isinstance(input_ids, list) and input_ids and all(isinstance(x, list) for x in input_ids):
+            _check_batch(len(input_ids))
+            for x in input_ids:
+                self.tm.check_ids(x)
             return [list(x) for x in input_ids], True
         if isinstance(input_ids, list):
+            self.tm.check_ids(input_ids)
             return [list(input_ids)], False
         raise APIError(400, "input_ids must be a list of token ids or a list of such lists.", param="input_ids")
 
@@ -40,12 +48,14 @@ class NativeServing:
         if len(sps) != n or not all(isinstance(d, dict) for d in sps):
             raise APIError(400, f"sampling_params must be an object or a list of {n} objects.",
                            param="sampling_params")
+        return_logprob = _get(body, "return_logprob", bool, False)
+        top = _get(body, "top_logprobs_num", int, 0)
         out = []
         for d in sps:
             d = dict(d)
-            if body.get("return_logprob"):
+            if return_logprob:
                 d["logprobs"] = True
-                d["top_logprobs"] = int(body.get("top_logprobs_num") or 0)
+                d["top_logprobs"] = top
             out.append(self.tm.make_params(d))
         return out
 
@@ -60,12 +70,17 @@ class NativeServing:
         return rids
 
     async def generate(self, request: Request, body: dict):
-        ids_list, batch = self._inputs(body)
+        ids_list, batch = await self._inputs(body)
         n = len(ids_list)
         params = self._params(body, n)
         rids = self._rids(body, n, batch)
-        stream = bool(body.get("stream", False))
-        with_text = bool(body.get("return_text_in_logprobs", False))
+        stream = _get(body, "stream", bool, False)
+        with_text = _get(body, "return_text_in_logprobs", bool, False)
+        sp = body.get("sampling_params")
+        sps = sp if isinstance(sp, list) else [sp or {}] * n
+        for ids, d in zip(ids_list, sps):
+            if d.get("max_new_tokens") is not None and ids:
+                self.tm.check_fits(len(ids), d["max_new_tokens"], "max_new_tokens")
         group = self.tm.submit(list(zip(rids, ids_list, params)), request)
         start = time.monotonic()
         acc = [{"text": "", "ids": [], "lps": []} for _ in range(n)]
@@ -110,6 +125,21 @@ class NativeServing:
                     yield sse(result(i, d))
 
         return await start_stream(group, render, lambda: ())
+
+
+def _get(body: dict, name: str, kind, default):
+    """A typed optional field (null means the default); the wrong type is a 400 naming it."""
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) != (kind is bool) or not isinstance(v, kind):
+        raise APIError(400, f"{name} must be of type {kind.__name__}, got {v!r}.", param=name)
+    return v
+
+
+def _check_batch(n: int) -> None:
+    if n > MAX_SEQS_PER_REQUEST:
+        raise APIError(400, f"One request may ask for at most {MAX_SEQS_PER_REQUEST} sequences, got {n}.")
 
 
 def _t(tokenizer, tid: int):

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from sglang_duet.server import openai_protocol as proto
 from sglang_duet.server.errors import APIError, json_response
 from sglang_duet.server.sse import sse, start_stream
-from sglang_duet.server.tokenizer_manager import TokenizerManager
+from sglang_duet.server.tokenizer_manager import MAX_SEQS_PER_REQUEST, TokenizerManager
 
 
 class OpenAIServing:
@@ -56,6 +56,7 @@ class OpenAIServing:
     # ---- completions ------------------------------------------------------------------------
 
     async def completions(self, request: Request, body: dict):
+        proto.check_fields(body, "completions")
         self.check_model(body)
         n = proto.get_n(body)
         stream = bool(proto.get(body, "stream", bool, False))
@@ -70,15 +71,29 @@ class OpenAIServing:
                 raise APIError(400, f"logprobs must be in [0, 20], got {lp}.", param="logprobs")
             sd.update(logprobs=True, top_logprobs=lp)
         prompts = proto.completion_prompts(body)
-        ids_list = [self.tm.tokenize(p) if isinstance(p, str) else p for p in prompts]
-        reqs, meta = [], []  # meta: (prompt index, prompt text for echo)
+        if len(prompts) * n > MAX_SEQS_PER_REQUEST:  # before tokenizing them all
+            raise APIError(400, f"One request may ask for at most {MAX_SEQS_PER_REQUEST} sequences "
+                                f"(prompts x n), got {len(prompts) * n}.")
+        ids_list = []
+        for p in prompts:
+            if isinstance(p, str):
+                ids_list.append(await self.tm.tokenize_async(p, "prompt"))
+            else:
+                self.tm.check_ids(p, "prompt")  # before decoding them for echo
+                ids_list.append(p)
+        limit = proto.explicit_max_tokens(body)
+        reqs, meta = [], []  # meta: the prompt text each choice echoes ("" without echo)
         base = uuid.uuid4().hex
         for pi, ids in enumerate(ids_list):
-            for ci, d in enumerate(proto.choice_seeds(sd, n)):
-                reqs.append((f"cmpl-{base}-{pi}-{ci}", ids, self.tm.make_params(d)))
+            if limit is not None and ids:
+                self.tm.check_fits(len(ids), *limit)
+            prompt_text = ""
+            if echo:
                 prompt_text = prompts[pi] if isinstance(prompts[pi], str) else (
                     self.tm.tokenizer.decode(ids) if self.tm.tokenizer is not None else "")
-                meta.append(prompt_text if echo else "")
+            for ci, d in enumerate(proto.choice_seeds(sd, n)):
+                reqs.append((f"cmpl-{base}-{pi}-{ci}", ids, self.tm.make_params(d)))
+                meta.append(prompt_text)
         cid = f"cmpl-{base}"
         created = int(time.time())
         model = body.get("model") or self.tm.served_model_name
@@ -137,6 +152,7 @@ class OpenAIServing:
     # ---- chat -------------------------------------------------------------------------------
 
     async def chat(self, request: Request, body: dict):
+        proto.check_fields(body, "chat")
         self.check_model(body)
         n = proto.get_n(body)
         stream = bool(proto.get(body, "stream", bool, False))
@@ -152,7 +168,10 @@ class OpenAIServing:
         extra = body.get("chat_template_kwargs") or {}
         if not isinstance(extra, dict):
             raise APIError(400, "chat_template_kwargs must be an object.", param="chat_template_kwargs")
-        ids = self.tm.apply_chat_template(messages, **extra)
+        ids = await self.tm.apply_chat_template_async(messages, **extra)
+        limit = proto.explicit_max_tokens(body)
+        if limit is not None:
+            self.tm.check_fits(len(ids), *limit)
         base = uuid.uuid4().hex
         reqs = [(f"chatcmpl-{base}-{i}", ids, self.tm.make_params(d)) for i, d in enumerate(proto.choice_seeds(sd, n))]
         cid = f"chatcmpl-{base}"

@@ -1,7 +1,12 @@
 """OpenAI request parsing (JSON dict -> sampling-params dict) and response pieces.
 
-Plain dicts in and out, not pydantic models: the field checks we need are few, every error must
-name the offending `param`, and unknown fields are ignored like OpenAI's own server does.
+Plain dicts in and out, not pydantic models: the field checks we need are few and every error must
+name the offending `param`. Unknown top-level fields are rejected as OpenAI's API does (HTTP 400
+"Unrecognized request argument supplied: X"): a misspelt or unimplemented parameter (`top-k`,
+`guided_json`) would otherwise change nothing and go unnoticed. Accepted beyond OpenAI's own
+fields: the SGLang/vLLM sampling extensions in `_COMMON_SAMPLING` (top_k, min_p,
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids, ...) and `chat_template_kwargs`
+(see docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -17,6 +22,53 @@ _COMMON_SAMPLING = {
     "skip_special_tokens": "skip_special_tokens", "no_stop_trim": "no_stop_trim", "min_tokens": "min_new_tokens",
     "spaces_between_special_tokens": "spaces_between_special_tokens",
 }
+
+
+# OpenAI fields we implement, per route (the _COMMON_SAMPLING extensions are added below).
+_COMPLETION_FIELDS = {"model", "prompt", "n", "best_of", "stream", "stream_options", "echo", "suffix", "logprobs",
+                      "max_tokens", "max_completion_tokens", "temperature", "top_p", "frequency_penalty",
+                      "presence_penalty", "stop", "seed", "logit_bias", "user"}
+_CHAT_FIELDS = {"model", "messages", "n", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+                "temperature", "top_p", "frequency_penalty", "presence_penalty", "stop", "seed", "logit_bias",
+                "logprobs", "top_logprobs", "tools", "tool_choice", "response_format", "user",
+                "chat_template_kwargs",
+                # accepted and ignored: they change nothing about the generated tokens
+                "store", "metadata", "service_tier", "parallel_tool_calls", "modalities"}
+# OpenAI fields we know but do not implement: a non-null value is a 400 naming the field.
+_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort")
+
+
+def check_fields(body: dict, route: str) -> None:
+    """400 for top-level fields this route does not know (OpenAI's wording) or does not implement."""
+    allowed = (_CHAT_FIELDS if route == "chat" else _COMPLETION_FIELDS) | _COMMON_SAMPLING.keys()
+    unknown = [k for k in body if k not in allowed and (route != "chat" or k not in _CHAT_UNSUPPORTED)]
+    if unknown:
+        plural = "s" if len(unknown) > 1 else ""
+        raise APIError(400, f"Unrecognized request argument{plural} supplied: {', '.join(map(str, unknown))}",
+                       param=str(unknown[0]))
+    if route == "chat":
+        for k in _CHAT_UNSUPPORTED:
+            if body.get(k) is not None:
+                raise APIError(400, f"{k} is not supported.", param=k)
+        tc = body.get("tool_choice")
+        if tc not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice must be \"none\" or \"auto\": tools are not supported.",
+                           param="tool_choice")
+        mod = body.get("modalities")
+        if mod is not None and mod != ["text"]:
+            raise APIError(400, "modalities must be [\"text\"]: only text output is supported.", param="modalities")
+    for k in ("user",):
+        if body.get(k) is not None and not isinstance(body[k], str):
+            raise APIError(400, f"{k} must be a string.", param=k)
+
+
+def explicit_max_tokens(body: dict) -> tuple[int, str] | None:
+    """(value, field name) when the client set a token limit itself (defaults are clamped, not errors)."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        v = body.get(name)
+        if v is not None:
+            return v, name
+    return None
 
 
 def get(body: dict, name: str, kinds, default=None, *, allow_none: bool = True):

@@ -21,23 +21,31 @@ def sse(obj) -> bytes:
 
 
 class _ClosingStreamingResponse(StreamingResponse):
-    """Closes the body generator however the response ends.
+    """Closes the body generator, and calls `on_close`, however the response ends.
 
     When the client hangs up while the generator is parked at a `yield` (its chunk being sent),
     starlette just stops iterating; the generator's `finally` (which aborts the request) would then
-    run only when the garbage collector gets to it. Closing it here runs it now.
+    run only when the garbage collector gets to it. Closing it here runs it now. When the client
+    is gone before the first chunk (sending the headers fails), the generator never started and
+    its `finally` never runs at all: `on_close` covers that case.
     """
 
-    async def stream_response(self, send) -> None:
+    on_close: Callable[[], None] | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().stream_response(send)
+            await super().__call__(scope, receive, send)
         finally:
+            if self.on_close is not None:
+                self.on_close()  # synchronous: runs even if this task is being cancelled
             await self.body_iterator.aclose()
 
 
-def sse_response(body) -> StreamingResponse:
-    return _ClosingStreamingResponse(body, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def sse_response(body, on_close: Callable[[], None] | None = None) -> StreamingResponse:
+    r = _ClosingStreamingResponse(body, media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    r.on_close = on_close
+    return r
 
 
 async def start_stream(group, render: Callable[[list], Iterable[bytes]], tail: Callable[[], Iterable[bytes]]):
@@ -65,4 +73,4 @@ async def start_stream(group, render: Callable[[list], Iterable[bytes]], tail: C
         finally:
             group.close()  # synchronous: works even while the task is being cancelled
 
-    return sse_response(body())
+    return sse_response(body(), on_close=group.close)

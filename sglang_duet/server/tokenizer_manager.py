@@ -27,6 +27,11 @@ from sglang_duet.server.metrics import ServerMetrics
 logger = logging.getLogger("sglang_duet.server")
 
 DISCONNECT_CHECK_S = 0.5  # how often a waiting non-streaming handler checks for a gone client
+# Texts longer than this are tokenized on a worker thread: the Rust tokenizer releases the GIL, so
+# a 3 MB prompt (about 2 s to tokenize) no longer freezes every other stream on the event loop.
+THREAD_TOKENIZE_CHARS = 50_000
+MAX_ABORTING = 100_000
+MAX_SEQS_PER_REQUEST = 4096  # prompts x n of one HTTP request: one small body must not queue 10^5 requests
 
 
 @dataclass
@@ -75,7 +80,16 @@ class TokenizerManager:
         self.states: dict[str, ReqState] = {}
         self.stats: io.SchedulerStats | None = None
         self.dead: str | None = None  # why the server can no longer serve (a child died)
+        self.draining: str | None = None  # why new requests are refused while in-flight ones finish
         self.ready = False  # warm-up request went through
+        # rid -> time: aborted here, the scheduler's final word on it not yet in. While listed, the
+        # rid cannot be reused: a new request with it would receive the old one's outputs.
+        self._aborting: dict[str, float] = {}
+        # Outcome of every request sent to the scheduler (one each; see docs/reliability.md).
+        self.counts = {"submitted": 0, "finished": 0, "failed": 0, "aborted": 0}
+        # No text can need fewer tokens than chars / (longest token's chars): longer texts are
+        # refused before tokenizing them (bounded work per request).
+        self.max_token_chars = _max_token_chars(self.tokenizer)
         self._zctx = zmq.Context(1)
         self._actx = zmq.asyncio.Context(1)
         # A plain (sync) PUSH socket: send() never blocks (no HWM) and works from `finally` blocks of
@@ -97,27 +111,45 @@ class TokenizerManager:
         self._zctx.term()
         self._actx.term()
 
-    def fail_all(self, message: str) -> None:
-        """A child died: every in-flight request ends with an error."""
-        self.dead = message
+    def fail_all(self, message: str, *, dead: bool = True) -> None:
+        """Every in-flight request ends with an error (a child died, or the shutdown grace ran out)."""
+        if dead:
+            self.dead = message
         for st in list(self.states.values()):
             if not st.finished:
                 st.error = APIError(503, message)
                 st.finished = True
                 st.event.set()
 
+    def start_draining(self, message: str = "The server is shutting down.") -> None:
+        """SIGTERM: refuse new requests (503) and let /health say so; in-flight ones go on."""
+        self.draining = message
+
     # ---- input validation ------------------------------------------------------------------
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, param: str = "text") -> list[int]:
         if self.tokenizer is None:
-            raise APIError(400, "This model has no tokenizer; send input_ids instead of text.", param="text")
+            raise APIError(400, "This model has no tokenizer; send input_ids instead of text.", param=param)
+        self._check_text_len(len(text), param)
         return self.tokenizer.encode(text)
+
+    async def tokenize_async(self, text: str, param: str = "text") -> list[int]:
+        if len(text) <= THREAD_TOKENIZE_CHARS:
+            return self.tokenize(text, param)
+        return await asyncio.to_thread(self.tokenize, text, param)
+
+    def _check_text_len(self, chars: int, param: str) -> None:
+        if chars > self.context_length * self.max_token_chars:
+            raise APIError(400, f"The input ({chars} characters, so more than {chars // self.max_token_chars} tokens) "
+                                f"is longer than the model's context length ({self.context_length} tokens).",
+                           param=param, code="context_length_exceeded")
 
     def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
         if self.tokenizer is None:
             raise APIError(400, "This model has no tokenizer, so chat completions are unavailable.")
         if not self.chat_template:
             raise APIError(400, "This model has no chat template; use /v1/completions.")
+        self._check_text_len(sum(len(m.get("content") or "") for m in messages), "messages")
         try:
             text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                       add_generation_prompt=True, **kwargs)
@@ -125,6 +157,11 @@ class TokenizerManager:
             raise APIError(400, f"Cannot apply the chat template to these messages: {e}", param="messages") from e
         # The template writes the special tokens itself (bos, role markers).
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def apply_chat_template_async(self, messages: list[dict], **kwargs) -> list[int]:
+        if sum(len(m.get("content") or "") for m in messages) <= THREAD_TOKENIZE_CHARS:
+            return self.apply_chat_template(messages, **kwargs)
+        return await asyncio.to_thread(self.apply_chat_template, messages, **kwargs)
 
     def make_params(self, d: dict) -> SamplingParams:
         try:
@@ -134,14 +171,33 @@ class TokenizerManager:
             raise sampling_error(e) from e
         return p
 
+    def check_ids(self, ids, param: str = "input_ids") -> None:
+        """Token ids from a client: a list of ints inside the vocabulary (types first, then range)."""
+        if not isinstance(ids, list):
+            raise APIError(400, f"{param} must be a list of token ids, got {type(ids).__name__}.", param=param)
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise APIError(400, f"{param}[{i}] must be an integer token id, got {t!r}.", param=param)
+            if not 0 <= t < self.vocab_size:
+                raise APIError(400, f"Token id {t} is outside the vocabulary [0, {self.vocab_size}).", param=param)
+
+    def check_fits(self, n_input: int, max_tokens, param: str = "max_tokens") -> None:
+        """A limit the client set must leave room: input + max_tokens within the context and the KV pool."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or n_input >= self.context_length:
+            return  # a type error (SamplingParams says so) or an input too long (check_input says so)
+        total = n_input + max_tokens
+        for limit, what in ((self.context_length, "the model's context length"),
+                            (self.info.kv_slots - 1 if self.info.kv_slots else None, "the KV cache")):
+            if limit is not None and total > limit:
+                raise APIError(400, f"{param} ({max_tokens}) plus the input ({n_input} tokens) is {total} tokens, "
+                                    f"more than {what} ({limit} tokens); at most {max(0, limit - n_input)} "
+                                    f"new tokens fit.", param=param, code="context_length_exceeded")
+
     def check_input(self, ids: list[int]) -> None:
         n = len(ids)
         if n == 0:
             raise APIError(400, "The prompt is empty.", param="prompt")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise APIError(400, f"Token id {t!r} is outside the vocabulary [0, {self.vocab_size}).",
-                               param="input_ids")
+        self.check_ids(ids)
         if n >= self.context_length:
             raise APIError(400, f"The input ({n} tokens) is longer than the model's context length "
                                 f"({self.context_length} tokens).", code="context_length_exceeded")
@@ -159,9 +215,14 @@ class TokenizerManager:
         so a bad one sends none. `request` (starlette) lets waits notice a client that hung up."""
         if self.dead:
             raise APIError(503, self.dead)
+        if self.draining:
+            raise APIError(503, self.draining)
+        if len(reqs) > MAX_SEQS_PER_REQUEST:
+            raise APIError(400, f"One request may ask for at most {MAX_SEQS_PER_REQUEST} sequences (prompts x n), "
+                                f"got {len(reqs)}.")
         seen = set()
         for rid, ids, _ in reqs:
-            if rid in self.states or rid in seen:
+            if rid in self.states or rid in seen or rid in self._aborting:
                 raise APIError(400, f"Duplicate request id {rid!r}.", param="rid")
             seen.add(rid)
             self.check_input(ids)
@@ -177,13 +238,31 @@ class TokenizerManager:
             self.states[rid] = st
             states.append(st)
             self._send.send(msg)
+            self.counts["submitted"] += 1
         return RequestGroup(self, states, request)
 
     def abort(self, rid: str) -> None:
         """Forget a request; if it is still running, tell the scheduler to free its KV. Idempotent."""
         st = self.states.pop(rid, None)
-        if st is not None and not st.finished:
-            self._send.send(io.encode(io.AbortReq(rid)))
+        if st is None:
+            return
+        if not st.finished:
+            self.counts["aborted"] += 1
+            if len(self._aborting) >= MAX_ABORTING:  # never expected; bounded memory if it happens
+                logger.warning("%d aborted requests without a final word from the scheduler; forgetting them",
+                               len(self._aborting))
+                self._aborting.clear()
+            self._aborting[rid] = time.monotonic()
+            if not self.dead:
+                self._send.send(io.encode(io.AbortReq(rid)))
+        elif st.error is not None:
+            self.counts["failed"] += 1
+        else:
+            self.counts["finished"] += 1
+
+    def _settled(self, rid: str) -> None:
+        """The scheduler's final word on an aborted request arrived: its rid may be used again."""
+        self._aborting.pop(rid, None)
 
     # ---- receive loop ----------------------------------------------------------------------
 
@@ -198,8 +277,9 @@ class TokenizerManager:
                     self.stats = msg
                     self.metrics.on_stats(msg)
                 elif isinstance(msg, io.ReqError):
+                    self._settled(msg.rid)
                     st = self.states.get(msg.rid)
-                    if st is not None:
+                    if st is not None and not st.finished:
                         st.error = APIError(msg.status, msg.message)
                         st.finished = True
                         st.event.set()
@@ -213,6 +293,8 @@ class TokenizerManager:
         for o in batch.outs:
             st = self.states.get(o.rid)
             if st is None or st.finished:
+                if o.finished:
+                    self._settled(o.rid)
                 continue  # aborted by us; the scheduler's final word on it is not needed
             n = len(o.new_ids)
             if n:
@@ -234,14 +316,18 @@ class TokenizerManager:
 
     def internal_state(self) -> dict:
         s = self.stats
-        out = {"num_inflight_http_requests": len(self.states), "ready": self.ready, "dead": self.dead}
+        out = {"num_inflight_http_requests": len(self.states), "ready": self.ready, "dead": self.dead,
+               "draining": self.draining, "num_aborting": len(self._aborting),
+               "requests": dict(self.counts)}
         if s is not None:
             out.update(num_running_reqs=s.num_running, num_queue_reqs=s.num_waiting,
                        num_inflight_launches=s.num_inflight_launches, kv_used_slots=s.kv_used,
                        kv_free_slots=s.kv_free, kv_total_slots=s.kv_total,
                        token_usage=s.kv_used / s.kv_total if s.kv_total else 0.0, launches=s.launches,
                        plans=s.plans, last_sms=s.last_sms, finished=s.finished, aborted=s.aborted,
-                       retractions=s.retractions, stats_age_s=time.monotonic() - s.time)
+                       retractions=s.retractions, submitted=s.submitted, rejected=s.rejected,
+                       peak_running=s.peak_running, peak_waiting=s.peak_waiting,
+                       stats_age_s=time.monotonic() - s.time)
         return out
 
 
@@ -319,6 +405,17 @@ def _merge(outs: list[io.StrOut]) -> Delta:
             lps.extend(o.logprobs)
     return Delta("".join(o.text for o in outs), ids, lps, last.finished, last.finish_reason, last.prompt_tokens,
                  last.completion_tokens, last.cached_tokens)
+
+
+def _max_token_chars(tokenizer) -> int:
+    """Upper bound on the characters one token decodes to (byte-level BPE: one vocab char per byte)."""
+    if tokenizer is None:
+        return 1 << 30
+    try:
+        longest = max(len(t) for t in tokenizer.get_vocab())
+    except Exception:  # noqa: BLE001 - an odd tokenizer: no early length check
+        return 1 << 30
+    return max(16, longest)
 
 
 def _default_name(args, info: io.ReadyInfo) -> str:
