@@ -9,6 +9,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m sglang_duet.launc
     from sglang_duet.server.launcher import launch_server
 
     args = parse_args(argv, prog=prog)
+    if args.disaggregation_mode == "pd-local":  # disaggregation hook: 1 prefill + 1 decode + router
+        from sglang_duet.disagg.local import run_pd_local
+
+        return run_pd_local(args)
     return launch_server(args)
 
 

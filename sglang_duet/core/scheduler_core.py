@@ -110,6 +110,11 @@ class SchedulerCore:
         self._next_launch = 0
         self._pending_updates: list[RequestUpdate] = []
         self.stats = CoreStats()
+        # --- disaggregation hook (sglang_duet/disagg): a prefill instance keeps a finished
+        # request's KV for a decode instance to pull. Called as kv_hold(request, reason) when a
+        # request finishes (not on abort); returning True means the hook took ownership of
+        # request.kv_slots (it frees them through self.allocator later), so the core must not.
+        self.kv_hold: Callable[[Request, dict], bool] | None = None
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -161,6 +166,58 @@ class SchedulerCore:
             return  # the lane still writes to its slots; release when the launch reports
         self._finish(req, {"type": "abort", "message": message})
         self._pending_updates.append(self._update(req, []))
+
+    # --- disaggregation hook (sglang_duet/disagg): a decode instance admits a request whose
+    # prompt was prefilled elsewhere. The caller allocated `kv_slots` from self.allocator (one per
+    # prompt token) and copied the prompt's KV into them; the first token was sampled by the
+    # prefill instance. The request enters RUNNING, ready to decode, after the same finish checks
+    # a locally sampled first token gets (eos, max tokens, stop strings).
+    def admit_prefilled(
+        self,
+        rid: str,
+        prompt_ids: list[int],
+        first_token: int,
+        params: SamplingParams,
+        kv_slots: list[int],
+        seed: int = 0,
+        eos_ids: frozenset[int] | set[int] = frozenset(),
+        arrival_time: float | None = None,
+        first_logprob: dict | None = None,
+        first_token_time: float | None = None,
+    ) -> RequestUpdate:
+        if rid in self.requests:
+            raise AdmissionError(f"Duplicate request id {rid!r}.")
+        n = len(prompt_ids)
+        if n == 0:
+            raise AdmissionError("The prompt is empty.")
+        if n >= self.config.context_length:
+            raise AdmissionError(f"The input ({n} tokens) is longer than the model's context length "
+                                 f"({self.config.context_length} tokens).")
+        if kv_slots and len(kv_slots) != n:
+            raise ValueError(f"admit_prefilled: {len(kv_slots)} KV slots for a {n}-token prompt")
+        stop_ids = set(eos_ids) if not params.ignore_eos else set()
+        now = self.clock()
+        r = Request(rid=rid, prompt_ids=list(prompt_ids), params=params,
+                    arrival_time=now if arrival_time is None else arrival_time, seed=seed,
+                    eos_ids=frozenset(stop_ids | set(params.stop_token_ids)))
+        r.kv_slots = list(kv_slots)
+        r.num_computed = n
+        r.state = ReqState.RUNNING
+        r.first_scheduled_time = now
+        self.requests[rid] = r
+        self.running[rid] = r
+        self.stats.prompt_tokens += n
+        r.output_ids.append(first_token)
+        new_lps = [first_logprob] if first_logprob is not None else []
+        r.logprobs.extend(new_lps)
+        self._record_token_time(r, now if first_token_time is None else first_token_time)
+        self.stats.generated_tokens += 1
+        reason = self._check_finished(r, first_token)
+        if reason is not None:
+            self._finish(r, reason)
+        elif not kv_slots:
+            self._finish(r, {"type": "abort", "message": "The prompt's KV cache did not arrive."})
+        return self._update(r, [first_token], new_lps)
 
     def take_updates(self) -> list[RequestUpdate]:
         """Updates produced outside apply_result (aborts)."""
@@ -395,6 +452,9 @@ class SchedulerCore:
     def _finish(self, r: Request, reason: dict) -> None:
         if r.state == ReqState.WAITING and r in self.waiting:
             self.waiting.remove(r)
+        # disaggregation hook: the prefill instance may keep the KV (see kv_hold in __init__)
+        if self.kv_hold is not None and reason.get("type") != "abort" and r.kv_slots and self.kv_hold(r, reason):
+            r.kv_slots = []
         self.allocator.free(r.kv_slots)
         r.kv_slots = []
         self.running.pop(r.rid, None)

@@ -51,6 +51,18 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "log_level": ("log level", {"choices": list(LOG_LEVELS)}),
     "tp_size": ("tensor parallel size (only 1 is supported)", {"aliases": ["--tensor-parallel-size"]}),
     "skip_warmup": ("do not send a warm-up request before reporting ready", {}),
+    "max_request_bytes": ("largest HTTP request body accepted; larger ones get HTTP 413", {}),
+    "shutdown_grace_s": ("on SIGTERM, seconds in-flight requests may still finish before they are failed", {}),
+    # disaggregation (sglang_duet/disagg)
+    "disaggregation_mode": ("run a prefill or a decode instance for `python -m sglang_duet.router`, or pd-local: "
+                            "1 prefill + 1 decode instance and the router on --port",
+                            {"choices": ["null", "prefill", "decode", "pd-local"]}),
+    "disaggregation_transfer_backend": ("how decode instances pull KV from prefill instances (auto: cuda-ipc for a "
+                                        "GPU pool, shm for a CPU pool, none for the emulated executor)",
+                                        {"choices": ["auto", "shm", "cuda-ipc", "none"]}),
+    "disaggregation_bootstrap_port": ("prefill instance: TCP port of its KV release socket (0: a free port)", {}),
+    "disaggregation_kv_timeout_s": ("prefill: free KV not pulled within this many seconds; decode: refuse a "
+                                    "request that finds no KV room within it", {}),
 }
 _SKIP = {"extra"}
 
@@ -111,8 +123,14 @@ def check_server_args(a: ServerArgs) -> str | None:
         v = getattr(a, name)
         if v is not None and v <= 0:
             return f"--{name.replace('_', '-')} {v}: must be positive"
+    if a.max_request_bytes <= 0:
+        return f"--max-request-bytes {a.max_request_bytes}: must be positive"
+    if not a.shutdown_grace_s >= 0:
+        return f"--shutdown-grace-s {a.shutdown_grace_s}: must be at least 0"
     if a.max_queued_requests is not None and a.max_queued_requests < 0:
         return f"--max-queued-requests {a.max_queued_requests}: must be at least 0"
+    if not a.disaggregation_kv_timeout_s > 0:
+        return f"--disaggregation-kv-timeout-s {a.disaggregation_kv_timeout_s}: must be positive"
     for name in ("tbt_slo_ms", "ttft_slo_ms"):
         v = getattr(a, name)
         if not v > 0:

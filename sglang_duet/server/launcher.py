@@ -4,7 +4,9 @@ Startup: the scheduler (loads the model) and the detokenizer (imports transforme
 spawned together; each reports readiness or its startup error over a pipe. Then uvicorn serves and
 a warm-up request goes through the whole path before /health turns 200 and "ready" is logged.
 A child that dies later fails the in-flight requests, turns /health to 503 and ends the server with
-a non-zero exit code. SIGTERM/SIGINT stop uvicorn, then the children; the socket dir is removed.
+a non-zero exit code. SIGTERM/SIGINT drain: the listening socket closes and /health turns 503 at
+once, in-flight requests may finish for `--shutdown-grace-s`, then whatever still runs ends with a
+503 error; then the children stop and the socket dir is removed.
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ from sglang_duet.server_args import ServerArgs
 
 logger = logging.getLogger("sglang_duet.server")
 
-GRACEFUL_SHUTDOWN_S = 5
 WARMUP_TIMEOUT_S = 600
+# After the grace period the remaining requests are failed, which ends their handlers within
+# milliseconds; uvicorn's own (task-cancelling) timeout is only the backstop behind that.
+SHUTDOWN_BACKSTOP_S = 3.0
 
 
 class StartupError(RuntimeError):
@@ -148,11 +152,16 @@ class Launcher:
                     loop.remove_reader(p.sentinel)
 
         app = create_app(self.tm, self.args, lifespan=lifespan)
+        if self.args.disaggregation_mode in ("prefill", "decode"):  # disaggregation hook: /disagg/* routes
+            from sglang_duet.disagg.instance_api import add_instance_routes
+
+            add_instance_routes(app, self.tm, self.args)
         level = self.args.log_level.lower()
+        grace = self.args.shutdown_grace_s
         config = uvicorn.Config(app, host=self.args.host, port=self.args.port, loop="uvloop",
                                 log_level=level, access_log=level == "debug",
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, timeout_keep_alive=30)
-        self.uvicorn = uvicorn.Server(config)
+                                timeout_graceful_shutdown=grace + SHUTDOWN_BACKSTOP_S, timeout_keep_alive=30)
+        self.uvicorn = _draining_server_class()(config, self.tm, grace)
         self.uvicorn.run()
         if self.exit_code is None and not self.uvicorn.started:
             self.exit_code = 1  # e.g. the port is taken: uvicorn logged why
@@ -203,3 +212,39 @@ class Launcher:
         self.tm.ready = True
         logger.info("The server is ready at %s (policy %s)", url, self.info.policy.get("name"))
         print(f"sglang-duet ready: {url}", file=sys.stderr, flush=True)
+
+
+def _draining_server_class():
+    import uvicorn  # imported late, as in serve(): the children never need it
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's shutdown (stop listening, wait for connections) plus our drain: /health and new
+        requests get 503 at once, and requests still running after the grace period get an error."""
+
+        def __init__(self, config, tm, grace_s: float):
+            super().__init__(config)
+            self.tm = tm
+            self.grace_s = grace_s
+
+        def handle_exit(self, sig, frame) -> None:
+            # Refuse new work from the signal on: uvicorn's loop only notices should_exit on its next
+            # tick (up to 0.1 s later), and /health must not say 200 meanwhile.
+            if not self.tm.dead:
+                self.tm.start_draining()
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            if not self.tm.dead:
+                n = sum(not st.finished for st in self.tm.states.values())
+                logger.info("shutting down: %d request(s) in flight, %.1f s grace", n, self.grace_s)
+                self.tm.start_draining()
+                asyncio.get_running_loop().call_later(self.grace_s, self._grace_over)
+            await super().shutdown(sockets)
+
+        def _grace_over(self) -> None:
+            n = sum(not st.finished for st in self.tm.states.values())
+            if n:
+                logger.warning("shutdown grace period over: failing %d in-flight request(s)", n)
+                self.tm.fail_all("The server is shutting down.", dead=False)
+
+    return DrainingServer

@@ -29,10 +29,15 @@ def run_scheduler_process(args_bytes: bytes, paths: IPCPaths, conn) -> None:
     from sglang_duet.server_args import ServerArgs
 
     args = msgspec.msgpack.decode(args_bytes, type=ServerArgs)
-    setup_child("scheduler", args.log_level)
+    setup_child("scheduler", args.log_level, paths.root)
     _cpu_threads()
     try:
-        sched = SchedulerProcess(args, paths)
+        cls = SchedulerProcess
+        if args.disaggregation_mode in ("prefill", "decode"):  # disaggregation hook: sglang_duet/disagg/scheduler.py
+            from sglang_duet.disagg.scheduler import scheduler_class
+
+            cls = scheduler_class(args.disaggregation_mode)
+        sched = cls(args, paths)
         send_ready(conn, sched.ready_info())
     except Exception as e:  # noqa: BLE001 - report any startup failure to the main process
         send_ready(conn, io.ReadyInfo(status="error", error=error_text(e)))
@@ -76,6 +81,9 @@ class SchedulerProcess:
         self.poller.register(self.recv, zmq.POLLIN)
         self._last_stats = 0.0
         self._was_busy = False
+        self.submitted = 0  # admitted requests: every one ends finished or aborted (stats.finished/aborted)
+        self.rejected = 0  # answered with ReqError
+        self.peak_running = self.peak_waiting = 0  # high-water marks: --max-running/queued-requests held?
 
     def ready_info(self) -> io.ReadyInfo:
         e = self.engine
@@ -104,7 +112,10 @@ class SchedulerProcess:
                 # for input instead of spinning a shared core at 100%.
                 got = self._drain(0 if progressed else 1)
                 updates = self.engine.step(0.0 if got else STEP_WAIT_S)
-                progressed = bool(updates) or bool(self.engine.core.inflight)
+                core = self.engine.core
+                progressed = bool(updates) or bool(core.inflight)
+                self.peak_running = max(self.peak_running, core.num_running)
+                self.peak_waiting = max(self.peak_waiting, core.num_waiting)
                 if updates:
                     self._send_updates(updates)
             else:
@@ -130,16 +141,18 @@ class SchedulerProcess:
                 return n
             n += 1
             try:
+                # Typed decoding only: bytes that are not one of our msgpack structs (a pickle, junk
+                # from another program) are refused here and never executed or half-applied.
                 msg = io.decode(data)
             except msgspec.DecodeError as e:
-                logger.error("dropping an undecodable message: %s", e)
+                logger.error("dropping an undecodable message (%d bytes): %s", len(data), e)
                 continue
             if isinstance(msg, io.GenerateReq):
                 self._add(msg)
             elif isinstance(msg, io.AbortReq):
                 self.engine.abort(msg.rid)
             else:
-                logger.error("unexpected message %s", type(msg).__name__)
+                logger.error("dropping an unexpected message %s", type(msg).__name__)
 
     def _add(self, msg: io.GenerateReq) -> None:
         from sglang_duet.core.scheduler_core import AdmissionError
@@ -149,12 +162,15 @@ class SchedulerProcess:
             params = SamplingParams.from_dict(msg.params)
             self.engine.add_request(msg.rid, msg.input_ids, params, arrival_time=msg.arrival_time)
         except (AdmissionError, SamplingParamsError) as e:
+            self.rejected += 1
             self._push(io.ReqError(msg.rid, str(e), getattr(e, "status", 400)))
             return
         except Exception as e:  # noqa: BLE001 - a client's request must never take the scheduler down
             logger.exception("add_request(%s) failed", msg.rid)
+            self.rejected += 1
             self._push(io.ReqError(msg.rid, f"Internal error while admitting the request: {e}", 500))
             return
+        self.submitted += 1
         self._push(io.DetokRegister(
             rid=msg.rid, prompt_tail=msg.input_ids[-PROMPT_CONTEXT:], stop=list(params.stop),
             skip_special_tokens=params.skip_special_tokens,
@@ -183,6 +199,8 @@ class SchedulerProcess:
             kv_total=core.allocator.capacity, launches=dict(s.launches), plans=dict(s.plans),
             last_sms=dict(s.last_sms), finished=s.finished, aborted=s.aborted, retractions=s.retractions,
             prompt_tokens=s.prompt_tokens, generated_tokens=s.generated_tokens,
+            submitted=self.submitted, rejected=self.rejected, peak_running=self.peak_running,
+            peak_waiting=self.peak_waiting,
         ))
         self._last_stats = time.monotonic()
 

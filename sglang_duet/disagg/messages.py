@@ -1,0 +1,124 @@
+"""Typed messages of the disaggregation protocol (msgspec structs; msgpack over ZMQ, JSON over HTTP).
+
+Flow of one request (see docs/disaggregation.md):
+
+    router --HTTP /disagg/prefill--> prefill main --PrefillReq--> prefill scheduler
+        (runs the prompt, samples the first token, keeps the prompt's KV: a `KVDescriptor`)
+    router <--first token + KVDescriptor-- prefill main
+    router --HTTP /disagg/decode (prompt, first token, descriptor)--> decode main --DecodeReq--> decode scheduler
+        (allocates slots, copies the KV in through the transport, then asks the prefill
+         scheduler to release it: KVRelease(confirm=True) --ZMQ DEALER->ROUTER-->, KVReleaseAck back)
+    router <--SSE deltas-- decode main
+
+No torch here: the router imports this module too.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from sglang_duet.server import io_struct as io
+
+
+class KVLayout(msgspec.Struct, frozen=True):
+    """Shape of one token's KV in a pool [2, layers, slots, kv_heads, head_dim]."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+
+    @property
+    def elem_bytes(self) -> int:
+        return {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1}.get(self.dtype, 2)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.elem_bytes
+
+    def same_shape(self, other: "KVLayout") -> bool:
+        return (self.num_layers, self.num_kv_heads, self.head_dim) == (
+            other.num_layers, other.num_kv_heads, other.head_dim)
+
+
+class KVDescriptor(msgspec.Struct, kw_only=True):
+    """Where a prefilled prompt's KV is and how to reach it; handed prefill -> router -> decode.
+
+    `slots[i]` is the position, in the exported buffer, of prompt token i. `handle` is the
+    transport's own (a file path for shared memory, an IPC handle for CUDA)."""
+
+    transfer_id: str  # unique per prefill attempt; the release names it
+    backend: str  # "shm" | "cuda-ipc" | "none"
+    instance_id: str  # the prefill scheduler that holds the KV
+    control: str  # its ZMQ ROUTER endpoint for KVRelease ("tcp://host:port")
+    layout: KVLayout
+    slots: list[int]
+    nbytes: int
+    handle: dict = {}
+
+
+# ---- main process -> scheduler process (same socket as GenerateReq / AbortReq) -----------------
+
+
+class PrefillReq(msgspec.Struct, tag="dg_prefill"):
+    """Run the prompt, sample the first token, keep the KV for a decode instance to pull."""
+
+    rid: str
+    input_ids: list[int]
+    params: dict  # SamplingParams.to_dict() of the client's request (max_new_tokens is capped here)
+    arrival_time: float
+
+
+class DecodeReq(msgspec.Struct, tag="dg_decode"):
+    """Admit a request prefilled elsewhere: prompt + first token + where its KV is."""
+
+    rid: str
+    input_ids: list[int]
+    params: dict
+    arrival_time: float
+    first_token: int
+    first_logprob: io.TokenLogprob | None
+    seed: int  # the prefill's sampling seed: the same seed continues the same random stream
+    kv: KVDescriptor | None  # None: the first token already ended the request
+
+
+# ---- decode scheduler <-> prefill scheduler (ZMQ DEALER -> ROUTER) ------------------------------
+
+
+class KVRelease(msgspec.Struct, tag="dg_release"):
+    """The decode side is done with a transfer's KV (copied it, or gave up on it).
+
+    confirm=True asks for a KVReleaseAck: the copy is valid only if the KV was still held when
+    this message arrived (holds only ever go from held to freed, so held now means held during
+    the copy). That makes a descriptor safe to try twice and safe against the hold's timeout."""
+
+    transfer_id: str
+    confirm: bool
+    nbytes: int = 0
+    ms: float = 0.0
+
+
+class KVReleaseAck(msgspec.Struct, tag="dg_ack"):
+    transfer_id: str
+    ok: bool
+
+
+SchedulerInput = Union[io.GenerateReq, io.AbortReq, PrefillReq, DecodeReq]
+Control = Union[KVRelease, KVReleaseAck]
+
+_enc = msgspec.msgpack.Encoder()
+_input_dec = msgspec.msgpack.Decoder(SchedulerInput)
+_control_dec = msgspec.msgpack.Decoder(Control)
+
+
+def encode(msg) -> bytes:
+    return _enc.encode(msg)
+
+
+def decode_input(data: bytes):
+    return _input_dec.decode(data)
+
+
+def decode_control(data: bytes):
+    return _control_dec.decode(data)
