@@ -46,7 +46,7 @@ import torch
 
 from sglang_duet.core.plan import LaneKind, Launch, LaunchResult, ReqWork
 from sglang_duet.executor.base import Executor
-from sglang_duet.executor.gpu_executor import GPUModelExecutor, build_model_executor
+from sglang_duet.executor.gpu_executor import GPUModelExecutor, build_model_executor, graph_decode_steps
 from sglang_duet.executor.model_executor import ModelExecutor
 from sglang_duet.kernels import gpu_sampling
 from sglang_duet.kernels.attention.base import ForwardBatch
@@ -435,33 +435,12 @@ class DuetGPUExecutor(Executor):
         """k decode steps back to back on the lane's stream; the ids of step j feed step j+1 on the device."""
         launch, runner = rec.launch, self.runner
         work = launch.work
-        steps = max(w.steps for w in work)
         mode = self._mode([w.params for w in work])
         rec.path = "graph"
         rec.first = self.timer.mark()
         marks, ids_per_step, rows_per_step = [], [], []
-        prev_ids, prev_rows = None, []
-        for step in range(steps):
-            rows = [w for w in work if w.steps > step]
-            if step == 0:
-                input_ids = [w.input_ids[0] for w in rows]
-            elif len(rows) == len(prev_rows):
-                input_ids = prev_ids
-            else:  # some requests asked for fewer steps: keep the rows still running
-                input_ids = prev_ids[self._index([i for i, w in enumerate(prev_rows) if w.steps > step])]
-            positions = [w.start_pos + step for w in rows]
-            seq = [p + 1 for p in positions]
-            out_loc = [w.kv_slots[p] for w, p in zip(rows, positions)]
-            kv = [s for w, n in zip(rows, seq) for s in w.kv_slots[:n]]
-            sampling = None
-            if mode != "greedy":
-                sampling = gpu_sampling.SamplingTensors.host_rows(
-                    [w.params for w in rows], [w.sampling_seed for w in rows],
-                    [len(w.output_ids) + step for w in rows], self.vocab)
-            _, ids = runner.run(input_ids, positions, out_loc, seq, kv, sampling, mode)
-            prev_ids = ids.clone()  # the static output buffer is overwritten by the next replay
-            prev_rows = rows
-            ids_per_step.append(prev_ids)
+        for ids, rows in graph_decode_steps(runner, work, mode, self.vocab, self._index):
+            ids_per_step.append(ids)
             rows_per_step.append(rows)
             marks.append(self.timer.mark())
         flat = torch.cat(ids_per_step)

@@ -65,30 +65,9 @@ class GPUModelExecutor(ModelExecutor):
         ids_per_step: list[torch.Tensor] = []
         rows_per_step: list[list[ReqWork]] = []
         events: list[torch.cuda.Event] = []
-        prev_ids: torch.Tensor | None = None
-        prev_rows: list[ReqWork] = []
-        for step in range(steps):
-            rows = [w for w in work if w.steps > step]
-            if step == 0:
-                input_ids = [w.input_ids[0] for w in rows]
-            elif len(rows) == len(prev_rows):
-                input_ids = prev_ids
-            else:  # some requests asked for fewer steps: keep the rows still running
-                keep = [i for i, w in enumerate(prev_rows) if w.steps > step]
-                input_ids = prev_ids[torch.tensor(keep, device=prev_ids.device)]
-            positions = [w.start_pos + step for w in rows]
-            seq = [p + 1 for p in positions]
-            out_loc = [w.kv_slots[p] for w, p in zip(rows, positions)]
-            kv = [s for w, n in zip(rows, seq) for s in w.kv_slots[:n]]
-            sampling = None
-            if mode != "greedy":
-                sampling = gpu_sampling.SamplingTensors.host_rows(
-                    [w.params for w in rows], [w.sampling_seed for w in rows],
-                    [len(w.output_ids) + step for w in rows], self.vocab)
-            _, ids = self.graphs.run(input_ids, positions, out_loc, seq, kv, sampling, mode)
-            prev_ids = ids.clone()  # the static output buffer is overwritten by the next replay
-            prev_rows = rows
-            ids_per_step.append(prev_ids)
+        index = lambda keep: torch.tensor(keep, device=self.device)  # noqa: E731
+        for ids, rows in graph_decode_steps(self.graphs, work, mode, self.vocab, index):
+            ids_per_step.append(ids)
             rows_per_step.append(rows)
             if self._events:
                 ev = torch.cuda.Event(enable_timing=True)
@@ -123,6 +102,39 @@ class GPUModelExecutor(ModelExecutor):
         if all(p.is_greedy for p in params):
             return "greedy"
         return "filtered" if gpu_sampling.needs_filters(params, self.vocab) else "sample"
+
+
+
+def graph_decode_steps(runner, work: list[ReqWork], mode: str, vocab: int, index):
+    """k decode steps back to back from captured graphs; step j's sampled ids feed step j+1 on the device.
+
+    Yields (the step's sampled ids on the device, its rows) after each replay, so the caller can
+    record its own event or mark. `index(keep)` turns a list of row positions into a device index
+    tensor (how is the caller's business: a lane stream must not wait on a blocking copy).
+    """
+    steps = max(w.steps for w in work)
+    prev_ids, prev_rows = None, []
+    for step in range(steps):
+        rows = [w for w in work if w.steps > step]
+        if step == 0:
+            input_ids = [w.input_ids[0] for w in rows]
+        elif len(rows) == len(prev_rows):
+            input_ids = prev_ids
+        else:  # some requests asked for fewer steps: keep the rows still running
+            input_ids = prev_ids[index([i for i, w in enumerate(prev_rows) if w.steps > step])]
+        positions = [w.start_pos + step for w in rows]
+        seq = [p + 1 for p in positions]
+        out_loc = [w.kv_slots[p] for w, p in zip(rows, positions)]
+        kv = [s for w, n in zip(rows, seq) for s in w.kv_slots[:n]]
+        sampling = None
+        if mode != "greedy":
+            sampling = gpu_sampling.SamplingTensors.host_rows(
+                [w.params for w in rows], [w.sampling_seed for w in rows],
+                [len(w.output_ids) + step for w in rows], vocab)
+        _, ids = runner.run(input_ids, positions, out_loc, seq, kv, sampling, mode)
+        prev_ids = ids.clone()  # the static output buffer is overwritten by the next replay
+        prev_rows = rows
+        yield prev_ids, rows
 
 
 def build_model_executor(model, kv_pool, attn_backend, device: torch.device, args=None, clock=time.monotonic):
