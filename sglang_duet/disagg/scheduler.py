@@ -35,6 +35,7 @@ import zmq
 from sglang_duet.disagg import messages as dm
 from sglang_duet.disagg.transfer import make_transport, pool_layout
 from sglang_duet.server import io_struct as io
+from sglang_duet.server.ipc import decode_or_drop
 from sglang_duet.server.scheduler_proc import PROMPT_CONTEXT, SchedulerProcess
 
 logger = logging.getLogger("sglang_duet.disagg")
@@ -101,10 +102,8 @@ class _DisaggScheduler(SchedulerProcess):
             except zmq.Again:
                 return n
             n += 1
-            try:
-                msg = dm.decode_input(data)
-            except msgspec.DecodeError as e:
-                logger.error("dropping an undecodable message: %s", e)
+            msg = decode_or_drop(dm.decode_input, data)
+            if msg is None:
                 continue
             if isinstance(msg, io.GenerateReq):
                 self._add(msg)
@@ -280,10 +279,8 @@ class PrefillScheduler(_DisaggScheduler):
             except ValueError:  # not a two-frame message: not ours
                 continue
             n += 1
-            try:
-                msg = dm.decode_control(data)
-            except msgspec.DecodeError as e:
-                logger.error("dropping an undecodable control message: %s", e)
+            msg = decode_or_drop(dm.decode_control, data, "control message")
+            if msg is None:
                 continue
             if not isinstance(msg, dm.KVRelease):
                 continue
@@ -427,10 +424,8 @@ class DecodeScheduler(_DisaggScheduler):
                 except zmq.Again:
                     break
                 n += 1
-                try:
-                    msg = dm.decode_control(data)
-                except msgspec.DecodeError as e:
-                    logger.error("dropping an undecodable control message: %s", e)
+                msg = decode_or_drop(dm.decode_control, data, "control message")
+                if msg is None:
                     continue
                 if isinstance(msg, dm.KVReleaseAck):
                     self._on_ack(msg)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import sys
 
-import msgspec
 import zmq
 
 from sglang_duet.detokenizer import IncrementalDetokenizer, find_stop_string, holdback_len
 from sglang_duet.server import io_struct as io
-from sglang_duet.server.ipc import IPCPaths, error_text, parent_alive, pull_socket, push_socket, send_ready, setup_child
+from sglang_duet.server.ipc import IPCPaths, decode_or_drop, error_text, parent_alive, pull_socket, push_socket, send_ready, setup_child
 
 logger = logging.getLogger("sglang_duet.detokenizer")
 
@@ -92,10 +91,8 @@ class DetokenizerProcess:
                     return
                 continue
             data = self.recv.recv()
-            try:
-                msg = io.decode(data)
-            except msgspec.DecodeError as e:
-                logger.error("dropping an undecodable message: %s", e)
+            msg = decode_or_drop(io.decode, data)
+            if msg is None:
                 continue
             if isinstance(msg, io.BatchTokenOut):
                 self.send.send(io.encode(self.handle(msg)))

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 
 from sglang_duet.server.io_struct import ReadyInfo
@@ -121,3 +122,17 @@ def error_text(exc: BaseException) -> str:
 
     tb = "".join(traceback.format_exception(exc))
     return f"{type(exc).__name__}: {exc}\n{tb}"
+
+
+def decode_or_drop(decode, data: bytes, what: str = "message"):
+    """Decode bytes from a socket as one of our typed structs, or drop them with a log line (None).
+
+    Typed decoding only: bytes that are not one of our msgpack structs (a pickle, junk from
+    another program on the socket) are refused here, never executed or half-applied.
+    """
+    try:
+        return decode(data)
+    except msgspec.DecodeError as e:
+        logger.error("dropping an undecodable %s (%d bytes): %s", what, len(data), e)
+        return None
+

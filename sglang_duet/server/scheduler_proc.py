@@ -16,7 +16,7 @@ import msgspec
 import zmq
 
 from sglang_duet.server import io_struct as io
-from sglang_duet.server.ipc import IPCPaths, error_text, parent_alive, pull_socket, push_socket, send_ready, setup_child
+from sglang_duet.server.ipc import IPCPaths, decode_or_drop, error_text, parent_alive, pull_socket, push_socket, send_ready, setup_child
 
 logger = logging.getLogger("sglang_duet.scheduler")
 
@@ -140,12 +140,8 @@ class SchedulerProcess:
             except zmq.Again:
                 return n
             n += 1
-            try:
-                # Typed decoding only: bytes that are not one of our msgpack structs (a pickle, junk
-                # from another program) are refused here and never executed or half-applied.
-                msg = io.decode(data)
-            except msgspec.DecodeError as e:
-                logger.error("dropping an undecodable message (%d bytes): %s", len(data), e)
+            msg = decode_or_drop(io.decode, data)
+            if msg is None:
                 continue
             if isinstance(msg, io.GenerateReq):
                 self._add(msg)
