@@ -43,6 +43,10 @@ class _Stop(BaseException):
 
 
 def _on_signal(sig, _frame):
+    # One stop is enough: a second signal (e.g. from a wrapper like `timeout` forwarding its own)
+    # must not interrupt the clean-up the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise _Stop(sig)
 
 
