@@ -94,28 +94,15 @@ class _DisaggScheduler(SchedulerProcess):
         n += self._housekeeping()
         return n
 
-    def _drain_input(self) -> int:
-        n = 0
-        while True:
-            try:
-                data = self.recv.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return n
-            n += 1
-            msg = decode_or_drop(dm.decode_input, data)
-            if msg is None:
-                continue
-            if isinstance(msg, io.GenerateReq):
-                self._add(msg)
-            elif isinstance(msg, io.AbortReq):
-                self._abort(msg.rid)
-            elif isinstance(msg, dm.PrefillReq):
-                self._add_prefill(msg)
-            elif isinstance(msg, dm.DecodeReq):
-                self._add_decode(msg)
+    decode_input = staticmethod(dm.decode_input)  # the base messages plus the disaggregation ones
 
-    def _abort(self, rid: str) -> None:
-        self.engine.abort(rid)
+    def _handle(self, msg) -> None:
+        if isinstance(msg, dm.PrefillReq):
+            self._add_prefill(msg)
+        elif isinstance(msg, dm.DecodeReq):
+            self._add_decode(msg)
+        else:
+            super()._handle(msg)
 
     def _add_prefill(self, msg) -> None:
         self._refuse(msg.rid, "This is a decode instance; send prefills to a prefill instance.", 400)

@@ -129,26 +129,36 @@ class SchedulerProcess:
             if time.monotonic() - self._last_stats >= STATS_INTERVAL_S:
                 self._send_stats()
 
+    decode_input = staticmethod(io.decode)  # the message types this scheduler accepts
+
     def _drain(self, timeout_ms: int) -> int:
         """Handle every pending message; wait up to timeout_ms for the first. Returns how many."""
-        n = 0
         if not self.poller.poll(timeout_ms):
             return 0
+        return self._drain_input()
+
+    def _drain_input(self) -> int:
+        n = 0
         while True:
             try:
                 data = self.recv.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return n
             n += 1
-            msg = decode_or_drop(io.decode, data)
-            if msg is None:
-                continue
-            if isinstance(msg, io.GenerateReq):
-                self._add(msg)
-            elif isinstance(msg, io.AbortReq):
-                self.engine.abort(msg.rid)
-            else:
-                logger.error("dropping an unexpected message %s", type(msg).__name__)
+            msg = decode_or_drop(self.decode_input, data)
+            if msg is not None:
+                self._handle(msg)
+
+    def _handle(self, msg) -> None:
+        if isinstance(msg, io.GenerateReq):
+            self._add(msg)
+        elif isinstance(msg, io.AbortReq):
+            self._abort(msg.rid)
+        else:
+            logger.error("dropping an unexpected message %s", type(msg).__name__)
+
+    def _abort(self, rid: str) -> None:
+        self.engine.abort(rid)
 
     def _add(self, msg: io.GenerateReq) -> None:
         from sglang_duet.core.scheduler_core import AdmissionError
