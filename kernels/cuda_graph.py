@@ -216,11 +216,9 @@ class CudaGraphDecodeRunner:
             self._capture(bucket, mode)
         return bucket
 
-    @torch.inference_mode()
-    def _capture(self, bucket: _Bucket, mode: str) -> None:
+    def _capture_inputs(self, bucket: _Bucket):
+        """Dummy inputs for a capture: every row a padding row (token 0 at position 0 into slot 0)."""
         bs = bucket.bs
-        # Dummy inputs: every row a padding row (token 0 at position 0 into slot 0).
-        seq = [1] * bs
         self._put(self.input_ids, [], 0, bs, 0)
         self._put(self.positions, [], 0, bs, 0)
         self._put(self.out_cache_loc, [], 0, bs, PADDING_SLOT)
@@ -230,9 +228,14 @@ class CudaGraphDecodeRunner:
         self._put(self.kv_indices, [], 0, bs, PADDING_SLOT)
         self._put_sampling([[1.0] * bs, [self.vocab] * bs, [float("inf")] * bs, [0.0] * bs, [True] * bs,
                             [0] * bs, [0] * bs], bs, bs)
-        fb = self._batch(bs, seq)
+        fb = self._batch(bs, [1] * bs)
         st = self._sampling_view(bs)
         self._plan(bucket, fb)
+        return fb, st
+
+    @torch.inference_mode()
+    def _capture(self, bucket: _Bucket, mode: str) -> None:
+        fb, st = self._capture_inputs(bucket)
         # Warm up outside the capture (lazy inits, autotuning, Triton compiles), on a side stream
         # as torch.cuda.graph itself captures on one.
         side = torch.cuda.Stream()

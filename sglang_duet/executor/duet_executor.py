@@ -52,7 +52,6 @@ from sglang_duet.kernels import gpu_sampling
 from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.kernels.cuda_graph import DEFAULT_MAX_BS, CudaGraphDecodeRunner, _Bucket, supports_graphs
 from sglang_duet.kernels.sm_partition import Partition, SMPartitioner
-from sglang_duet.memory.kv_pool import PADDING_SLOT
 from sglang_duet.sampling.penalties import has_penalty
 
 logger = logging.getLogger(__name__)
@@ -177,23 +176,10 @@ class PartitionedDecodeRunner(CudaGraphDecodeRunner):
 
     @torch.inference_mode()
     def _capture_on(self, bucket: _Bucket, mode: str, stream) -> None:
-        bs = bucket.bs
         cur = torch.cuda.current_stream(self.device)
         stream.wait_stream(cur)  # the static buffers may have writes pending on the current stream
         with torch.cuda.stream(stream):
-            # Dummy inputs, as the base runner: every row a padding row (token 0, position 0, slot 0).
-            self._put(self.input_ids, [], 0, bs, 0)
-            self._put(self.positions, [], 0, bs, 0)
-            self._put(self.out_cache_loc, [], 0, bs, PADDING_SLOT)
-            self._put(self.seq_lens, [], 0, bs, 1)
-            self._put(self.prefix_lens, [], 0, bs, 0)
-            self._put(self.kv_indptr, list(range(bs + 1)), bs + 1, bs + 1, 0)
-            self._put(self.kv_indices, [], 0, bs, PADDING_SLOT)
-            self._put_sampling([[1.0] * bs, [self.vocab] * bs, [float("inf")] * bs, [0.0] * bs, [True] * bs,
-                                [0] * bs, [0] * bs], bs, bs)
-            fb = self._batch(bs, [1] * bs)
-            st = self._sampling_view(bs)
-            self._plan(bucket, fb)
+            fb, st = self._capture_inputs(bucket)  # written on the partition's stream
             for _ in range(2):  # lazy inits, autotuning, Triton compiles: outside the capture
                 self._forward(fb, st, mode)
             graph = torch.cuda.CUDAGraph()
