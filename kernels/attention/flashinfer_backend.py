@@ -10,11 +10,22 @@ KV layout NHD: the pool's per-layer k and v buffers [slots, H_kv, D] are viewed 
 Per step: `plan()` once (it reads lengths on the host; FlashInfer's own plan copies indptr to
 the host, so we hand it host tensors built from the ForwardBatch's host mirrors: no device
 sync), then per layer `run()`: store the new tokens' k/v at `out_cache_loc` (an index_put into
-the pool), then the wrapper's run.
+the pool), then the wrapper's run. `plan(fb)` only remembers the batch and FlashInfer's plan runs
+at the first layer, once q's dtype is known; a caller that wants the plan's host work done before
+it marks the step's first kernel calls `plan_now(q_dtype, kv_dtype)` itself (then the model with
+planned=True). Only this backend has plan_now: callers look it up with getattr.
+
+Re-planning a wrapper: FlashInfer's plan() writes its schedule into the wrapper's PINNED host
+buffer and queues an async host->device copy of it on the current stream. A second plan() of
+the same wrapper before that copy ran would overwrite the buffer under it (k-step graph decode
+re-plans the same bucket wrapper every step). `_PlanGuard` records an event after each plan and
+waits for it before the next plan of the same wrapper (mini-sglang and vLLM do the same).
 
 * decode-only batches: BatchDecodeWithPagedKVCacheWrapper, with use_tensor_cores when the GQA
   group (H / H_kv) is >= 4 (Llama 3 8B, Qwen3 8B: group 4), where the prefill-style kernel wins.
-* prefill / extend / mixed batches: BatchPrefillWithPagedKVCacheWrapper with causal=True.
+* prefill / extend / mixed batches: BatchPrefillWithPagedKVCacheWrapper with causal=True and
+  backend="fa2": the default "auto" picks FA3 on Hopper, about ten more JIT modules per head dim
+  (minutes of a GPU lease); the FA2 module is the one the tensor-core decode wrapper builds anyway.
   FlashInfer aligns the causal mask bottom-right (query j of a request with a cached prefix of
   p tokens sees keys 0..p + j), which is what an extend needs; decode rows are extends of 1.
 
@@ -29,6 +40,7 @@ under FLASHINFER_WORKSPACE_BASE). Only fp16/bf16 are supported (FlashInfer has n
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -51,6 +63,33 @@ def import_flashinfer():
     return flashinfer
 
 
+class _PlanGuard:
+    """Serialises re-plans of one wrapper with the host->device copy of its previous plan.
+
+    plan(wrapper, ...) waits for the event recorded after that wrapper's previous plan (the copy
+    out of its pinned buffer has then run), calls wrapper.plan(...), and records a new event on the
+    current stream. Different wrappers never wait for each other. `make_event` builds an event
+    with record() / synchronize() (torch.cuda.Event on a GPU); without CUDA the guard does nothing.
+    """
+
+    def __init__(self, make_event: Callable[[], object] | None = None) -> None:
+        if make_event is None and torch.cuda.is_available():
+            make_event = torch.cuda.Event
+        self._make_event = make_event
+        self._events: dict[int, object] = {}  # id(wrapper) -> event after its last plan
+
+    def plan(self, wrapper, *args, **kwargs) -> None:
+        key = id(wrapper)  # the backend keeps its wrappers alive: ids are not reused meanwhile
+        event = self._events.get(key)
+        if event is not None:
+            event.synchronize()
+        wrapper.plan(*args, **kwargs)
+        if self._make_event is not None:
+            if event is None:
+                event = self._events[key] = self._make_event()
+            event.record()  # on the current stream, behind the plan's copy
+
+
 @dataclass
 class GraphDecodeState:
     """One CUDA-graph batch-size bucket: a fixed-size decode wrapper bound to static buffers."""
@@ -66,7 +105,7 @@ class FlashInferAttentionBackend(AttentionBackend):
     name = "flashinfer"
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device | str,
-                 workspace_bytes: int = WORKSPACE_BYTES) -> None:
+                 workspace_bytes: int = WORKSPACE_BYTES, make_event: Callable[[], object] | None = None) -> None:
         fi = import_flashinfer()
         self.device = torch.device(device)
         if self.device.type != "cuda":
@@ -78,7 +117,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._fi = fi
         self.decode_wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
-        self.prefill_wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.prefill_wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+        self._guard = _PlanGuard(make_event)
         self._fb: ForwardBatch | None = None
         self._wrapper = None  # the wrapper planned for the current step
         self._pending = False  # plan deferred to the first run() (dtypes unknown at plan time)
@@ -104,8 +144,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         self._graph_state = None
         self._pending = True
 
-    def _plan_now(self, q_dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+    def plan_now(self, q_dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+        """FlashInfer's plan for the batch given to plan(), now (run() then does not plan again)."""
         fb = self._fb
+        assert fb is not None, "plan() must be called before plan_now()"
         self._check_dtype(q_dtype)
         seq = fb.seq_lens_cpu or fb.seq_lens.tolist()
         kv_indptr = self._host_indptr(seq)
@@ -113,13 +155,13 @@ class FlashInferAttentionBackend(AttentionBackend):
         indices = fb.kv_indices.to(torch.int32)  # on the device, queued: no sync
         common = dict(q_data_type=q_dtype, kv_data_type=kv_dtype)
         if fb.is_decode_only:
-            self.decode_wrapper.plan(kv_indptr, indices, last, self.num_heads, self.num_kv_heads,
-                                     self.head_dim, 1, **common)
+            self._guard.plan(self.decode_wrapper, kv_indptr, indices, last, self.num_heads, self.num_kv_heads,
+                             self.head_dim, 1, **common)
             self._wrapper = self.decode_wrapper
         else:
             ext = fb.extend_lens_cpu or (fb.seq_lens - fb.prefix_lens).tolist()
-            self.prefill_wrapper.plan(self._host_indptr(ext), kv_indptr, indices, last, self.num_heads,
-                                      self.num_kv_heads, self.head_dim, 1, causal=True, **common)
+            self._guard.plan(self.prefill_wrapper, self._host_indptr(ext), kv_indptr, indices, last, self.num_heads,
+                             self.num_kv_heads, self.head_dim, 1, causal=True, **common)
             self._wrapper = self.prefill_wrapper
         self._pending = False
 
@@ -127,7 +169,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         fb = self._fb
         assert fb is not None, "plan() must be called before run()"
         if self._pending:
-            self._plan_now(q.dtype, kv_pool.dtype)
+            self.plan_now(q.dtype, kv_pool.dtype)
         kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
         k_buf, v_buf = kv_pool.get_kv(layer_id)
         T = q.shape[0]
@@ -153,9 +195,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         assert len(seq) == state.batch_size, (len(seq), state.batch_size)
         total = sum(seq)
         # fb.kv_indices is the runner's static buffer (longer than this step needs).
-        state.wrapper.plan(self._host_indptr(seq), fb.kv_indices[:total].to(torch.int32),
-                           torch.ones(len(seq), dtype=torch.int32), self.num_heads, self.num_kv_heads,
-                           self.head_dim, 1, q_data_type=q_dtype, kv_data_type=kv_dtype)
+        self._guard.plan(state.wrapper, self._host_indptr(seq), fb.kv_indices[:total].to(torch.int32),
+                         torch.ones(len(seq), dtype=torch.int32), self.num_heads, self.num_kv_heads,
+                         self.head_dim, 1, q_data_type=q_dtype, kv_data_type=kv_dtype)
         self._fb = fb
         self._graph_state = state
         self._wrapper = state.wrapper
