@@ -28,7 +28,7 @@ them back as the next step's input ids without a sync.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -112,14 +112,18 @@ class CudaGraphDecodeRunner:
 
     @torch.inference_mode()
     def run(self, input_ids, positions, out_cache_loc, seq_lens: Sequence[int], kv_indices,
-            sampling_rows: list[list] | None = None, mode: str = "greedy") -> tuple[torch.Tensor, torch.Tensor]:
+            sampling_rows: list[list] | None = None, mode: str = "greedy",
+            before_launch: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of n = len(seq_lens) rows; returns (logits [n, V], ids [n]) on the device.
 
         input_ids / positions / out_cache_loc: [n] lists or tensors (input ids may be the previous
         step's sampled ids, on the device: no sync). kv_indices: the slots of every row's tokens,
         new one included, concatenated ([sum(seq_lens)], list or tensor). sampling_rows: from
-        SamplingTensors.host_rows (None for greedy). The outputs are views of static buffers:
-        clone them before the next call if they must survive it.
+        SamplingTensors.host_rows (None for greedy). before_launch: called after the static-buffer
+        copies and the attention plan, right before the replay (or the eager forward): where a
+        caller marks the step's first kernel, so that the host work before it is not timed as the
+        step's. The outputs are views of static buffers: clone them before the next call if they
+        must survive it.
         """
         if mode not in MODES:
             raise ValueError(f"sampling mode must be one of {MODES}, got {mode!r}")
@@ -145,6 +149,8 @@ class CudaGraphDecodeRunner:
 
         fb = self._batch(bs, seq)
         self._plan(bucket, fb)
+        if before_launch is not None:
+            before_launch()
         if self.use_graphs:
             bucket.graphs[mode].replay()
             logits, ids = bucket.outputs[mode]

@@ -146,3 +146,40 @@ def test_graph_eligibility_and_factory(model):
     assert not ex.graph_eligible([w()] * 5)  # beyond the largest bucket
     # on a CPU the factory gives the plain executor
     assert type(build_model_executor(model, pool, TorchAttentionBackend(), torch.device("cpu"))) is ModelExecutor
+
+
+class _LoggingAttention(TorchAttentionBackend):
+    def __init__(self, log: list):
+        super().__init__()
+        self.log = log
+
+    def plan(self, fb):
+        self.log.append("plan")
+        super().plan(fb)
+
+    def run(self, layer_id, *args):
+        self.log.append(f"run{layer_id}")
+        return super().run(layer_id, *args)
+
+
+def test_before_launch_comes_after_the_plan_and_before_the_first_kernel(model):
+    """The hook is where a caller marks a step's first kernel: after the step's host work (buffer copies,
+    plan), before the forward; graph_decode_steps passes it to every step."""
+    from sglang_duet.executor.gpu_executor import graph_decode_steps
+
+    log: list = []
+    pool = _pool(model)
+    runner = CudaGraphDecodeRunner(model, _LoggingAttention(log), pool, max_bs=4, use_graphs=False)
+    layers = model.config.num_hidden_layers
+    runner.run([7], [0], [5], [1], [5], before_launch=lambda: log.append("launch"))
+    assert log == ["plan", "launch"] + [f"run{i}" for i in range(layers)]
+    log.clear()
+    runner.run([7], [0], [5], [1], [5])  # no hook: same path
+    assert log == ["plan"] + [f"run{i}" for i in range(layers)]
+
+    log.clear()
+    w = ReqWork("a", [3], 0, list(range(1, 5)), True, steps=3, params=SamplingParams(temperature=0.0))
+    steps = list(graph_decode_steps(runner, [w], "greedy", model.config.vocab_size, torch.tensor,
+                                    before_launch=lambda: log.append("launch")))
+    assert len(steps) == 3
+    assert log == (["plan", "launch"] + [f"run{i}" for i in range(layers)]) * 3

@@ -10,10 +10,14 @@
   all k steps were reserved by the core). Graphs are captured per (partition, batch bucket).
 
 Completion. A lane's launch is issued by a worker thread (below) that records CUDA events on the
-lane's stream: one per decode step (per-token times) and one after the launch's last kernel.
+lane's stream: one right before each step's first kernel (after the step's host work: building
+inputs, host->device copies, the attention plan) and one after its last kernel (per-token times).
 `poll(timeout)` finds finished launches with `event.query()`, never a host sync, and reads the
 sampled ids once per launch (`tolist()` of one small tensor whose event has completed). Event
-times are mapped onto the host clock through an anchor event (`EventTimer`).
+times are mapped onto the host clock through an anchor event (`EventTimer`). The (start, end)
+pairs of every step are the lane-overlap evidence (`intervals`, `lane_overlap_s`): a mark taken
+before a step's host work would complete at host-issue time on an idle stream, before any kernel,
+and show overlap that never happened on the device.
 
 Lanes are joined by events only. The core hands a request to a lane only after the previous
 launch touching it was applied, and that happens only once its completion event was seen, so
@@ -46,7 +50,9 @@ import torch
 
 from sglang_duet.core.plan import LaneKind, Launch, LaunchResult, ReqWork
 from sglang_duet.executor.base import Executor
-from sglang_duet.executor.gpu_executor import GPUModelExecutor, build_model_executor, graph_decode_steps
+from sglang_duet.executor.gpu_executor import (
+    EventTimer, GPUModelExecutor, _HostMark, build_model_executor, graph_decode_steps,
+)
 from sglang_duet.executor.model_executor import ModelExecutor
 from sglang_duet.kernels import gpu_sampling
 from sglang_duet.kernels.attention.base import ForwardBatch
@@ -58,74 +64,10 @@ logger = logging.getLogger(__name__)
 
 SINGLE_LANE_POLICIES = frozenset({"aggregated", "chunked"})  # never plan split lanes
 EVENT_POLL_S = 2e-4  # poll() re-checks pending CUDA events this often
-REANCHOR_S = 10.0  # re-map GPU event time onto the host clock this often (clock drift)
 
 
 def _stream_ctx(stream):
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
-# ---- device time -> host time ---------------------------------------------------------------------
-
-@dataclass
-class _HostMark:
-    """A completion marker for work already finished on the host (CPU, or a lane that synced)."""
-
-    t: float
-
-    def query(self) -> bool:
-        return True
-
-
-@dataclass
-class _Mark:
-    event: object  # torch.cuda.Event(enable_timing=True)
-    anchor: tuple  # (anchor event, host time of the anchor) current when this mark was recorded
-
-    def query(self) -> bool:
-        return self.event.query()
-
-
-class EventTimer:
-    """Marks on the current stream (CUDA events, or host timestamps on a CPU), read as host times.
-
-    An anchor event recorded on an idle stream completes within microseconds; the host time at
-    which it is seen complete maps every later event: t = t_anchor + anchor.elapsed_time(event).
-    Re-anchoring every REANCHOR_S bounds the drift between the GPU and host clocks; a mark keeps
-    the anchor that was current when it was recorded (always an earlier event)."""
-
-    def __init__(self, device: torch.device, clock: Callable[[], float] = time.monotonic):
-        self.cuda = device.type == "cuda"
-        self.clock = clock
-        self.device = device
-        self._anchor = None
-        if self.cuda:
-            self._stream = torch.cuda.Stream(device)
-            self._reanchor()
-
-    def _reanchor(self) -> None:
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record(self._stream)
-        while not ev.query():
-            pass
-        self._anchor = (ev, self.clock())
-
-    def maybe_reanchor(self) -> None:
-        if self.cuda and self.clock() - self._anchor[1] > REANCHOR_S:
-            self._reanchor()
-
-    def mark(self):
-        if not self.cuda:
-            return _HostMark(self.clock())
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()  # on the current stream: the lane's
-        return _Mark(ev, self._anchor)
-
-    def host_time(self, mark) -> float:
-        if isinstance(mark, _HostMark):
-            return mark.t
-        anchor, t0 = mark.anchor
-        return t0 + anchor.elapsed_time(mark.event) / 1e3
 
 
 # ---- one decode runner, graphs per partition ---------------------------------------------------------
@@ -203,8 +145,10 @@ class _Record:
     partition: Partition | None = None
     submitted_at: float = 0.0
     issued: bool = False  # the worker has queued (or, on a CPU, computed) all of the launch's work
-    first: object = None  # mark before the launch's first kernel
+    first: object = None  # mark right before the launch's first kernel
     done: object = None  # mark after its last kernel
+    step_marks: list = field(default_factory=list)  # (before first kernel, after last kernel) per step
+    steps: list = field(default_factory=list)  # the same in host time, set once the launch is done
     finish: Callable[[], LaunchResult] | None = None  # the one host read; builds the result
     error: BaseException | None = None
     path: str = ""  # graph | device | eager | aggregated
@@ -259,6 +203,7 @@ class DuetGPUExecutor(Executor):
         self.runner = graph_runner
         self.attn_main = attn_backend
         self.attn_prefill = (make_attn or _attn_factory(attn_backend, model, self.device))()
+        self._q_dtype = next(model.parameters()).dtype  # activations' dtype, for a plan ahead of the forward
         # AGGREGATED: the plain GPU executor (graphs on all SMs); eager fallbacks per worker.
         self._agg = GPUModelExecutor(model, kv_pool, attn_backend, self.device, clock=clock, graph_runner=graph_runner)
         self._eager_main = ModelExecutor(model, kv_pool, attn_backend, self.device, clock=clock)
@@ -266,8 +211,8 @@ class DuetGPUExecutor(Executor):
         self.timer = EventTimer(self.device, clock)
         self.event_poll_s = event_poll_s
         self.stats = DuetStats()
-        # (lane, launch id, start, end) in host time, device-measured on a GPU: lane overlap evidence
-        self.intervals: collections.deque = collections.deque(maxlen=4096)
+        # (lane, launch id, start, end) per step in host time, device-measured on a GPU: lane overlap evidence
+        self.intervals: collections.deque = collections.deque(maxlen=16384)
         self._inflight: dict[int, _Record] = {}
         self._cv = threading.Condition()
         self._seq = 0  # bumped by workers when a record is issued (poll's lost-wakeup guard)
@@ -338,11 +283,15 @@ class DuetGPUExecutor(Executor):
             if self.runner is None or not self.runner.use_graphs:
                 continue
             self.runner.select(part.decode_sms, part.decode_stream)
-            with _stream_ctx(part.decode_stream):
-                for bs in reversed(batch_sizes or self.runner.sizes):
-                    for mode in modes:
-                        self.runner._ensure(self.runner.bucket_size(bs), mode)
-            self.runner.select(None)
+            try:
+                with _stream_ctx(part.decode_stream):
+                    for bs in reversed(batch_sizes or self.runner.sizes):
+                        for mode in modes:
+                            self.runner._ensure(self.runner.bucket_size(bs), mode)
+            finally:
+                self.runner.select(None)
+            if part.decode_stream is not None:  # the warm-up forwards, before any launch reuses the buffers
+                part.decode_stream.synchronize()  # (a device sync may not cover a green context's stream)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -399,6 +348,7 @@ class DuetGPUExecutor(Executor):
         rec.path = path
         rec.done = _HostMark(res.finished_at)
         rec.first = _HostMark(res.started_at)
+        rec.step_marks = [(rec.first, rec.done)]  # host-side steps: the launch is one interval
         rec.finish = lambda: res
 
     @staticmethod
@@ -423,14 +373,19 @@ class DuetGPUExecutor(Executor):
         work = launch.work
         mode = self._mode([w.params for w in work])
         rec.path = "graph"
-        rec.first = self.timer.mark()
-        marks, ids_per_step, rows_per_step = [], [], []
-        for ids, rows in graph_decode_steps(runner, work, mode, self.vocab, self._index):
+        starts, marks, ids_per_step, rows_per_step = [], [], [], []
+
+        def mark_start() -> None:  # right before each step's replay, after its host work
+            starts.append(self.timer.mark())
+
+        for ids, rows in graph_decode_steps(runner, work, mode, self.vocab, self._index, before_launch=mark_start):
             ids_per_step.append(ids)
             rows_per_step.append(rows)
             marks.append(self.timer.mark())
         flat = torch.cat(ids_per_step)
         rec.done = self.timer.mark()
+        rec.first = starts[0]
+        rec.step_marks = list(zip(starts, marks))
         stream, timer = rec.stream, self.timer
 
         def finish() -> LaunchResult:
@@ -463,14 +418,16 @@ class DuetGPUExecutor(Executor):
                                                     [len(w.output_ids) for w in rows], self.vocab, self.device)
             filters = gpu_sampling.needs_filters(params, self.vocab)
         fb = ForwardBatch.build([(w.input_ids, w.start_pos, w.kv_slots, w.sample) for w in work], self.device)
+        self._plan_ahead(self.attn_prefill, fb)
         rec.path = "device"
-        rec.first = self.timer.mark()
-        logits = self.model(fb, self.attn_prefill, self.kv_pool)
+        rec.first = self.timer.mark()  # after the host work: right before the first kernel
+        logits = self.model(fb, self.attn_prefill, self.kv_pool, planned=True)
         ids = None
         if rows:
             ids = (gpu_sampling.greedy(logits, self.vocab) if st is None
                    else gpu_sampling.sample(logits, st, self.vocab, filters=filters))
         rec.done = self.timer.mark()
+        rec.step_marks = [(rec.first, rec.done)]
         stream, timer = rec.stream, self.timer
 
         def finish() -> LaunchResult:
@@ -485,6 +442,14 @@ class DuetGPUExecutor(Executor):
             return res
 
         rec.finish = finish
+
+    def _plan_ahead(self, attn, fb: ForwardBatch) -> None:
+        """The attention plan of `fb` now, host work included (FlashInfer's is otherwise deferred to the
+        first layer, i.e. after the caller's first-kernel mark); the forward then runs with planned=True."""
+        attn.plan(fb)
+        plan_now = getattr(attn, "plan_now", None)  # only FlashInfer defers its plan
+        if plan_now is not None:
+            plan_now(self._q_dtype, self.kv_pool.dtype)
 
     # ---- scheduler side -----------------------------------------------------------------------------------
     def _collect(self) -> list[LaunchResult]:
@@ -502,13 +467,15 @@ class DuetGPUExecutor(Executor):
             with self._cv:
                 self._inflight.pop(lid, None)
             self.stats.paths[rec.path] = self.stats.paths.get(rec.path, 0) + 1
-            self.intervals.append((rec.launch.lane, lid, res.started_at, res.finished_at))
+            rec.steps = [(self.timer.host_time(a), self.timer.host_time(b)) for a, b in rec.step_marks]
+            self.intervals.extend((rec.launch.lane, lid, a, b) for a, b in rec.steps)
             out.append(res)
         return out
 
 
 def lane_overlap_s(intervals, a: LaneKind = LaneKind.PREFILL, b: LaneKind = LaneKind.DECODE) -> float:
-    """Total time during which a launch of lane `a` and one of lane `b` ran at once."""
+    """Total time during which a step of lane `a` and one of lane `b` ran at once (the steps of one lane
+    never overlap each other: they run in order on its stream)."""
     xs = [(s, e) for lane, _, s, e in intervals if lane == a]
     ys = [(s, e) for lane, _, s, e in intervals if lane == b]
     return sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in xs for s2, e2 in ys)
@@ -565,8 +532,10 @@ def build_executor(model, kv_pool, attn_backend, device, args=None, clock=time.m
 def build_duet_executor(model, kv_pool, attn_backend, device, args=None, clock=time.monotonic,
                         partitioner: SMPartitioner | None = None, make_attn=None) -> DuetGPUExecutor:
     """DuetGPUExecutor with a partitioner for this device (args.sm_partition_backend: auto|cuda|torch|none;
-    grid from args.hardware) and a partitioned decode runner: CUDA graphs on a GPU (all-SM greedy
-    buckets captured now, partitions lazily), the same static-buffer path run eagerly on a CPU."""
+    grid from args.hardware) and a partitioned decode runner: CUDA graphs on a GPU, the same static-buffer
+    path run eagerly on a CPU. The all-SM greedy buckets are captured now, and so are the splits of the
+    decode sizes in args.duet_capture_sms (a list of SM counts; None: the whole grid) with their greedy
+    graphs (`_prepare`); another size is split and captured lazily at its first use."""
     device = torch.device(device)
     if partitioner is None:
         hw = None
@@ -593,4 +562,29 @@ def build_duet_executor(model, kv_pool, attn_backend, device, args=None, clock=t
                          make_attn=make_attn)
     logger.info("two-lane executor: SM partitions via %s (%d SMs, grid %s)", partitioner.backend,
                 partitioner.total, partitioner.grid())
+    _prepare(ex, _arg(args, "duet_capture_sms", None))
     return ex
+
+
+def _prepare(ex: DuetGPUExecutor, sizes) -> None:
+    """Splits and decode graphs of these decode sizes now: captured lazily, they would stall the decode
+    lane inside a measured run. A size that fails is logged and left to the lazy path."""
+    sms = ex.partitioner.grid() if sizes is None else _sm_list(sizes)
+    start = time.perf_counter()
+    for s in sms:
+        try:
+            ex.prepare([s])
+        except Exception:  # noqa: BLE001 - an optimisation: the first use of that split tries again
+            logger.warning("preparing the %s-SM decode split failed; it is created at first use", s, exc_info=True)
+    graphs = sum(len(m) for k, b in (ex.runner.captured() if ex.runner else {}).items() if k is not None
+                 for m in b.values())
+    logger.info("prepared decode splits %s in %.1f s (%d partition graphs)", sms, time.perf_counter() - start, graphs)
+
+
+def _sm_list(value) -> list[int]:
+    """duet_capture_sms as a list of ints (also "16,32" from a config string, or one int)."""
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    elif isinstance(value, int):
+        value = [value]
+    return [int(v) for v in value]

@@ -13,11 +13,16 @@ min_new_tokens ban, logprobs): those run eagerly with the CPU-semantics `Sampler
 
 `build_model_executor` is the factory the engine calls: the plain ModelExecutor on a CPU, this
 class on a GPU (graphs unless disabled or the backend cannot be captured).
+
+`EventTimer` (marks on the current stream read as host times, without a host sync) serves the
+two-lane executor (duet_executor.py), whose lanes are timed from events on their own streams.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +33,8 @@ from sglang_duet.kernels.cuda_graph import DEFAULT_MAX_BS, CudaGraphDecodeRunner
 from sglang_duet.sampling.penalties import has_penalty
 
 logger = logging.getLogger(__name__)
+
+REANCHOR_S = 10.0  # re-map GPU event time onto the host clock this often (clock drift)
 
 
 class GPUModelExecutor(ModelExecutor):
@@ -104,13 +111,77 @@ class GPUModelExecutor(ModelExecutor):
         return "filtered" if gpu_sampling.needs_filters(params, self.vocab) else "sample"
 
 
+# ---- device time -> host time ---------------------------------------------------------------------
 
-def graph_decode_steps(runner, work: list[ReqWork], mode: str, vocab: int, index):
+@dataclass
+class _HostMark:
+    """A completion marker for work already finished on the host (CPU, or a lane that synced)."""
+
+    t: float
+
+    def query(self) -> bool:
+        return True
+
+
+@dataclass
+class _Mark:
+    event: object  # torch.cuda.Event(enable_timing=True)
+    anchor: tuple  # (anchor event, host time of the anchor) current when this mark was recorded
+
+    def query(self) -> bool:
+        return self.event.query()
+
+
+class EventTimer:
+    """Marks on the current stream (CUDA events, or host timestamps on a CPU), read as host times.
+
+    An anchor event recorded on an idle stream completes within microseconds; the host time at
+    which it is seen complete maps every later event: t = t_anchor + anchor.elapsed_time(event).
+    Re-anchoring every REANCHOR_S bounds the drift between the GPU and host clocks; a mark keeps
+    the anchor that was current when it was recorded (always an earlier event)."""
+
+    def __init__(self, device: torch.device, clock: Callable[[], float] = time.monotonic):
+        self.cuda = device.type == "cuda"
+        self.clock = clock
+        self.device = device
+        self._anchor = None
+        if self.cuda:
+            self._stream = torch.cuda.Stream(device)
+            self._reanchor()
+
+    def _reanchor(self) -> None:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(self._stream)
+        while not ev.query():
+            pass
+        self._anchor = (ev, self.clock())
+
+    def maybe_reanchor(self) -> None:
+        if self.cuda and self.clock() - self._anchor[1] > REANCHOR_S:
+            self._reanchor()
+
+    def mark(self):
+        if not self.cuda:
+            return _HostMark(self.clock())
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()  # on the current stream: the lane's
+        return _Mark(ev, self._anchor)
+
+    def host_time(self, mark) -> float:
+        if isinstance(mark, _HostMark):
+            return mark.t
+        anchor, t0 = mark.anchor
+        return t0 + anchor.elapsed_time(mark.event) / 1e3
+
+
+def graph_decode_steps(runner, work: list[ReqWork], mode: str, vocab: int, index,
+                       before_launch: Callable[[], None] | None = None):
     """k decode steps back to back from captured graphs; step j's sampled ids feed step j+1 on the device.
 
     Yields (the step's sampled ids on the device, its rows) after each replay, so the caller can
     record its own event or mark. `index(keep)` turns a list of row positions into a device index
     tensor (how is the caller's business: a lane stream must not wait on a blocking copy).
+    `before_launch` goes to runner.run: called right before each step's replay, after its host work.
     """
     steps = max(w.steps for w in work)
     prev_ids, prev_rows = None, []
@@ -131,7 +202,7 @@ def graph_decode_steps(runner, work: list[ReqWork], mode: str, vocab: int, index
             sampling = gpu_sampling.SamplingTensors.host_rows(
                 [w.params for w in rows], [w.sampling_seed for w in rows],
                 [len(w.output_ids) + step for w in rows], vocab)
-        _, ids = runner.run(input_ids, positions, out_loc, seq, kv, sampling, mode)
+        _, ids = runner.run(input_ids, positions, out_loc, seq, kv, sampling, mode, before_launch=before_launch)
         prev_ids = ids.clone()  # the static output buffer is overwritten by the next replay
         prev_rows = rows
         yield prev_ids, rows
