@@ -34,7 +34,10 @@ SLO / 2, so that gap stays within the SLO too; off, only the steady-state gaps a
 
 Options (--policy-config): k_max (8), slo_margin (1.0: fraction of the TBT SLO a predicted
 step may use; < 1 leaves room for HBM contention the roofline does not see), join_guard (true),
-split_prefill_budget (prefill tokens per split-mode chunk; default: the chunked plan's).
+split_prefill_budget (prefill tokens per split-mode chunk; default: the chunked plan's),
+decode_sms_grid (the decode-partition sizes S_d the search considers: a list of ints or a comma
+string such as "16,32,48,64"; each must be on the hardware's partition grid; default: the whole
+grid. Fewer sizes mean fewer green contexts and decode graphs to create, e.g. for a short GPU run).
 """
 from __future__ import annotations
 
@@ -45,6 +48,14 @@ from sglang_duet.policies.base import (
     chunked_batch, log_plan, lookahead_cap, remaining_tokens, require_cost_model, select_prefills, steps_ms,
     useful_decode_tokens,
 )
+
+
+def _sm_count(x) -> int:
+    """An SM count from an int, an integral float or a decimal string (bools are not counts)."""
+    if isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()):
+        raise ValueError(x)
+    return int(x) if isinstance(x, (int, float)) else int(str(x).strip())
+
 
 _TIE = 1e-9  # relative: objectives closer than this are ties (float noise), resolved to fewer SMs / smaller k
 
@@ -73,10 +84,30 @@ class DuetPolicy(Policy):
         self.join_guard = bool(self.options.get("join_guard", True))
         self.hw = self.ctx.hardware
         self.total = self.hw.total_sms
-        self.grid = self.hw.partition_grid()
+        self.grid = self._decode_grid(self.options.get("decode_sms_grid"))
         self.lat = LatencyModel(self.ctx.cost_model, k_ref=max(2, self.k_max))
         # (batch object we launched, predicted end time): the in-flight launch of each lane.
         self._ends: dict[LaneKind, tuple[LaneBatch, float]] = {}
+
+    def _decode_grid(self, value) -> list[int]:
+        """The decode_sms_grid option: sorted distinct sizes on the hardware grid (None: all of it)."""
+        grid = self.hw.partition_grid()
+        if value is None:
+            return grid
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (int, float)):
+            items = [items]
+        try:
+            sizes = sorted({_sm_count(x) for x in items if str(x).strip() != ""})
+        except (TypeError, ValueError):
+            raise ValueError(f"duet: decode_sms_grid must be a list of SM counts or a comma string, got {value!r}") \
+                from None
+        if not sizes:
+            raise ValueError(f"duet: decode_sms_grid must name at least one SM count, got {value!r}")
+        bad = [s for s in sizes if s not in grid]
+        if bad:
+            raise ValueError(f"duet: decode_sms_grid has {bad}, not on the partition grid of {self.hw.name}: {grid}")
+        return sizes
 
     # ---- the search (public so tests can brute-force it) ---------------------------------------
     def step_limit_ms(self, joins: bool) -> float:

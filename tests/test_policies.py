@@ -174,6 +174,32 @@ def test_duet_single_idle_lane_keeps_the_partition():
     assert [(c.rid, c.length) for c in p.prefill_lane.prefill] == [("y", 3000)]
 
 
+def test_duet_decode_sms_grid_restricts_the_search():
+    decs = [decoding(f"d{i}", 4000) for i in range(96)]
+    v = view(wait=[waiting("p", 7000)], dec=decs)
+    full = load_policy("duet", ctx(join_guard=False))
+    assert full.grid == CM.hw.partition_grid()  # default: the hardware's whole grid
+    free = full.plan(v)
+    assert free.mode == "split"
+    # Only sizes above the unrestricted choice: the search must take the smallest feasible of them.
+    allowed = [s for s in CM.hw.partition_grid() if s > free.decode_sms][:3]
+    for value in (allowed, ",".join(map(str, allowed)), " , ".join(map(str, reversed(allowed)))):
+        pol = load_policy("duet", ctx(join_guard=False, decode_sms_grid=value))
+        assert pol.grid == allowed
+        p = pol.plan(v)
+        assert p.mode == "split" and p.decode_sms == allowed[0]
+        assert p.prefill_sms == CM.hw.total_sms - allowed[0]
+    # the one-lane re-plans stay on the restricted grid too
+    pol = load_policy("duet", ctx(decode_sms_grid="48"))
+    busy_d = launch(LaneKind.DECODE, LaneBatch(decode=["z"], steps=1), None, 5.0)
+    p = pol.plan(view(wait=[waiting("y", 300)], idle={LaneKind.PREFILL}, inflight={LaneKind.DECODE: busy_d}))
+    assert p.prefill_sms == CM.hw.total_sms - 48
+    for bad, what in ((36, r"\[36\]"), ("16,36,200", r"\[36, 200\]"), ("", "at least one"), ("a,b", "comma string"),
+                      ([16.5], "comma string"), ([True], "comma string")):
+        with pytest.raises(ValueError, match=r"decode_sms_grid.*" + what):
+            load_policy("duet", ctx(decode_sms_grid=bad))
+
+
 def test_duet_needs_a_cost_model():
     with pytest.raises(ValueError, match="--hardware.*--model-config"):
         load_policy("duet", PolicyContext())
