@@ -1,112 +1,161 @@
 #!/usr/bin/env bash
-# The one command the lent GPU machine runs, from the repository root, with .whl/ carried
-# (scripts/gpu_bundle.sh fills it on a machine with PyPI):
+# The command a lent GPU machine runs, from the repository root, with .whl/ carried
+# (scripts/gpu_bundle.sh fills it on a machine with PyPI). A lease is 15 minutes of device time,
+# 10 per command, so the work comes in two calls, each ordered by value: a run cut off at its
+# time limit still leaves the most important facts under $OUT.
 #
-#   bash scripts/gpu_run.sh            # all phases: env, tests (pytest -m gpu tests/gpu), benchmark
-#   bash scripts/gpu_run.sh tests      # only the GPU tests
-#   bash scripts/gpu_run.sh bench      # only benchmark/step_latency.py (Qwen3-8B dummy bf16)
-#   bash scripts/gpu_run.sh duet       # Duet: tests/gpu/test_gpu_duet.py (facts in duet_facts.json),
-#                                      # then calibration (sglang_duet.calibrate, Qwen3-8B dummy)
-#   bash scripts/gpu_run.sh calibrate  # only the calibration (DUET_CALIBRATE_ARGS=--quick for a short one)
+#   bash scripts/gpu_run.sh lease1   # smoke, prewarm (FlashInfer JIT), kernel/graph/engine tests, duet tests
+#   bash scripts/gpu_run.sh lease2   # step-latency benchmark, calibration (+ lane contention), policy A/B
+#   bash scripts/gpu_run.sh all      # both, in one call (when one call has the time)
+#   bash scripts/gpu_run.sh PHASE    # one phase: smoke prewarm tests duet bench calibrate ab
 #
-# Logs and results go under $OUT (the device tool brings that folder back; at most 8 files,
-# two folders deep). One device command may run 10 minutes, so every phase has its own
-# timeout and the whole run stays under about 9.5 minutes; FlashInfer's JIT cache lives in
-# $FLASHINFER_WORKSPACE_BASE (/tmp), so a second call on the same warm machine skips compiles.
+#   GPU_RUN_DRY=1 bash scripts/gpu_run.sh all   # on any machine: every phase's shell logic runs, each
+#                                               # python command only checks itself (--help /
+#                                               # pytest --collect-only); tests/test_gpu_run_script.py
+#
+# Every phase has its own timeout, cut to the time the whole call has left (GPU_RUN_BUDGET_S,
+# default 560 s); a phase that fails or times out is reported and the next one still runs; the
+# script exits non-zero if any phase failed. Everything a phase writes goes to $WORK; after each
+# phase $WORK is packed into $OUT/results-<call>.tgz (the device tool returns at most 8 files),
+# and the compiled FlashInfer modules into $OUT/flashinfer_so.tgz[.partNN] (<= 15 MiB a file).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE=${1:-all}
+CALL=${1:-all}
 OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT"
-START=$(date +%s)
+WORK=${GPU_RUN_WORK:-/tmp/gpu_work}
+PY=${GPU_RUN_PYTHON:-python3}
+DRY=${GPU_RUN_DRY:-0}
 BUDGET=${GPU_RUN_BUDGET_S:-560}
+mkdir -p "$OUT" "$WORK"
+START=$(date +%s)
+FAILED=0
+SUMMARY="$WORK/summary-$CALL.txt"
+: >"$SUMMARY"
+
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-log() { echo "[gpu_run $(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/gpu_run.log"; }
+log() { echo "[gpu_run $(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$WORK/gpu_run.log"; }
+pack() {  # small, so it runs after every phase: a killed call still returns what came before
+  tar czf "$OUT/results-$CALL.tgz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/results-$CALL.tgz.tmp" "$OUT/results-$CALL.tgz"
+}
 
-# ---- environment ----------------------------------------------------------------------------
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >>"$OUT/gpu_run.log" 2>&1 || { log "wheel install failed"; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-else
-  log "no .whl/ folder: FlashInfer and the server packages will be missing (run scripts/gpu_bundle.sh and carry .whl)"
-fi
-# The repository is not pip-installed here; the package maps kernels/ and policies/ under
-# sglang_duet (pyproject's package-dir). Links in this throwaway copy of the tree do the same.
-[ -e sglang_duet/kernels ] || ln -s ../kernels sglang_duet/kernels
-[ -e sglang_duet/policies ] || ln -s ../policies sglang_duet/policies
-export PYTHONPATH=$PWD:${PYTHONPATH}
-export CUDA_HOME=/usr/local/cuda  # deriving it from the nvcc wrapper's path goes wrong (gpu.md)
-export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/flashinfer_ws}
-export PYTHONUNBUFFERED=1
-export TOKENIZERS_PARALLELISM=false
-mkdir -p "$FLASHINFER_WORKSPACE_BASE"
-
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
-  python3 - <<'EOF'
-import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0),
-      "sms", torch.cuda.get_device_properties(0).multi_processor_count)
-for name in ("triton", "flashinfer", "tvm_ffi", "zmq", "fastapi", "msgspec", "orjson", "uvicorn", "gguf"):
-    try:
-        m = importlib.import_module(name)
-        print(name, getattr(m, "__version__", "?"))
-    except Exception as e:  # noqa: BLE001
-        print(name, "NOT IMPORTABLE:", type(e).__name__, e)
-EOF
-} >"$OUT/env.txt" 2>&1
-log "environment: $(tr '\n' ';' <"$OUT/env.txt" | cut -c1-400)"
-
-rc=0
-# ---- GPU tests ---------------------------------------------------------------------------------
-if [ "$PHASE" = all ] || [ "$PHASE" = tests ]; then
-  T=$(( $(left) - ( [ "$PHASE" = all ] && echo 170 || echo 0 ) ))
-  log "pytest -m gpu tests/gpu (timeout ${T}s)"
-  timeout "$T" python3 -m pytest -m gpu tests/gpu -v -rs --durations=15 -p no:cacheprovider \
-    -o addopts="" --timeout=300 >"$OUT/pytest_gpu.log" 2>&1
-  r=$?
-  tail -n 5 "$OUT/pytest_gpu.log" | tee -a "$OUT/gpu_run.log"
-  log "pytest exit code $r"
-  [ $r -ne 0 ] && rc=$r
-fi
-
-# ---- step-latency benchmark -----------------------------------------------------------------
-if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
-  T=$(( $(left) - 10 ))
-  if [ "$T" -lt 60 ]; then
-    log "benchmark skipped: ${T}s left (run: bash scripts/gpu_run.sh bench)"
+# run_phase NAME WANT_S MIN_S CMD...: runs CMD with timeout min(WANT_S, time left - 5), skips it
+# when fewer than MIN_S seconds are left. Output to $WORK/NAME.log. Never exits the script.
+run_phase() {
+  local name=$1 want=$2 min=$3; shift 3
+  local avail=$(( $(left) - 5 ))
+  local t=$want
+  if [ "$avail" -lt "$t" ]; then t=$avail; fi
+  if [ "$t" -lt "$min" ]; then
+    log "phase $name: SKIPPED (${avail}s left, needs ${min}s)"
+    echo "$name skipped ${avail}s-left" >>"$SUMMARY"
+    return 0
+  fi
+  local cmd=("$@")
+  if [ "$DRY" = 1 ]; then  # check the command can start: its script/module exists and parses its flags
+    if [ "${cmd[1]:-}" = "-m" ] && [ "${cmd[2]:-}" = "pytest" ]; then cmd+=(--collect-only -q); else cmd+=(--help); fi
+  fi
+  log "phase $name: start (timeout ${t}s): ${cmd[*]}"
+  local t0=$(date +%s)
+  timeout -k 10 "$t" "${cmd[@]}" >"$WORK/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  tail -n 4 "$WORK/$name.log" | sed "s/^/    [$name] /" | tee -a "$WORK/gpu_run.log"
+  if [ $rc -eq 0 ]; then
+    log "phase $name: ok (${dt}s)"; echo "$name ok ${dt}s" >>"$SUMMARY"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    log "phase $name: TIMEOUT after ${dt}s"; echo "$name TIMEOUT ${dt}s" >>"$SUMMARY"; FAILED=1
   else
-    log "benchmark/step_latency.py (timeout ${T}s)"
-    timeout "$T" python3 benchmark/step_latency.py --out "$OUT/step_latency" >"$OUT/step_latency.log" 2>&1
-    r=$?
-    log "step_latency exit code $r"
-    [ $r -ne 0 ] && rc=$r
+    log "phase $name: FAILED rc=$rc (${dt}s)"; echo "$name FAILED rc=$rc ${dt}s" >>"$SUMMARY"; FAILED=1
+  fi
+  pack
+  return 0
+}
+
+# ---- environment --------------------------------------------------------------------------------
+if [ "$DRY" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl >>"$WORK/gpu_run.log" 2>&1; then
+    log "wheel install FAILED (see gpu_run.log)"; FAILED=1
+  fi
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  log "no wheels installed (dry run, or no .whl/: FlashInfer and the server packages may be missing)"
+fi
+# The repository is not pip-installed there; the package maps kernels/ and policies/ under
+# sglang_duet (pyproject's package-dir). Links in this throwaway copy do the same.
+if [ "$DRY" != 1 ]; then
+  [ -e sglang_duet/kernels ] || ln -s ../kernels sglang_duet/kernels
+  [ -e sglang_duet/policies ] || ln -s ../policies sglang_duet/policies
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # deriving it from the nvcc wrapper's path goes wrong
+export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/flashinfer_ws}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$FLASHINFER_WORKSPACE_BASE"
+if [ "$DRY" != 1 ]; then
+  { nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
+      --format=csv 2>&1
+    "$PY" -c 'import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0),
+      torch.cuda.get_device_properties(0).multi_processor_count, "SMs")
+for n in ("triton", "flashinfer", "tvm_ffi", "cuda.bindings", "zmq", "fastapi", "msgspec", "orjson", "uvicorn", "gguf",
+          "transformers", "xdist"):
+    try:
+        m = importlib.import_module(n); print(n, getattr(m, "__version__", "?"))
+    except Exception as e: print(n, "NOT IMPORTABLE:", type(e).__name__, e)' 2>&1
+  } >"$WORK/env.txt"
+  log "environment: $(tr '\n' ';' <"$WORK/env.txt" | cut -c1-600)"
+fi
+
+HW=h100
+if [ "$DRY" != 1 ]; then
+  HW=$("$PY" -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name(0) else "h100")' 2>/dev/null || echo h100)
+fi
+want() { case " $PHASES " in *" $1 "*) return 0;; *) return 1;; esac; }
+case "$CALL" in
+  lease1) PHASES="smoke prewarm tests duet" ;;
+  lease2) PHASES="prewarm bench calibrate ab" ;;  # prewarm: seconds when the cache is warm, else the compile
+  all) PHASES="smoke prewarm tests duet bench calibrate ab" ;;
+  smoke|prewarm|tests|duet|bench|calibrate|ab) PHASES="$CALL" ;;
+  *) echo "usage: $0 lease1|lease2|all|smoke|prewarm|tests|duet|bench|calibrate|ab" >&2; exit 2 ;;
+esac
+log "call $CALL: phases [$PHASES], budget ${BUDGET}s, hardware $HW"
+
+# ---- phases, by value ---------------------------------------------------------------------------
+want smoke && run_phase smoke 90 20 "$PY" scripts/gpu_smoke.py --out "$WORK/smoke.json"
+if want prewarm; then
+  run_phase prewarm 240 30 "$PY" scripts/gpu_prewarm.py --out "$WORK/prewarm.json" --so-tar "$WORK/flashinfer_so.tgz"
+  if [ -s "$WORK/flashinfer_so.tgz" ]; then  # outside $WORK's pack: it can be large
+    mv "$WORK/flashinfer_so.tgz" /tmp/flashinfer_so.tgz
+    rm -f "$OUT"/flashinfer_so.tgz*
+    if [ "$(stat -c %s /tmp/flashinfer_so.tgz)" -le $(( 15 << 20 )) ]; then
+      cp /tmp/flashinfer_so.tgz "$OUT/flashinfer_so.tgz"
+    else
+      split -b 15m -d -a 2 /tmp/flashinfer_so.tgz "$OUT/flashinfer_so.tgz.part"
+      rm -f "$OUT/flashinfer_so.tgz.part05" "$OUT"/flashinfer_so.tgz.part0[6-9]  # keep within the 8-file limit
+    fi
   fi
 fi
-# ---- Duet: SM partitions, two-lane executor, calibration ----------------------------------------
-if [ "$PHASE" = duet ]; then
-  export DUET_GPU_FACTS="$OUT/duet_facts.json"
-  T=$(( $(left) - 240 ))  # leave the calibration about 4 minutes
-  log "pytest tests/gpu/test_gpu_duet.py (timeout ${T}s)"
-  timeout "$T" python3 -m pytest -m gpu tests/gpu/test_gpu_duet.py -v -rs --durations=15 -p no:cacheprovider \
-    -o addopts="" --timeout=240 >"$OUT/pytest_duet.log" 2>&1
-  r=$?
-  tail -n 5 "$OUT/pytest_duet.log" | tee -a "$OUT/gpu_run.log"
-  log "pytest (duet) exit code $r"
-  [ $r -ne 0 ] && rc=$r
-fi
-if [ "$PHASE" = duet ] || [ "$PHASE" = calibrate ]; then
-  HW=$(python3 -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name(0) else "h100")')
-  T=$(( $(left) - 10 ))
-  mkdir -p "$OUT/calibration"
-  log "calibration on $HW (timeout ${T}s) ${DUET_CALIBRATE_ARGS:-}"
-  # shellcheck disable=SC2086
-  timeout "$T" python3 -m sglang_duet.calibrate --model-config configs/models/qwen3-8b.json --hardware "$HW" \
-    --out "$OUT/calibration/$HW-calibrated.yaml" ${DUET_CALIBRATE_ARGS:-} >"$OUT/calibrate.log" 2>&1
-  r=$?
-  log "calibration exit code $r"
-  [ $r -ne 0 ] && rc=$r
-fi
-log "done, exit $rc"
-exit $rc
+PYTEST=("$PY" -m pytest -v -rs --durations=20 -p no:cacheprovider -o addopts= --timeout=240)
+XDIST=()
+if [ "$DRY" != 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 4); fi
+want tests && run_phase tests 170 40 "${PYTEST[@]}" "${XDIST[@]}" -m gpu \
+  tests/gpu/test_gpu_attention.py tests/gpu/test_gpu_graphs.py tests/gpu/test_gpu_engine.py
+export DUET_GPU_FACTS="$WORK/duet_facts.json"
+want duet && run_phase duet 150 40 "${PYTEST[@]}" -m gpu \
+  tests/gpu/test_gpu_duet.py
+want bench && run_phase bench 120 40 "$PY" benchmark/step_latency.py --hardware "$HW" \
+  --batches 1 32 128 --contexts 1024 4096 --prefills 1024 4096 8192 --out "$WORK/step_latency"
+want calibrate && run_phase calibrate 150 60 "$PY" -m sglang_duet.calibrate \
+  --model-config configs/models/qwen3-8b.json --hardware "$HW" --out "$WORK/calibration/$HW-calibrated.yaml" \
+  --sizes 8 16 24 32 48 64 80 96 112 124 132 --validate-sizes 16 32 64 96 132
+# The A/B's policies plan with the calibration just measured when there is one (else the shipped curves).
+CAL="$WORK/calibration/$HW-calibrated.yaml"
+AB_HW=$HW; [ -s "$CAL" ] && AB_HW=$CAL
+want ab && run_phase ab 170 60 "$PY" benchmark/gpu_ab.py --hardware "$AB_HW" --out "$WORK/ab" --budget-s 150 \
+  --workload azure-conv --num-requests 64 --rate 10 --max-input 4096 --max-output 256 --tbt-slo-ms 100
+
+log "call $CALL done, failed=$FAILED"
+cat "$SUMMARY"
+pack
+exit $FAILED

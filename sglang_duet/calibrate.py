@@ -128,12 +128,20 @@ def time_on(stream, fn, device: torch.device, warmup: int, iters: int) -> float:
             except RuntimeError as e:
                 logger.warning("CUDA events failed on this stream (%s): timing with device synchronisation", e)
                 _EVENTS_OK = False
-        torch.cuda.synchronize(device)
+        _sync(stream, device)
         t = time.perf_counter()
         for _ in range(iters):
             fn()
-        torch.cuda.synchronize(device)
+        _sync(stream, device)
         return (time.perf_counter() - t) / iters
+
+
+def _sync(stream, device: torch.device) -> None:
+    """The stream itself, then the device: a device synchronisation alone may not wait for the
+    streams of a green context (scripts/gpu_smoke.py checks it)."""
+    if stream is not None:
+        stream.synchronize()
+    torch.cuda.synchronize(device)
 
 
 def measure_size(part, sms: int, s: Settings, device: torch.device, dtype: torch.dtype) -> SizePoint:
@@ -175,20 +183,31 @@ def spread(sizes: list[int], n: int) -> list[int]:
     return [sizes[i] for i in idx]
 
 
-def measure_model(args, part, sizes: list[int], s: Settings, device: torch.device):
+@dataclass
+class LoadedModel:
+    model: object
+    cfg: object
+    dtype: torch.dtype
+
+
+def load_dummy(args, device: torch.device) -> LoadedModel:
+    from sglang_duet.model_loader.loader import load_model
+
+    loaded = load_model(None, load_format="dummy", model_config_path=args.model_config, dtype=args.dtype,
+                        device=str(device))
+    return LoadedModel(loaded.model, loaded.config, loaded.dtype)
+
+
+def measure_model(args, part, sizes: list[int], s: Settings, device: torch.device, lm: LoadedModel):
     """Validation rows: decode steps (the partition's CUDA graphs) and eager prefills, per size."""
     from sglang_duet.executor.duet_executor import PartitionedDecodeRunner
     from sglang_duet.kernels.attention import get_attention_backend, resolve_backend_name
     from sglang_duet.kernels.attention.base import ForwardBatch
     from sglang_duet.kernels.cuda_graph import supports_graphs
     from sglang_duet.memory.kv_pool import KVCachePool
-    from sglang_duet.model_loader.loader import load_model
 
-    loaded = load_model(None, load_format="dummy", model_config_path=args.model_config, dtype=args.dtype,
-                        device=str(device))
-    model, cfg = loaded.model, loaded.config
+    model, cfg, dtype = lm.model, lm.cfg, lm.dtype
     attn = get_attention_backend(resolve_backend_name(args.attention_backend, device), cfg, device)
-    dtype = loaded.dtype
     want = max([b * (c + 1) for b, c in s.decode] + list(s.prefill)) + 1
     pool = KVCachePool(cfg.num_hidden_layers, want, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
     graphs = device.type == "cuda" and supports_graphs(attn)
@@ -201,11 +220,8 @@ def measure_model(args, part, sizes: list[int], s: Settings, device: torch.devic
         whole = granted >= part.total
         runner.select(None if whole else ("single", granted), stream)
         for bs, ctx in s.decode:
-            table = torch.arange(1, 1 + bs * (ctx + 1), device=device).view(bs, ctx + 1)
-            kv, out_loc = table.reshape(-1), table[:, ctx]
-            ids = torch.randint(0, cfg.vocab_size, (bs,), device=device)
-            pos, seq = [ctx] * bs, [ctx + 1] * bs
-            t = time_on(stream, lambda: runner.run(ids, pos, out_loc, seq, kv), device, s.warmup, s.iters)
+            step = _decode_step(runner, cfg, bs, ctx, device)
+            t = time_on(stream, step, device, s.warmup, s.iters)
             rows.append(Row("decode", granted, bs, ctx, t * 1e3))
             logger.info("decode bs=%d ctx=%d on %d SMs: %.3f ms", bs, ctx, granted, t * 1e3)
         for n in s.prefill:
@@ -216,6 +232,84 @@ def measure_model(args, part, sizes: list[int], s: Settings, device: torch.devic
             logger.info("prefill %d on %d SMs: %.3f ms", n, granted, t * 1e3)
     runner.select(None)
     return rows, cfg, torch.empty((), dtype=dtype).element_size()
+
+
+def _decode_step(runner, cfg, bs: int, ctx: int, device: torch.device, first_slot: int = 1):
+    """One decode step of `bs` requests with `ctx` cached tokens each, slots from `first_slot` on."""
+    table = torch.arange(first_slot, first_slot + bs * (ctx + 1), device=device).view(bs, ctx + 1)
+    kv, out_loc = table.reshape(-1), table[:, ctx]
+    ids = torch.randint(0, cfg.vocab_size, (bs,), device=device)
+    pos, seq = [ctx] * bs, [ctx + 1] * bs
+    return lambda: runner.run(ids, pos, out_loc, seq, kv)
+
+
+# ---- the two lanes at once: what HBM and L2 sharing costs ------------------------------------------
+
+def measure_contention(args, part, device: torch.device, lm: LoadedModel, splits=(32, 64),
+                       decode=(32, 1024), prefill_len: int = 4096, decode_steps: int = 20) -> list[dict]:
+    """Per split: a decode lane's step time on S_d SMs alone and while prefills run on the other
+    SMs, and the prefill's time alone and beside the decoding lane (partitions split SMs, not
+    HBM bandwidth or L2: the emulator's contention term is a guess until this is measured).
+
+    Prefills are queued on the prefill stream first (enough to outlast the decode window), then the
+    decode steps are timed with events on their own stream while the prefills run."""
+    from sglang_duet.executor.duet_executor import PartitionedDecodeRunner
+    from sglang_duet.kernels.attention import get_attention_backend, resolve_backend_name
+    from sglang_duet.kernels.attention.base import ForwardBatch
+    from sglang_duet.kernels.cuda_graph import supports_graphs
+    from sglang_duet.memory.kv_pool import KVCachePool
+
+    if device.type != "cuda":
+        return []
+    model, cfg, dtype = lm.model, lm.cfg, lm.dtype
+    name = resolve_backend_name(args.attention_backend, device)
+    attn_d, attn_p = get_attention_backend(name, cfg, device), get_attention_backend(name, cfg, device)
+    bs, ctx = decode
+    decode_slots = bs * (ctx + 1)
+    pool = KVCachePool(cfg.num_hidden_layers, decode_slots + prefill_len + 2, cfg.num_key_value_heads, cfg.head_dim,
+                       dtype, device)
+    runner = PartitionedDecodeRunner(model, attn_d, pool, max_bs=bs, use_graphs=supports_graphs(attn_d),
+                                     max_kv_tokens=decode_slots + bs)
+    step = _decode_step(runner, cfg, bs, ctx, device)
+    prompt = torch.randint(0, cfg.vocab_size, (prefill_len,)).tolist()
+    fb = ForwardBatch.build([(prompt, 0, list(range(decode_slots + 1, decode_slots + 1 + prefill_len)), True)], device)
+    out = []
+    for sd in splits:
+        sp = part.split(sd)
+        runner.select(("split", sp.decode_sms), sp.decode_stream)
+        d_alone = time_on(sp.decode_stream, step, device, 2, decode_steps)
+        p_alone = time_on(sp.prefill_stream, lambda: model(fb, attn_p, pool), device, 1, 2)
+        n_prefill = max(2, int(decode_steps * d_alone / p_alone) + 2)
+        with torch.cuda.stream(sp.prefill_stream):
+            p0 = torch.cuda.Event(enable_timing=True)
+            p1 = torch.cuda.Event(enable_timing=True)
+            p0.record()
+            for _ in range(n_prefill):
+                model(fb, attn_p, pool)
+            p1.record()
+        with torch.cuda.stream(sp.decode_stream):
+            d0 = torch.cuda.Event(enable_timing=True)
+            d1 = torch.cuda.Event(enable_timing=True)
+            d0.record()
+            for _ in range(decode_steps):
+                step()
+            d1.record()
+        d1.synchronize()
+        decode_done_first = not p1.query()  # the whole decode window ran beside prefills
+        p1.synchronize()
+        d_with = d0.elapsed_time(d1) / 1e3 / decode_steps
+        p_with = p0.elapsed_time(p1) / 1e3 / n_prefill
+        row = {"decode_sms": sp.decode_granted, "prefill_sms": sp.prefill_granted, "decode_batch": bs,
+               "decode_context": ctx, "prefill_tokens": prefill_len, "decode_alone_ms": d_alone * 1e3,
+               "decode_beside_prefill_ms": d_with * 1e3, "decode_slowdown": d_with / d_alone,
+               "prefill_alone_ms": p_alone * 1e3, "prefill_beside_decode_ms": p_with * 1e3,
+               "prefill_slowdown": p_with / p_alone, "decode_window_inside_prefills": decode_done_first}
+        out.append(row)
+        logger.info("contention S_d=%d: decode %.3f -> %.3f ms (x%.2f), prefill %.1f -> %.1f ms", sp.decode_granted,
+                    row["decode_alone_ms"], row["decode_beside_prefill_ms"], row["decode_slowdown"],
+                    row["prefill_alone_ms"], row["prefill_beside_decode_ms"])
+    runner.select(None)
+    return out
 
 
 def predict(rows: list[Row], cfg, spec: HardwareSpec, dtype_bytes: int, attr: str) -> None:
@@ -266,6 +360,19 @@ def report_markdown(rep: dict) -> str:
     mb, ma = rep["median_abs_error_before"], rep["median_abs_error_after"]
     if mb is not None:
         lines += ["", f"Median absolute error: before {100 * mb:.1f}%, after {100 * ma:.1f}%."]
+    rows = [c for c in rep.get("contention") or [] if "decode_sms" in c]
+    if rows:
+        lines += ["", "Two lanes at once (decode beside back-to-back prefills on the other SMs):", "",
+                  "| S_d | S_p | decode alone ms | beside prefill ms | x | prefill alone ms | beside decode ms | x |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in rows:
+            lines.append(f"| {c['decode_sms']} | {c['prefill_sms']} | {c['decode_alone_ms']:.3f} | "
+                         f"{c['decode_beside_prefill_ms']:.3f} | {c['decode_slowdown']:.2f} | "
+                         f"{c['prefill_alone_ms']:.1f} | {c['prefill_beside_decode_ms']:.1f} | "
+                         f"{c['prefill_slowdown']:.2f} |")
+    for c in rep.get("contention") or []:
+        if "error" in c:
+            lines += ["", f"Contention measurement failed: {c['error']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -321,9 +428,6 @@ def run(args) -> dict:
         torch.cuda.empty_cache()
     compute_curve, bandwidth_curve = curves(points)
 
-    vsizes = args.validate_sizes or spread(sizes, s.validate_points)
-    rows, cfg, dtype_bytes = measure_model(args, part, vsizes, s, device) if not args.skip_model else ([], None, 2)
-
     measured = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -340,6 +444,20 @@ def run(args) -> dict:
     }
     base = _base_ref(args.hardware, out)
     write_calibration(out, base, compute_curve, bandwidth_curve, measured)
+    # The curves are on disk before the (long) model steps: a run cut short still leaves them.
+    Path(f"{out.with_suffix('')}.points.json").write_text(json.dumps([asdict(p) for p in points], indent=2))
+
+    vsizes = args.validate_sizes or spread(sizes, s.validate_points)
+    lm = None if args.skip_model else load_dummy(args, device)
+    rows, cfg, dtype_bytes = measure_model(args, part, vsizes, s, device, lm) if lm else ([], None, 2)
+    contention = []
+    if lm is not None and args.contention and device.type == "cuda":
+        try:
+            contention = measure_contention(args, part, device, lm)
+        except Exception as e:  # noqa: BLE001 - the curves and rows above are worth keeping
+            logger.warning("contention measurement failed: %r", e)
+            contention = [{"error": repr(e)}]
+
     overhead = None
     if rows:
         predict(rows, cfg, spec, dtype_bytes, "before_ms")
@@ -362,6 +480,7 @@ def run(args) -> dict:
         "sizes": [asdict(p) for p in points],
         "compute_curve": compute_curve, "bandwidth_curve": bandwidth_curve,
         "launch_overhead_s": overhead,
+        "contention": contention,
         "rows": [dict(asdict(r), before_err=r.before_err, after_err=r.after_err) for r in rows],
         "median_abs_error_before": _median_abs(r.before_err for r in rows),
         "median_abs_error_after": _median_abs(r.after_err for r in rows),
@@ -388,6 +507,8 @@ def main(argv=None) -> int:
     p.add_argument("--validate-sizes", type=int, nargs="*", help="SM counts for the model-step validation rows")
     p.add_argument("--skip-model", action="store_true", help="curves only, no validation table")
     p.add_argument("--no-fit-overhead", action="store_true", help="keep the base file's launch overhead")
+    p.add_argument("--no-contention", dest="contention", action="store_false",
+                   help="skip the two-lane contention rows (decode beside a prefill, per split)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")

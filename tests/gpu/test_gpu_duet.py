@@ -66,12 +66,19 @@ def _host_time(stream, fn, iters: int, warmup: int = 2) -> float:
     with ctx:
         for _ in range(warmup):
             fn()
-        torch.cuda.synchronize()
+        _sync(stream)
         t = time.perf_counter()
         for _ in range(iters):
             fn()
-        torch.cuda.synchronize()
+        _sync(stream)
     return (time.perf_counter() - t) / iters
+
+
+def _sync(stream) -> None:
+    """The stream, then the device (a device synchronisation may not cover a green context's streams)."""
+    if stream is not None:
+        stream.synchronize()
+    torch.cuda.synchronize()
 
 
 def test_split_grants_and_disjoint_contexts(part):
@@ -162,7 +169,7 @@ def test_graph_captured_on_a_partition_stays_confined(part):
             g.capture_begin(capture_error_mode="thread_local")
             out = a @ b
             g.capture_end()
-        torch.cuda.synchronize()
+        _sync(stream)
         return g, out
 
     s8 = part.stream(8)
@@ -192,7 +199,8 @@ def test_timing_events_on_partition_streams(part):
             for _ in range(20):
                 a @ a
             marks.append(timer.mark())
-    torch.cuda.synchronize()
+    _sync(sp.decode_stream)
+    _sync(sp.prefill_stream)
     t1 = time.monotonic()
     hosts = [timer.host_time(m) for m in marks]
     FACTS["events_on_green_streams"] = {"host_times_within": [h - t0 for h in hosts], "window": t1 - t0}
@@ -234,6 +242,7 @@ def _duet(model, attn_name, part):
 
     class Args:
         cuda_graph_max_bs = 16
+        duet_capture_sms = [32]  # SplitAlways's split: captured up front, not inside the run
         extra = {}
 
     return build_duet_executor(model, pool, _attn(attn_name, cfg), "cuda", Args(), partitioner=part,
