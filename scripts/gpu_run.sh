@@ -144,9 +144,9 @@ want tests && run_phase tests 170 40 "${PYTEST[@]}" "${XDIST[@]}" -m gpu \
 export DUET_GPU_FACTS="$WORK/duet_facts.json"
 want duet && run_phase duet 150 40 "${PYTEST[@]}" -m gpu \
   tests/gpu/test_gpu_duet.py
-want bench && run_phase bench 120 40 "$PY" benchmark/step_latency.py --hardware "$HW" \
-  --batches 1 32 128 --contexts 1024 4096 --prefills 1024 4096 8192 --out "$WORK/step_latency"
-want calibrate && run_phase calibrate 150 60 "$PY" -m sglang_duet.calibrate \
+want bench && run_phase bench 100 40 "$PY" benchmark/step_latency.py --hardware "$HW" \
+  --batches 1 32 128 --contexts 1024 4096 --prefills 1024 8192 --out "$WORK/step_latency"
+want calibrate && run_phase calibrate 140 60 "$PY" -m sglang_duet.calibrate \
   --model-config configs/models/qwen3-8b.json --hardware "$HW" --out "$WORK/calibration/$HW-calibrated.yaml" \
   --sizes 8 16 24 32 48 64 80 96 112 124 132 --validate-sizes 16 32 64 96 132
 # The A/B's policies plan with the calibration just measured when there is one (else the shipped curves).
