@@ -31,8 +31,12 @@ def reference_tokens(prompt: list[int], n: int) -> list[int]:
 class FakeLanes:
     """Runs launches on a virtual clock: a launch takes `prefill_ms` per prefill token plus `decode_ms` per step."""
 
-    def __init__(self, core, pool_size: int, prefill_ms: float = 1.0, decode_ms: float = 10.0, forced: dict | None = None):
+    def __init__(self, core, pool_size: int, prefill_ms: float = 1.0, decode_ms: float = 10.0, forced: dict | None = None,
+                 partials: bool = False):
         self.core = core
+        # partials: a k-step launch reports each step's tokens when that step ends (final=False parts),
+        # then an empty final part at its end, as a GPU executor that delivers per step does.
+        self.partials = partials
         self.kv = [None] * pool_size
         self.prefill_ms = prefill_ms
         self.decode_ms = decode_ms
@@ -70,10 +74,17 @@ class FakeLanes:
                     self.kv[slots[pos]] = tok
                     pos += 1
             res.tokens[w.rid] = out
-        dur += launch.batch.steps * self.decode_ms if launch.batch.decode else 0.0
-        res.finished_at = self.now + dur / 1e3
-        heapq.heappush(self.pending, (res.finished_at, launch.launch_id, res))
-        self.max_concurrent = max(self.max_concurrent, len(self.pending))
+        steps = launch.batch.steps if launch.batch.decode else 0
+        res.finished_at = self.now + (dur + steps * self.decode_ms) / 1e3
+        if self.partials and steps > 1:
+            for j in range(steps):  # step j's tokens, visible when step j ends
+                t = self.now + (dur + (j + 1) * self.decode_ms) / 1e3
+                part = LaunchResult(launch.launch_id, started_at=self.now, finished_at=t, final=False)
+                part.tokens = {rid: toks[j:j + 1] for rid, toks in res.tokens.items() if len(toks) > j}
+                heapq.heappush(self.pending, (t, (launch.launch_id, j), part))
+            res = LaunchResult(launch.launch_id, started_at=self.now, finished_at=res.finished_at)
+        heapq.heappush(self.pending, (res.finished_at, (launch.launch_id, steps), res))
+        self.max_concurrent = max(self.max_concurrent, len({lid for _, (lid, _), r in self.pending}))
 
     def run(self, max_iters: int = 100_000) -> list:
         """Drive the core until every request has finished; return all updates."""

@@ -109,16 +109,24 @@ class Launch:
 
 @dataclass
 class LaunchResult:
-    """What an executor reports when a launch's events complete.
+    """What an executor reports about a launch: tokens as they become visible to the host.
 
-    `tokens[rid]` holds the sampled ids in step order (k of them for a k-step decode launch;
-    none for a prefill chunk that is not the last). `logprobs[rid]` parallels it when asked for.
+    A k-step decode launch makes its tokens visible step by step, so an executor may report a
+    launch in several parts: zero or more partial results (`final=False`), each with the tokens
+    of the steps completed since the previous part, then one final result (`final=True`) with the
+    rest, sent once the launch's last kernel is done and its lane is free again. A launch reported
+    in one part is a single final result, as before.
+
+    `tokens[rid]` holds this part's sampled ids in step order (none for a prefill chunk that is
+    not the last). `logprobs[rid]` parallels it when asked for. `token_times[rid]` says when each
+    token became visible to the host (default: `finished_at`): that is the time a user's TBT is
+    measured from, never an earlier device-step time.
     """
 
     launch_id: int
     tokens: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[dict]] = field(default_factory=dict)
-    # when each token of a k-step decode was produced (device event times); default: finished_at
     token_times: dict[str, list[float]] = field(default_factory=dict)
     started_at: float = 0.0
-    finished_at: float = 0.0
+    finished_at: float = 0.0  # a partial result: when its tokens became visible
+    final: bool = True

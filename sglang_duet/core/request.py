@@ -27,6 +27,9 @@ class Request:
     kv_slots: list[int] = field(default_factory=list)  # the request's row of the req-to-token table
     num_computed: int = 0  # tokens of seq whose KV is in the cache
     inflight: int | None = None  # launch id while a lane works on it
+    # Finished while its launch still runs (a partial result ended it): the lane may still write to
+    # its KV slots, so they are released when the launch's final result arrives.
+    release_deferred: bool = False
     aborted: bool = False
     finish_reason: dict | None = None
     # timings (clock of the core)

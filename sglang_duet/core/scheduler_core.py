@@ -109,6 +109,7 @@ class SchedulerCore:
         self._busy: dict[LaneKind, int] = {}
         self._next_launch = 0
         self._pending_updates: list[RequestUpdate] = []
+        self._delivered: dict[int, dict[str, int]] = {}  # launch id -> rid -> tokens delivered by partials
         self.stats = CoreStats()
         # --- disaggregation hook (sglang_duet/disagg): a prefill instance keeps a finished
         # request's KV for a decode instance to pull. Called as kv_hold(request, reason) when a
@@ -385,47 +386,74 @@ class SchedulerCore:
     # ---- results -----------------------------------------------------------------------------
 
     def apply_result(self, result: LaunchResult) -> list[RequestUpdate]:
-        launch = self.inflight.pop(result.launch_id)
+        """Apply one part of a launch's result (see LaunchResult): the tokens it makes visible, and,
+        for the final part, the end of the launch (lanes freed, KV of requests that ended meanwhile
+        released, aborts completed)."""
+        launch = self.inflight.get(result.launch_id)
+        if launch is None:
+            raise KeyError(f"result for unknown launch {result.launch_id}")
+        if not result.final:
+            return [u for w in launch.work if (u := self._deliver(launch, w, result)) is not None]
+        del self.inflight[result.launch_id]
+        self._delivered.pop(result.launch_id, None)
         for lane, lid in list(self._busy.items()):
             if lid == launch.launch_id:
                 del self._busy[lane]
-        now = result.finished_at or self.clock()
         if hasattr(self.policy, "on_result"):
             self.policy.on_result(launch, result)
         updates = self.take_updates()
         for w in launch.work:
             r = self.requests[w.rid]
             r.inflight = None
+            if r.release_deferred:  # ended by an earlier part of this launch, already reported
+                self._release_kv(r)
+                self.requests.pop(r.rid, None)
+                continue
             if r.aborted:
                 if not r.finished:
                     self._finish(r, {"type": "abort", "message": "Aborted by the client."})
                     updates.append(self._update(r, []))
                 continue
-            tokens = result.tokens.get(w.rid, [])
-            lps = result.logprobs.get(w.rid, [])
-            times = result.token_times.get(w.rid)
-            new: list[int] = []
-            new_lps: list[dict] = []
             if not w.sample:
                 r.num_computed += len(w.input_ids)
                 continue
-            r.num_computed = w.start_pos + len(w.input_ids)
-            for i, t in enumerate(tokens[: w.steps]):
-                if i > 0:
-                    r.num_computed += 1  # the previous sampled token was fed back on the device
-                r.output_ids.append(t)
-                new.append(t)
-                if i < len(lps):
-                    r.logprobs.append(lps[i])
-                    new_lps.append(lps[i])
-                self._record_token_time(r, times[i] if times and i < len(times) else now)
-                reason = self._check_finished(r, t)
-                if reason is not None:
-                    self._finish(r, reason)
-                    break
-            self.stats.generated_tokens += len(new)
-            updates.append(self._update(r, new, new_lps))
+            u = self._deliver(launch, w, result, final=True)
+            if u is not None:
+                updates.append(u)
         return updates
+
+    def _deliver(self, launch: Launch, w: ReqWork, result: LaunchResult, final: bool = False) -> RequestUpdate | None:
+        """Append the tokens this part of the launch carries for one request, in step order."""
+        r = self.requests.get(w.rid)
+        if r is None or not w.sample or r.finished or r.aborted:
+            return None
+        done = self._delivered.setdefault(launch.launch_id, {}).get(w.rid, 0)
+        tokens = result.tokens.get(w.rid, [])[: max(0, w.steps - done)]
+        if not tokens and not final:
+            return None
+        lps = result.logprobs.get(w.rid, [])
+        times = result.token_times.get(w.rid)
+        now = result.finished_at or self.clock()
+        new: list[int] = []
+        new_lps: list[dict] = []
+        if done == 0:
+            r.num_computed = w.start_pos + len(w.input_ids)
+        for i, t in enumerate(tokens):
+            if done + i > 0:
+                r.num_computed += 1  # the previous sampled token was fed back on the device
+            r.output_ids.append(t)
+            new.append(t)
+            if i < len(lps):
+                r.logprobs.append(lps[i])
+                new_lps.append(lps[i])
+            self._record_token_time(r, times[i] if times and i < len(times) else now)
+            reason = self._check_finished(r, t)
+            if reason is not None:
+                self._finish(r, reason)
+                break
+        self._delivered[launch.launch_id][w.rid] = done + len(new)
+        self.stats.generated_tokens += len(new)
+        return self._update(r, new, new_lps)
 
     def _record_token_time(self, r: Request, t: float) -> None:
         if r.first_token_time is None:
@@ -452,19 +480,27 @@ class SchedulerCore:
     def _finish(self, r: Request, reason: dict) -> None:
         if r.state == ReqState.WAITING and r in self.waiting:
             self.waiting.remove(r)
-        # disaggregation hook: the prefill instance may keep the KV (see kv_hold in __init__)
-        if self.kv_hold is not None and reason.get("type") != "abort" and r.kv_slots and self.kv_hold(r, reason):
-            r.kv_slots = []
-        self.allocator.free(r.kv_slots)
-        r.kv_slots = []
         self.running.pop(r.rid, None)
         r.state = ReqState.FINISHED
         r.finish_reason = reason
         r.finish_time = self.clock()
+        if r.inflight is not None:
+            r.release_deferred = True  # its lane may still write to its slots: release at the launch's end
+        else:
+            self._release_kv(r)
         if reason["type"] == "abort":
             self.stats.aborted += 1
         else:
             self.stats.finished += 1
+
+    def _release_kv(self, r: Request) -> None:
+        r.release_deferred = False
+        # disaggregation hook: the prefill instance may keep the KV (see kv_hold in __init__)
+        reason = r.finish_reason or {}
+        if self.kv_hold is not None and reason.get("type") != "abort" and r.kv_slots and self.kv_hold(r, reason):
+            r.kv_slots = []
+        self.allocator.free(r.kv_slots)
+        r.kv_slots = []
 
     def _update(self, r: Request, new: list[int], new_lps: list[dict] | None = None) -> RequestUpdate:
         u = RequestUpdate(
@@ -472,7 +508,7 @@ class SchedulerCore:
             finish_reason=r.finish_reason, prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.output_ids),
             arrival_time=r.arrival_time, first_token_time=r.first_token_time, finish_time=r.finish_time,
         )
-        if r.finished:
-            # The core forgets a finished request once its outcome is reported.
+        if r.finished and r.inflight is None:
+            # The core forgets a finished request once its outcome is reported (and its launch is over).
             self.requests.pop(r.rid, None)
         return u
