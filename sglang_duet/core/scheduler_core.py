@@ -40,7 +40,7 @@ class CoreConfig:
     chunked_prefill_size: int = 8192
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestUpdate:
     """What changed for one request after a launch: new tokens, and the outcome if it ended."""
 
@@ -102,6 +102,7 @@ class SchedulerCore:
         self.clock = clock
         self.stop_checker = stop_checker
         self.allocator = TokenSlotAllocator(config.kv_slots)
+        self._max_seq_len = min(config.context_length, self.allocator.capacity)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # insertion order = admission order
@@ -253,7 +254,11 @@ class SchedulerCore:
         prefilling, decoding = [], []
         for r in self.running.values():
             if r.inflight is None and not r.aborted:
-                (decoding if r.is_decoding else prefilling).append(r)
+                # r.is_decoding, inlined: this loop runs over every running request each step
+                if r.output_ids and len(r.prompt_ids) + len(r.output_ids) - r.num_computed == 1:
+                    decoding.append(r)
+                else:
+                    prefilling.append(r)
         return SchedulerView(
             now=self.clock(),
             waiting=list(self.waiting),
@@ -329,8 +334,9 @@ class SchedulerCore:
             self._retract(victim)
             need = len(decodes) * steps
         work: list[ReqWork] = []
-        for r in decodes:
-            r.kv_slots.extend(self.allocator.alloc(steps))
+        slots = self.allocator.alloc(need) if decodes else []  # one allocation for the whole decode batch
+        for i, r in enumerate(decodes):
+            r.kv_slots.extend(slots[i * steps:(i + 1) * steps])
             work.append(self._work(r, [r.output_ids[-1]], r.num_computed, True, steps))
         for chunk in batch.prefill:
             w = self._resolve_prefill(chunk)
@@ -464,14 +470,15 @@ class SchedulerCore:
 
     def _check_finished(self, r: Request, token: int) -> dict | None:
         n_out = len(r.output_ids)
-        if token in r.eos_ids and n_out > r.params.min_new_tokens:  # the sampler bans eos before min_new_tokens
+        p = r.params
+        if token in r.eos_ids and n_out > p.min_new_tokens:  # the sampler bans eos before min_new_tokens
             return {"type": "stop", "matched": token}
-        if r.max_new_tokens is not None and n_out >= r.max_new_tokens:
+        if p.max_new_tokens is not None and n_out >= p.max_new_tokens:
             return {"type": "length", "length": n_out}
-        if r.seq_len >= min(self.config.context_length, self.allocator.capacity):
+        if len(r.prompt_ids) + n_out >= self._max_seq_len:
             # a sequence the whole KV pool cannot hold one more token of could never be resumed
             return {"type": "length", "length": n_out}
-        if r.params.stop and self.stop_checker is not None:
+        if p.stop and self.stop_checker is not None:
             matched = self.stop_checker(r)
             if matched is not None:
                 return {"type": "stop", "matched": matched}
