@@ -229,3 +229,87 @@ def test_no_torch_import():
     code = ("import sys; import sglang_duet.cost_model.roofline, sglang_duet.workloads; "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# -- the emulator's ground truth (cost_model/truth.py) ----------------------------------------
+SHAPES = [
+    [(1, 1000)], [(1, 4000)] * 64, [(8192, 0)], [(2048, 6000)], [(512, 100), (1, 3000), (1, 50)],
+    [(3000, 0)] + [(1, 2000 + 37 * i) for i in range(100)], [(17, 0), (33, 5), (1, 1)],
+]
+
+
+@pytest.mark.parametrize("sms", [None, 32, 100])
+def test_truth_pricer_with_summed_attention_is_the_cost_model(q8, sms):
+    from sglang_duet.cost_model.truth import TruthPricer
+
+    p = TruthPricer(q8, per_request_attention=False)
+    for shape in SHAPES:
+        lc = p.price([(q, c, 1) for q, c in shape], sms)
+        assert lc.step_s == [pytest.approx(q8.batch_time(shape, sms), rel=1e-9)]
+        assert lc.bytes == pytest.approx(sum(o.bytes for o in q8.breakdown(shape, sms)), rel=1e-9)
+        assert lc.device_time(1.0) == pytest.approx(lc.device_s, rel=1e-9)
+        for share in (0.9, 0.5):
+            # summed per operator over the phases: within a hair of the cost model's own share pricing
+            assert lc.device_time(share) == pytest.approx(q8.batch_time(shape, sms, share), rel=1e-9)
+    # a k-step decode: step j has one more cached token per row, rows leave after their own steps
+    lc = p.price([(1, 1000, 4), (1, 3000, 4), (1, 500, 2)], sms)
+    want = [q8.batch_time([(1, 1000 + j), (1, 3000 + j)] + ([(1, 500 + j)] if j < 2 else []), sms) for j in range(4)]
+    assert lc.step_s == [pytest.approx(w, rel=1e-9) for w in want]
+    assert lc.step_reqs == [3, 3, 2, 2]
+
+
+def test_truth_attention_per_request(q8):
+    from sglang_duet.cost_model.truth import TruthPricer
+
+    per, summed = TruthPricer(q8, True), TruthPricer(q8, False)
+    # decode rows are memory-bound one by one: summing their rooflines changes nothing
+    decode = [(1, 1000 + 97 * i, 1) for i in range(64)]
+    assert per.price(decode, 32).step_s[0] == pytest.approx(summed.price(decode, 32).step_s[0], rel=1e-12)
+    # a mixed step: the prefill's attention is compute-bound, the decodes' KV reads are not hidden under it
+    mixed = [(4096, 0, 1)] + [(1, 4000, 1)] * 64
+    t_per, t_sum = per.price(mixed, None).step_s[0], summed.price(mixed, None).step_s[0]
+
+    def attn(shape):
+        return next(o.time for o in q8.breakdown(shape) if o.name == "attention")
+
+    ovh = 2 * q8.L * q8.hw.launch_overhead_s  # the attention kernels' overhead, paid once per step
+    apart = attn([(4096, 0)]) + attn([(1, 4000)] * 64) - ovh
+    assert t_per - t_sum == pytest.approx(apart - attn([(4096, 0)] + [(1, 4000)] * 64), rel=1e-9)
+    assert t_per > t_sum * 1.05
+
+
+def test_truth_hardware_and_perturbation(q8):
+    from sglang_duet.cost_model.truth import TruthConfig, perturbed, truth_cost_model
+
+    assert truth_cost_model(q8, TruthConfig()) is q8  # same hardware: the belief's object
+    t = truth_cost_model(q8, TruthConfig(perturb=(0.85, 1.15)))
+    assert t.hw.compute(64) == pytest.approx(0.85 * q8.hw.compute(64))
+    assert t.hw.bandwidth(16) == pytest.approx(1.15 * q8.hw.bandwidth(16))
+    assert t.hw.peak_flops_bf16 == q8.hw.peak_flops_bf16 and q8.hw.compute(64) == HardwareSpec.load("h100").compute(64)
+    h200 = truth_cost_model(q8, TruthConfig(hardware="h200"))
+    assert h200.hw.name == "h200" and h200.model is q8.model
+    assert perturbed(q8.hw) is q8.hw
+    # both curves scaled by f: every roofline term by 1/f, the kernel overhead not at all
+    f = 0.8
+    s = truth_cost_model(q8, TruthConfig(perturb=(f, f)))
+    for shape in SHAPES:
+        ovh = sum(o.kernels for o in q8.breakdown(shape)) * q8.hw.launch_overhead_s
+        assert s.batch_time(shape) == pytest.approx(ovh + (q8.batch_time(shape) - ovh) / f, rel=1e-9)
+
+
+def test_truth_config_parse_and_checks():
+    from sglang_duet.cost_model.truth import TruthConfig
+
+    assert TruthConfig.parse(None) == TruthConfig.parse("on") == TruthConfig()
+    off = TruthConfig.parse("off", seed=4)
+    assert off == TruthConfig.exact(seed=4) and off.noise_sigma == 0 and off.host_s(100) == 0
+    assert not off.per_request_attention and off.contention == "bandwidth"
+    t = TruthConfig.parse("hardware=h200,perturb=0.85:1.15,noise=0.05,seed=3,host_us=50:2,switch_us=40,"
+                          "contention=none,attention=summed")
+    assert (t.hardware, t.perturb, t.noise_sigma, t.seed) == ("h200", (0.85, 1.15), 0.05, 3)
+    assert t.host_s(10) == pytest.approx(70e-6) and t.switch_s == pytest.approx(40e-6)
+    assert t.contention == "none" and not t.per_request_attention
+    assert TruthConfig().host_s(256) == pytest.approx(100e-6 + 256 * 10e-6) and TruthConfig().host_s(0) == 0
+    for bad in ("noise=-1", "contention=magic", "perturb=0:1", "colour=blue", "attention=some"):
+        with pytest.raises(ValueError):
+            TruthConfig.parse(bad)

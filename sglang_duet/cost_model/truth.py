@@ -1,0 +1,367 @@
+"""The emulated GPU's ground truth, kept apart from what a policy believes.
+
+A policy plans with the plain `CostModel` it is given (its belief). The emulated executor times
+launches with a `TruthPricer` built from a `TruthConfig`, which by default differs from that
+belief in the ways a real GPU does, so that a policy cannot win by knowing the emulator exactly:
+
+- hardware: the truth's own hardware file (default: the planning one), with its compute and
+  bandwidth curves optionally scaled (`perturb`, e.g. (0.85, 1.15));
+- noise: each launch's device time times a mean-one lognormal factor (sigma, seeded);
+- host time per step: `host_base_s + host_per_req_s * requests`, serial with the device (the
+  host syncs on each step, processes its tokens, and the next step or launch starts after);
+- a partition-switch cost when a split launch's SM count differs from its lane's previous one;
+- HBM contention per operator phase (the executor applies it; this module prices the phases);
+- attention priced per request (a sum of per-request rooflines instead of one roofline over the
+  batch's summed FLOPs and bytes).
+
+All constants are ESTIMATES; docs/cost-model.md says where they come from.
+`TruthConfig.exact()` switches everything off: the truth is then the belief, op for op.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .hardware import Curves, HardwareSpec
+from .roofline import CostModel
+
+CONTENTION_MODES = ("phase", "bandwidth", "none")
+
+
+@dataclass(frozen=True)
+class TruthConfig:
+    hardware: str | None = None  # name or path; None: the planning hardware
+    perturb: tuple[float, float] = (1.0, 1.0)  # (compute, bandwidth) multipliers on the truth's curves
+    noise_sigma: float = 0.03  # lognormal sigma of the per-launch factor on device time; 0: off
+    seed: int = 0
+    host_base_s: float = 100e-6  # per step: sync, launch, scheduler bookkeeping (ESTIMATE)
+    host_per_req_s: float = 10e-6  # per request per step: token processing, stop checks, output (ESTIMATE)
+    switch_s: float = 30e-6  # a split launch whose SM count differs from its lane's previous one (ESTIMATE)
+    contention: str = "phase"  # HBM contention between overlapping lanes: phase | bandwidth | none
+    per_request_attention: bool = True
+
+    def __post_init__(self):
+        if self.contention not in CONTENTION_MODES:
+            raise ValueError(f"contention must be one of {CONTENTION_MODES}, got {self.contention!r}")
+        c, b = (float(x) for x in self.perturb)
+        if not (c > 0 and b > 0):
+            raise ValueError(f"perturb factors must be > 0, got {self.perturb}")
+        object.__setattr__(self, "perturb", (c, b))
+        for name in ("noise_sigma", "host_base_s", "host_per_req_s", "switch_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def exact(cls, contention: str = "bandwidth", **kw) -> "TruthConfig":
+        """The truth is the belief: no noise, host time or switch cost, attention as the cost
+        model prices it; HBM contention as given ('bandwidth': the launch-averaged model)."""
+        return cls(noise_sigma=0.0, host_base_s=0.0, host_per_req_s=0.0, switch_s=0.0, contention=contention,
+                   per_request_attention=False, **kw)
+
+    def host_s(self, requests: int) -> float:
+        return self.host_base_s + self.host_per_req_s * requests if requests else 0.0
+
+    def describe(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["perturb"] = list(self.perturb)
+        return d
+
+    @classmethod
+    def parse(cls, text: str | dict | None, **defaults) -> "TruthConfig | None":
+        """'on' (the defaults), 'off' (exact), or 'key=value,...' over the defaults, e.g.
+        'hardware=h200,perturb=0.85:1.15,noise=0.05,seed=3,host_us=100:10,switch_us=30,
+        contention=phase,attention=per-request' (a dict with the same keys works too)."""
+        if text is None or (isinstance(text, str) and text.strip().lower() in ("", "on", "true", "1")):
+            return cls(**defaults)
+        if isinstance(text, str) and text.strip().lower() in ("off", "false", "0", "exact"):
+            return cls.exact(**{k: v for k, v in defaults.items() if k in ("hardware", "perturb", "seed")})
+        items = text.items() if isinstance(text, dict) else (
+            kv.split("=", 1) for kv in text.split(",") if kv.strip())
+        kw = dict(defaults)
+        for k, v in items:
+            k = k.strip().replace("-", "_")
+            v = v.strip() if isinstance(v, str) else v
+            if k in ("off", "exact") and str(v).lower() in ("1", "true"):
+                kw.update(noise_sigma=0.0, host_base_s=0.0, host_per_req_s=0.0, switch_s=0.0,
+                          per_request_attention=False)
+            elif k == "hardware":
+                kw["hardware"] = v or None
+            elif k == "perturb":
+                kw["perturb"] = _pair(v)
+            elif k in ("noise", "noise_sigma"):
+                kw["noise_sigma"] = float(v)
+            elif k == "seed":
+                kw["seed"] = int(v)
+            elif k == "host_us":
+                base, per = _pair(v)
+                kw["host_base_s"], kw["host_per_req_s"] = base * 1e-6, per * 1e-6
+            elif k == "switch_us":
+                kw["switch_s"] = float(v) * 1e-6
+            elif k == "contention":
+                kw["contention"] = str(v)
+            elif k == "attention":
+                if v not in ("per-request", "summed"):
+                    raise ValueError(f"truth attention must be per-request or summed, got {v!r}")
+                kw["per_request_attention"] = v == "per-request"
+            else:
+                raise ValueError(f"unknown truth option {k!r}")
+        return cls(**kw)
+
+
+def _pair(v) -> tuple[float, float]:
+    if isinstance(v, (tuple, list)):
+        a, b = v
+    else:
+        a, b = str(v).replace(":", ",").split(",")
+    return float(a), float(b)
+
+
+def perturbed(hw: HardwareSpec, compute: float = 1.0, bandwidth: float = 1.0) -> HardwareSpec:
+    """`hw` with its compute and bandwidth curves scaled (the peaks are datasheet facts: unchanged)."""
+    if compute == 1.0 and bandwidth == 1.0:
+        return hw
+    return dataclasses.replace(hw, name=f"{hw.name}*c{compute:g}b{bandwidth:g}",
+                               curves=Curves(compute=hw.curves.compute.scaled(compute),
+                                             bandwidth=hw.curves.bandwidth.scaled(bandwidth)))
+
+
+def truth_cost_model(belief: CostModel, cfg: TruthConfig) -> CostModel:
+    """The cost model the truth prices with: the belief's own object when the hardware is the same."""
+    if cfg.hardware is None and cfg.perturb == (1.0, 1.0):
+        return belief
+    hw = HardwareSpec.load(cfg.hardware) if cfg.hardware is not None else belief.hw
+    return CostModel(belief.model, perturbed(hw, *cfg.perturb), belief.b)
+
+
+# ---- pricing ------------------------------------------------------------------------------------
+
+
+class LaunchCost:
+    """A launch's alone time on its SMs, by step and by operator phase (before noise and host time).
+
+    Phases, for HBM contention: the memory-bound operators (time `mem_tm` at full bandwidth, which
+    stretches as 1/share, plus their kernel overhead) and the compute-bound ones (`comp`: per
+    operator name, summed FLOP time and byte time; each stretches as max(tc, tm/share)). Bytes
+    per phase give each phase's bandwidth demand."""
+
+    __slots__ = ("step_s", "mem_tm", "mem_fixed", "mem_bytes", "comp", "comp_fixed", "comp_bytes", "fixed",
+                 "step_reqs", "first_shape")
+
+    def __init__(self):
+        self.step_s: list[float] = []  # device time of each step, alone
+        self.step_reqs: list[int] = []  # requests in each step (host time)
+        self.mem_tm = self.mem_fixed = self.mem_bytes = 0.0
+        self.comp: dict[str, list[float]] = {}
+        self.comp_fixed = self.comp_bytes = 0.0
+        self.fixed = 0.0  # time no HBM share changes (e.g. a TP all-reduce on the link)
+        self.first_shape: list = []
+
+    @property
+    def device_s(self) -> float:
+        return sum(self.step_s)
+
+    @property
+    def bytes(self) -> float:
+        return self.mem_bytes + self.comp_bytes
+
+    def device_time(self, share: float) -> float:
+        """Device time of the whole launch when it gets `share` of the HBM bandwidth it would alone."""
+        t = self.mem_tm / share + self.mem_fixed + self.comp_fixed + self.fixed
+        for tc, tm in self.comp.values():
+            t += tc if tc >= tm / share else tm / share
+        return t
+
+
+class TruthPricer:
+    """Prices launches op by op for the emulated GPU.
+
+    Per step, the operators other than attention depend only on (new tokens T, requests R, SMs):
+    they are priced once per such key through `cost_model.breakdown` (so a subclass's extra
+    operators, e.g. a TP all-reduce, come along) and cached. Attention is priced per step from the
+    step's requests: one roofline over the summed FLOPs and bytes (as the cost model does), or,
+    with `per_request_attention`, a sum of per-request rooflines. Decode rows (one new token) are
+    memory-bound on any GPU this project models (checked per hardware), so their sum is exact."""
+
+    def __init__(self, cm: CostModel, per_request_attention: bool = True, cache_size: int = 200_000):
+        self.cm = cm
+        self.per_request = per_request_attention
+        self._cache: dict = {}
+        self._cache_size = cache_size
+        self._rates: dict = {}
+        L, H, hd, kvs, qs, b = cm.L, cm.H, cm.hd, cm.kvs, cm.qs, cm.b
+        self._af = 4 * H * hd * L  # attention FLOPs per (query, key) pair, all layers
+        self._kvb = 2 * kvs * b * L  # K+V bytes per token, all layers
+        self._qob = 2 * qs * b * L  # q read + o write per new token, all layers
+        self._attn_kernels = 2 * L
+
+    def rates(self, sms):
+        r = self._rates.get(sms)
+        if r is None:
+            comp, bw, ac, ovh = self.cm._rates(sms, 1.0)
+            # A decode row's arithmetic intensity is below af / kvb: when that is under the ridge
+            # point, every decode row's attention is memory-bound and rows can be summed.
+            decode_mem_bound = self._af / self._kvb <= ac / bw
+            r = self._rates[sms] = (comp, bw, ac, ovh, decode_mem_bound)
+        return r
+
+    def _other_ops(self, T: int, R: int, sms):
+        key = (T, R, sms)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        comp, bw, _, ovh, _ = self.rates(sms)
+        shape = [(T - R + 1, 0)] + [(1, 0)] * (R - 1)
+        mem_tm = mem_fixed = mem_bytes = comp_fixed = comp_bytes = fixed = 0.0
+        comp_ops = []
+        for op in self.cm.breakdown(shape, sms):
+            if op.name == "attention":
+                continue
+            if op.flops == 0 and op.bytes == 0:
+                fixed += op.time
+                continue
+            tc, tm, ko = op.flops / comp, op.bytes / bw, op.kernels * ovh
+            if tc > tm:
+                comp_ops.append((op.name, tc, tm))
+                comp_fixed += ko
+                comp_bytes += op.bytes
+            else:
+                mem_tm += tm
+                mem_fixed += ko
+                mem_bytes += op.bytes
+        total = mem_tm + mem_fixed + comp_fixed + fixed + sum(tc for _, tc, _ in comp_ops)
+        hit = (mem_tm, mem_fixed, mem_bytes, tuple(comp_ops), comp_fixed, comp_bytes, fixed, total)
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[key] = hit
+        return hit
+
+    def _add_step(self, lc: LaunchCost, T: int, R: int, sms, n1: int, c1: int, multi: list) -> None:
+        """Add one step: T new tokens of R requests; n1 one-token rows with c1 cached tokens in
+        all, and `multi` = [(q, c)] of the rows with more than one new token."""
+        comp, bw, ac, ovh, decode_mem = self.rates(sms)
+        mem_tm, mem_fixed, mem_bytes, comp_ops, comp_fixed, comp_bytes, fixed, t = self._other_ops(T, R, sms)
+        lc.mem_tm += mem_tm
+        lc.mem_fixed += mem_fixed
+        lc.mem_bytes += mem_bytes
+        lc.comp_fixed += comp_fixed
+        lc.comp_bytes += comp_bytes
+        lc.fixed += fixed
+        for name, tc, tm in comp_ops:
+            acc = lc.comp.get(name)
+            if acc is None:
+                lc.comp[name] = [tc, tm]
+            else:
+                acc[0] += tc
+                acc[1] += tm
+        # attention: KV read of c + q tokens, KV write of q, q read + o write of q, per row
+        af, kvb, qob = self._af, self._kvb, self._qob
+        ko = self._attn_kernels * ovh
+        parts = []  # (flops, bytes) rooflines
+        f1 = af * (c1 + n1)  # a one-token row attends to c + 1 keys
+        b1 = kvb * (c1 + 2 * n1) + qob * n1
+        if not self.per_request:
+            f, by = f1, b1
+            for q, c in multi:
+                f += af * q * (c + (q + 1) / 2)
+                by += kvb * (c + 2 * q) + qob * q
+            parts.append((f, by))
+        else:
+            if n1:
+                if decode_mem:
+                    parts.append((f1, b1))  # every row memory-bound: the sum of rooflines is the roofline of the sum
+                else:
+                    raise NotImplementedError("per-request attention on a GPU whose decode rows are compute-bound")
+            for q, c in multi:
+                parts.append((af * q * (c + (q + 1) / 2), kvb * (c + 2 * q) + qob * q))
+        att = 0.0
+        for f, by in parts:
+            tc, tm = f / ac, by / bw
+            if tc > tm:
+                acc = lc.comp.get("attention")
+                if acc is None:
+                    lc.comp["attention"] = [tc, tm]
+                else:
+                    acc[0] += tc
+                    acc[1] += tm
+                lc.comp_bytes += by
+                att += tc
+            else:
+                lc.mem_tm += tm
+                lc.mem_bytes += by
+                att += tm
+        lc.mem_fixed += ko  # attention kernels' overhead, with the memory phase (decode's usual case)
+        lc.step_s.append(t + att + ko)
+        lc.step_reqs.append(R)
+
+    def price(self, work, sms) -> LaunchCost:
+        """A launch's cost: `work` = [(new tokens, start position, steps)], one per request."""
+        lc = LaunchCost()
+        steps = max(s for _, _, s in work)
+        T = n1 = c1 = 0
+        multi = []
+        for q, c, _ in work:
+            T += q
+            if q == 1:
+                n1 += 1
+                c1 += c
+            else:
+                multi.append((q, c))
+        lc.first_shape = [(q, c) for q, c, _ in work]
+        self._add_step(lc, T, len(work), sms, n1, c1, multi)
+        if steps > 1:
+            # Step j of a look-ahead decode: each row still stepping has one more cached token.
+            by_steps: dict[int, list[int]] = {}
+            for _, c, s in work:
+                e = by_steps.setdefault(s, [0, 0])
+                e[0] += 1
+                e[1] += c
+            for j in range(1, steps):
+                n = cs = 0
+                for s, (cnt, csum) in by_steps.items():
+                    if s > j:
+                        n += cnt
+                        cs += csum
+                self._add_step(lc, n, n, sms, n, cs + j * n, ())
+        return lc
+
+
+class BreakdownPricer:
+    """Prices launches through any cost model's `breakdown` (e.g. `constant.ConstantCostModel`):
+    per step, a memory-bound operator's time stretches under contention, any other is fixed."""
+
+    def __init__(self, cm):
+        self.cm = cm
+
+    def price(self, work, sms) -> LaunchCost:
+        lc = LaunchCost()
+        steps = max(s for _, _, s in work)
+        lc.first_shape = [(q, c) for q, c, _ in work]
+        for j in range(steps):
+            shape = lc.first_shape if j == 0 else [(1, c + j) for _, c, s in work if s > j]
+            t = 0.0
+            for op in self.cm.breakdown(shape, sms):
+                t += op.time
+                if op.bound == "memory" and op.bytes > 0:
+                    lc.mem_tm += op.time
+                    lc.mem_bytes += op.bytes
+                else:
+                    lc.fixed += op.time
+                    lc.comp_bytes += op.bytes
+            lc.step_s.append(t)
+            lc.step_reqs.append(len(shape))
+        return lc
+
+
+def make_pricer(cm, per_request_attention: bool = True):
+    """A TruthPricer for a roofline CostModel (or subclass), a BreakdownPricer for anything else."""
+    if isinstance(cm, CostModel):
+        return TruthPricer(cm, per_request_attention)
+    return BreakdownPricer(cm)
+
+
+def lognormal_factor(rng, sigma: float) -> float:
+    """A mean-one lognormal draw (1.0 when sigma is 0)."""
+    if sigma <= 0:
+        return 1.0
+    return math.exp(rng.gauss(0.0, sigma) - sigma * sigma / 2)
