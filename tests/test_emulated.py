@@ -1,13 +1,15 @@
-"""The emulated GPU: launch timing from the roofline, k-step token times, HBM contention, clocks,
-and EngineCore with --executor emulated."""
+"""The emulated GPU: launch timing from the roofline, per-step release of k-step tokens, HBM
+contention, clocks, the truth model apart from the policy's belief, and EngineCore with
+--executor emulated. No test here depends on how fast the machine is."""
 from __future__ import annotations
 
-import time
+import dataclasses
 
 import pytest
 
 from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, PrefillChunk, ReqWork
 from sglang_duet.cost_model.roofline import CostModel
+from sglang_duet.cost_model.truth import TruthConfig
 from sglang_duet.executor.emulated import EmulatedExecutor, token_id
 from sglang_duet.sampling_params import SamplingParams
 
@@ -43,18 +45,81 @@ def test_launch_takes_the_roofline_time_on_its_lane():
     assert res.finished_at - res.started_at == pytest.approx(CM.batch_time([(4096, 0)], 64))
 
 
-def test_k_step_decode_reports_each_token_at_its_step():
+def drain(ex):
+    """Every result part until the executor is idle, in the order poll returned them."""
+    parts = []
+    while ex.busy():
+        parts.extend(ex.poll())
+    return parts
+
+
+def test_k_step_decode_releases_each_step_at_its_end():
     ex = EmulatedExecutor(CM, clock_mode="virtual")
     ex.submit(decode_launch(0, [1000, 3000], steps=4, lane=LaneKind.DECODE, sms=32))
-    (res,) = ex.poll()
     steps = [CM.batch_time([(1, 1000 + j), (1, 3000 + j)], 32) for j in range(4)]
-    times = res.token_times["d0-0"]
-    assert len(res.tokens["d0-0"]) == 4 and times == res.token_times["d0-1"]
+    ends = [sum(steps[: j + 1]) for j in range(4)]
+    parts = []
     for j in range(4):
-        assert times[j] == pytest.approx(sum(steps[: j + 1]))
-    assert res.finished_at == pytest.approx(sum(steps))
+        # a step boundary is an event: the virtual clock stops there
+        assert ex.next_completion() == pytest.approx(ends[j])
+        (res,) = ex.poll()  # a blocking poll jumps to the next boundary and returns that step's part
+        assert ex.now() == pytest.approx(ends[j]) and res.finished_at == pytest.approx(ends[j])
+        assert res.final == (j == 3) and res.started_at == 0.0
+        # step j's tokens, visible at step j's end (the host sees them then), one per request
+        assert res.token_times == {"d0-0": [res.finished_at], "d0-1": [res.finished_at]}
+        parts.append(res)
+    assert not ex.busy() and ex.next_completion() is None
+    toks = [p.tokens["d0-1"][0] for p in parts]
     # position of token j is start + 1 + j: the same ids whatever the launch shape
-    assert res.tokens["d0-1"][2] == token_id(1, 3000 + 1 + 2, 0, CM.model.vocab_size)
+    assert toks == [token_id(1, 3000 + 1 + j, 0, CM.model.vocab_size) for j in range(4)]
+
+
+def test_one_step_launch_is_one_final_result():
+    ex = EmulatedExecutor(CM, clock_mode="virtual")
+    ex.submit(decode_launch(0, [500, 700, 900]))
+    (res,) = drain(ex)
+    assert res.final and set(res.tokens) == {"d0-0", "d0-1", "d0-2"}
+    assert res.finished_at == pytest.approx(CM.batch_time([(1, 500), (1, 700), (1, 900)]))
+
+
+def test_a_step_part_is_released_while_the_other_lane_runs():
+    """Parts of two lanes interleave in time order; a request's tokens never wait for its launch's end."""
+    ex = EmulatedExecutor(CM, clock_mode="virtual", contention="none")
+    ex.submit(prefill_launch(0, 8192, LaneKind.PREFILL, sms=100))
+    ex.submit(decode_launch(1, [1000] * 8, steps=3, lane=LaneKind.DECODE, sms=32))
+    parts = drain(ex)
+    times = [p.finished_at for p in parts]
+    assert times == sorted(times)
+    assert [(p.launch_id, p.final) for p in parts] == [(1, False), (1, False), (1, True), (0, True)]
+
+
+def test_k_step_parts_leave_the_requests_ready_to_decode():
+    """Core + emulator: after a k-step launch reported in parts, its requests decode on (no re-prefill)."""
+    from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
+    from fake_lanes import SplitAlways
+
+    ex = EmulatedExecutor(CM, clock_mode="virtual")
+    core = SchedulerCore(CoreConfig(kv_slots=20_000, context_length=8192),
+                         SplitAlways(prefill_budget=512, steps=4, prefill_sms=100, decode_sms=32), clock=ex.now)
+    for i in range(3):
+        core.add_request(f"r{i}", [7] * (100 + i), SamplingParams(max_new_tokens=30, ignore_eos=True))
+    prefilled = []
+    orig = core._resolve_prefill
+
+    def resolve_prefill(chunk):
+        prefilled.append((chunk.rid, chunk.start, chunk.length))
+        return orig(chunk)
+
+    core._resolve_prefill = resolve_prefill
+    got: dict[str, list[float]] = {}
+    while core.has_unfinished():
+        for launch in core.schedule():
+            ex.submit(launch)
+        for res in ex.poll():
+            for u in core.apply_result(res):
+                got.setdefault(u.rid, []).extend(res.token_times.get(u.rid, [])[: len(u.new_token_ids)])
+    assert sorted(prefilled) == [("r0", 0, 100), ("r1", 0, 101), ("r2", 0, 102)], "a request was re-prefilled"
+    assert all(len(t) == 30 and t == sorted(t) for t in got.values())
 
 
 def test_overlapping_lanes_share_hbm_bandwidth():
@@ -82,16 +147,162 @@ def test_overlapping_lanes_share_hbm_bandwidth():
     assert res[0] == pytest.approx(CM.batch_time([(8192, 0)], 100), rel=0.02)
 
 
-def test_wall_clock_poll_sleeps_until_completion_or_timeout():
-    ex = EmulatedExecutor(CM, clock_mode="wall", time_scale=0.2)  # a ~40 ms launch in ~8 ms
-    t0 = time.monotonic()
-    ex.submit(prefill_launch(0, 2048))
-    assert ex.poll(timeout=0) == []
-    (res,) = ex.poll(timeout=5)
-    waited = time.monotonic() - t0
-    expect = CM.batch_time([(2048, 0)]) * 0.2
-    assert res.finished_at - res.started_at == pytest.approx(expect)
-    assert expect * 0.9 <= waited < expect + 0.5
+def durations(ex, launches):
+    """Run launches one after another; each one's (end - start) from its final part."""
+    out = []
+    for launch in launches:
+        ex.submit(launch)
+        out.append(next(p.finished_at - p.started_at for p in drain(ex) if p.final))
+    return out
+
+
+def mixed_launch(lid, lane=LaneKind.AGGREGATED, sms=None):
+    p = ReqWork(f"m{lid}", [7] * 3000, 0, [], True, sampling_seed=lid)
+    ds = [ReqWork(f"m{lid}-{i}", [5], 1500 + 50 * i, [], True, sampling_seed=i) for i in range(40)]
+    return Launch(lid, lane, LaneBatch(prefill=[PrefillChunk(p.rid, 0, 3000)], decode=[w.rid for w in ds]),
+                  [p] + ds, sms=sms)
+
+
+def truth_launches():
+    return [prefill_launch(0, 4096), decode_launch(1, [1000, 3000, 50], steps=5, lane=LaneKind.DECODE, sms=32),
+            mixed_launch(2), mixed_launch(3, LaneKind.PREFILL, sms=100), decode_launch(4, [2000] * 128, sms=None)]
+
+
+def belief_s(launch):
+    sms = None if launch.lane == LaneKind.AGGREGATED else launch.sms
+    steps = max(w.steps for w in launch.work)
+    return sum(CM.batch_time([(len(w.input_ids), w.start_pos) if j == 0 else (1, w.start_pos + j)
+                              for w in launch.work if w.steps > j], sms) for j in range(steps))
+
+
+def test_exact_truth_is_the_belief():
+    ex = EmulatedExecutor(CM, clock_mode="virtual", truth=TruthConfig.exact(contention="none"))
+    got = durations(ex, truth_launches())
+    assert got == [pytest.approx(belief_s(la), rel=1e-9) for la in truth_launches()]
+
+
+def test_truth_adds_host_time_per_step_and_a_switch_cost():
+    t = dataclasses.replace(TruthConfig.exact(contention="none"), host_base_s=100e-6, host_per_req_s=10e-6,
+                            switch_s=30e-6)
+    ex = EmulatedExecutor(CM, clock_mode="virtual", truth=t)
+    k = decode_launch(0, [1000] * 8, steps=3, lane=LaneKind.DECODE, sms=32)
+    (d,) = durations(ex, [k])
+    assert d == pytest.approx(belief_s(k) + 3 * (100e-6 + 8 * 10e-6), rel=1e-9)  # first split: no switch
+    same = decode_launch(1, [1000] * 8, lane=LaneKind.DECODE, sms=32)
+    other = decode_launch(2, [1000] * 8, lane=LaneKind.DECODE, sms=48)
+    agg = decode_launch(3, [1000] * 8)
+    host = 100e-6 + 8 * 10e-6
+    assert durations(ex, [same, other, agg]) == [
+        pytest.approx(belief_s(same) + host, rel=1e-9),
+        pytest.approx(belief_s(other) + host + 30e-6, rel=1e-9),  # the lane's SM count changed
+        pytest.approx(belief_s(agg) + host, rel=1e-9)]  # aggregated launches switch nothing
+    assert ex.truth_stats["switches"] == 1
+
+
+def test_truth_noise_is_seeded_and_mean_one():
+    def run(seed, n=400):
+        ex = EmulatedExecutor(CM, clock_mode="virtual", truth=dataclasses.replace(
+            TruthConfig.exact(contention="none"), noise_sigma=0.05, seed=seed))
+        la = [decode_launch(i, [1000] * 4) for i in range(n)]
+        return [d / belief_s(la[0]) for d in durations(ex, la)]
+
+    a, b, c = run(1), run(1), run(2)
+    assert a == b and a != c
+    mean = sum(a) / len(a)
+    sd = (sum((x - mean) ** 2 for x in a) / len(a)) ** 0.5
+    assert abs(mean - 1) < 0.015 and 0.04 < sd < 0.06
+
+
+def test_perturbed_truth_moves_launch_times_by_the_perturbation():
+    f = 0.85
+    ex = EmulatedExecutor(CM, clock_mode="virtual", truth=TruthConfig.exact(contention="none", perturb=(f, f)))
+    for la, got in zip(truth_launches(), durations(ex, truth_launches())):
+        sms = None if la.lane == LaneKind.AGGREGATED else la.sms
+        steps = max(w.steps for w in la.work)
+        ovh = sum(o.kernels for j in range(steps) for o in CM.breakdown(
+            [(len(w.input_ids), w.start_pos) if j == 0 else (1, w.start_pos + j) for w in la.work if w.steps > j],
+            sms)) * CM.hw.launch_overhead_s
+        assert got == pytest.approx(ovh + (belief_s(la) - ovh) / f, rel=1e-9)
+
+
+def test_phase_contention_slows_a_decode_beside_a_prefill_more_than_the_launch_average():
+    def decode_slowdown(contention):
+        ex = EmulatedExecutor(CM, clock_mode="virtual", truth=TruthConfig.exact(contention=contention))
+        ex.submit(prefill_launch(0, 16384, LaneKind.PREFILL, sms=100))
+        dec = decode_launch(1, [2000] * 64, lane=LaneKind.DECODE, sms=32)
+        ex.submit(dec)
+        part = next(p for p in drain(ex) if p.launch_id == 1)
+        return (part.finished_at - part.started_at) / belief_s(dec)
+
+    none, avg, phase = decode_slowdown("none"), decode_slowdown("bandwidth"), decode_slowdown("phase")
+    assert none == pytest.approx(1.0)
+    # the prefill's norms, rope and activations pull the whole partition's bandwidth for a while:
+    # the decode lane's memory-bound steps collide with those phases, which a launch average hides
+    assert phase > avg > 1.0 - 1e-9 and phase > 1.02, (avg, phase)
+
+
+def test_server_truth_defaults_on_and_can_be_turned_off(monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang_duet.executor.emulated import TRUTH_ENV, server_truth
+
+    args = SimpleNamespace(random_seed=7)
+    monkeypatch.delenv(TRUTH_ENV, raising=False)
+    assert server_truth(args, {}) == TruthConfig(seed=7)
+    assert server_truth(args, {"emulated_truth": "off"}) == TruthConfig.exact(seed=7)
+    monkeypatch.setenv(TRUTH_ENV, "noise=0,host_us=0:0")
+    t = server_truth(args, {})
+    assert t.noise_sigma == 0 and t.host_s(10) == 0 and t.per_request_attention and t.seed == 7
+
+
+class FakeWall:
+    """A wall clock that moves only when the executor sleeps: wall-mode polling without real time."""
+
+    def __init__(self):
+        self.t = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.sleeps.append(s)
+        self.t += s
+
+
+def test_wall_clock_poll_wakes_at_each_step_boundary(monkeypatch):
+    import sglang_duet.executor.emulated as em
+
+    clock = FakeWall()
+    monkeypatch.setattr(em.time, "sleep", clock.sleep)
+    ex = EmulatedExecutor(CM, clock_mode="wall", clock=clock, time_scale=0.5)
+    ex.submit(decode_launch(0, [2000] * 4, steps=3, lane=LaneKind.DECODE, sms=48))
+    assert ex.poll(timeout=0) == []  # nothing due yet, and no sleeping for a zero timeout
+    steps = [CM.batch_time([(1, 2000 + j)] * 4, 48) * 0.5 for j in range(3)]
+    (early,) = [ex.poll(timeout=steps[0] / 2)] or [None]
+    assert early == [] and clock.t == pytest.approx(100.0 + steps[0] / 2)  # the timeout, not a boundary
+    for j in range(3):
+        (res,) = ex.poll(timeout=10.0)  # sleeps until the next step boundary, not the launch's end
+        assert res.final == (j == 2)
+        assert clock.t == pytest.approx(100.0 + sum(steps[: j + 1]))
+        assert res.token_times["d0-0"] == [res.finished_at] and res.finished_at == pytest.approx(clock.t)
+    assert not ex.busy()
+
+
+def test_wall_clock_parts_arrive_in_order():
+    """The real clock: order and counts only (no assertion on seconds)."""
+    ex = EmulatedExecutor(CM, clock_mode="wall", time_scale=0.05)
+    ex.submit(decode_launch(0, [1000] * 2, steps=4, lane=LaneKind.DECODE, sms=32))
+    ex.submit(prefill_launch(1, 1024, LaneKind.PREFILL, sms=100))
+    parts = []
+    while ex.busy():
+        parts.extend(ex.poll(timeout=5))
+    d = [p for p in parts if p.launch_id == 0]
+    assert [p.final for p in d] == [False, False, False, True]
+    assert [len(p.tokens["d0-0"]) for p in d] == [1, 1, 1, 1]
+    assert [p.final for p in parts if p.launch_id == 1] == [True]
+    times = [p.finished_at for p in parts]
+    assert times == sorted(times)
 
 
 def test_engine_with_emulated_executor_serves_text_and_splits():

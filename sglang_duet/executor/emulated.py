@@ -1,40 +1,60 @@
-"""The emulated GPU: an executor that times every launch with the roofline cost model.
+"""The emulated GPU: an executor that times every launch with a roofline ground truth.
 
-No model runs. A launch takes the cost model's time for its batch on its lane's SMs (all SMs
-for an aggregated launch, `launch.sms` for a split lane); a k-step decode launch takes the sum
-of its k steps (contexts grow by one per step) and reports each token at the end of its step.
-Token ids are a hash of (request seed, position), so outputs are deterministic and never an
-eos: lengths are set by max_new_tokens, as with ignore_eos.
+No model runs. A launch takes its truth time on its lane's SMs (all SMs for an aggregated launch,
+`launch.sms` for a split lane); a k-step decode launch runs its k steps back to back (contexts
+grow by one per step). Token ids are a hash of (request seed, position), so outputs are
+deterministic and never an eos: lengths are set by max_new_tokens, as with ignore_eos.
+
+Delivery. A step's tokens become visible to the host when that step ends: a k-step launch is
+reported in parts (`LaunchResult.final=False`, one per step, token times = the step's end), then
+a final part at the launch's end with the last step's tokens; a one-step launch is one final
+result. Every step boundary is an event: `next_completion()` returns the next boundary or
+completion, a virtual clock stops there, and a wall-clock `poll` wakes there.
+
+Truth apart from belief (`sglang_duet/cost_model/truth.py`, docs/cost-model.md). Policies plan
+with the CostModel they are given; this executor prices with a `TruthConfig`: its own hardware
+(optionally with perturbed curves), per-launch lognormal noise on device time, host time per
+step as a function of the batch size, a partition-switch cost, HBM contention per operator phase
+and attention priced per request. `truth=None` (the constructor's default) is
+`TruthConfig.exact()`: the belief itself, as the emulator was before; the simulator and the
+`--executor emulated` server turn the truth model on by default.
 
 HBM contention. SM partitions split SMs, not memory bandwidth. While two lanes overlap, each
-lane's bandwidth demand is its bytes over its time alone on its partition; when the two demands
-add up to more than the whole GPU's achievable bandwidth, both lanes get the same share
-s = B / (D_prefill + D_decode) of what they would reach alone (`bandwidth_share` of the cost
-model: memory-bound operators slow down, compute-bound ones do not). Progress is tracked as
-the fraction of each launch's work done, so a launch slows only while the overlap lasts and
-completion times are recomputed whenever a launch starts or ends. Token times inside a launch
-are placed in proportion to their steps' standalone times (exact without overlap changes).
-`contention="none"` turns this off.
+phase of a launch has a bandwidth demand (its bytes over its time alone on its partition); when
+two demands add up to more than the whole GPU's achievable bandwidth, both get the same share
+s = B / (D_a + D_b) of what they would reach alone (memory-bound operators stretch as 1/s,
+compute-bound ones as max(tc, tm/s), host time not at all). `contention="phase"` splits each
+launch into its memory-bound operators, its compute-bound operators and its host time, and
+prices a lane's slowdown as the time-weighted average over the other lane's phases (the phases
+of a layer interleave far faster than a step lasts, so a decode step sees the prefill's mix,
+including the memory-bound phases that the launch average hides); `"bandwidth"` uses one
+launch-averaged demand (the earlier model); `"none"` turns contention off. Progress is tracked
+in alone-seconds, so a launch slows only while the overlap lasts and every event time is
+recomputed whenever a launch starts or ends.
 
-Clocks. 'wall': time.monotonic (or the given clock); poll(timeout) really sleeps until the
-earliest completion or the timeout, so a server serves with GPU-shaped latencies (`time_scale`
-< 1 runs faster than the GPU would, for tests). 'virtual': a simulated clock that only moves
-when `advance_to` or a blocking poll moves it (the discrete-event simulator).
+Clocks. 'wall': time.monotonic (or the given clock); poll(timeout) really sleeps until the next
+event or the timeout, so a server serves with GPU-shaped latencies (`time_scale` < 1 runs faster
+than the GPU would, for tests). 'virtual': a simulated clock that only moves when `advance_to` or
+a blocking poll moves it (the discrete-event simulator).
 """
 from __future__ import annotations
 
 import logging
-import math
+import os
+import random
 import time
-from dataclasses import dataclass, field
 
 from sglang_duet.core.plan import LaneKind, Launch, LaunchResult
+from sglang_duet.cost_model.truth import (
+    CONTENTION_MODES, LaunchCost, TruthConfig, lognormal_factor, make_pricer, truth_cost_model,
+)
 from sglang_duet.executor.base import Executor
 
 logger = logging.getLogger(__name__)
 
 _MASK = (1 << 64) - 1
 MEM_FRACTION_DEFAULT = 0.85  # as the model executor on a GPU: weights + KV share of device memory
+TRUTH_ENV = "SGLANG_DUET_EMULATED_TRUTH"  # the server's truth options (see TruthConfig.parse)
 
 
 def token_id(seed: int, position: int, lo: int, hi: int, banned: frozenset[int] = frozenset()) -> int:
@@ -49,40 +69,82 @@ def token_id(seed: int, position: int, lo: int, hi: int, banned: frozenset[int] 
     return t
 
 
-@dataclass
-class _Running:
-    launch: Launch
-    sms: int | None
-    shape: list  # first step's (q, c) per request
-    step_fracs: list[float]  # cumulative fraction of the work done at the end of each step
-    alone_s: float  # duration on its SMs without contention
-    demand: float  # bytes/s it pulls from HBM when alone
-    started: float
-    rate: float = 0.0  # fraction of the work per second, now
-    done: float = 0.0  # fraction of the work done at `updated`
-    updated: float = 0.0
-    result: LaunchResult = field(default=None)
+class _Phase:
+    """Part of a launch that HBM contention stretches one way: time(s) at bandwidth share s is
+    tm / s (memory-bound operators) + sum max(tc, tm / s) over `pairs` (compute-bound ones) + fixed."""
 
-    def eta(self) -> float:
-        return self.updated + (1.0 - self.done) / self.rate
+    __slots__ = ("tm", "pairs", "fixed", "alone", "demand")
+
+    def __init__(self, tm: float, pairs: tuple, fixed: float, nbytes: float):
+        self.tm, self.pairs, self.fixed = tm, pairs, fixed
+        self.alone = self.time(1.0)
+        self.demand = nbytes / self.alone if self.alone > 0 else 0.0
+
+    def time(self, s: float) -> float:
+        t = self.tm / s + self.fixed
+        for tc, tm in self.pairs:
+            x = tm / s
+            t += tc if tc >= x else x
+        return t
+
+
+class _Running:
+    __slots__ = ("launch", "bounds", "phases", "alone", "started", "rate", "done", "updated", "step")
+
+    def __init__(self, launch: Launch, bounds: list[float], phases: list[_Phase], started: float):
+        self.launch = launch
+        self.bounds = bounds  # alone-seconds (time-scaled) done at the end of each step
+        self.phases = phases  # for contention; times in emulated-GPU seconds
+        self.alone = sum(p.alone for p in phases)
+        self.started = started
+        self.rate = 1.0  # alone-seconds per second, now
+        self.done = 0.0  # alone-seconds done at `updated`
+        self.updated = started
+        self.step = 0  # the next step boundary to report
+
+    def next_event(self) -> float:
+        return self.updated + (self.bounds[self.step] - self.done) / self.rate
+
+
+_TRUTH_CMS: dict = {}  # (id(belief), hardware, perturb) -> (belief, truth cost model)
+_PRICERS: dict = {}  # (id(truth cm), per_request) -> (truth cm, pricer): pricing caches outlive one run
+
+
+def truth_pricer(cost_model, truth: TruthConfig):
+    """The pricer of `truth` over the belief `cost_model`, shared between runs (sweeps reuse its cache)."""
+    key = (id(cost_model), truth.hardware, truth.perturb)
+    hit = _TRUTH_CMS.get(key)
+    if hit is None or hit[0] is not cost_model:
+        if len(_TRUTH_CMS) > 16:
+            _TRUTH_CMS.clear()
+        hit = _TRUTH_CMS[key] = (cost_model, truth_cost_model(cost_model, truth))
+    cm = hit[1]
+    pkey = (id(cm), truth.per_request_attention)
+    got = _PRICERS.get(pkey)
+    if got is None or got[0] is not cm:
+        if len(_PRICERS) > 16:
+            _PRICERS.clear()
+        got = _PRICERS[pkey] = (cm, make_pricer(cm, truth.per_request_attention))
+    return got[1]
 
 
 class EmulatedExecutor(Executor):
     concurrent_lanes = True
 
-    def __init__(self, cost_model, clock_mode: str = "wall", contention: str = "bandwidth",
+    def __init__(self, cost_model, clock_mode: str = "wall", contention: str | None = None,
                  clock=time.monotonic, time_scale: float = 1.0, token_range: tuple[int, int] | None = None,
-                 banned_tokens=frozenset(), start: float = 0.0):
+                 banned_tokens=frozenset(), start: float = 0.0, truth: TruthConfig | None = None):
         if clock_mode not in ("wall", "virtual"):
             raise ValueError(f"clock_mode must be 'wall' or 'virtual', got {clock_mode!r}")
-        if contention not in ("bandwidth", "none"):
-            raise ValueError(f"contention must be 'bandwidth' or 'none', got {contention!r}")
+        if contention is not None and contention not in CONTENTION_MODES:
+            raise ValueError(f"contention must be one of {CONTENTION_MODES}, got {contention!r}")
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
-        self.cm = cost_model
-        self.hw = cost_model.hw
+        self._cm = cost_model  # the belief (what policies plan with); also sizes the token range
+        self.truth = truth if truth is not None else TruthConfig.exact()  # also sets the contention mode
+        if contention is not None:
+            self.contention = contention
         self.mode = clock_mode
-        self.contention = contention
         self._wall = clock
         self.time_scale = time_scale
         self.vnow = start
@@ -90,59 +152,111 @@ class EmulatedExecutor(Executor):
         self.banned = frozenset(banned_tokens)
         self._running: dict[int, _Running] = {}
         self._done: list[LaunchResult] = []
+        self._lane_sms: dict[LaneKind, int | None] = {}
         self.busy_s = {"aggregated": 0.0, "prefill": 0.0, "decode": 0.0}  # emulated lane time, for stats
+        self.truth_stats = {"switches": 0, "host_s": 0.0, "device_s": 0.0}
+
+    # ---- belief and truth (either may be swapped after construction, e.g. cost_model/constant.py) ----
+    @property
+    def cm(self):
+        return self._cm
+
+    @cm.setter
+    def cm(self, value) -> None:
+        self._cm = value
+        self._reprice()
+
+    @property
+    def truth(self) -> TruthConfig:
+        return self._truth
+
+    @truth.setter
+    def truth(self, value: TruthConfig) -> None:
+        """A new truth: its pricing, its contention mode and a noise generator seeded afresh."""
+        self._truth = value
+        self.contention = value.contention
+        self._rng = random.Random(value.seed)
+        self._reprice()
+
+    def _reprice(self) -> None:
+        self.pricer = truth_pricer(self._cm, self._truth)
+        self.hw = self.pricer.cm.hw  # the truth's hardware
 
     # ---- clock ------------------------------------------------------------------------------
     def now(self) -> float:
         return self.vnow if self.mode == "virtual" else self._wall()
 
     def advance_to(self, t: float) -> None:
-        """Virtual mode: move the clock forward (completions up to t become pollable)."""
+        """Virtual mode: move the clock forward (step ends and completions up to t become pollable)."""
         if self.mode != "virtual":
             raise RuntimeError("advance_to is for the virtual clock")
         self._settle(t)
         self.vnow = max(self.vnow, t)
 
     def next_completion(self) -> float | None:
+        """When the next result part is due: a step boundary of a k-step launch, or a launch's end."""
         if self._done:
             return self.now()
-        return min((r.eta() for r in self._running.values()), default=None)
+        return min((r.next_event() for r in self._running.values()), default=None)
 
     def busy(self) -> bool:
         return bool(self._running or self._done)
 
     # ---- launches ---------------------------------------------------------------------------
+    def price(self, launch: Launch) -> LaunchCost:
+        """The launch's truth cost alone on its SMs (before noise, host time and switch cost)."""
+        sms = None if launch.lane == LaneKind.AGGREGATED else launch.sms
+        return self.pricer.price([(len(w.input_ids), w.start_pos, w.steps) for w in launch.work], sms)
+
     def submit(self, launch: Launch) -> None:
         now = self.now()
         self._settle(now)
-        sms = None if launch.lane == LaneKind.AGGREGATED else launch.sms
-        steps = max(w.steps for w in launch.work)
-        shape = [(len(w.input_ids), w.start_pos) for w in launch.work]
-        step_s, total_bytes = [], 0.0
-        for j in range(steps):
-            # Step j of a look-ahead decode: each request still stepping has one more cached token.
-            sj = shape if j == 0 else [(1, w.start_pos + j) for w in launch.work if w.steps > j]
-            ops = self.cm.breakdown(sj, sms)
-            step_s.append(sum(o.time for o in ops))
-            total_bytes += sum(o.bytes for o in ops)
-        alone = sum(step_s) * self.time_scale
-        acc, fracs = 0.0, []
-        for s in step_s:
-            acc += s
-            fracs.append(acc / sum(step_s))
-        run = _Running(launch, sms, shape, fracs, alone, total_bytes / max(sum(step_s), 1e-12), now, updated=now)
-        run.result = LaunchResult(launch.launch_id, started_at=now)
+        truth = self.truth
+        lc = self.price(launch)
+        noise = lognormal_factor(self._rng, truth.noise_sigma)
+        switch = 0.0
+        if launch.lane != LaneKind.AGGREGATED:
+            prev = self._lane_sms.get(launch.lane)
+            if prev is not None and prev != launch.sms and truth.switch_s > 0:
+                switch = truth.switch_s
+                self.truth_stats["switches"] += 1
+            self._lane_sms[launch.lane] = launch.sms
+        scale = self.time_scale
+        acc, bounds, host_total = switch, [], switch
+        for dev, reqs in zip(lc.step_s, lc.step_reqs):
+            host = truth.host_s(reqs)
+            host_total += host
+            acc += dev * noise + host
+            bounds.append(acc * scale)
+        self.truth_stats["host_s"] += host_total
+        self.truth_stats["device_s"] += lc.device_s * noise
+        phases = self._phases(lc, noise, host_total)
+        run = _Running(launch, bounds, phases, now)
         self._progress(now)  # the other lane ran at its old rate until now
         self._running[launch.launch_id] = run
         self._rerate()
 
+    def _phases(self, lc: LaunchCost, n: float, host: float) -> list[_Phase]:
+        pairs = tuple((tc * n, tm * n) for tc, tm in lc.comp.values())
+        out = []
+        if self.contention == "phase":
+            if lc.mem_tm or lc.mem_fixed:
+                out.append(_Phase(lc.mem_tm * n, (), lc.mem_fixed * n, lc.mem_bytes))
+            if pairs or lc.comp_fixed or lc.fixed:
+                out.append(_Phase(0.0, pairs, (lc.comp_fixed + lc.fixed) * n, lc.comp_bytes))
+        else:
+            out.append(_Phase(lc.mem_tm * n, pairs, (lc.mem_fixed + lc.comp_fixed + lc.fixed) * n, lc.bytes))
+        if host > 0:
+            out.append(_Phase(0.0, (), host, 0.0))
+        return out
+
     def poll(self, timeout: float | None = None) -> list[LaunchResult]:
-        """Finished launches; waits until the earliest completion or `timeout` seconds."""
+        """Result parts due by now; waits until the next step end or completion, or `timeout` seconds."""
         now = self.now()
         self._settle(now)
         if not self._done and self._running and (timeout is None or timeout > 0):
-            eta = min(r.eta() for r in self._running.values())
-            until = eta if timeout is None else min(eta, now + timeout)
+            nxt = min(r.next_event() for r in self._running.values())
+            until = nxt if timeout is None else min(nxt, now + timeout)
             if self.mode == "virtual":
                 self.advance_to(until)
             else:
@@ -155,51 +269,69 @@ class EmulatedExecutor(Executor):
 
     # ---- progress model ---------------------------------------------------------------------
     def _settle(self, t: float) -> None:
-        """Apply every completion up to time t, in order, re-rating the lanes at each."""
-        while self._running:
-            run = min(self._running.values(), key=_Running.eta)
-            end = run.eta()
+        """Report every step end and completion up to time t, in order, re-rating the lanes at each completion."""
+        running = self._running
+        while running:
+            if len(running) == 1:
+                (run,) = running.values()
+            else:
+                run = min(running.values(), key=_Running.next_event)
+            end = run.next_event()
             if end > t + 1e-12:
                 break
-            self._progress(end)
-            del self._running[run.launch.launch_id]
-            self._finish(run, end)
-            self._rerate()
+            last = run.step == len(run.bounds) - 1
+            if last:
+                self._progress(end)
+                del running[run.launch.launch_id]
+                self._report(run, end, final=True)
+                self._rerate()
+            else:
+                self._report(run, end, final=False)
+                run.step += 1
 
     def _progress(self, t: float) -> None:
         for r in self._running.values():
             if t > r.updated:
-                r.done = min(1.0, r.done + (t - r.updated) * r.rate)
+                r.done += (t - r.updated) * r.rate
                 r.updated = t
 
     def _rerate(self) -> None:
         runs = list(self._running.values())
-        share = 1.0
-        if self.contention == "bandwidth" and len(runs) > 1:
-            demand = sum(r.demand for r in runs)
-            share = min(1.0, self.hw.bandwidth() / demand) if demand > 0 else 1.0
+        if len(runs) < 2 or self.contention == "none":
+            for r in runs:
+                r.rate = 1.0
+            return
+        total_bw = self.hw.bandwidth()
         for r in runs:
-            if share < 1.0:
-                slow = self.cm.batch_time(r.shape, r.sms, share) / max(self.cm.batch_time(r.shape, r.sms), 1e-12)
-            else:
-                slow = 1.0
-            r.rate = 1.0 / (r.alone_s * slow) if r.alone_s > 0 else math.inf
+            others = [p for o in runs if o is not r for p in o.phases]
+            other_alone = sum(p.alone for p in others)
+            t = 0.0
+            for p in r.phases:
+                if p.demand <= 0:
+                    t += p.alone
+                    continue
+                for q in others:
+                    d = p.demand + q.demand
+                    w = q.alone / other_alone if other_alone > 0 else 0.0
+                    t += w * (p.time(total_bw / d) if d > total_bw else p.alone)
+            r.rate = r.alone / t if t > 0 else 1.0
 
-    def _finish(self, run: _Running, end: float) -> None:
-        res, launch = run.result, run.launch
-        res.finished_at = end
-        span = end - run.started
-        self.busy_s[launch.lane.value] += span
+    def _report(self, run: _Running, t: float, final: bool) -> None:
+        """The tokens of step `run.step`, visible at t; the final part also ends the launch."""
+        launch, j = run.launch, run.step
+        res = LaunchResult(launch.launch_id, started_at=run.started, finished_at=t, final=final)
+        if final:
+            self.busy_s[launch.lane.value] += t - run.started
+        lo, hi, banned = self.token_lo, self.token_hi, self.banned
         for w in launch.work:
-            if not w.sample:
+            if not w.sample or w.steps <= j:
                 continue
-            pos = w.start_pos + len(w.input_ids)  # position of the first sampled token
-            res.tokens[w.rid] = [token_id(w.sampling_seed, pos + j, self.token_lo, self.token_hi, self.banned)
-                                 for j in range(w.steps)]
-            res.token_times[w.rid] = [run.started + span * run.step_fracs[j] for j in range(w.steps)]
+            tok = token_id(w.sampling_seed, w.start_pos + len(w.input_ids) + j, lo, hi, banned)
+            res.tokens[w.rid] = [tok]
+            res.token_times[w.rid] = [t]
             if w.params is not None and getattr(w.params, "logprobs", False):
                 # No logits here: report the emitted token as certain (logprob 0), top list empty.
-                res.logprobs[w.rid] = [{"token_id": t, "logprob": 0.0, "top": []} for t in res.tokens[w.rid]]
+                res.logprobs[w.rid] = [{"token_id": tok, "logprob": 0.0, "top": []}]
         self._done.append(res)
 
 
@@ -240,14 +372,25 @@ def build_emulated(engine_core, args) -> None:
     engine_core.model_dir = tok_dir
     engine_core.kv_slots = int(slots)
     engine_core.input_vocab_size = hi  # prompts are tokenized by the embedded tokenizer, whatever the config
+    truth = server_truth(args, extra)
     engine_core.executor = EmulatedExecutor(
-        cm, clock_mode="wall", contention=extra.get("emulated_contention", "bandwidth"),
+        cm, clock_mode="wall", contention=extra.get("emulated_contention"),
         clock=engine_core.clock, time_scale=float(extra.get("emulated_time_scale", 1.0)),
-        token_range=(lo, hi), banned_tokens=banned,
+        token_range=(lo, hi), banned_tokens=banned, truth=truth,
     )
     engine_core.device = f"emulated:{hw.name}"
-    logger.info("emulated GPU: %s on %s (%s), %d KV slots, token ids in [%d, %d)", model_config.name, hw.name,
-                hw.source, slots, lo, hi)
+    logger.info("emulated GPU: %s on %s (%s), %d KV slots, token ids in [%d, %d); truth: %s", model_config.name,
+                hw.name, hw.source, slots, lo, hi, truth.describe())
+
+
+def server_truth(args, extra: dict) -> TruthConfig:
+    """The server's truth model: on by default (seeded with --random-seed); `extra['emulated_truth']`
+    (a TruthConfig, 'off', or TruthConfig.parse's 'key=value,...') or the SGLANG_DUET_EMULATED_TRUTH
+    environment variable (same text) changes it."""
+    spec = extra.get("emulated_truth", os.environ.get(TRUTH_ENV))
+    if isinstance(spec, TruthConfig):
+        return spec
+    return TruthConfig.parse(spec, seed=int(getattr(args, "random_seed", 0) or 0))
 
 
 def _embedded_tokenizer():
