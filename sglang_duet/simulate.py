@@ -5,6 +5,12 @@
     python -m sglang_duet.simulate --sweep --policies aggregated:8192,chunked:2048,static-split,duet \\
         --workload azure-conv --out benchmark/results/sim-h100-qwen3-8b-azure-conv
 
+The emulated GPU runs on its own ground truth, on by default (`--truth off`: the exact model the
+policy plans with): `--truth-hardware`, `--truth-perturb C,B` (e.g. 0.85,1.15), `--truth-noise`,
+`--truth-host-us BASE,PER_REQ`, `--truth-switch-us`, `--truth-attention`, `--contention`; see
+docs/cost-model.md. Token times are delivery times (each decode step's tokens reach the host when
+the step ends), so every TBT is a gap between deliveries.
+
 A policy may be given as NAME:BUDGET to run it with its own chunked_prefill_size. `--sweep`
 finds each policy's goodput (the highest rate with >= 90% SLO attainment, DistServe's
 definition and the max-TBT variant, see sglang_duet/simulator/metrics.py) and writes
@@ -13,12 +19,14 @@ summary.md, points.json and PNG plots under --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
 import statistics
 import sys
 
+from sglang_duet.cost_model.truth import CONTENTION_MODES, TruthConfig
 from sglang_duet.simulator.loop import SimConfig, simulate
 from sglang_duet.simulator.metrics import summarize
 from sglang_duet.simulator.sweep import PolicySpec, markdown_table, points_table, sweep, tbt_samples
@@ -44,7 +52,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-running-requests", type=int, default=256)
     p.add_argument("--max-total-tokens", type=int, default=None, help="KV slots (default: what the GPU holds)")
     p.add_argument("--policy-config", default=None, help="YAML/JSON file of policy options")
-    p.add_argument("--contention", choices=("bandwidth", "none"), default="bandwidth")
+    t = p.add_argument_group("ground truth of the emulated GPU (policies plan with the plain cost model)")
+    t.add_argument("--truth", choices=("on", "off"), default="on",
+                   help="on: noise, host time, switch cost, per-request attention, phase contention (defaults "
+                        "below); off: the exact model (the belief itself, launch-averaged contention); the "
+                        "options below apply over either")
+    t.add_argument("--truth-hardware", default=None, help="hardware name or file of the truth (default: --hardware)")
+    t.add_argument("--truth-perturb", default=None, metavar="COMPUTE,BANDWIDTH",
+                   help="scale the truth's compute and bandwidth curves, e.g. 0.85,1.15 (default 1,1)")
+    t.add_argument("--truth-noise", type=float, default=None,
+                   help=f"lognormal sigma of the per-launch factor (default {TruthConfig.noise_sigma})")
+    t.add_argument("--truth-seed", type=int, default=None, help="noise seed (default: --seed)")
+    t.add_argument("--truth-host-us", default=None, metavar="BASE,PER_REQ",
+                   help=f"host time per step, us: BASE + PER_REQ x requests (default "
+                        f"{TruthConfig.host_base_s * 1e6:g},{TruthConfig.host_per_req_s * 1e6:g})")
+    t.add_argument("--truth-switch-us", type=float, default=None,
+                   help=f"cost of changing a lane's SM count, us (default {TruthConfig.switch_s * 1e6:g})")
+    t.add_argument("--truth-attention", choices=("per-request", "summed"), default=None,
+                   help="attention as a sum of per-request rooflines (truth on) or one roofline (off)")
+    t.add_argument("--contention", choices=CONTENTION_MODES, default=None,
+                   help="HBM contention between lanes: phase (truth on), bandwidth (launch-averaged; truth "
+                        "off) or none")
     p.add_argument("--sweep", action="store_true", help="find each policy's goodput")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated, for --sweep")
     p.add_argument("--start-rate", type=float, default=1.0, help="--sweep: first rate tried")
@@ -55,6 +83,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="folder for results (sweep: required)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
+
+
+def truth_config(a: argparse.Namespace) -> TruthConfig:
+    """--truth and its options as a TruthConfig."""
+    over = {}
+    if a.truth_hardware:
+        over["hardware"] = a.truth_hardware
+    if a.truth_perturb:
+        over["perturb"] = a.truth_perturb
+    if a.truth_noise is not None:
+        over["noise"] = a.truth_noise
+    if a.truth_host_us:
+        over["host_us"] = a.truth_host_us
+    if a.truth_switch_us is not None:
+        over["switch_us"] = a.truth_switch_us
+    if a.truth_attention:
+        over["attention"] = a.truth_attention
+    seed = a.seed if a.truth_seed is None else a.truth_seed
+    base = TruthConfig(seed=seed) if a.truth == "on" else TruthConfig.exact(seed=seed)
+    if not over:
+        return base
+    return TruthConfig.parse(over, **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
 
 
 def base_config(a: argparse.Namespace) -> SimConfig:
@@ -72,7 +122,7 @@ def base_config(a: argparse.Namespace) -> SimConfig:
         num_requests=a.num_requests, seed=a.seed, tbt_slo_ms=a.tbt_slo_ms, ttft_slo_ms=a.ttft_slo_ms,
         chunked_prefill_size=a.chunked_prefill_size, max_running_requests=a.max_running_requests,
         kv_slots=(a.max_total_tokens + 1) if a.max_total_tokens else None, contention=a.contention,
-        policy_options=options,
+        policy_options=options, truth=truth_config(a),
     )
 
 
@@ -89,6 +139,7 @@ def run_one(a: argparse.Namespace, log) -> dict:
     for k, v in m.to_dict().items():
         log(f"  {k:22s} {v:.4g}" if isinstance(v, float) else f"  {k:22s} {v}")
     log(f"  plans {res.stats['plans']}  launches {res.stats['launches']}  retractions {res.stats['retractions']}")
+    log(f"  truth {res.stats['truth']}  contention {res.stats['contention']}")
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         label = os.path.splitext(os.path.basename(spec.label))[0]
@@ -115,11 +166,14 @@ def run_sweep(a: argparse.Namespace, log, argv) -> dict:
     cmd = "python -m sglang_duet.simulate " + " ".join(shlex.quote(x) for x in argv)
     summary = [f"# Simulated goodput: {title}", "", f"Command: `{cmd}`", "",
                f"{a.num_requests} requests per point, seed {a.seed}, attainment target {a.target:.0%}; "
-               "'<' / '>': the crossing lies outside the swept rates.", "",
+               "'<' / '>': the crossing lies outside the swept rates. Token times are delivery times.", "",
+               f"Emulated GPU ground truth: `{json.dumps(base.truth.describe() if base.truth else 'exact')}`, "
+               f"contention {base.contention or (base.truth.contention if base.truth else 'bandwidth')}.", "",
                markdown_table(results), "", "## Every simulated point", "", points_table(results), ""]
     with open(os.path.join(a.out, "summary.md"), "w") as f:
         f.write("\n".join(summary))
     data = {"command": cmd, "config": vars(a), "cdf_rate": cdf_rate,
+            "truth": base.truth.describe() if base.truth else "exact",
             "goodput": {r.spec.label: {"goodput": r.goodput, "bounded": r.bounded} for r in results},
             "points": {r.spec.label: {str(k): m.to_dict() for k, m in sorted(r.runs.items())} for r in results}}
     with open(os.path.join(a.out, "points.json"), "w") as f:

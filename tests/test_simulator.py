@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from sglang_duet.cost_model.truth import TruthConfig
 from sglang_duet.simulate import main
 from sglang_duet.simulator import SimConfig, simulate, summarize
 from sglang_duet.simulator.loop import build_cost_model
@@ -66,3 +67,71 @@ def test_reduced_sweep_writes_table_and_plots(tmp_path):
     for name in ("attainment.png", "throughput.png", "tbt_cdf.png"):
         p = out / name
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) < 150_000
+
+
+# -- delivery-time tokens and the truth model ---------------------------------------------------
+SPECS = [RequestSpec(0.02 * i, 200 + 1500 * (i % 5), 10 + 3 * (i % 9)) for i in range(60)]
+
+
+def test_exact_truth_gives_the_policy_its_own_predictions():
+    """truth == belief, no noise, host time, switch cost or contention: every launch takes what the
+    plain cost model says, and the policy's predictions are exact."""
+    cfg = SimConfig(policy="chunked", chunked_prefill_size=2048, truth=TruthConfig.exact(contention="none"),
+                    record_launches=True)
+    res = simulate(cfg, specs=SPECS, cost_model=CM)
+    assert len(res.launches) == sum(res.stats["launches"].values()) > 20
+    for la in res.launches:
+        assert la.actual_s == pytest.approx(la.belief_s, rel=1e-9)
+        assert la.predicted_s == pytest.approx(la.actual_s, rel=1e-9)
+
+
+def test_perturbed_truth_moves_launch_times_away_from_the_predictions():
+    f = 0.85
+    cfg = SimConfig(policy="chunked", chunked_prefill_size=2048, record_launches=True,
+                    truth=TruthConfig.exact(contention="none", perturb=(f, f)))
+    res = simulate(cfg, specs=SPECS, cost_model=CM)
+    ratios = sorted(la.actual_s / la.predicted_s for la in res.launches)
+    # every roofline term is 1/f slower; only the fixed kernel overhead is not
+    assert 1.0 < ratios[0] and ratios[-1] <= 1 / f + 1e-9
+    assert ratios[len(ratios) // 2] > 1 / f - 0.03
+    for la in res.launches:
+        assert la.predicted_s == pytest.approx(la.belief_s, rel=1e-9)  # the policy still plans with its belief
+
+
+def test_truth_noise_is_reproducible_per_seed():
+    def run(seed):
+        cfg = SimConfig(policy="duet", chunked_prefill_size=8192, truth=TruthConfig(seed=seed))
+        return [r.token_times for r in simulate(cfg, specs=SPECS, cost_model=CM).records]
+
+    assert run(3) == run(3) and run(3) != run(4)
+
+
+def test_tokens_are_timed_at_delivery_one_step_at_a_time():
+    """k-step decode launches release each step's tokens when the step ends: a request never gets two
+    tokens at one instant, and its gaps are the steps it waited for."""
+    from sglang_duet.simulator.metrics import all_gaps
+
+    specs = [RequestSpec(0.0, 100, 60) for _ in range(8)] + [RequestSpec(0.3 + 0.05 * i, 7000, 4) for i in range(4)]
+    cfg = SimConfig(policy="static-split", chunked_prefill_size=8192, record_launches=True,
+                    policy_options={"lookahead": 4}, truth=TruthConfig.exact(contention="none"))
+    res = simulate(cfg, specs=specs, cost_model=CM)
+    assert any(la.steps > 1 for la in res.launches), "no k-step launch to test"
+    gaps = all_gaps(res.records)
+    assert gaps.min() > 0
+    for r in res.records:
+        assert len(r.token_times) == r.output_len
+
+
+def test_truth_flags():
+    from sglang_duet.simulate import base_config, parse_args
+
+    on = base_config(parse_args(["--seed", "5"]))
+    assert on.truth == TruthConfig(seed=5) and on.contention is None
+    off = base_config(parse_args(["--truth", "off", "--truth-perturb", "0.85,1.15", "--truth-seed", "2"]))
+    assert off.truth == TruthConfig.exact(perturb=(0.85, 1.15), seed=2)
+    mixed = base_config(parse_args(["--truth-hardware", "h200", "--truth-noise", "0", "--truth-host-us", "50,5",
+                                    "--truth-switch-us", "0", "--truth-attention", "summed", "--contention", "none"]))
+    t = mixed.truth
+    assert (t.hardware, t.noise_sigma, t.switch_s) == ("h200", 0.0, 0.0)
+    assert (t.host_base_s, t.host_per_req_s) == (pytest.approx(50e-6), pytest.approx(5e-6))
+    assert not t.per_request_attention and mixed.contention == "none"

@@ -1,8 +1,16 @@
 """The discrete-event simulator: the real SchedulerCore and policy, the emulated GPU on a virtual clock.
 
-Events are request arrivals (from a workload) and launch completions (from the emulated
-executor). Between events nothing changes, so the clock jumps from one to the next; the core
-is asked for work after every event, exactly as the server's scheduler loop would.
+Events are request arrivals (from a workload) and result parts from the emulated executor: the
+end of every decode step (its tokens reach the host then) and the end of every launch. Between
+events nothing changes, so the clock jumps from one to the next; the core is asked for work after
+every event that leaves a lane idle, exactly as the server's scheduler loop would.
+
+Token times are delivery times: a token counts from the moment its result part is applied (the
+part's token time, never earlier than the part's arrival), so every TBT is a gap between two
+deliveries to the user.
+
+The emulated GPU runs on its own ground truth (`SimConfig.truth`, on by default; see
+sglang_duet/cost_model/truth.py), while the policy plans with the plain cost model.
 """
 from __future__ import annotations
 
@@ -10,8 +18,10 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from sglang_duet.core.plan import LaneKind
 from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
 from sglang_duet.cost_model.roofline import CostModel
+from sglang_duet.cost_model.truth import TruthConfig
 from sglang_duet.executor.emulated import EmulatedExecutor, emulated_kv_slots
 from sglang_duet.policies.base import PolicyContext, load_policy
 from sglang_duet.sampling_params import SamplingParams
@@ -33,7 +43,11 @@ class SimConfig:
     max_running_requests: int = 256
     kv_slots: int | None = None  # None: what the GPU's memory holds after the weights
     context_length: int | None = None  # None: the model's
-    contention: str = "bandwidth"
+    contention: str | None = None  # HBM contention model; None: the truth's (phase; bandwidth when truth is None)
+    # The emulated GPU's ground truth (noise, host time, switch cost, per-request attention, its
+    # own hardware). None: the exact model, the belief itself. Its seed is the noise generator's.
+    truth: TruthConfig | None = field(default_factory=TruthConfig)
+    record_launches: bool = False  # keep a LaunchRecord per launch (SimResult.launches)
     policy_options: dict = field(default_factory=dict)
     arrival: dict | None = None  # override the workload's arrival process, e.g. {"process": "poisson"}
 
@@ -48,12 +62,28 @@ class RequestRecord:
 
 
 @dataclass
+class LaunchRecord:
+    """One launch: what the policy predicted, what the belief prices it at, what the truth took."""
+
+    launch_id: int
+    lane: str
+    sms: int | None
+    steps: int
+    tokens: int  # new tokens of its first step
+    started: float
+    predicted_s: float | None  # the policy's prediction for its lane, if it made one
+    belief_s: float  # the cost model the policy plans with, summed over the launch's steps
+    actual_s: float  # from its start to its final part, on the emulated GPU's truth
+
+
+@dataclass
 class SimResult:
     config: SimConfig
     records: list[RequestRecord]
     sim_time_s: float  # virtual seconds from the first arrival to the last token
     wall_s: float  # how long the simulation itself took
     stats: dict  # the core's counters plus lane busy time
+    launches: list[LaunchRecord] = field(default_factory=list)  # with SimConfig.record_launches
 
 
 def build_cost_model(model: str, hardware: str) -> CostModel:
@@ -69,7 +99,7 @@ def simulate(cfg: SimConfig, specs: list[RequestSpec] | None = None, cost_model:
         over = {"arrival": dict(cfg.arrival)} if cfg.arrival else {}
         specs = Workload.load(cfg.workload, **over).sample(cfg.num_requests, cfg.rate, cfg.seed)
     ctx_len = cfg.context_length or cm.model.max_position_embeddings
-    ex = EmulatedExecutor(cm, clock_mode="virtual", contention=cfg.contention)
+    ex = EmulatedExecutor(cm, clock_mode="virtual", contention=cfg.contention, truth=cfg.truth)
     policy = load_policy(cfg.policy, PolicyContext(
         chunked_prefill_size=cfg.chunked_prefill_size, tbt_slo_ms=cfg.tbt_slo_ms, ttft_slo_ms=cfg.ttft_slo_ms,
         cost_model=cm, hardware=cm.hw, options=dict(cfg.policy_options),
@@ -82,15 +112,22 @@ def simulate(cfg: SimConfig, specs: list[RequestSpec] | None = None, cost_model:
     records: dict[str, RequestRecord] = {}
     order = sorted(range(len(specs)), key=lambda i: specs[i].arrival_s)
     nxt = 0
-    for _ in range(max_events):
+    n_specs = len(order)
+    events = 0
+    log: dict | None = {} if cfg.record_launches else None
+    launches: list[LaunchRecord] = []
+    for events in range(max_events):  # noqa: B007 - reported in stats
         now = ex.now()
-        while nxt < len(order) and specs[order[nxt]].arrival_s <= now:
+        while nxt < n_specs and specs[order[nxt]].arrival_s <= now:
             _admit(core, records, order[nxt], specs[order[nxt]], ctx_len)
             nxt += 1
-        for launch in core.schedule():
-            ex.submit(launch)
+        if core.idle_lanes():  # with no lane idle, schedule() would plan nothing
+            for launch in core.schedule():
+                ex.submit(launch)
+                if log is not None:
+                    log[launch.launch_id] = launch
         done_at = ex.next_completion()
-        arrive_at = specs[order[nxt]].arrival_s if nxt < len(order) else math.inf
+        arrive_at = specs[order[nxt]].arrival_s if nxt < n_specs else math.inf
         if done_at is None and arrive_at == math.inf:
             if core.has_unfinished():
                 raise RuntimeError(f"simulation stuck: {core.num_waiting} waiting, {core.num_running} running, "
@@ -99,11 +136,18 @@ def simulate(cfg: SimConfig, specs: list[RequestSpec] | None = None, cost_model:
         if done_at is not None and done_at <= arrive_at:
             ex.advance_to(done_at)
             for res in ex.poll(0):
+                at = ex.now()  # the part reaches the host now: no token of it counts from earlier
+                if log is not None and res.final:
+                    launches.append(_record(cm, log.pop(res.launch_id), res))
                 for u in core.apply_result(res):
                     n = len(u.new_token_ids)
                     if n:
-                        times = res.token_times.get(u.rid) or [res.finished_at] * n
-                        records[u.rid].token_times.extend(times[:n])
+                        times = res.token_times.get(u.rid)
+                        rec = records[u.rid].token_times
+                        if times:
+                            rec.extend(t if t >= at else at for t in times[:n])
+                        else:
+                            rec.extend([max(res.finished_at, at)] * n)
         else:
             ex.advance_to(arrive_at)
     else:
@@ -114,8 +158,21 @@ def simulate(cfg: SimConfig, specs: list[RequestSpec] | None = None, cost_model:
     s = core.stats
     stats = {"launches": dict(s.launches), "plans": dict(s.plans), "retractions": s.retractions,
              "generated_tokens": s.generated_tokens, "prompt_tokens": s.prompt_tokens,
-             "lane_busy_s": dict(ex.busy_s), "kv_slots": core.allocator.capacity}
-    return SimResult(cfg, recs, last - first, time.perf_counter() - t0, stats)
+             "lane_busy_s": dict(ex.busy_s), "kv_slots": core.allocator.capacity, "events": events,
+             "truth": cfg.truth.describe() if cfg.truth is not None else "exact", "contention": ex.contention,
+             **{f"truth_{k}": v for k, v in ex.truth_stats.items()}}
+    return SimResult(cfg, recs, last - first, time.perf_counter() - t0, stats, launches)
+
+
+def _record(cm, launch, res) -> LaunchRecord:
+    sms = None if launch.lane == LaneKind.AGGREGATED else launch.sms
+    steps = max(w.steps for w in launch.work)
+    belief = sum(cm.batch_time([(len(w.input_ids), w.start_pos) if j == 0 else (1, w.start_pos + j)
+                                for w in launch.work if w.steps > j], sms) for j in range(steps))
+    pred = launch.predicted_ms.get(launch.lane.value)
+    return LaunchRecord(launch.launch_id, launch.lane.value, launch.sms, steps,
+                        sum(len(w.input_ids) for w in launch.work), res.started_at,
+                        pred / 1e3 if pred is not None else None, belief, res.finished_at - res.started_at)
 
 
 def _admit(core: SchedulerCore, records: dict, i: int, spec: RequestSpec, ctx_len: int) -> None:
