@@ -8,6 +8,11 @@ Why the offsets: decoding token by token and concatenating is wrong for two reas
 So each step decodes a short window [prefix_offset, len(ids)) and subtracts the decode of
 [prefix_offset, read_offset) — text already emitted, decoded in the same left context. The window
 only advances once its decode ends in a complete character.
+
+Batching: `IncrementalDetokenizer.windows()` / `commit()` split a step into "which ids to decode"
+and "what follows from their text", so a server can decode the windows of every request of a step
+in one call (`BatchDecoder`: the Rust tokenizer's decode_batch, ~10x less time per window than
+HF's decode); `add()` / `flush()` are the same two phases with one decode each.
 """
 from __future__ import annotations
 
@@ -58,19 +63,36 @@ class IncrementalDetokenizer:
         """Append tokens; return the new text that is safe to emit ('' while a character is incomplete)."""
         if not token_ids:
             return ""
-        self._ids.extend(token_ids)
-        self.output_ids.extend(token_ids)
+        self.push(token_ids)
         return self._advance(final=False)
 
     def flush(self) -> str:
         """Emit whatever is held back (call when the request finishes: a trailing U+FFFD is then real)."""
         return self._advance(final=True)
 
-    def _advance(self, final: bool) -> str:
+    def push(self, token_ids: list[int]) -> None:
+        """Append tokens without decoding (then `windows()` + `commit()`)."""
+        self._ids.extend(token_ids)
+        self.output_ids.extend(token_ids)
+
+    def windows(self) -> tuple[list[int], list[int]] | None:
+        """The two id windows whose decodes `commit` needs (already emitted, and everything), or None
+        when there is nothing new to decode."""
         if self._read_offset >= len(self._ids):
+            return None
+        return self._ids[self._prefix_offset:self._read_offset], self._ids[self._prefix_offset:]
+
+    def _advance(self, final: bool) -> str:
+        w = self.windows()
+        if w is None:
             return ""
-        prefix_text = self._window(self._prefix_offset, self._read_offset)
-        new_text = self._window(self._prefix_offset)
+        skip, spaces = self.skip_special_tokens, self.spaces_between_special_tokens
+        return self.commit(_decode(self.tokenizer, w[0], skip, spaces), _decode(self.tokenizer, w[1], skip, spaces),
+                           final)
+
+    def commit(self, prefix_text: str, new_text: str, final: bool) -> str:
+        """Given the decodes of `windows()`, emit the new safe text and move the window. With
+        final=True whatever is held back is emitted (add + flush in one step gives the same text)."""
         if not final and (len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT)):
             # Nothing new yet (e.g. a skipped special token) or a character still incomplete.
             return ""
@@ -85,6 +107,52 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         self.text += delta
         return delta
+
+
+class BatchDecoder:
+    """Decodes many id lists at once, exactly as `tokenizer.decode(ids, skip_special_tokens=...,
+    spaces_between_special_tokens=...)` would one by one.
+
+    A transformers fast tokenizer whose decode is the stock one (the Rust tokenizer's decode, with
+    no clean-up pass) goes through the Rust `decode_batch`; anything else falls back to one
+    `decode` call per list.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.rust = _rust_backend(tokenizer)
+
+    def decode(self, seqs: list[list[int]], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = True) -> list[str]:
+        if not seqs:
+            return []
+        if self.rust is not None:
+            return self.rust.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+        return [_decode(self.tokenizer, s, skip_special_tokens, spaces_between_special_tokens) for s in seqs]
+
+
+def _rust_backend(tokenizer: Any):
+    """The tokenizers.Tokenizer behind a transformers tokenizer when decoding through it directly
+    gives what the tokenizer's own decode gives; else None."""
+    try:
+        import tokenizers
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    except ImportError:
+        return None
+    rust = getattr(tokenizer, "_tokenizer", None)
+    if not isinstance(rust, tokenizers.Tokenizer) or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    cls = type(tokenizer)
+    stock = []
+    for mod, name in (("transformers.tokenization_utils_tokenizers", "TokenizersBackend"),
+                      ("transformers.tokenization_utils_fast", "PreTrainedTokenizerFast")):
+        try:
+            stock.append(getattr(__import__(mod, fromlist=[name]), name)._decode)
+        except (ImportError, AttributeError):
+            pass
+    if cls.decode is not PreTrainedTokenizerBase.decode or cls._decode not in stock:
+        return None  # a tokenizer class with its own decoding: ask it one list at a time
+    return rust
 
 
 def _common_prefix_len(a: str, b: str) -> int:

@@ -7,6 +7,11 @@ held-back rest is released. So the concatenation of the deltas is exactly the fi
 delta ever contains (part of) a stop string that ends the request.
 
 Models without a tokenizer (dummy weights) get empty text: ids and meta still flow.
+
+Per step, not per request: a BatchTokenOut (all of a scheduler step's outputs) is detokenized in
+one pass, its requests' decode windows through one `BatchDecoder` call, and answered with one
+BatchStrOut. When several BatchTokenOuts are already waiting (this process fell behind), they are
+handled together and answered with one BatchStrOut, in order.
 """
 from __future__ import annotations
 
@@ -15,15 +20,20 @@ import sys
 
 import zmq
 
-from sglang_duet.detokenizer import IncrementalDetokenizer, find_stop_string, holdback_len
+from sglang_duet.detokenizer import BatchDecoder, IncrementalDetokenizer, find_stop_string, holdback_len
 from sglang_duet.server import io_struct as io
-from sglang_duet.server.ipc import IPCPaths, decode_or_drop, error_text, parent_alive, pull_socket, push_socket, send_ready, setup_child
+from sglang_duet.server.ipc import (
+    IPCPaths, decode_or_drop, error_text, parent_alive, pull_socket, push_socket, send_ready, setup_child, tune_gc,
+)
 
 logger = logging.getLogger("sglang_duet.detokenizer")
 
 
+MAX_MERGE = 64  # BatchTokenOuts handled together at most when this process is behind
+
+
 class _ReqDetok:
-    __slots__ = ("det", "stops", "no_stop_trim", "sent", "scanned", "done")
+    __slots__ = ("det", "stops", "no_stop_trim", "sent", "scanned", "done", "skip")
 
     def __init__(self, tokenizer, reg: io.DetokRegister):
         self.det = IncrementalDetokenizer(tokenizer, reg.prompt_tail, reg.skip_special_tokens,
@@ -33,19 +43,38 @@ class _ReqDetok:
         self.sent = 0  # chars of det.text already sent
         self.scanned = 0  # det.text before this was already searched for complete stop strings
         self.done = False  # a stop string was seen: send nothing more until the finish arrives
+        self.skip = (reg.skip_special_tokens, reg.spaces_between_special_tokens)  # decode options
 
     def update(self, out: io.TokenOut) -> str:
+        """prepare + decode + finish for one output (the batch path does the decodes together)."""
+        w = self.prepare(out)
+        if w is None:
+            return self.finish(out, None, None)
+        det = self.det
+        return self.finish(out, det._window(det._prefix_offset, det._read_offset), det._window(det._prefix_offset))
+
+    def prepare(self, out: io.TokenOut) -> tuple[list[int], list[int]] | None:
+        """Take the output's ids; return the two id windows to decode (None: nothing to decode)."""
         if self.det is None:
-            return ""
+            return None
         ids = out.new_ids
         matched = (out.finish_reason or {}).get("matched") if out.finished else None
         if isinstance(matched, int) and not self.no_stop_trim and ids and ids[-1] == matched:
             ids = ids[:-1]  # the stop token itself is not part of the text (offline output_text agrees)
-        self.det.add(ids)
-        if out.finished:
-            self.det.flush()
+        if ids:
+            self.det.push(ids)
+        return self.det.windows()
+
+    def finish(self, out: io.TokenOut, prefix_text: str | None, new_text: str | None) -> str:
+        """The text delta to send, given the decodes of prepare()'s windows."""
+        if self.det is None:
+            return ""
+        if prefix_text is not None:
+            # add() and, for the last output, flush(): one commit with final=True is the same
+            self.det.commit(prefix_text, new_text, out.finished)
         text = self.det.text
         if out.finished:
+            matched = (out.finish_reason or {}).get("matched")
             end = len(text)
             if isinstance(matched, str) and not self.no_stop_trim:
                 i = text.find(matched)
@@ -79,6 +108,7 @@ class DetokenizerProcess:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.decoder = BatchDecoder(self.tokenizer) if self.tokenizer is not None else None
         self.ctx = zmq.Context(1)
         self.recv = pull_socket(self.ctx, paths.detokenizer_in)
         self.send = push_socket(self.ctx, paths.main_in)
@@ -90,30 +120,94 @@ class DetokenizerProcess:
                 if not parent_alive():
                     return
                 continue
-            data = self.recv.recv()
+            self.handle_pending()
+
+    def handle_pending(self) -> None:
+        """Every message waiting now, in order; consecutive token batches answered as one."""
+        outs: list[io.StrOut] = []
+        merged = 0
+        while True:
+            try:
+                data = self.recv.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
             msg = decode_or_drop(io.decode, data)
             if msg is None:
                 continue
             if isinstance(msg, io.BatchTokenOut):
-                self.send.send(io.encode(self.handle(msg)))
+                outs.extend(self.handle(msg).outs)
+                merged += 1
+                if merged >= MAX_MERGE:
+                    break
             elif isinstance(msg, io.DetokRegister):
                 try:
                     self.reqs[msg.rid] = _ReqDetok(self.tokenizer, msg)
                 except Exception:  # noqa: BLE001 - one odd registration must not stop the others
                     logger.exception("registering %s failed", msg.rid)
-            else:  # ReqError, SchedulerStats: for the main process as they are
+            else:  # ReqError, SchedulerStats: for the main process as they are, after what came before
+                if outs:
+                    self.send.send(io.encode(io.BatchStrOut(outs)))
+                    outs = []
                 self.send.send(data)
+        if outs:
+            self.send.send(io.encode(io.BatchStrOut(outs)))
 
     def handle(self, batch: io.BatchTokenOut) -> io.BatchStrOut:
-        outs = []
-        for o in batch.outs:
+        """Detokenize one step's outputs: every request's windows in one decode call per option set.
+        A request listed twice (the scheduler sends one output per request; never trust it) splits
+        the message into passes, so each output is decoded after the previous one is applied."""
+        outs, seen, start = [], set(), 0
+        for k, o in enumerate(batch.outs):
+            if o.rid in seen:
+                outs += self._handle_pass(batch.outs[start:k])
+                seen, start = set(), k
+            seen.add(o.rid)
+        outs += self._handle_pass(batch.outs[start:])
+        return io.BatchStrOut(outs)
+
+    def _handle_pass(self, batch_outs: list[io.TokenOut]) -> list[io.StrOut]:
+        items = []  # (out, state, windows or None)
+        jobs: dict[tuple[bool, bool], list[int]] = {}  # decode options -> indexes into items
+        for o in batch_outs:
             st = self.reqs.get(o.rid)
+            w = None
             if st is None:  # cannot happen (register precedes tokens); still never crash on it
                 logger.warning("tokens for unknown request %s", o.rid)
-                text = ""
             else:
                 try:
-                    text = st.update(o)
+                    w = st.prepare(o)
+                except Exception:  # noqa: BLE001 - one request's odd tokens must not stop the others
+                    logger.exception("detokenizing %s failed", o.rid)
+                    st = None
+            if w is not None:
+                jobs.setdefault(st.skip, []).append(len(items))
+            items.append((o, st, w))
+        texts: dict[int, tuple[str, str]] = {}
+        for (skip, spaces), idx in jobs.items():
+            seqs = []
+            for i in idx:
+                seqs += items[i][2]
+            try:
+                dec = self.decoder.decode(seqs, skip, spaces)
+            except Exception:  # noqa: BLE001 - fall back to one request at a time
+                logger.exception("batch decode failed; decoding one by one")
+                dec = None
+            for k, i in enumerate(idx):
+                if dec is not None:
+                    texts[i] = (dec[2 * k], dec[2 * k + 1])
+        outs = []
+        for i, (o, st, w) in enumerate(items):
+            text = ""
+            if st is not None:
+                try:
+                    if w is None:
+                        text = st.finish(o, None, None)
+                    elif i in texts:
+                        text = st.finish(o, *texts[i])
+                    else:
+                        det = st.det
+                        text = st.finish(o, det._window(det._prefix_offset, det._read_offset),
+                                         det._window(det._prefix_offset))
                 except Exception:  # noqa: BLE001 - one request's odd tokens must not stop the others
                     logger.exception("detokenizing %s failed", o.rid)
                     text = ""
@@ -121,7 +215,7 @@ class DetokenizerProcess:
                 self.reqs.pop(o.rid, None)
             outs.append(io.StrOut(o.rid, text, o.new_ids, o.logprobs, o.finished, o.finish_reason,
                                   o.prompt_tokens, o.completion_tokens, o.cached_tokens))
-        return io.BatchStrOut(outs)
+        return outs
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)
@@ -143,6 +237,7 @@ def run_detokenizer_process(log_level: str, paths: IPCPaths, conn) -> None:
         send_ready(conn, io.ReadyInfo(status="error", error=error_text(e)))
         sys.exit(1)
     conn.close()
+    tune_gc()
     try:
         proc.loop()
     except SystemExit:

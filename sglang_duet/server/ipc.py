@@ -124,6 +124,23 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}\n{tb}"
 
 
+GC_GEN0_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Call once a process has started up: the objects it holds now (modules, the model config, the
+    tokenizer) are moved out of the collector's sight (gc.freeze), and young-generation collections
+    run every 20000 allocations instead of 700. A step at 1000 streams allocates tens of thousands
+    of objects; with the defaults, collections that walk every live request ran several times per
+    step on the scheduler's critical path (about half its host time at 1024 streams, measured)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, g1, g2)
+
+
 def decode_or_drop(decode, data: bytes, what: str = "message"):
     """Decode bytes from a socket as one of our typed structs, or drop them with a log line (None).
 
