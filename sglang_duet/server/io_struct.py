@@ -91,6 +91,8 @@ class SchedulerStats(msgspec.Struct, tag="stats"):
     rejected: int = 0  # GenerateReqs answered with a ReqError instead
     peak_running: int = 0  # most requests holding KV at once, since start
     peak_waiting: int = 0  # most requests queued at once, since start
+    # host time on the critical path (scheduler_proc.DeviceTimer.stats): cumulative since start
+    critical_path: dict = {}
 
 
 # ---- detokenizer -> main ---------------------------------------------------------------------

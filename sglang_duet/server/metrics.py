@@ -3,10 +3,18 @@
 Request-level series (TTFT, inter-token latency, e2e) are measured here, where the client sees the
 tokens, so they include the IPC and detokenizer path. Scheduler-level series come from the periodic
 SchedulerStats message; its counters are cumulative, so they are applied as deltas.
+
+Inter-token latency is a gap between two deliveries: tokens that arrive together count as one gap
+(the wait for the first of them) plus zero gaps for the rest, not as the wait spread evenly over
+them. (SGLang divides a chunk's interval by its token count, which turns one 400 ms stall before
+an 8-token burst into eight 50 ms gaps.) Count and sum are unchanged, so the mean is still TPOT.
 """
 from __future__ import annotations
 
+import bisect
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.metrics_core import HistogramMetricFamily
 
 from sglang_duet.server.io_struct import SchedulerStats
 
@@ -30,8 +38,11 @@ class ServerMetrics:
         self.num_requests = Counter("sglang:num_requests", "Finished requests", lab, registry=r)
         self.ttft = Histogram("sglang:time_to_first_token_seconds", "Time to first token (as streamed)", lab,
                               buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("sglang:inter_token_latency_seconds", "Time between tokens (TBT) as streamed", lab,
-                             buckets=_ITL_BUCKETS, registry=r)
+        # Observed once per token, possibly thousands of times per step: a plain list of bucket
+        # counts (one bisect per output, however many tokens it carries), exported at scrape time.
+        self.itl = _TokenHistogram("sglang:inter_token_latency_seconds", "Time between tokens (TBT) as streamed",
+                                   model_name, _ITL_BUCKETS)
+        r.register(self.itl)
         self.e2e = Histogram("sglang:e2e_request_latency_seconds", "End-to-end request latency", lab,
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.policy_steps = Counter("sglang:policy_steps", "Plans the policy made, by mode",
@@ -50,7 +61,6 @@ class ServerMetrics:
         # Per-token hot path: bind the labelled children once (labels() costs a lock and a dict
         # lookup; it showed up in profiles at 256 streams).
         self._ttft = self.ttft.labels(model_name)
-        self._itl = self.itl.labels(model_name)
         self._gen = self.gen_tokens.labels(model_name)
         self._prompt = self.prompt_tokens.labels(model_name)
         self._reqs = self.num_requests.labels(model_name)
@@ -63,9 +73,14 @@ class ServerMetrics:
         """n new tokens arrived `interval` seconds after the previous ones (None: the first ones)."""
         self._gen.inc(n)
         if interval is not None and n > 0:
-            per = interval / n  # look-ahead decoding delivers k tokens at once
-            for _ in range(n):
-                self._itl.observe(per)
+            self.itl.observe_tokens(interval, n)
+
+    def on_itl(self, interval: float, n: int) -> None:
+        """n tokens of one request arrived `interval` s after its previous ones (counted apart: add_tokens)."""
+        self.itl.observe_tokens(interval, n)
+
+    def add_tokens(self, n: int) -> None:
+        self._gen.inc(n)
 
     def on_finish(self, prompt_tokens: int, e2e: float) -> None:
         self._prompt.inc(prompt_tokens)
@@ -95,3 +110,37 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _TokenHistogram:
+    """A Prometheus histogram (one label, model_name) fed per output: `observe_tokens(interval, n)`
+    counts the n tokens one output delivered `interval` seconds after the request's previous one
+    as one gap of `interval` and n - 1 gaps of 0 (they reached the user together: streaming may
+    deliver several tokens at once, e.g. a --stream-interval's or a slow main process's)."""
+
+    def __init__(self, name: str, doc: str, model: str, buckets: tuple[float, ...]):
+        self.name, self.doc, self.model = name, doc, model
+        self.bounds = list(buckets)
+        self.counts = [0] * (len(buckets) + 1)  # the last: +Inf
+        self.sum = 0.0
+
+    def observe_tokens(self, interval: float, n: int) -> None:
+        # The user waited `interval` for the first of these tokens and nothing for the others: a
+        # burst is one real gap plus n - 1 zero gaps, never n gaps of interval / n (which would hide
+        # a stall behind a k-step burst). Sum and count still give the mean TPOT.
+        self.counts[bisect.bisect_left(self.bounds, interval)] += 1
+        if n > 1:
+            self.counts[0] += n - 1
+        self.sum += interval
+
+    def collect(self):
+        fam = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])
+        acc, buckets = 0, []
+        for b, c in zip(self.bounds + [float("inf")], self.counts):
+            acc += c
+            buckets.append(("+Inf" if b == float("inf") else repr(float(b)), acc))
+        fam.add_metric([self.model], buckets, self.sum)
+        return [fam]
+
+    def describe(self):
+        return [HistogramMetricFamily(self.name, self.doc, labels=["model_name"])]

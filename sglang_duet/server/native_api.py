@@ -101,7 +101,7 @@ class NativeServing:
                 tok = self.tm.tokenizer if with_text else None
                 meta["output_token_logprobs"] = [[lp.logprob, lp.token_id, _t(tok, lp.token_id)] for lp in a["lps"]]
                 meta["output_top_logprobs"] = [[[v, t, _t(tok, t)] for t, v in lp.top] for lp in a["lps"]]
-            out = {"text": a["text"], "output_ids": list(a["ids"]), "meta_info": meta}
+            out = {"text": a["text"], "output_ids": a["ids"], "meta_info": meta}  # encoded at once: no copy
             if batch and stream:
                 out["index"] = i
             return out

@@ -61,8 +61,10 @@ async def start_stream(group, render: Callable[[list], Iterable[bytes]], tail: C
         try:
             batch = first
             while batch is not None:
-                for c in render(batch):
-                    yield c
+                # One write per batch of news, however many events it makes (choices, role chunks).
+                chunk = b"".join(render(batch))
+                if chunk:
+                    yield chunk
                 batch = await group.next()
             for c in tail():
                 yield c

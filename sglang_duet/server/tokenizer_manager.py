@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from sglang_duet.sampling_params import SamplingParams, SamplingParamsError
 from sglang_duet.server import io_struct as io
@@ -31,10 +30,11 @@ DISCONNECT_CHECK_S = 0.5  # how often a waiting non-streaming handler checks for
 # a 3 MB prompt (about 2 s to tokenize) no longer freezes every other stream on the event loop.
 THREAD_TOKENIZE_CHARS = 50_000
 MAX_ABORTING = 100_000
+RECV_BATCH = 16  # messages handled per reader callback before the woken handlers get a turn
 MAX_SEQS_PER_REQUEST = 4096  # prompts x n of one HTTP request: one small body must not queue 10^5 requests
 
 
-@dataclass
+@dataclass(slots=True)
 class Delta:
     """What arrived for one request since the handler last looked."""
 
@@ -48,7 +48,7 @@ class Delta:
     cached_tokens: int
 
 
-@dataclass
+@dataclass(slots=True)
 class ReqState:
     rid: str
     prompt_tokens: int
@@ -91,25 +91,29 @@ class TokenizerManager:
         # refused before tokenizing them (bounded work per request).
         self.max_token_chars = _max_token_chars(self.tokenizer)
         self._zctx = zmq.Context(1)
-        self._actx = zmq.asyncio.Context(1)
         # A plain (sync) PUSH socket: send() never blocks (no HWM) and works from `finally` blocks of
         # cancelled handlers, which is where aborts come from.
         self._send = push_socket(self._zctx, paths.scheduler_in)
-        self._recv = pull_socket(self._actx, paths.main_in)
-        self._loop_task: asyncio.Task | None = None
+        # Read through the event loop's reader callback on the socket's fd (see _on_readable).
+        self._recv = pull_socket(self._zctx, paths.main_in)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._loop_task = asyncio.get_running_loop().create_task(self._recv_loop())
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._recv.getsockopt(zmq.FD), self._on_readable)
+        self._loop.call_soon(self._on_readable)  # whatever arrived before the reader was registered
 
     def close(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self._recv.getsockopt(zmq.FD))
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
         self._send.close(linger=0)
         self._recv.close(linger=0)
         self._zctx.term()
-        self._actx.term()
 
     def fail_all(self, message: str, *, dead: bool = True) -> None:
         """Every in-flight request ends with an error (a child died, or the shutdown grace ran out)."""
@@ -266,51 +270,73 @@ class TokenizerManager:
 
     # ---- receive loop ----------------------------------------------------------------------
 
-    async def _recv_loop(self) -> None:
-        while True:
-            data = await self._recv.recv()
+    def _on_readable(self) -> None:
+        """The reader callback: handle what has arrived, then let the handlers run.
+
+        At most RECV_BATCH messages per call, then the rest in a later callback: the handlers woken
+        meanwhile (each has its request's news merged into one event) run in between, so a backlog
+        (the main process behind the scheduler) can never starve them; the per-message work is
+        O(outputs in the message). The socket's fd is edge-triggered: every call reads until the
+        socket is empty or reschedules itself.
+        """
+        for _ in range(RECV_BATCH):
             try:
-                msg = io.decode(data)
-                if isinstance(msg, io.BatchStrOut):
-                    self._on_outputs(msg)
-                elif isinstance(msg, io.SchedulerStats):
-                    self.stats = msg
-                    self.metrics.on_stats(msg)
-                elif isinstance(msg, io.ReqError):
-                    self._settled(msg.rid)
-                    st = self.states.get(msg.rid)
-                    if st is not None and not st.finished:
-                        st.error = APIError(msg.status, msg.message)
-                        st.finished = True
-                        st.event.set()
-            except msgspec.DecodeError as e:
-                logger.error("dropping an undecodable message: %s", e)
-            except Exception:  # noqa: BLE001 - keep serving the other requests
-                logger.exception("error handling a message from the detokenizer")
+                data = self._recv.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed while shutting down
+                return
+            self._handle_message(data)
+        self._loop.call_soon(self._on_readable)
+
+    def _handle_message(self, data: bytes) -> None:
+        try:
+            msg = io.decode(data)
+            if isinstance(msg, io.BatchStrOut):
+                self._on_outputs(msg)
+            elif isinstance(msg, io.SchedulerStats):
+                self.stats = msg
+                self.metrics.on_stats(msg)
+            elif isinstance(msg, io.ReqError):
+                self._settled(msg.rid)
+                st = self.states.get(msg.rid)
+                if st is not None and not st.finished:
+                    st.error = APIError(msg.status, msg.message)
+                    st.finished = True
+                    st.event.set()
+        except msgspec.DecodeError as e:
+            logger.error("dropping an undecodable message: %s", e)
+        except Exception:  # noqa: BLE001 - keep serving the other requests
+            logger.exception("error handling a message from the detokenizer")
 
     def _on_outputs(self, batch: io.BatchStrOut) -> None:
+        """O(outputs in the message): each goes to its request's state, whose handler is woken."""
         now = time.monotonic()
+        states, metrics = self.states, self.metrics
+        tokens = 0
         for o in batch.outs:
-            st = self.states.get(o.rid)
+            st = states.get(o.rid)
             if st is None or st.finished:
                 if o.finished:
-                    self._settled(o.rid)
+                    self._aborting.pop(o.rid, None)  # the scheduler's final word on an aborted request
                 continue  # aborted by us; the scheduler's final word on it is not needed
             n = len(o.new_ids)
             if n:
+                tokens += n
                 if st.first_token_time is None:
                     st.first_token_time = now
-                    self.metrics.on_first_token(now - st.created)
-                    self.metrics.on_tokens(n, None)
+                    metrics.on_first_token(now - st.created)
                 else:
-                    self.metrics.on_tokens(n, now - st.last_token_time)
+                    metrics.on_itl(now - st.last_token_time, n)
                 st.last_token_time = now
             if o.finished:
                 st.finished = True
                 st.finish_time = now
-                self.metrics.on_finish(o.prompt_tokens, now - st.created)
+                metrics.on_finish(o.prompt_tokens, now - st.created)
             st.pending.append(o)
             st.event.set()
+        if tokens:
+            metrics.add_tokens(tokens)
 
     # ---- introspection ---------------------------------------------------------------------
 
@@ -326,7 +352,7 @@ class TokenizerManager:
                        token_usage=s.kv_used / s.kv_total if s.kv_total else 0.0, launches=s.launches,
                        plans=s.plans, last_sms=s.last_sms, finished=s.finished, aborted=s.aborted,
                        retractions=s.retractions, submitted=s.submitted, rejected=s.rejected,
-                       peak_running=s.peak_running, peak_waiting=s.peak_waiting,
+                       peak_running=s.peak_running, peak_waiting=s.peak_waiting, critical_path=s.critical_path,
                        stats_age_s=time.monotonic() - s.time)
         return out
 
@@ -351,13 +377,15 @@ class RequestGroup:
         return [st.rid for st in self.states]
 
     async def next(self) -> list[tuple[int, Delta]] | None:
+        states = self.states
         while self._remaining:
-            if not any(self.states[i].pending or self.states[i].error for i in self._remaining):
+            if not self._news():
                 await self._wait()
             self._event.clear()
             batch = []
-            for i in list(self._remaining):
-                st = self.states[i]
+            ended = None
+            for i in self._remaining:
+                st = states[i]
                 if st.error is not None:
                     raise st.error
                 if st.pending:
@@ -365,10 +393,20 @@ class RequestGroup:
                     d = _merge(outs)
                     batch.append((i, d))
                     if d.finished:
-                        self._remaining.remove(i)
+                        ended = (ended or set()) | {i}
+            if ended:
+                self._remaining = [i for i in self._remaining if i not in ended]
             if batch:
                 return batch
         return None
+
+    def _news(self) -> bool:
+        states = self.states
+        for i in self._remaining:
+            st = states[i]
+            if st.pending or st.error is not None:
+                return True
+        return False
 
     async def _wait(self) -> None:
         if self.request is None:
@@ -396,7 +434,7 @@ class RequestGroup:
 def _merge(outs: list[io.StrOut]) -> Delta:
     last = outs[-1]
     if len(outs) == 1:
-        return Delta(last.text, list(last.new_ids), list(last.logprobs or ()), last.finished, last.finish_reason,
+        return Delta(last.text, last.new_ids, last.logprobs or [], last.finished, last.finish_reason,
                      last.prompt_tokens, last.completion_tokens, last.cached_tokens)
     ids, lps = [], []
     for o in outs:
