@@ -28,6 +28,7 @@ class ServerArgs:
     # execution
     executor: str = "model"  # model | emulated
     hardware: str = "h100"  # hardware file for the emulated executor / cost model
+    emulated_step_ms: float | None = None  # emulated executor: every launch costs exactly this (cost_model/constant.py)
     attention_backend: str = "auto"  # auto: flashinfer, else triton, else torch on a GPU; torch on a CPU
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None
@@ -42,6 +43,7 @@ class ServerArgs:
     tp_size: int = 1
     skip_warmup: bool = False
     max_request_bytes: int = 32 << 20  # larger HTTP bodies get 413 before they are read
+    stream_interval: int = 1  # stream every N tokens (SGLang's flag); the first and the last are sent at once
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests may finish this long, then get an error
     # disaggregated serving (sglang_duet/disagg, docs/disaggregation.md)
     disaggregation_mode: str = "null"  # null | prefill | decode | pd-local (1 prefill + 1 decode + router)

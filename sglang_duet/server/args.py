@@ -38,6 +38,10 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "executor": ("run a real model, or emulate a GPU with the roofline cost model",
                  {"choices": ["model", "emulated"]}),
     "hardware": ("hardware file or name (configs/hardware) for the cost model / emulator", {}),
+    "emulated_step_ms": ("--executor emulated: every launch costs exactly this many ms, whatever its batch "
+                         "(a constant-step device for measuring host overhead; benchmark/host_overhead.py)", {}),
+    "stream_interval": ("streaming: send a request's tokens every N tokens (its first token and its end at once); "
+                        "larger values cost less host time per token at many streams", {}),
     "attention_backend": ("attention backend", {}),
     "disable_cuda_graph": ("do not capture CUDA graphs", {}),
     "cuda_graph_max_bs": ("largest decode batch captured in a CUDA graph (default 256)", {}),
@@ -123,6 +127,13 @@ def check_server_args(a: ServerArgs) -> str | None:
         v = getattr(a, name)
         if v is not None and v <= 0:
             return f"--{name.replace('_', '-')} {v}: must be positive"
+    if a.stream_interval < 1:
+        return f"--stream-interval {a.stream_interval}: must be at least 1"
+    if a.emulated_step_ms is not None:
+        if not a.emulated_step_ms > 0:
+            return f"--emulated-step-ms {a.emulated_step_ms}: must be positive"
+        if a.executor != "emulated":
+            return "--emulated-step-ms needs --executor emulated"
     if a.max_request_bytes <= 0:
         return f"--max-request-bytes {a.max_request_bytes}: must be positive"
     if not a.shutdown_grace_s >= 0:

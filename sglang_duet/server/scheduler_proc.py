@@ -4,9 +4,18 @@ Loop: drain requests/aborts without blocking, step the engine, push token update
 detokenizer; when idle, block on the input socket (no busy-waiting on a shared CPU). Nothing a
 client sends may kill this loop: admission errors go back as ReqError. An exception from the engine
 itself is a bug: the process exits non-zero and the main process reports it.
+
+All of a step's updates go to the detokenizer as one BatchTokenOut. With `--stream-interval N` a
+running request's tokens are held back here until N of them are ready (its first token and its
+end go at once), so the detokenizer and the main process see one output per N tokens.
+
+The executor is wrapped in a `DeviceTimer`, which times the host's share of the critical path:
+from the end of a launch that left the device idle while requests were running to the start of
+the next launch (stats `critical_path`, read by benchmark/host_overhead.py).
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import sys
@@ -16,7 +25,9 @@ import msgspec
 import zmq
 
 from sglang_duet.server import io_struct as io
-from sglang_duet.server.ipc import IPCPaths, decode_or_drop, error_text, parent_alive, pull_socket, push_socket, send_ready, setup_child
+from sglang_duet.server.ipc import (
+    IPCPaths, decode_or_drop, error_text, parent_alive, pull_socket, push_socket, send_ready, setup_child, tune_gc,
+)
 
 logger = logging.getLogger("sglang_duet.scheduler")
 
@@ -43,6 +54,8 @@ def run_scheduler_process(args_bytes: bytes, paths: IPCPaths, conn) -> None:
         send_ready(conn, io.ReadyInfo(status="error", error=error_text(e)))
         sys.exit(1)
     conn.close()
+    tune_gc()
+    _timer_slack()
     try:
         sched.loop()
     except SystemExit:
@@ -52,6 +65,17 @@ def run_scheduler_process(args_bytes: bytes, paths: IPCPaths, conn) -> None:
         sys.exit(1)
     finally:
         sched.close()
+
+
+def _timer_slack() -> None:
+    """Linux: wake from sleeps within 1 us of the deadline instead of the default 50 us (the loop
+    sleeps until a launch ends, and that wake-up is on the critical path of every step)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(29, 1000)  # PR_SET_TIMERSLACK, in ns
+    except (OSError, AttributeError):
+        pass
 
 
 def _cpu_threads() -> None:
@@ -74,6 +98,14 @@ class SchedulerProcess:
         self.args = args
         self.paths = paths
         self.engine = EngineCore(args)
+        if getattr(args, "emulated_step_ms", None):
+            from sglang_duet.cost_model.constant import install_constant_device
+
+            install_constant_device(self.engine, args.emulated_step_ms)
+        self.timer = DeviceTimer(self.engine.executor)
+        self.engine.executor = self.timer
+        self.stream_interval = max(1, int(getattr(args, "stream_interval", 1) or 1))
+        self._held: dict[str, _Held] = {}  # rid -> tokens held back by --stream-interval
         self.ctx = zmq.Context(1)
         self.recv = pull_socket(self.ctx, paths.scheduler_in)
         self.send = push_socket(self.ctx, paths.detokenizer_in)
@@ -105,6 +137,11 @@ class SchedulerProcess:
 
     def loop(self) -> None:
         progressed = True
+        # An executor that runs lanes concurrently returns from submit() while the launch runs:
+        # then the next launch goes out as soon as a result is applied, and the updates are sent
+        # while it runs (off the critical path). A synchronous one (ModelExecutor) computes inside
+        # submit(), so its updates go out first.
+        launch_first = bool(getattr(self.timer.inner, "concurrent_lanes", False))
         while True:
             busy = self.engine.has_work()
             if busy:
@@ -112,6 +149,9 @@ class SchedulerProcess:
                 # for input instead of spinning a shared core at 100%.
                 got = self._drain(0 if progressed else 1)
                 updates = self.engine.step(0.0 if got else STEP_WAIT_S)
+                if updates and launch_first and self.timer.inflight == 0 and self.engine.has_work():
+                    self._drain(0)  # aborts and new requests first: they change what the next launch holds
+                    updates += self.engine.step(0.0)
                 core = self.engine.core
                 progressed = bool(updates) or bool(core.inflight)
                 self.peak_running = max(self.peak_running, core.num_running)
@@ -119,6 +159,7 @@ class SchedulerProcess:
                 if updates:
                     self._send_updates(updates)
             else:
+                self.timer.idle()  # no work: the device idling now is not the host's doing
                 if self._was_busy:
                     self._send_stats()  # report the idle state at once (tests and dashboards poll it)
                 wait_ms = max(1, int((self._last_stats + STATS_INTERVAL_S - time.monotonic()) * 1000))
@@ -184,16 +225,45 @@ class SchedulerProcess:
         ))
 
     def _send_updates(self, updates) -> None:
+        """One BatchTokenOut for all of a step's updates (none if --stream-interval holds them all),
+        with one output per request: the detokenizer decodes a message's requests in one pass."""
         outs = []
+        where: dict[str, int] = {}
+        interval = self.stream_interval
+        held = self._held
         for u in updates:
-            lps = None
-            if u.new_logprobs:
-                lps = [io.TokenLogprob(int(d["token_id"]), float(d["logprob"]),
-                                       [(int(t), float(lp)) for t, lp in d.get("top") or ()])
-                       for d in u.new_logprobs]
-            outs.append(io.TokenOut(u.rid, list(u.new_token_ids), lps, u.finished, u.finish_reason,
-                                    u.prompt_tokens, u.completion_tokens, u.cached_tokens))
-        self._push(io.BatchTokenOut(outs))
+            ids, lps = u.new_token_ids, _logprobs(u.new_logprobs)
+            if interval > 1:
+                h = held.get(u.rid)
+                if h is None:  # nothing sent yet: the first output goes at once (time to first token)
+                    if not u.finished:
+                        if not ids:
+                            continue
+                        held[u.rid] = _Held(u.completion_tokens)
+                else:
+                    if h.ids:
+                        ids = h.ids + ids
+                        lps = h.lps + lps if h.lps and lps else (h.lps or lps)
+                    if u.finished:
+                        del held[u.rid]
+                    elif u.completion_tokens - h.sent >= interval:
+                        h.ids, h.lps, h.sent = [], None, u.completion_tokens
+                    else:
+                        h.ids, h.lps = ids, lps
+                        continue
+            at = where.get(u.rid)
+            if at is None:
+                where[u.rid] = len(outs)
+                outs.append(io.TokenOut(u.rid, ids, lps, u.finished, u.finish_reason,
+                                        u.prompt_tokens, u.completion_tokens, u.cached_tokens))
+            else:  # a second update of the request in this step (parts of a launch): one output
+                o = outs[at]
+                o.new_ids = o.new_ids + ids
+                if lps:
+                    o.logprobs = (o.logprobs or []) + lps
+                o.finished, o.finish_reason, o.completion_tokens = u.finished, u.finish_reason, u.completion_tokens
+        if outs:
+            self._push(io.BatchTokenOut(outs))
 
     def _send_stats(self) -> None:
         core = self.engine.core
@@ -206,7 +276,7 @@ class SchedulerProcess:
             last_sms=dict(s.last_sms), finished=s.finished, aborted=s.aborted, retractions=s.retractions,
             prompt_tokens=s.prompt_tokens, generated_tokens=s.generated_tokens,
             submitted=self.submitted, rejected=self.rejected, peak_running=self.peak_running,
-            peak_waiting=self.peak_waiting,
+            peak_waiting=self.peak_waiting, critical_path=self.timer.stats(),
         ))
         self._last_stats = time.monotonic()
 
@@ -218,6 +288,89 @@ class SchedulerProcess:
             self.engine.shutdown()
         finally:
             self.ctx.destroy(linger=0)
+
+
+class _Held:
+    """A running request's tokens not sent yet (--stream-interval), and how many were sent."""
+
+    __slots__ = ("ids", "lps", "sent")
+
+    def __init__(self, sent: int):
+        self.ids: list[int] = []
+        self.lps: list | None = None
+        self.sent = sent
+
+
+def _logprobs(new_logprobs) -> list | None:
+    if not new_logprobs:
+        return None
+    return [io.TokenLogprob(int(d["token_id"]), float(d["logprob"]), [(int(t), float(lp)) for t, lp in d.get("top") or ()])
+            for d in new_logprobs]
+
+
+# Histogram edges (ms) of the host gaps on the critical path; the last bucket is "more".
+GAP_EDGES_MS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
+
+
+class DeviceTimer:
+    """The engine's executor, plus timing of the host's share of the critical path.
+
+    A gap starts when a launch ends (its result's `finished_at`, device time) leaving no launch in
+    flight, and ends when the next launch is submitted. `wake` is the part until the executor's
+    poll returned with that result; the rest is the host's work between the two (applying the
+    result, sending updates, reading input, planning the next launch). Gaps in which the engine
+    had no work (`idle()`) are not counted.
+    """
+
+    def __init__(self, inner, clock=time.monotonic):
+        self.inner = inner
+        self.clock = clock
+        self.inflight = 0
+        self._end: float | None = None  # device end of the launch that left the device idle
+        self._woke = 0.0
+        self.count = 0
+        self.gap_s = 0.0
+        self.wake_s = 0.0
+        self.max_gap_s = 0.0
+        self.hist = [0] * (len(GAP_EDGES_MS) + 1)
+
+    def __getattr__(self, name):  # everything else is the executor's
+        return getattr(self.inner, name)
+
+    def submit(self, launch) -> None:
+        now = self.clock()
+        if self.inflight == 0 and self._end is not None:
+            gap = max(0.0, now - self._end)
+            self.count += 1
+            self.gap_s += gap
+            self.wake_s += max(0.0, min(self._woke, now) - self._end)
+            self.max_gap_s = max(self.max_gap_s, gap)
+            self.hist[bisect.bisect_left(GAP_EDGES_MS, gap * 1e3)] += 1
+        self._end = None
+        self.inflight += 1
+        self.inner.submit(launch)
+
+    def poll(self, timeout=None):
+        results = self.inner.poll(timeout)
+        if results:
+            now = self.clock()
+            end = None
+            for r in results:
+                if getattr(r, "final", True):
+                    self.inflight = max(0, self.inflight - 1)
+                    fin = r.finished_at or now
+                    end = fin if end is None else max(end, fin)
+            if end is not None and self.inflight == 0:
+                self._end = min(end, now)
+                self._woke = now
+        return results
+
+    def idle(self) -> None:
+        self._end = None
+
+    def stats(self) -> dict:
+        return {"gaps": self.count, "gap_s": self.gap_s, "wake_s": self.wake_s, "max_gap_s": self.max_gap_s,
+                "hist": list(self.hist), "edges_ms": list(GAP_EDGES_MS)}
 
 
 def _jsonable(d):
