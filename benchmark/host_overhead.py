@@ -1,0 +1,372 @@
+"""Host overhead against the physical limit: the real server on a device that costs a fixed time per step.
+
+The server is the real one (`python -m sglang_duet.launch_server`: HTTP, tokenizer manager,
+scheduler loop, detokenizer with the embedded SmolLM2 tokenizer), its executor the emulated GPU
+with a constant step (`--executor emulated --emulated-step-ms MS`, sglang_duet/cost_model/
+constant.py): every launch, a prefill of 8192 tokens or a decode step of 1024 requests, costs
+exactly MS milliseconds. So the device alone allows a known rate, and everything a client gets
+below it is the host's doing.
+
+For each level, N streaming clients arrive at once, each with a P-token prompt and O output
+tokens (ignore_eos). With the aggregated policy (prefill first) the device needs at least
+ceil(N*P / chunked_prefill_size) prefill steps (they produce every request's first token) and
+O - 1 decode steps, so
+
+    device limit = N * O / ((ceil(N*P / C) + O - 1) * step)
+
+Reported per level: delivered output tokens/s (tokens received by the clients / time from
+sending the first request to receiving the last token), the device limit, their ratio, the
+scheduler's launches (how many steps the device really ran), the host time on the critical path
+per step (the scheduler's own timing: from the end of a launch that left the device idle to the
+start of the next one, `critical_path` in /get_server_info), and the clients' inter-token
+latency (gap between events / tokens in the event). At 1 stream, ITL p50 minus the step is what
+the serving path adds per token.
+
+    python benchmark/host_overhead.py [--streams 1,64,256,1024] [--step-ms 10] [--output-len 256]
+        [--stream-interval 1] [--repeats 3] [--out benchmark/results/host_overhead-cpu2.md]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from benchmark.server_process import ServerProcess  # noqa: E402
+
+MODEL_CONFIG = os.path.join(REPO, "configs", "models", "smollm2-135m.json")
+TOKEN_LO, TOKEN_HI = 100, 40000  # prompt ids: ordinary tokens of the embedded tokenizer
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def device_limit(n: int, prompt_len: int, output_len: int, step_s: float, chunk: int) -> tuple[float, int]:
+    """(tokens/s the device alone allows, minimum device steps) for n requests arriving at once."""
+    steps = math.ceil(n * prompt_len / chunk) + output_len - 1
+    return n * output_len / (steps * step_s), steps
+
+
+def server_flags(a, max_streams: int) -> list[str]:
+    kv = max_streams * (a.prompt_len + a.output_len) + 4096
+    return ["--executor", "emulated", "--emulated-step-ms", str(a.step_ms), "--model-config", MODEL_CONFIG,
+            "--policy", a.policy, "--max-total-tokens", str(kv), "--max-running-requests", str(max_streams),
+            "--chunked-prefill-size", str(a.chunk), "--stream-interval", str(a.stream_interval),
+            "--log-level", "warning", *a.server_arg]
+
+
+# ---- client ---------------------------------------------------------------------------------------
+
+
+class Stream:
+    __slots__ = ("tokens", "times", "counts", "error")
+
+    def __init__(self):
+        self.tokens = 0
+        self.times: list[float] = []  # receive time of each event carrying tokens
+        self.counts: list[int] = []  # tokens in that event
+        self.error = ""
+
+
+_COUNT = b'"completion_tokens":'
+
+
+def completion_tokens(event: bytes) -> int:
+    """meta_info.completion_tokens of one /generate event, without parsing its (cumulative, long)
+    text and output_ids: the client shares the CPU with the server, so it does as little as it can."""
+    i = event.rfind(_COUNT)
+    if i < 0:
+        raise ValueError(f"no completion_tokens in {event[:200]!r}")
+    i += len(_COUNT)
+    j = i
+    while event[j] in b" 0123456789":
+        j += 1
+    return int(event[i:j])
+
+
+async def stream_one(session, url: str, ids: list[int], output_len: int, st: Stream) -> None:
+    """One streaming /generate; events are split by hand (fewer Python steps per event than
+    iterating lines), token counts are the server's cumulative completion_tokens."""
+    body = {"input_ids": ids, "stream": True,
+            "sampling_params": {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0.0}}
+    buf = b""
+    try:
+        async with session.post(url, json=body) as r:
+            if r.status != 200:
+                st.error = f"HTTP {r.status}: {(await r.text())[:200]}"
+                return
+            async for chunk in r.content.iter_any():
+                now = time.perf_counter()
+                buf += chunk
+                *events, buf = buf.split(b"\n\n")
+                for ev in events:
+                    if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
+                        continue
+                    if ev.startswith(b'data: {"error"'):
+                        st.error = ev[6:500].decode(errors="replace")
+                        return
+                    n = completion_tokens(ev)
+                    if n > st.tokens:
+                        st.times.append(now)
+                        st.counts.append(n - st.tokens)
+                        st.tokens = n
+    except Exception as e:  # noqa: BLE001 - reported as a failed stream
+        st.error = f"{type(e).__name__}: {e}"
+
+
+async def run_level(base_url: str, n: int, prompt_len: int, output_len: int, seed: int) -> dict:
+    import aiohttp
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(prompt_len)] for _ in range(n)]
+    streams = [Stream() for _ in range(n)]
+    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(stream_one(s, f"{base_url}/generate", p, output_len, st)
+                               for p, st in zip(prompts, streams)))
+    errors = [st.error for st in streams if st.error]
+    tokens = sum(st.tokens for st in streams)
+    t_last = max((st.times[-1] for st in streams if st.times), default=t0)
+    gaps = []
+    for st in streams:
+        for i in range(1, len(st.times)):
+            k = st.counts[i]
+            gaps.extend([(st.times[i] - st.times[i - 1]) / k] * k)
+    ttft = [st.times[0] - t0 for st in streams if st.times]
+    return {"streams": n, "tokens": tokens, "expected": n * output_len, "errors": errors,
+            "events": sum(len(st.times) for st in streams), "wall_s": t_last - t0,
+            "tok_s": tokens / max(t_last - t0, 1e-9), "itl_p50_ms": pct(gaps, 0.5) * 1e3,
+            "itl_p99_ms": pct(gaps, 0.99) * 1e3, "ttft_p50_ms": pct(ttft, 0.5) * 1e3}
+
+
+# ---- server-side accounting ------------------------------------------------------------------------
+
+
+def server_state(base_url: str) -> dict:
+    import orjson
+
+    with urllib.request.urlopen(f"{base_url}/get_server_info", timeout=10) as r:
+        return orjson.loads(r.read())["internal_states"][0]
+
+
+def settled_state(base_url: str, finished_at_least: int, timeout_s: float = 30.0) -> dict:
+    """The scheduler's stats once they include every request of the level (it reports them as
+    soon as it goes idle)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = server_state(base_url)
+        if (s.get("finished", 0) + s.get("aborted", 0) >= finished_at_least and s.get("num_running_reqs") == 0) \
+                or time.monotonic() > deadline:
+            return s
+        time.sleep(0.05)
+
+
+def critical_path_delta(before: dict, after: dict) -> dict:
+    b, a = before.get("critical_path") or {}, after.get("critical_path") or {}
+    n = a.get("gaps", 0) - b.get("gaps", 0)
+    if n <= 0:
+        return {"gaps": 0, "mean_ms": float("nan"), "wake_ms": float("nan"), "p50_ms": float("nan"),
+                "p99_ms": float("nan")}
+    hist = [x - y for x, y in zip(a["hist"], b.get("hist") or [0] * len(a["hist"]))]
+    edges = a["edges_ms"]
+
+    def q(frac: float) -> float:  # upper edge of the bucket holding the quantile
+        acc, target = 0, frac * n
+        for i, c in enumerate(hist):
+            acc += c
+            if acc >= target:
+                return edges[i] if i < len(edges) else float("inf")
+        return float("inf")
+
+    return {"gaps": n, "mean_ms": (a["gap_s"] - b.get("gap_s", 0.0)) / n * 1e3,
+            "wake_ms": (a["wake_s"] - b.get("wake_s", 0.0)) / n * 1e3, "p50_ms": q(0.5), "p99_ms": q(0.99)}
+
+
+def process_cpu(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each process has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            out[name] = float("nan")
+    return out
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                out.add(link[8:-1])
+    except OSError:
+        pass
+    return out
+
+
+def server_pids(main_pid: int) -> dict[str, int]:
+    """main, scheduler and detokenizer pids: each child is the process holding the unix socket it
+    binds in this server's private IPC dir (`DIR/scheduler`, `DIR/detokenizer`; the main process
+    binds `DIR/main`)."""
+    paths = {}
+    try:
+        with open("/proc/net/unix") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 8 and "/sglang-duet-" in parts[-1]:
+                    paths[parts[6]] = parts[-1]
+    except OSError:
+        return {"main": main_pid}
+    mine = [paths[i] for i in _socket_inodes(main_pid) if i in paths and paths[i].endswith("/main")]
+    pids = {"main": main_pid}
+    if not mine:
+        return pids
+    root = mine[0].rsplit("/", 1)[0]
+    want = {i: p.rsplit("/", 1)[1] for i, p in paths.items() if p.rsplit("/", 1)[0] == root}
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != main_pid:
+            for i in _socket_inodes(int(d)):
+                if want.get(i) in ("scheduler", "detokenizer"):
+                    pids[want[i]] = int(d)
+    return pids
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def measure(srv_url: str, a, n: int, seed: int, pids: dict[str, int] | None = None) -> dict:
+    before = server_state(srv_url)
+    done_before = before.get("finished", 0) + before.get("aborted", 0)
+    pids = dict(pids or {}, client=os.getpid())
+    cpu0 = process_cpu(pids)
+    load0 = load_average()
+    r = asyncio.run(run_level(srv_url, n, a.prompt_len, a.output_len, seed))
+    cpu1 = process_cpu(pids)
+    r["cpu_s"] = {k: cpu1[k] - cpu0[k] for k in pids}
+    r["load"] = (load0 + load_average()) / 2  # 1-minute load average around the level (other work on the machine)
+    after = settled_state(srv_url, done_before + n)
+    limit, min_steps = device_limit(n, a.prompt_len, a.output_len, a.step_ms / 1e3, a.chunk)
+    launches = sum((after.get("launches") or {}).values()) - sum((before.get("launches") or {}).values())
+    r.update(limit_tok_s=limit, ratio=r["tok_s"] / limit, min_steps=min_steps, launches=launches,
+             cp=critical_path_delta(before, after), added_ms=r["itl_p50_ms"] - a.step_ms)
+    return r
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({cpu}), no GPU, Python {platform.python_version()}"
+
+
+def run(a) -> list[dict]:
+    """Start the server, run every level `repeats` times; returns the median row per level (by ratio)."""
+    levels = [int(x) for x in a.streams.split(",")]
+    work = tempfile.mkdtemp(prefix="host-overhead-")
+    rows = []
+    with ServerProcess(server_flags(a, max(levels)), os.path.join(work, "server.log"), env=a.env).start() as srv:
+        asyncio.run(run_level(srv.base_url, min(8, max(levels)), a.prompt_len, 8, a.seed))  # warm-up
+        pids = server_pids(srv.proc.pid)
+        for n in levels:
+            reps = []
+            for rep in range(a.repeats):
+                r = measure(srv.base_url, a, n, a.seed + 1000 * n + rep, pids)
+                reps.append(r)
+                print(f"streams={n} rep={rep}: {r['tokens']}/{r['expected']} tokens, {r['tok_s']:.0f} tok/s = "
+                      f"{r['ratio']:.1%} of {r['limit_tok_s']:.0f}; launches {r['launches']} (min {r['min_steps']}); "
+                      f"critical path {r['cp']['mean_ms']:.3f} ms/step (p50 <= {r['cp']['p50_ms']} ms); "
+                      f"ITL p50 {r['itl_p50_ms']:.2f} ms; errors {len(r['errors'])}; CPU s "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_s"].items()) + f" in {r['wall_s']:.2f} s; load {r['load']:.1f}",
+                      flush=True)
+            reps.sort(key=lambda r: r["ratio"])
+            med = dict(reps[len(reps) // 2])
+            med["ratios"] = [r["ratio"] for r in reps]
+            med["cp_means"] = sorted(r["cp"]["mean_ms"] for r in reps)
+            med["added_list"] = sorted(r["added_ms"] for r in reps)
+            rows.append(med)
+    return rows
+
+
+def table(rows: list[dict], a) -> list[str]:
+    lines = ["| streams | tokens | device limit tok/s | delivered tok/s | ratio (runs) | launches / min "
+             "| critical path ms/step: mean (runs) | of it wake-up | p50 / p99 <= | ITL p50 / p99 (ms) "
+             "| added per token p50 (ms) | CPU us/token: main / sched / detok / client | load |",
+             "|---:|---:|---:|---:|---|---:|---|---:|---|---|---:|---|---:|"]
+    for r in rows:
+        cp = r["cp"]
+        runs = ", ".join(f"{x:.1%}" for x in r["ratios"])
+        cps = ", ".join(f"{x:.3f}" for x in r["cp_means"])
+        cpu = " / ".join(f"{r['cpu_s'].get(k, float('nan')) / max(r['tokens'], 1) * 1e6:.1f}"
+                         for k in ("main", "scheduler", "detokenizer", "client"))
+        lines.append(f"| {r['streams']} | {r['tokens']} | {r['limit_tok_s']:.0f} | {r['tok_s']:.0f} "
+                     f"| **{r['ratio']:.1%}** ({runs}) | {r['launches']} / {r['min_steps']} "
+                     f"| **{cp['mean_ms']:.3f}** ({cps}) | {cp['wake_ms']:.3f} | {cp['p50_ms']} / {cp['p99_ms']} "
+                     f"| {r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f} | {r['added_ms']:.2f} | {cpu} "
+                     f"| {r['load']:.1f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", default="1,64,256,1024")
+    ap.add_argument("--step-ms", type=float, default=10.0)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--stream-interval", type=int, default=1)
+    ap.add_argument("--policy", default="aggregated")
+    ap.add_argument("--chunk", type=int, default=8192, help="--chunked-prefill-size")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
+    ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--title", default="")
+    a = ap.parse_args(argv)
+    a.env = {"OMP_NUM_THREADS": "1"}
+    rows = run(a)
+    lines = table(rows, a)
+    cmd = "python benchmark/host_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print("\n".join(lines))
+    if a.out:
+        text = "\n".join([f"## {a.title or 'host overhead'}", "", f"Machine: {machine()}.", "",
+                          f"Command: `{cmd}`", "", *lines, ""])
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "a") as f:
+            f.write(text + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
