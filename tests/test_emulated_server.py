@@ -1,7 +1,10 @@
 """End to end: the real server on the emulated H100 with --policy duet.
 
 Streams decode while a burst of long prompts arrives; the policy must split (visible in
-/metrics) and keep the time between tokens within the 100 ms SLO.
+/metrics) and keep the time between tokens within the 100 ms SLO. Gaps are timed when tokens
+reach the client (an SSE event with n new tokens: one gap, then n - 1 gaps of 0), and the emulated
+GPU runs on its default ground truth (noise, host time, per-request attention), not on the cost
+model the policy plans with.
 """
 from __future__ import annotations
 
@@ -45,10 +48,12 @@ async def stream_one(client, url, i, gaps):
             now = time.monotonic()
             n = len(json.loads(line[5:])["output_ids"])  # cumulative
             if last is not None and n > seen:
-                # a k-step launch delivers k tokens at once: its gap is spread over them, as the
-                # server's inter-token-latency histogram does
-                gaps.extend([(now - last) / (n - seen)] * (n - seen))
-            last, seen = now, n
+                # Timed at delivery: the first of these tokens waited now - last, the others came
+                # with it (a gap of 0 each), as the server's inter-token-latency histogram counts them.
+                gaps.append(now - last)
+                gaps.extend([0.0] * (n - seen - 1))
+            if n > seen:
+                last, seen = now, n
     return seen
 
 
@@ -84,3 +89,23 @@ def test_duet_splits_under_long_prompt_burst_and_holds_tbt(server):
     le = metric(text, "sglang:inter_token_latency_seconds_bucket", le="0.1")
     assert le / count >= 0.99
     assert re.search(r'sglang:policy_steps_total\{mode="aggregated"', text)
+
+
+def test_itl_histogram_counts_a_burst_as_one_gap_and_zeros():
+    """n tokens delivered together: one gap (the wait for the first) and n - 1 gaps of 0, not n gaps of
+    interval / n (which would turn a 400 ms stall before an 8-token burst into eight 50 ms gaps)."""
+    from sglang_duet.server.metrics import ServerMetrics
+
+    m = ServerMetrics("m")
+    m.on_tokens(1, None)  # the first token: TTFT, no gap
+    m.on_tokens(1, 0.030)
+    m.on_tokens(8, 0.400)
+    text = m.render().decode()
+    name = "sglang:inter_token_latency_seconds"
+    assert metric(text, name + "_count") == 9
+    assert metric(text, name + "_sum") == pytest.approx(0.430)
+    assert metric(text, name + "_bucket", le="0.0005") == 7  # the burst's other seven tokens
+    assert metric(text, name + "_bucket", le="0.04") == 8
+    assert metric(text, name + "_bucket", le="0.3") == 8  # nothing between: no 50 ms gaps
+    assert metric(text, name + "_bucket", le="0.4") == 9
+    assert metric(text, "sglang:generation_tokens_total") == 10
