@@ -139,15 +139,20 @@ def simulate(cfg: SimConfig, specs: list[RequestSpec] | None = None, cost_model:
                 at = ex.now()  # the part reaches the host now: no token of it counts from earlier
                 if log is not None and res.final:
                     launches.append(_record(cm, log.pop(res.launch_id), res))
+                tt = res.token_times
                 for u in core.apply_result(res):
                     n = len(u.new_token_ids)
-                    if n:
-                        times = res.token_times.get(u.rid)
-                        rec = records[u.rid].token_times
-                        if times:
-                            rec.extend(t if t >= at else at for t in times[:n])
-                        else:
-                            rec.extend([max(res.finished_at, at)] * n)
+                    if not n:
+                        continue
+                    times = tt.get(u.rid)
+                    rec = records[u.rid].token_times
+                    if times and n == 1:  # the usual part: one step's token
+                        t = times[0]
+                        rec.append(t if t >= at else at)
+                    elif times:
+                        rec.extend(t if t >= at else at for t in times[:n])
+                    else:
+                        rec.extend([max(res.finished_at, at)] * n)
         else:
             ex.advance_to(arrive_at)
     else:
