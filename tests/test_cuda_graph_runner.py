@@ -122,6 +122,11 @@ def test_gpu_executor_kstep_decode_matches_model_executor(model):
         (res,) = ex.poll()
         assert all(len(res.tokens[f"r{i}"]) == steps for i in range(3))
         assert all(len(res.token_times[f"r{i}"]) == steps for i in range(3))
+        # single lane, synchronous: the k tokens reach the caller together, timed at the host's read;
+        # each step's own time is only logged
+        assert {t for ts in res.token_times.values() for t in ts} == {res.finished_at}
+        assert [d.step for d in ex.deliveries] == list(range(steps))
+        assert all(d.rows == 3 and d.device_t <= d.seen_t == res.finished_at for d in ex.deliveries)
         results.append(res.tokens)
     assert results[0] == results[1]
 

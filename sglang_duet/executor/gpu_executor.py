@@ -4,8 +4,15 @@
 batches and anything the graph path cannot express) with a decode path through
 `CudaGraphDecodeRunner`: every step of a k-step decode launch replays a captured graph, the
 sampled ids stay on the device and are fed back as the next step's input ids, and the host
-reads all k steps' ids once at the end (the launch's only host sync). Per-token timestamps come
-from CUDA events recorded after each step, mapped onto the host clock at that single sync.
+reads all k steps' ids once at the end (the launch's only host sync).
+
+Token times. This executor is single-lane and synchronous: the launch runs to its end inside
+`submit`, on the scheduler's thread, so the k tokens of a decode launch reach the host, and the
+client, together, at that one read. Their `token_times` are that read's host time (what a user
+sees: a burst of k tokens), not the time each step finished on the device. The device times
+(CUDA events after each step, mapped onto the host clock) are kept for comparison in
+`deliveries`. Delivering each step when it completes needs a scheduler thread that is free while
+the launch runs: the two-lane executor (duet_executor.py) does that.
 
 A decode launch takes the graph path when every row adds one token and samples, the batch fits
 the largest bucket, and no row needs what the device sampler does not do (penalties, an active
@@ -27,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from sglang_duet.core.plan import Launch, LaunchResult, ReqWork
-from sglang_duet.executor.model_executor import ModelExecutor
+from sglang_duet.executor.model_executor import Delivery, ModelExecutor
 from sglang_duet.kernels import gpu_sampling
 from sglang_duet.kernels.cuda_graph import DEFAULT_MAX_BS, CudaGraphDecodeRunner, supports_graphs
 from sglang_duet.sampling.penalties import has_penalty
@@ -82,19 +89,20 @@ class GPUModelExecutor(ModelExecutor):
                 events.append(ev)
         flat = torch.cat(ids_per_step).tolist()  # the one host sync of the launch
         now = self.clock()
-        times = self._step_times(events, now, steps)
         sampled: dict[str, list[int]] = {w.rid: [] for w in work}
-        token_times: dict[str, list[float]] = {w.rid: [] for w in work}
         i = 0
-        for step, rows in enumerate(rows_per_step):
+        for rows in rows_per_step:
             for w in rows:
                 sampled[w.rid].append(flat[i])
-                token_times[w.rid].append(times[step])
                 i += 1
         res.tokens = sampled
         res.logprobs = {}
-        res.token_times = token_times
+        # Delivered at the read, all k together (see the module docstring); device times go to the log.
+        res.token_times = {rid: [now] * len(toks) for rid, toks in sampled.items()}
         res.finished_at = now
+        times = self._step_times(events, now, steps)
+        self.deliveries.extend(Delivery(launch.lane.value, launch.launch_id, j, len(rows), times[j], now)
+                               for j, rows in enumerate(rows_per_step))
         return res
 
     @staticmethod
@@ -175,15 +183,20 @@ class EventTimer:
 
 
 def graph_decode_steps(runner, work: list[ReqWork], mode: str, vocab: int, index,
-                       before_launch: Callable[[], None] | None = None):
+                       before_launch: Callable[[], None] | None = None, out_lens: dict[str, int] | None = None):
     """k decode steps back to back from captured graphs; step j's sampled ids feed step j+1 on the device.
 
     Yields (the step's sampled ids on the device, its rows) after each replay, so the caller can
     record its own event or mark. `index(keep)` turns a list of row positions into a device index
     tensor (how is the caller's business: a lane stream must not wait on a blocking copy).
     `before_launch` goes to runner.run: called right before each step's replay, after its host work.
+    `out_lens[rid]`: the row's output length when the launch was submitted (the seeded noise's step).
+    A caller whose steps are delivered while later ones are issued must pass it: `ReqWork.output_ids`
+    is the request's own list, which the core extends as this launch's earlier steps are applied.
     """
     steps = max(w.steps for w in work)
+    if out_lens is None:
+        out_lens = {w.rid: len(w.output_ids) for w in work}
     prev_ids, prev_rows = None, []
     for step in range(steps):
         rows = [w for w in work if w.steps > step]
@@ -201,7 +214,7 @@ def graph_decode_steps(runner, work: list[ReqWork], mode: str, vocab: int, index
         if mode != "greedy":
             sampling = gpu_sampling.SamplingTensors.host_rows(
                 [w.params for w in rows], [w.sampling_seed for w in rows],
-                [len(w.output_ids) + step for w in rows], vocab)
+                [out_lens[w.rid] + step for w in rows], vocab)
         _, ids = runner.run(input_ids, positions, out_loc, seq, kv, sampling, mode, before_launch=before_launch)
         prev_ids = ids.clone()  # the static output buffer is overwritten by the next replay
         prev_rows = rows

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import NamedTuple
 
 import torch
 
@@ -12,12 +13,33 @@ from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.sampling.sampler import Sampler, SamplingRow
 
 
+class Delivery(NamedTuple):
+    """One sampling step's tokens: when the step was done (`device_t`: its CUDA event mapped onto the host
+    clock on a GPU; the sampler's return on a CPU) and when the host had them (`seen_t`: what the
+    executor's `token_times` say, except on the two-lane executor's host-side paths (eager, aggregated),
+    whose token_times are the later time poll() handed them to the scheduler)."""
+
+    lane: str
+    launch_id: int
+    step: int
+    rows: int
+    device_t: float
+    seen_t: float
+
+
 class ModelExecutor(Executor):
     """Synchronous: `submit` runs the launch to completion; `poll` hands back its result.
 
     A split plan's two lanes run one after the other here, which is what a machine without
     SM partitioning can do; the scheduler core cannot tell the difference.
+
+    Token times. The launch runs to its end inside `submit`, on the scheduler's thread, so nothing
+    of it can reach the client earlier: every token of a k-step launch is delivered at once, and
+    its `token_times` are that one time (the launch's end, `finished_at`), never the earlier time at
+    which a step was sampled. Those per-step times are kept for comparison in `deliveries`.
     """
+
+    DELIVERY_LOG = 16384
 
     def __init__(self, model, kv_pool, attn_backend, device: torch.device, clock=time.monotonic):
         self.model = model
@@ -27,6 +49,8 @@ class ModelExecutor(Executor):
         self.sampler = Sampler(vocab_size=model.config.vocab_size)
         self.clock = clock
         self._done: deque[LaunchResult] = deque()
+        #: per sampling step (lane, launch id, step, rows, step time, host read time); bounded
+        self.deliveries: deque[Delivery] = deque(maxlen=self.DELIVERY_LOG)
 
     def submit(self, launch: Launch) -> None:
         self._done.append(self.run(launch))
@@ -42,7 +66,7 @@ class ModelExecutor(Executor):
         work = launch.work
         sampled = {w.rid: [] for w in work if w.sample}
         lps: dict[str, list[dict]] = {w.rid: [] for w in work if w.sample and w.params.logprobs}
-        times: dict[str, list[float]] = {w.rid: [] for w in work if w.sample}
+        step_times: list[tuple[int, float]] = []  # (rows, when the step's sampler returned)
         steps = max(w.steps for w in work)
         for step in range(steps):
             if step == 0:
@@ -57,16 +81,19 @@ class ModelExecutor(Executor):
             if not rows_work:
                 continue
             out = self.sampler(logits, [self._row(w, sampled[w.rid]) for w in rows_work])
-            now = self.clock()
+            step_times.append((len(rows_work), self.clock()))
             for w, tok, lp in zip(rows_work, out.token_ids, out.logprobs):
                 sampled[w.rid].append(tok)
-                times[w.rid].append(now)
                 if w.rid in lps and lp is not None:
                     lps[w.rid].append(lp)
+        end = self.clock()
         res.tokens = sampled
         res.logprobs = lps
-        res.token_times = times
-        res.finished_at = self.clock()
+        # All of the launch's tokens reach the host's caller together, when run() returns.
+        res.token_times = {rid: [end] * len(toks) for rid, toks in sampled.items()}
+        res.finished_at = end
+        self.deliveries.extend(Delivery(launch.lane.value, launch.launch_id, j, n, t, end)
+                               for j, (n, t) in enumerate(step_times))
         return res
 
     @staticmethod

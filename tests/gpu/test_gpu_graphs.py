@@ -118,6 +118,11 @@ def test_gpu_executor_graphs_match_eager_executor_fp32(tmp_path):
         tokens.append(res.tokens)
         times = [t for ts in res.token_times.values() for t in ts]
         assert all(res.started_at <= t <= res.finished_at + 1e-3 for t in times)
+        # one synchronous launch: its k tokens are delivered together, at the host's read
+        assert set(times) == {res.finished_at}
+        if hasattr(ex, "graphs"):  # the graph path logs each step's event time beside the read
+            assert [d.step for d in ex.deliveries] == list(range(steps))
+            assert all(d.device_t <= d.seen_t + 1e-3 for d in ex.deliveries)
     assert tokens[0] == tokens[1]
 
 
