@@ -2,8 +2,10 @@
 
 Split mode (prefill on one lane, k=3 decode steps on the other) must give the tokens of aggregated
 mode, with both lanes in flight at once and results applied at each lane's own cadence; the
-k-step decode goes through the partitioned runner's static buffers (graphs need a GPU: tests/gpu).
-Nothing here depends on the machine's speed: lane overlap is checked on the order of step marks.
+k-step decode goes through the partitioned runner's static buffers (graphs need a GPU: tests/gpu)
+and is reported step by step (a partial part per step, then the final part). Nothing here depends
+on the machine's speed: lane overlap is checked on the order of step marks, delivery on counts and
+order.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ import torch
 from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, ReqWork
 from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
 from sglang_duet.executor.duet_executor import (
-    DuetGPUExecutor, PartitionedDecodeRunner, build_duet_executor, build_executor, lane_overlap_s, resolve_lanes,
+    DuetGPUExecutor, HostIdBuffers, PartitionedDecodeRunner, build_duet_executor, build_executor, lane_overlap_s,
+    resolve_lanes,
 )
+from sglang_duet.executor.gpu_executor import GPUModelExecutor
 from sglang_duet.executor.model_executor import ModelExecutor
 from sglang_duet.kernels.attention.torch_backend import TorchAttentionBackend
 from sglang_duet.kernels.sm_partition import SMPartitioner
@@ -52,8 +56,9 @@ REQUESTS = [
 ARRIVALS = {0: [0, 1], 3: [2, 3], 6: [4], 9: [5]}  # scheduler iteration -> requests arriving
 
 
-def serve(model, make_executor, policy):
-    """Drive a SchedulerCore like EngineCore.step does; returns (tokens, core, executor, trace)."""
+def serve(model, make_executor, policy, parts: list | None = None, times: dict | None = None):
+    """Drive a SchedulerCore like EngineCore.step does; returns (tokens, core, executor, trace).
+    parts: gets (lane, launch id, final, rows with tokens) per result; times: rid -> delivery time per token."""
     pool = KVCachePool(model.config.num_hidden_layers, SLOTS, model.config.num_key_value_heads,
                        model.config.head_dim, torch.float32, "cpu")
     core = SchedulerCore(CoreConfig(kv_slots=SLOTS, context_length=512, chunked_prefill_size=16), policy)
@@ -71,8 +76,12 @@ def serve(model, make_executor, policy):
             if core.inflight:
                 for res in ex.poll(timeout=10.0):
                     lane = core.inflight[res.launch_id].lane
+                    if parts is not None:
+                        parts.append((lane, res.launch_id, res.final, {r for r, t in res.tokens.items() if t}))
                     for u in core.apply_result(res):
                         out.setdefault(u.rid, []).extend(u.new_token_ids)
+                        if times is not None and u.new_token_ids:
+                            times.setdefault(u.rid, []).extend(res.token_times[u.rid][:len(u.new_token_ids)])
                     trace.append((lane, {l.lane for l in core.inflight.values()}))
             it += 1
         assert not core.has_unfinished(), "did not finish"
@@ -101,8 +110,24 @@ def reference(model):
 
 
 def test_split_mode_gives_aggregated_tokens_with_two_lanes_in_flight(model, reference):
-    out, core, ex, trace = serve(model, duet(model), SplitAlways(prefill_budget=16, steps=3))
+    parts, times = [], {}
+    out, core, ex, trace = serve(model, duet(model), SplitAlways(prefill_budget=16, steps=3), parts, times)
     assert out == reference
+    # Graph-path decode launches came in 3 per-step parts then an empty final; everything else in one part.
+    per_launch: dict[int, list] = {}
+    for lane, lid, final, rows in parts:
+        per_launch.setdefault(lid, []).append((lane, final, rows))
+    stepped = 0
+    for lid, got in per_launch.items():
+        assert [f for _, f, _ in got] == [False] * (len(got) - 1) + [True], "one final part, last"
+        if len(got) > 1:
+            stepped += 1
+            assert got[0][0] == LaneKind.DECODE and len(got) == 3 + 1 and not got[-1][2]
+    assert stepped == ex.stats.paths["graph"] > 0
+    # delivery times of a request never go back, and are the host times poll saw them (>= the device's)
+    assert all(ts == sorted(ts) for ts in times.values()) and times.keys() == out.keys()
+    assert all(d.device_t <= d.seen_t for d in ex.deliveries)
+    assert ex.buffers.allocated <= 4  # host id buffers are reused, not allocated per launch
     assert core.stats.plans["split"] > 0 and core.stats.launches["aggregated"] == 0
     assert core.allocator.available == core.allocator.capacity, "KV pool not back to free"
     assert ex.stats.max_lanes_in_flight == 2
@@ -185,24 +210,137 @@ def test_decode_results_arrive_at_their_own_cadence_during_a_prefill(model, refe
     assert core.allocator.available == core.allocator.capacity
 
 
-def test_token_times_are_per_step_and_ordered(model):
-    pool = KVCachePool(model.config.num_hidden_layers, 64, model.config.num_key_value_heads, model.config.head_dim,
+def _small_pool(model, slots=64):
+    return KVCachePool(model.config.num_hidden_layers, slots, model.config.num_key_value_heads, model.config.head_dim,
                        torch.float32, "cpu")
-    ex = duet(model)(pool)
+
+
+def _decode_work(steps=(4,)):
+    """Decode rows with their own step counts (a row asking for fewer steps drops out of the later ones)."""
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_p=0.8, seed=3),
+              SamplingParams(temperature=1.0, seed=4)]
+    return [ReqWork(f"r{i}", [5 + i], 3, list(range(1 + 12 * i, 13 + 12 * i)), True, steps=k, sampling_seed=50 + i,
+                    params=params[i % 3], prompt_ids=[3, 4, 5, 6 + i], output_ids=[9] * i)
+            for i, k in enumerate(steps)]
+
+
+def _parts(ex, launch_id, timeout=10.0):
+    """Every part of one launch, in the order poll() returned them, up to its final part."""
+    got = []
+    while not (got and got[-1].final):
+        for res in ex.poll(timeout=timeout):
+            assert res.launch_id == launch_id
+            got.append(res)
+    return got
+
+
+def _one_part(model, work):
+    """The same launch on the single-lane graph executor (CPU: the static-buffer path): one final part."""
+    pool = _small_pool(model)
+    runner = PartitionedDecodeRunner(model, TorchAttentionBackend(), pool, max_bs=16, use_graphs=False)
+    ex = GPUModelExecutor(model, pool, runner.attn, torch.device("cpu"), graph_runner=runner)
+    ex.submit(Launch(0, LaneKind.DECODE, LaneBatch(decode=[w.rid for w in work], steps=max(w.steps for w in work)),
+                     work))
+    (res,) = ex.poll()
+    assert res.final and len(ex.deliveries) == max(w.steps for w in work)
+    return res
+
+
+@pytest.mark.parametrize("steps", [(4,), (4, 2, 1)], ids=["one-row", "rows-drop"])
+def test_decode_launch_is_reported_step_by_step(model, steps):
+    work = _decode_work(steps)
+    ex = duet(model)(_small_pool(model))
     try:
-        w = ReqWork("a", [5], 3, list(range(1, 9)), True, steps=4, params=SamplingParams(temperature=0.0),
-                    prompt_ids=[3, 4, 5, 6])
-        ex.submit(Launch(0, LaneKind.DECODE, LaneBatch(decode=["a"], steps=4), [w], sms=20))
-        (res,) = ex.poll(timeout=10)
-        assert len(res.tokens["a"]) == 4 and res.token_times["a"] == sorted(res.token_times["a"])
-        assert res.started_at <= res.token_times["a"][0] and res.finished_at == res.token_times["a"][-1]
-        assert ex.stats.splits_used == {24}  # 20 SMs asked, the grid gives 24
+        ex.submit(Launch(0, LaneKind.DECODE, LaneBatch(decode=[w.rid for w in work], steps=max(steps)), work, sms=20))
+        parts = _parts(ex, 0)
         assert ex.poll(timeout=0) == [] and not ex.busy()
-        # one interval per step, in order, each ending at its token's time; the launch starts at its first step
-        steps = [(s, e) for lane, lid, s, e in ex.intervals if lane == LaneKind.DECODE and lid == 0]
-        assert len(steps) == 4 and [e for _, e in steps] == res.token_times["a"]
-        assert all(s <= e for s, e in steps) and all(e <= s2 for (_, e), (s2, _) in pairwise(steps))
-        assert res.started_at == steps[0][0]
+        assert ex.stats.splits_used == {24}  # 20 SMs asked, the grid gives 24
+    finally:
+        ex.shutdown()
+    k = max(steps)
+    *partial, final = parts
+    # k partial parts: part j holds step j's token of every row still running at step j; then an empty final
+    assert len(partial) == k and not any(p.final for p in partial) and final.final
+    for j, p in enumerate(partial):
+        assert {rid: len(t) for rid, t in p.tokens.items()} == {w.rid: 1 for w in work if w.steps > j}
+        assert p.token_times.keys() == p.tokens.keys()
+    assert not any(final.tokens.values())
+    # the same tokens as the launch reported in one part
+    ref = _one_part(model, _decode_work(steps))
+    joined = {w.rid: [t for p in partial for t in p.tokens.get(w.rid, [])] for w in work}
+    assert joined == ref.tokens and all(len(joined[w.rid]) == w.steps for w in work)
+    # delivery times: per request non-decreasing, step j's no earlier than step j's end on the "device"
+    steps_iv = [(s, e) for lane, lid, s, e in ex.intervals if lane == LaneKind.DECODE and lid == 0]
+    assert len(steps_iv) == k and all(s <= e for s, e in steps_iv)
+    assert all(e <= s2 for (_, e), (s2, _) in pairwise(steps_iv))
+    for w in work:
+        ts = [t for p in partial for t in p.token_times.get(w.rid, [])]
+        assert ts == sorted(ts) and all(t >= e for t, (_, e) in zip(ts, steps_iv))
+    assert [p.finished_at for p in partial] == sorted(p.finished_at for p in partial)
+    # the final part spans the launch on the device: first step's start to last step's end
+    assert (final.started_at, final.finished_at) == (steps_iv[0][0], steps_iv[-1][1])
+    assert all(p.started_at == final.started_at for p in partial)
+    logged = [d for d in ex.deliveries if d.launch_id == 0]
+    assert [d.step for d in logged] == list(range(k)) and all(d.device_t <= d.seen_t for d in logged)
+
+
+class GatedRunner(PartitionedDecodeRunner):
+    """Each decode step after a launch's first waits until the test has been handed the previous step's
+    tokens: a launch can only finish if its steps are delivered while it runs (no clock involved)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+        self.delivered = lambda: 0  # set by the test: partial parts received so far
+
+    def run(self, *args, **kwargs):
+        t0 = time.monotonic()
+        while self.delivered() < self.calls:
+            assert time.monotonic() < t0 + 60, "step not delivered before the next one was computed"  # hang guard
+            time.sleep(1e-3)
+        self.calls += 1
+        return super().run(*args, **kwargs)
+
+
+def test_each_step_reaches_the_host_before_the_next_is_computed(model):
+    pool = _small_pool(model)
+    runner = GatedRunner(model, TorchAttentionBackend(), pool, max_bs=16, use_graphs=False)
+    part = SMPartitioner(132, 8, 8, backend="none", device="cpu")
+    ex = DuetGPUExecutor(model, pool, runner.attn, "cpu", part, graph_runner=runner)
+    got = []
+    runner.delivered = lambda: sum(not r.final for r in got)
+    try:
+        work = _decode_work((4, 4))
+        ex.submit(Launch(0, LaneKind.DECODE, LaneBatch(decode=["r0", "r1"], steps=4), work, sms=32))
+        while not (got and got[-1].final):
+            got.extend(ex.poll(timeout=10))
+    finally:
+        ex.shutdown()
+    assert [r.final for r in got] == [False] * 4 + [True] and runner.calls == 4
+    joined = {rid: [t for r in got for t in r.tokens.get(rid, [])] for rid in ("r0", "r1")}
+    assert joined == _one_part(model, _decode_work((4, 4))).tokens
+
+
+def test_host_id_buffers_are_reused_and_held_until_the_final_part_was_applied(model):
+    bufs = HostIdBuffers(torch.device("cpu"), cols=16, rows=4, prealloc=2)
+    a, b = bufs.acquire(3, 8), bufs.acquire(4, 16)
+    assert a is not b and bufs.free == 0 and bufs.allocated == 2
+    big = bufs.acquire(9, 20)  # larger than the preallocated shape: its own buffer
+    assert tuple(big.shape) == (9, 20) and bufs.allocated == 3
+    bufs.release(a)
+    assert bufs.acquire(2, 2) is a and bufs.allocated == 3
+
+    ex = duet(model)(_small_pool(model))
+    try:
+        free0 = ex.buffers.free
+        for lid in range(3):  # launch after launch: no new buffer
+            work = _decode_work((3,))
+            ex.submit(Launch(lid, LaneKind.DECODE, LaneBatch(decode=["r0"], steps=3), work, sms=32))
+            parts = _parts(ex, lid)
+            assert parts[-1].final
+            assert ex.buffers.free == free0 - 1, "handed back before the caller applied the final part"
+        assert ex.poll(timeout=0) == [] and ex.buffers.free == free0  # the next poll hands it back
+        assert ex.buffers.allocated == 2
     finally:
         ex.shutdown()
 

@@ -9,15 +9,22 @@
   stream; the ids sampled at step j are step j+1's input ids on the device (the KV slots of
   all k steps were reserved by the core). Graphs are captured per (partition, batch bucket).
 
-Completion. A lane's launch is issued by a worker thread (below) that records CUDA events on the
-lane's stream: one right before each step's first kernel (after the step's host work: building
-inputs, host->device copies, the attention plan) and one after its last kernel (per-token times).
-`poll(timeout)` finds finished launches with `event.query()`, never a host sync, and reads the
-sampled ids once per launch (`tolist()` of one small tensor whose event has completed). Event
-times are mapped onto the host clock through an anchor event (`EventTimer`). The (start, end)
-pairs of every step are the lane-overlap evidence (`intervals`, `lane_overlap_s`): a mark taken
-before a step's host work would complete at host-issue time on an idle stream, before any kernel,
-and show overlap that never happened on the device.
+Completion and delivery. A lane's launch is issued by a worker thread (below) that records CUDA
+events on the lane's stream: one right before each step's first kernel (after the step's host
+work: building inputs, host->device copies, the attention plan) and one after the step's last
+operation. On the decode lane that last operation is a non-blocking copy of the step's sampled ids
+into a host buffer (pinned; one per launch in flight, see `HostIdBuffers`), so once a step's end
+event has completed its ids are in host memory. `poll(timeout)` never synchronises: it queries
+events (`event.query()`) and reports each completed decode step as a partial result
+(`LaunchResult.final=False`, one per step, its ids read from the host buffer) as soon as it sees
+it, then the launch's final part (no tokens; its device start and end) once the last step's event
+has completed. A prefill (one step) is reported in one final part, read the same way. Every
+token's `token_times` entry is the host time at which poll saw it: when it became visible to the
+scheduler, which is what a client's TBT is measured from. The device time of each step (its event
+mapped onto the host clock through an anchor event, `EventTimer`) is kept beside it in
+`deliveries`. The (start, end) pairs of every step are the lane-overlap evidence (`intervals`,
+`lane_overlap_s`): a mark taken before a step's host work would complete at host-issue time on an
+idle stream, before any kernel, and show overlap that never happened on the device.
 
 Lanes are joined by events only. The core hands a request to a lane only after the previous
 launch touching it was applied, and that happens only once its completion event was seen, so
@@ -32,8 +39,10 @@ needing penalties, logprobs or an active min_new_tokens ban) runs through the CP
 sampler on the lane's worker, which then waits for that lane's stream only.
 
 The same class runs on a CPU with the `none` partitioner (no streams): each worker then computes
-its launch as it issues it and the "events" are host timestamps, so the logic (two lanes in
-flight, results at their own cadence, tokens identical to aggregated mode) is tested without a GPU.
+its launch as it issues it, one step at a time, and the "events" are host timestamps taken when a
+step is computed; a step is published to poll() (which it wakes) as soon as it is, so its tokens are
+delivered before the next step is computed, as on the GPU. The logic (two lanes in flight, results
+at their own cadence, per-step parts, tokens identical to aggregated mode) is tested without a GPU.
 """
 from __future__ import annotations
 
@@ -53,7 +62,7 @@ from sglang_duet.executor.base import Executor
 from sglang_duet.executor.gpu_executor import (
     EventTimer, GPUModelExecutor, _HostMark, build_model_executor, graph_decode_steps,
 )
-from sglang_duet.executor.model_executor import ModelExecutor
+from sglang_duet.executor.model_executor import Delivery, ModelExecutor
 from sglang_duet.kernels import gpu_sampling
 from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.kernels.cuda_graph import DEFAULT_MAX_BS, CudaGraphDecodeRunner, _Bucket, supports_graphs
@@ -64,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 SINGLE_LANE_POLICIES = frozenset({"aggregated", "chunked"})  # never plan split lanes
 EVENT_POLL_S = 2e-4  # poll() re-checks pending CUDA events this often
+HOST_BUFFER_STEPS = 8  # rows (decode steps) of a preallocated host id buffer; a longer launch gets its own
 
 
 def _stream_ctx(stream):
@@ -138,6 +148,57 @@ class PartitionedDecodeRunner(CudaGraphDecodeRunner):
 
 # ---- launches in flight ----------------------------------------------------------------------------
 
+class HostIdBuffers:
+    """Host buffers that the lanes copy sampled ids into: [steps, rows] int64, pinned on a GPU (so the
+    device->host copies are asynchronous and the lane never waits for the host).
+
+    One buffer per launch in flight: taken by the worker that issues the launch, handed back by poll()
+    at its first call after the one that returned the launch's final part (the caller applies a
+    poll's results before polling again), so a buffer is never written by a launch while another's
+    ids are still to be read from it. Handed-back buffers are kept (`keep`) and reused: once warm, a
+    launch allocates no pinned memory. Two are allocated up front (a decode and a prefill in flight).
+    """
+
+    def __init__(self, device: torch.device, cols: int, rows: int = HOST_BUFFER_STEPS, keep: int = 4,
+                 prealloc: int = 2):
+        self.pin = device.type == "cuda"
+        self.rows, self.cols, self.keep = rows, cols, keep
+        self._lock = threading.Lock()
+        self._free = [self._new(rows, cols) for _ in range(prealloc)]
+        self.allocated = prealloc
+
+    def _new(self, rows: int, cols: int) -> torch.Tensor:
+        return torch.empty((rows, cols), dtype=torch.long, pin_memory=self.pin)
+
+    def acquire(self, rows: int, cols: int) -> torch.Tensor:
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if b.shape[0] >= rows and b.shape[1] >= cols:
+                    return self._free.pop(i)
+            self.allocated += 1
+        return self._new(max(rows, self.rows), max(cols, self.cols))
+
+    def release(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(buf)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+
+@dataclass
+class _Step:
+    """One decode step issued: row `index` of its launch's host buffer holds its rows' ids once `end`
+    has completed."""
+
+    index: int
+    start: object  # mark right before the step's first kernel
+    end: object  # mark after its ids' copy to the host buffer
+    rows: list  # the ReqWork rows of this step, in buffer order
+
+
 @dataclass
 class _Record:
     launch: Launch
@@ -146,12 +207,18 @@ class _Record:
     submitted_at: float = 0.0
     issued: bool = False  # the worker has queued (or, on a CPU, computed) all of the launch's work
     first: object = None  # mark right before the launch's first kernel
-    done: object = None  # mark after its last kernel
+    done: object = None  # mark after its last operation
     step_marks: list = field(default_factory=list)  # (before first kernel, after last kernel) per step
     steps: list = field(default_factory=list)  # the same in host time, set once the launch is done
-    finish: Callable[[], LaunchResult] | None = None  # the one host read; builds the result
+    finish: Callable[[], LaunchResult] | None = None  # builds the final part once `done` has completed
     error: BaseException | None = None
     path: str = ""  # graph | device | eager | aggregated
+    on_device: bool = False  # its marks are CUDA events: poll re-checks them every event_poll_s
+    parts: list = field(default_factory=list)  # _Step per decode step issued so far (published by the worker)
+    sent: int = 0  # parts already reported (scheduler thread only)
+    buf: torch.Tensor | None = None  # host id buffer (HostIdBuffers), handed back after the final part
+    # rid -> len(output_ids) at submit: the core extends that list as this launch's parts are applied
+    out_lens: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -213,6 +280,11 @@ class DuetGPUExecutor(Executor):
         self.stats = DuetStats()
         # (lane, launch id, start, end) per step in host time, device-measured on a GPU: lane overlap evidence
         self.intervals: collections.deque = collections.deque(maxlen=16384)
+        # per step: device time vs the host time poll saw it (token_times); one log for every path
+        self.deliveries: collections.deque[Delivery] = self._agg.deliveries
+        self._eager_main.deliveries = self._eager_prefill.deliveries = self.deliveries
+        self.buffers = HostIdBuffers(self.device, graph_runner.max_bs if graph_runner is not None else DEFAULT_MAX_BS)
+        self._release: list[torch.Tensor] = []  # host buffers handed back at the next _collect
         self._inflight: dict[int, _Record] = {}
         self._cv = threading.Condition()
         self._seq = 0  # bumped by workers when a record is issued (poll's lost-wakeup guard)
@@ -226,7 +298,8 @@ class DuetGPUExecutor(Executor):
         if self._closed:
             raise RuntimeError("executor is shut down")
         stream, part = self._placement(launch)
-        rec = _Record(launch, stream, part, submitted_at=self.clock())
+        rec = _Record(launch, stream, part, submitted_at=self.clock(),
+                      out_lens={w.rid: len(w.output_ids) for w in launch.work})
         with self._cv:
             self._inflight[launch.launch_id] = rec
             lanes = {r.launch.lane for r in self._inflight.values()}
@@ -255,7 +328,7 @@ class DuetGPUExecutor(Executor):
             if deadline is not None and now >= deadline:
                 return out
             # Records the device still works on get no notification: re-check their events soon.
-            device_pending = any(r.issued and not isinstance(r.done, _HostMark) for r in self._inflight.values())
+            device_pending = any(r.on_device for r in self._inflight.values())
             wait = self.event_poll_s if device_pending else 1.0
             if deadline is not None:
                 wait = min(wait, deadline - now)
@@ -320,6 +393,18 @@ class DuetGPUExecutor(Executor):
             self._seq += 1
             self._cv.notify_all()
 
+    def _publish(self, rec: _Record, step: _Step) -> None:
+        """A decode step is issued (on a CPU: computed); poll() may report it once its end mark completes.
+        poll() is woken: on a CPU the step is visible now; on a GPU poll then sees a launch on the device
+        and re-checks its events every event_poll_s (issuing may be slower than the steps, e.g. a plan
+        that waits for its stream, so the first step must not wait for the whole launch to be issued)."""
+        with self._cv:
+            if rec.first is None:
+                rec.first = step.start
+            rec.parts.append(step)
+            self._seq += 1
+            self._cv.notify_all()
+
     def _run_aggregated(self, rec: _Record) -> None:
         if self.runner is not None:
             self.runner.select(None)
@@ -368,40 +453,35 @@ class DuetGPUExecutor(Executor):
         return host.to(self.device, non_blocking=cuda)  # pinned + async: no wait on the lane's stream
 
     def _issue_decode(self, rec: _Record) -> None:
-        """k decode steps back to back on the lane's stream; the ids of step j feed step j+1 on the device."""
+        """k decode steps back to back on the lane's stream; the ids of step j feed step j+1 on the device.
+
+        After each step's replay its ids are copied (non-blocking) into row j of the launch's host buffer
+        and the step's end is marked after that copy; the step is then published, so poll() reports its
+        tokens as soon as the mark completes, while later steps still run. The launch is done when its
+        last step's mark is."""
         launch, runner = rec.launch, self.runner
         work = launch.work
         mode = self._mode([w.params for w in work])
         rec.path = "graph"
-        starts, marks, ids_per_step, rows_per_step = [], [], [], []
+        rec.on_device = self.timer.cuda
+        buf = rec.buf = self.buffers.acquire(max(w.steps for w in work), len(work))
+        starts = []
 
         def mark_start() -> None:  # right before each step's replay, after its host work
             starts.append(self.timer.mark())
 
-        for ids, rows in graph_decode_steps(runner, work, mode, self.vocab, self._index, before_launch=mark_start):
-            ids_per_step.append(ids)
-            rows_per_step.append(rows)
-            marks.append(self.timer.mark())
-        flat = torch.cat(ids_per_step)
-        rec.done = self.timer.mark()
-        rec.first = starts[0]
-        rec.step_marks = list(zip(starts, marks))
-        stream, timer = rec.stream, self.timer
+        steps = graph_decode_steps(runner, work, mode, self.vocab, self._index, before_launch=mark_start,
+                                   out_lens=rec.out_lens)
+        for j, (ids, rows) in enumerate(steps):
+            buf[j, :len(rows)].copy_(ids, non_blocking=True)  # on the lane's stream, into pinned memory
+            self._publish(rec, _Step(j, starts[j], self.timer.mark(), rows))
+        rec.step_marks = [(p.start, p.end) for p in rec.parts]
+        rec.done = rec.parts[-1].end
+        timer = self.timer
 
-        def finish() -> LaunchResult:
-            with _stream_ctx(stream):  # that stream is idle now: the read does not wait
-                values = flat.tolist()
-            times = [timer.host_time(m) for m in marks]
-            res = LaunchResult(launch.launch_id, started_at=timer.host_time(rec.first), finished_at=times[-1])
-            res.tokens = {w.rid: [] for w in work}
-            res.token_times = {w.rid: [] for w in work}
-            i = 0
-            for step, rows in enumerate(rows_per_step):
-                for w in rows:
-                    res.tokens[w.rid].append(values[i])
-                    res.token_times[w.rid].append(times[step])
-                    i += 1
-            return res
+        def finish() -> LaunchResult:  # every token went out in the partial parts
+            return LaunchResult(launch.launch_id, started_at=timer.host_time(rec.first),
+                                finished_at=timer.host_time(rec.done))
 
         rec.finish = finish
 
@@ -415,30 +495,28 @@ class DuetGPUExecutor(Executor):
         # Host->device copies first, while the lane's stream is idle (they would wait for it later).
         if rows and not all(p.is_greedy for p in params):
             st = gpu_sampling.SamplingTensors.build(params, [w.sampling_seed for w in rows],
-                                                    [len(w.output_ids) for w in rows], self.vocab, self.device)
+                                                    [rec.out_lens[w.rid] for w in rows], self.vocab, self.device)
             filters = gpu_sampling.needs_filters(params, self.vocab)
         fb = ForwardBatch.build([(w.input_ids, w.start_pos, w.kv_slots, w.sample) for w in work], self.device)
         self._plan_ahead(self.attn_prefill, fb)
         rec.path = "device"
+        rec.on_device = self.timer.cuda
+        buf = rec.buf = self.buffers.acquire(1, len(rows)) if rows else None
         rec.first = self.timer.mark()  # after the host work: right before the first kernel
         logits = self.model(fb, self.attn_prefill, self.kv_pool, planned=True)
-        ids = None
         if rows:
             ids = (gpu_sampling.greedy(logits, self.vocab) if st is None
                    else gpu_sampling.sample(logits, st, self.vocab, filters=filters))
-        rec.done = self.timer.mark()
+            buf[0, :len(rows)].copy_(ids, non_blocking=True)  # on the lane's stream, into pinned memory
+        rec.done = self.timer.mark()  # after the copy: complete => the ids are in host memory
         rec.step_marks = [(rec.first, rec.done)]
-        stream, timer = rec.stream, self.timer
+        timer = self.timer
 
         def finish() -> LaunchResult:
-            values = []
-            if ids is not None:
-                with _stream_ctx(stream):
-                    values = ids.tolist()
-            end = timer.host_time(rec.done)
-            res = LaunchResult(launch.launch_id, started_at=timer.host_time(rec.first), finished_at=end)
+            values = buf[0, :len(rows)].tolist() if rows else []
+            res = LaunchResult(launch.launch_id, started_at=timer.host_time(rec.first),
+                               finished_at=timer.host_time(rec.done))
             res.tokens = {w.rid: [t] for w, t in zip(rows, values)}
-            res.token_times = {w.rid: [end] for w in rows}
             return res
 
         rec.finish = finish
@@ -453,6 +531,11 @@ class DuetGPUExecutor(Executor):
 
     # ---- scheduler side -----------------------------------------------------------------------------------
     def _collect(self) -> list[LaunchResult]:
+        """The parts that became visible since the last call: per completed decode step a partial result,
+        per finished launch its final part; token times are the host time they were seen here."""
+        for buf in self._release:  # final parts returned by the previous call have been applied since
+            self.buffers.release(buf)
+        self._release.clear()
         # A failed launch is reported before anything else finishes, so no result is dropped.
         for lid, rec in list(self._inflight.items()):
             if rec.issued and rec.error is not None:
@@ -461,16 +544,45 @@ class DuetGPUExecutor(Executor):
                 raise RuntimeError(f"{rec.launch.lane.value} lane: launch {lid} failed: {rec.error!r}") from rec.error
         out = []
         for lid, rec in list(self._inflight.items()):
-            if not rec.issued or not rec.done.query():
+            with self._cv:
+                issued = rec.issued and rec.error is None  # a failure is raised by the next call
+                parts = rec.parts[rec.sent:]
+            done = issued and rec.done.query()
+            for step in parts:  # in order; all of them once the launch is done
+                if not done and not step.end.query():
+                    break
+                out.append(self._partial(rec, step))
+            if not done:
                 continue
             res = rec.finish()
+            seen = self.clock()
+            if res.tokens:  # a one-part launch: its tokens became visible now
+                res.token_times = {rid: [seen] * len(toks) for rid, toks in res.tokens.items()}
+                if rec.path == "device":  # (the host-side paths log their own deliveries)
+                    self.deliveries.append(Delivery(rec.launch.lane.value, lid, 0, len(res.tokens),
+                                                    self.timer.host_time(rec.done), seen))
             with self._cv:
                 self._inflight.pop(lid, None)
+            if rec.buf is not None:
+                self._release.append(rec.buf)
             self.stats.paths[rec.path] = self.stats.paths.get(rec.path, 0) + 1
             rec.steps = [(self.timer.host_time(a), self.timer.host_time(b)) for a, b in rec.step_marks]
             self.intervals.extend((rec.launch.lane, lid, a, b) for a, b in rec.steps)
             out.append(res)
         return out
+
+    def _partial(self, rec: _Record, step: _Step) -> LaunchResult:
+        """One completed decode step's tokens, read from the host buffer (its copy is complete: no sync)."""
+        values = rec.buf[step.index, :len(step.rows)].tolist()
+        seen = self.clock()
+        lid = rec.launch.launch_id
+        res = LaunchResult(lid, started_at=self.timer.host_time(rec.first), finished_at=seen, final=False)
+        res.tokens = {w.rid: [v] for w, v in zip(step.rows, values)}
+        res.token_times = {w.rid: [seen] for w in step.rows}
+        self.deliveries.append(Delivery(rec.launch.lane.value, lid, step.index, len(step.rows),
+                                        self.timer.host_time(step.end), seen))
+        rec.sent += 1
+        return res
 
 
 def lane_overlap_s(intervals, a: LaneKind = LaneKind.PREFILL, b: LaneKind = LaneKind.DECODE) -> float:

@@ -209,7 +209,8 @@ def test_timing_events_on_partition_streams(part):
 
 # ---- split mode end to end --------------------------------------------------------------------
 
-def _serve(model, ex, policy, prompts, new):
+def _serve(model, ex, policy, prompts, new, parts: list | None = None):
+    """parts: gets (launch id, final, lane) per result, in the order poll() returned them."""
     slots = 4096
     core = SchedulerCore(CoreConfig(kv_slots=slots, context_length=2048, chunked_prefill_size=64), policy)
     out: dict[str, list[int]] = {}
@@ -223,6 +224,8 @@ def _serve(model, ex, policy, prompts, new):
                 ex.submit(launch)
             if core.inflight:
                 for res in ex.poll(timeout=30.0):
+                    if parts is not None:
+                        parts.append((res.launch_id, res.final, core.inflight[res.launch_id].lane))
                     for u in core.apply_result(res):
                         out.setdefault(u.rid, []).extend(u.new_token_ids)
             it += 1
@@ -264,11 +267,21 @@ def test_split_mode_tokens_match_aggregated(part, tmp_path, attn_name, dtype):
     ref = _serve(model, _duet(model, attn_name, part), load_policy("aggregated", PolicyContext(chunked_prefill_size=64)),
                  prompts, new)
     ex = _duet(model, attn_name, part)
-    got = _serve(model, ex, SplitAlways(prefill_budget=64, steps=4), prompts, new)
+    parts = []
+    got = _serve(model, ex, SplitAlways(prefill_budget=64, steps=4), prompts, new, parts)
     overlap = lane_overlap_s(ex.intervals)
     FACTS[f"split_{attn_name}_{dtype}"] = {"paths": ex.stats.paths, "lane_overlap_s": overlap,
-                                            "captured": {str(k): v for k, v in ex.runner.captured().items()}}
+                                            "captured": {str(k): v for k, v in ex.runner.captured().items()},
+                                            "delivery": _delivery_facts(ex), "host_id_buffers": ex.buffers.allocated}
     assert ex.stats.paths["graph"] > 0 and 32 in ex.runner.captured()
+    # per-step delivery: every graph-path decode launch came as 4 partial parts (one per step) then a final
+    per_launch: dict = {}
+    for lid, final, lane in parts:
+        per_launch.setdefault(lid, []).append((final, lane))
+    stepped = [v for v in per_launch.values() if len(v) > 1]
+    assert all([f for f, _ in v] == [False] * 4 + [True] and v[0][1].value == "decode" for v in stepped)
+    assert len(stepped) == ex.stats.paths["graph"]
+    assert ex.buffers.allocated <= 4, "pinned id buffers allocated per launch instead of reused"
     assert overlap > 0, "the prefill and decode lanes never ran at the same time on the device"
     if dtype == "float32":
         assert got == ref
@@ -276,6 +289,89 @@ def test_split_mode_tokens_match_aggregated(part, tmp_path, attn_name, dtype):
         agree = sum(a == b for k in ref for a, b in zip(ref[k], got[k])) / sum(len(v) for v in ref.values())
         FACTS[f"split_{attn_name}_{dtype}"]["agreement"] = agree
         assert all(got[k][:4] == ref[k][:4] for k in ref) and agree >= 0.9
+
+
+def _delivery_facts(ex) -> dict:
+    """How late the host saw each decode step after its event (poll cadence + GIL), and how many steps
+    reached the host while their launch still ran on the device (per-step delivery at work)."""
+    import statistics
+
+    ds = [d for d in ex.deliveries if d.lane == "decode"]
+    if not ds:
+        return {}
+    lag = sorted((d.seen_t - d.device_t) * 1e3 for d in ds)
+    last = {}
+    for d in ds:
+        last[d.launch_id] = max(last.get(d.launch_id, 0.0), d.device_t)
+    early = sum(d.seen_t < last[d.launch_id] for d in ds)
+    return {"steps": len(ds), "lag_ms_median": statistics.median(lag), "lag_ms_max": lag[-1],
+            "lag_ms_min": lag[0], "seen_before_launch_end": early}
+
+
+@requires_triton
+def test_decode_steps_are_delivered_while_the_launch_runs(part, tmp_path):
+    """One 8-step decode launch on a 32-SM partition, polled without a host sync: 8 partial parts in order,
+    then the final part; tokens equal the single-lane executor's (fp32 + Triton). How many steps reached the
+    host before the launch's last step ended on the device is recorded (a fact, not asserted: it depends
+    on the step time vs the poll cadence)."""
+    from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, ReqWork
+    from sglang_duet.executor.gpu_executor import GPUModelExecutor
+    from sglang_duet.kernels.cuda_graph import CudaGraphDecodeRunner
+    from sglang_duet.kernels.attention.torch_backend import TorchAttentionBackend
+    from sglang_duet.kernels.attention.base import ForwardBatch
+
+    model = small_model(tmp_path, dtype="float32")
+    cfg = model.config
+    steps, n = 8, 6
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 1000, (30 + 20 * i,), generator=g).tolist() for i in range(n)]
+    slot_lists, nxt = [], 1
+    for p in prompts:
+        slot_lists.append(list(range(nxt, nxt + len(p) + steps)))
+        nxt += len(p) + steps
+
+    def launch():
+        work = [ReqWork(f"r{i}", [p[-1]], len(p) - 1, s, True, steps=steps, sampling_seed=i,
+                        params=SamplingParams(temperature=0.0), prompt_ids=list(p))
+                for i, (p, s) in enumerate(zip(prompts, slot_lists))]
+        return Launch(0, LaneKind.DECODE, LaneBatch(decode=[w.rid for w in work], steps=steps), work, sms=32)
+
+    def pool():
+        kv = KVCachePool(cfg.num_hidden_layers, 4096, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cuda")
+        fb = ForwardBatch.build([(p[:-1], 0, s[: len(p) - 1], True) for p, s in zip(prompts, slot_lists)], "cuda")
+        model(fb, TorchAttentionBackend(), kv)
+        torch.cuda.synchronize()
+        return kv
+
+    kv = pool()
+    ref_ex = GPUModelExecutor(model, kv, _attn("triton", cfg), torch.device("cuda"),
+                              graph_runner=CudaGraphDecodeRunner(model, _attn("triton", cfg), kv, max_bs=8))
+    ref_ex.submit(launch())
+    (ref,) = ref_ex.poll()
+
+    from sglang_duet.executor.duet_executor import build_duet_executor
+
+    class Args:
+        cuda_graph_max_bs = 8
+        duet_capture_sms = [32]
+        extra = {}
+
+    ex = build_duet_executor(model, pool(), _attn("triton", cfg), "cuda", Args(), partitioner=part,
+                             make_attn=lambda: _attn("triton", cfg))
+    got = []
+    try:
+        ex.submit(launch())
+        while not (got and got[-1].final):
+            got.extend(ex.poll(timeout=30.0))
+    finally:
+        ex.shutdown()
+    assert [r.final for r in got] == [False] * steps + [True]
+    joined = {rid: [t for r in got for t in r.tokens.get(rid, [])] for rid in ref.tokens}
+    assert joined == ref.tokens
+    seen = [r.finished_at for r in got[:-1]]
+    assert seen == sorted(seen)
+    FACTS["per_step_delivery_8_steps"] = dict(_delivery_facts(ex), launch_device_ms=(got[-1].finished_at
+                                                                                     - got[-1].started_at) * 1e3)
 
 
 @requires_triton
