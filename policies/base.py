@@ -7,11 +7,16 @@ file; `load_policy("path/to/file.py", ctx)` loads a user's own (see docs/policie
 from __future__ import annotations
 
 import importlib
+import dataclasses
+import heapq
 import importlib.util
 import logging
 import os
+import random
 from collections import deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, LaunchResult, PrefillChunk, StepPlan
 from sglang_duet.core.scheduler_core import SchedulerView
@@ -22,7 +27,8 @@ __all__ = [
     "Policy", "PolicyContext", "SchedulerView", "StepPlan", "LaneBatch", "LaneKind", "PrefillChunk",
     "select_prefills", "load_policy", "BUILTIN_POLICIES", "require_cost_model", "decode_ids", "chunked_batch",
     "batch_shape", "remaining_tokens", "useful_decode_tokens", "lookahead_cap", "LatencyModel", "steps_ms",
-    "predict_ms", "log_plan",
+    "predict_ms", "log_plan", "decode_sms_grid", "Summary", "SummaryPricer", "prefill_summary", "deadline_order",
+    "deadline_view", "ttft_order_option", "prefill_rate",
 ]
 
 
@@ -120,6 +126,7 @@ BUILTIN_POLICIES = {
     "aggregated": "sglang_duet.policies.aggregated",
     "chunked": "sglang_duet.policies.chunked",
     "duet": "sglang_duet.policies.duet",
+    "duet-paper": "sglang_duet.policies.duet_paper",
     "static-split": "sglang_duet.policies.static_split",
 }
 
@@ -175,6 +182,69 @@ def chunked_batch(view: SchedulerView, token_budget: int) -> LaneBatch:
     decodes = decode_ids(view)
     prefills = select_prefills(view, token_budget - len(decodes), kv_reserved=len(decodes))
     return LaneBatch(prefill=prefills, decode=decodes)
+
+
+# ---- queue order under TTFT pressure --------------------------------------------------------------
+
+
+def deadline_order(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float,
+                   defer_limit_ms: float | None = None) -> list:
+    """The waiting queue with the requests that can still meet the TTFT SLO first (FCFS among them),
+    then those that cannot (FCFS): the order that lets the most requests meet it.
+
+    Moore-Hodgson on one server: walk the queue in deadline order (arrival order, the SLO being the
+    same for all), accumulating prefill time at `tokens_per_ms` after what is already prefilling;
+    whenever the request just added would finish past its deadline, set aside the longest request
+    taken so far. Retracted requests (their first token already out) keep their place at the front,
+    and so does a request that has waited longer than `defer_limit_ms` (default 4 TTFT SLOs), so
+    that nothing is deferred for ever. Returns `view.waiting` itself when nothing is set aside."""
+    waiting = view.waiting
+    if len(waiting) < 2:
+        return waiting
+    now = view.now * 1e3
+    limit = 4 * ttft_slo_ms if defer_limit_ms is None else defer_limit_ms
+    t = now + sum(r.remaining_prefill for r in view.prefilling) / tokens_per_ms
+    # (remaining_prefill, inlined: this runs over the whole queue every plan)
+    total = sum(len(r.prompt_ids) + len(r.output_ids) - r.num_computed for r in waiting) / tokens_per_ms
+    if t + total <= min(r.arrival_time for r in waiting) * 1e3 + ttft_slo_ms:
+        return waiting  # everyone makes it in FCFS order
+    heap: list[tuple[int, int]] = []
+    late: set[int] = set()
+    for i, r in enumerate(waiting):
+        n = r.remaining_prefill
+        t += n / tokens_per_ms
+        if r.output_ids or now - r.arrival_time * 1e3 > limit:
+            continue  # keeps its place
+        heapq.heappush(heap, (-n, i))
+        if t > r.arrival_time * 1e3 + ttft_slo_ms:
+            m, j = heapq.heappop(heap)
+            late.add(j)
+            t += m / tokens_per_ms
+    if not late:
+        return waiting
+    return [r for i, r in enumerate(waiting) if i not in late] + [r for i, r in enumerate(waiting) if i in late]
+
+
+def deadline_view(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float) -> SchedulerView:
+    """`view` with its waiting queue in `deadline_order` (the same view when the order is FCFS)."""
+    order = deadline_order(view, tokens_per_ms, ttft_slo_ms)
+    return view if order is view.waiting else dataclasses.replace(view, waiting=order)
+
+
+def ttft_order_option(options: dict, default: str, who: str) -> str:
+    """The `ttft_order` option: "fcfs" (the core's order) or "deadline" (`deadline_order`)."""
+    v = str(options.get("ttft_order", default))
+    if v not in ("fcfs", "deadline"):
+        raise ValueError(f"{who}: ttft_order must be 'fcfs' or 'deadline', got {v!r}")
+    return v
+
+
+def prefill_rate(ctx: PolicyContext, tokens: int = 4096) -> float:
+    """Prefill tokens per ms of a fresh `tokens`-token chunk on the whole GPU (by the cost model);
+    a fixed guess (40 tokens/ms) without one."""
+    if ctx.cost_model is None:
+        return 40.0
+    return tokens / (ctx.cost_model.batch_time([(tokens, 0)]) * 1e3)
 
 
 def batch_shape(view: SchedulerView, batch: LaneBatch) -> list[tuple[int, int]]:
@@ -258,3 +328,191 @@ def log_plan(policy: Policy, plan: StepPlan) -> StepPlan:
         logger.debug("%s plan %s [%s] sms=(p=%s, d=%s) predicted(%s): %s", policy.name, plan.mode, lanes,
                      plan.prefill_sms, plan.decode_sms, pred, plan.reason)
     return plan
+
+
+def _sm_count(x) -> int:
+    """An SM count from an int, an integral float or a decimal string (bools are not counts)."""
+    if isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()):
+        raise ValueError(x)
+    return int(x) if isinstance(x, (int, float)) else int(str(x).strip())
+
+
+def decode_sms_grid(hw, value, who: str = "duet") -> list[int]:
+    """The `decode_sms_grid` option: sorted distinct decode-partition sizes on the hardware's
+    partition grid (None: all of it). Accepts a list of ints or a comma string ("16,32,48")."""
+    grid = hw.partition_grid()
+    if value is None:
+        return grid
+    items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, (int, float)):
+        items = [items]
+    try:
+        sizes = sorted({_sm_count(x) for x in items if str(x).strip() != ""})
+    except (TypeError, ValueError):
+        raise ValueError(f"{who}: decode_sms_grid must be a list of SM counts or a comma string, got {value!r}") \
+            from None
+    if not sizes:
+        raise ValueError(f"{who}: decode_sms_grid must name at least one SM count, got {value!r}")
+    bad = [s for s in sizes if s not in grid]
+    if bad:
+        raise ValueError(f"{who}: decode_sms_grid has {bad}, not on the partition grid of {hw.name}: {grid}")
+    return sizes
+
+
+# ---- pricing from batch summaries ---------------------------------------------------------------
+#
+# The roofline prices a batch from four sums over its requests (q new tokens, c cached): T = sum q,
+# R = number of requests, A = sum q * (c + (q + 1) / 2) (causal attention pairs) and K = sum (c + q)
+# (K/V tokens read). Every operator's FLOPs and bytes are affine in (T, R, A, K), so a search that
+# prices hundreds of candidate batches can keep four numbers per batch and price them all in one
+# numpy expression instead of walking request lists through the cost model per candidate.
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The roofline's view of one step of a batch: (T, R, A, K) as above."""
+
+    T: float = 0.0
+    R: float = 0.0
+    A: float = 0.0
+    K: float = 0.0
+
+    def __add__(self, o: "Summary") -> "Summary":
+        return Summary(self.T + o.T, self.R + o.R, self.A + o.A, self.K + o.K)
+
+    @property
+    def empty(self) -> bool:
+        return self.R == 0
+
+    @classmethod
+    def of(cls, shape) -> "Summary":
+        T = R = A = K = 0.0
+        for q, c in shape:
+            T += q
+            R += 1
+            A += q * (c + (q + 1) / 2)
+            K += c + q
+        return cls(T, R, A, K)
+
+    @classmethod
+    def decodes(cls, n: int, cached: float, step: int = 0) -> "Summary":
+        """n decodes whose cached tokens sum to `cached`, `step` steps into a look-ahead launch."""
+        a = cached + n * (1 + step)
+        return cls(n, n, a, a)
+
+
+def prefill_summary(chunks) -> Summary:
+    return Summary.of([(c.length, c.start) for c in chunks])
+
+
+class SummaryPricer:
+    """Milliseconds per step from batch summaries: the cost model's `batch_time`, vectorised.
+
+    The per-operator affine coefficients are read off the cost model's own operator inventory on
+    a few probe batches and checked against `batch_time` on random batches at construction. A cost
+    model that is not affine in the summary (or has no operator inventory) is priced through
+    `batch_time` on a representative shape per row instead (`exact` is then False: slower, exact
+    for batches of equal requests, approximate for others)."""
+
+    _PROBES = ([(1, 0)], [(1, 100)], [(2, 0)], [(1, 0), (1, 0)], [(10, 5)])
+
+    def __init__(self, cost_model):
+        self.cm = cost_model
+        self.hw = cost_model.hw
+        total = self.hw.total_sms
+        # (compute, attention compute, bandwidth) per ms on s SMs, s = 0..total (0 means all SMs)
+        self._rates = np.array([self._rate(s or None) for s in range(total + 1)])
+        self._overhead_ms = 0.0
+        self.exact = False
+        try:
+            self._fit()
+            self.exact = True  # so that _check prices through the fit
+            self.exact = self._check()
+        except Exception:  # noqa: BLE001 - any mismatch: fall back to the cost model itself
+            self.exact = False
+
+    def _rate(self, sms):
+        comp = self.hw.compute(sms) / 1e3
+        return comp, comp * self.hw.attention_efficiency, self.hw.bandwidth(sms) / 1e3
+
+    def _fit(self) -> None:
+        rows, vals = [], []
+        for shape in self._PROBES:
+            s = Summary.of(shape)
+            rows.append([1.0, s.T, s.R, s.A, s.K])
+            vals.append([(f, b) for _, f, b, _, _ in self.cm._ops(shape)])
+        X = np.array(rows)
+        if np.linalg.matrix_rank(X) < 5:
+            raise ValueError("probe batches do not span the summary space")
+        ops = self.cm._ops(self._PROBES[0])
+        F = np.array([[v[i][0] for v in vals] for i in range(len(ops))])  # ops x probes
+        B = np.array([[v[i][1] for v in vals] for i in range(len(ops))])
+        Xi = np.linalg.inv(X)
+        self._cf = np.ascontiguousarray((F @ Xi.T).T)  # 5 x ops: flops = [1, T, R, A, K] @ _cf
+        self._cb = np.ascontiguousarray((B @ Xi.T).T)
+        self._attn = np.array([bool(o[4]) for o in ops])
+        self._overhead_ms = float(sum(o[3] for o in ops)) * self.hw.launch_overhead_s * 1e3
+
+    def _check(self) -> bool:
+        rng = random.Random(1234)
+        grid = self.hw.partition_grid()
+        for _ in range(6):
+            shape = [(rng.choice([1, 1, 1, rng.randint(1, 4000)]), rng.randint(0, 30000))
+                     for _ in range(rng.randint(1, 40))]
+            s = Summary.of(shape)
+            for sms in (None, grid[0], grid[-1]):
+                want = self.cm.batch_time(shape, sms) * 1e3
+                got = float(self.ms(np.array([[s.T, s.R, s.A, s.K]]), np.array([sms or 0]))[0])
+                if abs(got - want) > 1e-9 * max(1.0, want):
+                    return False
+        return True
+
+    def ms(self, X: np.ndarray, sms: np.ndarray) -> np.ndarray:
+        """Milliseconds of one step per row of X = [[T, R, A, K], ...] on sms[i] SMs (0: all SMs);
+        0 for an empty row (R = 0)."""
+        X = np.asarray(X, dtype=float)
+        sms = np.asarray(sms, dtype=int)
+        if not self.exact:
+            return np.array([self._slow(x, int(m)) for x, m in zip(X, sms)])
+        r = self._rates[sms]  # n x 3
+        Z = X @ self._cf[1:] + self._cf[0]  # flops, n x ops
+        Y = X @ self._cb[1:] + self._cb[0]  # bytes
+        comp = np.where(self._attn, r[:, 1:2], r[:, 0:1])
+        t = np.maximum(Z / comp, Y / r[:, 2:3]).sum(axis=1) + self._overhead_ms
+        return np.where(X[:, 1] > 0, t, 0.0)
+
+    def prepare(self, sms: np.ndarray):
+        """Per-row reciprocal rates for `ms_prepared` (cache it when the same SM pattern recurs)."""
+        sms = np.asarray(sms, dtype=int)
+        if not self.exact:
+            return sms
+        r = self._rates[sms]
+        return 1.0 / np.where(self._attn, r[:, 1:2], r[:, 0:1]), 1.0 / r[:, 2:3]
+
+    def ms_prepared(self, X: np.ndarray, prepared) -> np.ndarray:
+        """`ms(X, sms)` with `prepared = prepare(sms)`."""
+        if not self.exact:
+            return self.ms(X, prepared)
+        inv_comp, inv_bw = prepared
+        Z = X @ self._cf[1:]
+        Z += self._cf[0]
+        Y = X @ self._cb[1:]
+        Y += self._cb[0]
+        Z *= inv_comp
+        Y *= inv_bw
+        t = np.maximum(Z, Y, out=Z).sum(axis=1)
+        t += self._overhead_ms
+        t[X[:, 1] <= 0] = 0.0
+        return t
+
+    def summary_ms(self, s: Summary, sms: int | None = None) -> float:
+        return float(self.ms(np.array([[s.T, s.R, s.A, s.K]]), np.array([sms or 0]))[0])
+
+    def _slow(self, x, sms: int) -> float:
+        T, R, A, K = x
+        if R <= 0:
+            return 0.0
+        n = int(round(R))
+        q = max(1, int(round(T / n)))
+        c = max(0, int(round(K / n)) - q)
+        return self.cm.batch_time([(q, c)] * n, sms or None) * 1e3

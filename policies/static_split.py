@@ -4,13 +4,13 @@ The decode lane owns `decode_sms` SMs (option, default 32) and runs every ready 
 steps at a time (option, default 1); the prefill lane owns the rest and runs prefill chunks of up
 to `chunked_prefill_size` tokens. The lanes never wait for each other, so a long prefill never
 delays a decode step, but neither lane can borrow the other's idle SMs: the baseline that shows
-what duet's adaptivity buys.
+what duet's adaptivity buys. Option `ttft_order` as for chunked ("fcfs" by default).
 """
 from __future__ import annotations
 
 from sglang_duet.policies.base import (
-    LaneBatch, LaneKind, Policy, PolicyContext, SchedulerView, StepPlan, decode_ids, log_plan, lookahead_cap,
-    predict_ms, remaining_tokens, require_cost_model, select_prefills,
+    LaneBatch, LaneKind, Policy, PolicyContext, SchedulerView, StepPlan, deadline_view, decode_ids, log_plan,
+    lookahead_cap, predict_ms, prefill_rate, remaining_tokens, require_cost_model, select_prefills, ttft_order_option,
 )
 
 
@@ -30,10 +30,14 @@ class StaticSplitPolicy(Policy):
         self.k = int(self.options.get("lookahead", 1))
         if self.k < 1:
             raise ValueError(f"static-split: lookahead must be >= 1, got {self.k}")
+        self.ttft_order = ttft_order_option(self.options, "fcfs", self.name)
+        self._rate = prefill_rate(self.ctx) * self.prefill_sms / hw.total_sms
 
     def plan(self, view: SchedulerView) -> StepPlan | None:
         plan = StepPlan(prefill_sms=self.prefill_sms, decode_sms=self.decode_sms, reason="static split")
         idle = view.idle_lanes
+        if self.ttft_order == "deadline" and LaneKind.PREFILL in idle:
+            view = deadline_view(view, self._rate, self.ctx.ttft_slo_ms)
         ready = decode_ids(view)
         if LaneKind.PREFILL in idle:
             # Keep one KV slot per decode step of the running decodes free for them.

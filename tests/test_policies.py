@@ -66,7 +66,7 @@ def test_chunked_is_decode_first_within_budget():
     assert pol.plan(view(dec=decs, idle={LaneKind.PREFILL})) is None  # aggregated needs both lanes
 
 
-# ---- duet ------------------------------------------------------------------------------------
+# ---- duet-paper (the DuetServe rule as the paper states it; the new duet: tests/test_duet_policy.py) ----
 
 
 def chunked_pred_ms(v, budget=8192):
@@ -74,19 +74,19 @@ def chunked_pred_ms(v, budget=8192):
     return CM.batch_time(batch_shape(v, b)) * 1e3
 
 
-def test_duet_splits_exactly_when_prediction_exceeds_slo():
+def test_duet_paper_splits_exactly_when_prediction_exceeds_slo():
     v = view(wait=[waiting("long", 6000)], dec=[decoding(f"d{i}", 2000) for i in range(32)])
     pred = chunked_pred_ms(v)
     assert 100 < pred < 200  # a 6k-token chunk plus 32 decodes: over a 100 ms SLO on an H100
-    above = load_policy("duet", ctx(slo=pred * 1.001)).plan(v)
+    above = load_policy("duet-paper", ctx(slo=pred * 1.001)).plan(v)
     assert above.mode == "aggregated" and above.predicted_ms["aggregated"] == pytest.approx(pred)
-    below = load_policy("duet", ctx(slo=pred * 0.999)).plan(v)
+    below = load_policy("duet-paper", ctx(slo=pred * 0.999)).plan(v)
     assert below.mode == "split"
     assert [c.rid for c in below.prefill_lane.prefill] == ["long"] and len(below.decode_lane.decode) == 32
     assert below.prefill_sms + below.decode_sms == CM.hw.total_sms
     assert set(below.predicted_ms) == {"prefill", "decode"} and "split" in below.reason
     # Nothing to protect (no decodes) or nothing to split off (no prefill): aggregated, however long.
-    assert load_policy("duet", ctx(slo=10)).plan(view(wait=[waiting("x", 8000)])).mode == "aggregated"
+    assert load_policy("duet-paper", ctx(slo=10)).plan(view(wait=[waiting("x", 8000)])).mode == "aggregated"
 
 
 def brute_force(pol, dshape, remaining, pshape, cap, limit):
@@ -108,8 +108,8 @@ def brute_force(pol, dshape, remaining, pshape, cap, limit):
     (160, 2000, 6000, 200),  # a large decode batch: needs more SMs to meet the SLO
     (64, 1500, 8000, [3] * 20 + [200] * 44),  # some decodes finish after 3 steps: useful tokens
 ])
-def test_duet_split_choice_maximises_objective(n_dec, ctx_len, prompt, rem):
-    pol = load_policy("duet", ctx(join_guard=False))
+def test_duet_paper_split_choice_maximises_objective(n_dec, ctx_len, prompt, rem):
+    pol = load_policy("duet-paper", ctx(join_guard=False))
     rem = [rem] * n_dec if isinstance(rem, int) else rem
     decs = [decoding(f"d{i}", ctx_len, out=10, max_new=10 + m) for i, m in enumerate(rem)]
     v = view(wait=[waiting("p", prompt)], dec=decs)
@@ -129,8 +129,8 @@ def test_duet_split_choice_maximises_objective(n_dec, ctx_len, prompt, rem):
     assert plan.predicted_ms["decode"] == pytest.approx(steps_ms(first, slope, k)[0])
 
 
-def test_duet_prefill_bound_split_uses_smallest_feasible_decode_partition():
-    pol = load_policy("duet", ctx(join_guard=False))
+def test_duet_paper_prefill_bound_split_uses_smallest_feasible_decode_partition():
+    pol = load_policy("duet-paper", ctx(join_guard=False))
     decs = [decoding(f"d{i}", 4000) for i in range(96)]
     plan = pol.plan(view(wait=[waiting("p", 7000)], dec=decs))
     dshape = [(1, r.num_computed) for r in decs]
@@ -139,11 +139,11 @@ def test_duet_prefill_bound_split_uses_smallest_feasible_decode_partition():
     assert plan.decode_sms == feasible[0]
 
 
-def test_duet_join_guard_halves_the_step_limit_when_requests_join():
+def test_duet_paper_join_guard_halves_the_step_limit_when_requests_join():
     decs = [decoding(f"d{i}", 3000) for i in range(128)]
     v = view(wait=[waiting("p", 5000)], dec=decs)
-    guarded = load_policy("duet", ctx()).plan(v)  # "p" finishes its prefill in this split: it joins
-    plain = load_policy("duet", ctx(join_guard=False)).plan(v)
+    guarded = load_policy("duet-paper", ctx()).plan(v)  # "p" finishes its prefill in this split: it joins
+    plain = load_policy("duet-paper", ctx(join_guard=False)).plan(v)
     assert guarded.decode_sms > plain.decode_sms
     dshape = [(1, r.num_computed) for r in decs]
     assert CM.batch_time(dshape, guarded.decode_sms) * 1e3 <= 50.0
@@ -155,8 +155,8 @@ def launch(lane, batch, sms, pred):
     return Launch(0, lane, batch, work, sms=sms, predicted_ms={lane.value: pred})
 
 
-def test_duet_single_idle_lane_keeps_the_partition():
-    pol = load_policy("duet", ctx())
+def test_duet_paper_single_idle_lane_keeps_the_partition():
+    pol = load_policy("duet-paper", ctx())
     decs = [decoding(f"d{i}", 2000, now=1.0) for i in range(16)]
     busy_p = launch(LaneKind.PREFILL, LaneBatch(prefill=[PrefillChunk("x", 0, 8000)]), 112, 60.0)
     p = pol.plan(view(dec=decs, idle={LaneKind.DECODE}, inflight={LaneKind.PREFILL: busy_p}, now=1.0))
@@ -174,40 +174,41 @@ def test_duet_single_idle_lane_keeps_the_partition():
     assert [(c.rid, c.length) for c in p.prefill_lane.prefill] == [("y", 3000)]
 
 
-def test_duet_decode_sms_grid_restricts_the_search():
+def test_duet_paper_decode_sms_grid_restricts_the_search():
     decs = [decoding(f"d{i}", 4000) for i in range(96)]
     v = view(wait=[waiting("p", 7000)], dec=decs)
-    full = load_policy("duet", ctx(join_guard=False))
+    full = load_policy("duet-paper", ctx(join_guard=False))
     assert full.grid == CM.hw.partition_grid()  # default: the hardware's whole grid
     free = full.plan(v)
     assert free.mode == "split"
     # Only sizes above the unrestricted choice: the search must take the smallest feasible of them.
     allowed = [s for s in CM.hw.partition_grid() if s > free.decode_sms][:3]
     for value in (allowed, ",".join(map(str, allowed)), " , ".join(map(str, reversed(allowed)))):
-        pol = load_policy("duet", ctx(join_guard=False, decode_sms_grid=value))
+        pol = load_policy("duet-paper", ctx(join_guard=False, decode_sms_grid=value))
         assert pol.grid == allowed
         p = pol.plan(v)
         assert p.mode == "split" and p.decode_sms == allowed[0]
         assert p.prefill_sms == CM.hw.total_sms - allowed[0]
     # the one-lane re-plans stay on the restricted grid too
-    pol = load_policy("duet", ctx(decode_sms_grid="48"))
+    pol = load_policy("duet-paper", ctx(decode_sms_grid="48"))
     busy_d = launch(LaneKind.DECODE, LaneBatch(decode=["z"], steps=1), None, 5.0)
     p = pol.plan(view(wait=[waiting("y", 300)], idle={LaneKind.PREFILL}, inflight={LaneKind.DECODE: busy_d}))
     assert p.prefill_sms == CM.hw.total_sms - 48
     for bad, what in ((36, r"\[36\]"), ("16,36,200", r"\[36, 200\]"), ("", "at least one"), ("a,b", "comma string"),
                       ([16.5], "comma string"), ([True], "comma string")):
         with pytest.raises(ValueError, match=r"decode_sms_grid.*" + what):
-            load_policy("duet", ctx(decode_sms_grid=bad))
+            load_policy("duet-paper", ctx(decode_sms_grid=bad))
 
 
-def test_duet_needs_a_cost_model():
+def test_duet_paper_needs_a_cost_model():
     with pytest.raises(ValueError, match="--hardware.*--model-config"):
-        load_policy("duet", PolicyContext())
+        load_policy("duet-paper", PolicyContext())
 
 
-def test_duet_runs_requests_to_completion_with_correct_tokens():
+@pytest.mark.parametrize("name,options", [("duet-paper", {"join_guard": False}), ("duet", {"slo_margin": 1.0})])
+def test_duet_runs_requests_to_completion_with_correct_tokens(name, options):
     # A 7 ms SLO on an H100: a 1024-token chunk plus decodes must split, decodes alone do not.
-    pol = load_policy("duet", ctx(budget=1024, slo=7.0, join_guard=False))
+    pol = load_policy(name, ctx(budget=1024, slo=7.0, **options))
     core = SchedulerCore(CoreConfig(kv_slots=8192, context_length=8192, chunked_prefill_size=1024), pol,
                          clock=lambda: lanes.clock())
     lanes = FakeLanes(core, 8192, prefill_ms=0.05, decode_ms=6.5)  # roughly the roofline's timings
