@@ -1,73 +1,267 @@
-"""DuetServe: aggregated by default, SM-level spatial multiplexing when the TBT SLO is at risk.
+"""duet: DuetServe's two lanes, chosen by what each plan is predicted to deliver.
 
-Each time both lanes are idle the policy builds the chunked (decode-first) plan and prices it
-with the roofline cost model on all SMs. Within the TBT SLO it runs aggregated. Otherwise it
-splits the plan: the prefill chunks go to the prefill lane on S_p SMs and the decodes to the
-decode lane on S_d = total - S_p SMs, where the decode lane runs k steps back to back while
-the prefill runs. (S_d, k) maximise
+Every time it plans, the policy prices every way to use the GPU next and takes the one that
+delivers most, instead of splitting only when the SLO is at risk (that rule is `duet-paper`):
 
-    (useful decode tokens(k) + prefill tokens) / max(k-step decode time(S_d), prefill time(S_p))
+- aggregated: the decode-first chunked batch (every ready decode plus prefill chunks) with a
+  token budget b from `budgets` (512 ... 8192 in steps of 256), one launch on all SMs;
+- split: prefill chunks of up to b tokens (b from `split_budgets`) on S_p = total - S_d SMs,
+  and every ready decode on S_d SMs (each S_d on `decode_sms_grid`), k steps back to back.
 
-subject to every decode step meeting the TBT SLO; among equal objectives the smallest S_d
-(and k) wins, leaving the most SMs to prefill. "Useful" decode tokens count a request that
-finishes after m < k steps as m, so k never runs past what the batch can use.
+What a candidate delivers. Prefill tokens at r_p per ms (aggregated: P / t for a step of t ms;
+split: P / t_p on the prefill lane) and decode steps every `pace` ms (aggregated: t; split: the
+mean of the k steps on the decode lane, which runs beside the prefill lane).
 
-While one lane is still busy the partition is fixed (the busy lane holds its SMs), so the
-idle lane gets the rest. A decode lane that finished its k steps while the prefill runs gets
-another batch, with k re-chosen to end before the prefill's predicted end; once the prefill
-ends within one step, the decode lane waits for it (if the TBT budget allows), so that both
-lanes are planned together again: the only moment the partition can change. A prefill lane
-that finished first gets the next chunk at once (prefill SMs are the scarce ones), unless the
-next decode batch (with the requests this chunk completes) would break the SLO on the decode
-partition; then it waits for the decode lane so the partition can grow.
+Feasible: the TBT SLO. A k-step decode launch delivers each step's tokens at the step's end, so
+the gap a user sees is one step. With `slo_margin` (0.9) for what the roofline does not see
+(noise, host time, contention), a candidate is feasible when
+- its first step ends within margin * (SLO - w) ms, w the longest any ready decode has already
+  waited since its last token (a request that waited keeps only the rest of its budget);
+- every later step takes at most margin * SLO ms;
+- a request whose prefill completes on the prefill lane joins the decode batch only when the
+  decode lane's launch in flight then ends. At the prefill's end the decode lane either waits
+  out the rest r of its current step-less interval (its requests' gap: r plus the next step) or
+  steps once past it (a joiner's first gap: the rest of that step plus its own); the shorter
+  must fit margin * SLO too.
+If nothing is feasible for the requests that already waited, those are let go and the rest
+protected; if nothing is feasible at all, the fastest decode step wins.
 
-Budgets. Every decode step keeps a running TBT budget: a request that has already waited w ms
-since its last token (e.g. across a lane hand-over) only has SLO - w left, which both the
-aggregated check and the first decode step of a split respect.
+The objective (the score of a feasible candidate):
 
-Joining requests. A request whose prefill ends on the prefill lane joins the decode batch only
-when the decode lane's current launch ends, so its first gap can reach two decode steps (the
-rest of the running step, then its own). With `join_guard` (default on; its effect is measured
-in docs/results.md) a split whose prefill part completes a request holds its decode steps to
-SLO / 2, so that gap stays within the SLO too; off, only the steady-state gaps are guaranteed
-(the paper's constraint as stated).
+    score = W_p * r_p / r_ref  +  decode_gain * min(1, tau / pace)  (+ 1e-3 * tau / pace)
 
-Options (--policy-config): k_max (8), slo_margin (1.0: fraction of the TBT SLO a predicted
-step may use; < 1 leaves room for HBM contention the roofline does not see), join_guard (true),
-split_prefill_budget (prefill tokens per split-mode chunk; default: the chunked plan's),
-decode_sms_grid (the decode-partition sizes S_d the search considers: a list of ints or a comma
-string such as "16,32,48,64"; each must be on the hardware's partition grid; default: the whole
-grid. Fewer sizes mean fewer green contexts and decode graphs to create, e.g. for a short GPU run).
+- r_ref: a fresh 4096-token prefill's rate on the whole GPU (the score is in "GPUs of prefill").
+- W_p = 1 + ttft_gain * min(1, age / TTFT SLO): TTFT pressure, age how long the oldest queued
+  request has waited; 0 when no prompt waits.
+- tau: the decode pace the arrivals need (`_Demand`). By Little's law a request holds KV for
+  (prompt + output / 2) tokens over output * tau ms, so for the arrival rate seen over the last
+  `demand_window_s` the KV pool stays below `kv_target` of its slots (and of
+  max_running_requests) when tau <= kv_target * slots / (rate * mean((prompt + output/2) * output)).
+  Decodes slower than that fill the pool until admission stops and TTFT explodes; decodes faster
+  than that buy nothing. Capped at margin * SLO.
+With decode_gain (10) much larger than what prefill can add (about 1 + ttft_gain), the pace is
+a soft constraint: candidates that keep it win, and among them the one that prefills fastest,
+weighted up while prompts wait. When the arrivals ask little of the decodes (tau at the SLO) the
+score is prefill throughput under the TBT SLO; when they ask much (long outputs, a full KV pool)
+decodes get the SMs they need and not more. Ties go to aggregated, then fewer decode SMs.
+
+Lane-pair states (`LanePair`) and moves (`Move`). The policy is asked whenever a lane is idle;
+what it may do depends on the pair:
+- BOTH_IDLE: the search above; LAUNCH the best candidate (NOTHING_TO_DO without work).
+- PREFILL_RUNNING_DECODE_IDLE: the prefill lane holds S_p SMs, the decode lane gets the rest.
+  It steps while the prefill runs. When the prefill ends within `sync_fraction` of a step, or
+  the partition is no longer the best (a joint plan would change it), it stops at the prefill's
+  end (WAIT_FOR_PARTNER if not one step fits) so that both lanes are planned together; else it
+  LAUNCHes one step past the prefill's end and the lanes keep running side by side.
+- DECODE_RUNNING_PREFILL_IDLE: the decode lane holds S_d SMs. The prefill lane LAUNCHes the best
+  split on this partition if it is within `hysteresis` of the best joint plan (with the decode
+  lane's requests counted as they will be when its launch ends); else, or when the decode lane
+  ends within `sync_fraction` of a chunk, or the chunk's joiners would wait too long for the
+  decode lane, WAIT_FOR_PARTNER.
+`self.last` holds the last `Decision` (state, move, reason) for tests and logs.
+
+Options (--policy-config): budgets (aggregated token budgets; default 512..8192 step 256, plus
+--chunked-prefill-size), split_budgets ([2048, 4096, 8192]), decode_sms_grid (the S_d the search
+considers, as duet-paper; default the hardware's whole grid), k_max (8), slo_margin (0.9),
+decode_gain (10), ttft_gain (1), kv_target (0.8), demand_window_s (20), sync_fraction (0.25),
+hysteresis (0.02).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
 
 from sglang_duet.policies.base import (
-    LaneBatch, LaneKind, LatencyModel, Policy, PolicyContext, SchedulerView, StepPlan, batch_shape,
-    chunked_batch, log_plan, lookahead_cap, remaining_tokens, require_cost_model, select_prefills, steps_ms,
-    useful_decode_tokens,
+    LaneBatch, LaneKind, Policy, PolicyContext, PrefillChunk, SchedulerView, StepPlan, Summary, SummaryPricer,
+    deadline_view, decode_sms_grid, log_plan, lookahead_cap, require_cost_model, select_prefills,
+    ttft_order_option,
 )
 
 
-def _sm_count(x) -> int:
-    """An SM count from an int, an integral float or a decimal string (bools are not counts)."""
-    if isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()):
-        raise ValueError(x)
-    return int(x) if isinstance(x, (int, float)) else int(str(x).strip())
+class LanePair(str, Enum):
+    """Which of the two split lanes are free when the policy is asked (aggregated needs both)."""
+
+    BOTH_IDLE = "both idle"
+    PREFILL_RUNNING_DECODE_IDLE = "prefill running, decode idle"
+    DECODE_RUNNING_PREFILL_IDLE = "decode running, prefill idle"
 
 
-_TIE = 1e-9  # relative: objectives closer than this are ties (float noise), resolved to fewer SMs / smaller k
+class Move(str, Enum):
+    LAUNCH = "launch"
+    WAIT_FOR_PARTNER = "wait for partner"  # leave the idle lane idle until the busy one ends: joint re-plan
+    NOTHING_TO_DO = "nothing to do"
 
 
 @dataclass
-class SplitChoice:
-    decode_sms: int
-    k: int
-    objective: float  # tokens per ms
-    decode_ms: float  # all k steps
-    step_ms: float  # the slowest (last) step: the TBT the decodes see
-    prefill_ms: float
+class Decision:
+    state: LanePair
+    move: Move
+    reason: str
+    plan: StepPlan | None = None
+    candidates: int = 0  # how many were priced
+
+
+@dataclass
+class Candidate:
+    """One way to use the GPU next, priced (for tests and logs; the search works on arrays)."""
+
+    mode: str  # "aggregated" | "split"
+    budget: int
+    prefill_tokens: int
+    decode_sms: int | None = None  # split only
+    k: int = 1
+    step_ms: float = 0.0  # aggregated: the step; split: the prefill lane's launch
+    decode_ms: float = 0.0  # split: all k decode steps (aggregated: the step)
+    first_ms: float = 0.0  # the first gap a ready decode sees
+    slowest_ms: float = 0.0  # the longest decode step until the lanes meet again
+    joiner_ms: float = 0.0  # split: first gap of a request that joins when its prefill ends
+    r_p: float = 0.0
+    pace_ms: float = 0.0  # mean decode step
+    score: float = -math.inf
+    feasible: bool = False
+    prefill: list[PrefillChunk] = field(default_factory=list)
+
+
+@dataclass
+class _Decodes:
+    """The ready decodes as the search needs them."""
+
+    ids: list[str]
+    cached: int  # sum of cached tokens
+    remaining: list[int]
+    waited_ms: float  # the longest wait since a last token
+    useful: np.ndarray | None = None  # useful[k]: tokens k steps deliver (useful[0] = 0)
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+
+class _Prefix:
+    """An FCFS chunk list and its summaries cut at any token budget (what select_prefills gives
+    for a smaller budget is a prefix of it, the last chunk shortened)."""
+
+    def __init__(self, chunks: list[PrefillChunk], remaining: dict[str, int]):
+        self.chunks = chunks
+        m = len(chunks)
+        self.s = np.array([c.start for c in chunks], dtype=float)
+        self.l = np.array([c.length for c in chunks], dtype=float)
+        comp = np.array([c.length >= remaining.get(c.rid, 0) for c in chunks], dtype=float)
+        z = np.zeros(1)
+        self.cumL = np.cumsum(self.l)
+        self.prefA = np.concatenate([z, np.cumsum(self.l * (self.s + (self.l + 1) / 2))])
+        self.prefK = np.concatenate([z, np.cumsum(self.s + self.l)])
+        self.prefC = np.concatenate([z, np.cumsum(comp)])
+        self.total = float(self.cumL[-1]) if m else 0.0
+        self.s_pad = np.concatenate([self.s, z])  # start of "the chunk after the last"
+
+    def cut(self, budgets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(X rows [T, R, A, K] per budget, whether the cut completes a request)."""
+        b = np.clip(np.asarray(budgets, dtype=float), 0.0, self.total)
+        full = np.searchsorted(self.cumL, b, side="right")  # chunks wholly inside
+        before = np.where(full > 0, self.cumL[np.maximum(full - 1, 0)] if len(self.cumL) else 0.0, 0.0)
+        n = b - before  # tokens of the partly taken chunk
+        part = n > 0
+        s = self.s_pad[full]
+        X = np.stack([b, full + part, self.prefA[full] + n * (s + (n + 1) / 2),
+                      self.prefK[full] + np.where(part, s + n, 0.0)], axis=1)
+        return X, self.prefC[full] > 0
+
+    def take(self, budget: float) -> list[PrefillChunk]:
+        out, left = [], int(budget)
+        for c in self.chunks:
+            if left <= 0:
+                break
+            n = min(c.length, left)
+            out.append(c if n == c.length else PrefillChunk(c.rid, c.start, n))
+            left -= n
+        return out
+
+
+@dataclass
+class _Search:
+    """Every candidate of one plan as parallel arrays (aggregated ones first, by budget; then the
+    splits by S_d, then budget)."""
+
+    split: np.ndarray
+    agg_budgets: np.ndarray
+    split_budgets: np.ndarray
+    grid: np.ndarray
+    tau: float  # the decode pace target the scores used
+    tokens: np.ndarray
+    k: np.ndarray
+    step: np.ndarray
+    decode: np.ndarray
+    first: np.ndarray
+    slowest: np.ndarray
+    joiner: np.ndarray
+    feasible: np.ndarray
+    score: np.ndarray
+    prefix: _Prefix | None
+    dec: _Decodes
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    @property
+    def budget(self) -> np.ndarray:
+        return np.concatenate([self.agg_budgets, np.tile(self.split_budgets, len(self.grid))])
+
+    @property
+    def sd(self) -> np.ndarray:
+        """Decode SMs per candidate (0 for aggregated)."""
+        return np.concatenate([np.zeros(len(self.agg_budgets), dtype=int), np.repeat(self.grid, len(self.split_budgets))])
+
+    def budget_of(self, i: int) -> int:
+        na = len(self.agg_budgets)
+        return int(self.agg_budgets[i] if i < na else self.split_budgets[(i - na) % len(self.split_budgets)])
+
+    def sd_of(self, i: int) -> int:
+        na = len(self.agg_budgets)
+        return 0 if i < na else int(self.grid[(i - na) // len(self.split_budgets)])
+
+    def best(self, mask: np.ndarray | None = None) -> int | None:
+        """Index of the highest score among `mask` (default: the feasible); ties to the lowest index."""
+        m = self.feasible if mask is None else mask
+        if not m.any():
+            return None
+        s = np.where(m, self.score, -np.inf)
+        top = s.max()
+        return int(np.flatnonzero(s >= top - 1e-9 * max(1.0, abs(top)))[0])
+
+    def candidate(self, i: int) -> Candidate:
+        split = bool(self.split[i])
+        prefix = self.prefix
+        tokens = int(self.tokens[i])
+        return Candidate(
+            "split" if split else "aggregated", self.budget_of(i), tokens,
+            decode_sms=self.sd_of(i) if split else None, k=int(self.k[i]), step_ms=float(self.step[i]),
+            decode_ms=float(self.decode[i]), first_ms=float(self.first[i]), slowest_ms=float(self.slowest[i]),
+            joiner_ms=float(self.joiner[i]), r_p=tokens / float(self.step[i]) if self.step[i] > 0 else 0.0,
+            pace_ms=float(self.decode[i]) / int(self.k[i]), score=float(self.score[i]),
+            feasible=bool(self.feasible[i]), prefill=prefix.take(tokens) if prefix is not None and tokens else [],
+        )
+
+
+DEFAULT_BUDGETS = tuple(range(512, 8192 + 1, 256))
+DEFAULT_SPLIT_BUDGETS = (2048, 4096, 8192)
+
+
+def _budgets(value, default, who: str) -> list[int]:
+    if value is None:
+        return sorted(set(default))
+    items = value.split(",") if isinstance(value, str) else ([value] if isinstance(value, (int, float)) else value)
+    try:
+        out = sorted({int(x) for x in items if str(x).strip() != ""})
+    except (TypeError, ValueError):
+        raise ValueError(f"duet: {who} must be a list of token counts, got {value!r}") from None
+    if not out or out[0] < 1:
+        raise ValueError(f"duet: {who} must be positive token counts, got {value!r}")
+    return out
 
 
 class DuetPolicy(Policy):
@@ -76,205 +270,412 @@ class DuetPolicy(Policy):
     def __init__(self, ctx: PolicyContext | None = None):
         super().__init__(ctx)
         require_cost_model(self.ctx, self.name)
-        self.k_max = int(self.options.get("k_max", 8))
+        o = self.options
+        self.k_max = int(o.get("k_max", 8))
         if self.k_max < 1:
             raise ValueError(f"duet: k_max must be >= 1, got {self.k_max}")
-        self.slo_ms = self.ctx.tbt_slo_ms * float(self.options.get("slo_margin", 1.0))
-        self.split_budget = int(self.options.get("split_prefill_budget", 0)) or None
-        self.join_guard = bool(self.options.get("join_guard", True))
+        self.margin = float(o.get("slo_margin", 0.9))
+        if not 0 < self.margin <= 1:
+            raise ValueError(f"duet: slo_margin must be in (0, 1], got {self.margin}")
+        self.decode_gain = float(o.get("decode_gain", 10.0))
+        self.ttft_gain = float(o.get("ttft_gain", 1.0))
+        self.sync_fraction = float(o.get("sync_fraction", 0.25))
+        self.hysteresis = float(o.get("hysteresis", 0.02))
+        self.ttft_order = ttft_order_option(o, "deadline", self.name)
+        self.budgets = _budgets(o.get("budgets"), DEFAULT_BUDGETS + (self.ctx.chunked_prefill_size,), "budgets")
+        self.split_budgets = _budgets(o.get("split_budgets"), DEFAULT_SPLIT_BUDGETS, "split_budgets")
         self.hw = self.ctx.hardware
         self.total = self.hw.total_sms
-        self.grid = self._decode_grid(self.options.get("decode_sms_grid"))
-        self.lat = LatencyModel(self.ctx.cost_model, k_ref=max(2, self.k_max))
-        # (batch object we launched, predicted end time): the in-flight launch of each lane.
-        self._ends: dict[LaneKind, tuple[LaneBatch, float]] = {}
+        self.grid = decode_sms_grid(self.hw, o.get("decode_sms_grid"), self.name)
+        self.slo_ms = self.ctx.tbt_slo_ms
+        self.pricer = SummaryPricer(self.ctx.cost_model)
+        self.demand = _Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.9)))
+        self._grid = np.array(self.grid)
+        self._budgets = np.array(self.budgets, dtype=float)
+        self._split_budgets = np.array(self.split_budgets, dtype=float)
+        self._steps = 1.0 + np.arange(self.k_max + 2)
+        self._rows = np.arange(len(self.grid))[:, None]
+        self._sms_cache: dict = {}
+        ref = 4096
+        self.rp_ref = ref / self.pricer.summary_ms(Summary.of([(ref, 0)]))  # prefill tokens/ms, whole GPU
+        self._ends: dict[LaneKind, tuple[LaneBatch, float]] = {}  # lane -> (batch launched, predicted end)
+        self.last: Decision | None = None
 
-    def _decode_grid(self, value) -> list[int]:
-        """The decode_sms_grid option: sorted distinct sizes on the hardware grid (None: all of it)."""
-        grid = self.hw.partition_grid()
-        if value is None:
-            return grid
-        items = value.split(",") if isinstance(value, str) else value
-        if isinstance(items, (int, float)):
-            items = [items]
-        try:
-            sizes = sorted({_sm_count(x) for x in items if str(x).strip() != ""})
-        except (TypeError, ValueError):
-            raise ValueError(f"duet: decode_sms_grid must be a list of SM counts or a comma string, got {value!r}") \
-                from None
-        if not sizes:
-            raise ValueError(f"duet: decode_sms_grid must name at least one SM count, got {value!r}")
-        bad = [s for s in sizes if s not in grid]
-        if bad:
-            raise ValueError(f"duet: decode_sms_grid has {bad}, not on the partition grid of {self.hw.name}: {grid}")
-        return sizes
-
-    # ---- the search (public so tests can brute-force it) ---------------------------------------
-    def step_limit_ms(self, joins: bool) -> float:
-        """The longest decode step allowed: the SLO, or half of it when requests will join mid-launch."""
-        return self.slo_ms / 2 if joins and self.join_guard else self.slo_ms
-
-    def choose_k(self, first: float, slope: float, remaining: list[int], prefill_tokens: int, prefill_ms: float,
-                 cap: int, limit_ms: float | None = None, first_limit_ms: float | None = None):
-        """Best k for a decode curve: (k, objective, k-step ms, last step ms), or None when even one step
-        breaks the limits (every step <= limit_ms; the first <= first_limit_ms, the SLO budget the
-        longest-waiting request has left)."""
-        limit = self.slo_ms if limit_ms is None else limit_ms
-        if first > (limit if first_limit_ms is None else min(limit, first_limit_ms)):
-            return None
-        best = None
-        for k in range(1, cap + 1):
-            total, last = steps_ms(first, slope, k)
-            if last > limit:
-                break  # steps only get slower as contexts grow
-            obj = (useful_decode_tokens(remaining, k) + prefill_tokens) / max(total, prefill_ms)
-            if best is None or obj > best[1] * (1 + _TIE):
-                best = (k, obj, total, last)
-        return best
-
-    def choose_split(self, decode_shape, remaining: list[int], prefill_shape, cap: int,
-                     limit_ms: float | None = None, first_limit_ms: float | None = None) -> SplitChoice | None:
-        """The (S_d, k) maximising the objective with the decode steps within the limits (the SLO)."""
-        p_tokens = sum(q for q, _ in prefill_shape)
-        best = None
-        for sd in self.grid:
-            first, slope = self.lat.decode_curve(decode_shape, sd)
-            if first > (self.slo_ms if limit_ms is None else limit_ms):
-                continue  # too few SMs: skip pricing the prefill
-            tp = self.lat.step_ms(prefill_shape, self.total - sd)
-            got = self.choose_k(first, slope, remaining, p_tokens, tp, cap, limit_ms, first_limit_ms)
-            if got is not None and (best is None or got[1] > best.objective * (1 + _TIE)):
-                best = SplitChoice(sd, got[0], got[1], got[2], got[3], tp)
-        return best
-
-    # ---- planning ---------------------------------------------------------------------------
-    def plan(self, view: SchedulerView) -> StepPlan | None:
+    # ---- the state machine ---------------------------------------------------------------------
+    @staticmethod
+    def lane_pair(view: SchedulerView) -> LanePair | None:
         if view.all_idle:
-            self._ends.clear()
-            return self._plan_both(view)
+            return LanePair.BOTH_IDLE
         if LaneKind.DECODE in view.idle_lanes:
-            return self._plan_decode_lane(view)
+            return LanePair.PREFILL_RUNNING_DECODE_IDLE
         if LaneKind.PREFILL in view.idle_lanes:
-            return self._plan_prefill_lane(view)
-        return None
+            return LanePair.DECODE_RUNNING_PREFILL_IDLE
+        return None  # an aggregated launch holds every SM (the core does not ask then)
 
-    def _plan_both(self, view: SchedulerView) -> StepPlan | None:
-        batch = chunked_batch(view, self.ctx.chunked_prefill_size)
-        if batch.is_empty():
+    def plan(self, view: SchedulerView) -> StepPlan | None:
+        self.demand.observe(view)
+        if self.ttft_order == "deadline":
+            view = deadline_view(view, self.rp_ref, self.ctx.ttft_slo_ms)
+        state = self.lane_pair(view)
+        if state is None:
             return None
-        pred = self.lat.step_ms(batch_shape(view, batch))
-        wait = self._wait_ms(view)  # a request that already waited since its last token has less budget
-        if pred + wait <= self.slo_ms or not batch.decode or not batch.prefill:
-            why = "within SLO" if pred + wait <= self.slo_ms else "nothing to split"
-            return self._aggregated(batch, pred, f"chunked plan {pred:.1f}ms (+{wait:.1f}ms waited), {why}")
-        prefills = batch.prefill
-        if self.split_budget:
-            prefills = select_prefills(view, self.split_budget, kv_reserved=len(batch.decode))
-        dshape, remaining = self._decode_shape(view)
-        pshape = [(c.length, c.start) for c in prefills]
-        cap = lookahead_cap(view, remaining, self.k_max, kv_reserved=sum(q for q, _ in pshape))
-        limit = self.step_limit_ms(self._completes(view, prefills))
-        choice = self.choose_split(dshape, remaining, pshape, cap, limit, self.slo_ms - wait)
-        if choice is None and wait > 0:  # the longest waiter cannot be saved: protect the others
-            choice = self.choose_split(dshape, remaining, pshape, cap, limit)
-        if choice is None:
-            return self._aggregated(batch, pred, f"chunked plan {pred:.1f}ms; no partition meets the SLO")
-        sd = choice.decode_sms
-        plan = StepPlan(
-            prefill_lane=LaneBatch(prefill=prefills), decode_lane=LaneBatch(decode=batch.decode, steps=choice.k),
-            prefill_sms=self.total - sd, decode_sms=sd,
-            predicted_ms={"prefill": choice.prefill_ms, "decode": choice.decode_ms},
-            reason=(f"split: chunked plan {pred:.1f}ms (+{wait:.1f}ms waited) > SLO {self.slo_ms:.0f}ms; "
-                    f"S_d={sd} k={choice.k} step {choice.step_ms:.1f}ms (limit {limit:.0f}), "
-                    f"{choice.objective:.2f} tok/ms"),
+        if state is LanePair.BOTH_IDLE:
+            self._ends.clear()
+            d = self._both_idle(view)
+        elif state is LanePair.PREFILL_RUNNING_DECODE_IDLE:
+            d = self._decode_lane_alone(view)
+        else:
+            d = self._prefill_lane_alone(view)
+        self.last = d
+        if d.move is not Move.LAUNCH:
+            return None
+        d.plan.reason = f"[{d.state.value}] {d.reason}"
+        for lane, batch in d.plan.lane_batches():
+            self._ends[lane] = (batch, view.now + d.plan.predicted_ms[lane.value] / 1e3)
+        return log_plan(self, d.plan)
+
+    # ---- the search ----------------------------------------------------------------------------
+    def candidates(self, view: SchedulerView, dec: _Decodes | None = None) -> list[Candidate]:
+        """Every candidate priced and scored, as objects (tests, logs); `search` is the fast path."""
+        s = self.search(view, dec)
+        return [s.candidate(i) for i in range(len(s))]
+
+    def search(self, view: SchedulerView, dec: _Decodes | None = None) -> _Search:
+        """Price and score every candidate (see the module docstring) in one vectorised pass."""
+        dec = dec or self._decodes(view)
+        n = dec.n
+        first_limit, limit = self._limits(dec.waited_ms)
+        w_p, tau = self.weights(view)
+
+        # One FCFS chunk list serves every budget (a smaller budget takes a prefix of it), keeping KV
+        # for k_cap look-ahead steps of every decode (what a split needs; aggregated needs one).
+        have_queue = bool(view.waiting or view.prefilling)
+        k_cap = lookahead_cap(view, dec.remaining, self.k_max, kv_reserved=int(self._split_budgets[-1])) if n else 1
+        prefix = None
+        if have_queue:
+            chunks = select_prefills(view, int(max(self._budgets[-1], self._split_budgets[-1])), kv_reserved=n * k_cap)
+            prefix = _Prefix(chunks, _remaining_prefill(view, chunks))
+
+        # aggregated: the decode-first batch for each budget; split: prefill chunks for each split
+        # budget; identical batches (the queue exhausted) priced once
+        nA = len(self._budgets)
+        if prefix is not None:
+            Xc, joins_c = prefix.cut(np.concatenate([self._budgets - n, self._split_budgets]))
+        else:
+            Xc, joins_c = np.zeros((nA + len(self._split_budgets), 4)), np.zeros(nA + len(self._split_budgets), bool)
+        Xp = Xc[:nA]
+        keep = np.empty(nA, dtype=bool)
+        keep[0] = True
+        np.greater(Xp[1:, 0], Xp[:-1, 0], out=keep[1:])
+        if not n:
+            keep &= Xp[:, 0] > 0
+        Xa, ba = Xp[keep], self._budgets[keep]
+        Xa += (n, n, dec.cached + n, dec.cached + n)
+        na = len(ba)
+        bs, Xs, joins = self._split_budgets[:0], Xc[:0], joins_c[:0]
+        if n and prefix is not None and prefix.total > 0:
+            Xs, joins = Xc[nA:], joins_c[nA:]
+            ks = np.empty(len(Xs), dtype=bool)
+            ks[0] = True
+            np.greater(Xs[1:, 0], Xs[:-1, 0], out=ks[1:])
+            Xs, bs, joins = Xs[ks], self._split_budgets[ks], joins[ks]
+        nb, G, K = len(bs), len(self.grid), self.k_max + 2
+
+        # one pricing call: aggregated steps, decode steps per (S_d, step j), prefill per (S_d, budget)
+        X = np.empty((na + (G * K + G * nb if nb else 0), 4))
+        X[:na] = Xa
+        if nb:
+            a = dec.cached + n * self._steps  # A = K for decodes at step j of a look-ahead launch
+            blk = X[na:na + G * K].reshape(G, K, 4)
+            blk[:, :, 0] = n
+            blk[:, :, 1] = n
+            blk[:, :, 2] = a
+            blk[:, :, 3] = a
+            X[na + G * K:].reshape(G, nb, 4)[:] = Xs
+        t = self.pricer.ms_prepared(X, self._sms_rows(na, nb))
+
+        # the candidates, aggregated ones first
+        N = na + G * nb
+        step = np.empty(N)
+        decode = np.empty(N)
+        first = np.zeros(N)
+        slowest = np.zeros(N)
+        joiner = np.zeros(N)
+        kk = np.ones(N, dtype=int)
+        tokens = np.empty(N)
+        ta = t[:na]
+        step[:na] = ta
+        decode[:na] = ta
+        tokens[:na] = Xa[:, 0] - n
+        if n:
+            first[:na] = ta
+            slowest[:na] = ta
+        if nb:
+            # The decode lane steps m times before the prefill (tp) ends, launching k = min(m, k_cap)
+            # of them first; at tp it waits the rest r or steps past it (see the docstring).
+            td = t[na:na + G * K].reshape(G, K)
+            tp = t[na + G * K:].reshape(G, nb)
+            cum = np.cumsum(td, axis=1)
+            rows = self._rows[:G]
+            m = (cum[:, None, :] <= tp[:, :, None]).sum(axis=2)  # G x nb
+            r = tp - np.where(m > 0, cum[rows, np.maximum(m - 1, 0)], 0.0)
+            nxt = td[rows, np.minimum(m, K - 1)]
+            longer = tp > cum[:, -1:]
+            if longer.any():  # a prefill longer than the priced steps: extrapolate with the last one
+                extra = (tp - cum[:, -1:]) / td[:, -1:]
+                r = np.where(longer, (extra - np.floor(extra)) * td[:, -1:], r)
+                nxt = np.where(longer, td[:, -1:], nxt)
+                m = np.where(longer, K + np.floor(extra).astype(int), m)
+            k = np.clip(m, 1, k_cap)
+            j = np.where(m == 0, td[:, :1] - tp + td[:, 1:2], np.minimum(r + nxt, 2 * nxt - r))
+            joiner[na:] = np.where(joins, j, 0.0).ravel()
+            step[na:] = tp.ravel()
+            decode[na:] = cum[rows, k - 1].ravel()
+            first[na:].reshape(G, nb)[:] = td[:, :1]
+            slowest[na:] = np.maximum(td[rows, k - 1], nxt).ravel()
+            kk[na:] = k.ravel()
+            tokens[na:].reshape(G, nb)[:] = Xs[:, 0]
+        split = self._split_mask(na, nb)
+        if n:
+            feasible = (first <= first_limit) & (slowest <= limit) & (joiner <= limit)
+        else:
+            feasible = np.ones(N, dtype=bool)
+        score = tokens / np.maximum(step, 1e-9)
+        score *= w_p / self.rp_ref
+        if n:
+            pace = tau * kk / np.maximum(decode, 1e-9)
+            score += self.decode_gain * np.minimum(1.0, pace) + 1e-3 * pace
+        return _Search(
+            split=split, agg_budgets=ba, split_budgets=bs, grid=self._grid, tau=tau, tokens=tokens, k=kk, step=step,
+            decode=decode,
+            first=first, slowest=slowest, joiner=joiner, feasible=feasible, score=score,
+            prefix=prefix, dec=dec,
         )
-        self._remember(view, plan)
-        return log_plan(self, plan)
 
-    def _plan_decode_lane(self, view: SchedulerView) -> StepPlan | None:
-        """Prefill lane busy: decode on the SMs it leaves, k steps that end before the prefill does."""
-        if not view.decoding:
-            return None
+    def _sms_rows(self, na: int, nb: int):
+        """The pricer's per-row rates for the rows `search` prices (SM counts by position), cached."""
+        key = (na, nb)
+        got = self._sms_cache.get(key)
+        if got is None:
+            K = self.k_max + 2
+            got = self._sms_cache[key] = self.pricer.prepare(np.concatenate([
+                np.zeros(na, dtype=int), np.repeat(self._grid, K if nb else 0), np.repeat(self.total - self._grid, nb)]))
+        return got
+
+    def _split_mask(self, na: int, nb: int) -> np.ndarray:
+        key = ("split", na, nb)
+        got = self._sms_cache.get(key)
+        if got is None:
+            got = self._sms_cache[key] = np.concatenate([np.zeros(na, dtype=bool), np.ones(len(self.grid) * nb, dtype=bool)])
+        return got
+
+    def weights(self, view: SchedulerView) -> tuple[float, float]:
+        """(W_p, tau): what prefill progress is worth now (TTFT pressure) and the decode pace (ms)
+        the arrivals need; see the module docstring."""
+        # the head of the queue the policy serves next: the oldest prefilling request, else the first waiting
+        head = view.prefilling[0] if view.prefilling else (view.waiting[0] if view.waiting else None)
+        w_p = 0.0
+        if head is not None:
+            age = max(0.0, (view.now - head.arrival_time) * 1e3)
+            w_p = 1.0 + self.ttft_gain * min(1.0, age / self.ctx.ttft_slo_ms)
+        return w_p, self.demand.target_ms(view, self.margin * self.slo_ms)
+
+    def choose(self, s: _Search) -> tuple[int, str]:
+        """The best feasible candidate; else the best for the requests that can still be saved;
+        else the fastest decode."""
+        i = s.best()
+        if i is not None:
+            return i, "best feasible"
+        if s.dec.waited_ms > 0:
+            first_limit, limit = self._limits(0.0)
+            ok = (s.first <= first_limit) & (s.slowest <= limit) & (s.joiner <= limit)
+            i = s.best(ok)
+            if i is not None:
+                return i, f"none within the {s.dec.waited_ms:.0f} ms already waited; best for the rest"
+        order = np.lexsort((-s.score, s.slowest, s.first))
+        return int(order[0]), "nothing meets the SLO: fastest decode"
+
+    # ---- BOTH_IDLE -----------------------------------------------------------------------------
+    def _both_idle(self, view: SchedulerView) -> Decision:
+        state = LanePair.BOTH_IDLE
+        s = self.search(view)
+        if not len(s):
+            return Decision(state, Move.NOTHING_TO_DO, "no admissible work")
+        i, why = self.choose(s)
+        c = s.candidate(i)
+        dec = s.dec
+        desc = (f"{c.mode} b={c.budget} " + (f"S_d={c.decode_sms} k={c.k} " if c.mode == "split" else "")
+                + f"P={c.prefill_tokens} in {c.step_ms:.1f} ms, decode pace {c.pace_ms:.1f} ms (target "
+                + f"{s.tau:.1f}), first {c.first_ms:.1f} ms (+{dec.waited_ms:.1f} waited), "
+                + f"score {c.score:.3f}: {why} of {len(s)}")
+        if c.mode == "aggregated":
+            plan = StepPlan(aggregated=LaneBatch(prefill=c.prefill, decode=dec.ids), predicted_ms={"aggregated": c.step_ms})
+        else:
+            plan = StepPlan(prefill_lane=LaneBatch(prefill=c.prefill), decode_lane=LaneBatch(decode=dec.ids, steps=c.k),
+                            prefill_sms=self.total - c.decode_sms, decode_sms=c.decode_sms,
+                            predicted_ms={"prefill": c.step_ms, "decode": c.decode_ms})
+        return Decision(state, Move.LAUNCH, desc, plan, len(s))
+
+    # ---- one lane busy -------------------------------------------------------------------------
+    def _partition_stays(self, s: _Search, sd: int) -> tuple[int | None, int | None]:
+        """(best feasible split on S_d = sd, best overall) of a search, by index."""
+        here = s.best(s.feasible & s.split & (s.sd == sd) & (s.tokens > 0))
+        return here, s.best()
+
+    def _decode_lane_alone(self, view: SchedulerView) -> Decision:
+        """The prefill lane holds its SMs: decode on the rest until about when the prefill ends."""
+        state = LanePair.PREFILL_RUNNING_DECODE_IDLE
+        dec = self._decodes(view)
+        if not dec.n:
+            return Decision(state, Move.NOTHING_TO_DO, "no ready decodes")
         busy = view.inflight[LaneKind.PREFILL]
         sd = self.total - (busy.sms or self.total - self.grid[0])
-        left_ms = self._left_ms(view, LaneKind.PREFILL, busy)
-        wait = self._wait_ms(view)
-        dshape, remaining = self._decode_shape(view)
-        first, slope = self.lat.decode_curve(dshape, sd)
-        if left_ms < first and wait + left_ms + first <= self.slo_ms:
-            # The prefill ends within one step: wait for it, so that both lanes are planned together
-            # (the only moment the partition can change); only the decode partition idles meanwhile.
-            return None
-        fit = 1
-        while fit < self.k_max and steps_ms(first, slope, fit + 1)[0] <= left_ms:
+        left = self._left_ms(view, LaneKind.PREFILL, busy)
+        k_cap = lookahead_cap(view, dec.remaining, self.k_max)
+        td = [float(x) for x in self._decode_steps(dec, sd, k_cap + 2)]
+        cum = np.cumsum(td)
+        first_limit, limit = self._limits(dec.waited_ms)
+        fit = 0  # steps that end before the prefill does
+        while fit < k_cap and cum[fit] <= left and td[fit] <= limit:
             fit += 1
-        cap = min(fit, lookahead_cap(view, remaining, self.k_max))
-        got = (self.choose_k(first, slope, remaining, 0, left_ms, cap, self.slo_ms, self.slo_ms - wait)
-               or self.choose_k(first, slope, remaining, 0, left_ms, cap, self.slo_ms))
-        k, total, why = (got[0], got[2], "") if got else (1, first, "; partition too small for the SLO")
-        plan = StepPlan(
-            decode_lane=LaneBatch(decode=[r.rid for r in view.decoding], steps=k), decode_sms=sd,
-            predicted_ms={"decode": total},
-            reason=f"decode lane alone: prefill busy {left_ms:.1f}ms more; S_d={sd} k={k}{why}",
-        )
-        self._remember(view, plan)
-        return log_plan(self, plan)
+        r = left - (float(cum[fit - 1]) if fit else 0.0)  # what is left of the prefill after them
+        joins = any(w.sample for w in busy.work)  # the prefill completes requests: they join after our launch
+        nxt = td[fit]
+        over = nxt - r + td[fit + 1] if joins else 0.0  # a joiner's first gap if we step past the prefill's end
 
-    def _plan_prefill_lane(self, view: SchedulerView) -> StepPlan | None:
-        """Decode lane busy: next prefill chunk on the SMs it leaves, unless the partition must change."""
+        def launch(k: int, why: str) -> Decision:
+            ok = td[0] <= first_limit and td[k - 1] <= limit
+            plan = StepPlan(decode_lane=LaneBatch(decode=dec.ids, steps=k), decode_sms=sd,
+                            predicted_ms={"decode": float(cum[k - 1])})
+            return Decision(state, Move.LAUNCH, f"S_d={sd} k={k} ({float(cum[k - 1]):.1f} ms), prefill busy "
+                                                f"{left:.1f} ms more: {why}"
+                                                + ("" if ok else "; partition too small for the SLO"), plan)
+
+        if fit == k_cap:
+            return launch(fit, "all within the prefill")
+        meet = r <= self.sync_fraction * nxt
+        why_meet = f"the prefill ends {r:.1f} ms after {fit} steps"
+        if not meet and (view.waiting or view.prefilling):
+            # Stepping past the prefill's end keeps the partition for the prefill lane's next chunk;
+            # meet it instead if a joint plan would change the partition.
+            here, best = self._partition_stays(self.search(view, dec), sd)
+            if here is None or (best != here and best is not None):
+                meet, why_meet = True, "a joint plan would change the partition"
+        if meet:
+            if fit:
+                return launch(fit, f"then meet the prefill ({why_meet})")
+            if dec.waited_ms + left + nxt <= limit:
+                return Decision(state, Move.WAIT_FOR_PARTNER, f"prefill ends in {left:.1f} ms: plan both lanes "
+                                                              f"then ({why_meet})")
+        # Step once past the prefill's end (the lanes keep running side by side; the prefill lane
+        # decides then whether to re-plan), unless a request it completes would wait too long.
+        if over <= limit and nxt <= limit:
+            return launch(fit + 1, f"one step past its end (joiners' gap {over:.1f} ms)")
+        if fit:
+            return launch(fit, "then meet the prefill (stepping past it would keep joiners too long)")
+        wait_gap = dec.waited_ms + left + nxt
+        if wait_gap <= min(limit, over):
+            return Decision(state, Move.WAIT_FOR_PARTNER, f"prefill ends in {left:.1f} ms: waiting ({wait_gap:.1f} ms "
+                            f"gap) beats stepping past it ({over:.1f} ms for joiners)")
+        return launch(1, "best effort")
+
+    def _prefill_lane_alone(self, view: SchedulerView) -> Decision:
+        """The decode lane holds its SMs: the next chunk on the rest, unless a joint re-plan is worth it."""
+        state = LanePair.DECODE_RUNNING_PREFILL_IDLE
+        if not view.waiting and not view.prefilling:
+            return Decision(state, Move.NOTHING_TO_DO, "no prefill work")
         busy = view.inflight[LaneKind.DECODE]
         sd = busy.sms or self.grid[0]
-        reserve = len(view.decoding) + len(busy.work)
-        chunks = select_prefills(view, self.split_budget or self.ctx.chunked_prefill_size, kv_reserved=reserve)
-        if not chunks:
-            return None
-        # The next decode batch: decodes ready now, those on the lane (one step on), and the requests
-        # this chunk completes. If it would break the SLO on the decode partition, leave the prefill
-        # lane idle: when the decode lane finishes, both lanes re-plan the partition.
-        nxt = self._decode_shape(view)[0] + [(1, w.start_pos + w.steps) for w in busy.work]
-        nxt += [(1, c.start + c.length) for c in chunks if c.length >= self._left_prefill(view, c.rid)]
-        if self.lat.step_ms(nxt, sd) > self.slo_ms:
-            return None
-        sp = self.total - sd
-        tp = self.lat.step_ms([(c.length, c.start) for c in chunks], sp)
-        left_ms = self._left_ms(view, LaneKind.DECODE, busy)
-        plan = StepPlan(prefill_lane=LaneBatch(prefill=chunks), prefill_sms=sp, predicted_ms={"prefill": tp},
-                        reason=f"prefill lane alone: decode busy {left_ms:.1f}ms more; S_p={sp}")
-        self._remember(view, plan)
-        return log_plan(self, plan)
+        left = self._left_ms(view, LaneKind.DECODE, busy)
+        s = self.search(view, self._projected_decodes(view, busy, left))
+        here, best = self._partition_stays(s, sd)
+        if here is None:
+            return Decision(state, Move.WAIT_FOR_PARTNER, f"no feasible split keeps S_d={sd} (decode lane busy "
+                                                          f"{left:.1f} ms more): plan both lanes then", candidates=len(s))
+        c = s.candidate(here)
+        if left <= self.sync_fraction * c.step_ms:
+            return Decision(state, Move.WAIT_FOR_PARTNER, f"decode lane ends in {left:.1f} ms, within "
+                            f"{self.sync_fraction:g} of a {c.step_ms:.1f} ms chunk: plan both lanes then",
+                            candidates=len(s))
+        if best != here and s.score[best] > s.score[here] * (1 + self.hysteresis):
+            b = s.candidate(best)
+            return Decision(state, Move.WAIT_FOR_PARTNER,
+                            f"a joint plan ({b.mode}" + (f" S_d={b.decode_sms}" if b.decode_sms else "")
+                            + f", score {b.score:.3f}) beats keeping S_d={sd} ({c.score:.3f}): re-plan in "
+                            f"{left:.1f} ms", candidates=len(s))
+        if s.prefix.cut(np.array([c.prefill_tokens]))[1][0]:
+            # The requests this chunk completes join when the decode lane's launch in flight at the
+            # chunk's end ends: that wait plus their first step, with steps of about the pace.
+            nxt = c.pace_ms
+            if c.step_ms <= left:
+                joiner = left - c.step_ms + nxt
+            else:
+                r = (c.step_ms - left) % nxt
+                joiner = min(r + nxt, 2 * nxt - r)
+            if joiner > self.margin * self.slo_ms:
+                return Decision(state, Move.WAIT_FOR_PARTNER,
+                                f"requests this chunk completes would wait ~{joiner:.1f} ms for S_d={sd}'s steps: "
+                                "plan both lanes then", candidates=len(s))
+        plan = StepPlan(prefill_lane=LaneBatch(prefill=c.prefill), prefill_sms=self.total - sd,
+                        predicted_ms={"prefill": c.step_ms})
+        return Decision(state, Move.LAUNCH, f"S_p={self.total - sd} b={c.budget} {c.prefill_tokens} tokens "
+                                            f"({c.step_ms:.1f} ms), decode busy {left:.1f} ms more; keeping S_d={sd} "
+                                            f"(score {c.score:.3f}, best {s.score[best]:.3f})", plan, len(s))
 
-    # ---- helpers ----------------------------------------------------------------------------
-    def _aggregated(self, batch: LaneBatch, pred: float, reason: str) -> StepPlan:
-        return log_plan(self, StepPlan(aggregated=batch, predicted_ms={"aggregated": pred}, reason=reason))
+    # ---- helpers -------------------------------------------------------------------------------
+    def _limits(self, waited_ms: float) -> tuple[float, float]:
+        """(first-step limit, later-step limit) in predicted ms."""
+        return self.margin * (self.slo_ms - waited_ms), self.margin * self.slo_ms
 
-    def _decode_shape(self, view: SchedulerView) -> tuple[list[tuple[int, int]], list[int]]:
+    def _decodes(self, view: SchedulerView) -> _Decodes:
         ctx_len = view.config.context_length
-        return ([(1, r.num_computed) for r in view.decoding],
-                [remaining_tokens(r, ctx_len) for r in view.decoding])
+        ids, cached, remaining, last = [], 0, [], math.inf
+        for r in view.decoding:  # hot: every ready decode, every plan (remaining_tokens, inlined)
+            ids.append(r.rid)
+            nc = r.num_computed
+            cached += nc
+            left = ctx_len - nc - 1  # a ready decode's sequence is num_computed + 1 tokens
+            mn = r.params.max_new_tokens
+            if mn is not None and mn - len(r.output_ids) < left:
+                left = mn - len(r.output_ids)
+            remaining.append(left if left > 1 else 1)
+            t = r.last_token_time
+            if t is not None and t < last:
+                last = t
+        waited = max(0.0, (view.now - last) * 1e3) if last < math.inf else 0.0
+        return self._make_decodes(ids, cached, remaining, waited)
 
-    @staticmethod
-    def _wait_ms(view: SchedulerView) -> float:
-        """How long the longest-waiting ready decode has waited since its last token."""
-        last = min((r.last_token_time for r in view.decoding if r.last_token_time is not None), default=None)
-        return 0.0 if last is None else max(0.0, (view.now - last) * 1e3)
+    def _make_decodes(self, ids, cached, remaining, waited) -> _Decodes:
+        # useful[k] = sum over requests of min(k, remaining): tokens k steps really deliver
+        K = self.k_max + 2
+        counts = np.bincount(np.minimum(np.asarray(remaining, dtype=int), K), minlength=K + 1)
+        alive = len(remaining) - np.cumsum(counts)[:-1]  # alive[j]: requests with remaining > j
+        useful = np.concatenate([[0], np.cumsum(alive[:K])])
+        return _Decodes(ids, cached, remaining, waited, useful)
 
-    @staticmethod
-    def _left_prefill(view: SchedulerView, rid: str) -> int:
-        for r in view.prefilling:
-            if r.rid == rid:
-                return r.remaining_prefill
-        for r in view.waiting:
-            if r.rid == rid:
-                return r.remaining_prefill
-        return 0
+    def _projected_decodes(self, view: SchedulerView, busy, left_ms: float) -> _Decodes:
+        """The decodes as a joint plan would see them when the decode lane's launch ends: the ready
+        ones (having waited `left_ms` more) and the lane's own, k steps further on."""
+        dec = self._decodes(view)
+        ids, cached, remaining = list(dec.ids), dec.cached, list(dec.remaining)
+        ctx_len = view.config.context_length
+        for w in busy.work:
+            out = w.start_pos + 1 - len(w.prompt_ids) + w.steps  # output tokens after the launch
+            cap = getattr(w.params, "max_new_tokens", None)
+            left = ctx_len - (w.start_pos + 1 + w.steps)
+            if cap is not None:
+                left = min(left, cap - out)
+            if left <= 0:
+                continue  # finishes on the lane
+            ids.append(w.rid)
+            cached += w.start_pos + w.steps
+            remaining.append(left)
+        return self._make_decodes(ids, cached, remaining, dec.waited_ms + left_ms if dec.n else 0.0)
 
-    def _completes(self, view: SchedulerView, chunks) -> bool:
-        """Whether any chunk is its request's last (the request then joins the decode batch)."""
-        return any(c.length >= self._left_prefill(view, c.rid) for c in chunks)
-
-    def _remember(self, view: SchedulerView, plan: StepPlan) -> None:
-        for lane, batch in plan.lane_batches():
-            self._ends[lane] = (batch, view.now + plan.predicted_ms[lane.value] / 1e3)
+    def _decode_steps(self, dec: _Decodes, sms: int, k: int) -> np.ndarray:
+        a = dec.cached + dec.n * (1.0 + np.arange(k))
+        X = np.stack([np.full(k, float(dec.n)), np.full(k, float(dec.n)), a, a], axis=1)
+        return self.pricer.ms(X, np.full(k, sms))
 
     def _left_ms(self, view: SchedulerView, lane: LaneKind, launch) -> float:
         """Predicted ms until the busy lane's launch finishes (its full prediction if unknown)."""
@@ -282,3 +683,83 @@ class DuetPolicy(Policy):
         if mine is not None and mine[0] is launch.batch:
             return max(0.0, (mine[1] - view.now) * 1e3)
         return launch.predicted_ms.get(lane.value, 0.0)
+
+
+class _Demand:
+    """What the arrivals ask of the decodes, from the requests seen arriving (a sliding window).
+
+    Little's law: a request holds KV for about (prompt + output / 2) tokens over output * tau ms
+    when decode steps take tau, and a batch slot for output * tau. For the arrival rate lambda seen
+    in the window, the pool stays below `kv_target` of its slots (and of max_running_requests) when
+
+        tau <= kv_target * KV slots / (lambda * mean((prompt + output / 2) * output))
+        tau <= kv_target * max_running / (lambda * mean(output))
+
+    Output lengths are the requests' max_new_tokens (an upper bound in real serving: the target is
+    then conservative, decodes faster than they need). Fewer than 20 arrivals seen: no target."""
+
+    def __init__(self, window_s: float, kv_target: float):
+        self.window_s = window_s
+        self.kv_target = kv_target
+        self._seen: deque = deque()  # (arrival time, kv token-steps, output tokens)
+        self._kv_sum = 0.0
+        self._out_sum = 0.0
+        self._last = -math.inf
+        self._first = None
+
+    def observe(self, view: SchedulerView) -> None:
+        ctx_len = view.config.context_length
+        new = []
+        for r in reversed(view.waiting):
+            if r.arrival_time <= self._last:
+                break
+            if r.num_retractions:
+                continue
+            p = len(r.prompt_ids)
+            out = r.max_new_tokens if r.max_new_tokens is not None else ctx_len - p
+            out = max(1, min(out, ctx_len - p))
+            new.append((r.arrival_time, (p + out / 2) * out, out))
+        for item in reversed(new):
+            self._seen.append(item)
+            self._kv_sum += item[1]
+            self._out_sum += item[2]
+            self._last = max(self._last, item[0])
+            if self._first is None:
+                self._first = item[0]
+        horizon = view.now - self.window_s
+        while self._seen and self._seen[0][0] < horizon:
+            _, kv, out = self._seen.popleft()
+            self._kv_sum -= kv
+            self._out_sum -= out
+
+    def rate(self, now: float) -> float:
+        """Arrivals per second over the window (or since the first arrival, if shorter)."""
+        if self._first is None or len(self._seen) < 20:
+            return 0.0
+        return len(self._seen) / min(self.window_s, max(now - self._first, 1e-3))
+
+    def target_ms(self, view: SchedulerView, ceiling: float) -> float:
+        lam = self.rate(view.now)
+        if lam <= 0:
+            return ceiling
+        n = len(self._seen)
+        tau_kv = self.kv_target * view.kv_total / (lam * self._kv_sum / n) * 1e3
+        tau_n = self.kv_target * view.config.max_running_requests / (lam * self._out_sum / n) * 1e3
+        return min(ceiling, tau_kv, tau_n)
+
+
+def _remaining_prefill(view: SchedulerView, chunks: list[PrefillChunk]) -> dict[str, int]:
+    """Remaining prefill tokens of the requests the chunks belong to (a chunk that covers them all
+    completes its request, which then joins the decodes)."""
+    want = {c.rid for c in chunks}
+    out = {}
+    for r in view.prefilling:
+        if r.rid in want:
+            out[r.rid] = r.remaining_prefill
+    if len(out) < len(want):
+        for r in view.waiting:
+            if r.rid in want:
+                out[r.rid] = r.remaining_prefill
+                if len(out) == len(want):
+                    break
+    return out

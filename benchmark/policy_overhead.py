@@ -1,0 +1,105 @@
+"""Scheduler overhead of a policy's plan(): milliseconds per call on synthetic views.
+
+    python -m benchmark.policy_overhead                       # duet and duet-paper, batch 64/256/1024
+    python -m benchmark.policy_overhead --policies duet --batches 256 --repeat 500
+
+For each decode batch size the view holds that many ready decodes (contexts 200..4000 tokens,
+50..500 tokens left), one half-done prefill and a waiting queue of `--queue` prompts (300..6000
+tokens), on Qwen3-8B / H100 pricing. Each lane-pair state is timed separately: both lanes idle
+(the full search), the decode lane idle while a prefill runs, and the prefill lane idle while a
+decode launch runs. Reported: median and p90 ms per plan() (the view is built once, outside the
+timing). Wall-clock numbers: they depend on the CPU, so no test asserts them.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, PrefillChunk, ReqWork
+from sglang_duet.core.request import ReqState, Request
+from sglang_duet.core.scheduler_core import ALL_LANES, CoreConfig, SchedulerView
+from sglang_duet.cost_model.roofline import CostModel
+from sglang_duet.policies.base import PolicyContext, load_policy
+from sglang_duet.sampling_params import SamplingParams
+
+CTX_LEN = 40960
+
+
+def _decoding(rid: str, context: int, left: int, now: float, rng: random.Random) -> Request:
+    out = rng.randint(5, 200)
+    r = Request(rid, [7] * (context - out + 1), SamplingParams(max_new_tokens=out + left), arrival_time=now - 5.0, seed=0)
+    r.output_ids = [5] * out
+    r.state = ReqState.RUNNING
+    r.num_computed = r.seq_len - 1
+    r.last_token_time = now - rng.uniform(0.0, 0.02)
+    return r
+
+
+def _waiting(rid: str, n: int, arrival: float) -> Request:
+    return Request(rid, [7] * n, SamplingParams(max_new_tokens=200), arrival_time=arrival, seed=0)
+
+
+def make_views(batch: int, queue: int, seed: int = 0) -> dict[str, SchedulerView]:
+    rng = random.Random(seed)
+    now = 100.0
+    dec = [_decoding(f"d{i}", rng.randint(200, 4000), rng.randint(50, 500), now, rng) for i in range(batch)]
+    pre = _waiting("p0", 6000, now - 0.3)
+    pre.state, pre.num_computed = ReqState.RUNNING, 2048
+    wait = [_waiting(f"w{i}", rng.randint(300, 6000), now - 0.25 + 0.25 * i / max(1, queue)) for i in range(queue)]
+    cfg = CoreConfig(kv_slots=350_001, context_length=CTX_LEN, max_running_requests=max(256, batch + 64))
+
+    def view(idle, inflight, decoding):
+        return SchedulerView(now=now, waiting=wait, prefilling=[pre], decoding=decoding, inflight=inflight,
+                             idle_lanes=frozenset(idle), kv_free=200_000, kv_total=350_000,
+                             num_running=batch + 1 + 8, config=cfg)
+
+    chunk = PrefillChunk("x", 0, 4096)
+    busy_p = Launch(0, LaneKind.PREFILL, LaneBatch(prefill=[chunk]), [ReqWork("x", [1] * 4096, 0, [], True)],
+                    sms=100, predicted_ms={"prefill": 120.0})
+    lane = dec[: batch // 2]
+    busy_d = Launch(1, LaneKind.DECODE, LaneBatch(decode=[r.rid for r in lane], steps=4),
+                    [ReqWork(r.rid, [5], r.num_computed, [], True, 4, params=r.params, output_ids=r.output_ids,
+                             prompt_ids=r.prompt_ids) for r in lane], sms=32, predicted_ms={"decode": 90.0})
+    return {
+        "both idle": view(ALL_LANES, {}, dec),
+        "prefill running, decode idle": view({LaneKind.DECODE}, {LaneKind.PREFILL: busy_p}, dec),
+        "decode running, prefill idle": view({LaneKind.PREFILL}, {LaneKind.DECODE: busy_d}, dec[batch // 2:]),
+    }
+
+
+def time_plans(policy, view: SchedulerView, repeat: int) -> list[float]:
+    policy.plan(view)  # warm caches
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        policy.plan(view)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--policies", default="duet,duet-paper")
+    p.add_argument("--batches", default="64,256,1024")
+    p.add_argument("--queue", type=int, default=32, help="waiting prompts")
+    p.add_argument("--repeat", type=int, default=300)
+    p.add_argument("--model", default="qwen3-8b")
+    p.add_argument("--hardware", default="h100")
+    a = p.parse_args(argv)
+    cm = CostModel.load(a.model, a.hardware)
+    print(f"plan() overhead, {a.model} on {a.hardware} pricing, queue {a.queue} prompts, {a.repeat} calls per cell")
+    print(f"{'policy':12s} {'batch':>6s}  {'state':32s} {'median ms':>10s} {'p90 ms':>8s}")
+    for name in a.policies.split(","):
+        for batch in (int(x) for x in a.batches.split(",")):
+            for state, view in make_views(batch, a.queue).items():
+                pol = load_policy(name, PolicyContext(chunked_prefill_size=8192, tbt_slo_ms=100.0, ttft_slo_ms=1000.0,
+                                                      cost_model=cm, hardware=cm.hw))
+                ms = sorted(time_plans(pol, view, a.repeat))
+                print(f"{name:12s} {batch:6d}  {state:32s} {statistics.median(ms):10.3f} {ms[int(0.9 * len(ms))]:8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

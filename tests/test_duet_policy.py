@@ -1,0 +1,322 @@
+"""The delivered-throughput duet (policies/duet.py): its pricing, its decision rules on small
+synthetic views, its lane-pair states, the deadline queue order, and a simulator smoke test.
+duet-paper's own tests (the DuetServe rule as stated) are in tests/test_policies.py."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, PrefillChunk, ReqWork
+from sglang_duet.core.request import ReqState, Request
+from sglang_duet.core.scheduler_core import ALL_LANES, CoreConfig, SchedulerView
+from sglang_duet.cost_model.roofline import CostModel
+from sglang_duet.policies.base import PolicyContext, Summary, SummaryPricer, deadline_order, load_policy
+from sglang_duet.policies.duet import DuetPolicy, LanePair, Move
+from sglang_duet.policies.duet_paper import DuetPaperPolicy
+from sglang_duet.sampling_params import SamplingParams
+
+CM = CostModel.load("qwen3-8b", "h100")
+CTX_LEN = 40960
+TOTAL = CM.hw.total_sms
+
+
+def ctx(budget=8192, slo=100.0, ttft=1000.0, **options):
+    return PolicyContext(chunked_prefill_size=budget, tbt_slo_ms=slo, ttft_slo_ms=ttft, cost_model=CM, hardware=CM.hw,
+                         options=options)
+
+
+def waiting(rid, n, arrival=0.0):
+    return Request(rid, [7] * n, SamplingParams(max_new_tokens=200), arrival_time=arrival, seed=0)
+
+
+def decoding(rid, context, out=10, max_new=200, last=0.0):
+    r = Request(rid, [7] * (context - out + 1), SamplingParams(max_new_tokens=max_new), arrival_time=0.0, seed=0)
+    r.output_ids = [5] * out
+    r.state = ReqState.RUNNING
+    r.num_computed = r.seq_len - 1
+    r.last_token_time = last
+    return r
+
+
+def view(wait=(), dec=(), pre=(), idle=ALL_LANES, inflight=None, kv_free=300_000, now=0.0, max_running=256):
+    return SchedulerView(
+        now=now, waiting=list(wait), prefilling=list(pre), decoding=list(dec), inflight=inflight or {},
+        idle_lanes=frozenset(idle), kv_free=kv_free, kv_total=350_000, num_running=len(dec) + len(pre),
+        config=CoreConfig(kv_slots=350_001, context_length=CTX_LEN, max_running_requests=max_running),
+    )
+
+
+def launch(lane, batch, sms, pred, work=None):
+    if work is None:
+        work = [ReqWork(rid, [1], 1000, [], True, batch.steps) for rid in batch.decode]
+        work += [ReqWork(c.rid, [1] * c.length, c.start, [], c.length > 1000) for c in batch.prefill]
+    return Launch(0, lane, batch, work, sms=sms, predicted_ms={lane.value: pred})
+
+
+# ---- registration ------------------------------------------------------------------------------
+
+
+def test_duet_is_the_new_policy_and_duet_paper_the_old_one():
+    assert type(load_policy("duet", ctx())) is DuetPolicy
+    paper = load_policy("duet-paper", ctx())
+    assert type(paper) is DuetPaperPolicy and paper.name == "duet-paper"
+    with pytest.raises(ValueError, match="--hardware"):
+        load_policy("duet", PolicyContext())
+    for bad in ({"slo_margin": 0}, {"k_max": 0}, {"ttft_order": "lifo"}, {"budgets": "a"}, {"decode_sms_grid": "36"}):
+        with pytest.raises(ValueError):
+            load_policy("duet", ctx(**bad))
+
+
+# ---- pricing -----------------------------------------------------------------------------------
+
+
+def test_summary_pricer_equals_the_cost_model():
+    pricer = SummaryPricer(CM)
+    assert pricer.exact
+    rng = random.Random(7)
+    for _ in range(30):
+        shape = [(rng.choice([1, 1, rng.randint(1, 8000)]), rng.randint(0, 20000)) for _ in range(rng.randint(1, 300))]
+        sms = rng.choice([None] + CM.hw.partition_grid())
+        assert pricer.summary_ms(Summary.of(shape), sms) == pytest.approx(CM.batch_time(shape, sms) * 1e3, rel=1e-9)
+    assert pricer.summary_ms(Summary(), 32) == 0.0  # an empty batch costs nothing
+
+
+def test_candidates_price_what_the_cost_model_says():
+    pol = load_policy("duet", ctx())
+    decs = [decoding(f"d{i}", 1500 + 10 * i) for i in range(40)]
+    v = view(wait=[waiting("p", 5000)], dec=decs)
+    cands = pol.candidates(v)
+    dshape = [(1, r.num_computed) for r in decs]
+    for c in cands:
+        pshape = [(ch.length, ch.start) for ch in c.prefill]
+        assert sum(n for n, _ in pshape) == c.prefill_tokens
+        if c.mode == "aggregated":
+            assert c.step_ms == pytest.approx(CM.batch_time(dshape + pshape) * 1e3, rel=1e-9)
+            assert c.prefill_tokens == min(5000, c.budget - len(decs))
+        else:
+            assert c.step_ms == pytest.approx(CM.batch_time(pshape, TOTAL - c.decode_sms) * 1e3, rel=1e-9)
+            steps = [CM.batch_time([(1, n + j) for n in (r.num_computed for r in decs)], c.decode_sms) * 1e3
+                     for j in range(c.k)]
+            assert c.decode_ms == pytest.approx(sum(steps), rel=1e-9)
+            assert c.first_ms == pytest.approx(steps[0], rel=1e-9)
+
+
+# ---- BOTH_IDLE decisions -----------------------------------------------------------------------
+
+
+def test_aggregated_when_it_delivers_more():
+    # A few short decodes and one prompt: the mixed batch fits the SLO with room to spare and
+    # prefills faster on all SMs than any split does on its share.
+    pol = load_policy("duet", ctx())
+    v = view(wait=[waiting("p", 3000)], dec=[decoding(f"d{i}", 800) for i in range(8)])
+    plan = pol.plan(v)
+    assert plan.mode == "aggregated" and pol.last.state is LanePair.BOTH_IDLE and pol.last.move is Move.LAUNCH
+    assert [c.rid for c in plan.aggregated.prefill] == ["p"] and len(plan.aggregated.decode) == 8
+    cands = pol.candidates(v)
+    chosen = max((c for c in cands if c.feasible), key=lambda c: c.score)
+    assert chosen.mode == "aggregated" and chosen.prefill_tokens == plan.aggregated.prefill_tokens
+    assert plan.predicted_ms["aggregated"] == pytest.approx(chosen.step_ms) and chosen.step_ms <= 90.0
+    best_split = max((c for c in cands if c.mode == "split" and c.feasible), key=lambda c: c.r_p)
+    assert chosen.r_p > best_split.r_p  # it delivers the prompt faster
+
+
+def test_split_when_the_mixed_batch_would_break_the_slo():
+    # 200 decodes that already waited 50 ms and a prompt that has waited 800 ms of its 1 s TTFT:
+    # a mixed batch on all SMs may only take a sliver of the prompt (its first step must end within
+    # 0.9 * (100 - 50) ms), while a split steps the decodes on their partition within that budget
+    # and prefills 2048 tokens beside them.
+    pol = load_policy("duet", ctx())
+    decs = [decoding(f"d{i}", 1500, last=0.95) for i in range(200)]
+    v = view(wait=[waiting("p", 6000, arrival=0.2)], dec=decs, now=1.0)
+    plan = pol.plan(v)
+    assert plan.mode == "split" and plan.prefill_sms + plan.decode_sms == TOTAL
+    assert [c.rid for c in plan.prefill_lane.prefill] == ["p"] and len(plan.decode_lane.decode) == 200
+    cands = pol.candidates(v)
+    agg = [c for c in cands if c.mode == "aggregated"]
+    assert not any(c.feasible for c in agg if c.prefill_tokens >= 1536)  # mixed batches break the budget
+    split = next(c for c in cands if c.mode == "split" and c.decode_sms == plan.decode_sms
+                 and c.prefill_tokens == plan.prefill_lane.prefill_tokens)
+    assert split.feasible and split.first_ms <= 0.9 * 50 and split.slowest_ms <= 90.0
+    assert split.r_p > 1.3 * max(c.r_p for c in agg if c.feasible)
+    # TTFT pressure: the prompt that waited is worth more than a fresh one
+    w_fresh, _ = pol.weights(view(wait=[waiting("p", 6000, arrival=1.0)], dec=decs, now=1.0))
+    w_late, _ = pol.weights(v)
+    assert w_late > w_fresh >= 1.0
+
+
+def test_a_request_that_waited_has_less_budget():
+    pol = load_policy("duet", ctx())
+    fresh = [decoding(f"d{i}", 2000, last=1.0) for i in range(64)]
+    stale = [decoding(f"d{i}", 2000, last=1.0) for i in range(64)]
+    stale[5].last_token_time = 1.0 - 0.060  # one request already waited 60 ms since its last token
+    wait = [waiting("p", 8000, arrival=1.0)]
+    a = pol.candidates(view(wait=wait, dec=fresh, now=1.0))
+    b = pol.candidates(view(wait=wait, dec=stale, now=1.0))
+    # the same candidates, priced the same; only the first step's budget shrank: 0.9 * (100 - 60)
+    assert [(c.mode, c.budget, c.decode_sms) for c in a] == [(c.mode, c.budget, c.decode_sms) for c in b]
+    for ca, cb in zip(a, b):
+        assert ca.first_ms == pytest.approx(cb.first_ms)
+        assert cb.feasible == (ca.feasible and cb.first_ms <= 0.9 * 40 + 1e-9)
+    assert sum(c.feasible for c in b) < sum(c.feasible for c in a)
+    plan = load_policy("duet", ctx()).plan(view(wait=wait, dec=stale, now=1.0))
+    first = plan.predicted_ms.get("aggregated", None)
+    if plan.mode == "split":
+        first = next(c.first_ms for c in b if c.mode == "split" and c.decode_sms == plan.decode_sms)
+    assert first <= 0.9 * 40
+
+
+def test_joiners_bound_the_decode_steps_of_a_split():
+    # A split whose prefill completes a request: if the decode lane's steps outlast the prefill, the
+    # request waits for them; the overhang plus its first step must fit the SLO.
+    pol = load_policy("duet", ctx())
+    decs = [decoding(f"d{i}", 3000) for i in range(200)]
+    cands = pol.candidates(view(wait=[waiting("p", 900)], dec=decs))  # a short prompt: it completes
+    splits = [c for c in cands if c.mode == "split"]
+    assert any(c.joiner_ms > 90.0 for c in splits)
+    for c in splits:
+        assert c.joiner_ms > 0  # every split completes "p"
+        if c.joiner_ms > 90.0:
+            assert not c.feasible
+
+
+def test_no_work_and_nothing_feasible():
+    pol = load_policy("duet", ctx())
+    assert pol.plan(view(wait=[waiting("big", 9000)], kv_free=100)) is None  # nothing admissible
+    assert pol.last.move is Move.NOTHING_TO_DO
+    # every decode already waited past the SLO: none can be saved, the rest is planned as usual
+    decs = [decoding(f"d{i}", 2000, last=0.0) for i in range(32)]
+    plan = pol.plan(view(wait=[waiting("p", 2000, arrival=1.0)], dec=decs, now=1.0))
+    assert plan is not None and "best for the rest" in plan.reason
+
+
+# ---- one lane busy -----------------------------------------------------------------------------
+
+
+def test_decode_lane_waits_for_the_prefill_when_it_ends_within_a_step():
+    pol = load_policy("duet", ctx())
+    decs = [decoding(f"d{i}", 2000, last=1.0) for i in range(32)]
+    step = CM.batch_time([(1, r.num_computed) for r in decs], 32) * 1e3
+    busy = launch(LaneKind.PREFILL, LaneBatch(prefill=[PrefillChunk("x", 0, 4000)]), TOTAL - 32, step * 0.2)
+    v = view(dec=decs, idle={LaneKind.DECODE}, inflight={LaneKind.PREFILL: busy}, now=1.0)
+    assert pol.plan(v) is None
+    assert (pol.last.state, pol.last.move) == (LanePair.PREFILL_RUNNING_DECODE_IDLE, Move.WAIT_FOR_PARTNER)
+    # a long prefill: the decode lane steps on its SMs, within the prefill
+    busy.predicted_ms = {"prefill": step * 5.5}
+    plan = pol.plan(v)
+    assert pol.last.move is Move.LAUNCH and plan.decode_sms == 32 and plan.prefill_lane is None
+    assert 1 <= plan.decode_lane.steps <= 6
+    # no ready decodes: nothing to do
+    assert pol.plan(view(idle={LaneKind.DECODE}, inflight={LaneKind.PREFILL: busy}, wait=[waiting("y", 10)])) is None
+    assert pol.last.move is Move.NOTHING_TO_DO
+
+
+def test_prefill_lane_waits_when_the_partition_must_change():
+    pol = load_policy("duet", ctx())
+    # The decode lane runs 200 long decodes on 8 SMs: no split on 8 SMs is feasible for them, so the
+    # prefill lane must not take the other 124 SMs: it waits to re-plan both lanes.
+    decs = [decoding(f"d{i}", 4000) for i in range(200)]
+    batch = LaneBatch(decode=[r.rid for r in decs], steps=1)
+    work = [ReqWork(r.rid, [5], r.num_computed, [], True, 1, params=r.params, output_ids=r.output_ids,
+                    prompt_ids=r.prompt_ids) for r in decs]
+    busy = launch(LaneKind.DECODE, batch, 8, 80.0, work=work)
+    v = view(wait=[waiting("p", 4000)], idle={LaneKind.PREFILL}, inflight={LaneKind.DECODE: busy})
+    assert pol.plan(v) is None
+    assert (pol.last.state, pol.last.move) == (LanePair.DECODE_RUNNING_PREFILL_IDLE, Move.WAIT_FOR_PARTNER)
+    # A partition that suits the batch: the prefill lane goes on with its next chunk at once.
+    few = decs[:16]
+    busy = launch(LaneKind.DECODE, LaneBatch(decode=[r.rid for r in few], steps=8), 16, 150.0, work=work[:16])
+    pol = load_policy("duet", ctx(decode_sms_grid="16"))  # only this partition exists
+    plan = pol.plan(view(wait=[waiting("p", 4000)], idle={LaneKind.PREFILL}, inflight={LaneKind.DECODE: busy}))
+    assert pol.last.move is Move.LAUNCH, pol.last.reason
+    assert plan.prefill_sms == TOTAL - 16 and plan.decode_lane is None and plan.prefill_lane.prefill[0].rid == "p"
+    # No prompt waiting: nothing to do.
+    assert pol.plan(view(idle={LaneKind.PREFILL}, inflight={LaneKind.DECODE: busy})) is None
+    assert pol.last.move is Move.NOTHING_TO_DO
+
+
+# ---- queue order -------------------------------------------------------------------------------
+
+
+def test_deadline_order_lets_more_requests_meet_the_ttft_slo():
+    rate = 10.0  # tokens per ms
+    # FCFS: the long one (9000 tokens, 900 ms) makes both later ones miss a 1 s TTFT.
+    q = [waiting("long", 9000, arrival=0.0), waiting("a", 1000, arrival=0.01), waiting("b", 1000, arrival=0.02)]
+    v = view(wait=q, now=0.05)
+    order = deadline_order(v, rate, 1000.0)
+    assert [r.rid for r in order] == ["a", "b", "long"]
+    # Everyone fits: FCFS, the same list object.
+    v2 = view(wait=[waiting("x", 100), waiting("y", 100)], now=0.0)
+    assert deadline_order(v2, rate, 1000.0) is v2.waiting
+    # A retracted request (its first token already out) and one deferred for too long keep their places.
+    retracted = waiting("r", 9000, arrival=0.0)
+    retracted.output_ids = [5, 5]
+    old = waiting("old", 9000, arrival=-5.0)
+    order = deadline_order(view(wait=[retracted, old] + q[1:], now=0.05), rate, 1000.0)
+    assert [r.rid for r in order][:2] == ["r", "old"]
+    pol = load_policy("duet", ctx(ttft_order="fcfs"))
+    assert pol.plan(view(wait=q, now=0.05)).aggregated.prefill[0].rid == "long"
+    pol = load_policy("duet", ctx())  # deadline order is duet's default
+    plan = pol.plan(view(wait=[waiting("long", 30000, arrival=0.0)] + q[1:], now=0.9))
+    assert plan.aggregated.prefill[0].rid == "a"
+
+
+def test_baselines_keep_fcfs_unless_asked():
+    q = [waiting("long", 60000, arrival=0.0), waiting("a", 1000, arrival=0.01)]
+    v = view(wait=q, now=0.9)
+    assert load_policy("chunked", ctx()).plan(v).aggregated.prefill[0].rid == "long"
+    assert load_policy("chunked", ctx(ttft_order="deadline")).plan(v).aggregated.prefill[0].rid == "a"
+    assert load_policy("static-split", ctx()).plan(v).prefill_lane.prefill[0].rid == "long"
+    assert load_policy("static-split", ctx(ttft_order="deadline")).plan(v).prefill_lane.prefill[0].rid == "a"
+
+
+# ---- the demand estimate -----------------------------------------------------------------------
+
+
+def test_decode_pace_target_follows_littles_law():
+    pol = load_policy("duet", ctx(kv_target=0.9))
+    # 40 arrivals over 2 s: 20 req/s of 1000-token prompts with 200 new tokens each
+    q = [waiting(f"w{i}", 1000, arrival=0.05 * i) for i in range(40)]
+    v = view(wait=q, now=2.0)
+    pol.demand.observe(v)
+    lam = pol.demand.rate(2.0)
+    assert lam == pytest.approx(20.0)
+    kv = 0.9 * 350_000 / (lam * (1000 + 100) * 200) * 1e3
+    n = 0.9 * 256 / (lam * 200) * 1e3
+    assert pol.weights(v)[1] == pytest.approx(min(90.0, kv, n))
+    assert load_policy("duet", ctx()).weights(v)[1] == pytest.approx(90.0)  # too few arrivals seen: no target
+
+
+# ---- the simulator -----------------------------------------------------------------------------
+
+
+def test_simulated_duet_attains_at_least_what_chunked_does():
+    """A small fixed point, deterministic (virtual time, seeded workload): duet's strict attainment
+    (every gap and TTFT within SLO) is at least chunked-2048's."""
+    from sglang_duet.simulator import SimConfig, simulate, summarize
+    from sglang_duet.simulator.loop import build_cost_model
+
+    cm = build_cost_model("qwen3-8b", "h100")
+
+    def run(policy, budget):
+        cfg = SimConfig(policy=policy, workload="azure-conv", rate=32.0, num_requests=300, chunked_prefill_size=budget)
+        return summarize(simulate(cfg, cost_model=cm))
+
+    chunked, duet = run("chunked", 2048), run("duet", 8192)
+    assert chunked.attainment_max_tbt < 1.0  # a point where the policies differ
+    assert duet.attainment_max_tbt >= chunked.attainment_max_tbt
+    assert duet.tbt_max_ms <= 100.0
+
+
+def test_search_vectors_agree_with_candidates():
+    pol = load_policy("duet", ctx())
+    decs = [decoding(f"d{i}", 1000 + 37 * i, max_new=10 + i % 7) for i in range(100)]
+    v = view(wait=[waiting("p", 7000), waiting("q", 500)], dec=decs)
+    s = pol.search(v)
+    cands = pol.candidates(v)
+    assert len(cands) == len(s)
+    assert np.allclose([c.score for c in cands], s.score)
+    best = s.best()
+    assert cands[best].score == max(c.score for c in cands if c.feasible)
+    assert all(c.k <= 8 for c in cands)
