@@ -19,10 +19,10 @@ the gap a user sees is one step. With `slo_margin` (0.9) for what the roofline d
   waited since its last token (a request that waited keeps only the rest of its budget);
 - every later step takes at most margin * SLO ms;
 - a request whose prefill completes on the prefill lane joins the decode batch only when the
-  decode lane's launch in flight then ends. At the prefill's end the decode lane either waits
-  out the rest r of its current step-less interval (its requests' gap: r plus the next step) or
-  steps once past it (a joiner's first gap: the rest of that step plus its own); the shorter
-  must fit margin * SLO too.
+  decode lane's launch in flight then ends. The decode lane fits whole steps into the prefill;
+  at the prefill's end it either waits out what is left after its last whole step, r (its
+  requests' gap: r plus the next step), or steps once past it (a joiner's first gap: the rest of
+  that step plus its own); the shorter must fit margin * SLO too.
 If nothing is feasible for the requests that already waited, those are let go and the rest
 protected; if nothing is feasible at all, the fastest decode step wins.
 
@@ -31,8 +31,9 @@ The objective (the score of a feasible candidate):
     score = W_p * r_p / r_ref  +  decode_gain * min(1, tau / pace)  (+ 1e-3 * tau / pace)
 
 - r_ref: a fresh 4096-token prefill's rate on the whole GPU (the score is in "GPUs of prefill").
-- W_p = 1 + ttft_gain * min(1, age / TTFT SLO): TTFT pressure, age how long the oldest queued
-  request has waited; 0 when no prompt waits.
+- W_p = 1 + ttft_gain * min(1, age / TTFT SLO): TTFT pressure, age how long the head of the queue
+  (the oldest prefilling request, else the first waiting one in admission order) has waited; 0
+  when no prompt waits.
 - tau: the decode pace the arrivals need (`_Demand`). By Little's law a request holds KV for
   (prompt + output / 2) tokens over output * tau ms, so for the arrival rate seen over the last
   `demand_window_s` the KV pool stays below `kv_target` of its slots (and of
@@ -44,6 +45,13 @@ a soft constraint: candidates that keep it win, and among them the one that pref
 weighted up while prompts wait. When the arrivals ask little of the decodes (tau at the SLO) the
 score is prefill throughput under the TBT SLO; when they ask much (long outputs, a full KV pool)
 decodes get the SMs they need and not more. Ties go to aggregated, then fewer decode SMs.
+
+Queue order (`ttft_order`, default "deadline"). The waiting queue is admitted in deadline order
+(base.deadline_order): the prompts that can still meet the TTFT SLO first, FCFS among them, the
+ones that cannot after them (Moore-Hodgson on one server: it maximises how many meet the SLO;
+retracted requests and any request deferred longer than 4 TTFT SLOs keep their place). Under a
+burst this is worth more than any mode choice; "fcfs" keeps the core's order (what the fixed
+baselines do unless given the same option).
 
 Lane-pair states (`LanePair`) and moves (`Move`). The policy is asked whenever a lane is idle;
 what it may do depends on the pair:
@@ -63,8 +71,8 @@ what it may do depends on the pair:
 Options (--policy-config): budgets (aggregated token budgets; default 512..8192 step 256, plus
 --chunked-prefill-size), split_budgets ([2048, 4096, 8192]), decode_sms_grid (the S_d the search
 considers, as duet-paper; default the hardware's whole grid), k_max (8), slo_margin (0.9),
-decode_gain (10), ttft_gain (1), kv_target (0.8), demand_window_s (20), sync_fraction (0.25),
-hysteresis (0.02).
+decode_gain (10), ttft_gain (1), kv_target (0.9), demand_window_s (20), sync_fraction (0.25),
+hysteresis (0.02), ttft_order ("deadline").
 """
 from __future__ import annotations
 
