@@ -26,6 +26,12 @@ the gap a user sees is one step. With `slo_margin` (0.9) for what the roofline d
 If nothing is feasible for the requests that already waited, those are let go and the rest
 protected; if nothing is feasible at all, the fastest decode step wins.
 
+Calibration. Every prediction is the roofline's times a per-lane-kind factor (aggregated,
+prefill lane, decode lane): the running mean (weight `calibrate`, 0.05 per launch) of measured
+over modelled launch time. It learns what the roofline misses (host time per step, HBM
+contention between the lanes, a device slower or faster than its hardware file) so the SLO
+checks hold on a device that is not the model; `slo_margin` is left for the noise.
+
 The objective (the score of a feasible candidate):
 
     score = W_p * r_p / r_ref  +  decode_gain * min(1, tau / pace)  (+ 1e-3 * tau / pace)
@@ -72,7 +78,7 @@ Options (--policy-config): budgets (aggregated token budgets; default 512..8192 
 --chunked-prefill-size), split_budgets ([2048, 4096, 8192]), decode_sms_grid (the S_d the search
 considers, as duet-paper; default the hardware's whole grid), k_max (8), slo_margin (0.9),
 decode_gain (10), ttft_gain (1), kv_target (0.9), demand_window_s (20), sync_fraction (0.25),
-hysteresis (0.02), ttft_order ("deadline").
+hysteresis (0.02), ttft_order ("deadline"), calibrate (0.05; 0 turns calibration off).
 """
 from __future__ import annotations
 
@@ -307,6 +313,9 @@ class DuetPolicy(Policy):
         ref = 4096
         self.rp_ref = ref / self.pricer.summary_ms(Summary.of([(ref, 0)]))  # prefill tokens/ms, whole GPU
         self._ends: dict[LaneKind, tuple[LaneBatch, float]] = {}  # lane -> (batch launched, predicted end)
+        self.calibrate = float(o.get("calibrate", 0.05))  # EWMA weight of each measured launch (0: off)
+        self.calibration = {LaneKind.AGGREGATED: 1.0, LaneKind.PREFILL: 1.0, LaneKind.DECODE: 1.0}
+        self._raw: dict[int, float] = {}  # id(batch launched) -> its uncalibrated prediction
         self.last: Decision | None = None
 
     # ---- the state machine ---------------------------------------------------------------------
@@ -339,8 +348,22 @@ class DuetPolicy(Policy):
             return None
         d.plan.reason = f"[{d.state.value}] {d.reason}"
         for lane, batch in d.plan.lane_batches():
-            self._ends[lane] = (batch, view.now + d.plan.predicted_ms[lane.value] / 1e3)
+            ms = d.plan.predicted_ms[lane.value]
+            self._ends[lane] = (batch, view.now + ms / 1e3)
+            self._raw[id(batch)] = ms / self.calibration[lane]
         return log_plan(self, d.plan)
+
+    def on_result(self, launch, result) -> None:
+        """Calibrate: per lane kind, the running ratio of measured to modelled launch time (what the
+        roofline misses: host time per step, noise, HBM contention between the lanes, a device
+        whose curves differ from the file's), applied to every later prediction."""
+        super().on_result(launch, result)
+        raw = self._raw.pop(id(launch.batch), None)
+        actual = (result.finished_at - result.started_at) * 1e3
+        if raw and raw > 0 and actual > 0 and self.calibrate > 0:
+            f = self.calibration[launch.lane]
+            f += self.calibrate * (actual / raw - f)
+            self.calibration[launch.lane] = min(2.0, max(0.5, f))
 
     # ---- the search ----------------------------------------------------------------------------
     def candidates(self, view: SchedulerView, dec: _Decodes | None = None) -> list[Candidate]:
@@ -401,6 +424,11 @@ class DuetPolicy(Policy):
             blk[:, :, 3] = a
             X[na + G * K:].reshape(G, nb, 4)[:] = Xs
         t = self.pricer.ms_prepared(X, self._sms_rows(na, nb))
+        f = self.calibration
+        t[:na] *= f[LaneKind.AGGREGATED]
+        if nb:
+            t[na:na + G * K] *= f[LaneKind.DECODE]
+            t[na + G * K:] *= f[LaneKind.PREFILL]
 
         # the candidates, aggregated ones first
         N = na + G * nb
@@ -540,7 +568,7 @@ class DuetPolicy(Policy):
         sd = self.total - (busy.sms or self.total - self.grid[0])
         left = self._left_ms(view, LaneKind.PREFILL, busy)
         k_cap = lookahead_cap(view, dec.remaining, self.k_max)
-        td = [float(x) for x in self._decode_steps(dec, sd, k_cap + 2)]
+        td = [float(x) * self.calibration[LaneKind.DECODE] for x in self._decode_steps(dec, sd, k_cap + 2)]
         cum = np.cumsum(td)
         first_limit, limit = self._limits(dec.waited_ms)
         fit = 0  # steps that end before the prefill does

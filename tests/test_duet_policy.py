@@ -288,6 +288,35 @@ def test_decode_pace_target_follows_littles_law():
     assert load_policy("duet", ctx()).weights(v)[1] == pytest.approx(90.0)  # too few arrivals seen: no target
 
 
+# ---- calibration -------------------------------------------------------------------------------
+
+
+def test_measured_launch_times_calibrate_later_predictions():
+    from sglang_duet.core.plan import LaunchResult
+
+    pol = load_policy("duet", ctx(calibrate=0.5))
+    v = view(wait=[waiting("p", 3000)], dec=[decoding(f"d{i}", 800) for i in range(8)])
+    plan = pol.plan(v)
+    pred = plan.predicted_ms["aggregated"]
+    batch = plan.aggregated
+    done = Launch(0, LaneKind.AGGREGATED, batch, [], predicted_ms=plan.predicted_ms)
+    pol.on_result(done, LaunchResult(0, started_at=1.0, finished_at=1.0 + 1.2 * pred / 1e3))  # 20% slower
+    assert pol.calibration[LaneKind.AGGREGATED] == pytest.approx(1.1)  # halfway to 1.2
+    assert pol.calibration[LaneKind.DECODE] == 1.0 and pol.calibration[LaneKind.PREFILL] == 1.0
+    again = pol.candidates(v)
+    first = load_policy("duet", ctx()).candidates(v)
+    for a, b in zip(again, first):
+        if a.mode == "aggregated":
+            assert a.step_ms == pytest.approx(1.1 * b.step_ms)
+        else:
+            assert a.step_ms == pytest.approx(b.step_ms) and a.decode_ms == pytest.approx(b.decode_ms)
+    off = load_policy("duet", ctx(calibrate=0))
+    p2 = off.plan(v)
+    off.on_result(Launch(0, LaneKind.AGGREGATED, p2.aggregated, [], predicted_ms=p2.predicted_ms),
+                  LaunchResult(0, started_at=1.0, finished_at=2.0))
+    assert off.calibration[LaneKind.AGGREGATED] == 1.0
+
+
 # ---- the simulator -----------------------------------------------------------------------------
 
 
