@@ -505,6 +505,16 @@ class SummaryPricer:
         t[X[:, 1] <= 0] = 0.0
         return t
 
+    def work_weights(self) -> tuple[float, float]:
+        """(ms per new token, ms per causal attention pair) of compute on the whole GPU: a prefill's
+        work in ms of ideal compute is wT * T + wA * A, whatever its chunking and wherever it runs
+        (each token's GEMMs and its attention to every earlier token are done once)."""
+        comp, attn, _ = self._rates[0]
+        if not self.exact:
+            T = self.cm._ops([(1, 0)])
+            return sum(f for _, f, _, _, a in T if not a) / comp, 4 * self.cm.H * self.cm.hd * self.cm.L / attn
+        return float(self._cf[1, ~self._attn].sum()) / comp, float(self._cf[3, self._attn].sum()) / attn
+
     def summary_ms(self, s: Summary, sms: int | None = None) -> float:
         return float(self.ms(np.array([[s.T, s.R, s.A, s.K]]), np.array([sms or 0]))[0])
 

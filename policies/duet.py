@@ -8,9 +8,13 @@ delivers most, instead of splitting only when the SLO is at risk (that rule is `
 - split: prefill chunks of up to b tokens (b from `split_budgets`) on S_p = total - S_d SMs,
   and every ready decode on S_d SMs (each S_d on `decode_sms_grid`), k steps back to back.
 
-What a candidate delivers. Prefill tokens at r_p per ms (aggregated: P / t for a step of t ms;
-split: P / t_p on the prefill lane) and decode steps every `pace` ms (aggregated: t; split: the
-mean of the k steps on the decode lane, which runs beside the prefill lane).
+What a candidate delivers. Prefill work per ms: its chunks' work W (the ms their GEMMs and
+causal attention would take at the whole GPU's compute rate, w_T * tokens + w_A * attention
+pairs: the same total however a prompt is chunked) over the time t it takes (aggregated: the
+step; split: the prefill lane's launch on S_p SMs), so W / t is the fraction of an ideal GPU the
+prefill gets; and decode steps every `pace` ms (aggregated: t; split: the mean of the k steps on
+the decode lane, which runs beside the prefill lane). Counting tokens instead would favour a
+prompt's cheap first chunks and small chunks over the efficient large ones.
 
 Feasible: the TBT SLO. A k-step decode launch delivers each step's tokens at the step's end, so
 the gap a user sees is one step. With `slo_margin` (0.9) for what the roofline does not see
@@ -34,9 +38,8 @@ checks hold on a device that is not the model; `slo_margin` is left for the nois
 
 The objective (the score of a feasible candidate):
 
-    score = W_p * r_p / r_ref  +  decode_gain * min(1, tau / pace)  (+ 1e-3 * tau / pace)
+    score = W_p * W / t  +  decode_gain * min(1, tau / pace)  (+ 1e-3 * tau / pace)
 
-- r_ref: a fresh 4096-token prefill's rate on the whole GPU (the score is in "GPUs of prefill").
 - W_p = 1 + ttft_gain * min(1, age / TTFT SLO): TTFT pressure, age how long the head of the queue
   (the oldest prefilling request, else the first waiting one in admission order) has waited; 0
   when no prompt waits.
@@ -312,6 +315,7 @@ class DuetPolicy(Policy):
         self._sms_cache: dict = {}
         ref = 4096
         self.rp_ref = ref / self.pricer.summary_ms(Summary.of([(ref, 0)]))  # prefill tokens/ms, whole GPU
+        self._work = self.pricer.work_weights()
         self._ends: dict[LaneKind, tuple[LaneBatch, float]] = {}  # lane -> (batch launched, predicted end)
         self.calibrate = float(o.get("calibrate", 0.05))  # EWMA weight of each measured launch (0: off)
         self.calibration = {LaneKind.AGGREGATED: 1.0, LaneKind.PREFILL: 1.0, LaneKind.DECODE: 1.0}
@@ -401,6 +405,9 @@ class DuetPolicy(Policy):
         if not n:
             keep &= Xp[:, 0] > 0
         Xa, ba = Xp[keep], self._budgets[keep]
+        wT, wA = self._work
+        work = np.empty(len(ba) + len(self.grid) * len(self._split_budgets))  # ms of ideal prefill compute
+        work[:len(ba)] = wT * Xa[:, 0] + wA * Xa[:, 2]
         Xa += (n, n, dec.cached + n, dec.cached + n)
         na = len(ba)
         bs, Xs, joins = self._split_budgets[:0], Xc[:0], joins_c[:0]
@@ -443,6 +450,7 @@ class DuetPolicy(Policy):
         step[:na] = ta
         decode[:na] = ta
         tokens[:na] = Xa[:, 0] - n
+        work = work[:N]
         if n:
             first[:na] = ta
             slowest[:na] = ta
@@ -471,13 +479,14 @@ class DuetPolicy(Policy):
             slowest[na:] = np.maximum(td[rows, k - 1], nxt).ravel()
             kk[na:] = k.ravel()
             tokens[na:].reshape(G, nb)[:] = Xs[:, 0]
+            work[na:].reshape(G, nb)[:] = wT * Xs[:, 0] + wA * Xs[:, 2]
         split = self._split_mask(na, nb)
         if n:
             feasible = (first <= first_limit) & (slowest <= limit) & (joiner <= limit)
         else:
             feasible = np.ones(N, dtype=bool)
-        score = tokens / np.maximum(step, 1e-9)
-        score *= w_p / self.rp_ref
+        score = work / np.maximum(step, 1e-9)
+        score *= w_p
         if n:
             pace = tau * kk / np.maximum(decode, 1e-9)
             score += self.decode_gain * np.minimum(1.0, pace) + 1e-3 * pace
