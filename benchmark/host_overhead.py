@@ -136,10 +136,13 @@ async def run_level(base_url: str, n: int, prompt_len: int, output_len: int, see
     prompts = [[rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(prompt_len)] for _ in range(n)]
     streams = [Stream() for _ in range(n)]
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    health: list[float] = []
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
         t0 = time.perf_counter()
+        probe = asyncio.create_task(probe_health(s, base_url, health))
         await asyncio.gather(*(stream_one(s, f"{base_url}/generate", p, output_len, st)
                                for p, st in zip(prompts, streams)))
+        probe.cancel()
     errors = [st.error for st in streams if st.error]
     tokens = sum(st.tokens for st in streams)
     t_last = max((st.times[-1] for st in streams if st.times), default=t0)
@@ -152,7 +155,22 @@ async def run_level(base_url: str, n: int, prompt_len: int, output_len: int, see
     return {"streams": n, "tokens": tokens, "expected": n * output_len, "errors": errors,
             "events": sum(len(st.times) for st in streams), "wall_s": t_last - t0,
             "tok_s": tokens / max(t_last - t0, 1e-9), "itl_p50_ms": pct(gaps, 0.5) * 1e3,
-            "itl_p99_ms": pct(gaps, 0.99) * 1e3, "ttft_p50_ms": pct(ttft, 0.5) * 1e3}
+            "itl_p99_ms": pct(gaps, 0.99) * 1e3, "ttft_p50_ms": pct(ttft, 0.5) * 1e3,
+            "health_p50_ms": pct(health, 0.5) * 1e3, "health_max_ms": max(health, default=float("nan")) * 1e3}
+
+
+async def probe_health(session, base_url: str, out: list[float], every_s: float = 0.1) -> None:
+    """GET /health every 100 ms while the streams run: how long the main process's event loop takes
+    to answer a request that needs no scheduler (its responsiveness under the load)."""
+    while True:
+        t = time.perf_counter()
+        try:
+            async with session.get(f"{base_url}/health") as r:
+                await r.read()
+            out.append(time.perf_counter() - t)
+        except Exception:  # noqa: BLE001 - a probe that fails is not a data point
+            pass
+        await asyncio.sleep(every_s)
 
 
 # ---- server-side accounting ------------------------------------------------------------------------
@@ -181,8 +199,8 @@ def critical_path_delta(before: dict, after: dict) -> dict:
     b, a = before.get("critical_path") or {}, after.get("critical_path") or {}
     n = a.get("gaps", 0) - b.get("gaps", 0)
     if n <= 0:
-        return {"gaps": 0, "mean_ms": float("nan"), "wake_ms": float("nan"), "p50_ms": float("nan"),
-                "p99_ms": float("nan")}
+        return {"gaps": 0, "mean_ms": float("nan"), "wake_ms": float("nan"), "cpu_ms": float("nan"),
+                "p50_ms": float("nan"), "p99_ms": float("nan")}
     hist = [x - y for x, y in zip(a["hist"], b.get("hist") or [0] * len(a["hist"]))]
     edges = a["edges_ms"]
 
@@ -195,7 +213,8 @@ def critical_path_delta(before: dict, after: dict) -> dict:
         return float("inf")
 
     return {"gaps": n, "mean_ms": (a["gap_s"] - b.get("gap_s", 0.0)) / n * 1e3,
-            "wake_ms": (a["wake_s"] - b.get("wake_s", 0.0)) / n * 1e3, "p50_ms": q(0.5), "p99_ms": q(0.99)}
+            "wake_ms": (a["wake_s"] - b.get("wake_s", 0.0)) / n * 1e3,
+            "cpu_ms": (a.get("cpu_s", float("nan")) - b.get("cpu_s", 0.0)) / n * 1e3, "p50_ms": q(0.5), "p99_ms": q(0.99)}
 
 
 def process_cpu(pids: dict[str, int]) -> dict[str, float]:
@@ -307,7 +326,8 @@ def run(a) -> list[dict]:
                 reps.append(r)
                 print(f"streams={n} rep={rep}: {r['tokens']}/{r['expected']} tokens, {r['tok_s']:.0f} tok/s = "
                       f"{r['ratio']:.1%} of {r['limit_tok_s']:.0f}; launches {r['launches']} (min {r['min_steps']}); "
-                      f"critical path {r['cp']['mean_ms']:.3f} ms/step (p50 <= {r['cp']['p50_ms']} ms); "
+                      f"critical path {r['cp']['mean_ms']:.3f} ms/step (p50 <= {r['cp']['p50_ms']} ms, CPU "
+                      f"{r['cp']['cpu_ms']:.3f} ms); "
                       f"ITL p50 {r['itl_p50_ms']:.2f} ms; errors {len(r['errors'])}; CPU s "
                       + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_s"].items()) + f" in {r['wall_s']:.2f} s; load {r['load']:.1f}",
                       flush=True)
@@ -322,9 +342,10 @@ def run(a) -> list[dict]:
 
 def table(rows: list[dict], a) -> list[str]:
     lines = ["| streams | tokens | device limit tok/s | delivered tok/s | ratio (runs) | launches / min "
-             "| critical path ms/step: mean (runs) | of it wake-up | p50 / p99 <= | ITL p50 / p99 (ms) "
-             "| added per token p50 (ms) | CPU us/token: main / sched / detok / client | load |",
-             "|---:|---:|---:|---:|---|---:|---|---:|---|---|---:|---|---:|"]
+             "| critical path ms/step: mean (runs) | of it wake-up | its CPU | p50 / p99 <= | ITL p50 / p99 (ms) "
+             "| added per token p50 (ms) | /health p50 / max (ms) | CPU us/token: main / sched / detok / client "
+             "| load |",
+             "|---:|---:|---:|---:|---|---:|---|---:|---:|---|---|---:|---|---|---:|"]
     for r in rows:
         cp = r["cp"]
         runs = ", ".join(f"{x:.1%}" for x in r["ratios"])
@@ -333,8 +354,9 @@ def table(rows: list[dict], a) -> list[str]:
                          for k in ("main", "scheduler", "detokenizer", "client"))
         lines.append(f"| {r['streams']} | {r['tokens']} | {r['limit_tok_s']:.0f} | {r['tok_s']:.0f} "
                      f"| **{r['ratio']:.1%}** ({runs}) | {r['launches']} / {r['min_steps']} "
-                     f"| **{cp['mean_ms']:.3f}** ({cps}) | {cp['wake_ms']:.3f} | {cp['p50_ms']} / {cp['p99_ms']} "
-                     f"| {r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f} | {r['added_ms']:.2f} | {cpu} "
+                     f"| **{cp['mean_ms']:.3f}** ({cps}) | {cp['wake_ms']:.3f} | {cp['cpu_ms']:.3f} | {cp['p50_ms']} / {cp['p99_ms']} "
+                     f"| {r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f} | {r['added_ms']:.2f} "
+                     f"| {r['health_p50_ms']:.1f} / {r['health_max_ms']:.1f} | {cpu} "
                      f"| {r['load']:.1f} |")
     return lines
 

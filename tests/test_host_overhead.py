@@ -25,12 +25,14 @@ def test_device_limit_counts_prefill_steps():
 
 def test_critical_path_delta():
     edges = [0.1, 0.5, 1.0]
-    before = {"critical_path": {"gaps": 10, "gap_s": 0.002, "wake_s": 0.001, "hist": [5, 5, 0, 0], "edges_ms": edges}}
-    after = {"critical_path": {"gaps": 110, "gap_s": 0.052, "wake_s": 0.011, "hist": [5, 55, 49, 1],
+    before = {"critical_path": {"gaps": 10, "gap_s": 0.002, "wake_s": 0.001, "cpu_s": 0.001, "hist": [5, 5, 0, 0],
+                                "edges_ms": edges}}
+    after = {"critical_path": {"gaps": 110, "gap_s": 0.052, "wake_s": 0.011, "cpu_s": 0.031, "hist": [5, 55, 49, 1],
                                "edges_ms": edges}}
     d = ho.critical_path_delta(before, after)
     assert d["gaps"] == 100
     assert d["mean_ms"] == pytest.approx(0.5) and d["wake_ms"] == pytest.approx(0.1)
+    assert d["cpu_ms"] == pytest.approx(0.3)
     assert d["p50_ms"] == 0.5 and d["p99_ms"] == 1.0
     assert math.isnan(ho.critical_path_delta(after, after)["mean_ms"])
 

@@ -320,14 +320,17 @@ class _FakeExecutor:
 
 def test_device_timer_counts_host_gaps_only_while_busy():
     now = [0.0]
+    cpu = [0.0]
     inner = _FakeExecutor()
-    t = DeviceTimer(inner, clock=lambda: now[0])
+    t = DeviceTimer(inner, clock=lambda: now[0], cpu_clock=lambda: cpu[0])
     assert t.concurrent_lanes  # the executor's attributes show through
     t.submit(SimpleNamespace(launch_id=1))  # from idle: no gap
     inner.results = [LaunchResult(1, started_at=0.0, finished_at=0.010)]
     now[0] = 0.0102  # the poll returns 0.2 ms after the device finished
+    cpu[0] = 1.0  # (the CPU clock is read when the poll starts)
     assert len(t.poll(0.1)) == 1
     now[0] = 0.01045
+    cpu[0] = 1.0001  # 0.1 ms of CPU in the gap
     t.submit(SimpleNamespace(launch_id=2))  # 0.45 ms gap, 0.2 of it waking up
     inner.results = [LaunchResult(2, started_at=0.0105, finished_at=0.0205, final=False)]
     now[0] = 0.0206
@@ -342,6 +345,7 @@ def test_device_timer_counts_host_gaps_only_while_busy():
     assert s["gaps"] == 1
     assert s["gap_s"] == pytest.approx(0.00045)
     assert s["wake_s"] == pytest.approx(0.0002)
+    assert s["cpu_s"] == pytest.approx(0.0001)
     assert sum(s["hist"]) == 1 and s["hist"][s["edges_ms"].index(0.5)] == 1  # the (0.3, 0.5] ms bucket
 
 

@@ -318,19 +318,24 @@ class DeviceTimer:
     A gap starts when a launch ends (its result's `finished_at`, device time) leaving no launch in
     flight, and ends when the next launch is submitted. `wake` is the part until the executor's
     poll returned with that result; the rest is the host's work between the two (applying the
-    result, sending updates, reading input, planning the next launch). Gaps in which the engine
-    had no work (`idle()`) are not counted.
+    result, sending updates, reading input, planning the next launch). `cpu` is the CPU time the
+    loop's thread spent from the start of that poll to the submit: the host work itself, without
+    the time spent waiting for a core on a busy machine. Gaps in which the engine had no work
+    (`idle()`) are not counted.
     """
 
-    def __init__(self, inner, clock=time.monotonic):
+    def __init__(self, inner, clock=time.monotonic, cpu_clock=time.thread_time):
         self.inner = inner
         self.clock = clock
+        self.cpu_clock = cpu_clock
         self.inflight = 0
         self._end: float | None = None  # device end of the launch that left the device idle
         self._woke = 0.0
+        self._cpu0 = 0.0  # this thread's CPU time when the poll that returned that result began
         self.count = 0
         self.gap_s = 0.0
         self.wake_s = 0.0
+        self.cpu_s = 0.0  # CPU time the loop's thread spent in the gaps (waiting for a core is not in it)
         self.max_gap_s = 0.0
         self.hist = [0] * (len(GAP_EDGES_MS) + 1)
 
@@ -344,6 +349,7 @@ class DeviceTimer:
             self.count += 1
             self.gap_s += gap
             self.wake_s += max(0.0, min(self._woke, now) - self._end)
+            self.cpu_s += max(0.0, self.cpu_clock() - self._cpu0)
             self.max_gap_s = max(self.max_gap_s, gap)
             self.hist[bisect.bisect_left(GAP_EDGES_MS, gap * 1e3)] += 1
         self._end = None
@@ -351,6 +357,7 @@ class DeviceTimer:
         self.inner.submit(launch)
 
     def poll(self, timeout=None):
+        cpu0 = self.cpu_clock()
         results = self.inner.poll(timeout)
         if results:
             now = self.clock()
@@ -363,13 +370,15 @@ class DeviceTimer:
             if end is not None and self.inflight == 0:
                 self._end = min(end, now)
                 self._woke = now
+                self._cpu0 = cpu0
         return results
 
     def idle(self) -> None:
         self._end = None
 
     def stats(self) -> dict:
-        return {"gaps": self.count, "gap_s": self.gap_s, "wake_s": self.wake_s, "max_gap_s": self.max_gap_s,
+        return {"gaps": self.count, "gap_s": self.gap_s, "wake_s": self.wake_s, "cpu_s": self.cpu_s,
+                "max_gap_s": self.max_gap_s,
                 "hist": list(self.hist), "edges_ms": list(GAP_EDGES_MS)}
 
 
