@@ -263,6 +263,18 @@ def test_tokenizer_manager_receive_batches_in_order():
         tm = tmm.TokenizerManager(ServerArgs(), info, paths)
         sched_in = pull_socket(ctx, paths.scheduler_in)
         to_main = push_socket(ctx, paths.main_in)
+        handled = []  # messages handled per reader callback
+        orig_handle, orig_readable = tm._handle_message, tm._on_readable
+
+        def counting(data):
+            handled[-1] += 1
+            orig_handle(data)
+
+        def readable():
+            handled.append(0)
+            orig_readable()
+
+        tm._handle_message, tm._on_readable = counting, readable
         tm.start()
         n_req, n_msgs = 5, 3 * tmm.RECV_BATCH
         group = tm.submit([(f"x{i}", [1, 2, 3], SamplingParams(max_new_tokens=n_msgs)) for i in range(n_req)])
@@ -271,10 +283,7 @@ def test_tokenizer_manager_receive_batches_in_order():
             to_main.send(io.encode(io.BatchStrOut([
                 io.StrOut(f"x{i}", f"<{k}>", [k], None, fin, {"type": "length"} if fin else None, 3, k + 1, 0)
                 for i in range(n_req)])))
-        await asyncio.sleep(0.3)
-        calls = []
-        orig = tm._handle_message
-        tm._handle_message = lambda data: (calls.append(1), orig(data))
+        await asyncio.sleep(0.3)  # all delivered and handled (16 messages per reader callback)
         text = {i: "" for i in range(n_req)}
         ids = {i: [] for i in range(n_req)}
         deltas = 0
@@ -288,6 +297,7 @@ def test_tokenizer_manager_receive_batches_in_order():
             assert ids[i] == list(range(n_msgs))
             assert text[i] == "".join(f"<{k}>" for k in range(n_msgs))
         assert deltas < n_req * n_msgs  # a backlog is merged into fewer, larger deltas
+        assert sum(handled) == n_msgs and max(handled) <= tmm.RECV_BATCH  # the loop is let go in between
         assert tm.counts == {"submitted": n_req, "finished": n_req, "failed": 0, "aborted": 0}
         assert sched_in.poll(100)  # the GenerateReqs went out
         tm.close()
