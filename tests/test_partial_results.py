@@ -64,6 +64,29 @@ def test_per_step_parts_give_the_same_tokens_earlier():
     assert max(_same_time_run(ts) for ts in results[True].values()) == 1
 
 
+def test_parts_do_not_make_a_request_prefill_again():
+    """After a k-step launch delivered in parts, every request is ready to decode: its KV covers all
+    but the last token (a core that forgot the delivered tokens would re-prefill them)."""
+    core, lanes = _split_core(partials=True, steps=4)
+    core.add_request("a", prompt(3, 7), SamplingParams(max_new_tokens=40))
+    import heapq
+
+    decode_parts = 0
+    while core.has_unfinished():
+        for launch in core.schedule():
+            lanes.submit(launch)
+        t, _, res = heapq.heappop(lanes.pending)
+        lanes.now = t
+        core.apply_result(res)
+        decode_parts += not res.final
+        r = core.requests.get("a")
+        if res.final and r is not None and not r.finished:
+            assert r.num_computed == r.seq_len - 1, "the delivered tokens were forgotten"
+    assert decode_parts > 0
+    prefill_tokens = sum(c.length for lnch in lanes.launches for c in lnch.batch.prefill)
+    assert prefill_tokens == 7
+
+
 def _same_time_run(ts):
     best = run = 1
     for a, b in zip(ts, ts[1:]):

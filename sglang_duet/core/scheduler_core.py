@@ -401,7 +401,6 @@ class SchedulerCore:
         if not result.final:
             return [u for w in launch.work if (u := self._deliver(launch, w, result)) is not None]
         del self.inflight[result.launch_id]
-        self._delivered.pop(result.launch_id, None)
         for lane, lid in list(self._busy.items()):
             if lid == launch.launch_id:
                 del self._busy[lane]
@@ -426,6 +425,7 @@ class SchedulerCore:
             u = self._deliver(launch, w, result, final=True)
             if u is not None:
                 updates.append(u)
+        self._delivered.pop(result.launch_id, None)  # after the final part: _deliver counts on it
         return updates
 
     def _deliver(self, launch: Launch, w: ReqWork, result: LaunchResult, final: bool = False) -> RequestUpdate | None:
