@@ -164,24 +164,31 @@ class _Prefix:
 
     def __init__(self, chunks: list[PrefillChunk], remaining: dict[str, int]):
         self.chunks = chunks
-        m = len(chunks)
-        self.s = np.array([c.start for c in chunks], dtype=float)
-        self.l = np.array([c.length for c in chunks], dtype=float)
-        comp = np.array([c.length >= remaining.get(c.rid, 0) for c in chunks], dtype=float)
-        z = np.zeros(1)
-        self.cumL = np.cumsum(self.l)
-        self.prefA = np.concatenate([z, np.cumsum(self.l * (self.s + (self.l + 1) / 2))])
-        self.prefK = np.concatenate([z, np.cumsum(self.s + self.l)])
-        self.prefC = np.concatenate([z, np.cumsum(comp)])
-        self.total = float(self.cumL[-1]) if m else 0.0
-        self.s_pad = np.concatenate([self.s, z])  # start of "the chunk after the last"
+        # prefix sums in plain Python (a handful of chunks), one array each
+        cumL, prefA, prefK, prefC, starts = [], [0.0], [0.0], [0.0], []
+        L = A = Kk = C = 0.0
+        for c in chunks:
+            s, n = c.start, c.length
+            L += n
+            A += n * (s + (n + 1) / 2)
+            Kk += s + n
+            C += n >= remaining.get(c.rid, 0)
+            cumL.append(L)
+            prefA.append(A)
+            prefK.append(Kk)
+            prefC.append(C)
+            starts.append(float(s))
+        starts.append(0.0)  # start of "the chunk after the last"
+        self.cumL = np.array(cumL)
+        self.prefA, self.prefK, self.prefC = np.array(prefA), np.array(prefK), np.array(prefC)
+        self.s_pad = np.array(starts)
+        self.total = L
 
     def cut(self, budgets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(X rows [T, R, A, K] per budget, whether the cut completes a request)."""
-        b = np.clip(np.asarray(budgets, dtype=float), 0.0, self.total)
+        b = np.minimum(np.maximum(budgets, 0.0), self.total)
         full = np.searchsorted(self.cumL, b, side="right")  # chunks wholly inside
-        before = np.where(full > 0, self.cumL[np.maximum(full - 1, 0)] if len(self.cumL) else 0.0, 0.0)
-        n = b - before  # tokens of the partly taken chunk
+        n = b - np.concatenate([[0.0], self.cumL])[full]  # tokens of the partly taken chunk
         part = n > 0
         s = self.s_pad[full]
         X = np.stack([b, full + part, self.prefA[full] + n * (s + (n + 1) / 2),
@@ -472,7 +479,7 @@ class DuetPolicy(Policy):
                 r = np.where(longer, (extra - np.floor(extra)) * td[:, -1:], r)
                 nxt = np.where(longer, td[:, -1:], nxt)
                 m = np.where(longer, K + np.floor(extra).astype(int), m)
-            k = np.clip(m, 1, k_cap)
+            k = np.minimum(np.maximum(m, 1), k_cap)
             j = np.where(m == 0, td[:, :1] - tp + td[:, 1:2], np.minimum(r + nxt, 2 * nxt - r))
             joiner[na:] = np.where(joins, j, 0.0).ravel()
             step[na:] = tp.ravel()
