@@ -421,9 +421,12 @@ class RequestGroup:
                 if await self.request.is_disconnected():
                     raise APIError(499, "Client disconnected.")
             try:
-                await asyncio.wait_for(self._event.wait(), DISCONNECT_CHECK_S)
+                # asyncio.timeout, not wait_for: no extra Task per wait (every waiting request
+                # comes through here every DISCONNECT_CHECK_S)
+                async with asyncio.timeout(DISCONNECT_CHECK_S):
+                    await self._event.wait()
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def close(self) -> None:
