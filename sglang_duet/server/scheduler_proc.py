@@ -138,8 +138,8 @@ class SchedulerProcess:
     def loop(self) -> None:
         progressed = True
         # An executor that runs lanes concurrently returns from submit() while the launch runs:
-        # then the next launch goes out as soon as a result is applied, and the updates are sent
-        # while it runs (off the critical path). A synchronous one (ModelExecutor) computes inside
+        # then, when a result freed a lane, the next launch goes out as soon as the result is
+        # applied, and the updates are sent while it runs (off the critical path). A synchronous one (ModelExecutor) computes inside
         # submit(), so its updates go out first.
         launch_first = bool(getattr(self.timer.inner, "concurrent_lanes", False))
         while True:
@@ -149,7 +149,7 @@ class SchedulerProcess:
                 # for input instead of spinning a shared core at 100%.
                 got = self._drain(0 if progressed else 1)
                 updates = self.engine.step(0.0 if got else STEP_WAIT_S)
-                if updates and launch_first and self.timer.inflight == 0 and self.engine.has_work():
+                if updates and launch_first and self.engine.core.idle_lanes() and self.engine.has_work():
                     self._drain(0)  # aborts and new requests first: they change what the next launch holds
                     updates += self.engine.step(0.0)
                 core = self.engine.core
