@@ -77,7 +77,7 @@ class StepPlan:
         return not self.lane_batches()
 
 
-@dataclass
+@dataclass(slots=True)
 class ReqWork:
     """One request's part of a launch, as the executor needs it (slots already allocated)."""
 

@@ -323,7 +323,8 @@ class SchedulerCore:
         decodes = []
         for rid in batch.decode:
             r = self.requests.get(rid)
-            if r is None or r.inflight is not None or not r.is_decoding or r.aborted:
+            if (r is None or r.inflight is not None or r.aborted or r.state is not ReqState.RUNNING
+                    or not r.output_ids or len(r.prompt_ids) + len(r.output_ids) - r.num_computed != 1):  # is_decoding
                 raise RuntimeError(f"policy planned a decode for {rid!r}, which is not ready to decode")
             decodes.append(r)
         # Decodes first: they already hold KV and their users are waiting for the next token.
@@ -367,11 +368,9 @@ class SchedulerCore:
         return self._work(r, r.seq_ids(chunk.start, end), chunk.start, end == r.seq_len, 1)
 
     def _work(self, r: Request, ids: list[int], start: int, sample: bool, steps: int) -> ReqWork:
-        return ReqWork(
-            rid=r.rid, input_ids=ids, start_pos=start, kv_slots=r.kv_slots, sample=sample, steps=steps,
-            sampling_seed=r.seed, params=r.params, output_ids=r.output_ids, prompt_ids=r.prompt_ids,
-            eos_ids=r.eos_ids,
-        )
+        # positional, in ReqWork's field order: this runs for every request of every step
+        return ReqWork(r.rid, ids, start, r.kv_slots, sample, steps, r.seed, r.params, r.output_ids, r.prompt_ids,
+                       r.eos_ids)
 
     def _pick_victim(self, candidates: list[Request]) -> Request:
         # SGLang retracts the requests that lose least work: fewest output tokens, then longest prompt.
@@ -394,71 +393,90 @@ class SchedulerCore:
     def apply_result(self, result: LaunchResult) -> list[RequestUpdate]:
         """Apply one part of a launch's result (see LaunchResult): the tokens it makes visible, and,
         for the final part, the end of the launch (lanes freed, KV of requests that ended meanwhile
-        released, aborts completed)."""
-        launch = self.inflight.get(result.launch_id)
+        released, aborts completed). Runs for every request of every step: kept lean on purpose."""
+        lid = result.launch_id
+        launch = self.inflight.get(lid)
         if launch is None:
-            raise KeyError(f"result for unknown launch {result.launch_id}")
-        if not result.final:
-            return [u for w in launch.work if (u := self._deliver(launch, w, result)) is not None]
-        del self.inflight[result.launch_id]
-        for lane, lid in list(self._busy.items()):
-            if lid == launch.launch_id:
-                del self._busy[lane]
-        if hasattr(self.policy, "on_result"):
-            self.policy.on_result(launch, result)
-        updates = self.take_updates()
+            raise KeyError(f"result for unknown launch {lid}")
+        final = result.final
+        if final:
+            del self.inflight[lid]
+            for lane, busy_id in list(self._busy.items()):
+                if busy_id == lid:
+                    del self._busy[lane]
+            if hasattr(self.policy, "on_result"):
+                self.policy.on_result(launch, result)
+            updates = self.take_updates()
+            delivered = self._delivered.pop(lid, None) or {}
+        else:
+            updates = []
+            delivered = self._delivered.setdefault(lid, {})
+        tokens_by, times_by, lps_by = result.tokens, result.token_times, result.logprobs
+        now = result.finished_at or self.clock()
+        requests = self.requests
+        generated = 0
         for w in launch.work:
-            r = self.requests[w.rid]
-            r.inflight = None
-            if r.release_deferred:  # ended by an earlier part of this launch, already reported
-                self._release_kv(r)
-                self.requests.pop(r.rid, None)
+            r = requests.get(w.rid)
+            if r is None:
                 continue
-            if r.aborted:
-                if not r.finished:
-                    self._finish(r, {"type": "abort", "message": "Aborted by the client."})
-                    updates.append(self._update(r, []))
+            if final:
+                r.inflight = None
+                if r.release_deferred:  # ended by an earlier part of this launch, already reported
+                    self._release_kv(r)
+                    requests.pop(r.rid, None)
+                    continue
+                if r.aborted:
+                    if r.state is not ReqState.FINISHED:
+                        self._finish(r, {"type": "abort", "message": "Aborted by the client."})
+                        updates.append(self._update(r, []))
+                    continue
+                if not w.sample:
+                    r.num_computed += len(w.input_ids)
+                    continue
+            elif not w.sample or r.aborted or r.state is ReqState.FINISHED:
                 continue
-            if not w.sample:
-                r.num_computed += len(w.input_ids)
+            tokens = tokens_by.get(w.rid)
+            if not tokens:
                 continue
-            u = self._deliver(launch, w, result, final=True)
-            if u is not None:
-                updates.append(u)
-        self._delivered.pop(result.launch_id, None)  # after the final part: _deliver counts on it
+            done = delivered.get(w.rid, 0)
+            if done + len(tokens) > w.steps:
+                tokens = tokens[: max(0, w.steps - done)]
+            u = self._append_tokens(r, w, tokens, done, lps_by.get(w.rid), times_by.get(w.rid), now)
+            if not final:
+                delivered[w.rid] = done + len(u.new_token_ids)
+            generated += len(u.new_token_ids)
+            updates.append(u)
+        self.stats.generated_tokens += generated
         return updates
 
-    def _deliver(self, launch: Launch, w: ReqWork, result: LaunchResult, final: bool = False) -> RequestUpdate | None:
-        """Append the tokens this part of the launch carries for one request, in step order."""
-        r = self.requests.get(w.rid)
-        if r is None or not w.sample or r.finished or r.aborted:
-            return None
-        done = self._delivered.setdefault(launch.launch_id, {}).get(w.rid, 0)
-        tokens = result.tokens.get(w.rid, [])[: max(0, w.steps - done)]
-        if not tokens and not final:
-            return None
-        lps = result.logprobs.get(w.rid, [])
-        times = result.token_times.get(w.rid)
-        now = result.finished_at or self.clock()
+    def _append_tokens(self, r: Request, w: ReqWork, tokens: list[int], done: int, lps, times,
+                       now: float) -> RequestUpdate:
+        """Append one request's tokens from a part of its launch (`done` tokens of that launch came
+        in earlier parts), recording when each became visible and stopping at a finish."""
         new: list[int] = []
         new_lps: list[dict] = []
-        if done == 0:
-            r.num_computed = w.start_pos + len(w.input_ids)
+        out = r.output_ids
         for i, t in enumerate(tokens):
-            if done + i > 0:
+            if done + i == 0:
+                r.num_computed = w.start_pos + len(w.input_ids)
+            else:
                 r.num_computed += 1  # the previous sampled token was fed back on the device
-            r.output_ids.append(t)
+            out.append(t)
             new.append(t)
-            if i < len(lps):
+            if lps and i < len(lps):
                 r.logprobs.append(lps[i])
                 new_lps.append(lps[i])
-            self._record_token_time(r, times[i] if times and i < len(times) else now)
+            # _record_token_time, inlined
+            tt = times[i] if times and i < len(times) else now
+            if r.first_token_time is None:
+                r.first_token_time = tt
+            elif r.last_token_time is not None and tt - r.last_token_time > r.max_tbt:
+                r.max_tbt = tt - r.last_token_time
+            r.last_token_time = tt
             reason = self._check_finished(r, t)
             if reason is not None:
                 self._finish(r, reason)
                 break
-        self._delivered[launch.launch_id][w.rid] = done + len(new)
-        self.stats.generated_tokens += len(new)
         return self._update(r, new, new_lps)
 
     def _record_token_time(self, r: Request, t: float) -> None:
@@ -510,12 +528,11 @@ class SchedulerCore:
         r.kv_slots = []
 
     def _update(self, r: Request, new: list[int], new_lps: list[dict] | None = None) -> RequestUpdate:
-        u = RequestUpdate(
-            rid=r.rid, new_token_ids=new, new_logprobs=new_lps or [], finished=r.finished,
-            finish_reason=r.finish_reason, prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.output_ids),
-            arrival_time=r.arrival_time, first_token_time=r.first_token_time, finish_time=r.finish_time,
-        )
-        if r.finished and r.inflight is None:
+        finished = r.state is ReqState.FINISHED
+        # positional, in field order: this runs for every request of every step
+        u = RequestUpdate(r.rid, new, new_lps or [], finished, r.finish_reason, len(r.prompt_ids), len(r.output_ids),
+                          0, r.arrival_time, r.first_token_time, r.finish_time)
+        if finished and r.inflight is None:
             # The core forgets a finished request once its outcome is reported (and its launch is over).
             self.requests.pop(r.rid, None)
         return u
