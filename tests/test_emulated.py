@@ -106,9 +106,9 @@ def test_k_step_parts_leave_the_requests_ready_to_decode():
     prefilled = []
     orig = core._resolve_prefill
 
-    def resolve_prefill(chunk):
+    def resolve_prefill(chunk, *args):
         prefilled.append((chunk.rid, chunk.start, chunk.length))
-        return orig(chunk)
+        return orig(chunk, *args)
 
     core._resolve_prefill = resolve_prefill
     got: dict[str, list[float]] = {}

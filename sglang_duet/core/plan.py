@@ -77,6 +77,9 @@ class StepPlan:
         return not self.lane_batches()
 
 
+FUTURE_TOKEN = -1  # an input id not known when the launch was planned: see ReqWork.input_from
+
+
 @dataclass(slots=True)
 class ReqWork:
     """One request's part of a launch, as the executor needs it (slots already allocated)."""
@@ -93,6 +96,14 @@ class ReqWork:
     output_ids: list[int] = field(default_factory=list)
     prompt_ids: list[int] = field(default_factory=list)
     eos_ids: frozenset[int] = frozenset()  # banned by the sampler before min_new_tokens
+    # Overlap scheduling: this decode was planned while the launch `input_from` still ran, so its
+    # input id (FUTURE_TOKEN in input_ids) is the last token that launch samples for this request;
+    # an executor resolves it in launch order (on the device, without a host sync).
+    input_from: int | None = None
+    # How many output tokens precede this launch's first sampled one (sampling noise is keyed by
+    # it). `output_ids` is the core's live list: it lags behind while earlier launches are in
+    # flight and grows while this launch's parts are applied, so never index by its length.
+    output_pos: int = 0
 
 
 @dataclass

@@ -25,8 +25,15 @@ class Request:
     logprobs: list[dict] = field(default_factory=list)
     state: ReqState = ReqState.WAITING
     kv_slots: list[int] = field(default_factory=list)  # the request's row of the req-to-token table
-    num_computed: int = 0  # tokens of seq whose KV is in the cache
-    inflight: int | None = None  # launch id while a lane works on it
+    # Tokens whose KV is in the cache or being written by a launch already handed to a lane: it
+    # advances when a launch is scheduled, not when its result arrives (vLLM v1's convention), so
+    # the next step can be planned while this one runs (overlap scheduling).
+    num_computed: int = 0
+    # Tokens that launches in flight will sample for this request and that have not been delivered
+    # yet; the sequence as planned is prompt + output + pending (`planned_len`).
+    pending: int = 0
+    inflight: int | None = None  # the newest launch id while lanes work on it
+    inflight_count: int = 0  # launches in flight that include it (2 while an overlapped step is queued)
     # Finished while its launch still runs (a partial result ended it): the lane may still write to
     # its KV slots, so they are released when the launch's final result arrives.
     release_deferred: bool = False
@@ -54,13 +61,19 @@ class Request:
         return self.prompt_ids[start:] + self.output_ids[:end - p]
 
     @property
+    def planned_len(self) -> int:
+        """The sequence as planned: delivered tokens plus those launches in flight will sample."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
     def remaining_prefill(self) -> int:
         """Tokens still to compute before the next token can be sampled (1 means: decode)."""
-        return self.seq_len - self.num_computed
+        return self.planned_len - self.num_computed
 
     @property
     def is_decoding(self) -> bool:
-        return self.state == ReqState.RUNNING and self.remaining_prefill == 1 and bool(self.output_ids)
+        return (self.state == ReqState.RUNNING and self.remaining_prefill == 1
+                and bool(self.output_ids or self.pending))
 
     @property
     def is_prefilling(self) -> bool:

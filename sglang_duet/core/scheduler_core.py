@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sglang_duet.core.kv_allocator import TokenSlotAllocator
-from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, LaunchResult, PrefillChunk, ReqWork, StepPlan
+from sglang_duet.core.plan import (
+    FUTURE_TOKEN, LaneBatch, LaneKind, Launch, LaunchResult, PrefillChunk, ReqWork, StepPlan,
+)
 from sglang_duet.core.request import Request, ReqState
 from sglang_duet.sampling_params import SamplingParams
 
@@ -38,6 +40,12 @@ class CoreConfig:
     max_running_requests: int = 256
     max_queued_requests: int | None = None
     chunked_prefill_size: int = 8192
+    # Overlap scheduling (SGLang's overlap scheduler): while an aggregated launch runs, plan the next
+    # one and hand it to the executor, which queues it behind the running one and feeds it the
+    # running one's sampled ids on the device. Results are applied one step late: a request that
+    # ends by eos or a stop string in step N has one wasted row in step N+1. Only with a policy and
+    # an executor that both support it (EngineCore decides).
+    overlap: bool = False
 
 
 @dataclass(slots=True)
@@ -107,7 +115,8 @@ class SchedulerCore:
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # insertion order = admission order
         self.inflight: dict[int, Launch] = {}
-        self._busy: dict[LaneKind, int] = {}
+        self._busy: dict[LaneKind, int] = {}  # lane -> the launch running on it
+        self._queued: dict[LaneKind, int] = {}  # lane -> the overlapped launch queued behind it
         self._next_launch = 0
         self._pending_updates: list[RequestUpdate] = []
         self._delivered: dict[int, dict[str, int]] = {}  # launch id -> rid -> tokens delivered by partials
@@ -164,8 +173,8 @@ class SchedulerCore:
         if req is None or req.finished:
             return
         req.aborted = True
-        if req.inflight is not None:
-            return  # the lane still writes to its slots; release when the launch reports
+        if req.inflight_count:
+            return  # a lane still writes to its slots; release when its (last) launch reports
         self._finish(req, {"type": "abort", "message": message})
         self._pending_updates.append(self._update(req, []))
 
@@ -250,27 +259,52 @@ class SchedulerCore:
             return frozenset()  # an aggregated launch holds every SM
         return frozenset(k for k in (LaneKind.PREFILL, LaneKind.DECODE) if k not in self._busy)
 
+    def _overlap_head(self) -> Launch | None:
+        """The running aggregated launch a next one may be planned behind (overlap scheduling), if any."""
+        if not self.config.overlap or LaneKind.AGGREGATED not in self._busy or self._queued:
+            return None
+        return self.inflight[self._busy[LaneKind.AGGREGATED]]
+
     def view(self) -> SchedulerView:
+        """What the policy plans from. Normally: the requests no lane is working on, the idle lanes.
+        Overlap planning (an aggregated launch runs, nothing queued behind it): the same as if that
+        launch had ended, its requests included at their planned state (`num_computed`, `pending`),
+        except those it will end by length; the plan it returns must be aggregated."""
+        head = self._overlap_head()
+        head_id = head.launch_id if head is not None else None
         prefilling, decoding = [], []
         for r in self.running.values():
-            if r.inflight is None and not r.aborted:
-                # r.is_decoding, inlined: this loop runs over every running request each step
-                if r.output_ids and len(r.prompt_ids) + len(r.output_ids) - r.num_computed == 1:
-                    decoding.append(r)
-                else:
-                    prefilling.append(r)
+            if r.aborted:
+                continue
+            if r.inflight is not None and (r.inflight != head_id or r.inflight_count != 1 or self._ends_by_length(r)):
+                continue
+            # r.is_decoding, inlined: this loop runs over every running request each step
+            out = len(r.output_ids) + r.pending
+            if out and len(r.prompt_ids) + out - r.num_computed == 1:
+                decoding.append(r)
+            elif not r.pending:
+                prefilling.append(r)
         return SchedulerView(
             now=self.clock(),
             waiting=list(self.waiting),
             prefilling=prefilling,
             decoding=decoding,
-            inflight={k: self.inflight[i] for k, i in self._busy.items()},
-            idle_lanes=self.idle_lanes(),
+            inflight={} if head is not None else {k: self.inflight[i] for k, i in self._busy.items()},
+            idle_lanes=ALL_LANES if head is not None else self.idle_lanes(),
             kv_free=self.allocator.available,
             kv_total=self.allocator.capacity,
             num_running=len(self.running),
             config=self.config,
         )
+
+    def _ends_by_length(self, r: Request) -> bool:
+        """Whether the tokens in flight will end the request by max_new_tokens or the context (known
+        before they arrive, unlike eos and stop strings): it must not be planned again."""
+        if not r.pending:
+            return False
+        out = len(r.output_ids) + r.pending
+        mx = r.params.max_new_tokens
+        return (mx is not None and out >= mx) or len(r.prompt_ids) + out >= self._max_seq_len
 
     # ---- planning ----------------------------------------------------------------------------
 
@@ -283,6 +317,9 @@ class SchedulerCore:
             return []
         plan = self.policy.plan(view)
         if plan is None or plan.is_empty():
+            return []
+        if self._overlap_head() is not None and plan.aggregated is None:
+            # Only an aggregated launch can queue behind the running one; a split waits for it to end.
             return []
         launches = self._materialize(plan, view.idle_lanes)
         if launches:
@@ -310,44 +347,66 @@ class SchedulerCore:
             launch.predicted_ms = plan.predicted_ms
             self._next_launch += 1
             for w in work:
-                self.requests[w.rid].inflight = launch.launch_id
+                r = self.requests[w.rid]
+                r.inflight = launch.launch_id
+                r.inflight_count += 1
             self.inflight[launch.launch_id] = launch
-            self._busy[lane] = launch.launch_id
+            if lane in self._busy:  # overlap: queued behind the running launch
+                self._queued[lane] = launch.launch_id
+            else:
+                self._busy[lane] = launch.launch_id
             self.stats.launches[lane.value] += 1
             launches.append(launch)
         return launches
 
     def _resolve(self, batch: LaneBatch) -> list[ReqWork]:
-        """Allocate KV for a lane batch; retract decodes when KV runs out; drop prefills that don't fit."""
+        """Allocate KV for a lane batch; retract decodes when KV runs out; drop prefills that don't fit.
+        Advances each request's planned state (num_computed, pending) as the launch will."""
         steps = max(1, batch.steps)
+        head = self._overlap_head()
+        head_id = head.launch_id if head is not None else None
         decodes = []
         for rid in batch.decode:
             r = self.requests.get(rid)
-            if (r is None or r.inflight is not None or r.aborted or r.state is not ReqState.RUNNING
-                    or not r.output_ids or len(r.prompt_ids) + len(r.output_ids) - r.num_computed != 1):  # is_decoding
+            if (r is None or r.aborted or r.state is not ReqState.RUNNING
+                    or (r.inflight is not None and (r.inflight != head_id or r.inflight_count != 1))
+                    or not (r.output_ids or r.pending)
+                    or len(r.prompt_ids) + len(r.output_ids) + r.pending - r.num_computed != 1):  # is_decoding
                 raise RuntimeError(f"policy planned a decode for {rid!r}, which is not ready to decode")
             decodes.append(r)
         # Decodes first: they already hold KV and their users are waiting for the next token.
         need = len(decodes) * steps
         while need > self.allocator.available and decodes:
-            victim = self._pick_victim(decodes)
+            victims = [r for r in decodes if r.inflight is None]  # a lane still writes to the others' KV
+            if not victims:
+                decodes = []  # all in flight: plan them again when the running launch has ended
+                break
+            victim = self._pick_victim(victims)
             decodes.remove(victim)
             self._retract(victim)
             need = len(decodes) * steps
         work: list[ReqWork] = []
-        slots = self.allocator.alloc(need) if decodes else []  # one allocation for the whole decode batch
+        slots = self.allocator.alloc(len(decodes) * steps) if decodes else []  # one allocation for the batch
         for i, r in enumerate(decodes):
             r.kv_slots.extend(slots[i * steps:(i + 1) * steps])
-            work.append(self._work(r, [r.output_ids[-1]], r.num_computed, True, steps))
+            if r.pending:  # the input is the last token the running launch samples for it
+                w = self._work(r, [FUTURE_TOKEN], r.num_computed, True, steps)
+                w.input_from = r.inflight
+            else:
+                w = self._work(r, [r.output_ids[-1]], r.num_computed, True, steps)
+            r.num_computed += steps  # the KV of the input and of steps - 1 fed-back tokens
+            r.pending += steps
+            work.append(w)
         for chunk in batch.prefill:
-            w = self._resolve_prefill(chunk)
+            w = self._resolve_prefill(chunk, head_id)
             if w is not None:
                 work.append(w)
         return work
 
-    def _resolve_prefill(self, chunk: PrefillChunk) -> ReqWork | None:
+    def _resolve_prefill(self, chunk: PrefillChunk, head_id: int | None = None) -> ReqWork | None:
         r = self.requests.get(chunk.rid)
-        if r is None or r.inflight is not None or r.aborted or r.finished:
+        if (r is None or r.aborted or r.finished or r.pending
+                or (r.inflight is not None and (r.inflight != head_id or r.inflight_count != 1))):
             raise RuntimeError(f"policy planned a prefill for {chunk.rid!r}, which cannot prefill now")
         if chunk.start != r.num_computed or not 0 < chunk.length <= r.remaining_prefill:
             raise RuntimeError(f"bad prefill chunk {chunk} for a request with {r.num_computed}/{r.seq_len} computed")
@@ -365,12 +424,17 @@ class SchedulerCore:
                 r.first_scheduled_time = self.clock()
         r.kv_slots.extend(slots)
         end = chunk.start + chunk.length
-        return self._work(r, r.seq_ids(chunk.start, end), chunk.start, end == r.seq_len, 1)
+        sample = end == r.seq_len
+        w = self._work(r, r.seq_ids(chunk.start, end), chunk.start, sample, 1)
+        r.num_computed = end
+        if sample:
+            r.pending += 1
+        return w
 
     def _work(self, r: Request, ids: list[int], start: int, sample: bool, steps: int) -> ReqWork:
         # positional, in ReqWork's field order: this runs for every request of every step
         return ReqWork(r.rid, ids, start, r.kv_slots, sample, steps, r.seed, r.params, r.output_ids, r.prompt_ids,
-                       r.eos_ids)
+                       r.eos_ids, None, len(r.output_ids) + r.pending)
 
     def _pick_victim(self, candidates: list[Request]) -> Request:
         # SGLang retracts the requests that lose least work: fewest output tokens, then longest prompt.
@@ -381,6 +445,7 @@ class SchedulerCore:
         self.allocator.free(r.kv_slots)
         r.kv_slots = []
         r.num_computed = 0
+        r.pending = 0
         r.state = ReqState.WAITING
         r.num_retractions += 1
         del self.running[r.rid]
@@ -401,9 +466,7 @@ class SchedulerCore:
         final = result.final
         if final:
             del self.inflight[lid]
-            for lane, busy_id in list(self._busy.items()):
-                if busy_id == lid:
-                    del self._busy[lane]
+            self._lane_done(lid)
             if hasattr(self.policy, "on_result"):
                 self.policy.on_result(launch, result)
             updates = self.take_updates()
@@ -420,47 +483,67 @@ class SchedulerCore:
             if r is None:
                 continue
             if final:
-                r.inflight = None
-                if r.release_deferred:  # ended by an earlier part of this launch, already reported
+                r.inflight_count -= 1
+                if r.inflight == lid:
+                    r.inflight = None
+                if r.inflight_count:  # also in the overlapped launch queued behind this one
+                    if r.release_deferred or r.aborted or not w.sample:
+                        continue
+                elif r.release_deferred:  # ended earlier (a part of this launch, or the launch before)
                     self._release_kv(r)
                     requests.pop(r.rid, None)
                     continue
-                if r.aborted:
+                elif r.aborted:
                     if r.state is not ReqState.FINISHED:
                         self._finish(r, {"type": "abort", "message": "Aborted by the client."})
                         updates.append(self._update(r, []))
                     continue
                 if not w.sample:
-                    r.num_computed += len(w.input_ids)
-                    continue
+                    continue  # a prefill chunk: num_computed advanced when it was scheduled
             elif not w.sample or r.aborted or r.state is ReqState.FINISHED:
                 continue
-            tokens = tokens_by.get(w.rid)
-            if not tokens:
+            if r.state is ReqState.FINISHED:
                 continue
             done = delivered.get(w.rid, 0)
+            tokens = tokens_by.get(w.rid)
+            if not tokens:
+                if final and done < w.steps:
+                    raise RuntimeError(f"launch {lid} ended with {done} of {w.steps} tokens for {w.rid!r}")
+                continue
             if done + len(tokens) > w.steps:
                 tokens = tokens[: max(0, w.steps - done)]
-            u = self._append_tokens(r, w, tokens, done, lps_by.get(w.rid), times_by.get(w.rid), now)
+            u = self._append_tokens(r, tokens, lps_by.get(w.rid), times_by.get(w.rid), now)
+            n = len(u.new_token_ids)
+            if final and done + n < w.steps and r.state is not ReqState.FINISHED:
+                raise RuntimeError(f"launch {lid} ended with {done + n} of {w.steps} tokens for {w.rid!r}")
             if not final:
-                delivered[w.rid] = done + len(u.new_token_ids)
-            generated += len(u.new_token_ids)
+                delivered[w.rid] = done + n
+            generated += n
             updates.append(u)
         self.stats.generated_tokens += generated
         return updates
 
-    def _append_tokens(self, r: Request, w: ReqWork, tokens: list[int], done: int, lps, times,
-                       now: float) -> RequestUpdate:
-        """Append one request's tokens from a part of its launch (`done` tokens of that launch came
-        in earlier parts), recording when each became visible and stopping at a finish."""
+    def _lane_done(self, lid: int) -> None:
+        """A launch's final part arrived: its lane runs the launch queued behind it, or is idle."""
+        for lane, busy_id in list(self._busy.items()):
+            if busy_id == lid:
+                queued = self._queued.pop(lane, None)
+                if queued is None:
+                    del self._busy[lane]
+                else:
+                    self._busy[lane] = queued
+        for lane, queued_id in list(self._queued.items()):
+            if queued_id == lid:  # an executor ended them out of order: tolerate it
+                del self._queued[lane]
+
+    def _append_tokens(self, r: Request, tokens: list[int], lps, times, now: float) -> RequestUpdate:
+        """Append one request's tokens from a part of its launch, recording when each became visible
+        and stopping at a finish (the KV they need was counted when the launch was scheduled)."""
         new: list[int] = []
         new_lps: list[dict] = []
         out = r.output_ids
         for i, t in enumerate(tokens):
-            if done + i == 0:
-                r.num_computed = w.start_pos + len(w.input_ids)
-            else:
-                r.num_computed += 1  # the previous sampled token was fed back on the device
+            r.pending -= 1
             out.append(t)
             new.append(t)
             if lps and i < len(lps):
@@ -509,8 +592,8 @@ class SchedulerCore:
         r.state = ReqState.FINISHED
         r.finish_reason = reason
         r.finish_time = self.clock()
-        if r.inflight is not None:
-            r.release_deferred = True  # its lane may still write to its slots: release at the launch's end
+        if r.inflight_count:
+            r.release_deferred = True  # a lane may still write to its slots: release at its launch's end
         else:
             self._release_kv(r)
         if reason["type"] == "abort":
