@@ -489,10 +489,16 @@ class SummaryPricer:
         r = self._rates[sms]
         return 1.0 / np.where(self._attn, r[:, 1:2], r[:, 0:1]), 1.0 / r[:, 2:3]
 
-    def ms_prepared(self, X: np.ndarray, prepared) -> np.ndarray:
-        """`ms(X, sms)` with `prepared = prepare(sms)`."""
+    def ms_prepared(self, X: np.ndarray, prepared, compute_scale=1.0, bandwidth_scale=1.0,
+                    parts: bool = False):
+        """`ms(X, sms)` with `prepared = prepare(sms)`, on a device whose compute takes
+        `compute_scale` and whose memory traffic takes `bandwidth_scale` times the model's (a scalar
+        or one per row, shape (n, 1)). With `parts`, also the unscaled ms of the compute-bound and
+        of the memory-bound operators per row (what a calibration regresses measured times on)."""
         if not self.exact:
-            return self.ms(X, prepared)
+            t = self.ms(X, prepared) * np.maximum(compute_scale, bandwidth_scale).ravel() \
+                if not np.isscalar(compute_scale) else self.ms(X, prepared) * max(compute_scale, bandwidth_scale)
+            return (t, t, np.zeros_like(t)) if parts else t
         inv_comp, inv_bw = prepared
         Z = X @ self._cf[1:]
         Z += self._cf[0]
@@ -500,9 +506,25 @@ class SummaryPricer:
         Y += self._cb[0]
         Z *= inv_comp
         Y *= inv_bw
+        empty = X[:, 1] <= 0
+        # kernel launch overheads count with the memory side (fixed per kernel, like host time)
+        overhead = self._overhead_ms * np.ravel(bandwidth_scale) if not np.isscalar(bandwidth_scale) \
+            else self._overhead_ms * bandwidth_scale
+        if parts:
+            zc, ym = Z * compute_scale, Y * bandwidth_scale
+            bound = zc >= ym
+            t = np.where(bound, zc, ym).sum(axis=1) + overhead
+            comp = np.where(bound, Z, 0.0).sum(axis=1)
+            mem = np.where(bound, 0.0, Y).sum(axis=1) + self._overhead_ms
+            t[empty] = comp[empty] = mem[empty] = 0.0
+            return t, comp, mem
+        if not (np.isscalar(compute_scale) and compute_scale == 1.0):
+            Z *= compute_scale
+        if not (np.isscalar(bandwidth_scale) and bandwidth_scale == 1.0):
+            Y *= bandwidth_scale
         t = np.maximum(Z, Y, out=Z).sum(axis=1)
-        t += self._overhead_ms
-        t[X[:, 1] <= 0] = 0.0
+        t += overhead
+        t[empty] = 0.0
         return t
 
     def work_weights(self) -> tuple[float, float]:

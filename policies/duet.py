@@ -17,7 +17,7 @@ the decode lane, which runs beside the prefill lane). Counting tokens instead wo
 prompt's cheap first chunks and small chunks over the efficient large ones.
 
 Feasible: the TBT SLO. A k-step decode launch delivers each step's tokens at the step's end, so
-the gap a user sees is one step. With `slo_margin` (0.9) for what the roofline does not see
+the gap a user sees is one step. With `slo_margin` (0.85) for what the roofline does not see
 (noise, host time, contention), a candidate is feasible when
 - its first step ends within margin * (SLO - w) ms, w the longest any ready decode has already
   waited since its last token (a request that waited keeps only the rest of its budget);
@@ -30,10 +30,11 @@ the gap a user sees is one step. With `slo_margin` (0.9) for what the roofline d
 If nothing is feasible for the requests that already waited, those are let go and the rest
 protected; if nothing is feasible at all, the fastest decode step wins.
 
-Calibration. Every prediction is the roofline's times a per-lane-kind factor (aggregated,
-prefill lane, decode lane): the running mean (weight `calibrate`, 0.05 per launch) of measured
-over modelled launch time. It learns what the roofline misses (host time per step, HBM
-contention between the lanes, a device slower or faster than its hardware file) so the SLO
+Calibration. Every prediction is the roofline with each operator's compute time times a and
+its memory time times b, per lane kind (aggregated, prefill lane, decode lane), (a, b) fitted to
+the measured launch times by weighted least squares (`_Calibration`, weight `calibrate` = 0.05
+per launch). That is the model of a device whose compute and bandwidth curves are off by 1/a and
+1/b, and it absorbs host time per step and HBM contention between the lanes, so the SLO
 checks hold on a device that is not the model; `slo_margin` is left for the noise.
 
 The objective (the score of a feasible candidate):
@@ -79,7 +80,7 @@ what it may do depends on the pair:
 
 Options (--policy-config): budgets (aggregated token budgets; default 512..8192 step 256, plus
 --chunked-prefill-size), split_budgets ([2048, 4096, 8192]), decode_sms_grid (the S_d the search
-considers, as duet-paper; default the hardware's whole grid), k_max (8), slo_margin (0.9),
+considers, as duet-paper; default the hardware's whole grid), k_max (8), slo_margin (0.85),
 decode_gain (10), ttft_gain (1), kv_target (0.9), demand_window_s (20), sync_fraction (0.25),
 hysteresis (0.02), ttft_order ("deadline"), calibrate (0.05; 0 turns calibration off).
 """
@@ -120,6 +121,7 @@ class Decision:
     reason: str
     plan: StepPlan | None = None
     candidates: int = 0  # how many were priced
+    rows: dict = field(default_factory=dict)  # lane -> (summary rows, SM counts) of what it launches
 
 
 @dataclass
@@ -227,6 +229,8 @@ class _Search:
     score: np.ndarray
     prefix: _Prefix | None
     dec: _Decodes
+    X: np.ndarray  # the priced rows: aggregated steps, decode steps per (S_d, step), prefills per (S_d, budget)
+    sms: np.ndarray
 
     def __len__(self) -> int:
         return len(self.score)
@@ -256,6 +260,19 @@ class _Search:
         s = np.where(m, self.score, -np.inf)
         top = s.max()
         return int(np.flatnonzero(s >= top - 1e-9 * max(1.0, abs(top)))[0])
+
+    def rows_of(self, i: int) -> dict:
+        """lane -> (summary rows, SM counts) of what candidate i launches (for calibration)."""
+        na, nb = len(self.agg_budgets), len(self.split_budgets)
+        if i < na:
+            return {LaneKind.AGGREGATED: (self.X[i:i + 1], self.sms[i:i + 1])}
+        G, K = len(self.grid), (len(self.X) - na - len(self.grid) * nb) // max(1, len(self.grid))
+        g, bi = divmod(i - na, nb)
+        p = na + G * K + g * nb + bi
+        d = na + g * K
+        k = int(self.k[i])
+        return {LaneKind.PREFILL: (self.X[p:p + 1], self.sms[p:p + 1]),
+                LaneKind.DECODE: (self.X[d:d + k], self.sms[d:d + k])}
 
     def candidate(self, i: int) -> Candidate:
         split = bool(self.split[i])
@@ -298,7 +315,7 @@ class DuetPolicy(Policy):
         self.k_max = int(o.get("k_max", 8))
         if self.k_max < 1:
             raise ValueError(f"duet: k_max must be >= 1, got {self.k_max}")
-        self.margin = float(o.get("slo_margin", 0.9))
+        self.margin = float(o.get("slo_margin", 0.85))
         if not 0 < self.margin <= 1:
             raise ValueError(f"duet: slo_margin must be in (0, 1], got {self.margin}")
         self.decode_gain = float(o.get("decode_gain", 10.0))
@@ -325,8 +342,9 @@ class DuetPolicy(Policy):
         self._work = self.pricer.work_weights()
         self._ends: dict[LaneKind, tuple[LaneBatch, float]] = {}  # lane -> (batch launched, predicted end)
         self.calibrate = float(o.get("calibrate", 0.05))  # EWMA weight of each measured launch (0: off)
-        self.calibration = {LaneKind.AGGREGATED: 1.0, LaneKind.PREFILL: 1.0, LaneKind.DECODE: 1.0}
-        self._raw: dict[int, float] = {}  # id(batch launched) -> its uncalibrated prediction
+        self.calibration = {lane: _Calibration(self.calibrate)
+                            for lane in (LaneKind.AGGREGATED, LaneKind.PREFILL, LaneKind.DECODE)}
+        self._raw: dict[int, tuple[float, float]] = {}  # id(batch launched) -> its (compute, memory) ms
         self.last: Decision | None = None
 
     # ---- the state machine ---------------------------------------------------------------------
@@ -358,25 +376,23 @@ class DuetPolicy(Policy):
         if d.move is not Move.LAUNCH:
             return None
         d.plan.reason = f"[{d.state.value}] {d.reason}"
+        if len(self._raw) > 64:  # launches whose results never came back (a test, an abort)
+            self._raw.clear()
         for lane, batch in d.plan.lane_batches():
-            ms = d.plan.predicted_ms[lane.value]
-            self._ends[lane] = (batch, view.now + ms / 1e3)
-            if len(self._raw) > 64:  # launches whose results never came back (a test, an abort)
-                self._raw.clear()
-            self._raw[id(batch)] = ms / self.calibration[lane]
+            self._ends[lane] = (batch, view.now + d.plan.predicted_ms[lane.value] / 1e3)
+            if lane in d.rows:
+                X, sms = d.rows[lane]
+                c = self.calibration[lane]
+                _, comp, mem = self.pricer.ms_prepared(X, self.pricer.prepare(sms), c.a, c.b, parts=True)
+                self._raw[id(batch)] = (float(comp.sum()), float(mem.sum()))
         return log_plan(self, d.plan)
 
     def on_result(self, launch, result) -> None:
-        """Calibrate: per lane kind, the running ratio of measured to modelled launch time (what the
-        roofline misses: host time per step, noise, HBM contention between the lanes, a device
-        whose curves differ from the file's), applied to every later prediction."""
+        """Calibrate the lane kind's (a, b) on the launch's measured time (see `_Calibration`)."""
         super().on_result(launch, result)
-        raw = self._raw.pop(id(launch.batch), None)
-        actual = (result.finished_at - result.started_at) * 1e3
-        if raw and raw > 0 and actual > 0 and self.calibrate > 0:
-            f = self.calibration[launch.lane]
-            f += self.calibrate * (actual / raw - f)
-            self.calibration[launch.lane] = min(2.0, max(0.5, f))
+        parts = self._raw.pop(id(launch.batch), None)
+        if parts is not None:
+            self.calibration[launch.lane].update(parts[0], parts[1], (result.finished_at - result.started_at) * 1e3)
 
     # ---- the search ----------------------------------------------------------------------------
     def candidates(self, view: SchedulerView, dec: _Decodes | None = None) -> list[Candidate]:
@@ -439,12 +455,14 @@ class DuetPolicy(Policy):
             blk[:, :, 2] = a
             blk[:, :, 3] = a
             X[na + G * K:].reshape(G, nb, 4)[:] = Xs
-        t = self.pricer.ms_prepared(X, self._sms_rows(na, nb))
-        f = self.calibration
-        t[:na] *= f[LaneKind.AGGREGATED]
+        prepared, sms_rows = self._sms_rows(na, nb)
+        ca, cd, cp = (self.calibration[k] for k in (LaneKind.AGGREGATED, LaneKind.DECODE, LaneKind.PREFILL))
+        sa, sb = np.empty((len(X), 1)), np.empty((len(X), 1))
+        sa[:na], sb[:na] = ca.a, ca.b
         if nb:
-            t[na:na + G * K] *= f[LaneKind.DECODE]
-            t[na + G * K:] *= f[LaneKind.PREFILL]
+            sa[na:na + G * K], sb[na:na + G * K] = cd.a, cd.b
+            sa[na + G * K:], sb[na + G * K:] = cp.a, cp.b
+        t = self.pricer.ms_prepared(X, prepared, sa, sb)
 
         # the candidates, aggregated ones first
         N = na + G * nb
@@ -503,17 +521,18 @@ class DuetPolicy(Policy):
             split=split, agg_budgets=ba, split_budgets=bs, grid=self._grid, tau=tau, tokens=tokens, k=kk, step=step,
             decode=decode,
             first=first, slowest=slowest, joiner=joiner, feasible=feasible, score=score,
-            prefix=prefix, dec=dec,
+            prefix=prefix, dec=dec, X=X, sms=sms_rows,
         )
 
     def _sms_rows(self, na: int, nb: int):
-        """The pricer's per-row rates for the rows `search` prices (SM counts by position), cached."""
+        """(the pricer's per-row rates, the SM counts) for the rows `search` prices, cached by shape."""
         key = (na, nb)
         got = self._sms_cache.get(key)
         if got is None:
             K = self.k_max + 2
-            got = self._sms_cache[key] = self.pricer.prepare(np.concatenate([
-                np.zeros(na, dtype=int), np.repeat(self._grid, K if nb else 0), np.repeat(self.total - self._grid, nb)]))
+            sms = np.concatenate([np.zeros(na, dtype=int), np.repeat(self._grid, K if nb else 0),
+                                  np.repeat(self.total - self._grid, nb)])
+            got = self._sms_cache[key] = (self.pricer.prepare(sms), sms)
         return got
 
     def _split_mask(self, na: int, nb: int) -> np.ndarray:
@@ -568,7 +587,7 @@ class DuetPolicy(Policy):
             plan = StepPlan(prefill_lane=LaneBatch(prefill=c.prefill), decode_lane=LaneBatch(decode=dec.ids, steps=c.k),
                             prefill_sms=self.total - c.decode_sms, decode_sms=c.decode_sms,
                             predicted_ms={"prefill": c.step_ms, "decode": c.decode_ms})
-        return Decision(state, Move.LAUNCH, desc, plan, len(s))
+        return Decision(state, Move.LAUNCH, desc, plan, len(s), rows=s.rows_of(i))
 
     # ---- one lane busy -------------------------------------------------------------------------
     def _partition_stays(self, s: _Search, sd: int) -> tuple[int | None, int | None]:
@@ -586,7 +605,8 @@ class DuetPolicy(Policy):
         sd = self.total - (busy.sms or self.total - self.grid[0])
         left = self._left_ms(view, LaneKind.PREFILL, busy)
         k_cap = lookahead_cap(view, dec.remaining, self.k_max)
-        td = [float(x) * self.calibration[LaneKind.DECODE] for x in self._decode_steps(dec, sd, k_cap + 2)]
+        steps, X = self._decode_steps(dec, sd, k_cap + 2)
+        td = [float(x) for x in steps]
         cum = np.cumsum(td)
         first_limit, limit = self._limits(dec.waited_ms)
         fit = 0  # steps that end before the prefill does
@@ -603,7 +623,8 @@ class DuetPolicy(Policy):
                             predicted_ms={"decode": float(cum[k - 1])})
             return Decision(state, Move.LAUNCH, f"S_d={sd} k={k} ({float(cum[k - 1]):.1f} ms), prefill busy "
                                                 f"{left:.1f} ms more: {why}"
-                                                + ("" if ok else "; partition too small for the SLO"), plan)
+                                                + ("" if ok else "; partition too small for the SLO"), plan,
+                            rows={LaneKind.DECODE: (X[:k], np.full(k, sd))})
 
         if fit == k_cap:
             return launch(fit, "all within the prefill")
@@ -674,7 +695,8 @@ class DuetPolicy(Policy):
                         predicted_ms={"prefill": c.step_ms})
         return Decision(state, Move.LAUNCH, f"S_p={self.total - sd} b={c.budget} {c.prefill_tokens} tokens "
                                             f"({c.step_ms:.1f} ms), decode busy {left:.1f} ms more; keeping S_d={sd} "
-                                            f"(score {c.score:.3f}, best {s.score[best]:.3f})", plan, len(s))
+                                            f"(score {c.score:.3f}, best {s.score[best]:.3f})", plan, len(s),
+                                            rows={LaneKind.PREFILL: s.rows_of(here)[LaneKind.PREFILL]})
 
     # ---- helpers -------------------------------------------------------------------------------
     def _limits(self, waited_ms: float) -> tuple[float, float]:
@@ -726,10 +748,12 @@ class DuetPolicy(Policy):
             remaining.append(left)
         return self._make_decodes(ids, cached, remaining, dec.waited_ms + left_ms if dec.n else 0.0)
 
-    def _decode_steps(self, dec: _Decodes, sms: int, k: int) -> np.ndarray:
+    def _decode_steps(self, dec: _Decodes, sms: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(calibrated ms of each of k decode steps on `sms` SMs, their summary rows)."""
         a = dec.cached + dec.n * (1.0 + np.arange(k))
         X = np.stack([np.full(k, float(dec.n)), np.full(k, float(dec.n)), a, a], axis=1)
-        return self.pricer.ms(X, np.full(k, sms))
+        c = self.calibration[LaneKind.DECODE]
+        return self.pricer.ms_prepared(X, self.pricer.prepare(np.full(k, sms)), c.a, c.b), X
 
     def _left_ms(self, view: SchedulerView, lane: LaneKind, launch) -> float:
         """Predicted ms until the busy lane's launch finishes (its full prediction if unknown)."""
@@ -737,6 +761,37 @@ class DuetPolicy(Policy):
         if mine is not None and mine[0] is launch.batch:
             return max(0.0, (mine[1] - view.now) * 1e3)
         return launch.predicted_ms.get(lane.value, 0.0)
+
+
+class _Calibration:
+    """How much longer than the model a lane's compute (a) and memory traffic (b) take on the device.
+
+    Fitted to measured launches by exponentially weighted least squares (weight `weight` per
+    launch) on  measured ms = a * (ms of the launch's compute-bound operators) + b * (ms of its
+    memory-bound operators, kernel overheads included), with a weak prior at (1, 1) so that a lane
+    that only ever runs one kind (a decode lane: memory-bound) keeps the other at 1. Predictions
+    are then the roofline with compute time times a and memory time times b, operator by operator:
+    the model of a device whose compute and bandwidth curves are off by 1/a and 1/b. Host time per
+    step and contention between the lanes end up in b, where they behave alike."""
+
+    def __init__(self, weight: float):
+        self.weight = weight
+        self.a = self.b = 1.0
+        self._s = np.zeros(5)  # sums of c*c, c*m, m*m, c*y, m*y
+
+    def update(self, comp: float, mem: float, measured: float) -> None:
+        if self.weight <= 0 or measured <= 0 or comp + mem <= 0:
+            return
+        self._s *= 1.0 - self.weight
+        self._s += self.weight * np.array([comp * comp, comp * mem, mem * mem, comp * measured, mem * measured])
+        scc, scm, smm, scy, smy = self._s
+        lam = 0.01 * (scc + smm)  # the prior's weight
+        det = (scc + lam) * (smm + lam) - scm * scm
+        if det <= 0:
+            return
+        a = ((scy + lam) * (smm + lam) - scm * (smy + lam)) / det
+        b = ((scc + lam) * (smy + lam) - scm * (scy + lam)) / det
+        self.a, self.b = min(2.0, max(0.5, a)), min(2.0, max(0.5, b))
 
 
 class _Demand:

@@ -19,6 +19,7 @@ from sglang_duet.sampling_params import SamplingParams
 
 CM = CostModel.load("qwen3-8b", "h100")
 CTX_LEN = 40960
+M = DuetPolicy(PolicyContext(cost_model=CM, hardware=CM.hw)).margin  # the default slo_margin
 TOTAL = CM.hw.total_sms
 
 
@@ -117,7 +118,7 @@ def test_aggregated_when_it_delivers_more():
     cands = pol.candidates(v)
     chosen = max((c for c in cands if c.feasible), key=lambda c: c.score)
     assert chosen.mode == "aggregated" and chosen.prefill_tokens == plan.aggregated.prefill_tokens
-    assert plan.predicted_ms["aggregated"] == pytest.approx(chosen.step_ms) and chosen.step_ms <= 90.0
+    assert plan.predicted_ms["aggregated"] == pytest.approx(chosen.step_ms) and chosen.step_ms <= M * 100
     best_split = max((c for c in cands if c.mode == "split" and c.feasible), key=lambda c: c.r_p)
     assert chosen.r_p > best_split.r_p  # it delivers the prompt faster
 
@@ -125,7 +126,7 @@ def test_aggregated_when_it_delivers_more():
 def test_split_when_the_mixed_batch_would_break_the_slo():
     # 200 decodes that already waited 50 ms and a prompt that has waited 800 ms of its 1 s TTFT:
     # a mixed batch on all SMs may only take a sliver of the prompt (its first step must end within
-    # 0.9 * (100 - 50) ms), while a split steps the decodes on their partition within that budget
+    # M * (100 - 50) ms), while a split steps the decodes on their partition within that budget
     # and prefills 2048 tokens beside them.
     pol = load_policy("duet", ctx())
     decs = [decoding(f"d{i}", 1500, last=0.95) for i in range(200)]
@@ -138,7 +139,7 @@ def test_split_when_the_mixed_batch_would_break_the_slo():
     assert not any(c.feasible for c in agg if c.prefill_tokens >= 1536)  # mixed batches break the budget
     split = next(c for c in cands if c.mode == "split" and c.decode_sms == plan.decode_sms
                  and c.prefill_tokens == plan.prefill_lane.prefill_tokens)
-    assert split.feasible and split.first_ms <= 0.9 * 50 and split.slowest_ms <= 90.0
+    assert split.feasible and split.first_ms <= M * 50 and split.slowest_ms <= M * 100
     assert split.r_p > 1.3 * max(c.r_p for c in agg if c.feasible)
     # TTFT pressure: the prompt that waited is worth more than a fresh one
     w_fresh, _ = pol.weights(view(wait=[waiting("p", 6000, arrival=1.0)], dec=decs, now=1.0))
@@ -154,17 +155,17 @@ def test_a_request_that_waited_has_less_budget():
     wait = [waiting("p", 8000, arrival=1.0)]
     a = pol.candidates(view(wait=wait, dec=fresh, now=1.0))
     b = pol.candidates(view(wait=wait, dec=stale, now=1.0))
-    # the same candidates, priced the same; only the first step's budget shrank: 0.9 * (100 - 60)
+    # the same candidates, priced the same; only the first step's budget shrank: M * (100 - 60)
     assert [(c.mode, c.budget, c.decode_sms) for c in a] == [(c.mode, c.budget, c.decode_sms) for c in b]
     for ca, cb in zip(a, b):
         assert ca.first_ms == pytest.approx(cb.first_ms)
-        assert cb.feasible == (ca.feasible and cb.first_ms <= 0.9 * 40 + 1e-9)
+        assert cb.feasible == (ca.feasible and cb.first_ms <= M * 40 + 1e-9)
     assert sum(c.feasible for c in b) < sum(c.feasible for c in a)
     plan = load_policy("duet", ctx()).plan(view(wait=wait, dec=stale, now=1.0))
     first = plan.predicted_ms.get("aggregated", None)
     if plan.mode == "split":
         first = next(c.first_ms for c in b if c.mode == "split" and c.decode_sms == plan.decode_sms)
-    assert first <= 0.9 * 40
+    assert first <= M * 40
 
 
 def test_joiners_bound_the_decode_steps_of_a_split():
@@ -174,10 +175,10 @@ def test_joiners_bound_the_decode_steps_of_a_split():
     decs = [decoding(f"d{i}", 3000) for i in range(200)]
     cands = pol.candidates(view(wait=[waiting("p", 900)], dec=decs))  # a short prompt: it completes
     splits = [c for c in cands if c.mode == "split"]
-    assert any(c.joiner_ms > 90.0 for c in splits)
+    assert any(c.joiner_ms > M * 100 for c in splits)
     for c in splits:
         assert c.joiner_ms > 0  # every split completes "p"
-        if c.joiner_ms > 90.0:
+        if c.joiner_ms > M * 100:
             assert not c.feasible
 
 
@@ -284,37 +285,44 @@ def test_decode_pace_target_follows_littles_law():
     assert lam == pytest.approx(20.0)
     kv = 0.9 * 350_000 / (lam * (1000 + 100) * 200) * 1e3
     n = 0.9 * 256 / (lam * 200) * 1e3
-    assert pol.weights(v)[1] == pytest.approx(min(90.0, kv, n))
-    assert load_policy("duet", ctx()).weights(v)[1] == pytest.approx(90.0)  # too few arrivals seen: no target
+    assert pol.weights(v)[1] == pytest.approx(min(M * 100, kv, n))
+    assert load_policy("duet", ctx()).weights(v)[1] == pytest.approx(M * 100)  # too few arrivals seen: no target
 
 
 # ---- calibration -------------------------------------------------------------------------------
 
 
-def test_measured_launch_times_calibrate_later_predictions():
+def test_measured_launch_times_calibrate_compute_and_bandwidth():
+    """A device whose compute is 20% slower than the model and whose memory is as modelled: after a
+    few measured launches of both kinds, duet predicts a compute-bound step 20% longer and a
+    memory-bound one as before (a single ratio could not do both)."""
     from sglang_duet.core.plan import LaunchResult
 
-    pol = load_policy("duet", ctx(calibrate=0.5))
-    v = view(wait=[waiting("p", 3000)], dec=[decoding(f"d{i}", 800) for i in range(8)])
-    plan = pol.plan(v)
-    pred = plan.predicted_ms["aggregated"]
-    batch = plan.aggregated
-    done = Launch(0, LaneKind.AGGREGATED, batch, [], predicted_ms=plan.predicted_ms)
-    pol.on_result(done, LaunchResult(0, started_at=1.0, finished_at=1.0 + 1.2 * pred / 1e3))  # 20% slower
-    assert pol.calibration[LaneKind.AGGREGATED] == pytest.approx(1.1)  # halfway to 1.2
-    assert pol.calibration[LaneKind.DECODE] == 1.0 and pol.calibration[LaneKind.PREFILL] == 1.0
-    again = pol.candidates(v)
-    first = load_policy("duet", ctx()).candidates(v)
-    for a, b in zip(again, first):
-        if a.mode == "aggregated":
-            assert a.step_ms == pytest.approx(1.1 * b.step_ms)
-        else:
-            assert a.step_ms == pytest.approx(b.step_ms) and a.decode_ms == pytest.approx(b.decode_ms)
+    pol = load_policy("duet", ctx(calibrate=0.3))
+    mixed = view(wait=[waiting("p", 6000)])  # a prefill: compute-bound (aggregated, nothing to split)
+    decode_only = view(dec=[decoding(f"e{i}", 3000) for i in range(200)])  # memory-bound
+    cm_pol = load_policy("duet", ctx())  # uncalibrated, for the model's own split of each launch
+    for i in range(30):
+        plan = pol.plan(mixed if i % 2 else decode_only)
+        batch = plan.aggregated
+        comp, mem = pol._raw[id(batch)]
+        took = 1.2 * comp + 1.0 * mem  # ms on this device
+        pol.on_result(Launch(i, LaneKind.AGGREGATED, batch, [], predicted_ms=plan.predicted_ms),
+                      LaunchResult(i, started_at=0.0, finished_at=took / 1e3))
+    c = pol.calibration[LaneKind.AGGREGATED]
+    assert c.a == pytest.approx(1.2, rel=0.02) and c.b == pytest.approx(1.0, rel=0.02)
+    assert pol.calibration[LaneKind.DECODE].a == 1.0 and pol.calibration[LaneKind.PREFILL].b == 1.0
+    big = next(c for c in pol.candidates(mixed) if c.mode == "aggregated" and c.budget == 4096)
+    big0 = next(c for c in cm_pol.candidates(mixed) if c.mode == "aggregated" and c.budget == 4096)
+    assert big.step_ms == pytest.approx(1.2 * big0.step_ms, rel=0.03)  # compute-bound: 20% longer
+    dec = next(c for c in pol.candidates(decode_only) if c.mode == "aggregated")
+    dec0 = next(c for c in cm_pol.candidates(decode_only) if c.mode == "aggregated")
+    assert dec.step_ms == pytest.approx(dec0.step_ms, rel=0.03)  # memory-bound: as modelled
     off = load_policy("duet", ctx(calibrate=0))
-    p2 = off.plan(v)
+    p2 = off.plan(mixed)
     off.on_result(Launch(0, LaneKind.AGGREGATED, p2.aggregated, [], predicted_ms=p2.predicted_ms),
                   LaunchResult(0, started_at=1.0, finished_at=2.0))
-    assert off.calibration[LaneKind.AGGREGATED] == 1.0
+    assert (off.calibration[LaneKind.AGGREGATED].a, off.calibration[LaneKind.AGGREGATED].b) == (1.0, 1.0)
 
 
 # ---- the simulator -----------------------------------------------------------------------------

@@ -205,9 +205,12 @@ def test_duet_paper_needs_a_cost_model():
         load_policy("duet-paper", PolicyContext())
 
 
-@pytest.mark.parametrize("name,options", [("duet-paper", {"join_guard": False}), ("duet", {"slo_margin": 1.0})])
+@pytest.mark.parametrize("name,options", [("duet-paper", {"join_guard": False}),
+                                          ("duet", {"slo_margin": 1.0, "calibrate": 0, "budgets": [4096]})])
 def test_duet_runs_requests_to_completion_with_correct_tokens(name, options):
     # A 7 ms SLO on an H100: a 1024-token chunk plus decodes must split, decodes alone do not.
+    # (duet would rather run small mixed chunks on all SMs with these few decodes; with only a
+    # 4096-token aggregated budget it has to split too.)
     pol = load_policy(name, ctx(budget=1024, slo=7.0, **options))
     core = SchedulerCore(CoreConfig(kv_slots=8192, context_length=8192, chunked_prefill_size=1024), pol,
                          clock=lambda: lanes.clock())
