@@ -12,6 +12,9 @@ from sglang_duet.policies.base import LaneBatch, Policy, SchedulerView, StepPlan
 
 class AggregatedPolicy(Policy):
     name = "aggregated"
+    # Plans only aggregated batches from the view it is given: the next step can be planned while
+    # one runs (overlap scheduling, SchedulerCore's CoreConfig.overlap).
+    supports_overlap = True
 
     def plan(self, view: SchedulerView) -> StepPlan | None:
         if not view.all_idle:

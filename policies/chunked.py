@@ -18,6 +18,7 @@ from sglang_duet.policies.base import (
 
 class ChunkedPolicy(Policy):
     name = "chunked"
+    supports_overlap = True  # aggregated batches only: see AggregatedPolicy
 
     def __init__(self, ctx: PolicyContext | None = None):
         super().__init__(ctx)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 
-from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, LaunchResult, StepPlan
+from sglang_duet.core.plan import FUTURE_TOKEN, LaneBatch, LaneKind, Launch, LaunchResult, StepPlan
 from sglang_duet.policies.base import Policy, select_prefills
 
 VOCAB = 97
@@ -45,17 +45,26 @@ class FakeLanes:
         self.forced = forced or {}  # rid -> {position: token}: force e.g. an eos at an output index
         self.max_concurrent = 0
         self.launches: list[Launch] = []
+        # Overlap scheduling: a launch submitted while its lane runs another starts when that one
+        # ends, and a FUTURE_TOKEN input is the last token the launch it names sampled for the row.
+        self.lane_free_at: dict[LaneKind, float] = {}
+        self.sampled: dict[tuple[int, str], int] = {}
+        self.queued_submits = 0
 
     def clock(self) -> float:
         return self.now
 
     def submit(self, launch: Launch) -> None:
         self.launches.append(launch)
-        res = LaunchResult(launch.launch_id, started_at=self.now)
+        start = max(self.now, self.lane_free_at.get(launch.lane, 0.0))
+        self.queued_submits += start > self.now
+        res = LaunchResult(launch.launch_id, started_at=start)
         dur = 0.0
         for w in launch.work:
             slots = w.kv_slots
             for i, t in enumerate(w.input_ids):
+                if t == FUTURE_TOKEN:
+                    t = self.sampled[(w.input_from, w.rid)]
                 self.kv[slots[w.start_pos + i]] = t
             if not w.sample:
                 dur += len(w.input_ids) * self.prefill_ms
@@ -74,15 +83,17 @@ class FakeLanes:
                     self.kv[slots[pos]] = tok
                     pos += 1
             res.tokens[w.rid] = out
+            self.sampled[(launch.launch_id, w.rid)] = out[-1]
         steps = launch.batch.steps if launch.batch.decode else 0
-        res.finished_at = self.now + (dur + steps * self.decode_ms) / 1e3
+        res.finished_at = start + (dur + steps * self.decode_ms) / 1e3
+        self.lane_free_at[launch.lane] = res.finished_at
         if self.partials and steps > 1:
             for j in range(steps):  # step j's tokens, visible when step j ends
-                t = self.now + (dur + (j + 1) * self.decode_ms) / 1e3
-                part = LaunchResult(launch.launch_id, started_at=self.now, finished_at=t, final=False)
+                t = start + (dur + (j + 1) * self.decode_ms) / 1e3
+                part = LaunchResult(launch.launch_id, started_at=start, finished_at=t, final=False)
                 part.tokens = {rid: toks[j:j + 1] for rid, toks in res.tokens.items() if len(toks) > j}
                 heapq.heappush(self.pending, (t, (launch.launch_id, j), part))
-            res = LaunchResult(launch.launch_id, started_at=self.now, finished_at=res.finished_at)
+            res = LaunchResult(launch.launch_id, started_at=start, finished_at=res.finished_at)
         heapq.heappush(self.pending, (res.finished_at, (launch.launch_id, steps), res))
         self.max_concurrent = max(self.max_concurrent, len({lid for _, (lid, _), r in self.pending}))
 
@@ -91,8 +102,12 @@ class FakeLanes:
         updates = []
         for _ in range(max_iters):
             updates.extend(self.core.take_updates())
-            for launch in self.core.schedule():
-                self.submit(launch)
+            while True:  # with overlap, a second call plans the step queued behind the running one
+                launches = self.core.schedule()
+                for launch in launches:
+                    self.submit(launch)
+                if not launches:
+                    break
             if not self.pending:
                 if not self.core.has_unfinished():
                     return updates

@@ -111,6 +111,9 @@ class SchedulerCore:
         self.stop_checker = stop_checker
         self.allocator = TokenSlotAllocator(config.kv_slots)
         self._max_seq_len = min(config.context_length, self.allocator.capacity)
+        # Overlap needs a policy that plans aggregated batches only (it is shown a view as if the
+        # running launch had ended); the executor's support is the caller's to check.
+        self._overlap = config.overlap and getattr(policy, "supports_overlap", False)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # insertion order = admission order
@@ -261,7 +264,7 @@ class SchedulerCore:
 
     def _overlap_head(self) -> Launch | None:
         """The running aggregated launch a next one may be planned behind (overlap scheduling), if any."""
-        if not self.config.overlap or LaneKind.AGGREGATED not in self._busy or self._queued:
+        if not self._overlap or LaneKind.AGGREGATED not in self._busy or self._queued:
             return None
         return self.inflight[self._busy[LaneKind.AGGREGATED]]
 
