@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-running-requests", type=int, default=256)
     p.add_argument("--max-total-tokens", type=int, default=None, help="KV slots (default: what the GPU holds)")
     p.add_argument("--policy-config", default=None, help="YAML/JSON file of policy options")
+    p.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="plan each step only after the previous one ended (SGLang's flag; default: policies "
+                        "that support it plan the next aggregated step while one runs)")
     t = p.add_argument_group("ground truth of the emulated GPU (policies plan with the plain cost model)")
     t.add_argument("--truth", choices=("on", "off"), default="on",
                    help="on: noise, host time, switch cost, per-request attention, phase contention (defaults "
@@ -122,7 +125,7 @@ def base_config(a: argparse.Namespace) -> SimConfig:
         num_requests=a.num_requests, seed=a.seed, tbt_slo_ms=a.tbt_slo_ms, ttft_slo_ms=a.ttft_slo_ms,
         chunked_prefill_size=a.chunked_prefill_size, max_running_requests=a.max_running_requests,
         kv_slots=(a.max_total_tokens + 1) if a.max_total_tokens else None, contention=a.contention,
-        policy_options=options, truth=truth_config(a),
+        policy_options=options, truth=truth_config(a), overlap=not a.disable_overlap_schedule,
     )
 
 

@@ -262,6 +262,11 @@ class SchedulerCore:
             return frozenset()  # an aggregated launch holds every SM
         return frozenset(k for k in (LaneKind.PREFILL, LaneKind.DECODE) if k not in self._busy)
 
+    def can_plan(self) -> bool:
+        """Whether schedule() could launch anything now: a lane is idle, or an aggregated launch runs
+        with nothing queued behind it (overlap). Cheap: callers check it before schedule()."""
+        return bool(self.idle_lanes()) or self._overlap_head() is not None
+
     def _overlap_head(self) -> Launch | None:
         """The running aggregated launch a next one may be planned behind (overlap scheduling), if any."""
         if not self._overlap or LaneKind.AGGREGATED not in self._busy or self._queued:

@@ -130,6 +130,10 @@ def truth_pricer(cost_model, truth: TruthConfig):
 
 class EmulatedExecutor(Executor):
     concurrent_lanes = True
+    # Overlap scheduling: a launch submitted while its lane runs another is queued and starts when
+    # that one ends (the device runs them back to back); its truth host time overlapped the running
+    # launch's device time, so only what exceeds it is charged.
+    supports_overlap = True
 
     def __init__(self, cost_model, clock_mode: str = "wall", contention: str | None = None,
                  clock=time.monotonic, time_scale: float = 1.0, token_range: tuple[int, int] | None = None,
@@ -151,6 +155,7 @@ class EmulatedExecutor(Executor):
         self.token_lo, self.token_hi = token_range or (0, cost_model.model.vocab_size)
         self.banned = frozenset(banned_tokens)
         self._running: dict[int, _Running] = {}
+        self._queued: dict[LaneKind, list[Launch]] = {}  # launches waiting for their lane (overlap)
         self._done: list[LaunchResult] = []
         self._lane_sms: dict[LaneKind, int | None] = {}
         self.busy_s = {"aggregated": 0.0, "prefill": 0.0, "decode": 0.0}  # emulated lane time, for stats
@@ -200,7 +205,7 @@ class EmulatedExecutor(Executor):
         return min((r.next_event() for r in self._running.values()), default=None)
 
     def busy(self) -> bool:
-        return bool(self._running or self._done)
+        return bool(self._running or self._done or any(self._queued.values()))
 
     # ---- launches ---------------------------------------------------------------------------
     def price(self, launch: Launch) -> LaunchCost:
@@ -211,6 +216,14 @@ class EmulatedExecutor(Executor):
     def submit(self, launch: Launch) -> None:
         now = self.now()
         self._settle(now)
+        if any(r.launch.lane == launch.lane for r in self._running.values()):
+            self._queued.setdefault(launch.lane, []).append(launch)  # overlap: runs when the lane frees
+            return
+        self._start(launch, now, hidden_host_s=0.0)
+
+    def _start(self, launch: Launch, now: float, hidden_host_s: float) -> None:
+        """Start a launch at `now`; `hidden_host_s` of its host time already ran beside the launch
+        before it on its lane (overlap scheduling) and is not charged again."""
         truth = self.truth
         lc = self.price(launch)
         noise = lognormal_factor(self._rng, truth.noise_sigma)
@@ -225,6 +238,10 @@ class EmulatedExecutor(Executor):
         acc, bounds, host_total = switch, [], switch
         for dev, reqs in zip(lc.step_s, lc.step_reqs):
             host = truth.host_s(reqs)
+            if hidden_host_s > 0:  # prepared while the launch before it ran
+                hidden = min(host, hidden_host_s)
+                host -= hidden
+                hidden_host_s -= hidden
             host_total += host
             acc += dev * noise + host
             bounds.append(acc * scale)
@@ -284,6 +301,9 @@ class EmulatedExecutor(Executor):
                 self._progress(end)
                 del running[run.launch.launch_id]
                 self._report(run, end, final=True)
+                queue = self._queued.get(run.launch.lane)
+                if queue:  # the lane's next launch starts as this one ends
+                    self._start(queue.pop(0), end, hidden_host_s=(end - run.started) / self.time_scale)
                 self._rerate()
             else:
                 self._report(run, end, final=False)

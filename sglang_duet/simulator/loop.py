@@ -48,6 +48,9 @@ class SimConfig:
     # own hardware). None: the exact model, the belief itself. Its seed is the noise generator's.
     truth: TruthConfig | None = field(default_factory=TruthConfig)
     record_launches: bool = False  # keep a LaunchRecord per launch (SimResult.launches)
+    # Overlap scheduling (the engine's default): policies that support it plan the next aggregated
+    # step while one runs, and the emulated GPU runs them back to back, hiding their host time.
+    overlap: bool = True
     policy_options: dict = field(default_factory=dict)
     arrival: dict | None = None  # override the workload's arrival process, e.g. {"process": "poisson"}
 
@@ -106,7 +109,8 @@ def simulate(cfg: SimConfig, specs: list[RequestSpec] | None = None, cost_model:
     ))
     core = SchedulerCore(
         CoreConfig(kv_slots=cfg.kv_slots or emulated_kv_slots(cm), context_length=ctx_len,
-                   max_running_requests=cfg.max_running_requests, chunked_prefill_size=cfg.chunked_prefill_size),
+                   max_running_requests=cfg.max_running_requests, chunked_prefill_size=cfg.chunked_prefill_size,
+                   overlap=cfg.overlap),
         policy, clock=ex.now,
     )
     records: dict[str, RequestRecord] = {}
@@ -121,11 +125,14 @@ def simulate(cfg: SimConfig, specs: list[RequestSpec] | None = None, cost_model:
         while nxt < n_specs and specs[order[nxt]].arrival_s <= now:
             _admit(core, records, order[nxt], specs[order[nxt]], ctx_len)
             nxt += 1
-        if core.idle_lanes():  # with no lane idle, schedule() would plan nothing
-            for launch in core.schedule():
+        while core.can_plan():  # a second round plans the step queued behind the running one (overlap)
+            planned = core.schedule()
+            for launch in planned:
                 ex.submit(launch)
                 if log is not None:
                     log[launch.launch_id] = launch
+            if not planned:
+                break
         done_at = ex.next_completion()
         arrive_at = specs[order[nxt]].arrival_s if nxt < n_specs else math.inf
         if done_at is None and arrive_at == math.inf:
