@@ -198,9 +198,10 @@ def settled_state(base_url: str, finished_at_least: int, timeout_s: float = 30.0
 def critical_path_delta(before: dict, after: dict) -> dict:
     b, a = before.get("critical_path") or {}, after.get("critical_path") or {}
     n = a.get("gaps", 0) - b.get("gaps", 0)
+    overlapped = a.get("overlapped", 0) - b.get("overlapped", 0)  # launches that followed no idle gap
     if n <= 0:
-        return {"gaps": 0, "mean_ms": float("nan"), "wake_ms": float("nan"), "cpu_ms": float("nan"),
-                "p50_ms": float("nan"), "p99_ms": float("nan")}
+        return {"gaps": 0, "overlapped": overlapped, "mean_ms": float("nan"), "wake_ms": float("nan"),
+                "cpu_ms": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan")}
     hist = [x - y for x, y in zip(a["hist"], b.get("hist") or [0] * len(a["hist"]))]
     edges = a["edges_ms"]
 
@@ -212,7 +213,7 @@ def critical_path_delta(before: dict, after: dict) -> dict:
                 return edges[i] if i < len(edges) else float("inf")
         return float("inf")
 
-    return {"gaps": n, "mean_ms": (a["gap_s"] - b.get("gap_s", 0.0)) / n * 1e3,
+    return {"gaps": n, "overlapped": overlapped, "mean_ms": (a["gap_s"] - b.get("gap_s", 0.0)) / n * 1e3,
             "wake_ms": (a["wake_s"] - b.get("wake_s", 0.0)) / n * 1e3,
             "cpu_ms": (a.get("cpu_s", float("nan")) - b.get("cpu_s", 0.0)) / n * 1e3, "p50_ms": q(0.5), "p99_ms": q(0.99)}
 

@@ -43,6 +43,7 @@ class EngineCore:
                 max_running_requests=args.max_running_requests or MAX_RUNNING_DEFAULT,
                 max_queued_requests=args.max_queued_requests,
                 chunked_prefill_size=args.chunked_prefill_size,
+                overlap=not args.disable_overlap_schedule and getattr(self.executor, "supports_overlap", False),
             ),
             self.policy,
             clock=clock,
@@ -156,11 +157,23 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.core.has_unfinished()
 
+    def launch(self) -> int:
+        """Hand the executor whatever the core plans now; with overlap scheduling, also the step
+        queued behind the running one. Returns how many launches went out."""
+        n = 0
+        while self.core.can_plan():
+            launches = self.core.schedule()
+            if not launches:
+                break
+            for launch in launches:
+                self.executor.submit(launch)
+            n += len(launches)
+        return n
+
     def step(self, timeout: float | None = None) -> list[RequestUpdate]:
         """One scheduler iteration: plan for idle lanes, launch, and apply whatever finished."""
         updates = self.core.take_updates()
-        for launch in self.core.schedule():
-            self.executor.submit(launch)
+        self.launch()
         if self.core.inflight:
             for res in self.executor.poll(timeout):
                 updates.extend(self.core.apply_result(res))

@@ -31,9 +31,12 @@ class ServerArgs:
     emulated_step_ms: float | None = None  # emulated executor: every launch costs exactly this (cost_model/constant.py)
     attention_backend: str = "auto"  # auto: flashinfer, else triton, else torch on a GPU; torch on a CPU
     disable_cuda_graph: bool = False
+    # Overlap scheduling (SGLang's flag): plan the next step while one runs, where the policy and the
+    # executor support it (aggregated/chunked on the emulated GPU or the async GPU executor)
+    disable_overlap_schedule: bool = False
     cuda_graph_max_bs: int | None = None
     lanes: str = "auto"  # auto | 1 | 2; auto: two lanes on CUDA when the policy can split
-    sm_partition_backend: str = "auto"  # auto | cuda | torch | none (green contexts via cuda-bindings or torch)  # largest decode batch captured (SGLang's buckets up to this)
+    sm_partition_backend: str = "auto"  # auto | cuda | torch | none (green contexts via cuda-bindings or torch)
     random_seed: int = 0
     # server
     host: str = "127.0.0.1"

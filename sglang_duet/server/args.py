@@ -44,6 +44,8 @@ _SPECS: dict[str, tuple[str, dict]] = {
                         "larger values cost less host time per token at many streams", {}),
     "attention_backend": ("attention backend", {}),
     "disable_cuda_graph": ("do not capture CUDA graphs", {}),
+    "disable_overlap_schedule": ("plan each step only after the previous one ended (default: aggregated and chunked "
+                                 "plan the next step while one runs, on executors that support it)", {}),
     "cuda_graph_max_bs": ("largest decode batch captured in a CUDA graph (default 256)", {}),
     "lanes": ("executor lanes: 2 runs split plans' prefill and decode concurrently on SM partitions",
               {"choices": ["auto", "1", "2"]}),

@@ -149,7 +149,7 @@ class SchedulerProcess:
                 # for input instead of spinning a shared core at 100%.
                 got = self._drain(0 if progressed else 1)
                 updates = self.engine.step(0.0 if got else STEP_WAIT_S)
-                if updates and launch_first and self.engine.core.idle_lanes() and self.engine.has_work():
+                if updates and launch_first and self.engine.core.can_plan() and self.engine.has_work():
                     self._drain(0)  # aborts and new requests first: they change what the next launch holds
                     updates += self.engine.step(0.0)
                 core = self.engine.core
@@ -333,6 +333,7 @@ class DeviceTimer:
         self._woke = 0.0
         self._cpu0 = 0.0  # this thread's CPU time when the poll that returned that result began
         self.count = 0
+        self.overlapped = 0  # launches handed over while another still ran (overlap scheduling)
         self.gap_s = 0.0
         self.wake_s = 0.0
         self.cpu_s = 0.0  # CPU time the loop's thread spent in the gaps (waiting for a core is not in it)
@@ -353,6 +354,7 @@ class DeviceTimer:
             self.max_gap_s = max(self.max_gap_s, gap)
             self.hist[bisect.bisect_left(GAP_EDGES_MS, gap * 1e3)] += 1
         self._end = None
+        self.overlapped += self.inflight > 0
         self.inflight += 1
         self.inner.submit(launch)
 
@@ -377,7 +379,7 @@ class DeviceTimer:
         self._end = None
 
     def stats(self) -> dict:
-        return {"gaps": self.count, "gap_s": self.gap_s, "wake_s": self.wake_s, "cpu_s": self.cpu_s,
+        return {"gaps": self.count, "overlapped": self.overlapped, "gap_s": self.gap_s, "wake_s": self.wake_s, "cpu_s": self.cpu_s,
                 "max_gap_s": self.max_gap_s,
                 "hist": list(self.hist), "edges_ms": list(GAP_EDGES_MS)}
 
