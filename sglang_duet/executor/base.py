@@ -11,6 +11,9 @@ class Executor(abc.ABC):
 
     #: can run a prefill lane and a decode lane at the same time (split plans overlap)
     concurrent_lanes: bool = False
+    #: runs a launch submitted while its lane is busy after that one, resolving its FUTURE_TOKEN
+    #: inputs from it (overlap scheduling; see SchedulerCore's CoreConfig.overlap)
+    supports_overlap: bool = False
 
     @abc.abstractmethod
     def submit(self, launch: Launch) -> None: ...
@@ -20,6 +23,7 @@ class Executor(abc.ABC):
         """Results of finished launches; waits up to `timeout` seconds (None: until one finishes)."""
 
     def busy(self) -> bool:
+        """Whether a launch is running or a result is waiting to be polled."""
         return False
 
     def shutdown(self) -> None:

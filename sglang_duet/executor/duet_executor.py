@@ -217,7 +217,8 @@ class _Record:
     parts: list = field(default_factory=list)  # _Step per decode step issued so far (published by the worker)
     sent: int = 0  # parts already reported (scheduler thread only)
     buf: torch.Tensor | None = None  # host id buffer (HostIdBuffers), handed back after the final part
-    # rid -> len(output_ids) at submit: the core extends that list as this launch's parts are applied
+    # rid -> output tokens before this launch (ReqWork.output_pos): the core's output_ids list lags
+    # behind launches in flight and grows as this launch's parts are applied
     out_lens: dict = field(default_factory=dict)
 
 
@@ -257,6 +258,10 @@ class _LaneWorker(threading.Thread):
 
 class DuetGPUExecutor(Executor):
     concurrent_lanes = True
+    # Overlap scheduling: the scheduler's thread plans the next aggregated launch while the main
+    # worker runs this one; the worker runs them in order and resolves the next one's inputs from
+    # this one's sampled ids (executor/futures.py).
+    supports_overlap = True
 
     def __init__(self, model, kv_pool, attn_backend, device: torch.device | str, partitioner: SMPartitioner,
                  clock: Callable[[], float] = time.monotonic, graph_runner: PartitionedDecodeRunner | None = None,
@@ -283,6 +288,9 @@ class DuetGPUExecutor(Executor):
         # per step: device time vs the host time poll saw it (token_times); one log for every path
         self.deliveries: collections.deque[Delivery] = self._agg.deliveries
         self._eager_main.deliveries = self._eager_prefill.deliveries = self.deliveries
+        # One record of sampled tokens for every path, so an overlapped aggregated launch finds the
+        # inputs and history its predecessor sampled, whichever path ran it (executor/futures.py).
+        self._eager_main.futures = self._eager_prefill.futures = self._agg.futures
         self.buffers = HostIdBuffers(self.device, graph_runner.max_bs if graph_runner is not None else DEFAULT_MAX_BS)
         self._release: list[torch.Tensor] = []  # host buffers handed back at the next _collect
         self._inflight: dict[int, _Record] = {}
@@ -299,7 +307,7 @@ class DuetGPUExecutor(Executor):
             raise RuntimeError("executor is shut down")
         stream, part = self._placement(launch)
         rec = _Record(launch, stream, part, submitted_at=self.clock(),
-                      out_lens={w.rid: len(w.output_ids) for w in launch.work})
+                      out_lens={w.rid: w.output_pos for w in launch.work})
         with self._cv:
             self._inflight[launch.launch_id] = rec
             lanes = {r.launch.lane for r in self._inflight.values()}
@@ -442,7 +450,7 @@ class DuetGPUExecutor(Executor):
         p = w.params
         if p is None or has_penalty(p) or p.logprobs:
             return False
-        return not (w.eos_ids and len(w.output_ids) < p.min_new_tokens)
+        return not (w.eos_ids and w.output_pos < p.min_new_tokens)
 
     def _mode(self, params: list) -> str:
         return self._agg._mode(params)
@@ -633,16 +641,21 @@ def _arg(args, name: str, default=None):
 
 
 def build_executor(model, kv_pool, attn_backend, device, args=None, clock=time.monotonic):
-    """The engine's executor factory: two lanes (DuetGPUExecutor) when --lanes resolves to 2, else
-    the single-lane `build_model_executor` (ModelExecutor on a CPU, GPUModelExecutor on a GPU)."""
+    """The engine's executor factory: DuetGPUExecutor when --lanes resolves to 2, and on a GPU also for
+    one lane (its worker thread runs launches while the scheduler plans the next: overlap scheduling;
+    no partition graphs are captured then); else the synchronous `build_model_executor`
+    (ModelExecutor on a CPU; GPUModelExecutor on a GPU with --disable-overlap-schedule)."""
     lanes = resolve_lanes(_arg(args, "lanes", "auto"), device, _arg(args, "policy", "aggregated"))
     if lanes == 1:
-        return build_model_executor(model, kv_pool, attn_backend, torch.device(device), args, clock=clock)
+        if torch.device(device).type != "cuda" or _arg(args, "disable_overlap_schedule", False):
+            return build_model_executor(model, kv_pool, attn_backend, torch.device(device), args, clock=clock)
+        return build_duet_executor(model, kv_pool, attn_backend, device, args, clock=clock, capture_sms=[])
     return build_duet_executor(model, kv_pool, attn_backend, device, args, clock=clock)
 
 
 def build_duet_executor(model, kv_pool, attn_backend, device, args=None, clock=time.monotonic,
-                        partitioner: SMPartitioner | None = None, make_attn=None) -> DuetGPUExecutor:
+                        partitioner: SMPartitioner | None = None, make_attn=None,
+                        capture_sms=None) -> DuetGPUExecutor:
     """DuetGPUExecutor with a partitioner for this device (args.sm_partition_backend: auto|cuda|torch|none;
     grid from args.hardware) and a partitioned decode runner: CUDA graphs on a GPU, the same static-buffer
     path run eagerly on a CPU. The all-SM greedy buckets are captured now, and so are the splits of the
@@ -674,7 +687,7 @@ def build_duet_executor(model, kv_pool, attn_backend, device, args=None, clock=t
                          make_attn=make_attn)
     logger.info("two-lane executor: SM partitions via %s (%d SMs, grid %s)", partitioner.backend,
                 partitioner.total, partitioner.grid())
-    _prepare(ex, _arg(args, "duet_capture_sms", None))
+    _prepare(ex, capture_sms if capture_sms is not None else _arg(args, "duet_capture_sms", None))
     return ex
 
 

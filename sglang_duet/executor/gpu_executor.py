@@ -67,13 +67,14 @@ class GPUModelExecutor(ModelExecutor):
                 return False
             if has_penalty(p) or p.logprobs:
                 return False
-            if w.eos_ids and len(w.output_ids) < p.min_new_tokens:
+            if w.eos_ids and w.output_pos < p.min_new_tokens:
                 return False
         return True
 
     def _run_graph(self, launch: Launch) -> LaunchResult:
         res = LaunchResult(launch.launch_id, started_at=self.clock())
         work = launch.work
+        self.futures.resolve(work)
         steps = max(w.steps for w in work)
         mode = self._mode([w.params for w in work])
         ids_per_step: list[torch.Tensor] = []
@@ -95,6 +96,7 @@ class GPUModelExecutor(ModelExecutor):
             for w in rows:
                 sampled[w.rid].append(flat[i])
                 i += 1
+        self.futures.record(launch.launch_id, sampled)
         res.tokens = sampled
         res.logprobs = {}
         # Delivered at the read, all k together (see the module docstring); device times go to the log.
@@ -190,13 +192,13 @@ def graph_decode_steps(runner, work: list[ReqWork], mode: str, vocab: int, index
     record its own event or mark. `index(keep)` turns a list of row positions into a device index
     tensor (how is the caller's business: a lane stream must not wait on a blocking copy).
     `before_launch` goes to runner.run: called right before each step's replay, after its host work.
-    `out_lens[rid]`: the row's output length when the launch was submitted (the seeded noise's step).
-    A caller whose steps are delivered while later ones are issued must pass it: `ReqWork.output_ids`
-    is the request's own list, which the core extends as this launch's earlier steps are applied.
+    `out_lens[rid]`: the row's output length before this launch (the seeded noise's step); default
+    `ReqWork.output_pos`, never len(output_ids): that is the core's live list, which lags behind the
+    launches in flight and grows as this launch's parts are applied.
     """
     steps = max(w.steps for w in work)
     if out_lens is None:
-        out_lens = {w.rid: len(w.output_ids) for w in work}
+        out_lens = {w.rid: w.output_pos for w in work}
     prev_ids, prev_rows = None, []
     for step in range(steps):
         rows = [w for w in work if w.steps > step]

@@ -9,6 +9,7 @@ import torch
 
 from sglang_duet.core.plan import Launch, LaunchResult, ReqWork
 from sglang_duet.executor.base import Executor
+from sglang_duet.executor.futures import SampledTokens
 from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.sampling.sampler import Sampler, SamplingRow
 
@@ -49,11 +50,16 @@ class ModelExecutor(Executor):
         self.sampler = Sampler(vocab_size=model.config.vocab_size)
         self.clock = clock
         self._done: deque[LaunchResult] = deque()
+        # inputs and history of a launch planned while the one before it ran (overlap scheduling)
+        self.futures = SampledTokens()
         #: per sampling step (lane, launch id, step, rows, step time, host read time); bounded
         self.deliveries: deque[Delivery] = deque(maxlen=self.DELIVERY_LOG)
 
     def submit(self, launch: Launch) -> None:
         self._done.append(self.run(launch))
+
+    def busy(self) -> bool:
+        return bool(self._done)
 
     def poll(self, timeout: float | None = None) -> list[LaunchResult]:
         out = list(self._done)
@@ -64,6 +70,7 @@ class ModelExecutor(Executor):
     def run(self, launch: Launch) -> LaunchResult:
         res = LaunchResult(launch.launch_id, started_at=self.clock())
         work = launch.work
+        self.futures.resolve(work)
         sampled = {w.rid: [] for w in work if w.sample}
         lps: dict[str, list[dict]] = {w.rid: [] for w in work if w.sample and w.params.logprobs}
         step_times: list[tuple[int, float]] = []  # (rows, when the step's sampler returned)
@@ -87,6 +94,7 @@ class ModelExecutor(Executor):
                 if w.rid in lps and lp is not None:
                     lps[w.rid].append(lp)
         end = self.clock()
+        self.futures.record(launch.launch_id, sampled)
         res.tokens = sampled
         res.logprobs = lps
         # All of the launch's tokens reach the host's caller together, when run() returns.
@@ -96,8 +104,9 @@ class ModelExecutor(Executor):
                                for j, (n, t) in enumerate(step_times))
         return res
 
-    @staticmethod
-    def _row(w: ReqWork, this_launch: list[int]) -> SamplingRow:
-        out = w.output_ids + this_launch if this_launch else w.output_ids
+    def _row(self, w: ReqWork, this_launch: list[int]) -> SamplingRow:
+        out = self.futures.history(w)
+        if this_launch:
+            out = out + this_launch
         return SamplingRow(params=w.params, seed=w.sampling_seed, prompt_ids=w.prompt_ids, output_ids=out,
                            eos_ids=list(w.eos_ids))

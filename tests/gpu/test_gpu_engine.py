@@ -68,3 +68,18 @@ def test_greedy_flashinfer_bf16_vs_cpu(tmp_path):
         assert g_[:4] == r[:4]
     agree = sum(a == b for r, g_ in zip(ref, got) for a, b in zip(r, g_)) / (NEW * len(prompts))
     assert agree >= 0.75, f"only {agree:.0%} of greedy tokens agree with the float32 CPU reference"
+
+
+@requires_triton
+def test_overlap_scheduling_on_the_gpu_is_token_exact(tiny_model_factory):
+    """The Engine as built on a GPU: the async executor with overlap scheduling (the chunked policy's
+    next step planned while one runs, its decode inputs taken from the step before on the worker)."""
+    from sglang_duet.executor.duet_executor import DuetGPUExecutor
+
+    path = tiny_model_factory("llama")
+    params = SamplingParams(temperature=0.0, max_new_tokens=NEW, ignore_eos=True)
+    ref = Engine(model_path=path, dtype="float32", device="cpu").generate(PROMPTS, params)
+    eng = Engine(model_path=path, device="cuda", dtype="float32", attention_backend="triton", policy="chunked",
+                 max_total_tokens=4096)
+    assert isinstance(eng.core.executor, DuetGPUExecutor) and eng.core.core.config.overlap
+    assert _ids(eng.generate(PROMPTS, params)) == _ids(ref)
