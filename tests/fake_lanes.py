@@ -50,12 +50,19 @@ class FakeLanes:
         self.lane_free_at: dict[LaneKind, float] = {}
         self.sampled: dict[tuple[int, str], int] = {}
         self.queued_submits = 0
+        self._work: dict[int, list] = {}  # launch id -> its work, for the table-row check
 
     def clock(self) -> float:
         return self.now
 
     def submit(self, launch: Launch) -> None:
         self.launches.append(launch)
+        # The req-to-token table row: one per request holding KV, never two requests on one row.
+        owners = {w.table_row: w.rid for _, _, r in self.pending for w in self._work_of(r)}
+        for w in launch.work:
+            assert w.table_row is not None, f"{w.rid}: no req-to-token table row"
+            assert owners.setdefault(w.table_row, w.rid) == w.rid, f"row {w.table_row} shared by two requests"
+        self._work[launch.launch_id] = launch.work
         start = max(self.now, self.lane_free_at.get(launch.lane, 0.0))
         self.queued_submits += start > self.now
         res = LaunchResult(launch.launch_id, started_at=start)
@@ -96,6 +103,9 @@ class FakeLanes:
             res = LaunchResult(launch.launch_id, started_at=start, finished_at=res.finished_at)
         heapq.heappush(self.pending, (res.finished_at, (launch.launch_id, steps), res))
         self.max_concurrent = max(self.max_concurrent, len({lid for _, (lid, _), r in self.pending}))
+
+    def _work_of(self, res: LaunchResult) -> list:
+        return self._work.get(res.launch_id, [])
 
     def run(self, max_iters: int = 100_000) -> list:
         """Drive the core until every request has finished; return all updates."""

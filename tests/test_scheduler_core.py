@@ -238,3 +238,15 @@ def test_slot_allocator_reuses_freed_slots_and_scales_to_huge_pools():
     assert len(set(a.alloc(9))) == 9 and a.alloc(1) is None
     big = TokenSlotAllocator(600_000_000)  # an emulated 141 GB GPU with a tiny model: O(1) memory
     assert big.available == 599_999_999 and big.alloc(3) == [1, 2, 3]
+
+
+def test_table_rows_are_held_while_kv_is_held_and_all_free_at_the_end():
+    pool = 50  # retractions: rows are released and handed out again
+    core, lanes = make(pool=pool, max_running=4)
+    for i in range(6):
+        core.add_request(f"r{i}", prompt(i, 10), SamplingParams(max_new_tokens=12))
+    out, _ = outputs(lanes.run())  # FakeLanes checks no row is shared by two requests in flight
+    assert all(out[f"r{i}"] == reference_tokens(prompt(i, 10), 12) for i in range(6))
+    assert core.stats.retractions > 0
+    assert sorted(core._free_rows) == list(range(core.config.table_rows))
+    assert max(w.table_row for lnch in lanes.launches for w in lnch.work) < core.config.table_rows

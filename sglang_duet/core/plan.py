@@ -104,6 +104,9 @@ class ReqWork:
     # it). `output_ids` is the core's live list: it lags behind while earlier launches are in
     # flight and grows while this launch's parts are applied, so never index by its length.
     output_pos: int = 0
+    # The request's row of the device-side req-to-token table (CoreConfig.table_rows rows; None from
+    # callers that build work by hand: executors then fall back to kv_slots alone).
+    table_row: int | None = None
 
 
 @dataclass

@@ -24,7 +24,10 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     state: ReqState = ReqState.WAITING
-    kv_slots: list[int] = field(default_factory=list)  # the request's row of the req-to-token table
+    kv_slots: list[int] = field(default_factory=list)  # slot of each position: its row of the req-to-token table
+    # Which row of an executor's device-side req-to-token table holds kv_slots (assigned while the
+    # request holds KV; executors copy only the slots appended since they last saw the row).
+    table_row: int | None = None
     # Tokens whose KV is in the cache or being written by a launch already handed to a lane: it
     # advances when a launch is scheduled, not when its result arrives (vLLM v1's convention), so
     # the next step can be planned while this one runs (overlap scheduling).

@@ -47,6 +47,12 @@ class CoreConfig:
     # an executor that both support it (EngineCore decides).
     overlap: bool = False
 
+    @property
+    def table_rows(self) -> int:
+        """Rows of a req-to-token table that can hold every request with KV: the running ones, plus
+        as many that ended while a launch still writes their slots (released at its end)."""
+        return 2 * self.max_running_requests + 2
+
 
 @dataclass(slots=True)
 class RequestUpdate:
@@ -110,6 +116,7 @@ class SchedulerCore:
         self.clock = clock
         self.stop_checker = stop_checker
         self.allocator = TokenSlotAllocator(config.kv_slots)
+        self._free_rows = list(range(config.table_rows - 1, -1, -1))  # req-to-token table rows, lowest first
         self._max_seq_len = min(config.context_length, self.allocator.capacity)
         # Overlap needs a policy that plans aggregated batches only (it is shown a view as if the
         # running launch had ended); the executor's support is the caller's to check.
@@ -217,6 +224,7 @@ class SchedulerCore:
         r.kv_slots = list(kv_slots)
         r.num_computed = n
         r.state = ReqState.RUNNING
+        r.table_row = self._free_rows.pop()
         r.first_scheduled_time = now
         self.requests[rid] = r
         self.running[rid] = r
@@ -427,6 +435,7 @@ class SchedulerCore:
         if admitting:
             self.waiting.remove(r)
             r.state = ReqState.RUNNING
+            r.table_row = self._free_rows.pop()
             self.running[r.rid] = r
             if r.first_scheduled_time is None:
                 r.first_scheduled_time = self.clock()
@@ -442,7 +451,7 @@ class SchedulerCore:
     def _work(self, r: Request, ids: list[int], start: int, sample: bool, steps: int) -> ReqWork:
         # positional, in ReqWork's field order: this runs for every request of every step
         return ReqWork(r.rid, ids, start, r.kv_slots, sample, steps, r.seed, r.params, r.output_ids, r.prompt_ids,
-                       r.eos_ids, None, len(r.output_ids) + r.pending)
+                       r.eos_ids, None, len(r.output_ids) + r.pending, r.table_row)
 
     def _pick_victim(self, candidates: list[Request]) -> Request:
         # SGLang retracts the requests that lose least work: fewest output tokens, then longest prompt.
@@ -452,6 +461,7 @@ class SchedulerCore:
         """Free a running request's KV and queue it again; its tokens so far are kept and recomputed."""
         self.allocator.free(r.kv_slots)
         r.kv_slots = []
+        self._free_row(r)
         r.num_computed = 0
         r.pending = 0
         r.state = ReqState.WAITING
@@ -609,8 +619,14 @@ class SchedulerCore:
         else:
             self.stats.finished += 1
 
+    def _free_row(self, r: Request) -> None:
+        if r.table_row is not None:
+            self._free_rows.append(r.table_row)
+            r.table_row = None
+
     def _release_kv(self, r: Request) -> None:
         r.release_deferred = False
+        self._free_row(r)
         # disaggregation hook: the prefill instance may keep the KV (see kv_hold in __init__)
         reason = r.finish_reason or {}
         if self.kv_hold is not None and reason.get("type") != "abort" and r.kv_slots and self.kv_hold(r, reason):
