@@ -24,7 +24,10 @@ SLO_S = 0.100
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess(["--executor", "emulated", "--policy", "duet", "--tbt-slo-ms", "100",
+    # duet-paper: it always splits a mixed batch over the SLO, which is what this test needs to see go
+    # through the server (lanes, SM split, metrics); duet's own choices are tested in test_policies
+    # and test_duet_policy (it may keep this burst aggregated when that delivers more).
+    srv = ServerProcess(["--executor", "emulated", "--policy", "duet-paper", "--tbt-slo-ms", "100",
                          "--chunked-prefill-size", "8192", "--hardware", "h100"])
     yield srv
     srv.stop()
