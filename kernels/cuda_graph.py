@@ -22,6 +22,11 @@ Attention backends join through two methods (duck-typed; flashinfer and triton h
 A backend without them (torch) can still run through the runner with use_graphs=False, which
 executes the same static-buffer path eagerly: that is how CPU tests check padding and buffers.
 
+Slot indices. A caller with a request-to-token table (sglang_duet/memory/req_to_token.py) passes
+it and each row's table row instead of the slot lists: out_cache_loc and kv_indices are then gathered
+from the table on the device straight into the static buffers (a handful of tensor ops), and the host
+sends O(batch) ints per step (positions, lengths, rows). Without a table the lists are copied as before.
+
 The sampled ids stay on the device; the caller reads them (the one host sync of a step) or feeds
 them back as the next step's input ids without a sync.
 """
@@ -92,6 +97,7 @@ class CudaGraphDecodeRunner:
         self.kv_indices = torch.full((self.max_kv_tokens,), PADDING_SLOT, dtype=torch.long, device=dev)
         self.qo_indptr = torch.arange(n + 1, dtype=torch.int32, device=dev)  # one query per row, constant
         self.sample_indices = torch.arange(n, dtype=torch.long, device=dev)
+        self.table_rows = torch.zeros(n, dtype=torch.long, device=dev)  # each row's req-to-token table row
         self.sampling = gpu_sampling.SamplingTensors.empty(n, dev)
         self._buckets: dict[int, _Bucket] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -113,12 +119,16 @@ class CudaGraphDecodeRunner:
     @torch.inference_mode()
     def run(self, input_ids, positions, out_cache_loc, seq_lens: Sequence[int], kv_indices,
             sampling_rows: list[list] | None = None, mode: str = "greedy",
-            before_launch: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            before_launch: Callable[[], None] | None = None, table=None,
+            rows: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of n = len(seq_lens) rows; returns (logits [n, V], ids [n]) on the device.
 
         input_ids / positions / out_cache_loc: [n] lists or tensors (input ids may be the previous
         step's sampled ids, on the device: no sync). kv_indices: the slots of every row's tokens,
-        new one included, concatenated ([sum(seq_lens)], list or tensor). sampling_rows: from
+        new one included, concatenated ([sum(seq_lens)], list or tensor). With `table` (a
+        ReqToTokenTable already synced for these positions) and `rows` (each row's table row, host
+        ints), out_cache_loc and kv_indices are ignored (pass None): both are gathered from the
+        table on the device into the static buffers. sampling_rows: from
         SamplingTensors.host_rows (None for greedy). before_launch: called after the static-buffer
         copies and the attention plan, right before the replay (or the eager forward): where a
         caller marks the step's first kernel, so that the host work before it is not timed as the
@@ -139,11 +149,19 @@ class CudaGraphDecodeRunner:
 
         self._put(self.input_ids, input_ids, n, bs, 0)
         self._put(self.positions, positions, n, bs, 0)
-        self._put(self.out_cache_loc, out_cache_loc, n, bs, PADDING_SLOT)
         self._put(self.seq_lens, seq, bs, bs, 1)
         self._put(self.prefix_lens, [s - 1 for s in seq], bs, bs, 0)
         self._put(self.kv_indptr, [0, *accumulate(seq)], bs + 1, bs + 1, 0)
-        self._put(self.kv_indices, kv_indices, total, total + bs - n, PADDING_SLOT)
+        if table is None:
+            self._put(self.out_cache_loc, out_cache_loc, n, bs, PADDING_SLOT)
+            self._put(self.kv_indices, kv_indices, total, total + bs - n, PADDING_SLOT)
+        else:  # gathered on the device from the positions, lengths and rows just copied
+            self._put(self.table_rows, rows, n, n, 0)
+            table.gather_decode(self.table_rows[:n], self.positions[:n], self.seq_lens[:n], self.kv_indptr[:n + 1],
+                                total, self.out_cache_loc[:n], self.kv_indices)
+            if bs > n:
+                self.out_cache_loc[n:bs].fill_(PADDING_SLOT)
+                self.kv_indices[total:total + bs - n].fill_(PADDING_SLOT)
         if sampling_rows is not None:
             self._put_sampling(sampling_rows, n, bs)
 

@@ -59,7 +59,10 @@ class ForwardBatch:
         """Build from (new input ids, start position, kv slots, wants logits) per request.
 
         `kv_slots` covers positions [0, start_pos + len(input_ids)) and may be longer:
-        slots reserved ahead for look-ahead decoding are ignored here.
+        slots reserved ahead for look-ahead decoding are ignored here. This flattens every slot
+        list (O(batch x context) host work): the executors build the same batch from the device's
+        req-to-token table instead (`ReqToTokenTable.forward_batch`) when the work has table rows;
+        this stays for work built by hand and as the tests' oracle.
         """
         if not requests:
             raise ValueError("ForwardBatch.build needs at least one request")
