@@ -136,6 +136,9 @@ def test_split_mode_gives_aggregated_tokens_with_two_lanes_in_flight(model, refe
     # prefills sampled on the device
     assert ex.stats.paths["graph"] > 0 and ex.stats.paths["eager"] > 0 and ex.stats.paths["device"] > 0
     assert ex.stats.splits_used == {32}
+    # every path of both lanes gathered its slots from the one shared req-to-token table
+    assert ex.table.stats.fallbacks == 0 and ex.table.stats.slots_copied > 0
+    assert ex._agg.table is ex._eager_main.table is ex._eager_prefill.table is ex.table
     assert ex.runner.captured() == {}  # CPU: nothing captured, buckets used per partition key
     assert 32 in ex.runner._by_key and ex.runner._by_key[32]
     assert {r.role for r in ex.partitioner.records} == {"decode", "prefill"}

@@ -26,6 +26,12 @@ mapped onto the host clock through an anchor event, `EventTimer`) is kept beside
 `lane_overlap_s`): a mark taken before a step's host work would complete at host-issue time on an
 idle stream, before any kernel, and show overlap that never happened on the device.
 
+Slot indices. Both lanes and every path share one req-to-token table (`self.table`, see
+sglang_duet/memory/req_to_token.py): a launch's worker copies the slots appended since the row was
+last seen, on its lane's stream, and gathers its inputs from the table there. A lane only appends to
+rows of its own launch's requests, or rewrites rows whose previous owners' launches have completed,
+so it never writes what the other lane's launch in flight reads.
+
 Lanes are joined by events only. The core hands a request to a lane only after the previous
 launch touching it was applied, and that happens only once its completion event was seen, so
 the KV written by a prefill on one stream is complete before a decode on another reads it.
@@ -67,6 +73,7 @@ from sglang_duet.kernels import gpu_sampling
 from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.kernels.cuda_graph import DEFAULT_MAX_BS, CudaGraphDecodeRunner, _Bucket, supports_graphs
 from sglang_duet.kernels.sm_partition import Partition, SMPartitioner
+from sglang_duet.memory.req_to_token import ReqToTokenTable
 from sglang_duet.sampling.penalties import has_penalty
 
 logger = logging.getLogger(__name__)
@@ -265,10 +272,15 @@ class DuetGPUExecutor(Executor):
 
     def __init__(self, model, kv_pool, attn_backend, device: torch.device | str, partitioner: SMPartitioner,
                  clock: Callable[[], float] = time.monotonic, graph_runner: PartitionedDecodeRunner | None = None,
-                 make_attn: Callable[[], object] | None = None, event_poll_s: float = EVENT_POLL_S):
+                 make_attn: Callable[[], object] | None = None, event_poll_s: float = EVENT_POLL_S,
+                 req_to_token: ReqToTokenTable | None = None):
         self.model = model
         self.kv_pool = kv_pool
         self.device = _indexed(device)  # worker threads set it as their current device
+        # One request-to-token table for both lanes and every path (see memory/req_to_token.py for why a
+        # sync for one lane never rewrites what the other lane's launch in flight reads).
+        self.table = req_to_token if req_to_token is not None else ReqToTokenTable.for_executor(
+            kv_pool, model.config, device=self.device)
         self.partitioner = partitioner
         self.clock = clock
         self.vocab = model.config.vocab_size
@@ -277,9 +289,11 @@ class DuetGPUExecutor(Executor):
         self.attn_prefill = (make_attn or _attn_factory(attn_backend, model, self.device))()
         self._q_dtype = next(model.parameters()).dtype  # activations' dtype, for a plan ahead of the forward
         # AGGREGATED: the plain GPU executor (graphs on all SMs); eager fallbacks per worker.
-        self._agg = GPUModelExecutor(model, kv_pool, attn_backend, self.device, clock=clock, graph_runner=graph_runner)
-        self._eager_main = ModelExecutor(model, kv_pool, attn_backend, self.device, clock=clock)
-        self._eager_prefill = ModelExecutor(model, kv_pool, self.attn_prefill, self.device, clock=clock)
+        self._agg = GPUModelExecutor(model, kv_pool, attn_backend, self.device, clock=clock, graph_runner=graph_runner,
+                                     req_to_token=self.table)
+        self._eager_main = ModelExecutor(model, kv_pool, attn_backend, self.device, clock=clock, req_to_token=self.table)
+        self._eager_prefill = ModelExecutor(model, kv_pool, self.attn_prefill, self.device, clock=clock,
+                                            req_to_token=self.table)
         self.timer = EventTimer(self.device, clock)
         self.event_poll_s = event_poll_s
         self.stats = DuetStats()
@@ -478,8 +492,9 @@ class DuetGPUExecutor(Executor):
         def mark_start() -> None:  # right before each step's replay, after its host work
             starts.append(self.timer.mark())
 
+        table = self.table if self.table.prepare(work) else None  # on the lane's stream: only new slots
         steps = graph_decode_steps(runner, work, mode, self.vocab, self._index, before_launch=mark_start,
-                                   out_lens=rec.out_lens)
+                                   out_lens=rec.out_lens, table=table)
         for j, (ids, rows) in enumerate(steps):
             buf[j, :len(rows)].copy_(ids, non_blocking=True)  # on the lane's stream, into pinned memory
             self._publish(rec, _Step(j, starts[j], self.timer.mark(), rows))
@@ -505,7 +520,10 @@ class DuetGPUExecutor(Executor):
             st = gpu_sampling.SamplingTensors.build(params, [w.sampling_seed for w in rows],
                                                     [rec.out_lens[w.rid] for w in rows], self.vocab, self.device)
             filters = gpu_sampling.needs_filters(params, self.vocab)
-        fb = ForwardBatch.build([(w.input_ids, w.start_pos, w.kv_slots, w.sample) for w in work], self.device)
+        if self.table.prepare(work):  # on the lane's stream: the chunk's new slots
+            fb = self.table.forward_batch([(w.input_ids, w.start_pos, w.table_row, w.sample) for w in work])
+        else:
+            fb = ForwardBatch.build([(w.input_ids, w.start_pos, w.kv_slots, w.sample) for w in work], self.device)
         self._plan_ahead(self.attn_prefill, fb)
         rec.path = "device"
         rec.on_device = self.timer.cuda
@@ -684,7 +702,8 @@ def build_duet_executor(model, kv_pool, attn_backend, device, args=None, clock=t
         logger.info("captured %d all-SM decode graphs in %.1f s; partition graphs are captured on first use",
                     len(runner.sizes), time.perf_counter() - start)
     ex = DuetGPUExecutor(model, kv_pool, attn_backend, device, partitioner, clock=clock, graph_runner=runner,
-                         make_attn=make_attn)
+                         make_attn=make_attn, req_to_token=ReqToTokenTable.for_executor(kv_pool, model.config, args,
+                                                                                        _indexed(device)))
     logger.info("two-lane executor: SM partitions via %s (%d SMs, grid %s)", partitioner.backend,
                 partitioner.total, partitioner.grid())
     _prepare(ex, capture_sms if capture_sms is not None else _arg(args, "duet_capture_sms", None))

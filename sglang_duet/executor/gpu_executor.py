@@ -18,6 +18,12 @@ A decode launch takes the graph path when every row adds one token and samples, 
 the largest bucket, and no row needs what the device sampler does not do (penalties, an active
 min_new_tokens ban, logprobs): those run eagerly with the CPU-semantics `Sampler`.
 
+Slot indices come from the executor's req-to-token table (`self.table`, sglang_duet/memory/
+req_to_token.py): at each launch only the slots appended since the previous one are copied to the
+device, and every step's out_cache_loc / kv_indices are gathered there (the graph runner's static
+buffers, or the eager ForwardBatch), O(batch) host work per step. Work without table rows (built
+by hand) falls back to the slot lists.
+
 `build_model_executor` is the factory the engine calls: the plain ModelExecutor on a CPU, this
 class on a GPU (graphs unless disabled or the backend cannot be captured).
 
@@ -37,6 +43,7 @@ from sglang_duet.core.plan import Launch, LaunchResult, ReqWork
 from sglang_duet.executor.model_executor import Delivery, ModelExecutor
 from sglang_duet.kernels import gpu_sampling
 from sglang_duet.kernels.cuda_graph import DEFAULT_MAX_BS, CudaGraphDecodeRunner, supports_graphs
+from sglang_duet.memory.req_to_token import ReqToTokenTable
 from sglang_duet.sampling.penalties import has_penalty
 
 logger = logging.getLogger(__name__)
@@ -46,8 +53,8 @@ REANCHOR_S = 10.0  # re-map GPU event time onto the host clock this often (clock
 
 class GPUModelExecutor(ModelExecutor):
     def __init__(self, model, kv_pool, attn_backend, device: torch.device, clock=time.monotonic,
-                 graph_runner: CudaGraphDecodeRunner | None = None):
-        super().__init__(model, kv_pool, attn_backend, device, clock=clock)
+                 graph_runner: CudaGraphDecodeRunner | None = None, req_to_token=None):
+        super().__init__(model, kv_pool, attn_backend, device, clock=clock, req_to_token=req_to_token)
         self.graphs = graph_runner
         self.vocab = model.config.vocab_size
         self._events = device.type == "cuda"
@@ -81,7 +88,8 @@ class GPUModelExecutor(ModelExecutor):
         rows_per_step: list[list[ReqWork]] = []
         events: list[torch.cuda.Event] = []
         index = lambda keep: torch.tensor(keep, device=self.device)  # noqa: E731
-        for ids, rows in graph_decode_steps(self.graphs, work, mode, self.vocab, index):
+        table = self.table if self.table.prepare(work) else None
+        for ids, rows in graph_decode_steps(self.graphs, work, mode, self.vocab, index, table=table):
             ids_per_step.append(ids)
             rows_per_step.append(rows)
             if self._events:
@@ -185,7 +193,8 @@ class EventTimer:
 
 
 def graph_decode_steps(runner, work: list[ReqWork], mode: str, vocab: int, index,
-                       before_launch: Callable[[], None] | None = None, out_lens: dict[str, int] | None = None):
+                       before_launch: Callable[[], None] | None = None, out_lens: dict[str, int] | None = None,
+                       table=None):
     """k decode steps back to back from captured graphs; step j's sampled ids feed step j+1 on the device.
 
     Yields (the step's sampled ids on the device, its rows) after each replay, so the caller can
@@ -195,6 +204,9 @@ def graph_decode_steps(runner, work: list[ReqWork], mode: str, vocab: int, index
     `out_lens[rid]`: the row's output length before this launch (the seeded noise's step); default
     `ReqWork.output_pos`, never len(output_ids): that is the core's live list, which lags behind the
     launches in flight and grows as this launch's parts are applied.
+    `table`: the executor's ReqToTokenTable, already synced for this work (`prepare` returned True):
+    each step's slots are then gathered from it on the device (O(batch) host work per step);
+    None: they are flattened from the rows' kv_slots lists (O(batch x context)).
     """
     steps = max(w.steps for w in work)
     if out_lens is None:
@@ -210,14 +222,18 @@ def graph_decode_steps(runner, work: list[ReqWork], mode: str, vocab: int, index
             input_ids = prev_ids[index([i for i, w in enumerate(prev_rows) if w.steps > step])]
         positions = [w.start_pos + step for w in rows]
         seq = [p + 1 for p in positions]
-        out_loc = [w.kv_slots[p] for w, p in zip(rows, positions)]
-        kv = [s for w, n in zip(rows, seq) for s in w.kv_slots[:n]]
         sampling = None
         if mode != "greedy":
             sampling = gpu_sampling.SamplingTensors.host_rows(
                 [w.params for w in rows], [w.sampling_seed for w in rows],
                 [out_lens[w.rid] + step for w in rows], vocab)
-        _, ids = runner.run(input_ids, positions, out_loc, seq, kv, sampling, mode, before_launch=before_launch)
+        if table is not None:
+            _, ids = runner.run(input_ids, positions, None, seq, None, sampling, mode, before_launch=before_launch,
+                                table=table, rows=[w.table_row for w in rows])
+        else:
+            out_loc = [w.kv_slots[p] for w, p in zip(rows, positions)]
+            kv = [s for w, n in zip(rows, seq) for s in w.kv_slots[:n]]
+            _, ids = runner.run(input_ids, positions, out_loc, seq, kv, sampling, mode, before_launch=before_launch)
         prev_ids = ids.clone()  # the static output buffer is overwritten by the next replay
         prev_rows = rows
         yield prev_ids, rows
@@ -232,7 +248,8 @@ def build_model_executor(model, kv_pool, attn_backend, device: torch.device, arg
     """
     device = torch.device(device)
     if device.type != "cuda":
-        return ModelExecutor(model, kv_pool, attn_backend, device, clock=clock)
+        return ModelExecutor(model, kv_pool, attn_backend, device, clock=clock,
+                             req_to_token=ReqToTokenTable.for_executor(kv_pool, model.config, args, device))
     runner = None
     disabled = bool(getattr(args, "disable_cuda_graph", False))
     if not disabled and supports_graphs(attn_backend):
@@ -249,4 +266,6 @@ def build_model_executor(model, kv_pool, attn_backend, device: torch.device, arg
     elif not disabled:
         logger.info("attention backend %s has no CUDA-graph support: decode runs eagerly",
                     getattr(attn_backend, "name", attn_backend))
-    return GPUModelExecutor(model, kv_pool, attn_backend, device, clock=clock, graph_runner=runner)
+    table = ReqToTokenTable.for_executor(kv_pool, model.config, args, device)
+    return GPUModelExecutor(model, kv_pool, attn_backend, device, clock=clock, graph_runner=runner,
+                            req_to_token=table)

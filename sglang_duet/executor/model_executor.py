@@ -11,6 +11,7 @@ from sglang_duet.core.plan import Launch, LaunchResult, ReqWork
 from sglang_duet.executor.base import Executor
 from sglang_duet.executor.futures import SampledTokens
 from sglang_duet.kernels.attention.base import ForwardBatch
+from sglang_duet.memory.req_to_token import ReqToTokenTable
 from sglang_duet.sampling.sampler import Sampler, SamplingRow
 
 
@@ -42,11 +43,16 @@ class ModelExecutor(Executor):
 
     DELIVERY_LOG = 16384
 
-    def __init__(self, model, kv_pool, attn_backend, device: torch.device, clock=time.monotonic):
+    def __init__(self, model, kv_pool, attn_backend, device: torch.device, clock=time.monotonic,
+                 req_to_token: ReqToTokenTable | None = None):
         self.model = model
         self.kv_pool = kv_pool
         self.attn = attn_backend
         self.device = device
+        # The device-side request-to-token table that step inputs are gathered from (work with table
+        # rows); None: sized from the pool and the model config (engines pass one sized from their args).
+        self.table = req_to_token if req_to_token is not None else ReqToTokenTable.for_executor(
+            kv_pool, model.config, device=device)
         self.sampler = Sampler(vocab_size=model.config.vocab_size)
         self.clock = clock
         self._done: deque[LaunchResult] = deque()
@@ -75,14 +81,18 @@ class ModelExecutor(Executor):
         lps: dict[str, list[dict]] = {w.rid: [] for w in work if w.sample and w.params.logprobs}
         step_times: list[tuple[int, float]] = []  # (rows, when the step's sampler returned)
         steps = max(w.steps for w in work)
+        # Slot indices from the device table (only the new slots copied) when the work has table rows;
+        # else from the slot lists (work built by hand).
+        table = self.table.prepare(work)
         for step in range(steps):
             if step == 0:
                 active = work
-                batch = [(w.input_ids, w.start_pos, w.kv_slots, w.sample) for w in work]
+                batch = [(w.input_ids, w.start_pos, w.table_row if table else w.kv_slots, w.sample) for w in work]
             else:  # look-ahead decode: feed back the token sampled in the previous step
                 active = [w for w in work if w.steps > step]
-                batch = [([sampled[w.rid][-1]], w.start_pos + step, w.kv_slots, True) for w in active]
-            fb = ForwardBatch.build(batch, self.device)
+                batch = [([sampled[w.rid][-1]], w.start_pos + step, w.table_row if table else w.kv_slots, True)
+                         for w in active]
+            fb = self.table.forward_batch(batch) if table else ForwardBatch.build(batch, self.device)
             logits = self.model(fb, self.attn, self.kv_pool)
             rows_work = [w for w in active if w.sample]
             if not rows_work:
