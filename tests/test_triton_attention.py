@@ -64,3 +64,32 @@ def test_num_kv_splits_heuristic():
     assert num_kv_splits(1, 8, 300) == 1  # too short to split
     s = num_kv_splits(4, 8, 2048)
     assert s & (s - 1) == 0 and 1 <= s <= 16
+
+
+def _table_batch(fb):
+    """The same batch as `fb` (ForwardBatch.build's), its inputs gathered from a req-to-token table: the
+    index tensors are then views into one packed buffer (offsets), as the executors hand them over."""
+    from sglang_duet.core.plan import ReqWork
+    from sglang_duet.memory.req_to_token import ReqToTokenTable
+
+    kv_indptr, qo_indptr = fb.kv_indptr.tolist(), fb.qo_indptr.tolist()
+    ids, wants = fb.input_ids.tolist(), set(fb.sample_indices.tolist())
+    work = [ReqWork(f"r{b}", ids[qo_indptr[b]:qo_indptr[b + 1]], fb.prefix_lens_cpu[b],
+                    fb.kv_indices[kv_indptr[b]:kv_indptr[b + 1]].tolist(), qo_indptr[b + 1] - 1 in wants,
+                    table_row=2 * b + 1) for b in range(fb.num_requests)]
+    table = ReqToTokenTable(2 * len(work) + 2, max(fb.seq_lens_cpu) + 3, fb.device)
+    assert table.prepare(work)
+    return table.forward_batch([(w.input_ids, w.start_pos, w.table_row, w.sample) for w in work])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_batches_built_from_the_req_to_token_table_give_the_same_output(case):
+    pool, fb, qkv = make_case(CASES[case], 8, 2, 16, torch.float32, DEVICE, seed=11)
+    tb = _table_batch(fb)
+    assert torch.equal(tb.kv_indices, fb.kv_indices) and tb.kv_indptr.storage_offset() > 0
+    ref_pool = clone_pool(pool)
+    ref = run_backend(TritonAttentionBackend(2, block_m=16, block_n=16), ref_pool, fb, qkv)
+    got = run_backend(TritonAttentionBackend(2, block_m=16, block_n=16), pool, tb, qkv)
+    for r, o in zip(ref, got):
+        assert torch.equal(o, r)
+    assert torch.equal(pool.buffer, ref_pool.buffer)

@@ -168,3 +168,72 @@ def test_device_sampler_on_cuda_matches_cpu_sampler():
     assert dev.tolist() == cpu.token_ids
     dev_f = gpu_sampling.sample(logits.cuda(), st, vocab=V, filters=True)
     assert dev_f.tolist() == cpu.token_ids  # neutral filters change nothing
+
+
+# ---- the device-side req-to-token table (sglang_duet/memory/req_to_token.py) --------------------------
+
+def test_req_to_token_inputs_on_cuda_equal_forward_batch_build():
+    """Syncs queued back to back (pinned, non-blocking, no host wait between them) and inputs gathered on
+    the device: the same ForwardBatch as the slot lists give, launch after launch."""
+    import random
+
+    from sglang_duet.memory.req_to_token import ReqToTokenTable
+
+    rng = random.Random(0)
+    table = ReqToTokenTable(64, 5000, "cuda")
+    lists = {row: rng.sample(range(1, 10**6), 4800) for row in range(0, 64, 3)}
+    pos = {row: 0 for row in lists}
+    for launch in range(12):
+        work = []
+        for row in rng.sample(sorted(lists), rng.randint(1, len(lists))):
+            n = 1 if launch % 2 else rng.randint(1, 300)  # decodes and chunks
+            n = min(n, 4800 - pos[row])
+            if n <= 0:
+                continue
+            work.append(ReqWork(f"q{row}", [rng.randrange(1000) for _ in range(n)], pos[row], lists[row], True,
+                                table_row=row))
+            pos[row] += n
+        if not work:
+            continue
+        assert table.prepare(work)
+        got = table.forward_batch([(w.input_ids, w.start_pos, w.table_row, w.sample) for w in work])
+        ref = ForwardBatch.build([(w.input_ids, w.start_pos, w.kv_slots, w.sample) for w in work], "cuda")
+        for f in ("input_ids", "positions", "out_cache_loc", "qo_indptr", "kv_indptr", "kv_indices", "seq_lens",
+                  "prefix_lens", "sample_indices"):
+            a, b = getattr(got, f), getattr(ref, f)
+            assert a.device.type == "cuda" and a.dtype == b.dtype and torch.equal(a, b), f
+    for row in lists:
+        assert table.row_slots(row) == lists[row][:pos[row]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [3, 24])
+def test_graph_replay_from_the_table_equals_the_slot_lists(tmp_path, backend, n):
+    """Replayed graphs fed from the table (out_cache_loc and kv_indices gathered on the device into the
+    static buffers) give bit-identical logits and ids to graphs fed the flattened lists."""
+    from sglang_duet.executor.gpu_executor import graph_decode_steps
+    from sglang_duet.memory.req_to_token import ReqToTokenTable
+
+    model = small_model(tmp_path)
+    g = torch.Generator().manual_seed(n)
+    prompts = [torch.randint(3, 1000, (int(torch.randint(2, 300, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n)]
+    steps = 4
+    slot_lists, nxt = [], 1
+    for p in prompts:
+        slot_lists.append(list(range(nxt, nxt + len(p) + steps)))
+        nxt += len(p) + steps
+    outs = []
+    for use_table in (False, True):
+        pool = _pool(model, slots=nxt + 8)
+        _prefill(model, pool, [p[:-1] for p in prompts], [s[: len(p) - 1] for p, s in zip(prompts, slot_lists)])
+        runner = CudaGraphDecodeRunner(model, _backend(backend, model.config), pool, max_bs=32)
+        work = [ReqWork(f"r{i}", [p[-1]], len(p) - 1, s, True, steps=steps - (i % 2),
+                        params=SamplingParams(temperature=0.0), table_row=(2 * i + 1 if use_table else None))
+                for i, (p, s) in enumerate(zip(prompts, slot_lists))]
+        table = ReqToTokenTable(2 * n + 2, 400, "cuda")
+        assert table.prepare(work) == use_table
+        index = lambda keep: torch.tensor(keep, device="cuda")  # noqa: E731
+        outs.append([ids.clone() for ids, _ in graph_decode_steps(runner, work, "greedy", model.config.vocab_size,
+                                                                  index, table=table if use_table else None)])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
