@@ -130,9 +130,18 @@ def main(argv=None) -> None:
                          "CPU a parallel op can wait a whole scheduler time slice for its second thread)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    try:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        torch.set_grad_enabled(False)
+        _run(a)
+    finally:  # the caller's settings back (tests call main in-process)
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+
+
+def _run(a) -> None:
     rows = []
     print(f"{'batch':>5} {'ctx':>5} | {'eager lists':>11} {'eager table':>11} {'x':>5} | "
           f"{'graph lists':>11} {'graph table':>11} {'x':>5}   (ms per decode step, best of medians)")

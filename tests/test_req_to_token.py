@@ -391,3 +391,14 @@ def test_two_lane_executor_with_overlap_uses_the_table(model):
     assert futures > 0 and got == ref
     stats = made[0].table.stats
     assert stats.fallbacks == 0 and stats.slots_copied > 0
+
+
+def test_input_prep_benchmark_smoke(tmp_path):
+    import json
+
+    from benchmark.input_prep import main
+
+    out = tmp_path / "prep.json"
+    main(["--batches", "3", "--contexts", "20", "--steps", "2", "--repeats", "1", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert {"eager-lists", "eager-table", "graph-lists", "graph-table"} <= row.keys()
