@@ -20,7 +20,7 @@ import logging
 import torch
 
 from sglang_duet.disagg.messages import KVDescriptor, KVLayout
-from sglang_duet.disagg.transfer import KVTransport, _gather, torch_dtype
+from sglang_duet.disagg.kv_transport import KVTransport, gather_slots, torch_dtype
 
 logger = logging.getLogger("sglang_duet.disagg.transfer")
 
@@ -93,7 +93,7 @@ class CudaIpcTransport(KVTransport):
         if src is None:
             src = self._peers[key] = open_shared(desc.handle)
             logger.info("mapped the KV pool of prefill instance %s (%s)", desc.instance_id, list(src.shape))
-        _gather(src, desc.slots, self.pool, dst_slots)
+        gather_slots(src, desc.slots, self.pool, dst_slots)
 
     def close(self):
         self._peers.clear()

@@ -23,6 +23,7 @@ from multiprocessing.connection import wait as mp_wait
 
 import msgspec
 
+from sglang_duet.server.hooks import ServerHooks
 from sglang_duet.server.ipc import IPCPaths, recv_ready, spawn_context, tune_gc
 from sglang_duet.server_args import ServerArgs
 
@@ -50,12 +51,13 @@ def _on_signal(sig, _frame):
     raise _Stop(sig)
 
 
-def launch_server(args: ServerArgs) -> int:
-    """Run the server until stopped; returns the process exit code."""
+def launch_server(args: ServerArgs, hooks: ServerHooks | None = None) -> int:
+    """Run the server until stopped; returns the process exit code. `hooks`: what the entrypoint
+    plugs in (a scheduler class, extra routes); see server/hooks.py."""
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    server = Launcher(args)
+    server = Launcher(args, hooks)
     try:
         server.start_children()
         return server.serve()
@@ -70,8 +72,9 @@ def launch_server(args: ServerArgs) -> int:
 
 
 class Launcher:
-    def __init__(self, args: ServerArgs):
+    def __init__(self, args: ServerArgs, hooks: ServerHooks | None = None):
         self.args = args
+        self.hooks = hooks or ServerHooks()
         self.paths = IPCPaths.create()
         self.procs: dict = {}
         self.exit_code: int | None = None
@@ -89,7 +92,8 @@ class Launcher:
         d_parent, d_child = ctx.Pipe()
         args_bytes = msgspec.msgpack.encode(self.args)  # no pickled objects cross the process boundary
         self.procs["scheduler"] = ctx.Process(target=run_scheduler_process, name="sglang-duet-scheduler",
-                                              args=(args_bytes, self.paths, s_child), daemon=True)
+                                              args=(args_bytes, self.paths, s_child, self.hooks.scheduler_class),
+                                              daemon=True)
         self.procs["detokenizer"] = ctx.Process(target=run_detokenizer_process, name="sglang-duet-detokenizer",
                                                 args=(self.args.log_level, self.paths, d_child), daemon=True)
         for p in self.procs.values():
@@ -157,10 +161,8 @@ class Launcher:
                     loop.remove_reader(p.sentinel)
 
         app = create_app(self.tm, self.args, lifespan=lifespan)
-        if self.args.disaggregation_mode in ("prefill", "decode"):  # disaggregation hook: /disagg/* routes
-            from sglang_duet.disagg.instance_api import add_instance_routes
-
-            add_instance_routes(app, self.tm, self.args)
+        for add_routes in self.hooks.add_routes:
+            add_routes(app, self.tm, self.args)
         level = self.args.log_level.lower()
         grace = self.args.shutdown_grace_s
         config = uvicorn.Config(app, host=self.args.host, port=self.args.port, loop="uvloop", http=_http_impl(),

@@ -36,19 +36,15 @@ PROMPT_CONTEXT = 5  # prompt tokens the detokenizer decodes in front of the outp
 STEP_WAIT_S = 0.002  # how long step() may wait for a busy lane when no input is pending
 
 
-def run_scheduler_process(args_bytes: bytes, paths: IPCPaths, conn) -> None:
+def run_scheduler_process(args_bytes: bytes, paths: IPCPaths, conn, scheduler_class: type | None = None) -> None:
+    """`scheduler_class`: a SchedulerProcess subclass from the launcher's hooks (server/hooks.py)."""
     from sglang_duet.server_args import ServerArgs
 
     args = msgspec.msgpack.decode(args_bytes, type=ServerArgs)
     setup_child("scheduler", args.log_level, paths.root)
     _cpu_threads()
     try:
-        cls = SchedulerProcess
-        if args.disaggregation_mode in ("prefill", "decode"):  # disaggregation hook: sglang_duet/disagg/scheduler.py
-            from sglang_duet.disagg.scheduler import scheduler_class
-
-            cls = scheduler_class(args.disaggregation_mode)
-        sched = cls(args, paths)
+        sched = (scheduler_class or SchedulerProcess)(args, paths)
         send_ready(conn, sched.ready_info())
     except Exception as e:  # noqa: BLE001 - report any startup failure to the main process
         send_ready(conn, io.ReadyInfo(status="error", error=error_text(e)))
