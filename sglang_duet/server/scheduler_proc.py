@@ -36,6 +36,16 @@ PROMPT_CONTEXT = 5  # prompt tokens the detokenizer decodes in front of the outp
 STEP_WAIT_S = 0.002  # how long step() may wait for a busy lane when no input is pending
 
 
+# Tests of --watchdog-timeout: a request with this rid makes the loop hang while the process lives.
+_TEST_HANG_RID = os.environ.get("SGLANG_DUET_TEST_HANG_RID") or None
+
+
+def _hang(rid: str) -> None:
+    logger.warning("test hook SGLANG_DUET_TEST_HANG_RID: the scheduler loop hangs on request %s", rid)
+    while True:
+        time.sleep(60)
+
+
 def run_scheduler_process(args_bytes: bytes, paths: IPCPaths, conn, scheduler_class: type | None = None) -> None:
     """`scheduler_class`: a SchedulerProcess subclass from the launcher's hooks (server/hooks.py)."""
     from sglang_duet.server_args import ServerArgs
@@ -162,6 +172,11 @@ class SchedulerProcess:
                 if not self._drain(wait_ms) and not parent_alive():
                     logger.info("main process is gone; exiting")
                     return
+                # A request that arrived and was aborted in that same drain left only its final
+                # update in the core, and no work: send it now, not when unrelated traffic comes.
+                late = self.engine.core.take_updates()
+                if late:
+                    self._send_updates(late)
             self._was_busy = busy
             if time.monotonic() - self._last_stats >= STATS_INTERVAL_S:
                 self._send_stats()
@@ -200,6 +215,9 @@ class SchedulerProcess:
     def _add(self, msg: io.GenerateReq) -> None:
         from sglang_duet.core.scheduler_core import AdmissionError
         from sglang_duet.sampling_params import SamplingParams, SamplingParamsError
+
+        if _TEST_HANG_RID is not None and msg.rid == _TEST_HANG_RID:
+            _hang(msg.rid)
 
         try:
             params = SamplingParams.from_dict(msg.params)
