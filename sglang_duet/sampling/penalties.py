@@ -14,6 +14,9 @@ from torch import Tensor
 from sglang_duet.sampling_params import SamplingParams
 
 
+MIN_REPETITION_PENALTY = 1e-30
+
+
 def has_penalty(params: SamplingParams) -> bool:
     return (
         params.repetition_penalty != 1.0
@@ -25,11 +28,15 @@ def has_penalty(params: SamplingParams) -> bool:
 def apply_penalties(row: Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> None:
     """Penalise one row [V] of logits in place."""
     dev = row.device
-    rep = params.repetition_penalty
+    # A penalty near 0 (1e-300 is valid input) would be 0 in float32: logits / 0 = inf, and inf - inf
+    # NaN logprobs. Below MIN_REPETITION_PENALTY every realistic logit (|x| < 3e8) still divides to a
+    # finite float32 with its order kept, so the effect (seen tokens first) is the same.
+    rep = max(params.repetition_penalty, MIN_REPETITION_PENALTY)
     if rep != 1.0 and (prompt_ids or output_ids):
         seen = torch.tensor(list(prompt_ids) + list(output_ids), dtype=torch.long, device=dev).unique()
         vals = row[seen]
-        row[seen] = torch.where(vals > 0, vals / rep, vals * rep)
+        big = torch.finfo(row.dtype).max
+        row[seen] = torch.where(vals > 0, vals / rep, vals * rep).clamp_(-big, big)
     freq, pres = params.frequency_penalty, params.presence_penalty
     if (freq != 0.0 or pres != 0.0) and output_ids:
         ids, counts = torch.tensor(output_ids, dtype=torch.long, device=dev).unique(return_counts=True)
