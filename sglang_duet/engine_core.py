@@ -34,7 +34,12 @@ class EngineCore:
             self._init_model(args)
         else:
             raise ValueError(f"--executor must be 'model' or 'emulated', got {args.executor!r}")
-        self.context_length = args.context_length or self.model_config.max_position_embeddings
+        from sglang_duet.model_loader.serving_config import apply_overrides, check_context_length
+
+        apply_overrides(self, args)  # --tokenizer-path, --chat-template
+        self.context_length = check_context_length(args.context_length, self.model_config.max_position_embeddings)
+        # --chunked-prefill-size -1 (SGLang's "no chunking"): a whole prompt fits in one step's budget
+        self.prefill_budget = args.chunked_prefill_size if args.chunked_prefill_size > 0 else self.context_length
         self.policy = load_policy(args.policy, self._policy_context(args))
         self.core = SchedulerCore(
             CoreConfig(
@@ -42,7 +47,7 @@ class EngineCore:
                 context_length=self.context_length,
                 max_running_requests=args.max_running_requests or MAX_RUNNING_DEFAULT,
                 max_queued_requests=args.max_queued_requests,
-                chunked_prefill_size=args.chunked_prefill_size,
+                chunked_prefill_size=self.prefill_budget,
                 overlap=not args.disable_overlap_schedule and getattr(self.executor, "supports_overlap", False),
             ),
             self.policy,
@@ -113,7 +118,7 @@ class EngineCore:
             cost_model = CostModel(self.model_config, hardware)
         except Exception as e:  # noqa: BLE001 - the cost model is optional for policies that need none
             logger.debug("no cost model: %s", e)
-        return PolicyContext(chunked_prefill_size=args.chunked_prefill_size, tbt_slo_ms=args.tbt_slo_ms,
+        return PolicyContext(chunked_prefill_size=self.prefill_budget, tbt_slo_ms=args.tbt_slo_ms,
                              ttft_slo_ms=args.ttft_slo_ms, cost_model=cost_model, hardware=hardware, options=options)
 
     def _stop_checker(self):

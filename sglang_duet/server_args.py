@@ -12,6 +12,9 @@ class ServerArgs:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     device: str = "auto"  # auto | cpu | cuda
     served_model_name: str | None = None
+    tokenizer_path: str | None = None  # a tokenizer folder other than the model's
+    chat_template: str | None = None  # a Jinja template file instead of the tokenizer's
+    trust_remote_code: bool = False  # accepted for SGLang's command lines; no remote code is ever run
     context_length: int | None = None
     # memory
     mem_fraction_static: float | None = None  # GPU: share of device memory for weights + KV
@@ -22,7 +25,9 @@ class ServerArgs:
     # scheduling
     policy: str = "aggregated"  # a built-in name or a path to a policy file
     policy_config: str | None = None  # YAML/JSON file of policy options
-    chunked_prefill_size: int = 8192  # prefill token budget per step (SGLang's default)
+    chunked_prefill_size: int = 8192  # prefill token budget per step (SGLang's default); -1: no chunking
+    schedule_policy: str = "fcfs"  # SGLang's waiting-queue order; lpm equals fcfs without a prefix cache
+    disable_radix_cache: bool = False  # there is no prefix cache yet: accepted, changes nothing
     tbt_slo_ms: float = 100.0
     ttft_slo_ms: float = 1000.0
     # execution
@@ -43,6 +48,9 @@ class ServerArgs:
     port: int = 30000
     api_key: str | None = None
     log_level: str = "info"
+    log_requests: bool = False  # log every request's body (truncated) and its outcome
+    enable_metrics: bool = False  # accepted for SGLang's command lines: /metrics is always served
+    watchdog_timeout: float = 300.0  # a scheduler silent this long while alive is hung: the server exits
     tp_size: int = 1
     skip_warmup: bool = False
     max_request_bytes: int = 32 << 20  # larger HTTP bodies get 413 before they are read

@@ -138,7 +138,9 @@ def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "
 
         model_path = default_model_path()
     if model_path is not None and not os.path.exists(model_path):
-        raise FileNotFoundError(f"Model path {model_path!r} does not exist (only local paths are supported)")
+        from sglang_duet.model_loader.serving_config import missing_model_message
+
+        raise FileNotFoundError(missing_model_message("model path", model_path))
 
     if load_format == "dummy":
         cfg = ModelConfig.from_path(model_config_path or model_path)

@@ -10,6 +10,7 @@ import argparse
 import os
 from dataclasses import MISSING, fields
 
+from sglang_duet.model_loader.serving_config import missing_model_message
 from sglang_duet.server_args import ServerArgs
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -24,6 +25,11 @@ _SPECS: dict[str, tuple[str, dict]] = {
                                                         "float", "bf16", "fp16", "fp32"]}),
     "device": ("device to run on", {"choices": ["auto", "cpu", "cuda"]}),
     "served_model_name": ("model name in the OpenAI API (default: the model path)", {}),
+    "tokenizer_path": ("a local tokenizer folder to use instead of the model's", {}),
+    "chat_template": ("a Jinja chat template file (or an HF JSON file holding one) to use instead of the "
+                      "tokenizer's", {}),
+    "trust_remote_code": ("accepted for SGLang compatibility; only built-in architectures are loaded and no "
+                          "remote code is ever run", {}),
     "context_length": ("max tokens per sequence (default: the model's)", {}),
     "mem_fraction_static": ("GPU: fraction of device memory for weights + KV cache", {}),
     "kv_cache_bytes": ("CPU: byte budget of the KV pool", {}),
@@ -32,7 +38,10 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "max_queued_requests": ("max waiting requests; more get HTTP 503", {}),
     "policy": ("scheduling policy: a built-in name or a path to a policy .py file", {}),
     "policy_config": ("YAML/JSON file of policy options", {}),
-    "chunked_prefill_size": ("prefill token budget per step", {}),
+    "chunked_prefill_size": ("prefill token budget per step; -1 turns chunking off (a prompt is never split)", {}),
+    "schedule_policy": ("order of the waiting queue (SGLang's flag): fcfs, or lpm (longest prefix match), which "
+                        "is fcfs while there is no prefix cache", {"choices": ["fcfs", "lpm"]}),
+    "disable_radix_cache": ("accepted for SGLang compatibility: there is no prefix cache to disable yet", {}),
     "tbt_slo_ms": ("time-between-tokens SLO in ms (policies that use it)", {}),
     "ttft_slo_ms": ("time-to-first-token SLO in ms (policies that use it)", {}),
     "executor": ("run a real model, or emulate a GPU with the roofline cost model",
@@ -54,7 +63,11 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "host": ("HTTP host", {}),
     "port": ("HTTP port", {}),
     "api_key": ("require `Authorization: Bearer KEY` on every route but /health", {}),
-    "log_level": ("log level", {"choices": list(LOG_LEVELS)}),
+    "log_level": ("log level (any case)", {"choices": list(LOG_LEVELS), "type": str.lower}),
+    "log_requests": ("log each request's body (first 2 KB) and its outcome", {}),
+    "enable_metrics": ("accepted for SGLang compatibility: Prometheus /metrics is always served", {}),
+    "watchdog_timeout": ("seconds the scheduler may go without reporting while alive before the server "
+                         "declares it hung and exits non-zero", {}),
     "tp_size": ("tensor parallel size (only 1 is supported)", {"aliases": ["--tensor-parallel-size"]}),
     "skip_warmup": ("do not send a warm-up request before reporting ready", {}),
     "max_request_bytes": ("largest HTTP request body accepted; larger ones get HTTP 413", {}),
@@ -96,6 +109,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         if typ is bool:
             parser.add_argument(*names, dest=f.name, action="store_true", default=default, help=help_text)
         else:
+            typ = extra.pop("type", typ)
             parser.add_argument(*names, dest=f.name, type=typ, default=default,
                                 help=f"{help_text} (default: {default})" if help_text else None, **extra)
 
@@ -124,8 +138,13 @@ def check_server_args(a: ServerArgs) -> str | None:
         return f"--port {a.port}: must be in 1..65535"
     if a.mem_fraction_static is not None and not 0.0 < a.mem_fraction_static <= 1.0:
         return f"--mem-fraction-static {a.mem_fraction_static}: must be in (0, 1]"
-    for name in ("context_length", "max_total_tokens", "max_running_requests", "chunked_prefill_size",
-                 "kv_cache_bytes"):
+    if a.chunked_prefill_size is not None and a.chunked_prefill_size <= 0 and a.chunked_prefill_size != -1:
+        return f"--chunked-prefill-size {a.chunked_prefill_size}: must be positive, or -1 for no chunking"
+    if not a.watchdog_timeout > 0:
+        return f"--watchdog-timeout {a.watchdog_timeout}: must be positive"
+    if a.log_level.lower() not in LOG_LEVELS:
+        return f"--log-level {a.log_level}: must be one of {', '.join(LOG_LEVELS)}"
+    for name in ("context_length", "max_total_tokens", "max_running_requests", "kv_cache_bytes"):
         v = getattr(a, name)
         if v is not None and v <= 0:
             return f"--{name.replace('_', '-')} {v}: must be positive"
@@ -148,10 +167,10 @@ def check_server_args(a: ServerArgs) -> str | None:
         v = getattr(a, name)
         if not v > 0:
             return f"--{name.replace('_', '-')} {v}: must be positive"
-    for name in ("model_path", "model_config", "policy_config"):
+    for name in ("model_path", "tokenizer_path", "model_config", "policy_config", "chat_template"):
         v = getattr(a, name)
         if v is not None and not os.path.exists(v):
-            return f"--{name.replace('_', '-')} {v}: no such file or directory"
+            return missing_model_message(f"--{name.replace('_', '-')}", v)
     try:
         from sglang_duet.policies.base import BUILTIN_POLICIES
     except ImportError:  # policies package missing: let the scheduler report it
