@@ -99,9 +99,9 @@ class KVTransport(abc.ABC):
         if len(dst_slots) != len(desc.slots):
             raise ValueError(f"{len(dst_slots)} destination slots for {len(desc.slots)} tokens")
         t0 = time.perf_counter()
-        self._import(desc, dst_slots)
+        used = self._import(desc, dst_slots) or self.name  # a composite transport names the path it took
         dt = time.perf_counter() - t0
-        stats = TransferStats(desc.transfer_id, self.name, len(dst_slots), desc.nbytes, dt)
+        stats = TransferStats(desc.transfer_id, used, len(dst_slots), desc.nbytes, dt)
         self.transfers += 1
         self.bytes += desc.nbytes
         self.seconds += dt
@@ -109,7 +109,8 @@ class KVTransport(abc.ABC):
         return stats
 
     @abc.abstractmethod
-    def _import(self, desc: KVDescriptor, dst_slots: list[int]) -> None: ...
+    def _import(self, desc: KVDescriptor, dst_slots: list[int]) -> str | None:
+        """Copy the KV in; may return the name of the backend that moved it (None: this one)."""
 
     def totals(self) -> dict:
         return {"transfers": self.transfers, "bytes": self.bytes, "seconds": round(self.seconds, 6),
@@ -129,7 +130,6 @@ class NullTransport(KVTransport):
 
     def _import(self, desc, dst_slots):
         pass
-
 
 
 MAX_RUNS = 32  # up to this many contiguous runs: slice copies; beyond: an indexed gather

@@ -33,6 +33,7 @@ import msgspec
 import zmq
 
 from sglang_duet.disagg import messages as dm
+from sglang_duet.disagg.mooncake import advertised_host
 from sglang_duet.disagg.transfer import make_transport, pool_layout
 from sglang_duet.server import io_struct as io
 from sglang_duet.server.ipc import decode_or_drop
@@ -61,8 +62,10 @@ class _DisaggScheduler(SchedulerProcess):
         self.kv_timeout_s = float(args.disaggregation_kv_timeout_s)
         pool = getattr(self.engine, "kv_pool", None)
         layout = pool_layout(pool) if pool is not None else _emulated_layout(self.engine)
+        # peers on other hosts (Mooncake, the release socket) reach this instance at `self.host`
+        self.host = advertised_host(args.host)
         self.transport = make_transport(args.disaggregation_transfer_backend, pool, layout, self.instance_id,
-                                        self.role)
+                                        self.role, host=self.host)
         # SIGTERM (from the main process, or its death) must still clean up shared memory; then the
         # process's own handler (setup_child's: its cleanup, then exit) runs as before.
         self._prev_sigterm = signal.getsignal(signal.SIGTERM)
@@ -171,13 +174,13 @@ class PrefillScheduler(_DisaggScheduler):
         self.engine.core.kv_hold = self._kv_hold
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
-        host = args.host if args.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        bind = "*" if args.host in ("", "0.0.0.0", "::") else args.host  # --host 0.0.0.0: every interface
         port = int(args.disaggregation_bootstrap_port or 0)
         if port:
-            self.control.bind(f"tcp://{host}:{port}")
+            self.control.bind(f"tcp://{bind}:{port}")
         else:
-            port = self.control.bind_to_random_port(f"tcp://{host}")
-        self.transport.control = f"tcp://{host}:{port}"
+            port = self.control.bind_to_random_port(f"tcp://{bind}")
+        self.transport.control = f"tcp://{self.host}:{port}"
         self.poller.register(self.control, zmq.POLLIN)
         self._last_sweep = 0.0
         self.write_info({"control": self.transport.control})

@@ -179,21 +179,44 @@ def _remove_stale_files(shm_dir: str) -> None:
             pass
 
 
-BACKENDS = ("auto", "shm", "cuda-ipc", "none")
+BACKENDS = ("auto", "shm", "cuda-ipc", "mooncake", "none")
 
 
 def make_transport(backend: str, pool, layout: KVLayout, instance_id: str, role: str,
-                   shm_dir: str = SHM_DIR_DEFAULT) -> KVTransport:
-    """backend 'auto': none without tensors (emulated), cuda-ipc for a GPU pool, else shm."""
+                   shm_dir: str = SHM_DIR_DEFAULT, host: str = "127.0.0.1") -> KVTransport:
+    """backend 'auto': none without tensors (emulated); else the same-host fast path (cuda-ipc for a
+    GPU pool, shm for a CPU pool), combined with Mooncake for peers on other hosts when the Mooncake
+    engine is installed. `host`: the address peers on other hosts reach this instance at."""
     if backend not in BACKENDS:
         raise ValueError(f"--disaggregation-transfer-backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "none" if pool is None else ("cuda-ipc" if pool.buffer.is_cuda else "shm")
-    if backend != "none" and pool is None:
+    if backend != "none" and backend != "auto" and pool is None:
         raise ValueError(f"--disaggregation-transfer-backend {backend}: the emulated executor has no KV tensors; "
                          "use 'none' (or 'auto')")
-    if backend == "none":
+    if backend == "none" or pool is None:
         return NullTransport(pool, layout, instance_id)
+    from sglang_duet.disagg.mooncake import MooncakeTransport, mooncake_error
+
+    if backend == "mooncake":
+        return MooncakeTransport(pool, layout, instance_id, host)
+    if backend == "auto":
+        local = _same_host_transport("cuda-ipc" if pool.buffer.is_cuda else "shm", pool, layout, instance_id, role,
+                                     shm_dir)
+        why = mooncake_error()
+        if why:
+            logger.info("KV transfer: %s only (peers on other hosts need Mooncake: %s)", local.name, why)
+            return local
+        try:  # after the local one: shm may have moved the pool into shared memory, Mooncake registers it there
+            remote = MooncakeTransport(pool, layout, instance_id, host)
+        except Exception as e:  # noqa: BLE001 - e.g. a GPU pool with the non-CUDA wheel: stay on this host
+            logger.warning("KV transfer: %s only; Mooncake is unavailable: %s", local.name, e)
+            return local
+        from sglang_duet.disagg.host_aware import HostAwareTransport
+
+        return HostAwareTransport(local, remote)
+    return _same_host_transport(backend, pool, layout, instance_id, role, shm_dir)
+
+
+def _same_host_transport(backend: str, pool, layout: KVLayout, instance_id: str, role: str, shm_dir: str):
     if backend == "shm":
         return ShmTransport(pool, layout, instance_id, role, shm_dir)
     from sglang_duet.disagg.cuda_ipc import CudaIpcTransport
