@@ -131,8 +131,8 @@ CASES = [
     (G, {"text": "hi", "sampling_params": {"stop_token_ids": [VOCAB]}}, 400,
      f"stop_token_ids holds {VOCAB}, outside the vocabulary [0, {VOCAB}).", "stop_token_ids"),
     # wrong types
-    (C, {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens must be a non-negative integer, got '5'.", "max_tokens"),
-    (C, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens must be a non-negative integer, got -1.", "max_tokens"),
+    (C, {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens must be a positive integer, got '5'.", "max_tokens"),
+    (C, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens must be a positive integer, got -1.", "max_tokens"),
     (C, {"prompt": "hi", "stream": "yes"}, 400, "stream must be of type bool, got 'yes'.", "stream"),
     (G, {"text": "hi", "stream": "no"}, 400, "stream must be of type bool, got 'no'.", "stream"),
     (C, {"prompt": "hi", "top_k": 10 ** 30}, 400, "top_k must be an integer, got 1e+30.", "top_k"),

@@ -8,7 +8,7 @@ import logging
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from sglang_duet.server.body_limit import BodyLimitMiddleware
@@ -20,6 +20,7 @@ from sglang_duet.server.tokenizer_manager import TokenizerManager
 logger = logging.getLogger("sglang_duet.server")
 
 HEALTH_GENERATE_TIMEOUT_S = 30.0
+LOG_REQUEST_BYTES = 2048  # --log-requests: how much of each request body is logged
 _OPEN_PATHS = frozenset({"/health"})
 
 
@@ -42,7 +43,8 @@ class APIKeyMiddleware:
 
 
 def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
-    app = FastAPI(title="sglang-duet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="sglang-duet", lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+                  version=_version())
     openai = OpenAIServing(tm, server_args.model_path)
     native = NativeServing(tm)
 
@@ -60,7 +62,16 @@ def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
         return APIError(500, f"Internal server error: {type(e).__name__}: {e}").response()
 
     async def body_of(request: Request) -> dict:
-        return loads_body(await request.body())
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            # The client hung up mid-upload: nobody to answer, nothing went wrong here.
+            logger.info("client disconnected while sending %s %s", request.method, request.url.path)
+            raise APIError(499, "Client disconnected.") from None
+        if server_args.log_requests:
+            logger.info("request %s %s: %s", request.method, request.url.path,
+                        raw[:LOG_REQUEST_BYTES].decode("utf-8", "replace"))
+        return loads_body(raw)
 
     # ---- health and info -------------------------------------------------------------------
 
@@ -135,6 +146,42 @@ def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         return await openai.chat(request, await body_of(request))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(_request: Request):
+        raise APIError(400, "This server runs a generative model, which has no embeddings endpoint (SGLang serves "
+                            "embedding models with --is-embedding, which this server does not support).",
+                       code="model_not_embedding")
+
+    # ---- SGLang's utility routes -------------------------------------------------------------
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await openai.tokenize(await body_of(request))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await openai.detokenize(await body_of(request))
+
+    async def flush_cache():
+        # No prefix cache yet, so nothing to drop; SGLang's answer, and its refusal while busy.
+        if any(not st.finished for st in tm.states.values()):
+            return Response("Cache not flushed: there are running or waiting requests.\n", status_code=400)
+        return Response("Cache flushed.\n", status_code=200)
+
+    app.add_api_route("/flush_cache", flush_cache, methods=["POST"], operation_id="flush_cache")
+    app.add_api_route("/flush_cache", flush_cache, methods=["GET"], operation_id="flush_cache_get",
+                      include_in_schema=False)
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request):
+        body = await body_of(request)
+        rid, abort_all = body.get("rid"), body.get("abort_all", False)
+        if not isinstance(abort_all, bool):
+            raise APIError(400, f"abort_all must be of type bool, got {abort_all!r}.", param="abort_all")
+        if not abort_all and not (isinstance(rid, str) and rid):
+            raise APIError(400, "Give rid (a request id) or abort_all: true.", param="rid")
+        return json_response({"aborted": tm.abort_request(rid, abort_all)})
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=server_args.max_request_bytes)
     if server_args.api_key:  # added last: outermost, so a client without the key learns nothing more

@@ -154,6 +154,8 @@ class Launcher:
             for name, p in self.procs.items():
                 loop.add_reader(p.sentinel, self._child_died, name, p)
             threading.Thread(target=self._warmup, name="warmup", daemon=True).start()
+            self.tm.last_heard = time.monotonic()
+            loop.call_later(self._watchdog_period(), self._watchdog)
             tune_gc()
             yield
             for p in self.procs.values():
@@ -184,6 +186,26 @@ class Launcher:
         self.exit_code = 1
         # Give the failed requests a moment to send their error responses, then stop.
         loop.call_later(0.5, self._request_exit)
+
+    def _watchdog_period(self) -> float:
+        return min(5.0, self.args.watchdog_timeout / 4)
+
+    def _watchdog(self) -> None:
+        """A scheduler that is alive but silent (its loop stuck) is as dead as one that exited: the
+        scheduler reports stats every STATS_INTERVAL_S, so --watchdog-timeout without a word means hung."""
+        if self.tm.dead or (self.uvicorn is not None and self.uvicorn.should_exit):
+            return
+        silent = time.monotonic() - self.tm.last_heard
+        timeout = self.args.watchdog_timeout
+        if silent > timeout:
+            msg = (f"The scheduler is alive but has sent nothing for {silent:.1f} s (--watchdog-timeout {timeout:g}): "
+                   f"it is hung; the server is shutting down.")
+            logger.error(msg)
+            self.tm.fail_all(msg)
+            self.exit_code = 1
+            asyncio.get_running_loop().call_later(0.5, self._request_exit)
+            return
+        asyncio.get_running_loop().call_later(self._watchdog_period(), self._watchdog)
 
     def _request_exit(self) -> None:
         if self.uvicorn is not None:

@@ -30,7 +30,7 @@ class NativeServing:
                 return [await self.tm.tokenize_async(text)], False
             if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
                 _check_batch(len(text))
-                return [await self.tm.tokenize_async(t) for t in text], True
+                return await self.tm.tokenize_many_async(text), True
             raise APIError(400, "text must be a string or a non-empty list of strings.", param="text")
         if isinstance(input_ids, list) and input_ids and all(isinstance(x, list) for x in input_ids):
             _check_batch(len(input_ids))

@@ -26,6 +26,8 @@ class OpenAIServing:
             if p:
                 self.model_names |= {p, os.path.basename(p.rstrip("/"))}
         self.model_names.discard("")
+        # A template that renders tool calls gets the tool-call history; others refuse it (400).
+        self.template_renders_tools = "tool_calls" in (tm.chat_template or "")
 
     # ---- models ----------------------------------------------------------------------------
 
@@ -53,6 +55,46 @@ class OpenAIServing:
     def _unknown_model(model) -> APIError:
         return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
+    # ---- /tokenize and /detokenize (SGLang's shapes) -----------------------------------------
+
+    async def tokenize(self, body: dict):
+        self.check_model(body)
+        add_special = proto.get(body, "add_special_tokens", bool, True)
+        prompt, messages = body.get("prompt"), body.get("messages")
+        if (prompt is None) == (messages is None):
+            raise APIError(400, "Exactly one of 'prompt' or 'messages' must be provided.", param="prompt")
+        if messages is not None:
+            msgs = proto.chat_messages(body, self.tm.context_length, self.template_renders_tools)
+            ids = await self.tm.apply_chat_template_async(msgs, proto.template_kwargs(body),
+                                                          bool(proto.get(body, "continue_final_message", bool, False)))
+            return json_response({"tokens": ids, "count": len(ids), "max_model_len": self.tm.context_length})
+        single = isinstance(prompt, str)
+        texts = [prompt] if single else prompt
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise APIError(400, "prompt must be a string or a non-empty list of strings.", param="prompt")
+        if self.tm.tokenizer is None:
+            raise APIError(400, "This model has no tokenizer.", param="prompt")
+        ids = await self.tm.inputs.tokenize_many_async(texts, "prompt", add_special_tokens=add_special)
+        if single:
+            return json_response({"tokens": ids[0], "count": len(ids[0]), "max_model_len": self.tm.context_length})
+        return json_response({"tokens": ids, "count": [len(x) for x in ids], "max_model_len": self.tm.context_length})
+
+    async def detokenize(self, body: dict):
+        self.check_model(body)
+        skip = proto.get(body, "skip_special_tokens", bool, True)
+        tokens = body.get("tokens")
+        if self.tm.tokenizer is None:
+            raise APIError(400, "This model has no tokenizer.", param="tokens")
+        single = isinstance(tokens, list) and all(not isinstance(t, list) for t in tokens)
+        seqs = [tokens] if single else tokens
+        if not isinstance(seqs, list) or not seqs:
+            raise APIError(400, "tokens must be a list of token ids or a non-empty list of such lists.",
+                           param="tokens")
+        for seq in seqs:
+            self.tm.check_ids(seq, "tokens")
+        texts = await self.tm.inputs.decode_many_async(seqs, skip)
+        return json_response({"text": texts[0] if single else texts})
+
     # ---- completions ------------------------------------------------------------------------
 
     async def completions(self, request: Request, body: dict):
@@ -62,9 +104,11 @@ class OpenAIServing:
         stream = bool(proto.get(body, "stream", bool, False))
         usage_chunk = proto.include_usage(body)
         echo = bool(proto.get(body, "echo", bool, False))
+        want_ids = bool(body.get("return_token_ids"))
         if body.get("suffix"):
             raise APIError(400, "suffix is not supported.", param="suffix")
         sd = proto.sampling_dict(body, default_max_tokens=16)  # OpenAI's default for completions
+        sd = {**self.tm.sampling_defaults, **sd}  # the model's generation_config.json, where the request is silent
         lp = proto.get(body, "logprobs", int, None)
         if lp is not None:
             if not 0 <= lp <= 20:
@@ -74,16 +118,16 @@ class OpenAIServing:
         if len(prompts) * n > MAX_SEQS_PER_REQUEST:  # before tokenizing them all
             raise APIError(400, f"One request may ask for at most {MAX_SEQS_PER_REQUEST} sequences "
                                 f"(prompts x n), got {len(prompts) * n}.")
-        ids_list = []
+        base = uuid.uuid4().hex
+        rids = proto.request_ids(body, len(prompts) * n, f"cmpl-{base}")
+        texts = [p for p in prompts if isinstance(p, str)]
         for p in prompts:
-            if isinstance(p, str):
-                ids_list.append(await self.tm.tokenize_async(p, "prompt"))
-            else:
+            if not isinstance(p, str):
                 self.tm.check_ids(p, "prompt")  # before decoding them for echo
-                ids_list.append(p)
+        tokenized = iter(await self.tm.tokenize_many_async(texts, "prompt") if texts else ())
+        ids_list = [next(tokenized) if isinstance(p, str) else p for p in prompts]
         limit = proto.explicit_max_tokens(body)
         reqs, meta = [], []  # meta: the prompt text each choice echoes ("" without echo)
-        base = uuid.uuid4().hex
         for pi, ids in enumerate(ids_list):
             if limit is not None and ids:
                 self.tm.check_fits(len(ids), *limit)
@@ -91,8 +135,8 @@ class OpenAIServing:
             if echo:
                 prompt_text = prompts[pi] if isinstance(prompts[pi], str) else (
                     self.tm.tokenizer.decode(ids) if self.tm.tokenizer is not None else "")
-            for ci, d in enumerate(proto.choice_seeds(sd, n)):
-                reqs.append((f"cmpl-{base}-{pi}-{ci}", ids, self.tm.make_params(d)))
+            for d in proto.choice_seeds(sd, n):
+                reqs.append((rids[len(reqs)], ids, self.tm.make_params(d)))
                 meta.append(prompt_text)
         cid = f"cmpl-{base}"
         created = int(time.time())
@@ -113,7 +157,10 @@ class OpenAIServing:
                 lps = None
                 if lp is not None:
                     lps, _ = self.fmt.completion(r["logprobs"], len(meta[i]))
-                choices.append(choice(i, meta[i] + r["text"], r["finish_reason"], lps))
+                c = choice(i, meta[i] + r["text"], r["finish_reason"], lps)
+                if want_ids:
+                    c["token_ids"] = r["ids"]
+                choices.append(c)
                 ct += r["completion_tokens"]
             pt = sum(len(ids) for ids in ids_list)
             return json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
@@ -157,23 +204,27 @@ class OpenAIServing:
         n = proto.get_n(body)
         stream = bool(proto.get(body, "stream", bool, False))
         usage_chunk = proto.include_usage(body)
-        messages = proto.chat_messages(body)
+        messages = proto.chat_messages(body, self.tm.context_length, self.template_renders_tools)
         sd = proto.sampling_dict(body, default_max_tokens=None)  # until eos / context end, like OpenAI
+        sd = {**self.tm.sampling_defaults, **sd}
         want_lp = bool(proto.get(body, "logprobs", bool, False))
         top = proto.get(body, "top_logprobs", int, None)
         if top is not None and not want_lp:
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
         if want_lp:
             sd.update(logprobs=True, top_logprobs=top or 0)
-        extra = body.get("chat_template_kwargs") or {}
-        if not isinstance(extra, dict):
-            raise APIError(400, "chat_template_kwargs must be an object.", param="chat_template_kwargs")
-        ids = await self.tm.apply_chat_template_async(messages, **extra)
+        kwargs = proto.template_kwargs(body)
+        if body.get("input_ids") is not None:  # SGLang: pre-tokenized prompt, the template is skipped
+            ids = list(body["input_ids"])
+            self.tm.check_ids(ids)
+        else:
+            ids = await self.tm.apply_chat_template_async(messages, kwargs, bool(body.get("continue_final_message")))
         limit = proto.explicit_max_tokens(body)
         if limit is not None:
             self.tm.check_fits(len(ids), *limit)
         base = uuid.uuid4().hex
-        reqs = [(f"chatcmpl-{base}-{i}", ids, self.tm.make_params(d)) for i, d in enumerate(proto.choice_seeds(sd, n))]
+        rids = proto.request_ids(body, n, f"chatcmpl-{base}")
+        reqs = [(rids[i], ids, self.tm.make_params(d)) for i, d in enumerate(proto.choice_seeds(sd, n))]
         cid = f"chatcmpl-{base}"
         created = int(time.time())
         model = body.get("model") or self.tm.served_model_name
@@ -186,12 +237,21 @@ class OpenAIServing:
                 group.close()
             choices, ct = [], 0
             for i, r in enumerate(res):
-                choices.append({
+                c = {
                     "index": i, "message": {"role": "assistant", "content": r["text"]},
                     "logprobs": {"content": self.fmt.chat(r["logprobs"])} if want_lp else None,
                     "finish_reason": proto.finish_reason(r["finish_reason"]),
                     "matched_stop": proto.matched_stop(r["finish_reason"]),
-                })
+                }
+                if body.get("return_token_ids"):
+                    c["token_ids"] = r["ids"]
+                if body.get("return_prompt_token_ids"):
+                    c["prompt_token_ids"] = ids
+                if body.get("return_meta_info"):
+                    c["meta_info"] = {"id": rids[i], "finish_reason": r["finish_reason"], "prompt_tokens": len(ids),
+                                      "completion_tokens": r["completion_tokens"],
+                                      "cached_tokens": r["cached_tokens"]}
+                choices.append(c)
                 ct += r["completion_tokens"]
             return json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
                                   "choices": choices, "usage": proto.usage(len(ids), ct)})

@@ -5,8 +5,9 @@ name the offending `param`. Unknown top-level fields are rejected as OpenAI's AP
 "Unrecognized request argument supplied: X"): a misspelt or unimplemented parameter (`top-k`,
 `guided_json`) would otherwise change nothing and go unnoticed. Accepted beyond OpenAI's own
 fields: the SGLang/vLLM sampling extensions in `_COMMON_SAMPLING` (top_k, min_p,
-repetition_penalty, min_tokens, ignore_eos, stop_token_ids, ...) and `chat_template_kwargs`
-(see docs/reliability.md).
+repetition_penalty, min_tokens, ignore_eos, stop_token_ids, ...), `chat_template_kwargs`, and
+SGLang's own request fields (`_SGLANG_FIELDS`: ignored, honoured, or refused unless null/false,
+as listed there; see docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ _COMMON_SAMPLING = {
 # OpenAI fields we implement, per route (the _COMMON_SAMPLING extensions are added below).
 _COMPLETION_FIELDS = {"model", "prompt", "n", "best_of", "stream", "stream_options", "echo", "suffix", "logprobs",
                       "max_tokens", "max_completion_tokens", "temperature", "top_p", "frequency_penalty",
-                      "presence_penalty", "stop", "seed", "logit_bias", "user"}
+                      "presence_penalty", "stop", "seed", "logit_bias", "user", "response_format"}
 _CHAT_FIELDS = {"model", "messages", "n", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                 "temperature", "top_p", "frequency_penalty", "presence_penalty", "stop", "seed", "logit_bias",
                 "logprobs", "top_logprobs", "tools", "tool_choice", "response_format", "user",
@@ -35,17 +36,58 @@ _CHAT_FIELDS = {"model", "messages", "n", "stream", "stream_options", "max_token
                 # accepted and ignored: they change nothing about the generated tokens
                 "store", "metadata", "service_tier", "parallel_tool_calls", "modalities"}
 # OpenAI fields we know but do not implement: a non-null value is a 400 naming the field.
-_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort")
+_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options")
+
+# SGLang's own request fields (sglang/srt/entrypoints/openai/protocol.py; sglang-router forwards
+# them), as SGLang types them. A value of the wrong type is a 400 either way.
+_STR_OR_LIST = (str, list)
+_INT_OR_LIST = (int, list)
+# Accepted and ignored, as SGLang ignores them on a single server without the feature they steer
+# (disaggregation bootstrap, data-parallel routing, cache salts, priorities, reasoning display
+# without a --reasoning-parser, multimodal knobs): none changes the tokens generated here.
+_SGLANG_IGNORED_COMMON = {
+    "bootstrap_host": _STR_OR_LIST, "bootstrap_port": _INT_OR_LIST, "bootstrap_room": _INT_OR_LIST,
+    "routed_dp_rank": int, "disagg_prefill_dp_rank": int, "data_parallel_rank": int, "extra_key": _STR_OR_LIST,
+    "cache_salt": _STR_OR_LIST, "ngram_corpus_id": _STR_OR_LIST, "priority": int, "custom_labels": dict,
+    "return_cached_tokens_details": bool, "images_config": dict, "routed_experts_start_len": int,
+}
+_SGLANG_IGNORED_CHAT = {"separate_reasoning": bool, "stream_reasoning": bool, "max_dynamic_patch": int,
+                        "min_dynamic_patch": int, "use_audio_in_video": bool, "task": str}
+# Honoured (see openai_api.py).
+_SGLANG_HONOURED_COMMON = {"rid": _STR_OR_LIST, "return_token_ids": bool}
+_SGLANG_HONOURED_CHAT = {"continue_final_message": bool, "input_ids": list, "return_prompt_token_ids": bool,
+                         "return_meta_info": bool, "reasoning_effort": (str, int, float)}
+# Features this server does not have: null/false is accepted (sglang-router sends the defaults),
+# anything else is a 400 naming the field.
+_SGLANG_UNSUPPORTED = {"return_hidden_states": (bool, str), "return_routed_experts": bool, "lora_path": None,
+                       "session_id": None, "session_params": None, "custom_logit_processor": None,
+                       "custom_params": None, "regex": None, "ebnf": None, "json_schema": None,
+                       "stop_regex": None}
+_SGLANG_FIELDS = {
+    "completions": {**_SGLANG_IGNORED_COMMON, **_SGLANG_HONOURED_COMMON, **_SGLANG_UNSUPPORTED},
+    "chat": {**_SGLANG_IGNORED_COMMON, **_SGLANG_IGNORED_CHAT, **_SGLANG_HONOURED_COMMON, **_SGLANG_HONOURED_CHAT,
+             **_SGLANG_UNSUPPORTED},
+}
+_REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 def check_fields(body: dict, route: str) -> None:
     """400 for top-level fields this route does not know (OpenAI's wording) or does not implement."""
-    allowed = (_CHAT_FIELDS if route == "chat" else _COMPLETION_FIELDS) | _COMMON_SAMPLING.keys()
+    sglang = _SGLANG_FIELDS[route]
+    allowed = (_CHAT_FIELDS if route == "chat" else _COMPLETION_FIELDS) | _COMMON_SAMPLING.keys() | sglang.keys()
     unknown = [k for k in body if k not in allowed and (route != "chat" or k not in _CHAT_UNSUPPORTED)]
     if unknown:
         plural = "s" if len(unknown) > 1 else ""
         raise APIError(400, f"Unrecognized request argument{plural} supplied: {', '.join(map(str, unknown))}",
                        param=str(unknown[0]))
+    for k, kinds in sglang.items():
+        v = body.get(k)
+        if v is None:
+            continue
+        if kinds is not None:
+            get(body, k, kinds)
+        if k in _SGLANG_UNSUPPORTED and v is not False:
+            raise APIError(400, f"{k} is not supported by this server.", param=k)
     if route == "chat":
         for k in _CHAT_UNSUPPORTED:
             if body.get(k) is not None:
@@ -57,9 +99,64 @@ def check_fields(body: dict, route: str) -> None:
         mod = body.get("modalities")
         if mod is not None and mod != ["text"]:
             raise APIError(400, "modalities must be [\"text\"]: only text output is supported.", param="modalities")
+        tools = body.get("tools")
+        if tools is not None:
+            if not isinstance(tools, list):
+                raise APIError(400, f"tools must be a list, got {tools!r}.", param="tools")
+            if tools:
+                raise APIError(400, "tools are not supported.", param="tools")
+        effort = body.get("reasoning_effort")
+        if effort is not None and not (effort in _REASONING_EFFORTS or (
+                not isinstance(effort, (bool, str)) and 0.0 <= effort <= 0.99)):
+            raise APIError(400, f"reasoning_effort must be one of {', '.join(_REASONING_EFFORTS)} or a number in "
+                                f"[0, 0.99], got {effort!r}.", param="reasoning_effort")
+    check_response_format(body.get("response_format", _MISSING))
     for k in ("user",):
         if body.get(k) is not None and not isinstance(body[k], str):
             raise APIError(400, f"{k} must be a string.", param=k)
+
+
+def check_response_format(rf) -> None:
+    """null / absent / {"type": "text"}; json_object and json_schema are not implemented yet."""
+    if rf is _MISSING or rf is None:
+        return
+    if not isinstance(rf, dict):
+        raise APIError(400, f"response_format must be an object with a type, got {rf!r}.", param="response_format")
+    t = rf.get("type")
+    if t == "text":
+        return
+    if t in ("json_object", "json_schema", "structural_tag"):
+        raise APIError(400, f"response_format {t} is not supported (structured output is not implemented).",
+                       param="response_format")
+    raise APIError(400, f"response_format.type must be \"text\", got {t!r}.", param="response_format")
+
+
+def template_kwargs(body: dict) -> dict | None:
+    """chat_template_kwargs, with reasoning_effort folded in as SGLang does ("none" turns thinking off)."""
+    kw = body.get("chat_template_kwargs")
+    if kw is not None and not isinstance(kw, dict):
+        raise APIError(400, "chat_template_kwargs must be an object.", param="chat_template_kwargs")
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        kw = dict(kw or {})
+        kw.setdefault("thinking", effort != "none")
+        kw.setdefault("enable_thinking", effort != "none")
+    return kw
+
+
+def request_ids(body: dict, count: int, prefix: str) -> list[str]:
+    """SGLang's `rid`: one string (suffixed per sequence when there are several) or one per sequence."""
+    rid = body.get("rid")
+    if rid is None:
+        return [f"{prefix}-{i}" for i in range(count)]
+    if isinstance(rid, str):
+        if not rid:
+            raise APIError(400, "rid must be a non-empty string.", param="rid")
+        return [rid] if count == 1 else [f"{rid}-{i}" for i in range(count)]
+    if len(rid) != count or not all(isinstance(r, str) and r for r in rid):
+        raise APIError(400, f"rid must be a string or a list of {count} non-empty strings (one per sequence).",
+                       param="rid")
+    return list(rid)
 
 
 def explicit_max_tokens(body: dict) -> tuple[int, str] | None:
@@ -100,8 +197,9 @@ def sampling_dict(body: dict, *, default_max_tokens: int | None) -> dict:
         max_tokens, param = body.get("max_tokens"), "max_tokens"
     if max_tokens is None:
         max_tokens = default_max_tokens
-    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-        raise APIError(400, f"{param} must be a non-negative integer, got {max_tokens!r}.", param=param)
+    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        # OpenAI's and SGLang's rule: at least one token (0 would still run a prefill and bill it)
+        raise APIError(400, f"{param} must be a positive integer, got {max_tokens!r}.", param=param)
     d["max_new_tokens"] = max_tokens
     stop = body.get("stop")
     if stop is not None:
@@ -168,14 +266,41 @@ def completion_prompts(body: dict) -> list[str | list[int]]:
                         "or a list of token-id lists.", param="prompt")
 
 
-def chat_messages(body: dict) -> list[dict]:
+# SGLang's roles (matched case-insensitively, then lower-cased, as SGLang does).
+CHAT_ROLES = ("system", "user", "assistant", "tool", "function", "developer", "latest_reminder")
+MAX_NAME_CHARS = 256
+
+
+def chat_messages(body: dict, max_messages: int, template_renders_tools: bool = False) -> list[dict]:
+    """The request's messages as the chat template gets them (text parts joined), checked.
+
+    At most `max_messages` (the caller passes the context length: every message a template renders
+    costs at least one token), counted before anything else is looked at. Tool-call history
+    (assistant `tool_calls`, `tool` messages) only goes to a template that renders it: dropping it
+    silently would change the conversation the model sees.
+    """
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise APIError(400, "messages must be a non-empty list.", param="messages")
+    if len(msgs) > max_messages:
+        raise APIError(400, f"messages holds {len(msgs)} messages, more than fit in the model's context "
+                            f"({max_messages} tokens).", param="messages", code="context_length_exceeded")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f"messages[{i}] must be an object with a role.", param="messages")
+        role = m["role"].lower()
+        if role not in CHAT_ROLES:
+            shown = m["role"] if len(m["role"]) <= 40 else m["role"][:40] + "..."
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {shown!r}.",
+                           param="messages")
+        name = m.get("name")
+        if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME_CHARS):
+            raise APIError(400, f"messages[{i}].name must be a string of at most {MAX_NAME_CHARS} characters.",
+                           param="messages")
+        if not template_renders_tools and (m.get("tool_calls") or role in ("tool", "function")):
+            raise APIError(400, f"messages[{i}]: this model's chat template does not render tool calls or tool "
+                                f"results (tools are not supported).", param="messages")
         content = m.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
             texts = []
@@ -189,12 +314,7 @@ def chat_messages(body: dict) -> list[dict]:
         elif not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or a list of text parts.",
                            param="messages")
-        out.append({**{k: v for k, v in m.items() if k != "content"}, "content": content})
-    if body.get("tools"):
-        raise APIError(400, "tools are not supported.", param="tools")
-    rf = body.get("response_format")
-    if rf and (not isinstance(rf, dict) or rf.get("type") not in (None, "text")):
-        raise APIError(400, "response_format other than text is not supported.", param="response_format")
+        out.append({**{k: v for k, v in m.items() if k != "content"}, "role": role, "content": content})
     return out
 
 

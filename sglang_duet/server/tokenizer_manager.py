@@ -17,18 +17,17 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
+from sglang_duet.model_loader.serving_config import read_sampling_defaults
 from sglang_duet.sampling_params import SamplingParams, SamplingParamsError
 from sglang_duet.server import io_struct as io
 from sglang_duet.server.errors import APIError, sampling_error
+from sglang_duet.server.input_processor import InputProcessor
 from sglang_duet.server.ipc import IPCPaths, pull_socket, push_socket
 from sglang_duet.server.metrics import ServerMetrics
 
 logger = logging.getLogger("sglang_duet.server")
 
 DISCONNECT_CHECK_S = 0.5  # how often a waiting non-streaming handler checks for a gone client
-# Texts longer than this are tokenized on a worker thread: the Rust tokenizer releases the GIL, so
-# a 3 MB prompt (about 2 s to tokenize) no longer freezes every other stream on the event loop.
-THREAD_TOKENIZE_CHARS = 50_000
 MAX_ABORTING = 100_000
 RECV_BATCH = 16  # messages handled per reader callback before the woken handlers get a turn
 MAX_SEQS_PER_REQUEST = 4096  # prompts x n of one HTTP request: one small body must not queue 10^5 requests
@@ -87,9 +86,8 @@ class TokenizerManager:
         self._aborting: dict[str, float] = {}
         # Outcome of every request sent to the scheduler (one each; see docs/reliability.md).
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "aborted": 0}
-        # No text can need fewer tokens than chars / (longest token's chars): longer texts are
-        # refused before tokenizing them (bounded work per request).
-        self.max_token_chars = _max_token_chars(self.tokenizer)
+        # Tokenizing and chat templating: size-checked first, big inputs on a worker thread.
+        self.inputs = InputProcessor(self.tokenizer, self.chat_template, self.context_length)
         self._zctx = zmq.Context(1)
         # A plain (sync) PUSH socket: send() never blocks (no HWM) and works from `finally` blocks of
         # cancelled handlers, which is where aborts come from.
@@ -97,6 +95,10 @@ class TokenizerManager:
         # Read through the event loop's reader callback on the socket's fd (see _on_readable).
         self._recv = pull_socket(self._zctx, paths.main_in)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.last_heard = time.monotonic()  # last message from the scheduler (via the detokenizer)
+        self.log_requests = bool(getattr(server_args, "log_requests", False))
+        # generation_config.json's sampling defaults, for OpenAI requests that set none (SGLang's way)
+        self.sampling_defaults = read_sampling_defaults(info.model_path)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -111,6 +113,7 @@ class TokenizerManager:
                 self._loop.remove_reader(self._recv.getsockopt(zmq.FD))
             except Exception:  # noqa: BLE001 - closing anyway
                 pass
+        self.inputs.close()
         self._send.close(linger=0)
         self._recv.close(linger=0)
         self._zctx.term()
@@ -132,40 +135,17 @@ class TokenizerManager:
     # ---- input validation ------------------------------------------------------------------
 
     def tokenize(self, text: str, param: str = "text") -> list[int]:
-        if self.tokenizer is None:
-            raise APIError(400, "This model has no tokenizer; send input_ids instead of text.", param=param)
-        self._check_text_len(len(text), param)
-        return self.tokenizer.encode(text)
+        return self.inputs.tokenize(text, param)
 
     async def tokenize_async(self, text: str, param: str = "text") -> list[int]:
-        if len(text) <= THREAD_TOKENIZE_CHARS:
-            return self.tokenize(text, param)
-        return await asyncio.to_thread(self.tokenize, text, param)
+        return await self.inputs.tokenize_async(text, param)
 
-    def _check_text_len(self, chars: int, param: str) -> None:
-        if chars > self.context_length * self.max_token_chars:
-            raise APIError(400, f"The input ({chars} characters, so more than {chars // self.max_token_chars} tokens) "
-                                f"is longer than the model's context length ({self.context_length} tokens).",
-                           param=param, code="context_length_exceeded")
+    async def tokenize_many_async(self, texts: list[str], param: str = "text") -> list[list[int]]:
+        return await self.inputs.tokenize_many_async(texts, param)
 
-    def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
-        if self.tokenizer is None:
-            raise APIError(400, "This model has no tokenizer, so chat completions are unavailable.")
-        if not self.chat_template:
-            raise APIError(400, "This model has no chat template; use /v1/completions.")
-        self._check_text_len(sum(len(m.get("content") or "") for m in messages), "messages")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                      add_generation_prompt=True, **kwargs)
-        except Exception as e:  # noqa: BLE001 - a template error is the request's problem
-            raise APIError(400, f"Cannot apply the chat template to these messages: {e}", param="messages") from e
-        # The template writes the special tokens itself (bos, role markers).
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    async def apply_chat_template_async(self, messages: list[dict], **kwargs) -> list[int]:
-        if sum(len(m.get("content") or "") for m in messages) <= THREAD_TOKENIZE_CHARS:
-            return self.apply_chat_template(messages, **kwargs)
-        return await asyncio.to_thread(self.apply_chat_template, messages, **kwargs)
+    async def apply_chat_template_async(self, messages: list[dict], template_kwargs: dict | None = None,
+                                        continue_final_message: bool = False) -> list[int]:
+        return await self.inputs.apply_chat_template_async(messages, template_kwargs, continue_final_message)
 
     def make_params(self, d: dict) -> SamplingParams:
         try:
@@ -237,19 +217,39 @@ class TokenizerManager:
             raise APIError(400, "An integer sampling parameter is out of range.") from None
         event = asyncio.Event()  # shared: one wake-up for whichever request of the group has news
         states = []
-        for (rid, ids, _), msg in zip(reqs, msgs):
+        for (rid, ids, params), msg in zip(reqs, msgs):
             st = ReqState(rid, len(ids), now, event=event)
             self.states[rid] = st
             states.append(st)
-            self._send.send(msg)
             self.counts["submitted"] += 1
+            if params.max_new_tokens == 0:
+                # SGLang's answer to max_new_tokens=0: an empty completion. Nothing is generated or
+                # billed, so the scheduler never sees it.
+                st.finished, st.finish_time = True, now
+                st.pending.append(io.StrOut(rid, "", [], None, True, {"type": "length", "length": 0}, len(ids), 0, 0))
+                event.set()
+                continue
+            self._send.send(msg)
         return RequestGroup(self, states, request)
+
+    def abort_request(self, rid: str | None = None, abort_all: bool = False) -> list[str]:
+        """/abort_request: end running requests as if their clients had asked (finish reason abort);
+        their handlers get the scheduler's final word like any other. Returns the rids aborted."""
+        rids = [r for r, st in self.states.items() if not st.finished and (abort_all or r == rid)]
+        if not self.dead:
+            for r in rids:
+                self._send.send(io.encode(io.AbortReq(r)))
+        return rids
 
     def abort(self, rid: str) -> None:
         """Forget a request; if it is still running, tell the scheduler to free its KV. Idempotent."""
         st = self.states.pop(rid, None)
         if st is None:
             return
+        if self.log_requests:
+            outcome = "aborted" if not st.finished else ("failed: " + st.error.message if st.error else "finished")
+            logger.info("request %s %s: %d prompt tokens, %.3f s", rid, outcome, st.prompt_tokens,
+                        time.monotonic() - st.created)
         if not st.finished:
             self.counts["aborted"] += 1
             if len(self._aborting) >= MAX_ABORTING:  # never expected; bounded memory if it happens
@@ -290,6 +290,7 @@ class TokenizerManager:
         self._loop.call_soon(self._on_readable)
 
     def _handle_message(self, data: bytes) -> None:
+        self.last_heard = time.monotonic()  # the --watchdog-timeout's evidence that the pipeline is alive
         try:
             msg = io.decode(data)
             if isinstance(msg, io.BatchStrOut):
@@ -446,17 +447,6 @@ def _merge(outs: list[io.StrOut]) -> Delta:
             lps.extend(o.logprobs)
     return Delta("".join(o.text for o in outs), ids, lps, last.finished, last.finish_reason, last.prompt_tokens,
                  last.completion_tokens, last.cached_tokens)
-
-
-def _max_token_chars(tokenizer) -> int:
-    """Upper bound on the characters one token decodes to (byte-level BPE: one vocab char per byte)."""
-    if tokenizer is None:
-        return 1 << 30
-    try:
-        longest = max(len(t) for t in tokenizer.get_vocab())
-    except Exception:  # noqa: BLE001 - an odd tokenizer: no early length check
-        return 1 << 30
-    return max(16, longest)
 
 
 def _default_name(args, info: io.ReadyInfo) -> str:
