@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import msgspec
 import pytest
 import torch
 
@@ -69,7 +70,7 @@ class TableLanes(FakeLanes):
             row = t.row_slots(w.table_row)
             assert row[:need] == w.kv_slots[:need], f"{w.rid}: row {w.table_row} differs from kv_slots"
             self.row_owners.setdefault(w.table_row, set()).add(w.rid)
-            shadow.append(dataclasses.replace(w, kv_slots=row[:need]))
+            shadow.append(msgspec.structs.replace(w, kv_slots=row[:need]))
         super().submit(dataclasses.replace(launch, work=shadow))
 
 
@@ -191,7 +192,7 @@ def _check_random_batch(seed: int, decode_only: bool) -> None:
         work = _random_batch(rng, rows, cols, decode_only)
         for w in work:  # part of each row may already be on the device from an earlier launch
             if rng.random() < 0.5 and w.start_pos > 0:
-                t.sync([dataclasses.replace(w, input_ids=[0] * rng.randint(1, w.start_pos), start_pos=0)])
+                t.sync([msgspec.structs.replace(w, input_ids=[0] * rng.randint(1, w.start_pos), start_pos=0)])
         assert t.prepare(work)
         entries = [(w.input_ids, w.start_pos, w.table_row, w.sample) for w in work]
         assert_same_batch(t.forward_batch(entries),

@@ -1,12 +1,14 @@
 """What a policy asks the executor to run: the step plan and its lane batches.
 
-Pure data, no torch: the same plan drives the real executor, the emulated GPU and the
+Pure data, no torch (msgspec Structs for what is built per request per step): the same plan drives the real executor, the emulated GPU and the
 discrete-event simulator.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+
+import msgspec
 
 
 class LaneKind(str, Enum):
@@ -80,9 +82,13 @@ class StepPlan:
 FUTURE_TOKEN = -1  # an input id not known when the launch was planned: see ReqWork.input_from
 
 
-@dataclass(slots=True)
-class ReqWork:
-    """One request's part of a launch, as the executor needs it (slots already allocated)."""
+class ReqWork(msgspec.Struct, gc=False):
+    """One request's part of a launch, as the executor needs it (slots already allocated).
+
+    A msgspec Struct, not a dataclass: one is built for every request of every step, and a Struct
+    is built in C (about 3x less host time per step at batch 1024 than a slots dataclass) and is
+    not tracked by the garbage collector (it holds no reference cycles: lists, params, ints).
+    """
 
     rid: str
     input_ids: list[int]        # the new tokens of this launch (prefill chunk, or [last token] for decode)
@@ -93,8 +99,8 @@ class ReqWork:
     sampling_seed: int = 0
     # penalties need the history; sampling needs the params (a SamplingParams)
     params: object = None
-    output_ids: list[int] = field(default_factory=list)
-    prompt_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = []  # (msgspec gives every instance its own empty list)
+    prompt_ids: list[int] = []
     eos_ids: frozenset[int] = frozenset()  # banned by the sampler before min_new_tokens
     # Overlap scheduling: this decode was planned while the launch `input_from` still ran, so its
     # input id (FUTURE_TOKEN in input_ids) is the last token that launch samples for this request;

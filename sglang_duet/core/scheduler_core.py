@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import msgspec
+
 from sglang_duet.core.kv_allocator import TokenSlotAllocator
 from sglang_duet.core.plan import (
     FUTURE_TOKEN, LaneBatch, LaneKind, Launch, LaunchResult, PrefillChunk, ReqWork, StepPlan,
@@ -54,13 +56,13 @@ class CoreConfig:
         return 2 * self.max_running_requests + 2
 
 
-@dataclass(slots=True)
-class RequestUpdate:
-    """What changed for one request after a launch: new tokens, and the outcome if it ended."""
+class RequestUpdate(msgspec.Struct, gc=False):
+    """What changed for one request after a launch: new tokens, and the outcome if it ended.
+    A msgspec Struct (built in C, untracked by the GC): one is made per request per step."""
 
     rid: str
     new_token_ids: list[int]
-    new_logprobs: list[dict] = field(default_factory=list)
+    new_logprobs: list[dict] = []
     finished: bool = False
     finish_reason: dict | None = None
     prompt_tokens: int = 0
@@ -289,16 +291,23 @@ class SchedulerCore:
         head = self._overlap_head()
         head_id = head.launch_id if head is not None else None
         prefilling, decoding = [], []
+        max_seq = self._max_seq_len
+        # r.is_decoding and _ends_by_length, inlined: this loop runs over every running request each step
         for r in self.running.values():
             if r.aborted:
                 continue
-            if r.inflight is not None and (r.inflight != head_id or r.inflight_count != 1 or self._ends_by_length(r)):
-                continue
-            # r.is_decoding, inlined: this loop runs over every running request each step
-            out = len(r.output_ids) + r.pending
+            pending = r.pending
+            out = len(r.output_ids) + pending
+            if r.inflight is not None:
+                if r.inflight != head_id or r.inflight_count != 1:
+                    continue
+                if pending:
+                    mx = r.params.max_new_tokens
+                    if (mx is not None and out >= mx) or len(r.prompt_ids) + out >= max_seq:
+                        continue  # the tokens in flight end it by length: not planned again
             if out and len(r.prompt_ids) + out - r.num_computed == 1:
                 decoding.append(r)
-            elif not r.pending:
+            elif not pending:
                 prefilling.append(r)
         return SchedulerView(
             now=self.clock(),
@@ -355,36 +364,40 @@ class SchedulerCore:
             raise RuntimeError("a plan is either aggregated or split, not both")
         launches = []
         for lane, batch in batches:
-            work = self._resolve(batch)
+            reqs: list[Request] = []
+            work = self._resolve(batch, reqs)
             if not work:
                 continue
             launch = Launch(self._next_launch, lane, batch, work)
             launch.sms = {LaneKind.PREFILL: plan.prefill_sms, LaneKind.DECODE: plan.decode_sms}.get(lane)
             launch.predicted_ms = plan.predicted_ms
             self._next_launch += 1
-            for w in work:
-                r = self.requests[w.rid]
-                r.inflight = launch.launch_id
+            lid = launch.launch_id
+            for r in reqs:
+                r.inflight = lid
                 r.inflight_count += 1
-            self.inflight[launch.launch_id] = launch
+            self.inflight[lid] = launch
             if lane in self._busy:  # overlap: queued behind the running launch
-                self._queued[lane] = launch.launch_id
+                self._queued[lane] = lid
             else:
-                self._busy[lane] = launch.launch_id
+                self._busy[lane] = lid
             self.stats.launches[lane.value] += 1
             launches.append(launch)
         return launches
 
-    def _resolve(self, batch: LaneBatch) -> list[ReqWork]:
+    def _resolve(self, batch: LaneBatch, reqs: list[Request]) -> list[ReqWork]:
         """Allocate KV for a lane batch; retract decodes when KV runs out; drop prefills that don't fit.
-        Advances each request's planned state (num_computed, pending) as the launch will."""
+        Advances each request's planned state (num_computed, pending) as the launch will. Appends to
+        `reqs` the request of each ReqWork returned, in the same order."""
         steps = max(1, batch.steps)
         head = self._overlap_head()
         head_id = head.launch_id if head is not None else None
         decodes = []
+        requests = self.requests
+        running = ReqState.RUNNING
         for rid in batch.decode:
-            r = self.requests.get(rid)
-            if (r is None or r.aborted or r.state is not ReqState.RUNNING
+            r = requests.get(rid)
+            if (r is None or r.aborted or r.state is not running
                     or (r.inflight is not None and (r.inflight != head_id or r.inflight_count != 1))
                     or not (r.output_ids or r.pending)
                     or len(r.prompt_ids) + len(r.output_ids) + r.pending - r.num_computed != 1):  # is_decoding
@@ -404,19 +417,26 @@ class SchedulerCore:
         work: list[ReqWork] = []
         slots = self.allocator.alloc(len(decodes) * steps) if decodes else []  # one allocation for the batch
         for i, r in enumerate(decodes):
-            r.kv_slots.extend(slots[i * steps:(i + 1) * steps])
-            if r.pending:  # the input is the last token the running launch samples for it
-                w = self._work(r, [FUTURE_TOKEN], r.num_computed, True, steps)
-                w.input_from = r.inflight
+            kv = r.kv_slots
+            if steps == 1:
+                kv.append(slots[i])
             else:
-                w = self._work(r, [r.output_ids[-1]], r.num_computed, True, steps)
+                kv.extend(slots[i * steps:(i + 1) * steps])
+            pending = r.pending
+            out = r.output_ids
+            # _work, inlined (positional, in ReqWork's field order): this runs for every request of every step.
+            # With tokens in flight the input is the last one the running launch samples for it.
+            work.append(ReqWork(r.rid, [FUTURE_TOKEN] if pending else [out[-1]], r.num_computed, kv, True, steps,
+                                r.seed, r.params, out, r.prompt_ids, r.eos_ids, r.inflight if pending else None,
+                                len(out) + pending, r.table_row))
             r.num_computed += steps  # the KV of the input and of steps - 1 fed-back tokens
-            r.pending += steps
-            work.append(w)
+            r.pending = pending + steps
+        reqs.extend(decodes)
         for chunk in batch.prefill:
             w = self._resolve_prefill(chunk, head_id)
             if w is not None:
                 work.append(w)
+                reqs.append(requests[w.rid])
         return work
 
     def _resolve_prefill(self, chunk: PrefillChunk, head_id: int | None = None) -> ReqWork | None:
@@ -495,6 +515,7 @@ class SchedulerCore:
         tokens_by, times_by, lps_by = result.tokens, result.token_times, result.logprobs
         now = result.finished_at or self.clock()
         requests = self.requests
+        max_seq = self._max_seq_len
         generated = 0
         for w in launch.work:
             r = requests.get(w.rid)
@@ -522,20 +543,59 @@ class SchedulerCore:
                 continue
             if r.state is ReqState.FINISHED:
                 continue
-            done = delivered.get(w.rid, 0)
-            tokens = tokens_by.get(w.rid)
+            rid = w.rid
+            tokens = tokens_by.get(rid)
             if not tokens:
-                if final and done < w.steps:
-                    raise RuntimeError(f"launch {lid} ended with {done} of {w.steps} tokens for {w.rid!r}")
+                if final and delivered.get(rid, 0) < w.steps:
+                    raise RuntimeError(f"launch {lid} ended with {delivered.get(rid, 0)} of {w.steps} tokens for {rid!r}")
                 continue
+            if len(tokens) == 1 and not delivered and not (lps_by and rid in lps_by):
+                # The common case (a one-step decode or a last prefill chunk, reported in one part):
+                # _append_tokens + _check_finished + _update inlined for one token.
+                t = tokens[0]
+                r.pending -= 1
+                out = r.output_ids
+                out.append(t)
+                times = times_by.get(rid)
+                tt = times[0] if times else now
+                if r.first_token_time is None:
+                    r.first_token_time = tt
+                elif r.last_token_time is not None and tt - r.last_token_time > r.max_tbt:
+                    r.max_tbt = tt - r.last_token_time
+                r.last_token_time = tt
+                n_out = len(out)
+                p = r.params
+                reason = None
+                if t in r.eos_ids and n_out > p.min_new_tokens:
+                    reason = {"type": "stop", "matched": t}
+                elif (p.max_new_tokens is not None and n_out >= p.max_new_tokens) or len(r.prompt_ids) + n_out >= max_seq:
+                    reason = {"type": "length", "length": n_out}
+                elif p.stop and self.stop_checker is not None:
+                    matched = self.stop_checker(r)
+                    if matched is not None:
+                        reason = {"type": "stop", "matched": matched}
+                if reason is not None:
+                    self._finish(r, reason)
+                    updates.append(self._update(r, [t]))
+                else:
+                    if final and w.steps > 1:
+                        raise RuntimeError(f"launch {lid} ended with 1 of {w.steps} tokens for {rid!r}")
+                    # _update, inlined: the request runs on
+                    updates.append(RequestUpdate(rid, [t], [], False, None, len(r.prompt_ids), n_out, 0,
+                                                 r.arrival_time, r.first_token_time, None))
+                if not final:
+                    delivered[rid] = 1
+                generated += 1
+                continue
+            done = delivered.get(rid, 0)
             if done + len(tokens) > w.steps:
                 tokens = tokens[: max(0, w.steps - done)]
-            u = self._append_tokens(r, tokens, lps_by.get(w.rid), times_by.get(w.rid), now)
+            u = self._append_tokens(r, tokens, lps_by.get(rid), times_by.get(rid), now)
             n = len(u.new_token_ids)
             if final and done + n < w.steps and r.state is not ReqState.FINISHED:
-                raise RuntimeError(f"launch {lid} ended with {done + n} of {w.steps} tokens for {w.rid!r}")
+                raise RuntimeError(f"launch {lid} ended with {done + n} of {w.steps} tokens for {rid!r}")
             if not final:
-                delivered[w.rid] = done + n
+                delivered[rid] = done + n
             generated += n
             updates.append(u)
         self.stats.generated_tokens += generated
