@@ -17,10 +17,16 @@ O - 1 decode steps, so
 Reported per level: delivered output tokens/s (tokens received by the clients / time from
 sending the first request to receiving the last token), the device limit, their ratio, the
 scheduler's launches (how many steps the device really ran), the host time on the critical path
-per step (the scheduler's own timing: from the end of a launch that left the device idle to the
-start of the next one, `critical_path` in /get_server_info), and the clients' inter-token
-latency (gap between events / tokens in the event). At 1 stream, ITL p50 minus the step is what
-the serving path adds per token.
+per step (the scheduler's own timing, `critical_path` in /get_server_info: the device's idle time
+between one launch's end and the next one's start, per launch, overlapped or not; and the host
+gaps, launches handed over only after the device had gone idle, with the scheduler's CPU time in
+them), the scheduler process's CPU time per launch (all of its work: less sensitive to a loaded
+machine than wall time), and the clients' inter-token latency (gap between reads / tokens in
+them). At 1 stream, ITL p50 minus the step is what the serving path adds per token.
+
+The client is a raw asyncio protocol per stream (the request written by hand, each read scanned
+for the last cumulative completion_tokens): it shares the cores with the server, so it does as
+little as it can (an aiohttp client cost about 3x more CPU per token).
 
     python benchmark/host_overhead.py [--streams 1,64,256,1024] [--step-ms 10] [--output-len 256]
         [--stream-interval 1] [--repeats 3] [--out benchmark/results/host_overhead-cpu2.md]
@@ -78,53 +84,104 @@ class Stream:
 
     def __init__(self):
         self.tokens = 0
-        self.times: list[float] = []  # receive time of each event carrying tokens
-        self.counts: list[int] = []  # tokens in that event
+        self.times: list[float] = []  # receive time of each read carrying tokens
+        self.counts: list[int] = []  # tokens in that read
         self.error = ""
 
 
 _COUNT = b'"completion_tokens":'
+_DONE = b"data: [DONE]"
 
 
 def completion_tokens(event: bytes) -> int:
     """meta_info.completion_tokens of one /generate event, without parsing its (cumulative, long)
     text and output_ids: the client shares the CPU with the server, so it does as little as it can."""
-    i = event.rfind(_COUNT)
-    if i < 0:
+    n = last_completion_tokens(event)
+    if n is None:
         raise ValueError(f"no completion_tokens in {event[:200]!r}")
-    i += len(_COUNT)
-    j = i
-    while event[j] in b" 0123456789":
-        j += 1
-    return int(event[i:j])
+    return n
 
 
-async def stream_one(session, url: str, ids: list[int], output_len: int, st: Stream) -> None:
-    """One streaming /generate; events are split by hand (fewer Python steps per event than
-    iterating lines), token counts are the server's cumulative completion_tokens."""
-    body = {"input_ids": ids, "stream": True,
-            "sampling_params": {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0.0}}
-    buf = b""
-    try:
-        async with session.post(url, json=body) as r:
-            if r.status != 200:
-                st.error = f"HTTP {r.status}: {(await r.text())[:200]}"
+def last_completion_tokens(data: bytes) -> int | None:
+    """The last complete `"completion_tokens":N` in data (None if there is none)."""
+    i = data.rfind(_COUNT)
+    while i >= 0:
+        j = k = i + len(_COUNT)
+        while k < len(data) and data[k] in b" 0123456789":
+            k += 1
+        if k < len(data) and data[j:k].strip():  # the number is followed by something: complete
+            return int(data[j:k])
+        i = data.rfind(_COUNT, 0, i)
+    return None
+
+
+class _StreamClient(asyncio.Protocol):
+    """One streaming /generate over a raw connection: the client shares the 2 cores with the
+    server, so instead of an HTTP library it writes the request and scans what arrives for the
+    last cumulative completion_tokens (one rfind per read, whatever the chunking)."""
+
+    TAIL = 96  # bytes kept between reads: a count split over two reads is found in the next one
+
+    def __init__(self, request: bytes, st: Stream, done: asyncio.Future):
+        self.request, self.st, self.done = request, st, done
+        self.tail = b""
+        self.status_checked = False
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        st = self.st
+        buf = self.tail + data if self.tail else data
+        if not self.status_checked:
+            self.status_checked = True
+            if not buf.startswith(b"HTTP/1.1 200"):
+                st.error = buf[:300].decode(errors="replace")
+                self._finish()
                 return
-            async for chunk in r.content.iter_any():
-                now = time.perf_counter()
-                buf += chunk
-                *events, buf = buf.split(b"\n\n")
-                for ev in events:
-                    if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
-                        continue
-                    if ev.startswith(b'data: {"error"'):
-                        st.error = ev[6:500].decode(errors="replace")
-                        return
-                    n = completion_tokens(ev)
-                    if n > st.tokens:
-                        st.times.append(now)
-                        st.counts.append(n - st.tokens)
-                        st.tokens = n
+        if b'data: {"error"' in buf:
+            i = buf.index(b'data: {"error"')
+            st.error = buf[i + 6:i + 500].decode(errors="replace")
+            self._finish()
+            return
+        n = last_completion_tokens(buf)
+        if n is not None and n > st.tokens:
+            st.times.append(now)
+            st.counts.append(n - st.tokens)
+            st.tokens = n
+        if _DONE in buf:
+            self._finish()
+            return
+        self.tail = buf[-self.TAIL:]
+
+    def connection_lost(self, exc) -> None:
+        if not self.done.done():
+            if self.st.tokens == 0 and not self.st.error:
+                self.st.error = f"connection lost: {exc}"
+            self.done.set_result(None)
+
+    def _finish(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def stream_one(host: str, port: int, ids: list[int], output_len: int, st: Stream) -> None:
+    import orjson
+
+    body = orjson.dumps({"input_ids": ids, "stream": True,
+                         "sampling_params": {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0.0}})
+    req = (f"POST /generate HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    try:
+        await loop.create_connection(lambda: _StreamClient(req, st, done), host, port)
+        await done
     except Exception as e:  # noqa: BLE001 - reported as a failed stream
         st.error = f"{type(e).__name__}: {e}"
 
@@ -132,16 +189,15 @@ async def stream_one(session, url: str, ids: list[int], output_len: int, st: Str
 async def run_level(base_url: str, n: int, prompt_len: int, output_len: int, seed: int) -> dict:
     import aiohttp
 
+    host, port = base_url.rsplit("//", 1)[1].rsplit(":", 1)
     rng = random.Random(seed)
     prompts = [[rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(prompt_len)] for _ in range(n)]
     streams = [Stream() for _ in range(n)]
-    conn = aiohttp.TCPConnector(limit=0, force_close=False)
     health: list[float] = []
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as s:
         t0 = time.perf_counter()
         probe = asyncio.create_task(probe_health(s, base_url, health))
-        await asyncio.gather(*(stream_one(s, f"{base_url}/generate", p, output_len, st)
-                               for p, st in zip(prompts, streams)))
+        await asyncio.gather(*(stream_one(host, int(port), p, output_len, st) for p, st in zip(prompts, streams)))
         probe.cancel()
     errors = [st.error for st in streams if st.error]
     tokens = sum(st.tokens for st in streams)
@@ -199,9 +255,14 @@ def critical_path_delta(before: dict, after: dict) -> dict:
     b, a = before.get("critical_path") or {}, after.get("critical_path") or {}
     n = a.get("gaps", 0) - b.get("gaps", 0)
     overlapped = a.get("overlapped", 0) - b.get("overlapped", 0)  # launches that followed no idle gap
+    # the device's own view (DeviceTimer.device_idle_s): time between a launch's end and the next
+    # one's start on its lane, overlapped or not, per launch
+    finals = a.get("final_results", 0) - b.get("final_results", 0)
+    idle = {"idle_ms": (a.get("device_idle_s", 0.0) - b.get("device_idle_s", 0.0)) / finals * 1e3 if finals else float("nan"),
+            "idle_gaps": a.get("device_idle_gaps", 0) - b.get("device_idle_gaps", 0)}
     if n <= 0:
         return {"gaps": 0, "overlapped": overlapped, "mean_ms": float("nan"), "wake_ms": float("nan"),
-                "cpu_ms": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan")}
+                "cpu_ms": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan"), **idle}
     hist = [x - y for x, y in zip(a["hist"], b.get("hist") or [0] * len(a["hist"]))]
     edges = a["edges_ms"]
 
@@ -215,7 +276,8 @@ def critical_path_delta(before: dict, after: dict) -> dict:
 
     return {"gaps": n, "overlapped": overlapped, "mean_ms": (a["gap_s"] - b.get("gap_s", 0.0)) / n * 1e3,
             "wake_ms": (a["wake_s"] - b.get("wake_s", 0.0)) / n * 1e3,
-            "cpu_ms": (a.get("cpu_s", float("nan")) - b.get("cpu_s", 0.0)) / n * 1e3, "p50_ms": q(0.5), "p99_ms": q(0.99)}
+            "cpu_ms": (a.get("cpu_s", float("nan")) - b.get("cpu_s", 0.0)) / n * 1e3, "p50_ms": q(0.5), "p99_ms": q(0.99),
+            **idle}
 
 
 def process_cpu(pids: dict[str, int]) -> dict[str, float]:
@@ -295,7 +357,8 @@ def measure(srv_url: str, a, n: int, seed: int, pids: dict[str, int] | None = No
     limit, min_steps = device_limit(n, a.prompt_len, a.output_len, a.step_ms / 1e3, a.chunk)
     launches = sum((after.get("launches") or {}).values()) - sum((before.get("launches") or {}).values())
     r.update(limit_tok_s=limit, ratio=r["tok_s"] / limit, min_steps=min_steps, launches=launches,
-             cp=critical_path_delta(before, after), added_ms=r["itl_p50_ms"] - a.step_ms)
+             cp=critical_path_delta(before, after), added_ms=r["itl_p50_ms"] - a.step_ms,
+             sched_cpu_ms=r["cpu_s"].get("scheduler", float("nan")) / max(launches, 1) * 1e3)
     return r
 
 
@@ -325,17 +388,19 @@ def run(a) -> list[dict]:
             for rep in range(a.repeats):
                 r = measure(srv.base_url, a, n, a.seed + 1000 * n + rep, pids)
                 reps.append(r)
+                cp = r["cp"]
                 print(f"streams={n} rep={rep}: {r['tokens']}/{r['expected']} tokens, {r['tok_s']:.0f} tok/s = "
                       f"{r['ratio']:.1%} of {r['limit_tok_s']:.0f}; launches {r['launches']} (min {r['min_steps']}); "
-                      f"critical path {r['cp']['mean_ms']:.3f} ms/step (p50 <= {r['cp']['p50_ms']} ms, CPU "
-                      f"{r['cp']['cpu_ms']:.3f} ms); "
+                      f"device idle {cp['idle_ms']:.3f} ms/launch ({cp['idle_gaps']} gaps); host gaps {cp['gaps']} "
+                      f"mean {cp['mean_ms']:.3f} ms (CPU {cp['cpu_ms']:.3f} ms), {cp['overlapped']} overlapped; "
+                      f"scheduler CPU {r['sched_cpu_ms']:.3f} ms/launch; "
                       f"ITL p50 {r['itl_p50_ms']:.2f} ms; errors {len(r['errors'])}; CPU s "
                       + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_s"].items()) + f" in {r['wall_s']:.2f} s; load {r['load']:.1f}",
                       flush=True)
             reps.sort(key=lambda r: r["ratio"])
             med = dict(reps[len(reps) // 2])
             med["ratios"] = [r["ratio"] for r in reps]
-            med["cp_means"] = sorted(r["cp"]["mean_ms"] for r in reps)
+            med["idle_list"] = sorted(r["cp"]["idle_ms"] for r in reps)
             med["added_list"] = sorted(r["added_ms"] for r in reps)
             rows.append(med)
     return rows
@@ -343,19 +408,20 @@ def run(a) -> list[dict]:
 
 def table(rows: list[dict], a) -> list[str]:
     lines = ["| streams | tokens | device limit tok/s | delivered tok/s | ratio (runs) | launches / min "
-             "| critical path ms/step: mean (runs) | of it wake-up | its CPU | p50 / p99 <= | ITL p50 / p99 (ms) "
-             "| added per token p50 (ms) | /health p50 / max (ms) | CPU us/token: main / sched / detok / client "
-             "| load |",
-             "|---:|---:|---:|---:|---|---:|---|---:|---:|---|---|---:|---|---|---:|"]
+             "| device idle ms/launch (runs) | host gaps: count, mean ms, its CPU ms | scheduler CPU ms/launch "
+             "| ITL p50 / p99 (ms) | added per token p50 (ms) | /health p50 / max (ms) "
+             "| CPU us/token: main / sched / detok / client | load |",
+             "|---:|---:|---:|---:|---|---:|---|---|---:|---|---:|---|---|---:|"]
     for r in rows:
         cp = r["cp"]
         runs = ", ".join(f"{x:.1%}" for x in r["ratios"])
-        cps = ", ".join(f"{x:.3f}" for x in r["cp_means"])
+        idles = ", ".join(f"{x:.3f}" for x in r["idle_list"])
         cpu = " / ".join(f"{r['cpu_s'].get(k, float('nan')) / max(r['tokens'], 1) * 1e6:.1f}"
                          for k in ("main", "scheduler", "detokenizer", "client"))
         lines.append(f"| {r['streams']} | {r['tokens']} | {r['limit_tok_s']:.0f} | {r['tok_s']:.0f} "
                      f"| **{r['ratio']:.1%}** ({runs}) | {r['launches']} / {r['min_steps']} "
-                     f"| **{cp['mean_ms']:.3f}** ({cps}) | {cp['wake_ms']:.3f} | {cp['cpu_ms']:.3f} | {cp['p50_ms']} / {cp['p99_ms']} "
+                     f"| **{cp['idle_ms']:.3f}** ({idles}) | {cp['gaps']}, {cp['mean_ms']:.3f}, {cp['cpu_ms']:.3f} "
+                     f"| {r['sched_cpu_ms']:.3f} "
                      f"| {r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f} | {r['added_ms']:.2f} "
                      f"| {r['health_p50_ms']:.1f} / {r['health_max_ms']:.1f} | {cpu} "
                      f"| {r['load']:.1f} |")

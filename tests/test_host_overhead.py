@@ -43,6 +43,15 @@ def test_completion_tokens_from_event():
     assert ho.completion_tokens(ev) == 12
 
 
+def test_last_completion_tokens_of_a_read():
+    """The raw client scans each read (several events, or a part of one) for the last complete count."""
+    two = b'data: {"meta_info":{"completion_tokens":4}}\n\ndata: {"meta_info":{"completion_tokens":5}}\n\n'
+    assert ho.last_completion_tokens(two) == 5
+    cut = two[:-6]  # '..."completion_tokens":5' with nothing after the number: maybe 57, not complete
+    assert ho.last_completion_tokens(cut) == 4
+    assert ho.last_completion_tokens(b'data: {"text":"x"') is None
+
+
 def test_smoke_run_accounting(tmp_path):
     """A few streams, a few tokens, a 2 ms step: every token arrives, the launches are at least the
     minimum the device needs, one critical-path gap per launch after the first of each level,
@@ -60,6 +69,7 @@ def test_smoke_run_accounting(tmp_path):
         # them runs, so they follow no idle gap; every launch is one or the other, or the level's first
         assert r["cp"]["overlapped"] >= 1
         assert r["cp"]["gaps"] + r["cp"]["overlapped"] == r["launches"] - 1
+        assert 0 <= r["cp"]["idle_gaps"] <= r["launches"] - 1 and r["cp"]["idle_ms"] >= 0
         assert r["limit_tok_s"] == pytest.approx(r["streams"] * 6 / (6 * 0.002))
         assert r["ratio"] == pytest.approx(r["tok_s"] / r["limit_tok_s"])
         # --stream-interval 2 over 6 tokens: events at tokens 1, 3, 5, 6 (fewer if merged)

@@ -357,6 +357,27 @@ def test_device_timer_counts_host_gaps_only_while_busy():
     assert s["wake_s"] == pytest.approx(0.0002)
     assert s["cpu_s"] == pytest.approx(0.0001)
     assert sum(s["hist"]) == 1 and s["hist"][s["edges_ms"].index(0.5)] == 1  # the (0.3, 0.5] ms bucket
+    # the device's own view: launch 2 started 0.5 ms after launch 1 ended; nothing after idle()
+    assert s["device_idle_gaps"] == 1 and s["device_idle_s"] == pytest.approx(0.0005)
+    assert s["final_results"] == 2
+
+
+def test_device_timer_counts_a_late_overlapped_launch_as_device_idle():
+    """Overlap: launch 2 is handed over before launch 1's result is read, so it follows no host gap;
+    but it was handed over after launch 1 had ended and started 2 ms late: that is device idle time."""
+    now = [0.0]
+    inner = _FakeExecutor()
+    t = DeviceTimer(inner, clock=lambda: now[0], cpu_clock=lambda: 0.0)
+    t.submit(SimpleNamespace(launch_id=1, lane="aggregated"))
+    now[0] = 0.012
+    t.submit(SimpleNamespace(launch_id=2, lane="aggregated"))  # one still in flight: overlapped
+    inner.results = [LaunchResult(1, started_at=0.0, finished_at=0.010),
+                     LaunchResult(2, started_at=0.012, finished_at=0.022)]
+    now[0] = 0.0221
+    t.poll(0.1)
+    s = t.stats()
+    assert s["overlapped"] == 1 and s["gaps"] == 0
+    assert s["device_idle_gaps"] == 1 and s["device_idle_s"] == pytest.approx(0.002)
 
 
 # ---- the constant-step device ----------------------------------------------------------------

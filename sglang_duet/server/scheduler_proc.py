@@ -353,6 +353,11 @@ class DeviceTimer:
         self.cpu_s = 0.0  # CPU time the loop's thread spent in the gaps (waiting for a core is not in it)
         self.max_gap_s = 0.0
         self.hist = [0] * (len(GAP_EDGES_MS) + 1)
+        self._lane_of: dict[int, object] = {}  # launch id -> its lane, while it runs
+        self._lane_end: dict[object, float] = {}  # lane -> device end of its last launch
+        self.device_idle_s = 0.0  # device time between launches while the engine had work
+        self.device_idle_gaps = 0  # launches that started after their lane had been idle
+        self.final_results = 0  # launches reported finished (the divisor of device_idle_s)
 
     def __getattr__(self, name):  # everything else is the executor's
         return getattr(self.inner, name)
@@ -370,6 +375,7 @@ class DeviceTimer:
         self._end = None
         self.overlapped += self.inflight > 0
         self.inflight += 1
+        self._lane_of[launch.launch_id] = getattr(launch, "lane", None)
         self.inner.submit(launch)
 
     def poll(self, timeout=None):
@@ -383,18 +389,31 @@ class DeviceTimer:
                     self.inflight = max(0, self.inflight - 1)
                     fin = r.finished_at or now
                     end = fin if end is None else max(end, fin)
+                    self._device_gap(r, fin)
             if end is not None and self.inflight == 0:
                 self._end = min(end, now)
                 self._woke = now
                 self._cpu0 = cpu0
         return results
 
+    def _device_gap(self, r, fin: float) -> None:
+        lane = self._lane_of.pop(r.launch_id, None)
+        self.final_results += 1
+        prev = self._lane_end.get(lane)
+        start = getattr(r, "started_at", 0.0) or 0.0
+        if prev is not None and start > prev:
+            self.device_idle_s += start - prev
+            self.device_idle_gaps += 1
+        self._lane_end[lane] = fin
+
     def idle(self) -> None:
         self._end = None
+        self._lane_end.clear()
 
     def stats(self) -> dict:
         return {"gaps": self.count, "overlapped": self.overlapped, "gap_s": self.gap_s, "wake_s": self.wake_s, "cpu_s": self.cpu_s,
-                "max_gap_s": self.max_gap_s,
+                "max_gap_s": self.max_gap_s, "device_idle_s": self.device_idle_s,
+                "device_idle_gaps": self.device_idle_gaps, "final_results": self.final_results,
                 "hist": list(self.hist), "edges_ms": list(GAP_EDGES_MS)}
 
 
