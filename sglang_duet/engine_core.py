@@ -34,12 +34,12 @@ class EngineCore:
             self._init_model(args)
         else:
             raise ValueError(f"--executor must be 'model' or 'emulated', got {args.executor!r}")
-        from sglang_duet.model_loader.serving_config import apply_overrides, check_context_length
+        from sglang_duet.model_loader.serving_config import apply_overrides, check_context_length, prefill_budget
 
         apply_overrides(self, args)  # --tokenizer-path, --chat-template
         self.context_length = check_context_length(args.context_length, self.model_config.max_position_embeddings)
-        # --chunked-prefill-size -1 (SGLang's "no chunking"): a whole prompt fits in one step's budget
-        self.prefill_budget = args.chunked_prefill_size if args.chunked_prefill_size > 0 else self.context_length
+        self.prefill_budget = prefill_budget(args.chunked_prefill_size, self.context_length,
+                                             getattr(self, "device", ""))
         self.policy = load_policy(args.policy, self._policy_context(args))
         self.core = SchedulerCore(
             CoreConfig(

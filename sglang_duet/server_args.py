@@ -25,7 +25,8 @@ class ServerArgs:
     # scheduling
     policy: str = "aggregated"  # a built-in name or a path to a policy file
     policy_config: str | None = None  # YAML/JSON file of policy options
-    chunked_prefill_size: int = 8192  # prefill token budget per step (SGLang's default); -1: no chunking
+    # prefill token budget per step; None: 8192 (SGLang's default) on a GPU, 512 on a CPU; -1: no chunking
+    chunked_prefill_size: int | None = None
     schedule_policy: str = "fcfs"  # SGLang's waiting-queue order; lpm equals fcfs without a prefix cache
     disable_radix_cache: bool = False  # there is no prefix cache yet: accepted, changes nothing
     tbt_slo_ms: float = 100.0

@@ -16,6 +16,11 @@ import re
 
 logger = logging.getLogger(__name__)
 
+GPU_PREFILL_BUDGET = 8192  # SGLang's default --chunked-prefill-size
+# A CPU prefills a few hundred tokens a second (SmolLM2-135M, one core: ~5 ms a token), so a whole
+# 8192-token budget is one step of tens of seconds during which no other stream advances and no
+# abort or stat is handled. 512 tokens keep a step to a few seconds there.
+CPU_PREFILL_BUDGET = 512
 ALLOW_LONGER_CONTEXT_ENV = "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -57,6 +62,16 @@ def check_context_length(requested: int | None, model_max: int) -> int:
             f"--context-length {requested} is greater than the model's context length ({model_max}, its "
             f"max_position_embeddings). This may lead to incorrect outputs. To allow it anyway, set "
             f"{ALLOW_LONGER_CONTEXT_ENV}=1")
+    return requested
+
+
+def prefill_budget(requested: int | None, context_length: int, device: str) -> int:
+    """--chunked-prefill-size: as given; -1 (SGLang's "no chunking"): the context length, so no prompt
+    is ever split; unset: by device (CPU_PREFILL_BUDGET on a CPU)."""
+    if requested is None:
+        return CPU_PREFILL_BUDGET if device.startswith("cpu") else GPU_PREFILL_BUDGET
+    if requested == -1:
+        return context_length
     return requested
 
 

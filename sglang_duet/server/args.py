@@ -38,7 +38,7 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "max_queued_requests": ("max waiting requests; more get HTTP 503", {}),
     "policy": ("scheduling policy: a built-in name or a path to a policy .py file", {}),
     "policy_config": ("YAML/JSON file of policy options", {}),
-    "chunked_prefill_size": ("prefill token budget per step; -1 turns chunking off (a prompt is never split)", {}),
+    "chunked_prefill_size": ("prefill token budget per step (unset: 8192 on a GPU, 512 on a CPU); -1 turns chunking off (a prompt is never split)", {}),
     "schedule_policy": ("order of the waiting queue (SGLang's flag): fcfs, or lpm (longest prefix match), which "
                         "is fcfs while there is no prefix cache", {"choices": ["fcfs", "lpm"]}),
     "disable_radix_cache": ("accepted for SGLang compatibility: there is no prefix cache to disable yet", {}),
