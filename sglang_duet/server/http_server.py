@@ -102,17 +102,25 @@ def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
             group.close()
         return Response(status_code=200)
 
+    def paths() -> dict:
+        """Where the weights and tokenizer are: sglang-router loads the tokenizer from there."""
+        tok = None
+        if tm.tokenizer is not None:
+            tok = getattr(server_args, "tokenizer_path", None) or tm.info.model_path or tm.info.tokenizer_dir
+        return {"model_path": server_args.model_path or tm.info.model_path, "tokenizer_path": tok}
+
     @app.get("/get_model_info")
+    @app.get("/model_info")  # SGLang's newer name; sglang-router asks for it first
     async def model_info():
-        return json_response({"model_path": server_args.model_path or tm.info.model_path,
-                              "tokenizer_path": tm.info.model_path if tm.tokenizer is not None else None,
-                              "is_generation": True, "served_model_name": tm.served_model_name,
+        return json_response({**paths(), "is_generation": True, "served_model_name": tm.served_model_name,
                               "context_length": tm.context_length, "vocab_size": tm.vocab_size})
 
     @app.get("/get_server_info")
+    @app.get("/server_info")
     async def server_info():
         info = dataclasses.asdict(server_args)
         info.pop("api_key", None)  # never echo the secret
+        info.update(paths())  # the resolved paths (the embedded model has none on the command line)
         info.update(served_model_name=tm.served_model_name, policy_info=tm.info.policy,
                     kv_slots=tm.info.kv_slots, context_length=tm.context_length,
                     max_running_requests=tm.info.max_running_requests, device=tm.info.device,
