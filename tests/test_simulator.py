@@ -135,3 +135,99 @@ def test_truth_flags():
     assert (t.hardware, t.noise_sigma, t.switch_s) == ("h200", 0.0, 0.0)
     assert (t.host_base_s, t.host_per_req_s) == (pytest.approx(50e-6), pytest.approx(5e-6))
     assert not t.per_request_attention and mixed.contention == "none"
+
+
+# ---- goodput tables (multi-seed, tuned baselines) --------------------------------------------------
+
+
+def test_policy_spec_options_reach_the_policy():
+    from sglang_duet.simulator.sweep import PolicySpec, spec_config
+
+    s = PolicySpec.parse("static-split:8192+decode_sms=40+ttft_order=deadline")
+    assert (s.policy, s.chunked_prefill_size, s.label) == ("static-split", 8192, "static-split-8192-sd40-ttft_order=deadline")
+    cfg = spec_config(SimConfig(policy_options={"lookahead": 2}), s)
+    assert cfg.policy_options == {"lookahead": 2, "decode_sms": 40, "ttft_order": "deadline"}
+    assert PolicySpec.parse("chunked:512").label == "chunked-512"
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        PolicySpec.parse("duet+oops")
+
+
+def test_find_goodput_brackets_and_interpolates():
+    from sglang_duet.simulator.goodput_table import find_goodput
+
+    calls = []
+
+    def attain(rate):  # falls linearly from 1 at rate 10 to 0 at rate 20: crosses 0.9 at 11
+        calls.append(rate)
+        return min(1.0, max(0.0, (20 - rate) / 10))
+
+    g = find_goodput(attain, start=4.0, rel_tol=0.02)
+    assert g.flag == "" and g.rate == pytest.approx(11.0, rel=0.02)
+    assert len(calls) == len(set(calls))  # no rate simulated twice
+    low = find_goodput(attain, start=40.0)  # starting above: shrinks into a bracket
+    assert low.flag == "" and low.rate == pytest.approx(11.0, rel=0.07)
+    never = find_goodput(lambda r: 0.0, start=1.0, min_rate=0.5)
+    assert never.flag == "<"
+    always = find_goodput(lambda r: 1.0, start=1.0, max_rate=10.0)
+    assert always.flag == ">" and always.rate <= 10.0
+
+
+def test_t_interval_and_paired_ratios():
+    from sglang_duet.simulator.goodput_table import Goodput, SeedRun, summarise_table, t_interval
+
+    m, lo, hi = t_interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(m - lo) and hi - m == pytest.approx(4.303 / 3 ** 0.5, rel=1e-3)
+    assert t_interval([5.0]) == (5.0, 5.0, 5.0)
+
+    def runs(vals):
+        return [SeedRun(i, {"attainment_max_tbt": Goodput(v, ""), "attainment": Goodput(2 * v, "")})
+                for i, v in enumerate(vals)]
+
+    s = summarise_table({"base": runs([10.0, 20.0]), "duet-8192": runs([12.0, 20.0])})
+    assert s["base"]["attainment_max_tbt"]["duet_ratio_per_seed"] == [pytest.approx(1.2), 1.0]
+    assert s["base"]["attainment_max_tbt"]["duet_ratio_ci"][0] == pytest.approx(1.1)
+
+
+def test_seed_picks_a_trace_window_and_the_truth_noise():
+    from sglang_duet.simulator.goodput_table import seed_config
+
+    cfg = seed_config(SimConfig(workload="arxiv-trace"), 2, 100)
+    assert cfg.workload_options == {"start": 200} and cfg.truth.seed == 2 and cfg.seed == 2
+    assert seed_config(SimConfig(workload="azure-conv"), 2, 100).workload_options == {}
+
+
+def test_goodput_table_command_writes_md_and_json(tmp_path):
+    """A tiny table: one member per family, two seeds, a handful of requests."""
+    from sglang_duet.simulator import goodput_table
+
+    out = tmp_path / "t"
+    assert goodput_table.main(["--workload", "azure-conv", "--seeds", "2", "--num-requests", "30",
+                               "--tune-requests", "30", "--chunked-budgets", "2048", "--static-sms", "32",
+                               "--contenders", "duet:8192", "--start-rate", "8", "--rel-tol", "0.3",
+                               "--out", str(out), "--quiet"]) == 0
+    data = json.loads((out / "table.json").read_text())
+    assert set(data["summary"]) == {"chunked-2048", "static-split-8192-sd32", "aggregated-8192", "duet-8192"}
+    assert data["tuning"]["static-split"]["best"] == "static-split-8192-sd32"
+    row = data["summary"]["chunked-2048"]["attainment_max_tbt"]
+    assert len(row["per_seed"]) == 2 and len(row["duet_ratio_per_seed"]) == 2
+    md = (out / "table.md").read_text()
+    assert "goodput_table" in md and "best chunked (tuned)" in md and "| duet-8192 |" in md
+
+
+def test_cluster_sim_runs_on_the_truth_it_is_given():
+    """Disaggregated instances are timed by the same truth as colocated runs (not the exact model)."""
+    from sglang_duet.disagg.cluster_sim import ClusterConfig, load_tp_cost_model, simulate_cluster
+    from sglang_duet.disagg.placement import SearchConfig
+    from sglang_duet.cost_model.truth import truth_cost_model
+
+    specs = [RequestSpec(0.05 * i, 400, 20) for i in range(12)]
+    exact = simulate_cluster(ClusterConfig(truth=None), specs)
+    slow = simulate_cluster(ClusterConfig(truth=TruthConfig.exact(perturb=(0.5, 0.5))), specs)
+    assert slow.sim_time_s > exact.sim_time_s
+    assert slow.config.truth.perturb == (0.5, 0.5)
+    # a TP group's truth keeps its TP (its all-reduces) on the truth's curves
+    tp2 = load_tp_cost_model("qwen3-8b", "h100", 2)
+    t = truth_cost_model(tp2, TruthConfig(perturb=(0.85, 1.0)))
+    assert t.tp == 2 and t.batch_time([(512, 0)]) > tp2.batch_time([(512, 0)])
+    cfg = SearchConfig(seed=3)
+    assert cfg.cluster().truth == TruthConfig(seed=3)

@@ -53,6 +53,7 @@ class SimConfig:
     overlap: bool = True
     policy_options: dict = field(default_factory=dict)
     arrival: dict | None = None  # override the workload's arrival process, e.g. {"process": "poisson"}
+    workload_options: dict = field(default_factory=dict)  # other workload-file keys, e.g. {"start": 3000}
 
 
 @dataclass
@@ -99,7 +100,9 @@ def simulate(cfg: SimConfig, specs: list[RequestSpec] | None = None, cost_model:
     t0 = time.perf_counter()
     cm = cost_model or build_cost_model(cfg.model, cfg.hardware)
     if specs is None:
-        over = {"arrival": dict(cfg.arrival)} if cfg.arrival else {}
+        over = dict(cfg.workload_options)
+        if cfg.arrival:
+            over["arrival"] = dict(cfg.arrival)
         specs = Workload.load(cfg.workload, **over).sample(cfg.num_requests, cfg.rate, cfg.seed)
     ctx_len = cfg.context_length or cm.model.max_position_embeddings
     ex = EmulatedExecutor(cm, clock_mode="virtual", contention=cfg.contention, truth=cfg.truth)

@@ -21,18 +21,47 @@ METRICS = ("attainment", "attainment_max_tbt")
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """`name` or `name:BUDGET` (a chunked_prefill_size for that policy alone)."""
+    """`name`, `name:BUDGET` (a chunked_prefill_size for that policy alone), and policy options
+    after `+`: `static-split:8192+decode_sms=40+ttft_order=deadline` (values parsed as int or
+    float when they look like one)."""
 
     label: str
     policy: str
     chunked_prefill_size: int | None = None
+    options: tuple[tuple[str, object], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> "PolicySpec":
-        name, _, budget = text.strip().partition(":")
-        if budget:
-            return cls(f"{name}-{budget}", name, int(budget))
-        return cls(name, name)
+        head, *opts = text.strip().split("+")
+        name, _, budget = head.partition(":")
+        options = []
+        for o in opts:
+            k, eq, v = o.partition("=")
+            if not eq or not k.strip():
+                raise ValueError(f"policy option {o!r} in {text!r} is not KEY=VALUE")
+            options.append((k.strip(), _option_value(v.strip())))
+        label = f"{name}-{budget}" if budget else name
+        label += "".join(f"-{k}={v}" if k not in _SHORT else f"-{_SHORT[k]}{v}" for k, v in options)
+        return cls(label, name, int(budget) if budget else None, tuple(options))
+
+
+_SHORT = {"decode_sms": "sd"}  # label shorthands: static-split-8192-sd40
+
+
+def _option_value(v: str):
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
+def spec_config(base: SimConfig, spec: PolicySpec) -> SimConfig:
+    """`base` running `spec`'s policy, budget and options (over base's options)."""
+    return dataclasses.replace(base, policy=spec.policy,
+                               chunked_prefill_size=spec.chunked_prefill_size or base.chunked_prefill_size,
+                               policy_options={**base.policy_options, **dict(spec.options)})
 
 
 @dataclass
@@ -59,9 +88,10 @@ def crossing(points: list[tuple[float, float]], target: float) -> tuple[float, s
 
 
 def sweep_policy(base: SimConfig, spec: PolicySpec, start: float, growth: float = 1.6, refine: int = 3,
-                 max_rate: float = 200.0, target: float = 0.9, cost_model=None, log=print) -> PolicySweep:
-    cfg = dataclasses.replace(base, policy=spec.policy,
-                              chunked_prefill_size=spec.chunked_prefill_size or base.chunked_prefill_size)
+                 max_rate: float = 200.0, target: float = 0.9, cost_model=None, log=print,
+                 metrics: tuple[str, ...] = METRICS) -> PolicySweep:
+    """Goodput of one policy for each of `metrics` (one search each; runs are shared between them)."""
+    cfg = spec_config(base, spec)
     out = PolicySweep(spec)
 
     def run(rate: float) -> RunMetrics:
@@ -76,7 +106,7 @@ def sweep_policy(base: SimConfig, spec: PolicySpec, start: float, growth: float 
                 f"[{res.wall_s:.1f}s]")
         return out.runs[rate]
 
-    for metric in METRICS:
+    for metric in metrics:
         lo, hi, rate = None, None, start
         while rate <= max_rate:
             if getattr(run(rate), metric) >= target:
@@ -117,8 +147,7 @@ def tbt_samples(base: SimConfig, specs: list[PolicySpec], rate: float) -> dict[s
     cm = build_cost_model(base.model, base.hardware)
     out = {}
     for spec in specs:
-        cfg = dataclasses.replace(base, policy=spec.policy, rate=rate,
-                                  chunked_prefill_size=spec.chunked_prefill_size or base.chunked_prefill_size)
+        cfg = dataclasses.replace(spec_config(base, spec), rate=rate)
         out[spec.label] = all_gaps(simulate(cfg, cost_model=cm).records)
     return out
 
