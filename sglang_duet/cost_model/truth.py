@@ -130,8 +130,14 @@ def truth_cost_model(belief: CostModel, cfg: TruthConfig) -> CostModel:
     """The cost model the truth prices with: the belief's own object when the hardware is the same."""
     if cfg.hardware is None and cfg.perturb == (1.0, 1.0):
         return belief
-    hw = HardwareSpec.load(cfg.hardware) if cfg.hardware is not None else belief.hw
-    return CostModel(belief.model, perturbed(hw, *cfg.perturb), belief.b)
+    # A belief for one GPU of several (a TP group) keeps its per-GPU hardware and rebuilds itself on
+    # the truth's (`on_hardware`); a plain cost model is rebuilt here.
+    own = getattr(belief, "base_hw", belief.hw)
+    hw = HardwareSpec.load(cfg.hardware) if cfg.hardware is not None else own
+    hw = perturbed(hw, *cfg.perturb)
+    if hasattr(belief, "on_hardware"):
+        return belief.on_hardware(hw)
+    return CostModel(belief.model, hw, belief.b)
 
 
 # ---- pricing ------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ Each instance is the real SchedulerCore + policy on an EmulatedExecutor (virtual
   -> transfer done: the prefill frees its slots; the decode admits the request
      (SchedulerCore.admit_prefilled, the hook the real decode instance uses) and decodes it.
 
+Every instance's emulated GPU runs on the same ground truth as the colocated simulator's
+(`ClusterConfig.truth`, on by default: noise, host time per step, per-request attention, its own
+curves; sglang_duet/cost_model/truth.py), each instance with its own noise stream (seed + index),
+so disaggregated and colocated policies are compared on one truth. `truth=None`: the exact model.
+
 Tensor parallelism is modelled (`TPCostModel`): an instance of tp GPUs has tp times the compute,
 memory bandwidth and memory of one, plus two ring all-reduces per layer of the activations
 (tokens x hidden x 2 bytes) over the GPUs' link. The first token's time is the prefill's (as in
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
 from sglang_duet.cost_model.hardware import Curves, HardwareSpec
 from sglang_duet.cost_model.roofline import CostModel, OpCost
+from sglang_duet.cost_model.truth import TruthConfig
 from sglang_duet.executor.emulated import EmulatedExecutor, emulated_kv_slots
 from sglang_duet.policies.base import PolicyContext, load_policy
 from sglang_duet.sampling_params import SamplingParams
@@ -68,6 +74,10 @@ class TPCostModel(CostModel):
         self.tp = tp
         self.link = link
         self.base_hw = hw
+
+    def on_hardware(self, hw: HardwareSpec) -> "TPCostModel":
+        """The same TP group on other (per-GPU) hardware: what a truth with its own curves prices with."""
+        return TPCostModel(self.model, hw, self.tp, self.link, self.b)
 
     def allreduce_time(self, tokens: int) -> float:
         """Two ring all-reduces per layer (after attention and after the MLP) of tokens x hidden."""
@@ -115,6 +125,8 @@ class ClusterConfig:
     link: LinkSpec = field(default_factory=LinkSpec)
     tbt_slo_ms: float = 100.0
     ttft_slo_ms: float = 1000.0
+    # The emulated GPUs' ground truth, as SimConfig.truth (None: the exact model, the policies' belief)
+    truth: TruthConfig | None = field(default_factory=TruthConfig)
 
     @property
     def gpus(self) -> int:
@@ -122,10 +134,15 @@ class ClusterConfig:
 
 
 class _Instance:
-    def __init__(self, role: str, cm: TPCostModel, spec: InstanceSpec, cfg: ClusterConfig, ctx_len: int):
+    def __init__(self, role: str, cm: TPCostModel, spec: InstanceSpec, cfg: ClusterConfig, ctx_len: int,
+                 index: int = 0):
         self.role = role
         self.cm = cm
-        self.ex = EmulatedExecutor(cm, clock_mode="virtual", contention="bandwidth")
+        truth = cfg.truth
+        if truth is not None:
+            truth = dataclasses.replace(truth, seed=truth.seed + index)  # each GPU its own noise
+        # One lane per instance (aggregated policies): no contention between lanes to model.
+        self.ex = EmulatedExecutor(cm, clock_mode="virtual", contention="bandwidth", truth=truth)
         policy = load_policy(spec.policy, PolicyContext(
             chunked_prefill_size=spec.chunked_prefill_size, tbt_slo_ms=cfg.tbt_slo_ms, ttft_slo_ms=cfg.ttft_slo_ms,
             cost_model=cm, hardware=cm.hw, options=dict(spec.policy_options)))
@@ -163,10 +180,10 @@ def simulate_cluster(cfg: ClusterConfig, specs: list[RequestSpec], phase: str = 
                                                                           cfg.link)
     ctx_len = cm_p.model.max_position_embeddings
     bytes_per_token = cm_p.model.kv_bytes_per_token(cm_p.b)
-    prefills = [] if phase == "decode" else [_Instance("prefill", cm_p, cfg.prefill, cfg, ctx_len)
-                                             for _ in range(cfg.n_prefill)]
-    decodes = [] if phase == "prefill" else [_Instance("decode", cm_d, cfg.decode, cfg, ctx_len)
-                                             for _ in range(cfg.n_decode)]
+    prefills = [] if phase == "decode" else [_Instance("prefill", cm_p, cfg.prefill, cfg, ctx_len, i)
+                                             for i in range(cfg.n_prefill)]
+    decodes = [] if phase == "prefill" else [_Instance("decode", cm_d, cfg.decode, cfg, ctx_len, 1000 + i)
+                                             for i in range(cfg.n_decode)]
     instances = prefills + decodes
     records: dict[str, RequestRecord] = {}
     reqs: dict[str, dict] = {}
@@ -298,7 +315,7 @@ def simulate_cluster(cfg: ClusterConfig, specs: list[RequestSpec], phase: str = 
     last = max((r.token_times[-1] for r in recs if r.token_times), default=first)
     sim_cfg = SimConfig(policy=f"disagg-{cfg.n_prefill}p{cfg.tp_prefill}-{cfg.n_decode}d{cfg.tp_decode}",
                         hardware=cfg.hardware, model=cfg.model, rate=0.0, num_requests=len(recs),
-                        tbt_slo_ms=cfg.tbt_slo_ms, ttft_slo_ms=cfg.ttft_slo_ms)
+                        tbt_slo_ms=cfg.tbt_slo_ms, ttft_slo_ms=cfg.ttft_slo_ms, truth=cfg.truth)
     stats = {"kv_transfers": xfer, "gpus": cfg.gpus, "phase": phase,
              "retractions": sum(i.core.stats.retractions for i in instances)}
     return SimResult(sim_cfg, recs, last - first, time.perf_counter() - t_wall, stats)

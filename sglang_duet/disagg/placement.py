@@ -17,6 +17,10 @@
 4. Next to it: the goodput per GPU of colocated serving (one GPU per instance, replicated) with
    the aggregated, chunked and duet policies, from the simulator's sweep.
 
+Both sides run on the same emulated ground truth (`--truth`, on by default as in the simulator:
+noise, host time per step, per-request attention; sglang_duet/cost_model/truth.py), so neither
+is timed by the exact model its policies plan with while the other is not.
+
 All numbers are simulated (roofline cost model, estimated H100 curves; docs/results.md).
 """
 from __future__ import annotations
@@ -30,6 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from sglang_duet.cost_model.truth import TruthConfig
 from sglang_duet.disagg.cluster_sim import ClusterConfig, InstanceSpec, LinkSpec, sample_specs, simulate_cluster
 from sglang_duet.simulator.loop import SimConfig
 from sglang_duet.simulator.metrics import summarize
@@ -57,6 +62,7 @@ class SearchConfig:
     decode_start_factor: float = 8.0  # decode instances start their search at start_rate x this
     refine: int = 3
     max_rate: float = 2000.0  # the search stops growing here (flag '>')
+    truth: TruthConfig | None = field(default_factory=TruthConfig)  # both sides' emulated ground truth
 
     def requests_at(self, rate: float) -> int:
         """A fixed request count finishes arriving ever sooner as the rate grows; a decode instance
@@ -67,7 +73,8 @@ class SearchConfig:
 
     def cluster(self, **kw) -> ClusterConfig:
         return ClusterConfig(model=self.model, hardware=self.hardware, link=self.link, tbt_slo_ms=self.tbt_slo_ms,
-                             ttft_slo_ms=self.ttft_slo_ms, prefill=self.prefill, decode=self.decode, **kw)
+                             ttft_slo_ms=self.ttft_slo_ms, prefill=self.prefill, decode=self.decode,
+                             truth=dataclasses.replace(self.truth, seed=self.seed) if self.truth else None, **kw)
 
 
 @dataclass
@@ -193,7 +200,8 @@ def validate_plan(cfg: SearchConfig, plan: Plan, log=print) -> dict[str, Goodput
 def colocated(cfg: SearchConfig, policies: list[str], log=print) -> dict[str, dict]:
     """Goodput of one colocated instance (one GPU) per policy, from the simulator's sweep."""
     base = SimConfig(hardware=cfg.hardware, model=cfg.model, workload=cfg.workload, num_requests=cfg.num_requests,
-                     seed=cfg.seed, tbt_slo_ms=cfg.tbt_slo_ms, ttft_slo_ms=cfg.ttft_slo_ms)
+                     seed=cfg.seed, tbt_slo_ms=cfg.tbt_slo_ms, ttft_slo_ms=cfg.ttft_slo_ms,
+                     truth=dataclasses.replace(cfg.truth, seed=cfg.seed) if cfg.truth else None)
     out = {}
     for text in policies:
         spec = PolicySpec.parse(text)
@@ -329,6 +337,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="folder for summary.md and placement.json")
     p.add_argument("--reuse", default=None, help="a placement.json whose phase goodputs, validations and colocated "
                                                  "sweeps to keep (same settings assumed)")
+    p.add_argument("--truth", choices=("on", "off"), default="on",
+                   help="the emulated GPUs' ground truth for both disaggregated and colocated runs (on: the "
+                        "simulator's default truth; off: the exact model)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -346,7 +357,8 @@ def main(argv=None) -> int:
                        ttft_slo_ms=a.ttft_slo_ms, num_requests=a.num_requests, min_span_s=a.min_span_s,
                        seed=a.seed, target=a.target,
                        tps=tuple(sorted(a.tp)), link=dataclasses.replace(LinkSpec(), bandwidth=a.link_gbps * 1e9),
-                       prefill=_instance(a.prefill_policy), decode=_instance(a.decode_policy), refine=a.refine)
+                       prefill=_instance(a.prefill_policy), decode=_instance(a.decode_policy), refine=a.refine,
+                       truth=TruthConfig() if a.truth == "on" else None)
     policies = [s for s in a.colocated.split(",") if s.strip()]
     reuse = None
     if a.reuse:
