@@ -153,7 +153,6 @@ class _Decodes:
     cached: int  # sum of cached tokens
     remaining: list[int]
     waited_ms: float  # the longest wait since a last token
-    useful: np.ndarray | None = None  # useful[k]: tokens k steps deliver (useful[0] = 0)
 
     @property
     def n(self) -> int:
@@ -706,28 +705,28 @@ class DuetPolicy(Policy):
     def _decodes(self, view: SchedulerView) -> _Decodes:
         ctx_len = view.config.context_length
         ids, cached, remaining, last = [], 0, [], math.inf
+        add_id, add_left = ids.append, remaining.append
+        end = ctx_len - 1  # a ready decode's sequence is num_computed + 1 tokens
         for r in view.decoding:  # hot: every ready decode, every plan (remaining_tokens, inlined)
-            ids.append(r.rid)
+            add_id(r.rid)
             nc = r.num_computed
             cached += nc
-            left = ctx_len - nc - 1  # a ready decode's sequence is num_computed + 1 tokens
+            left = end - nc
             mn = r.params.max_new_tokens
-            if mn is not None and mn - len(r.output_ids) < left:
-                left = mn - len(r.output_ids)
-            remaining.append(left if left > 1 else 1)
+            if mn is not None:
+                mn -= len(r.output_ids)
+                if mn < left:
+                    left = mn
+            add_left(left if left > 1 else 1)
             t = r.last_token_time
             if t is not None and t < last:
                 last = t
         waited = max(0.0, (view.now - last) * 1e3) if last < math.inf else 0.0
         return self._make_decodes(ids, cached, remaining, waited)
 
-    def _make_decodes(self, ids, cached, remaining, waited) -> _Decodes:
-        # useful[k] = sum over requests of min(k, remaining): tokens k steps really deliver
-        K = self.k_max + 2
-        counts = np.bincount(np.minimum(np.asarray(remaining, dtype=int), K), minlength=K + 1)
-        alive = len(remaining) - np.cumsum(counts)[:-1]  # alive[j]: requests with remaining > j
-        useful = np.concatenate([[0], np.cumsum(alive[:K])])
-        return _Decodes(ids, cached, remaining, waited, useful)
+    @staticmethod
+    def _make_decodes(ids, cached, remaining, waited) -> _Decodes:
+        return _Decodes(ids, cached, remaining, waited)
 
     def _projected_decodes(self, view: SchedulerView, busy, left_ms: float) -> _Decodes:
         """The decodes as a joint plan would see them when the decode lane's launch ends: the ready
