@@ -231,3 +231,21 @@ def test_cluster_sim_runs_on_the_truth_it_is_given():
     assert t.tp == 2 and t.batch_time([(512, 0)]) > tp2.batch_time([(512, 0)])
     cfg = SearchConfig(seed=3)
     assert cfg.cluster().truth == TruthConfig(seed=3)
+
+
+def test_goodput_table_reuse_reruns_only_the_named_policy(tmp_path):
+    from sglang_duet.simulator import goodput_table
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    args = ["--workload", "azure-conv", "--seeds", "1", "--num-requests", "30", "--tune-requests", "30",
+            "--chunked-budgets", "2048", "--static-sms", "32", "--contenders", "duet:8192", "--no-aggregated",
+            "--start-rate", "8", "--rel-tol", "0.3", "--quiet"]
+    goodput_table.main(args + ["--out", str(first)])
+    a = json.loads((first / "table.json").read_text())
+    a["points"]["chunked-2048"][0]["goodput"]["attainment_max_tbt"]["rate"] = 123.0  # marks the reused run
+    (first / "table.json").write_text(json.dumps(a))
+    goodput_table.main(args + ["--out", str(second), "--reuse", str(first / "table.json")])
+    b = json.loads((second / "table.json").read_text())
+    assert b["summary"]["chunked-2048"]["attainment_max_tbt"]["per_seed"] == [123.0]
+    assert b["points"]["duet-8192"] == a["points"]["duet-8192"]  # simulated again, deterministically
+    assert "reused from" in (second / "table.md").read_text()

@@ -19,6 +19,8 @@
 
 `--truth-perturb C,B` runs on a perturbed truth; with `--tuned-from TABLE.json` the baselines are
 the members tuned there (e.g. on the unperturbed curves) instead of being tuned again.
+`--reuse TABLE.json --rerun duet-8192` keeps that table's tuning and per-seed runs of every other
+policy and simulates only the named ones again (after a change to them; same settings assumed).
 Goodput search (`find_goodput`): geometric growth (or shrink) from a start rate until the target
 attainment is bracketed, bisection until the bracket is within `--rel-tol`, then the linear
 interpolation of the crossing (sweep.crossing). The strict goodput is found first; since a request
@@ -255,6 +257,23 @@ def points_markdown(runs: dict[str, list[SeedRun]]) -> str:
     return "\n".join(lines)
 
 
+class _StoredPoint:
+    """A point read back from table.json (the fields `_point` keeps)."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
+
+
+def load_runs(data: dict, labels) -> dict[str, list[SeedRun]]:
+    """The per-seed runs of `labels` stored in a table.json's data."""
+    out = {}
+    for label in labels:
+        out[label] = [SeedRun(r["seed"], {k: Goodput(**g) for k, g in r["goodput"].items()},
+                              {float(rate): _StoredPoint(m) for rate, m in r["points"].items()})
+                      for r in data["points"][label]]
+    return out
+
+
 def _point(m: RunMetrics) -> dict:
     return {k: round(getattr(m, k), 4) for k in ("attainment_max_tbt", "attainment", "ttft_p99_ms", "tbt_p99_ms",
                                                    "tbt_max_ms", "throughput_tok_s")}
@@ -285,6 +304,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--contenders", default=DEFAULT_CONTENDERS, help="policies run as given (duet must be one)")
     p.add_argument("--no-aggregated", action="store_true", help="leave out aggregated:8192")
     p.add_argument("--tuned-from", default=None, help="a table.json whose tuned members to use (no tuning)")
+    p.add_argument("--reuse", default=None, help="a table.json whose tuning and runs to keep (see --rerun)")
+    p.add_argument("--rerun", default=DUET, help="with --reuse: comma-separated labels to simulate again")
     p.add_argument("--start-rate", type=float, default=4.0)
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--rel-tol", type=float, default=0.06, help="bisect until the bracket is this narrow")
@@ -314,7 +335,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     base = base_config(a)
     cm = build_cost_model(a.model, a.hardware)
-    if a.tuned_from:
+    reused = None
+    if a.reuse:
+        with open(a.reuse) as f:
+            reused = json.load(f)
+    if reused is not None and not a.tuned_from:
+        tuned = reused["tuning"]
+        log(f"tuned members from {a.reuse}: " + ", ".join(f"{k} {v['best']}" for k, v in tuned.items()))
+    elif a.tuned_from:
         with open(a.tuned_from) as f:
             tuned = json.load(f)["tuning"]
         log(f"tuned members from {a.tuned_from}: " + ", ".join(f"{k} {v['best']}" for k, v in tuned.items()))
@@ -340,7 +368,15 @@ def main(argv=None) -> int:
     for s in policies:
         starts.setdefault(s.label, starts.get(best_fixed, a.start_rate))
     log(f"goodput over {a.seeds} seeds: " + ", ".join(s.label for s in policies))
-    runs = build_table(base, policies, list(range(a.seeds)), a.num_requests, starts, a.target, a.rel_tol, log)
+    keep = set()
+    if reused is not None:
+        rerun = {x.strip() for x in a.rerun.split(",")}
+        keep = {s.label for s in policies if s.label not in rerun and s.label in reused["points"]}
+        log(f"reusing the runs of {sorted(keep)} from {a.reuse}")
+    fresh = build_table(base, [s for s in policies if s.label not in keep], list(range(a.seeds)), a.num_requests,
+                        starts, a.target, a.rel_tol, log)
+    stored = load_runs(reused, keep) if keep else {}
+    runs = {s.label: stored[s.label] if s.label in stored else fresh[s.label] for s in policies}
     summary = summarise_table(runs)
     cmd = "python -m sglang_duet.simulator.goodput_table " + " ".join(shlex.quote(x) for x in argv)
     truth = base.truth.describe() if base.truth else "exact"
@@ -355,8 +391,9 @@ def main(argv=None) -> int:
           f"attainment; {a.seeds} seeds x {a.num_requests} requests per point; mean and 95% t-interval over seeds; "
           "ratios are per-seed (paired) duet / policy. Emulated GPU, truth: "
           f"`{json.dumps(truth)}`.", "",
-          "Tuning" + (f" (from {a.tuned_from})" if a.tuned_from else f" ({a.tune_requests} requests per point, seed 0)")
-          + ":", *tune_lines, "", markdown(summary, roles), "",
+          "Tuning" + (f" (from {a.tuned_from or a.reuse})" if a.tuned_from or a.reuse
+                      else f" ({a.tune_requests} requests per point, seed 0)") + ":", *tune_lines,
+          *([f"", f"Runs of {', '.join(sorted(keep))} reused from {a.reuse}."] if keep else []), "", markdown(summary, roles), "",
           f"Simulated in {time.perf_counter() - t0:.0f} s.", "", "## Every simulated point", "",
           points_markdown(runs), ""]
     os.makedirs(a.out, exist_ok=True)
