@@ -1,0 +1,210 @@
+"""Data parallel the way SGLang users run it: `python -m sglang_router.launch_router --worker-urls`
+in front of two sglang-duet servers (embedded SmolLM2, CPU).
+
+Through the router, with the official openai client and the native /generate: greedy outputs
+equal one server's, both workers serve (round robin), the router registered each worker's
+tokenizer (it reads /server_info), and killing one worker under load ends only the streams it
+served while the router keeps answering with the other.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+import pytest
+
+from server_utils import ServerProcess, free_port
+
+pytest.importorskip("sglang_router", reason="sglang-router is not installed (pip install -e '.[dev]')")
+openai = pytest.importorskip("openai")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
+           "Water boils at"]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Router:
+    """`python -m sglang_router.launch_router` on a free port; stopped by its pid (it renames its
+    process, so nothing may look for it by name)."""
+
+    def __init__(self, worker_urls: list[str], policy: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="sglang-router-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(self.port),
+               "--policy", policy, "--worker-urls", *worker_urls, "--health-check-interval-secs", "1",
+               "--log-level", "warn", "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.tail()
+            try:
+                workers = httpx.get(f"{self.url}/workers", timeout=2).json()["workers"]
+                if len(workers) == len(worker_urls) and all(w["is_healthy"] for w in workers):
+                    return
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"router not ready:\n{self.tail()}")
+
+    def tail(self) -> str:
+        with open(self.log.name) as f:
+            return f.read()[-3000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the launcher and the router it runs
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+@pytest.fixture(scope="module")
+def workers():
+    servers = []
+    try:
+        # two at once would fight over 2 cores while loading; the second starts as the first warms up
+        servers.append(ServerProcess([]))
+        servers.append(ServerProcess([]))
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def routers(workers):
+    urls = [w.base_url for w in workers]
+    rr = Router(urls, "round_robin")
+    ca = Router(urls, "cache_aware")
+    yield {"round_robin": rr, "cache_aware": ca}
+    rr.stop()
+    ca.stop()
+
+
+def _client(base: str):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _submitted(server) -> int:
+    info = httpx.get(server.url("/get_server_info"), timeout=10).json()
+    return info["internal_states"][0]["submitted"]
+
+
+def _completions(client, model: str, stream: bool) -> list[str]:
+    out = []
+    for p in PROMPTS:
+        if stream:
+            text = "".join(c.choices[0].text for c in client.completions.create(
+                model=model, prompt=p, max_tokens=12, temperature=0, stream=True) if c.choices)
+        else:
+            text = client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
+        out.append(text)
+    return out
+
+
+def _chat(client, model: str, stream: bool) -> str:
+    if stream:
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=12, temperature=0, stream=True) if c.choices)
+    return client.chat.completions.create(model=model, messages=CHAT, max_tokens=12,
+                                          temperature=0).choices[0].message.content
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "cache_aware"])
+def test_outputs_through_the_router_equal_one_server(workers, routers, policy):
+    direct, routed = _client(workers[0].base_url), _client(routers[policy].url)
+    model = direct.models.list().data[0].id
+    before = [_submitted(w) for w in workers]
+    for stream in (False, True):
+        assert _completions(routed, model, stream) == _completions(direct, model, stream)
+        assert _chat(routed, model, stream) == _chat(direct, model, stream)
+    if policy == "round_robin":
+        served = [_submitted(w) - b for w, b in zip(workers, before)]
+        direct_calls = 2 * (len(PROMPTS) + 1)  # the reference answers, all on worker 0
+        assert served[1] > 0 and served[0] - direct_calls > 0, served  # both workers served routed requests
+
+
+def test_native_generate_streams_through_the_router(workers, routers):
+    body = {"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+    ref = httpx.post(workers[0].url("/generate"), json=body, timeout=60).json()
+    with httpx.stream("POST", f"{routers['round_robin'].url}/generate", json={**body, "stream": True},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) >= 3
+    import json
+
+    last = json.loads(events[-2])
+    assert last["text"] == ref["text"] and last["meta_info"]["finish_reason"] == ref["meta_info"]["finish_reason"]
+
+
+def test_router_loaded_the_workers_tokenizer(routers):
+    for w in httpx.get(f"{routers['round_robin'].url}/workers", timeout=10).json()["workers"]:
+        assert w["metadata"].get("model_path"), w  # from /server_info: the router can tokenize
+
+
+def test_killing_a_worker_ends_only_its_streams(workers, routers):
+    """Last in this module: it kills worker 1."""
+    router = routers["round_robin"]
+    client = _client(router.url)
+    model = client.models.list().data[0].id
+    n, max_tokens = 6, 200
+    results: list = [None] * n
+    started = threading.Barrier(n + 1)
+
+    def one(i: int) -> None:
+        got = 0
+        try:
+            stream = client.completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens,
+                                               temperature=0, stream=True, extra_body={"ignore_eos": True})
+            for chunk in stream:
+                if got == 0:
+                    started.wait(60)
+                got += sum(1 for c in chunk.choices if c.text)
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    results[i] = ("done", chunk.choices[0].finish_reason)
+                    return
+            results[i] = ("cut", got)  # the stream ended without a finish reason
+        except Exception as e:  # noqa: BLE001 - what the client sees when its worker dies
+            results[i] = ("error", type(e).__name__)
+            if got == 0:
+                started.abort()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    started.wait(120)  # every stream has its first token: both workers are busy
+    workers[1].proc.send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(180)
+    assert not any(t.is_alive() for t in threads), results
+    done = [r for r in results if r[0] == "done"]
+    failed = [r for r in results if r[0] != "done"]
+    assert len(done) == n // 2 and len(failed) == n // 2, results  # round robin: half on each worker
+    assert all(r[1] == "length" for r in done), results
+    assert time.monotonic() - t0 < 120
+    # the router keeps serving with the survivor (its health check drops the dead worker)
+    ok = 0
+    for _ in range(6):
+        try:
+            client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=4, temperature=0)
+            ok += 1
+        except openai.APIError:
+            time.sleep(1)
+    assert ok >= 4, ok
+    assert client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=4, temperature=0).choices[0].text
