@@ -135,3 +135,12 @@ def test_explicit_backends_refuse_what_they_cannot_do():
             make_transport("mooncake", pool, pool_layout(pool), "x", "decode")
     with pytest.raises(ValueError, match="mooncake"):
         make_transport("nccl", _pool(), pool_layout(_pool()), "x", "decode")
+
+
+def test_kv_transfer_benchmark_smoke():
+    from sglang_duet.benchmark import kv_transfer as bench  # importable by name: its prefill child is spawned
+    backends = ["shm"] + ([] if mooncake_error() else ["mooncake"])
+    res = bench.run(backends, tokens=8, repeats=2, fragmented=True)
+    assert sorted(res) == sorted(backends)
+    for r in res.values():  # each import was checked against the exporter's hash
+        assert r["byte_exact"] and r["bytes"] == 8 * 147456 and len(r["times_s"]) == 2
