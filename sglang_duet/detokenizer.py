@@ -131,6 +131,128 @@ class BatchDecoder:
         return [_decode(self.tokenizer, s, skip_special_tokens, spaces_between_special_tokens) for s in seqs]
 
 
+class ByteLevelTable:
+    """The bytes each token id stands for, for a byte-level BPE tokenizer (GPT-2, Llama 3, Qwen,
+    SmolLM): there `decode(ids)` is exactly the lossy UTF-8 decode of the concatenated bytes of
+    its tokens (special tokens dropped when skipped), so a stream can be detokenized by appending
+    each new token's bytes to an incremental UTF-8 decoder: O(new tokens) per step, no decode
+    windows, no tokenizer call. `build` returns None for any other tokenizer, and for one whose own
+    decode disagrees with the table (checked once, on every id and on mixed sequences)."""
+
+    def __init__(self, pieces: list[bytes], special: frozenset[int]):
+        self.pieces = pieces
+        self.special = special  # ids skipped by skip_special_tokens=True
+
+    @classmethod
+    def build(cls, tokenizer: Any) -> "ByteLevelTable | None":
+        rust = _rust_backend(tokenizer)
+        if rust is None:
+            return None
+        try:
+            if type(rust.decoder).__name__ != "ByteLevel":
+                return None
+            vocab = rust.get_vocab(with_added_tokens=True)
+            special = frozenset(i for i, t in rust.get_added_tokens_decoder().items() if t.special)
+        except Exception:  # noqa: BLE001 - an unusual tokenizer: the general path
+            return None
+        n = max(vocab.values(), default=-1) + 1
+        if len(vocab) != n:
+            return None  # holes in the id space
+        tokens = [""] * n
+        for t, i in vocab.items():
+            tokens[i] = t
+        table = cls(_token_bytes(tokens), special)
+        return table if table._agrees(rust, n) else None
+
+    def _agrees(self, rust, n: int) -> bool:
+        """The tokenizer's own decode of every id (in runs of consecutive ids, specials kept) and of
+        some mixed sequences (specials skipped and kept) equals the lossy decode of their bytes."""
+        import random
+
+        runs = [list(range(i, min(n, i + 512))) for i in range(0, n, 512)]
+        rng = random.Random(0)
+        mixed = [[rng.randrange(n) for _ in range(rng.randint(1, 12))] for _ in range(64)]
+        mixed += [sorted(self.special)[:8] + s for s in mixed[:8]]
+        for seqs, skip in ((runs, False), (mixed, False), (mixed, True)):
+            for s, text in zip(seqs, rust.decode_batch(seqs, skip_special_tokens=skip)):
+                if text != self.text(s, skip):
+                    return False
+        return True
+
+    def ids_bytes(self, ids: list[int], skip_special_tokens: bool) -> bytes:
+        pieces = self.pieces
+        if skip_special_tokens and self.special:
+            special = self.special
+            return b"".join([pieces[i] for i in ids if i not in special])
+        return b"".join([pieces[i] for i in ids])
+
+    def text(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.ids_bytes(ids, skip_special_tokens).decode("utf-8", "replace")
+
+
+class ByteLevelDetokenizer:
+    """IncrementalDetokenizer's job for a byte-level tokenizer (see ByteLevelTable): the text is
+    the lossy UTF-8 decode of the output's bytes, a character split over tokens is held back by
+    the incremental decoder until complete, and `flush` releases an incomplete tail as U+FFFD
+    (as the full decode would show it). The concatenation of the deltas is decode(output_ids)."""
+
+    __slots__ = ("table", "skip_special_tokens", "_dec", "text", "num_ids")
+
+    def __init__(self, table: ByteLevelTable, skip_special_tokens: bool = True):
+        import codecs
+
+        self.table = table
+        self.skip_special_tokens = skip_special_tokens
+        self._dec = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text = ""  # all text emitted so far
+        self.num_ids = 0
+
+    def add(self, token_ids: list[int], final: bool = False) -> str:
+        """Append tokens; return the new text that is complete (with final=True: everything)."""
+        self.num_ids += len(token_ids)
+        if token_ids:
+            t = self.table
+            if len(token_ids) == 1 and not (self.skip_special_tokens and token_ids[0] in t.special):
+                b = t.pieces[token_ids[0]]
+            else:
+                b = t.ids_bytes(token_ids, self.skip_special_tokens)
+        else:
+            b = b""
+        delta = self._dec.decode(b, final)
+        if delta:
+            self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        return self.add([], final=True)
+
+
+def _token_bytes(tokens: list[str]) -> list[bytes]:
+    """Each byte-level token's bytes, as the Rust ByteLevel decoder gives them: a char of GPT-2's
+    byte alphabet is its byte, any other char its UTF-8 bytes. One str.translate per token into
+    latin-1 chars (one per output byte), then encoded."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    k = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + k)
+            k += 1
+    trans: dict[int, object] = {c: b for b, c in zip(bs, cs)}
+    for c in range(256):  # a low char outside the alphabet: its own UTF-8 bytes, as latin-1 chars
+        if c not in trans:
+            trans[c] = chr(c).encode().decode("latin-1")
+    out = []
+    for t in tokens:
+        u = t.translate(trans)
+        try:
+            out.append(u.encode("latin-1"))
+        except UnicodeEncodeError:  # a char beyond U+00FF outside the alphabet (added tokens)
+            out.append(b"".join(ch.encode("latin-1") if ord(ch) < 256 else ch.encode() for ch in u))
+    return out
+
+
 def _rust_backend(tokenizer: Any):
     """The tokenizers.Tokenizer behind a transformers tokenizer when decoding through it directly
     gives what the tokenizer's own decode gives; else None."""

@@ -232,3 +232,49 @@ def test_sampling_params_messages(d, msg):
 def test_sampling_params_normalise():
     p = SamplingParams.from_dict({"stop": "###", "sampling_seed": 7, "temperature": 0})
     assert p.stop == ["###"] and p.seed == 7 and p.is_greedy
+
+
+# ---- ByteLevelTable / ByteLevelDetokenizer -------------------------------------------------------
+
+
+def test_byte_level_table_only_for_byte_level_tokenizers(byte_tok, meta_tok):
+    from sglang_duet.detokenizer import ByteLevelTable
+
+    assert ByteLevelTable.build(byte_tok) is not None
+    assert ByteLevelTable.build(meta_tok) is None  # Metaspace: a suffix's decode is not the decode's suffix
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_byte_level_detokenizer_streams_the_full_decode(byte_tok, text):
+    """Token by token and in odd chunks, specials in between: the deltas add up to decode(ids), and no
+    delta ever holds a half character (U+FFFD) the full decode does not."""
+    from sglang_duet.detokenizer import ByteLevelDetokenizer, ByteLevelTable
+
+    table = ByteLevelTable.build(byte_tok)
+    eos = byte_tok.convert_tokens_to_ids("<eos>")
+    ids = byte_tok.encode(text, add_special_tokens=False)
+    ids = ids[:3] + [eos] + ids[3:]
+    rng = random.Random(len(text))
+    for skip in (True, False):
+        det = ByteLevelDetokenizer(table, skip)
+        deltas, i = [], 0
+        while i < len(ids):
+            n = rng.randint(1, 3)
+            deltas.append(det.add(ids[i:i + n]))
+            i += n
+        deltas.append(det.flush())
+        full = byte_tok.decode(ids, skip_special_tokens=skip)
+        assert "".join(deltas) == det.text == full
+        if "\ufffd" not in full:  # (an eos kept in the middle of a character breaks it in the decode too)
+            assert not any("\ufffd" in d for d in deltas)
+
+
+def test_byte_level_detokenizer_flushes_an_incomplete_character_as_the_decode_does(byte_tok):
+    from sglang_duet.detokenizer import ByteLevelDetokenizer, ByteLevelTable
+
+    table = ByteLevelTable.build(byte_tok)
+    ids = byte_tok.encode("∑", add_special_tokens=False)  # unseen in training: one token per byte
+    assert len(ids) > 1  # a 3-byte char over several tokens
+    det = ByteLevelDetokenizer(table)
+    assert det.add(ids[:-1]) == ""  # held back: incomplete
+    assert det.flush() == byte_tok.decode(ids[:-1])  # the request ended there: shown as the decode shows it

@@ -168,11 +168,18 @@ def test_batch_decoder_is_the_tokenizers_decode(tok):
         assert dec.decode(seqs, skip) == [tok.decode(s, skip_special_tokens=skip) if s else "" for s in seqs]
 
 
+@pytest.mark.parametrize("byte_level", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_detokenizer_step_pass_equals_one_by_one(tok, seed):
+def test_detokenizer_step_pass_equals_one_by_one(tok, seed, byte_level):
     """Random requests (some with stop strings, some special tokens, odd chunking, some listed twice
-    in a message) through the batched handle() and through _ReqDetok.update one at a time: the
-    same text deltas."""
+    in a message) through the batched handle() and through _ReqDetok.update one at a time (the
+    decode-window path): the same text deltas; with byte_level, the batched side detokenizes by
+    bytes (ByteLevelTable) and the same text comes out in total (a character split over tokens may
+    show up one output later or earlier), never a stop string."""
+    from sglang_duet.detokenizer import ByteLevelTable
+
+    table = ByteLevelTable.build(tok) if byte_level else None
+    assert (table is not None) == byte_level  # the fixture is a byte-level BPE
     rng = random.Random(seed)
     texts = ["Le café 中文 🙂 déjà STOP là", "中文字符 and 🎉🎉 emoji 👍🏽!", "plain ascii, nothing fancy here"]
     eos = tok.convert_tokens_to_ids("<eos>")
@@ -185,7 +192,7 @@ def test_detokenizer_step_pass_equals_one_by_one(tok, seed):
             out.insert(rng.randrange(len(out)), eos)
         ids[rid] = out
         reg = io.DetokRegister(rid, [5, 6], ["STOP"] if i % 2 else [], skip_special_tokens=i % 4 != 1)
-        batched.reqs[rid] = _ReqDetok(tok, reg)
+        batched.reqs[rid] = _ReqDetok(tok, reg, table)
         single[rid] = _ReqDetok(tok, reg)
     pos = {r: 0 for r in ids}
     text_b = {r: "" for r in ids}
@@ -207,7 +214,12 @@ def test_detokenizer_step_pass_equals_one_by_one(tok, seed):
         assert [o.rid for o in res.outs] == [o.rid for o in outs]
         for o, so in zip(outs, res.outs):
             text_b[o.rid] += so.text
-            text_s[o.rid] += single[o.rid].update(o)
+            delta = single[o.rid].update(o)
+            text_s[o.rid] += delta
+            if not byte_level:
+                assert so.text == delta
+            if batched.reqs.get(o.rid) is not None and batched.reqs[o.rid].stops:
+                assert "STOP" not in text_b[o.rid]
     assert text_b == text_s
     assert not batched.reqs  # finished requests are forgotten
 

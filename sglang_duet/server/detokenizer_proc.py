@@ -20,7 +20,9 @@ import sys
 
 import zmq
 
-from sglang_duet.detokenizer import BatchDecoder, IncrementalDetokenizer, find_stop_string, holdback_len
+from sglang_duet.detokenizer import (
+    BatchDecoder, ByteLevelDetokenizer, ByteLevelTable, IncrementalDetokenizer, find_stop_string, holdback_len,
+)
 from sglang_duet.server import io_struct as io
 from sglang_duet.server.ipc import (
     IPCPaths, decode_or_drop, error_text, parent_alive, pull_socket, push_socket, send_ready, setup_child, tune_gc,
@@ -33,11 +35,15 @@ MAX_MERGE = 64  # BatchTokenOuts handled together at most when this process is b
 
 
 class _ReqDetok:
-    __slots__ = ("det", "stops", "no_stop_trim", "sent", "scanned", "done", "skip")
+    __slots__ = ("det", "fast", "stops", "no_stop_trim", "sent", "scanned", "done", "skip")
 
-    def __init__(self, tokenizer, reg: io.DetokRegister):
+    def __init__(self, tokenizer, reg: io.DetokRegister, table: ByteLevelTable | None = None):
+        # A byte-level tokenizer: its bytes through an incremental UTF-8 decoder (no decode calls);
+        # any other: decode windows (IncrementalDetokenizer), batched per step.
+        self.fast = ByteLevelDetokenizer(table, reg.skip_special_tokens) if table is not None else None
         self.det = IncrementalDetokenizer(tokenizer, reg.prompt_tail, reg.skip_special_tokens,
-                                          reg.spaces_between_special_tokens) if tokenizer is not None else None
+                                          reg.spaces_between_special_tokens) \
+            if tokenizer is not None and self.fast is None else None
         self.stops = reg.stop
         self.no_stop_trim = reg.no_stop_trim
         self.sent = 0  # chars of det.text already sent
@@ -54,25 +60,33 @@ class _ReqDetok:
         return self.finish(out, det._window(det._prefix_offset, det._read_offset), det._window(det._prefix_offset))
 
     def prepare(self, out: io.TokenOut) -> tuple[list[int], list[int]] | None:
-        """Take the output's ids; return the two id windows to decode (None: nothing to decode)."""
-        if self.det is None:
+        """Take the output's ids; return the two id windows to decode (None: nothing to decode;
+        the byte-level path has its text already)."""
+        if self.det is None and self.fast is None:
             return None
         ids = out.new_ids
-        matched = (out.finish_reason or {}).get("matched") if out.finished else None
-        if isinstance(matched, int) and not self.no_stop_trim and ids and ids[-1] == matched:
-            ids = ids[:-1]  # the stop token itself is not part of the text (offline output_text agrees)
+        if out.finished:
+            matched = (out.finish_reason or {}).get("matched")
+            if isinstance(matched, int) and not self.no_stop_trim and ids and ids[-1] == matched:
+                ids = ids[:-1]  # the stop token itself is not part of the text (offline output_text agrees)
+        if self.fast is not None:
+            self.fast.add(ids, out.finished)
+            return None
         if ids:
             self.det.push(ids)
         return self.det.windows()
 
     def finish(self, out: io.TokenOut, prefix_text: str | None, new_text: str | None) -> str:
         """The text delta to send, given the decodes of prepare()'s windows."""
-        if self.det is None:
+        if self.fast is not None:
+            text = self.fast.text
+        elif self.det is None:
             return ""
-        if prefix_text is not None:
-            # add() and, for the last output, flush(): one commit with final=True is the same
-            self.det.commit(prefix_text, new_text, out.finished)
-        text = self.det.text
+        else:
+            if prefix_text is not None:
+                # add() and, for the last output, flush(): one commit with final=True is the same
+                self.det.commit(prefix_text, new_text, out.finished)
+            text = self.det.text
         if out.finished:
             matched = (out.finish_reason or {}).get("matched")
             end = len(text)
@@ -109,6 +123,8 @@ class DetokenizerProcess:
 
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         self.decoder = BatchDecoder(self.tokenizer) if self.tokenizer is not None else None
+        # byte-level BPE (SmolLM2, Qwen, Llama 3): O(new tokens) detokenization, no decode calls
+        self.table = ByteLevelTable.build(self.tokenizer) if self.tokenizer is not None else None
         self.ctx = zmq.Context(1)
         self.recv = pull_socket(self.ctx, paths.detokenizer_in)
         self.send = push_socket(self.ctx, paths.main_in)
@@ -141,7 +157,7 @@ class DetokenizerProcess:
                     break
             elif isinstance(msg, io.DetokRegister):
                 try:
-                    self.reqs[msg.rid] = _ReqDetok(self.tokenizer, msg)
+                    self.reqs[msg.rid] = _ReqDetok(self.tokenizer, msg, self.table)
                 except Exception:  # noqa: BLE001 - one odd registration must not stop the others
                     logger.exception("registering %s failed", msg.rid)
             else:  # ReqError, SchedulerStats: for the main process as they are, after what came before
@@ -166,11 +182,23 @@ class DetokenizerProcess:
         return io.BatchStrOut(outs)
 
     def _handle_pass(self, batch_outs: list[io.TokenOut]) -> list[io.StrOut]:
-        items = []  # (out, state, windows or None)
+        items = []  # (out, state, windows or None, or the text when already known)
         jobs: dict[tuple[bool, bool], list[int]] = {}  # decode options -> indexes into items
+        reqs = self.reqs
         for o in batch_outs:
-            st = self.reqs.get(o.rid)
+            st = reqs.get(o.rid)
             w = None
+            if st is not None and st.fast is not None and not st.stops and not o.finished:
+                # The usual output (byte-level tokenizer, no stop strings, running): its new text is
+                # the delta, nothing held back but an incomplete character.
+                try:
+                    text = st.fast.add(o.new_ids)
+                    st.sent += len(text)
+                except Exception:  # noqa: BLE001 - one request's odd tokens must not stop the others
+                    logger.exception("detokenizing %s failed", o.rid)
+                    text = ""
+                items.append((o, None, None, text))
+                continue
             if st is None:  # cannot happen (register precedes tokens); still never crash on it
                 logger.warning("tokens for unknown request %s", o.rid)
             else:
@@ -181,7 +209,7 @@ class DetokenizerProcess:
                     st = None
             if w is not None:
                 jobs.setdefault(st.skip, []).append(len(items))
-            items.append((o, st, w))
+            items.append((o, st, w, ""))
         texts: dict[int, tuple[str, str]] = {}
         for (skip, spaces), idx in jobs.items():
             seqs = []
@@ -196,8 +224,8 @@ class DetokenizerProcess:
                 if dec is not None:
                     texts[i] = (dec[2 * k], dec[2 * k + 1])
         outs = []
-        for i, (o, st, w) in enumerate(items):
-            text = ""
+        StrOut = io.StrOut
+        for i, (o, st, w, text) in enumerate(items):
             if st is not None:
                 try:
                     if w is None:
@@ -212,9 +240,9 @@ class DetokenizerProcess:
                     logger.exception("detokenizing %s failed", o.rid)
                     text = ""
             if o.finished:
-                self.reqs.pop(o.rid, None)
-            outs.append(io.StrOut(o.rid, text, o.new_ids, o.logprobs, o.finished, o.finish_reason,
-                                  o.prompt_tokens, o.completion_tokens, o.cached_tokens))
+                reqs.pop(o.rid, None)
+            outs.append(StrOut(o.rid, text, o.new_ids, o.logprobs, o.finished, o.finish_reason,
+                               o.prompt_tokens, o.completion_tokens, o.cached_tokens))
         return outs
 
     def close(self) -> None:
