@@ -206,9 +206,11 @@ def test_goodput_table_command_writes_md_and_json(tmp_path):
                                "--contenders", "duet:8192", "--start-rate", "8", "--rel-tol", "0.3",
                                "--out", str(out), "--quiet"]) == 0
     data = json.loads((out / "table.json").read_text())
-    assert set(data["summary"]) == {"chunked-2048", "static-split-8192-sd32", "aggregated-8192", "duet-8192"}
-    assert data["tuning"]["static-split"]["best"] == "static-split-8192-sd32"
-    row = data["summary"]["chunked-2048"]["attainment_max_tbt"]
+    assert {"aggregated-8192", "duet-8192"} < set(data["summary"]) and len(data["summary"]) == 4
+    assert data["tuning"]["static-split"]["best"].startswith("static-split-8192-sd32")
+    # the best of the grid was tried with the deadline queue order too
+    assert "chunked-2048-ttft_order=deadline" in data["tuning"]["chunked"]["members"]
+    row = data["summary"][data["tuning"]["chunked"]["best"]]["attainment_max_tbt"]
     assert len(row["per_seed"]) == 2 and len(row["duet_ratio_per_seed"]) == 2
     md = (out / "table.md").read_text()
     assert "goodput_table" in md and "best chunked (tuned)" in md and "| duet-8192 |" in md
@@ -239,6 +241,7 @@ def test_goodput_table_reuse_reruns_only_the_named_policy(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     args = ["--workload", "azure-conv", "--seeds", "1", "--num-requests", "30", "--tune-requests", "30",
             "--chunked-budgets", "2048", "--static-sms", "32", "--contenders", "duet:8192", "--no-aggregated",
+            "--baseline-orders", "",
             "--start-rate", "8", "--rel-tol", "0.3", "--quiet"]
     goodput_table.main(args + ["--out", str(first)])
     a = json.loads((first / "table.json").read_text())
@@ -249,3 +252,18 @@ def test_goodput_table_reuse_reruns_only_the_named_policy(tmp_path):
     assert b["summary"]["chunked-2048"]["attainment_max_tbt"]["per_seed"] == [123.0]
     assert b["points"]["duet-8192"] == a["points"]["duet-8192"]  # simulated again, deterministically
     assert "reused from" in (second / "table.md").read_text()
+
+
+def test_tune_tries_the_best_member_in_deadline_order_and_reuses_known_members():
+    from sglang_duet.simulator.goodput_table import PolicySpec, tune
+
+    fams = {"chunked": [PolicySpec.parse("chunked:2048")]}
+    known = {"chunked": {"best": "chunked-2048", "members": {
+        "chunked-2048": {"goodput": 5.0, "flag": "", "spec": "chunked:2048"}}}}
+    seen = []
+    out = tune(SimConfig(workload="azure-conv"), fams, 30, 8.0, cost_model=CM, log=seen.append, known=known)
+    members = out["chunked"]["members"]
+    assert set(members) == {"chunked-2048", "chunked-2048-ttft_order=deadline"}
+    assert members["chunked-2048"]["goodput"] == 5.0  # not measured again
+    assert not any("tuning chunked-2048\n" == s or s == "  tuning chunked-2048" for s in seen)
+    assert out["chunked"]["best"] == max(members, key=lambda k: members[k]["goodput"])

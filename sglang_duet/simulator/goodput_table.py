@@ -5,8 +5,10 @@
 
 1. Tuning (cheap): each baseline family is swept on seed 0 with `--tune-requests` requests per
    point, strict attainment only: chunked over `--chunked-budgets` (512 ... 8192) and static-split
-   over `--static-sms` decode SMs (8 ... 64). The member with the highest strict goodput is the
-   family's representative; the table says which it was and lists every member's tuning goodput.
+   over `--static-sms` decode SMs (8 ... 64), in FCFS order; the best of them is then tried with
+   duet's deadline queue order too (`--baseline-orders`), so a baseline is not behind by queue
+   order alone. The member with the highest strict goodput is the family's representative; the
+   table says which it was and lists every member's tuning goodput.
 2. Goodput per seed: the best member of each family, aggregated:8192 (SGLang's default) and the
    `--contenders` (duet-paper:8192, duet:8192), each on `--seeds` seeds with `--num-requests`
    requests per point, both attainment definitions (strict: TTFT and every token gap within the
@@ -170,19 +172,38 @@ def families(chunked_budgets: list[int], static_sms: list[int], static_budget: i
 
 
 def tune(base: SimConfig, fams: dict[str, list[PolicySpec]], num_requests: int, start: float,
-         target: float = 0.9, cost_model=None, log=print) -> dict[str, dict]:
-    """Each family's members by strict goodput on seed 0: {family: {"best": label, "members": {label: rate}}}."""
+         target: float = 0.9, cost_model=None, log=print, orders: tuple[str, ...] = ("deadline",),
+         known: dict | None = None) -> dict[str, dict]:
+    """Each family's members by strict goodput on seed 0: {family: {"best": label, "members": {label: rate}}}.
+    The grid runs with each policy's own queue order (FCFS); the best member is then tried with each
+    of `orders` (ttft_order, e.g. duet's "deadline") too, and keeps it if that serves more.
+    `known`: an earlier tuning's result whose members are not measured again."""
     out = {}
+    done = {label: m for t in (known or {}).values() for label, m in t["members"].items()}
+
+    def measure(spec: PolicySpec, guess: float) -> Goodput:
+        if spec.label in done:
+            return Goodput(done[spec.label]["goodput"], done[spec.label]["flag"])
+        log(f"  tuning {spec.label}")
+        return goodput_run(base, spec, 0, num_requests, guess, metrics=(STRICT,), target=target, rel_tol=0.08,
+                           cost_model=cost_model, log=log).goodput[STRICT]
+
+    def rank(m: dict) -> tuple:
+        return (m["flag"] != "<", m["goodput"])
+
     for fam, specs in fams.items():
         members, guess = {}, start
         for spec in specs:
-            log(f"  tuning {spec.label}")
-            g = goodput_run(base, spec, 0, num_requests, guess, metrics=(STRICT,), target=target, rel_tol=0.08,
-                            cost_model=cost_model, log=log).goodput[STRICT]
+            g = measure(spec, guess)
             members[spec.label] = {"goodput": g.rate, "flag": g.flag, "spec": _spec_text(spec)}
             if g.flag != "<" and g.rate > 0:
                 guess = g.rate  # neighbours are close: start there
-        best = max(members, key=lambda k: (members[k]["flag"] != "<", members[k]["goodput"]))
+        best = max(members, key=lambda k: rank(members[k]))
+        for order in orders:
+            spec = PolicySpec.parse(members[best]["spec"] + f"+ttft_order={order}")
+            g = measure(spec, members[best]["goodput"] or start)
+            members[spec.label] = {"goodput": g.rate, "flag": g.flag, "spec": _spec_text(spec)}
+        best = max(members, key=lambda k: rank(members[k]))
         out[fam] = {"best": best, "members": members}
         log(f"  {fam}: best {best} ({members[best]['goodput']:.2f} req/s strict, seed 0, {num_requests} requests)")
     return out
@@ -301,11 +322,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunked-budgets", default="512,1024,2048,4096,8192")
     p.add_argument("--static-sms", default="8,16,24,32,40,48,64", help="decode SMs tried for static-split")
     p.add_argument("--static-budget", type=int, default=8192, help="static-split's prefill chunk budget")
+    p.add_argument("--baseline-orders", default="deadline",
+                   help="queue orders (ttft_order) also tried for each family's best member ('' for none)")
     p.add_argument("--contenders", default=DEFAULT_CONTENDERS, help="policies run as given (duet must be one)")
     p.add_argument("--no-aggregated", action="store_true", help="leave out aggregated:8192")
     p.add_argument("--tuned-from", default=None, help="a table.json whose tuned members to use (no tuning)")
     p.add_argument("--reuse", default=None, help="a table.json whose tuning and runs to keep (see --rerun)")
     p.add_argument("--rerun", default=DUET, help="with --reuse: comma-separated labels to simulate again")
+    p.add_argument("--retune", action="store_true",
+                   help="with --reuse: tune again (members tuned there are not measured again; new ones are)")
     p.add_argument("--start-rate", type=float, default=4.0)
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--rel-tol", type=float, default=0.06, help="bisect until the bracket is this narrow")
@@ -339,7 +364,7 @@ def main(argv=None) -> int:
     if a.reuse:
         with open(a.reuse) as f:
             reused = json.load(f)
-    if reused is not None and not a.tuned_from:
+    if reused is not None and not a.tuned_from and not a.retune:
         tuned = reused["tuning"]
         log(f"tuned members from {a.reuse}: " + ", ".join(f"{k} {v['best']}" for k, v in tuned.items()))
     elif a.tuned_from:
@@ -349,7 +374,9 @@ def main(argv=None) -> int:
     else:
         log(f"tuning on {a.workload} ({a.model} on {a.hardware})")
         fams = families(_ints(a.chunked_budgets), _ints(a.static_sms), a.static_budget)
-        tuned = tune(base, fams, a.tune_requests, a.start_rate, a.target, cm, log)
+        orders = tuple(x.strip() for x in a.baseline_orders.split(",") if x.strip())
+        tuned = tune(base, fams, a.tune_requests, a.start_rate, a.target, cm, log, orders,
+                     known=reused["tuning"] if reused is not None else None)
     policies, roles, starts = [], {}, {}
     for fam, t in tuned.items():
         spec = PolicySpec.parse(t["members"][t["best"]]["spec"])
@@ -391,9 +418,11 @@ def main(argv=None) -> int:
           f"attainment; {a.seeds} seeds x {a.num_requests} requests per point; mean and 95% t-interval over seeds; "
           "ratios are per-seed (paired) duet / policy. Emulated GPU, truth: "
           f"`{json.dumps(truth)}`.", "",
-          "Tuning" + (f" (from {a.tuned_from or a.reuse})" if a.tuned_from or a.reuse
+          "Tuning" + (f" (from {a.tuned_from or a.reuse})" if a.tuned_from or (a.reuse and not a.retune)
                       else f" ({a.tune_requests} requests per point, seed 0)") + ":", *tune_lines,
-          *([f"", f"Runs of {', '.join(sorted(keep))} reused from {a.reuse}."] if keep else []), "", markdown(summary, roles), "",
+          *(["", f"Runs of {', '.join(sorted(keep))} reused from {a.reuse} (the same settings); the command "
+                 "without --reuse/--rerun/--retune simulates every run from scratch and gives the same table."]
+            if keep or a.retune else []), "", markdown(summary, roles), "",
           f"Simulated in {time.perf_counter() - t0:.0f} s.", "", "## Every simulated point", "",
           points_markdown(runs), ""]
     os.makedirs(a.out, exist_ok=True)
