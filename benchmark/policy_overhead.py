@@ -8,7 +8,9 @@ For each decode batch size the view holds that many ready decodes (contexts 200.
 tokens), on Qwen3-8B / H100 pricing. Each lane-pair state is timed separately: both lanes idle
 (the full search), the decode lane idle while a prefill runs, and the prefill lane idle while a
 decode launch runs. Reported: median and p90 ms per plan() (the view is built once, outside the
-timing). Wall-clock numbers: they depend on the CPU, so no test asserts them.
+timing), as wall-clock time and as the thread's CPU time (time.thread_time: what the plan costs
+the scheduler's thread, unaffected by other processes competing for the cores on a loaded
+machine). Both depend on the CPU, so no test asserts them.
 """
 from __future__ import annotations
 
@@ -69,14 +71,17 @@ def make_views(batch: int, queue: int, seed: int = 0) -> dict[str, SchedulerView
     }
 
 
-def time_plans(policy, view: SchedulerView, repeat: int) -> list[float]:
+def time_plans(policy, view: SchedulerView, repeat: int) -> tuple[list[float], list[float]]:
+    """(wall ms, thread CPU ms) of each of `repeat` plan() calls."""
     policy.plan(view)  # warm caches
-    out = []
+    wall, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         policy.plan(view)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+        t1, c1 = time.perf_counter(), time.thread_time()
+        wall.append((t1 - t0) * 1e3)
+        cpu.append((c1 - c0) * 1e3)
+    return wall, cpu
 
 
 def main(argv=None) -> int:
@@ -90,14 +95,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     cm = CostModel.load(a.model, a.hardware)
     print(f"plan() overhead, {a.model} on {a.hardware} pricing, queue {a.queue} prompts, {a.repeat} calls per cell")
-    print(f"{'policy':12s} {'batch':>6s}  {'state':32s} {'median ms':>10s} {'p90 ms':>8s}")
+    print(f"{'policy':12s} {'batch':>6s}  {'state':32s} {'median ms':>10s} {'p90 ms':>8s} {'CPU median':>11s} "
+          f"{'CPU p90':>8s}")
     for name in a.policies.split(","):
         for batch in (int(x) for x in a.batches.split(",")):
             for state, view in make_views(batch, a.queue).items():
                 pol = load_policy(name, PolicyContext(chunked_prefill_size=8192, tbt_slo_ms=100.0, ttft_slo_ms=1000.0,
                                                       cost_model=cm, hardware=cm.hw))
-                ms = sorted(time_plans(pol, view, a.repeat))
-                print(f"{name:12s} {batch:6d}  {state:32s} {statistics.median(ms):10.3f} {ms[int(0.9 * len(ms))]:8.3f}")
+                wall, cpu = (sorted(x) for x in time_plans(pol, view, a.repeat))
+                p90 = int(0.9 * len(wall))
+                print(f"{name:12s} {batch:6d}  {state:32s} {statistics.median(wall):10.3f} {wall[p90]:8.3f} "
+                      f"{statistics.median(cpu):11.3f} {cpu[p90]:8.3f}")
     return 0
 
 
