@@ -210,7 +210,7 @@ def test_detokenizer_step_pass_equals_one_by_one(tok, seed, byte_level):
                 pos[r] += len(new)
                 fin = pos[r] >= len(ids[r])
                 outs.append(io.TokenOut(r, new, None, fin, {"type": "length"} if fin else None, 5, pos[r], 0))
-        res = batched.handle(io.BatchTokenOut(outs))
+        res = batched.handle(io.BatchTokenOut.of(outs))
         assert [o.rid for o in res.outs] == [o.rid for o in outs]
         for o, so in zip(outs, res.outs):
             text_b[o.rid] += so.text
@@ -236,10 +236,10 @@ def test_detokenizer_merges_backlog_in_order(tok):
         for r in ("a", "b"):
             to_detok.send(io.encode(io.DetokRegister(r, [], [])))
         for step in range(3):
-            to_detok.send(io.encode(io.BatchTokenOut([io.TokenOut(r, [step], None, False, None, 1, step + 1, 0)
+            to_detok.send(io.encode(io.BatchTokenOut.of([io.TokenOut(r, [step], None, False, None, 1, step + 1, 0)
                                                       for r in ("a", "b")])))
         to_detok.send(io.encode(io.ReqError("c", "refused", 400)))
-        to_detok.send(io.encode(io.BatchTokenOut([io.TokenOut("a", [9], None, True, {"type": "length"}, 1, 4, 0)])))
+        to_detok.send(io.encode(io.BatchTokenOut.of([io.TokenOut("a", [9], None, True, {"type": "length"}, 1, 4, 0)])))
         time.sleep(0.3)  # all delivered to the socket
         proc.handle_pending()
         got = []

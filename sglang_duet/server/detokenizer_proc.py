@@ -170,35 +170,37 @@ class DetokenizerProcess:
 
     def handle(self, batch: io.BatchTokenOut) -> io.BatchStrOut:
         """Detokenize one step's outputs: every request's windows in one decode call per option set.
-        A request listed twice (the scheduler sends one output per request; never trust it) splits
+        A request listed twice (the scheduler sends one row per request; never trust it) splits
         the message into passes, so each output is decoded after the previous one is applied."""
         outs, seen, start = [], set(), 0
-        for k, o in enumerate(batch.outs):
-            if o.rid in seen:
-                outs += self._handle_pass(batch.outs[start:k])
+        for k, rid in enumerate(batch.rids):
+            if rid in seen:
+                outs += self._handle_pass(batch, start, k)
                 seen, start = set(), k
-            seen.add(o.rid)
-        outs += self._handle_pass(batch.outs[start:])
+            seen.add(rid)
+        outs += self._handle_pass(batch, start, len(batch.rids))
         return io.BatchStrOut(outs)
 
-    def _handle_pass(self, batch_outs: list[io.TokenOut]) -> list[io.StrOut]:
-        items = []  # (out, state, windows or None, or the text when already known)
+    def _handle_pass(self, batch: io.BatchTokenOut, lo: int, hi: int) -> list[io.StrOut]:
+        items = []  # (out, state, windows or None, the text when already known)
         jobs: dict[tuple[bool, bool], list[int]] = {}  # decode options -> indexes into items
         reqs = self.reqs
-        for o in batch_outs:
-            st = reqs.get(o.rid)
+        rids, new_ids, finished = batch.rids, batch.new_ids, batch.finished
+        for i in range(lo, hi):
+            st = reqs.get(rids[i])
             w = None
-            if st is not None and st.fast is not None and not st.stops and not o.finished:
-                # The usual output (byte-level tokenizer, no stop strings, running): its new text is
-                # the delta, nothing held back but an incomplete character.
+            if st is not None and st.fast is not None and not st.stops and i not in finished:
+                # The usual row (byte-level tokenizer, no stop strings, running): its new text is the
+                # delta, nothing held back but an incomplete character. No TokenOut is built for it.
                 try:
-                    text = st.fast.add(o.new_ids)
+                    text = st.fast.add(new_ids[i])
                     st.sent += len(text)
                 except Exception:  # noqa: BLE001 - one request's odd tokens must not stop the others
-                    logger.exception("detokenizing %s failed", o.rid)
+                    logger.exception("detokenizing %s failed", rids[i])
                     text = ""
-                items.append((o, None, None, text))
+                items.append((i, None, None, text))
                 continue
+            o = batch.out(i)
             if st is None:  # cannot happen (register precedes tokens); still never crash on it
                 logger.warning("tokens for unknown request %s", o.rid)
             else:
@@ -225,8 +227,14 @@ class DetokenizerProcess:
                     texts[i] = (dec[2 * k], dec[2 * k + 1])
         outs = []
         StrOut = io.StrOut
+        lps, cached, ptoks, ctoks = batch.logprobs, batch.cached_tokens, batch.prompt_tokens, batch.completion_tokens
         for i, (o, st, w, text) in enumerate(items):
-            if st is not None:
+            if st is None:
+                if isinstance(o, int):  # a lean row: no TokenOut was built
+                    outs.append(StrOut(rids[o], text, new_ids[o], lps.get(o) if lps else None, False, None,
+                                       ptoks[o], ctoks[o], cached.get(o, 0) if cached else 0))
+                    continue
+            else:
                 try:
                     if w is None:
                         text = st.finish(o, None, None)

@@ -49,6 +49,8 @@ class DetokRegister(msgspec.Struct, tag="reg"):
 
 
 class TokenOut(msgspec.Struct, array_like=True):
+    """One request's output of a step (a row of BatchTokenOut; not sent on its own)."""
+
     rid: str
     new_ids: list[int]
     logprobs: list[TokenLogprob] | None
@@ -60,7 +62,39 @@ class TokenOut(msgspec.Struct, array_like=True):
 
 
 class BatchTokenOut(msgspec.Struct, tag="tok"):
-    outs: list[TokenOut]
+    """All of a scheduler step's outputs, column by column: one list per field, so neither side
+    builds (or msgpack walks) a struct per request per step. Rare fields are sparse, by row index:
+    `finished` (the finish reason of rows that end their request), `logprobs`, `cached_tokens`."""
+
+    rids: list[str]
+    new_ids: list[list[int]]
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    finished: dict[int, dict | None] = {}
+    logprobs: dict[int, list[TokenLogprob]] = {}
+    cached_tokens: dict[int, int] = {}
+
+    @classmethod
+    def of(cls, outs: list[TokenOut]) -> "BatchTokenOut":
+        b = cls([o.rid for o in outs], [o.new_ids for o in outs], [o.prompt_tokens for o in outs],
+                [o.completion_tokens for o in outs])
+        for i, o in enumerate(outs):
+            if o.finished:
+                b.finished[i] = o.finish_reason
+            if o.logprobs:
+                b.logprobs[i] = o.logprobs
+            if o.cached_tokens:
+                b.cached_tokens[i] = o.cached_tokens
+        return b
+
+    def out(self, i: int) -> TokenOut:
+        fin = i in self.finished
+        return TokenOut(self.rids[i], self.new_ids[i], self.logprobs.get(i), fin, self.finished.get(i) if fin else None,
+                        self.prompt_tokens[i], self.completion_tokens[i], self.cached_tokens.get(i, 0))
+
+    @property
+    def outs(self) -> list[TokenOut]:
+        return [self.out(i) for i in range(len(self.rids))]
 
 
 class ReqError(msgspec.Struct, tag="err"):

@@ -240,13 +240,19 @@ class SchedulerProcess:
 
     def _send_updates(self, updates) -> None:
         """One BatchTokenOut for all of a step's updates (none if --stream-interval holds them all),
-        with one output per request: the detokenizer decodes a message's requests in one pass."""
-        outs = []
+        with one row per request: the detokenizer decodes a message's requests in one pass."""
+        rids: list[str] = []
+        new_ids: list[list[int]] = []
+        prompt: list[int] = []
+        completion: list[int] = []
+        finished: dict[int, dict | None] = {}
+        logprobs: dict[int, list] = {}
+        cached: dict[int, int] = {}
         where: dict[str, int] = {}
         interval = self.stream_interval
         held = self._held
         for u in updates:
-            ids, lps = u.new_token_ids, _logprobs(u.new_logprobs)
+            ids, lps = u.new_token_ids, (_logprobs(u.new_logprobs) if u.new_logprobs else None)
             if interval > 1:
                 h = held.get(u.rid)
                 if h is None:  # nothing sent yet: the first output goes at once (time to first token)
@@ -267,22 +273,29 @@ class SchedulerProcess:
                         continue
             at = where.get(u.rid)
             if at is None:
-                where[u.rid] = len(outs)
-                outs.append(io.TokenOut(u.rid, ids, lps, u.finished, u.finish_reason,
-                                        u.prompt_tokens, u.completion_tokens, u.cached_tokens))
-            else:  # a second update of the request in this step (parts of a launch): one output
-                o = outs[at]
-                o.new_ids = o.new_ids + ids
+                at = where[u.rid] = len(rids)
+                rids.append(u.rid)
+                new_ids.append(ids)
+                prompt.append(u.prompt_tokens)
+                completion.append(u.completion_tokens)
                 if lps:
-                    o.logprobs = (o.logprobs or []) + lps
-                o.finished, o.finish_reason, o.completion_tokens = u.finished, u.finish_reason, u.completion_tokens
-        if outs:
-            self._push(io.BatchTokenOut(outs))
+                    logprobs[at] = lps
+                if u.cached_tokens:
+                    cached[at] = u.cached_tokens
+            else:  # a second update of the request in this step (parts of a launch): one row
+                new_ids[at] = new_ids[at] + ids
+                if lps:
+                    logprobs[at] = logprobs.get(at, []) + lps
+                completion[at] = u.completion_tokens
+            if u.finished:
+                finished[at] = u.finish_reason
+        if rids:
+            self._push(io.BatchTokenOut(rids, new_ids, prompt, completion, finished, logprobs, cached))
 
     def _send_stats(self) -> None:
         core = self.engine.core
         s = core.stats
-        free = core.allocator.available
+        free = core.kv_free  # the prefix cache's unlocked slots count as free
         self._push(io.SchedulerStats(
             time=time.monotonic(), num_running=core.num_running, num_waiting=core.num_waiting,
             num_inflight_launches=len(core.inflight), kv_used=core.kv_used, kv_free=free,
