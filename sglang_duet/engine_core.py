@@ -54,6 +54,10 @@ class EngineCore:
             clock=clock,
             stop_checker=self._stop_checker(),
         )
+        if not getattr(args, "disable_radix_cache", False) and args.disaggregation_mode == "null":
+            from sglang_duet.memory.radix_cache import RadixCache
+
+            self.core.prefix_cache = RadixCache(self.core.allocator.free)
         self.eos_ids = self._eos_ids()
         logger.info(
             "engine ready: model=%s policy=%s executor=%s kv_slots=%d context=%d",

@@ -61,7 +61,7 @@ def test_greedy_parity_with_staggered_arrivals(family, tiny_model_factory):
         assert got[f"r{i}"] == ref[i], f"prompt {i} differs from transformers"
     stats = core.core.stats
     assert stats.launches["aggregated"] > NEW  # decode steps ran as one batch, not per request
-    assert core.core.allocator.available == core.core.allocator.capacity
+    assert core.core.kv_free == core.core.allocator.capacity  # free, or held only by the prefix cache
 
 
 def test_generate_api_shapes_and_sampling(tiny_model_factory):
@@ -118,7 +118,7 @@ def test_kv_exhaustion_retracts_without_changing_greedy_output(tiny_model_factor
     outs = tight.generate(prompts, params)
     assert tight.core.core.stats.retractions > 0
     assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in roomy]
-    assert tight.core.core.allocator.available == tight.core.core.allocator.capacity
+    assert tight.core.core.kv_free == tight.core.core.allocator.capacity
 
 
 def test_bad_input_is_refused_clearly(tiny_model_factory):

@@ -49,6 +49,13 @@ class Request:
     finish_time: float | None = None
     num_retractions: int = 0
     max_tbt: float = 0.0
+    # Prefix cache (memory/radix_cache.py): cached_len prompt tokens were found cached at admission
+    # (reported as cached_tokens); the first tree_len slots of kv_slots are the tree's (shared, never
+    # freed by this request: the hit, then its own prefill once inserted); cache_node is the tree
+    # node locked while it holds them.
+    cached_len: int = 0
+    tree_len: int = 0
+    cache_node: object | None = None
 
     @property
     def seq_len(self) -> int:

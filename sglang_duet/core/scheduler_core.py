@@ -138,6 +138,11 @@ class SchedulerCore:
         # request finishes (not on abort); returning True means the hook took ownership of
         # request.kv_slots (it frees them through self.allocator later), so the core must not.
         self.kv_hold: Callable[[Request, dict], bool] | None = None
+        # --- prefix cache hook (sglang_duet/memory/radix_cache.py, set by EngineCore unless
+        # --disable-radix-cache): requests leave the KV they computed in it when their KV is freed,
+        # and an admitted request starts after its longest cached prefix. Slots only the cache holds
+        # count as free (kv_free): they are evicted, least recently used first, before a retraction.
+        self.prefix_cache = None
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -262,8 +267,14 @@ class SchedulerCore:
         return len(self.running)
 
     @property
+    def kv_free(self) -> int:
+        """Slots a request could get now: the free ones and those only the prefix cache holds."""
+        c = self.prefix_cache
+        return self.allocator.available + (c.evictable if c is not None else 0)
+
+    @property
     def kv_used(self) -> int:
-        return self.allocator.capacity - self.allocator.available
+        return self.allocator.capacity - self.kv_free
 
     def idle_lanes(self) -> frozenset[LaneKind]:
         if not self._busy:
@@ -316,7 +327,7 @@ class SchedulerCore:
             decoding=decoding,
             inflight={} if head is not None else {k: self.inflight[i] for k, i in self._busy.items()},
             idle_lanes=ALL_LANES if head is not None else self.idle_lanes(),
-            kv_free=self.allocator.available,
+            kv_free=self.kv_free,
             kv_total=self.allocator.capacity,
             num_running=len(self.running),
             config=self.config,
@@ -405,7 +416,7 @@ class SchedulerCore:
             decodes.append(r)
         # Decodes first: they already hold KV and their users are waiting for the next token.
         need = len(decodes) * steps
-        while need > self.allocator.available and decodes:
+        while need > self.kv_free and decodes:
             victims = [r for r in decodes if r.inflight is None]  # a lane still writes to the others' KV
             if not victims:
                 decodes = []  # all in flight: plan them again when the running launch has ended
@@ -415,7 +426,7 @@ class SchedulerCore:
             self._retract(victim)
             need = len(decodes) * steps
         work: list[ReqWork] = []
-        slots = self.allocator.alloc(len(decodes) * steps) if decodes else []  # one allocation for the batch
+        slots = self._alloc(len(decodes) * steps) if decodes else []  # one allocation for the batch
         for i, r in enumerate(decodes):
             kv = r.kv_slots
             if steps == 1:
@@ -449,8 +460,13 @@ class SchedulerCore:
         admitting = r.state == ReqState.WAITING
         if admitting and len(self.running) >= self.config.max_running_requests:
             return None
-        slots = self.allocator.alloc(chunk.length)
+        if admitting and self.prefix_cache is not None and r.num_computed == 0:
+            chunk = self._use_cached_prefix(r, chunk)
+        slots = self._alloc(chunk.length)
         if slots is None:
+            if admitting and self.prefix_cache is not None:
+                self._free_kv(r)  # gives the matched prefix back (unlocks it)
+                r.num_computed = 0
             return None  # the policy over-asked; the request waits for KV
         if admitting:
             self.waiting.remove(r)
@@ -468,6 +484,72 @@ class SchedulerCore:
             r.pending += 1
         return w
 
+    def _alloc(self, n: int) -> list[int] | None:
+        slots = self.allocator.alloc(n)
+        if slots is None and self.prefix_cache is not None:
+            self.prefix_cache.evict(n - self.allocator.available)
+            slots = self.allocator.alloc(n)
+        return slots
+
+    def _use_cached_prefix(self, r: Request, chunk: PrefillChunk) -> PrefillChunk:
+        """Admission: take the longest cached prefix (at least one token is left to compute, to sample
+        from) and move the policy's chunk past it; the same token count, so the plan's budget holds."""
+        cache = self.prefix_cache
+        slots, node = cache.match_prefix(r.seq_ids(0, r.seq_len - 1))
+        r.cached_len = r.tree_len = m = len(slots)
+        if not m:
+            return chunk
+        cache.lock(node)
+        r.cache_node = node
+        r.kv_slots = slots  # a new list: executors rewrite the request's table row from position 0
+        r.num_computed = m
+        return PrefillChunk(r.rid, m, min(chunk.length, r.planned_len - m))
+
+    def _free_kv(self, r: Request) -> None:
+        """The request's KV is no longer its own: into the prefix cache (what it computed), or free."""
+        cache = self.prefix_cache
+        slots = r.kv_slots
+        r.kv_slots = []
+        if cache is None:
+            self.allocator.free(slots)
+            return
+        # Positions whose KV was written from the sequence's own tokens (a multi-step decode may have
+        # written past the end, from tokens it sampled after the request had finished).
+        n = min(len(slots), r.num_computed, r.seq_len - 1)
+        n -= n % cache.page_size
+        own = r.tree_len  # the first `own` slots are the cache's
+        present = cache.insert(r.seq_ids(0, n), slots[:n]) if n > own else own
+        self.allocator.free(slots[own:present])  # computed here, but the tree had them meanwhile
+        self.allocator.free(slots[max(n, own):])
+        if r.cache_node is not None:
+            cache.unlock(r.cache_node)
+            r.cache_node = None
+        r.tree_len = 0
+
+    def _cache_prefills(self, launch: Launch) -> None:
+        """A launch ended: the prompts it finished prefilling go into the prefix cache at once
+        (SGLang's cache_unfinished_req), so requests running alongside share them, not only later ones."""
+        cache = self.prefix_cache
+        for w in launch.work:
+            if not w.sample or w.start_pos >= len(w.prompt_ids):
+                continue  # a decode, or a chunk that does not end a prefill
+            r = self.requests.get(w.rid)
+            if r is None or r.aborted or r.state is not ReqState.RUNNING or r.kv_slots is not w.kv_slots:
+                continue
+            n = w.start_pos + len(w.input_ids)
+            n -= n % cache.page_size
+            if n <= r.tree_len:
+                continue
+            ids = r.seq_ids(0, n)
+            if len(cache.match_prefix(ids)[0]) != r.tree_len:
+                continue  # the tree got part of it meanwhile: its copy is the tree's, ours is cached at the end
+            cache.insert(ids, r.kv_slots[:n])
+            node = cache.match_prefix(ids)[1]
+            cache.lock(node)
+            if r.cache_node is not None:
+                cache.unlock(r.cache_node)
+            r.cache_node, r.tree_len = node, n
+
     def _work(self, r: Request, ids: list[int], start: int, sample: bool, steps: int) -> ReqWork:
         # positional, in ReqWork's field order: this runs for every request of every step
         return ReqWork(r.rid, ids, start, r.kv_slots, sample, steps, r.seed, r.params, r.output_ids, r.prompt_ids,
@@ -478,9 +560,9 @@ class SchedulerCore:
         return min(candidates, key=lambda r: (len(r.output_ids), -len(r.prompt_ids), -r.arrival_time))
 
     def _retract(self, r: Request) -> None:
-        """Free a running request's KV and queue it again; its tokens so far are kept and recomputed."""
-        self.allocator.free(r.kv_slots)
-        r.kv_slots = []
+        """Free a running request's KV and queue it again; its tokens so far are kept and recomputed
+        (with a prefix cache, what it computed stays cached until evicted: it may match it again)."""
+        self._free_kv(r)
         self._free_row(r)
         r.num_computed = 0
         r.pending = 0
@@ -505,6 +587,8 @@ class SchedulerCore:
         if final:
             del self.inflight[lid]
             self._lane_done(lid)
+            if self.prefix_cache is not None:
+                self._cache_prefills(launch)
             if hasattr(self.policy, "on_result"):
                 self.policy.on_result(launch, result)
             updates = self.take_updates()
@@ -581,7 +665,7 @@ class SchedulerCore:
                     if final and w.steps > 1:
                         raise RuntimeError(f"launch {lid} ended with 1 of {w.steps} tokens for {rid!r}")
                     # _update, inlined: the request runs on
-                    updates.append(RequestUpdate(rid, [t], [], False, None, len(r.prompt_ids), n_out, 0,
+                    updates.append(RequestUpdate(rid, [t], [], False, None, len(r.prompt_ids), n_out, r.cached_len,
                                                  r.arrival_time, r.first_token_time, None))
                 if not final:
                     delivered[rid] = 1
@@ -691,14 +775,13 @@ class SchedulerCore:
         reason = r.finish_reason or {}
         if self.kv_hold is not None and reason.get("type") != "abort" and r.kv_slots and self.kv_hold(r, reason):
             r.kv_slots = []
-        self.allocator.free(r.kv_slots)
-        r.kv_slots = []
+        self._free_kv(r)
 
     def _update(self, r: Request, new: list[int], new_lps: list[dict] | None = None) -> RequestUpdate:
         finished = r.state is ReqState.FINISHED
         # positional, in field order: this runs for every request of every step
         u = RequestUpdate(r.rid, new, new_lps or [], finished, r.finish_reason, len(r.prompt_ids), len(r.output_ids),
-                          0, r.arrival_time, r.first_token_time, r.finish_time)
+                          r.cached_len, r.arrival_time, r.first_token_time, r.finish_time)
         if finished and r.inflight is None:
             # The core forgets a finished request once its outcome is reported (and its launch is over).
             self.requests.pop(r.rid, None)

@@ -1,0 +1,178 @@
+"""Radix prefix cache (SGLang's RadixAttention): token sequences -> the KV slots that hold them.
+
+A radix tree whose edges are runs of token ids, each with the KV slots of those tokens. Every
+request that finishes (or is retracted, or aborted) leaves the KV of what it computed in the tree;
+a request being admitted takes the longest cached prefix of its sequence and computes only the
+rest. Pure Python, no torch: the tree only moves slot numbers, the KV stays where it is.
+
+Ownership. A slot is held either by a request (its own, computed part) or by the tree. Slots the
+tree holds are shared: a request that matched a prefix references them and must never free them.
+`lock(node)` pins the path root..node while a request uses it (a reference count per node); only
+leaves with no lock are evicted, least recently used first, when the pool runs short (before the
+scheduler retracts a running request). `evictable` counts the unlocked slots: they are as good as
+free for admission and the stats.
+
+Pages. Keys are matched in whole pages (`page_size` tokens; 1 today), so a future paged KV pool
+only changes this constant: a match is a multiple of the page size and an insert keeps full pages.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Callable
+
+
+class Node:
+    __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access")
+
+    def __init__(self, parent: "Node | None", key: list[int], value: list[int], now: int):
+        self.children: dict = {}  # first page of the child's key (a token id at page size 1) -> child
+        self.parent = parent
+        self.key = key  # token ids of the edge into this node
+        self.value = value  # their KV slots
+        self.lock_ref = 0
+        self.last_access = now
+
+
+class RadixCache:
+    def __init__(self, free_slots: Callable[[list[int]], None], page_size: int = 1):
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        self.free_slots = free_slots  # gives slots back to the KV allocator
+        self.page_size = page_size
+        self._tick = itertools.count(1)  # logical clock for LRU (deterministic, unlike time)
+        self.root = Node(None, [], [], 0)
+        self.root.lock_ref = 1  # never evicted
+        self.total = 0  # slots the tree holds
+        self.evictable = 0  # ... of which no running request holds a lock
+
+    def _page_key(self, ids: list[int], i: int):
+        return ids[i] if self.page_size == 1 else tuple(ids[i:i + self.page_size])
+
+    # ---- lookup ----------------------------------------------------------------------------
+
+    def match_prefix(self, ids: list[int]) -> tuple[list[int], Node]:
+        """The KV slots of the longest cached prefix of `ids` (whole pages) and its deepest node.
+        An edge matched part-way is split, so the node returned covers exactly the match."""
+        ids = ids[: len(ids) - len(ids) % self.page_size]
+        node, slots, i = self.root, [], 0
+        now = next(self._tick)
+        while i < len(ids):
+            child = node.children.get(self._page_key(ids, i))
+            if child is None:
+                break
+            n = _common(child.key, ids, i, self.page_size)
+            if n < len(child.key):
+                if n == 0:
+                    break
+                child = self._split(child, n)
+            child.last_access = now
+            slots.extend(child.value)
+            node = child
+            i += n
+            if n < len(child.key):
+                break
+        return slots, node
+
+    def _split(self, node: Node, n: int) -> Node:
+        """Cut node's edge after n tokens: a new parent holds the first n, node keeps the rest."""
+        mid = Node(node.parent, node.key[:n], node.value[:n], node.last_access)
+        mid.lock_ref = node.lock_ref
+        mid.children = {self._page_key(node.key, n): node}
+        node.parent.children[self._page_key(node.key, 0)] = mid
+        node.parent = mid
+        node.key, node.value = node.key[n:], node.value[n:]
+        return mid
+
+    # ---- insert ------------------------------------------------------------------------------
+
+    def insert(self, ids: list[int], slots: list[int]) -> int:
+        """Put a computed sequence in the tree. Returns how many of its leading tokens were already
+        there: the caller's slots for those are duplicates (unless they are the very slots it
+        matched) and stay the caller's to free. The tree takes the slots after them (whole pages)."""
+        if len(ids) != len(slots):
+            raise ValueError(f"insert: {len(ids)} tokens but {len(slots)} slots")
+        n_keep = len(ids) - len(ids) % self.page_size
+        ids, slots = ids[:n_keep], slots[:n_keep]
+        node, i = self.root, 0
+        now = next(self._tick)
+        while i < len(ids):
+            child = node.children.get(self._page_key(ids, i))
+            if child is None:
+                leaf = Node(node, ids[i:], slots[i:], now)
+                node.children[self._page_key(ids, i)] = leaf
+                self.total += len(leaf.value)
+                self.evictable += len(leaf.value)
+                return i
+            n = _common(child.key, ids, i, self.page_size)
+            if n < len(child.key):
+                child = self._split(child, n)
+            child.last_access = now
+            node = child
+            i += n
+        return i
+
+    # ---- locks -------------------------------------------------------------------------------
+
+    def lock(self, node: Node) -> None:
+        while node is not self.root:
+            if node.lock_ref == 0:
+                self.evictable -= len(node.value)
+            node.lock_ref += 1
+            node = node.parent
+
+    def unlock(self, node: Node) -> None:
+        while node is not self.root:
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self.evictable += len(node.value)
+            elif node.lock_ref < 0:
+                raise RuntimeError("radix cache: unlock without lock")
+            node = node.parent
+
+    # ---- eviction ----------------------------------------------------------------------------
+
+    def evict(self, n: int) -> int:
+        """Free at least n slots (fewer if not that many are evictable): unlocked leaves, least
+        recently used first; a parent whose last child went becomes a leaf in turn. Returns how many."""
+        if n <= 0 or self.evictable == 0:
+            return 0
+        heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._leaves() if leaf.lock_ref == 0]
+        heapq.heapify(heap)
+        freed = 0
+        while freed < n and heap:
+            _, _, leaf = heapq.heappop(heap)
+            self.free_slots(leaf.value)
+            freed += len(leaf.value)
+            self.total -= len(leaf.value)
+            self.evictable -= len(leaf.value)
+            parent = leaf.parent
+            del parent.children[self._page_key(leaf.key, 0)]
+            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        return freed
+
+    def reset(self) -> bool:
+        """Empty the tree (/flush_cache). Only when no request holds a lock; returns whether it did."""
+        if self.evictable != self.total:
+            return False
+        self.evict(self.total)
+        return True
+
+    def _leaves(self):
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            elif node is not self.root:
+                yield node
+
+
+def _common(key: list[int], ids: list[int], start: int, page: int) -> int:
+    """Length of the common prefix of key and ids[start:], in whole pages."""
+    n = min(len(key), len(ids) - start)
+    i = 0
+    while i < n and key[i] == ids[start + i]:
+        i += 1
+    return i - i % page

@@ -1,0 +1,167 @@
+"""The radix prefix cache: the tree on its own, then through the engine on a tiny model, where
+outputs must be token-exact with the cache on and off (shared system prompts, staggered arrivals,
+retraction forced, aborts) and the KV pool whole at the end."""
+from __future__ import annotations
+
+import pytest
+
+from sglang_duet.memory.radix_cache import RadixCache
+
+
+class Pool:
+    def __init__(self):
+        self.freed: list[int] = []
+
+    def free(self, slots):
+        self.freed.extend(slots)
+
+
+def test_match_insert_split():
+    pool = Pool()
+    c = RadixCache(pool.free)
+    assert c.match_prefix([1, 2, 3]) == ([], c.root)
+    assert c.insert([1, 2, 3, 4], [11, 12, 13, 14]) == 0
+    assert c.total == c.evictable == 4
+    slots, node = c.match_prefix([1, 2, 9])  # splits the edge after 2 tokens
+    assert slots == [11, 12] and node.key == [1, 2]
+    assert c.match_prefix([1, 2, 3, 4, 5])[0] == [11, 12, 13, 14]
+    # a second sequence sharing [1, 2]: 2 tokens already there, the tree takes the rest
+    assert c.insert([1, 2, 7], [21, 22, 27]) == 2
+    assert c.total == 5 and c.match_prefix([1, 2, 7])[0] == [11, 12, 27]
+    assert c.insert([1, 2, 3, 4], [31, 32, 33, 34]) == 4  # all there: the caller's slots are duplicates
+    assert pool.freed == []
+
+
+def test_locks_and_lru_eviction():
+    pool = Pool()
+    c = RadixCache(pool.free)
+    c.insert([1, 2, 3], [11, 12, 13])
+    c.insert([5, 6], [15, 16])
+    c.insert([8], [18])
+    _, node = c.match_prefix([1, 2, 3])  # most recently used, and locked
+    c.lock(node)
+    assert c.evictable == 3
+    assert c.evict(1) == 2 and pool.freed == [15, 16]  # least recently used first
+    assert c.evict(10) == 1 and pool.freed == [15, 16, 18]  # the locked path stays
+    assert c.match_prefix([1, 2, 3])[0] == [11, 12, 13]
+    assert not c.reset()
+    c.unlock(node)
+    assert c.evictable == 3 and c.reset() and c.total == 0
+    assert sorted(pool.freed) == [11, 12, 13, 15, 16, 18]
+    with pytest.raises(RuntimeError):
+        c.unlock(node)
+
+
+def test_split_keeps_locks_and_parents_become_leaves():
+    pool = Pool()
+    c = RadixCache(pool.free)
+    c.insert([1, 2, 3, 4], [1, 2, 3, 4])
+    _, deep = c.match_prefix([1, 2, 3, 4])
+    c.lock(deep)
+    c.match_prefix([1, 2, 9])  # split above a locked node: the new parent is locked too
+    assert c.evictable == 0 and c.evict(4) == 0
+    c.unlock(deep)
+    c.insert([1, 2, 5], [1, 2, 5])
+    assert c.evict(100) == 5 and c.total == 0 and sorted(pool.freed) == [1, 2, 3, 4, 5]
+
+
+def test_pages():
+    c = RadixCache(Pool().free, page_size=2)
+    assert c.insert([1, 2, 3, 4, 5], [11, 12, 13, 14, 15]) == 0
+    assert c.total == 4  # whole pages only
+    assert c.match_prefix([1, 2, 3, 9])[0] == [11, 12]  # the match ends at a page boundary
+    assert c.insert([1, 2, 3, 9], [0, 0, 23, 29]) == 2 and c.total == 6
+
+
+# ---- through the engine ---------------------------------------------------------------------------
+
+SYSTEM = "You are a helpful assistant. Answer briefly and precisely, in English. "
+QUESTIONS = ["What is the capital of France?", "Name a prime number.", "What is 2 + 2?", "Say hello.",
+             "Describe the sea.", "Count to three.", "What colour is the sky?", "Spell cat."]
+
+
+def run(engine, prompts, arrivals, params, abort_at=None):
+    """Requests join at the given steps; returns rid -> (tokens, cached_tokens of the last update)."""
+    core = engine.core
+    got = {f"r{i}": [] for i in range(len(prompts))}
+    cached = {}
+    done, step = set(), 0
+    while len(done) < len(prompts):
+        for i in arrivals.get(step, []):
+            core.add_request(f"r{i}", prompts[i], params)
+        for rid in (abort_at or {}).get(step, []):
+            core.abort(rid)
+        for u in core.step():
+            got[u.rid].extend(u.new_token_ids)
+            cached[u.rid] = u.cached_tokens
+            if u.finished:
+                done.add(u.rid)
+        step += 1
+        assert step < 10_000
+    return got, cached
+
+
+def count_tokens(engine):
+    """Wrap the executor: counts the input tokens computed (the decodes are the same with the cache
+    on and off, so the difference is the prefill the cache saved)."""
+    seen = {"tokens": 0}
+    ex = engine.core.executor
+    inner = ex.submit
+
+    def submit(launch):
+        seen["tokens"] += sum(len(w.input_ids) for w in launch.work)
+        return inner(launch)
+
+    ex.submit = submit
+    return seen
+
+
+@pytest.mark.parametrize("kv_tokens", [None, 300])  # 300: retraction forced
+def test_token_exact_with_and_without_the_cache(tiny_model_factory, kv_tokens):
+    from sglang_duet import Engine
+    from sglang_duet.sampling_params import SamplingParams
+
+    path = tiny_model_factory("llama")
+    kw = dict(dtype="float32", chunked_prefill_size=32)
+    if kv_tokens:
+        kw["max_total_tokens"] = kv_tokens
+    arrivals = {0: [0, 1], 2: [2], 5: [3, 4], 9: [5], 14: [6, 7]}
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+    results = {}
+    for cache in (True, False):
+        engine = Engine(model_path=path, disable_radix_cache=not cache, **kw)
+        prompts = [engine.tokenizer.encode(SYSTEM + q) for q in QUESTIONS]
+        work = count_tokens(engine)
+        got, cached = run(engine, prompts, arrivals, params)
+        core = engine.core.core
+        assert core.kv_free == core.allocator.capacity  # whole: every slot free or only cached
+        if cache:
+            c = core.prefix_cache
+            assert c.evictable == c.total and core.allocator.available + c.total == core.allocator.capacity
+            assert c.reset() and core.allocator.available == core.allocator.capacity
+            assert sum(1 for v in cached.values() if v > 0) >= 4, cached  # later arrivals hit the system prompt
+        else:
+            assert all(v == 0 for v in cached.values())
+        results[cache] = (got, work["tokens"], core.stats.retractions)
+        engine.shutdown()
+    assert results[True][0] == results[False][0]
+    assert results[True][1] < results[False][1]  # prefill tokens saved
+    if kv_tokens:
+        assert results[False][2] > 0  # the pool really was short
+
+
+def test_aborts_leave_the_pool_whole(tiny_model_factory):
+    from sglang_duet import Engine
+    from sglang_duet.sampling_params import SamplingParams
+
+    engine = Engine(model_path=tiny_model_factory("llama"), dtype="float32", chunked_prefill_size=16,
+                    max_total_tokens=400)
+    prompts = [engine.tokenizer.encode(SYSTEM + q) for q in QUESTIONS]
+    params = SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
+    got, _ = run(engine, prompts, {0: [0, 1, 2, 3], 1: [4, 5], 3: [6, 7]}, params,
+                 abort_at={1: ["r0"], 2: ["r4", "r6"], 4: ["r2"], 6: ["r7"]})
+    core = engine.core.core
+    assert core.kv_free == core.allocator.capacity
+    assert core.allocator.available + core.prefix_cache.total == core.allocator.capacity
+    assert core.prefix_cache.reset() and core.allocator.available == core.allocator.capacity
+    engine.shutdown()
