@@ -358,7 +358,10 @@ def measure(srv_url: str, a, n: int, seed: int, pids: dict[str, int] | None = No
     launches = sum((after.get("launches") or {}).values()) - sum((before.get("launches") or {}).values())
     r.update(limit_tok_s=limit, ratio=r["tok_s"] / limit, min_steps=min_steps, launches=launches,
              cp=critical_path_delta(before, after), added_ms=r["itl_p50_ms"] - a.step_ms,
-             sched_cpu_ms=r["cpu_s"].get("scheduler", float("nan")) / max(launches, 1) * 1e3)
+             sched_cpu_ms=r["cpu_s"].get("scheduler", float("nan")) / max(launches, 1) * 1e3,
+             # the device's busy share of the level: what the host's critical path left of the time
+             # (launches beyond the minimum are prefills of requests that arrived over several steps)
+             busy=launches * a.step_ms / 1e3 / max(r["wall_s"], 1e-9))
     return r
 
 
@@ -390,7 +393,8 @@ def run(a) -> list[dict]:
                 reps.append(r)
                 cp = r["cp"]
                 print(f"streams={n} rep={rep}: {r['tokens']}/{r['expected']} tokens, {r['tok_s']:.0f} tok/s = "
-                      f"{r['ratio']:.1%} of {r['limit_tok_s']:.0f}; launches {r['launches']} (min {r['min_steps']}); "
+                      f"{r['ratio']:.1%} of {r['limit_tok_s']:.0f}; launches {r['launches']} (min {r['min_steps']}), device busy "
+                      f"{r['busy']:.1%}; "
                       f"device idle {cp['idle_ms']:.3f} ms/launch ({cp['idle_gaps']} gaps); host gaps {cp['gaps']} "
                       f"mean {cp['mean_ms']:.3f} ms (CPU {cp['cpu_ms']:.3f} ms), {cp['overlapped']} overlapped; "
                       f"scheduler CPU {r['sched_cpu_ms']:.3f} ms/launch; "
@@ -407,11 +411,11 @@ def run(a) -> list[dict]:
 
 
 def table(rows: list[dict], a) -> list[str]:
-    lines = ["| streams | tokens | device limit tok/s | delivered tok/s | ratio (runs) | launches / min "
+    lines = ["| streams | tokens | device limit tok/s | delivered tok/s | ratio (runs) | launches / min | device busy "
              "| device idle ms/launch (runs) | host gaps: count, mean ms, its CPU ms | scheduler CPU ms/launch "
              "| ITL p50 / p99 (ms) | added per token p50 (ms) | /health p50 / max (ms) "
              "| CPU us/token: main / sched / detok / client | load |",
-             "|---:|---:|---:|---:|---|---:|---|---|---:|---|---:|---|---|---:|"]
+             "|---:|---:|---:|---:|---|---:|---:|---|---|---:|---|---:|---|---|---:|"]
     for r in rows:
         cp = r["cp"]
         runs = ", ".join(f"{x:.1%}" for x in r["ratios"])
@@ -419,7 +423,7 @@ def table(rows: list[dict], a) -> list[str]:
         cpu = " / ".join(f"{r['cpu_s'].get(k, float('nan')) / max(r['tokens'], 1) * 1e6:.1f}"
                          for k in ("main", "scheduler", "detokenizer", "client"))
         lines.append(f"| {r['streams']} | {r['tokens']} | {r['limit_tok_s']:.0f} | {r['tok_s']:.0f} "
-                     f"| **{r['ratio']:.1%}** ({runs}) | {r['launches']} / {r['min_steps']} "
+                     f"| **{r['ratio']:.1%}** ({runs}) | {r['launches']} / {r['min_steps']} | {r['busy']:.1%} "
                      f"| **{cp['idle_ms']:.3f}** ({idles}) | {cp['gaps']}, {cp['mean_ms']:.3f}, {cp['cpu_ms']:.3f} "
                      f"| {r['sched_cpu_ms']:.3f} "
                      f"| {r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f} | {r['added_ms']:.2f} "

@@ -69,6 +69,7 @@ def test_smoke_run_accounting(tmp_path):
         # them runs, so they follow no idle gap; every launch is one or the other, or the level's first
         assert r["cp"]["overlapped"] >= 1
         assert r["cp"]["gaps"] + r["cp"]["overlapped"] == r["launches"] - 1
+        assert 0 < r["busy"] <= 1.05
         assert 0 <= r["cp"]["idle_gaps"] <= r["launches"] - 1 and r["cp"]["idle_ms"] >= 0
         assert r["limit_tok_s"] == pytest.approx(r["streams"] * 6 / (6 * 0.002))
         assert r["ratio"] == pytest.approx(r["tok_s"] / r["limit_tok_s"])
