@@ -23,7 +23,7 @@ MSG = [{"role": "user", "content": "hi"}]
 C, CH, G = "/v1/completions", "/v1/chat/completions", "/generate"
 # SGLang's flags, all accepted at once (each is checked by what it changes, where it changes anything).
 SGLANG_FLAGS = ("--context-length", str(CTX), "--log-requests", "--chunked-prefill-size", "-1",
-                "--schedule-policy", "lpm", "--disable-radix-cache", "--enable-metrics", "--trust-remote-code",
+                "--schedule-policy", "lpm", "--enable-metrics", "--trust-remote-code",
                 "--log-level", "INFO", "--watchdog-timeout", "120",
                 # 20 ms a step: a 400-token stream lasts seconds, so an abort finds it running
                 "--emulated-step-ms", "20")
@@ -255,3 +255,21 @@ def test_watchdog_ends_a_server_whose_scheduler_hangs(monkeypatch):
         assert results and results[0] in (503, "RemoteProtocolError", "ReadError"), results
     finally:
         s.stop()
+
+
+# ---- the prefix cache through HTTP ------------------------------------------------------------
+
+
+def test_prefix_cache_hits_and_flush(server):
+    """A repeated prompt is served from the prefix cache (reported as cached tokens, SGLang's
+    meta_info and OpenAI's usage.prompt_tokens_details); /flush_cache empties it."""
+    body = {"input_ids": list(range(100, 180)), "sampling_params": {"max_new_tokens": 2}}
+    first = post(server, G, body).json()["meta_info"]
+    second = post(server, G, body).json()["meta_info"]
+    assert first["cached_tokens"] == 0 and second["cached_tokens"] == 79  # all but the last prompt token
+    chat = {"messages": [{"role": "system", "content": "You are terse. " * 5}, *MSG], "max_tokens": 2}
+    post(server, CH, chat)
+    u = post(server, CH, chat).json()["usage"]
+    assert u["prompt_tokens_details"]["cached_tokens"] == u["prompt_tokens"] - 1
+    assert httpx.post(server.url("/flush_cache"), timeout=10).status_code == 200
+    assert post(server, G, body).json()["meta_info"]["cached_tokens"] == 0  # flushed before it ran

@@ -172,8 +172,8 @@ def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
         return await openai.detokenize(await body_of(request))
 
     async def flush_cache():
-        # No prefix cache yet, so nothing to drop; SGLang's answer, and its refusal while busy.
-        if any(not st.finished for st in tm.states.values()):
+        # SGLang's answers: the prefix cache is emptied, or nothing is done while requests run.
+        if not tm.flush_cache():
             return Response("Cache not flushed: there are running or waiting requests.\n", status_code=400)
         return Response("Cache flushed.\n", status_code=200)
 

@@ -34,6 +34,10 @@ class AbortReq(msgspec.Struct, tag="abort"):
     rid: str
 
 
+class FlushCacheReq(msgspec.Struct, tag="flush"):
+    """/flush_cache: empty the prefix cache (the scheduler does it only while no request runs)."""
+
+
 # ---- scheduler -> detokenizer ------------------------------------------------------------------
 
 
@@ -168,7 +172,7 @@ class ReadyInfo(msgspec.Struct):
     max_running_requests: int = 0
 
 
-Message = Union[GenerateReq, AbortReq, DetokRegister, BatchTokenOut, ReqError, SchedulerStats, BatchStrOut]
+Message = Union[GenerateReq, AbortReq, FlushCacheReq, DetokRegister, BatchTokenOut, ReqError, SchedulerStats, BatchStrOut]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

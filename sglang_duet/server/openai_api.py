@@ -163,8 +163,9 @@ class OpenAIServing:
                 choices.append(c)
                 ct += r["completion_tokens"]
             pt = sum(len(ids) for ids in ids_list)
+            cached = sum(res[i]["cached_tokens"] for i in range(0, len(res), n))  # one choice per prompt
             return json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
-                                  "choices": choices, "usage": proto.usage(pt, ct)})
+                                  "choices": choices, "usage": proto.usage(pt, ct, cached)})
 
         offsets = [len(m) for m in meta]
         counts = {}
@@ -254,10 +255,11 @@ class OpenAIServing:
                 choices.append(c)
                 ct += r["completion_tokens"]
             return json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                                  "choices": choices, "usage": proto.usage(len(ids), ct)})
+                                  "choices": choices, "usage": proto.usage(len(ids), ct, res[0]["cached_tokens"])})
 
         started = set()
         counts = {}
+        cached = {}
 
         def chunk(choices, usage=None):
             c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -270,6 +272,8 @@ class OpenAIServing:
             out = []
             for i, d in batch:
                 counts[i] = d.completion_tokens
+                if d.finished:
+                    cached[i] = d.cached_tokens
                 if i not in started:  # OpenAI's first chunk of a choice names the role
                     started.add(i)
                     out.append(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -286,7 +290,7 @@ class OpenAIServing:
 
         def tail():
             if usage_chunk:
-                yield chunk([], proto.usage(len(ids), sum(counts.values())))
+                yield chunk([], proto.usage(len(ids), sum(counts.values()), cached.get(0, 0)))
 
         return await start_stream(group, render, tail)
 

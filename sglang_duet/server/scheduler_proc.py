@@ -206,6 +206,10 @@ class SchedulerProcess:
             self._add(msg)
         elif isinstance(msg, io.AbortReq):
             self._abort(msg.rid)
+        elif isinstance(msg, io.FlushCacheReq):
+            cache = self.engine.core.prefix_cache
+            flushed = cache is not None and cache.reset()
+            logger.info("flush_cache: %s", "done" if flushed else "nothing flushed (no cache, or requests hold it)")
         else:
             logger.error("dropping an unexpected message %s", type(msg).__name__)
 

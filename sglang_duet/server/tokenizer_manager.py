@@ -264,6 +264,14 @@ class TokenizerManager:
         else:
             self.counts["finished"] += 1
 
+    def flush_cache(self) -> bool:
+        """/flush_cache: empty the scheduler's prefix cache; refused (False) while requests run."""
+        if any(not st.finished for st in self.states.values()):
+            return False
+        if isinstance(self._send, zmq.Socket) and not self.dead:  # a local scheduler (not the router's peers)
+            self._send.send(io.encode(io.FlushCacheReq()))
+        return True
+
     def _settled(self, rid: str) -> None:
         """The scheduler's final word on an aborted request arrived: its rid may be used again."""
         self._aborting.pop(rid, None)
