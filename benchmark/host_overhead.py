@@ -30,6 +30,11 @@ little as it can (an aiohttp client cost about 3x more CPU per token).
 
     python benchmark/host_overhead.py [--streams 1,64,256,1024] [--step-ms 10] [--output-len 256]
         [--stream-interval 1] [--repeats 3] [--out benchmark/results/host_overhead-cpu2.md]
+
+`--cpu-per-step` measures instead, in this process, the CPU time per decode step of the scheduler
+process's work (core, policy, the emulated device's host side, the step's message) and of the
+detokenizer's, at each batch of --streams (thread CPU time: a loaded machine moves it far less
+than the wall-clock ratios above).
 """
 from __future__ import annotations
 
@@ -365,6 +370,119 @@ def measure(srv_url: str, a, n: int, seed: int, pids: dict[str, int] | None = No
     return r
 
 
+# ---- CPU time per step, in process -----------------------------------------------------------------
+
+
+def step_cpu(n: int, a, steps: int = 40) -> dict:
+    """CPU time per decode step of the scheduler's and the detokenizer's host work at batch n, in this
+    process (no HTTP, no client, no sleeping): the real SchedulerProcess (core, policy, the emulated
+    constant-step device on a virtual clock, the step's BatchTokenOut encoded) and the real
+    DetokenizerProcess handling those messages. Thread CPU time, so a loaded machine moves it far
+    less than wall time. Returns ms per step by part."""
+    import gc
+
+    from sglang_duet.server import io_struct as io
+    from sglang_duet.server.args import parse_args
+    from sglang_duet.server.detokenizer_proc import DetokenizerProcess
+    from sglang_duet.server.ipc import IPCPaths, tune_gc
+    from sglang_duet.server.scheduler_proc import SchedulerProcess
+
+    out_len = steps + 12
+    args = parse_args(["--executor", "emulated", "--emulated-step-ms", str(a.step_ms), "--model-config", MODEL_CONFIG,
+                       "--policy", a.policy, "--max-total-tokens", str(n * (a.prompt_len + out_len) + 4096),
+                       "--max-running-requests", str(n), "--chunked-prefill-size", str(a.chunk),
+                       "--stream-interval", str(a.stream_interval), "--log-level", "warning", *a.server_arg])
+    paths = IPCPaths.create()
+    sent: list[bytes] = []
+    try:
+        sched = SchedulerProcess(args, paths)
+        sched.timer.inner.mode = "virtual"  # the device's time passes at once: only host work is left
+        sched.send = type("Sink", (), {"send": staticmethod(sent.append)})()
+        detok = DetokenizerProcess(paths, sched.ready_info().tokenizer_dir)
+        rng = random.Random(a.seed)
+        for i in range(n):
+            ids = [rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(a.prompt_len)]
+            sched._add(io.GenerateReq(f"r{i}", ids, {"max_new_tokens": out_len, "ignore_eos": True}, time.monotonic()))
+        engine, core = sched.engine, sched.engine.core
+        parts = {"apply": 0.0, "plan": 0.0, "executor": 0.0}
+
+        def timed(obj, name, part):
+            f = getattr(obj, name)
+
+            def g(*args, **kw):
+                t = time.thread_time()
+                try:
+                    return f(*args, **kw)
+                finally:
+                    parts[part] += time.thread_time() - t
+            setattr(obj, name, g)
+
+        timed(core, "apply_result", "apply")
+        timed(core, "schedule", "plan")
+        timed(sched.timer, "poll", "executor")
+        timed(sched.timer, "submit", "executor")
+
+        def one_step() -> tuple[float, float, float]:
+            t0 = time.thread_time()
+            updates = engine.step(None)  # the loop's order: launch, wait for a result, apply it
+            if updates and core.can_plan() and engine.has_work():
+                updates += engine.step(0.0)  # plan the step behind the running one
+            t1 = time.thread_time()
+            if updates:
+                sched._send_updates(updates)
+            t2 = time.thread_time()
+            for data in sent:
+                msg = io.decode(data)
+                if isinstance(msg, io.DetokRegister):
+                    detok.reqs[msg.rid] = _detok_state(detok, msg)
+                elif isinstance(msg, io.BatchTokenOut):
+                    io.encode(detok.handle(msg))
+            sent.clear()
+            return t1 - t0, t2 - t1, time.thread_time() - t2
+
+        tune_gc()
+        for _ in range(8):  # admission and prefill: every request decoding afterwards
+            one_step()
+        if core.num_running != n:
+            raise RuntimeError(f"step_cpu: {core.num_running} of {n} requests running after the warm-up")
+        for k in parts:
+            parts[k] = 0.0
+        tot = {"engine": 0.0, "send": 0.0, "detok": 0.0}
+        gc_before = sum(s["collections"] for s in gc.get_stats())
+        for _ in range(steps):
+            e, s_, d = one_step()
+            tot["engine"] += e
+            tot["send"] += s_
+            tot["detok"] += d
+        collections = sum(s["collections"] for s in gc.get_stats()) - gc_before
+        sched.close()
+        detok.close()
+    finally:
+        paths.cleanup()
+    ms = {k: v / steps * 1e3 for k, v in {**tot, **parts}.items()}
+    ms["scheduler"] = ms["engine"] + ms["send"]
+    return {"streams": n, "steps": steps, "gc": collections, **ms}
+
+
+def _detok_state(detok, reg):
+    from sglang_duet.server.detokenizer_proc import _ReqDetok
+
+    table = getattr(detok, "table", None)
+    return _ReqDetok(detok.tokenizer, reg, table) if table is not None else _ReqDetok(detok.tokenizer, reg)
+
+
+def cpu_table(rows: list[dict]) -> list[str]:
+    lines = ["| batch | scheduler ms/step | of it: apply_result | schedule (view, policy, resolve) "
+             "| executor (emulated: submit, poll, results) | updates encoded + sent | detokenizer ms/step "
+             "| us per request per step: scheduler / detokenizer |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['streams']} | **{r['scheduler']:.3f}** | {r['apply']:.3f} | {r['plan']:.3f} "
+                     f"| {r['executor']:.3f} | {r['send']:.3f} | **{r['detok']:.3f}** "
+                     f"| {r['scheduler'] / r['streams'] * 1e3:.2f} / {r['detok'] / r['streams'] * 1e3:.2f} |")
+    return lines
+
+
 # ---- main -----------------------------------------------------------------------------------------
 
 
@@ -446,10 +564,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--title", default="")
+    ap.add_argument("--cpu-per-step", action="store_true",
+                    help="instead of the server: CPU time per decode step of the scheduler's and the detokenizer's "
+                         "work, in this process, at each --streams batch (the median of --repeats runs)")
     a = ap.parse_args(argv)
     a.env = {"OMP_NUM_THREADS": "1"}
-    rows = run(a)
-    lines = table(rows, a)
+    if a.cpu_per_step:
+        rows = []
+        for n in (int(x) for x in a.streams.split(",")):
+            reps = sorted((step_cpu(n, a) for _ in range(a.repeats)), key=lambda r: r["scheduler"])
+            rows.append(reps[len(reps) // 2])
+            print(f"batch {n}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if isinstance(v, float)),
+                  flush=True)
+        lines = cpu_table(rows)
+    else:
+        rows = run(a)
+        lines = table(rows, a)
     cmd = "python benchmark/host_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print("\n".join(lines))
     if a.out:
