@@ -111,15 +111,17 @@ def run(a) -> list[dict]:
             kv_slots = after["kv_total_slots"] + 1
             sim_s, sim_launches = simulate(a, rec["input_lens"], rec["output_lens"], kv_slots)
             launches = sum(after["launches"].values()) - sum(before["launches"].values())
+            cb, ca = before.get("critical_path") or {}, after.get("critical_path") or {}
+            idle_s = ca.get("device_idle_s", float("nan")) - cb.get("device_idle_s", 0.0)
             row = {"rep": rep, "duration_s": rec["duration"], "sim_s": sim_s, "ratio": sim_s / rec["duration"],
                    "completed": rec["completed"], "errors": len(errors), "output_tok_s": rec["output_throughput"],
-                   "launches": launches, "sim_launches": sum(sim_launches.values()),
+                   "launches": launches, "sim_launches": sum(sim_launches.values()), "device_idle_s": idle_s,
                    "ttft_p50_ms": rec.get("median_ttft_ms"), "itl_p50_ms": rec.get("median_itl_ms"),
                    "cpu_s": {k: cpu1[k] - cpu0[k] for k in pids}, "load": (load0 + load_average()) / 2,
                    "output_tokens": sum(rec["output_lens"])}
             rows.append(row)
             print(f"rep {rep}: server {row['duration_s']:.3f} s ({row['completed']}/{a.num_prompts} completed, "
-                  f"{row['errors']} errors, {row['launches']} launches), simulator {sim_s:.3f} s "
+                  f"{row['errors']} errors, {row['launches']} launches, device idle {idle_s:.3f} s between them), simulator {sim_s:.3f} s "
                   f"({row['sim_launches']} launches): {row['ratio']:.3f}x; CPU s "
                   + ", ".join(f"{k} {v:.2f}" for k, v in row["cpu_s"].items()) + f"; load {row['load']:.1f}",
                   flush=True)
@@ -128,13 +130,14 @@ def run(a) -> list[dict]:
 
 def table(rows: list[dict], a) -> list[str]:
     lines = ["| rep | requests | in / out tokens | server s | simulator s | **ratio** | launches: server / sim "
-             "| TTFT p50 / ITL p50 (ms) | CPU us/token: main / sched / detok / client | load |",
-             "|---:|---:|---|---:|---:|---:|---|---|---|---:|"]
+             "| device idle between launches (s) | TTFT p50 / ITL p50 (ms) "
+             "| CPU us/token: main / sched / detok / client (incl. its setup) | load |",
+             "|---:|---:|---|---:|---:|---:|---|---:|---|---|---:|"]
     for r in rows:
         cpu = " / ".join(f"{r['cpu_s'].get(k, float('nan')) / max(r['output_tokens'], 1) * 1e6:.1f}"
                          for k in ("main", "scheduler", "detokenizer", "client"))
         lines.append(f"| {r['rep']} | {r['completed']} | {a.input_len} / {a.output_len} | {r['duration_s']:.3f} "
-                     f"| {r['sim_s']:.3f} | **{r['ratio']:.3f}x** | {r['launches']} / {r['sim_launches']} "
+                     f"| {r['sim_s']:.3f} | **{r['ratio']:.3f}x** | {r['launches']} / {r['sim_launches']} | {r['device_idle_s']:.3f} "
                      f"| {r['ttft_p50_ms']:.0f} / {r['itl_p50_ms']:.1f} | {cpu} | {r['load']:.1f} |")
     return lines
 
