@@ -327,6 +327,11 @@ def _model(client) -> str:
     return client.models.list().data[0].id
 
 
+def _counts(usage) -> tuple:
+    # token counts only: cached-token details depend on each server's prefix cache, not on disaggregation
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+
+
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
 
 
@@ -340,7 +345,7 @@ def test_completions_match_single_server(clients):
         got = router.completions.create(**kw)
         assert got.choices[0].text == want.choices[0].text
         assert got.choices[0].finish_reason == want.choices[0].finish_reason
-        assert got.usage.model_dump() == want.usage.model_dump()
+        assert _counts(got.usage) == _counts(want.usage)
         streamed = list(router.completions.create(**kw, stream=True))
         assert "".join(c.choices[0].text for c in streamed) == want.choices[0].text
     # n > 1 and several prompts in one request
@@ -358,11 +363,11 @@ def test_chat_match_single_server(clients):
     got = router.chat.completions.create(**kw)
     assert got.choices[0].message.content == want.choices[0].message.content
     assert "Paris" in got.choices[0].message.content
-    assert got.usage.model_dump() == want.usage.model_dump()
+    assert _counts(got.usage) == _counts(want.usage)
     chunks = list(router.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.choices[0].message.content
-    assert chunks[-1].usage.model_dump() == want.usage.model_dump()
+    assert _counts(chunks[-1].usage) == _counts(want.usage)
 
 
 def _sse(text: str) -> list:

@@ -8,18 +8,15 @@ served while the router keeps answering with the other.
 """
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
 import httpx
 import pytest
 
-from server_utils import ServerProcess, free_port
+from router_utils import Router
+from server_utils import ServerProcess
 
 pytest.importorskip("sglang_router", reason="sglang-router is not installed (pip install -e '.[dev]')")
 openai = pytest.importorskip("openai")
@@ -29,47 +26,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
            "Water boils at"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-class Router:
-    """`python -m sglang_router.launch_router` on a free port; stopped by its pid (it renames its
-    process, so nothing may look for it by name)."""
-
-    def __init__(self, worker_urls: list[str], policy: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="sglang-router-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(self.port),
-               "--policy", policy, "--worker-urls", *worker_urls, "--health-check-interval-secs", "1",
-               "--log-level", "warn", "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.tail()
-            try:
-                workers = httpx.get(f"{self.url}/workers", timeout=2).json()["workers"]
-                if len(workers) == len(worker_urls) and all(w["is_healthy"] for w in workers):
-                    return
-            except (httpx.HTTPError, KeyError, ValueError):
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"router not ready:\n{self.tail()}")
-
-    def tail(self) -> str:
-        with open(self.log.name) as f:
-            return f.read()[-3000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the launcher and the router it runs
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.log.close()
-        os.unlink(self.log.name)
 
 
 @pytest.fixture(scope="module")

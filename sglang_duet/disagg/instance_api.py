@@ -19,6 +19,7 @@ import msgspec
 from starlette.requests import Request
 
 from sglang_duet.disagg import messages as dm
+from sglang_duet.disagg import pd_http
 from sglang_duet.disagg.scheduler import INFO_FILE
 from sglang_duet.server import io_struct as io
 from sglang_duet.server.errors import APIError, json_response
@@ -68,6 +69,7 @@ def delta_json(d) -> dict:
 
 def add_instance_routes(app, tm, server_args) -> None:
     mode = server_args.disaggregation_mode
+    pd_http.install(app, tm, mode)  # SGLang's protocol (sglang-router --pd-disaggregation) on the usual routes
     cache: dict = {}
 
     def transfer_info() -> dict:

@@ -68,6 +68,7 @@ class PrefillReq(msgspec.Struct, tag="dg_prefill"):
     input_ids: list[int]
     params: dict  # SamplingParams.to_dict() of the client's request (max_new_tokens is capped here)
     arrival_time: float
+    room: int | None = None  # SGLang's bootstrap_room: the decode instance asks for the KV by it (KVQuery)
 
 
 class DecodeReq(msgspec.Struct, tag="dg_decode"):
@@ -81,6 +82,22 @@ class DecodeReq(msgspec.Struct, tag="dg_decode"):
     first_logprob: io.TokenLogprob | None
     seed: int  # the prefill's sampling seed: the same seed continues the same random stream
     kv: KVDescriptor | None  # None: the first token already ended the request
+    # SGLang's protocol (sglang-router --pd-disaggregation): no first token nor kv yet; the decode
+    # scheduler asks the prefill at bootstrap for them (KVQuery -> KVOffer)
+    bootstrap: "Bootstrap | None" = None
+
+
+class Bootstrap(msgspec.Struct):
+    """Where the prefill of a request is, as sglang-router names it: host, port, room."""
+
+    host: str
+    port: int
+    room: int
+
+    @property
+    def endpoint(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
 
 
 # ---- decode scheduler <-> prefill scheduler (ZMQ DEALER -> ROUTER) ------------------------------
@@ -104,8 +121,28 @@ class KVReleaseAck(msgspec.Struct, tag="dg_ack"):
     ok: bool
 
 
+class KVQuery(msgspec.Struct, tag="dg_query"):
+    """Decode -> prefill: the first token and KV of bootstrap room `room`, when they are ready."""
+
+    room: int
+
+
+class KVOffer(msgspec.Struct, tag="dg_offer", kw_only=True):
+    """Prefill -> decode, answering a KVQuery once the room's prefill ended (or failed: ok=False)."""
+
+    room: int
+    ok: bool
+    message: str = ""
+    status: int = 0  # HTTP status of a failure (the prefill's own answer to the router)
+    first_token: int = -1
+    first_logprob: io.TokenLogprob | None = None
+    seed: int = 0
+    input_len: int = 0  # the prefill's prompt length: the decode's tokenization must agree
+    kv: KVDescriptor | None = None  # None with ok: the first token ended the request
+
+
 SchedulerInput = Union[io.GenerateReq, io.AbortReq, PrefillReq, DecodeReq]
-Control = Union[KVRelease, KVReleaseAck]
+Control = Union[KVRelease, KVReleaseAck, KVQuery, KVOffer]
 
 _enc = msgspec.msgpack.Encoder()
 _input_dec = msgspec.msgpack.Decoder(SchedulerInput)

@@ -34,10 +34,11 @@ import zmq
 
 from sglang_duet.disagg import messages as dm
 from sglang_duet.disagg.mooncake import advertised_host
+from sglang_duet.disagg.rooms import DecodeRooms, PrefillRooms
 from sglang_duet.disagg.transfer import make_transport, pool_layout
 from sglang_duet.server import io_struct as io
 from sglang_duet.server.ipc import decode_or_drop
-from sglang_duet.server.scheduler_proc import PROMPT_CONTEXT, SchedulerProcess
+from sglang_duet.server.scheduler_proc import PROMPT_CONTEXT, SchedulerProcess, _logprobs
 
 logger = logging.getLogger("sglang_duet.disagg")
 
@@ -155,6 +156,8 @@ class _PrefillMeta:
     max_new_tokens: int | None  # the client's, before the cap
     seed: int
     final: bool = False
+    room: int | None = None  # SGLang's bootstrap room (rooms.py), when sglang-router sent it
+    input_len: int = 0
 
 
 @dataclass
@@ -183,6 +186,7 @@ class PrefillScheduler(_DisaggScheduler):
         self.transport.control = f"tcp://{self.host}:{port}"
         self.poller.register(self.control, zmq.POLLIN)
         self._last_sweep = 0.0
+        self.rooms = PrefillRooms(self._send_offer, self.kv_timeout_s)
         self.write_info({"control": self.transport.control})
         logger.info("prefill instance %s: KV release endpoint %s, transport %s", self.instance_id,
                     self.transport.control, self.transport.name)
@@ -198,15 +202,27 @@ class PrefillScheduler(_DisaggScheduler):
             params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
             self.engine.add_request(msg.rid, msg.input_ids, params, arrival_time=msg.arrival_time)
         except (AdmissionError, SamplingParamsError) as e:
-            self._refuse(msg.rid, str(e), getattr(e, "status", 400))
+            self._refuse_room(msg, str(e), getattr(e, "status", 400))
             return
         except Exception as e:  # noqa: BLE001 - a client's request must never take the scheduler down
             logger.exception("prefill add_request(%s) failed", msg.rid)
-            self._refuse(msg.rid, f"Internal error while admitting the request: {e}", 500)
+            self._refuse_room(msg, f"Internal error while admitting the request: {e}", 500)
             return
         self._count("submitted")
-        self.meta[msg.rid] = _PrefillMeta(orig, self.engine.core.requests[msg.rid].seed)
+        self.meta[msg.rid] = _PrefillMeta(orig, self.engine.core.requests[msg.rid].seed, room=msg.room,
+                                          input_len=len(msg.input_ids))
         self._register(msg.rid, msg.input_ids, params)
+
+    def _refuse_room(self, msg: dm.PrefillReq, message: str, status: int) -> None:
+        self._refuse(msg.rid, message, status)
+        if msg.room is not None:  # the decode instance waiting for this room gets the same answer
+            self.rooms.offer(dm.KVOffer(room=msg.room, ok=False, message=message, status=status))
+
+    def _send_offer(self, ident: bytes, offer: dm.KVOffer) -> None:
+        try:
+            self.control.send_multipart([ident, dm.encode(offer)], zmq.NOBLOCK)
+        except zmq.ZMQError:  # the decode instance is gone; the hold's timeout frees the KV
+            pass
 
     def _kv_hold(self, r, reason: dict) -> bool:
         """Core hook at a request's finish: keep the KV of a prefill whose decode is still to come."""
@@ -228,18 +244,34 @@ class PrefillScheduler(_DisaggScheduler):
             if not u.finished:
                 continue
             meta = self.meta.pop(u.rid, None)
-            if meta is None or (u.finish_reason or {}).get("type") == "abort":
+            if meta is None:
                 continue
-            desc = None
+            fr = u.finish_reason or {}
+            if fr.get("type") == "abort" or not u.new_token_ids:
+                if meta.room is not None:
+                    self.rooms.offer(dm.KVOffer(room=meta.room, ok=False, status=fr.get("status") or 499,
+                                                message=fr.get("message") or "The prefill was aborted."))
+                continue
+            kv = None
             held = self.held.get(u.rid)
             if held is not None:
                 try:
-                    desc = msgspec.to_builtins(self.transport.export(u.rid, held.slots))
+                    kv = self.transport.export(u.rid, held.slots)
                 except Exception:  # noqa: BLE001 - fail this request, keep serving
                     logger.exception("exporting the KV of %s failed", u.rid)
                     self._release(u.rid, "export failed")
                     u.finish_reason = {"type": "abort", "message": "The prefill instance could not export the KV."}
+                    if meta.room is not None:
+                        self.rooms.offer(dm.KVOffer(room=meta.room, ok=False, status=500,
+                                                    message=u.finish_reason["message"]))
                     continue
+            if meta.room is not None:  # SGLang's protocol: the decode instance asks for it by room
+                lps = _logprobs(u.new_logprobs)
+                self.rooms.offer(dm.KVOffer(room=meta.room, ok=True, first_token=u.new_token_ids[0],
+                                            first_logprob=lps[0] if lps else None, seed=meta.seed,
+                                            input_len=meta.input_len, kv=kv))
+                continue
+            desc = msgspec.to_builtins(kv) if kv is not None else None
             u.finish_reason = {**u.finish_reason, "disagg": {"final": meta.final, "seed": meta.seed, "kv": desc}}
         super()._send_updates(updates)
 
@@ -272,6 +304,9 @@ class PrefillScheduler(_DisaggScheduler):
             msg = decode_or_drop(dm.decode_control, data, "control message")
             if msg is None:
                 continue
+            if isinstance(msg, dm.KVQuery):
+                self.rooms.query(ident, msg.room)
+                continue
             if not isinstance(msg, dm.KVRelease):
                 continue
             ok = self._release(msg.transfer_id, "pulled" if msg.confirm else "given up by the decode instance")
@@ -283,14 +318,14 @@ class PrefillScheduler(_DisaggScheduler):
 
     def _housekeeping(self) -> int:
         now = time.monotonic()
-        if not self.held or now - self._last_sweep < 0.2:
+        if not (self.held or self.rooms.offers or self.rooms.queries) or now - self._last_sweep < 0.2:
             return 0
         self._last_sweep = now
         expired = [rid for rid, h in self.held.items() if h.deadline <= now]
         for rid in expired:
             logger.warning("KV of %s was not pulled within %.0f s; freeing it", rid, self.kv_timeout_s)
             self._release(rid, "timeout")
-        return len(expired)
+        return len(expired) + len(self.rooms.expire())
 
     def has_held(self) -> int:
         return sum(len(h.slots) for h in self.held.values())
@@ -323,6 +358,7 @@ class DecodeScheduler(_DisaggScheduler):
         self.confirming: dict[str, _Confirming] = {}  # transfer id -> copy waiting for its ack
         self.by_rid: dict[str, str] = {}  # rid -> transfer id, while confirming
         self.peers: dict[str, zmq.Socket] = {}  # prefill control endpoint -> DEALER socket
+        self.rooms = DecodeRooms(self.kv_timeout_s)  # requests waiting for their bootstrap room's offer
         self.write_info({})
 
     # ---- admission ----
@@ -331,6 +367,9 @@ class DecodeScheduler(_DisaggScheduler):
         from sglang_duet.sampling_params import SamplingParams, SamplingParamsError
 
         core = self.engine.core
+        if msg.bootstrap is not None and msg.kv is None and msg.first_token < 0:
+            self._ask_prefill(msg)  # SGLang's protocol: first token and KV come from the room's offer
+            return
         try:
             params = SamplingParams.from_dict(msg.params)
             params.verify(self.engine.vocab_size)
@@ -338,7 +377,8 @@ class DecodeScheduler(_DisaggScheduler):
             bad = next((t for t in [*msg.input_ids, msg.first_token] if not 0 <= t < vocab), None)
             if bad is not None:
                 raise AdmissionError(f"Token id {bad!r} is outside the vocabulary [0, {vocab}).")
-            if msg.rid in core.requests or any(p.msg.rid == msg.rid for p in self.pending) or msg.rid in self.by_rid:
+            if msg.rid in core.requests or any(p.msg.rid == msg.rid for p in self.pending) or msg.rid in self.by_rid \
+                    or self.rooms.has_rid(msg.rid):
                 raise AdmissionError(f"Duplicate request id {msg.rid!r}.")
             n = len(msg.input_ids)
             if n + 1 > core.allocator.capacity:
@@ -355,10 +395,40 @@ class DecodeScheduler(_DisaggScheduler):
         else:
             self.pending.append(p)
 
+    def _ask_prefill(self, msg: dm.DecodeReq) -> None:
+        b = msg.bootstrap
+        if b.room in self.rooms.waiting or self.rooms.has_rid(msg.rid):
+            self._refuse(msg.rid, f"Duplicate request id or bootstrap room ({msg.rid!r}, {b.room}).", 400)
+            return
+        try:
+            self._peer(b.endpoint).send(dm.encode(dm.KVQuery(b.room)), zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            self._refuse(msg.rid, f"The prefill instance at {b.endpoint} cannot be reached: {e}", 503)
+            return
+        self.rooms.wait(msg)
+
+    def _on_offer(self, offer: dm.KVOffer) -> None:
+        msg, why, status = self.rooms.resolve(offer)
+        if msg is None or why:  # nobody waits for it (aborted, timed out), or it cannot go on
+            if offer.kv is not None:  # let the prefill free the KV now rather than at its timeout
+                try:
+                    self._peer(offer.kv.control).send(dm.encode(dm.KVRelease(offer.kv.transfer_id, False)),
+                                                      zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            if msg is not None:
+                self._refuse(msg.rid, why, status)
+            return
+        self._add_decode(msg)
+
     def _housekeeping(self) -> int:
         n = 0
         now = time.monotonic()
         core = self.engine.core
+        for m in self.rooms.expire():
+            n += 1
+            self._refuse(m.rid, f"The prefill instance at {m.bootstrap.endpoint} did not answer for bootstrap "
+                                f"room {m.bootstrap.room} within {self.kv_timeout_s:.0f} s.", 503)
         while self.pending:
             p = self.pending[0]
             if p.deadline <= now:
@@ -419,6 +489,8 @@ class DecodeScheduler(_DisaggScheduler):
                     continue
                 if isinstance(msg, dm.KVReleaseAck):
                     self._on_ack(msg)
+                elif isinstance(msg, dm.KVOffer):
+                    self._on_offer(msg)
         return n
 
     def _on_ack(self, ack: dm.KVReleaseAck) -> None:
@@ -474,6 +546,9 @@ class DecodeScheduler(_DisaggScheduler):
         self._refuse(msg.rid, message, status)
 
     def _abort(self, rid: str) -> None:
+        if self.rooms.pop_rid(rid) is not None:  # still waiting for the room's offer
+            self._refuse(rid, "Aborted by the client.", 499)
+            return
         for p in self.pending:
             if p.msg.rid == rid:
                 self.pending.remove(p)

@@ -1,0 +1,154 @@
+"""The HTTP side of SGLang's PD protocol on a prefill or decode instance (see rooms.py).
+
+sglang-router sends the ordinary request (`/generate`, `/v1/completions`, `/v1/chat/completions`)
+with `bootstrap_host`, `bootstrap_port`, `bootstrap_room` added. The server's own handlers
+validate, tokenize and answer it as usual; only the message that reaches the scheduler changes:
+
+- `BootstrapCapture` (ASGI middleware) reads those three fields from the body and keeps them in a
+  context variable for the duration of the request;
+- `PDSend` wraps the tokenizer manager's socket to the scheduler: a GenerateReq sent while a
+  bootstrap is in context becomes a `PrefillReq(room=...)` on a prefill instance (one token, KV
+  held for the room) or a `DecodeReq(bootstrap=...)` on a decode instance (first token and KV
+  from the room's offer). Everything else passes through, so the same instance still serves
+  ordinary requests (warm-up, /health_generate, clients without a router) and our own router's
+  /disagg/* routes.
+
+The i-th request a handler submits takes the i-th room (a batch /generate sends lists); requests
+beyond the rooms given (n > 1 choices) are served whole where they arrived.
+"""
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+
+import orjson
+
+from sglang_duet.disagg import messages as dm
+from sglang_duet.server import io_struct as io
+
+PD_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
+CAPTURE_LIMIT = 64 << 20  # bodies larger than this are not inspected (served as ordinary requests)
+
+
+@dataclass
+class _Rooms:
+    items: list[dm.Bootstrap]
+    used: int = field(default=0)
+
+    def take(self) -> dm.Bootstrap | None:
+        if self.used >= len(self.items):
+            return None
+        self.used += 1
+        return self.items[self.used - 1]
+
+
+_CURRENT: contextvars.ContextVar[_Rooms | None] = contextvars.ContextVar("sglang_duet_bootstrap", default=None)
+
+
+class BootstrapError(ValueError):
+    pass
+
+
+def parse_bootstrap(body: dict, mode: str) -> list[dm.Bootstrap]:
+    """The rooms a request names ([] for none); a BootstrapError says what is wrong with them."""
+    room = body.get("bootstrap_room")
+    if room is None:
+        return []
+    rooms = room if isinstance(room, list) else [room]
+    n = len(rooms)
+
+    def spread(name, kinds):
+        v = body.get(name)
+        vs = v if isinstance(v, list) else [v] * n
+        if len(vs) != n or any(x is not None and (isinstance(x, bool) or not isinstance(x, kinds)) for x in vs):
+            raise BootstrapError(f"{name} must be a {kinds.__name__} or a list of {n}, like bootstrap_room.")
+        return vs
+
+    hosts, ports = spread("bootstrap_host", str), spread("bootstrap_port", int)
+    out = []
+    for h, p, r in zip(hosts, ports, rooms):
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise BootstrapError(f"bootstrap_room must be a non-negative integer, got {r!r}.")
+        if mode == "decode" and (not h or not p):
+            raise BootstrapError("bootstrap_host and bootstrap_port are required with bootstrap_room on a decode "
+                                 "instance: start the prefill instance with --disaggregation-bootstrap-port PORT and "
+                                 "give the router `--prefill URL PORT`.")
+        out.append(dm.Bootstrap(h or "", p or 0, r))
+    return out
+
+
+class BootstrapCapture:
+    """Pure ASGI middleware (same task as the handler, so the context variable reaches it)."""
+
+    def __init__(self, app, mode: str):
+        self.app = app
+        self.mode = mode
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PD_PATHS:
+            return await self.app(scope, receive, send)
+        messages, size, more = [], 0, True
+        while more and size <= CAPTURE_LIMIT:
+            m = await receive()
+            messages.append(m)
+            if m["type"] != "http.request":
+                break
+            size += len(m.get("body", b""))
+            more = m.get("more_body", False)
+        rooms: list[dm.Bootstrap] = []
+        if not more and messages and messages[-1]["type"] == "http.request":
+            try:
+                body = orjson.loads(b"".join(m.get("body", b"") for m in messages))
+                rooms = parse_bootstrap(body, self.mode) if isinstance(body, dict) else []
+            except orjson.JSONDecodeError:
+                pass  # the handler answers a body it cannot read
+            except BootstrapError as e:
+                return await _error(send, str(e))
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        token = _CURRENT.set(_Rooms(rooms) if rooms else None)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            _CURRENT.reset(token)
+
+
+async def _error(send, message: str) -> None:
+    body = orjson.dumps({"object": "error", "message": message, "type": "BadRequestError", "param": "bootstrap_room",
+                         "code": 400})
+    await send({"type": "http.response.start", "status": 400,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class PDSend:
+    """The tokenizer manager's socket to the scheduler, turning room-tagged requests into ours."""
+
+    def __init__(self, sock, mode: str):
+        self.sock = sock
+        self.mode = mode
+
+    def send(self, data: bytes, *args, **kwargs):
+        rooms = _CURRENT.get()
+        if rooms is not None:
+            msg = io.decode(data)
+            b = rooms.take() if isinstance(msg, io.GenerateReq) else None
+            if b is not None:
+                data = dm.encode(self.translate(msg, b))
+        return self.sock.send(data, *args, **kwargs)
+
+    def translate(self, g: io.GenerateReq, b: dm.Bootstrap):
+        if self.mode == "prefill":
+            return dm.PrefillReq(g.rid, g.input_ids, g.params, g.arrival_time, room=b.room)
+        return dm.DecodeReq(g.rid, g.input_ids, g.params, g.arrival_time, first_token=-1, first_logprob=None,
+                            seed=0, kv=None, bootstrap=b)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def install(app, tm, mode: str) -> None:
+    app.add_middleware(BootstrapCapture, mode=mode)
+    tm._send = PDSend(tm._send, mode)

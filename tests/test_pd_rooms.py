@@ -1,0 +1,113 @@
+"""SGLang's PD protocol pieces without processes: the room rendezvous (rooms.py) and the HTTP side
+that turns room-tagged requests into our prefill/decode messages (pd_http.py)."""
+from __future__ import annotations
+
+import pytest
+
+from sglang_duet.disagg import messages as dm
+from sglang_duet.disagg.pd_http import BootstrapError, PDSend, _CURRENT, _Rooms, parse_bootstrap
+from sglang_duet.disagg.rooms import DecodeRooms, PrefillRooms
+from sglang_duet.server import io_struct as io
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def _offer(room, **kw):
+    return dm.KVOffer(room=room, ok=True, first_token=7, seed=3, input_len=4, **kw)
+
+
+def test_prefill_rooms_meet_in_either_order_and_expire():
+    sent, clock = [], Clock()
+    rooms = PrefillRooms(lambda ident, o: sent.append((ident, o)), timeout_s=5, clock=clock)
+    rooms.offer(_offer(1))  # the prefill ended before the decode asked
+    assert sent == []
+    rooms.query(b"d1", 1)
+    assert sent == [(b"d1", _offer(1))] and not rooms.offers
+    rooms.query(b"d2", 2)  # the decode asked first
+    assert len(sent) == 1
+    rooms.offer(_offer(2))
+    assert sent[-1] == (b"d2", _offer(2)) and not rooms.queries
+    rooms.offer(_offer(3))
+    rooms.query(b"d4", 4)
+    clock.t = 5.0
+    assert rooms.expire() == [4]  # the waiting decode is told nobody prefilled room 4
+    assert sent[-1][0] == b"d4" and not sent[-1][1].ok and sent[-1][1].status == 503
+    assert not rooms.offers and not rooms.queries
+
+
+def _decode_req(rid="r1", room=9, n=4):
+    return dm.DecodeReq(rid, list(range(1, n + 1)), {}, 0.0, first_token=-1, first_logprob=None, seed=0, kv=None,
+                        bootstrap=dm.Bootstrap("127.0.0.1", 5000, room))
+
+
+def test_decode_rooms_complete_refuse_and_expire():
+    clock = Clock()
+    rooms = DecodeRooms(timeout_s=5, clock=clock)
+    rooms.wait(_decode_req())
+    assert rooms.has_rid("r1")
+    msg, why, status = rooms.resolve(_offer(9))
+    assert why == "" and msg.first_token == 7 and msg.seed == 3 and msg.bootstrap is None and not rooms.has_rid("r1")
+    assert rooms.resolve(_offer(9)) == (None, "", 0)  # nobody waits any more
+    rooms.wait(_decode_req("r2", 10, n=5))
+    msg, why, status = rooms.resolve(_offer(10))  # the two instances tokenized differently
+    assert status == 400 and "same model" in why and msg.rid == "r2"
+    rooms.wait(_decode_req("r3", 11))
+    msg, why, status = rooms.resolve(dm.KVOffer(room=11, ok=False, status=400, message="too long"))
+    assert (why, status) == ("too long", 400)
+    rooms.wait(_decode_req("r4", 12))
+    assert rooms.pop_rid("r4").rid == "r4" and rooms.pop_rid("r4") is None
+    rooms.wait(_decode_req("r5", 13))
+    clock.t = 6
+    assert [m.rid for m in rooms.expire()] == ["r5"] and not rooms.waiting
+
+
+def test_parse_bootstrap():
+    assert parse_bootstrap({"text": "x"}, "decode") == []
+    body = {"bootstrap_host": "10.0.0.1", "bootstrap_port": 8998, "bootstrap_room": 2**63 + 5}
+    assert parse_bootstrap(body, "decode") == [dm.Bootstrap("10.0.0.1", 8998, 2**63 + 5)]
+    batch = {"bootstrap_host": ["a", "b"], "bootstrap_port": [1, 2], "bootstrap_room": [3, 4]}
+    assert [b.room for b in parse_bootstrap(batch, "prefill")] == [3, 4]
+    assert parse_bootstrap({"bootstrap_room": 1}, "prefill") == [dm.Bootstrap("", 0, 1)]  # the prefill needs no address
+    with pytest.raises(BootstrapError, match="--disaggregation-bootstrap-port"):
+        parse_bootstrap({"bootstrap_host": "h", "bootstrap_port": None, "bootstrap_room": 1}, "decode")
+    with pytest.raises(BootstrapError, match="non-negative"):
+        parse_bootstrap({"bootstrap_host": "h", "bootstrap_port": 1, "bootstrap_room": "1"}, "decode")
+    with pytest.raises(BootstrapError, match="list of 2"):
+        parse_bootstrap({"bootstrap_host": ["h"], "bootstrap_port": 1, "bootstrap_room": [1, 2]}, "decode")
+
+
+class Sock:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, data, *a, **k):
+        self.sent.append(data)
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_pd_send_translates_only_room_tagged_requests(mode):
+    sock = Sock()
+    pd = PDSend(sock, mode)
+    g = io.GenerateReq(rid="a", input_ids=[1, 2], params={"max_new_tokens": 5}, arrival_time=1.0)
+    g2 = io.GenerateReq(rid="b", input_ids=[1, 2], params={}, arrival_time=1.0)
+    pd.send(io.encode(g))  # no bootstrap in context: untouched
+    token = _CURRENT.set(_Rooms([dm.Bootstrap("h", 1, 42)]))
+    try:
+        pd.send(io.encode(g))
+        pd.send(io.encode(g2))  # beyond the rooms given: served whole here
+        pd.send(io.encode(io.AbortReq("a")))
+    finally:
+        _CURRENT.reset(token)
+    assert sock.sent[0] == io.encode(g) and sock.sent[2] == io.encode(g2) and sock.sent[3] == io.encode(io.AbortReq("a"))
+    m = dm.decode_input(sock.sent[1])
+    if mode == "prefill":
+        assert isinstance(m, dm.PrefillReq) and m.room == 42 and m.input_ids == [1, 2]
+    else:
+        assert isinstance(m, dm.DecodeReq) and m.bootstrap == dm.Bootstrap("h", 1, 42) and m.kv is None
+        assert m.first_token == -1 and m.params == {"max_new_tokens": 5}

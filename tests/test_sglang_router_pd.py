@@ -1,0 +1,179 @@
+"""Prefill/decode disaggregation driven by SGLang's own router: `sglang_router.launch_router
+--pd-disaggregation --prefill URL BOOTSTRAP_PORT --decode URL` in front of a
+`--disaggregation-mode prefill` and a `--disaggregation-mode decode` instance (embedded SmolLM2, CPU).
+
+The router adds bootstrap_host/port/room and sends each request to both; the decode instance gets
+the first token and the KV of the room from the prefill instance (rooms.py). Checked: greedy
+outputs equal a single server's (openai completions and chat, streaming and not; native
+/generate), every request's KV was pulled, no KV is left held on either side after streams that
+clients abandon midway, and killing the decode instance under load ends its streams (no hang)
+while the prefill instance frees what it held.
+"""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from router_utils import Router
+from server_utils import ServerProcess, free_port
+
+pytest.importorskip("sglang_router", reason="sglang-router is not installed (pip install -e '.[dev]')")
+openai = pytest.importorskip("openai")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+KV_TIMEOUT_S = 8
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def pd():
+    port = free_port()
+    common = ["--disaggregation-kv-timeout-s", str(KV_TIMEOUT_S), "--max-total-tokens", "6000"]
+    prefill = ServerProcess(["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(port), *common])
+    try:
+        decode = ServerProcess(["--disaggregation-mode", "decode", *common])
+    except BaseException:
+        prefill.stop()
+        raise
+    router = None
+    try:
+        router = Router(pd=([(prefill.base_url, port)], [decode.base_url]))
+        yield {"prefill": prefill, "decode": decode, "router": router}
+    finally:
+        if router is not None:
+            router.stop()
+        decode.stop()
+        prefill.stop()
+
+
+def _client(base: str):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _state(server) -> dict:
+    return httpx.get(server.url("/get_server_info"), timeout=10).json()["internal_states"][0]
+
+
+def _wait_kv_free(server, timeout: float = 3 * KV_TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = _state(server)
+        if s["kv_used_slots"] == 0 and s["num_running_reqs"] == 0 and s["num_inflight_http_requests"] == 0:
+            return s
+        if time.monotonic() > deadline:
+            return s
+        time.sleep(0.5)
+
+
+def _pulled(prefill) -> int:
+    return prefill.log_tail(1 << 22).count("pulled by a decode instance")
+
+
+def _texts(client, model: str, stream: bool) -> list[str]:
+    out = []
+    for p in PROMPTS:
+        if stream:
+            out.append("".join(c.choices[0].text for c in client.completions.create(
+                model=model, prompt=p, max_tokens=16, temperature=0, stream=True) if c.choices))
+        else:
+            out.append(client.completions.create(model=model, prompt=p, max_tokens=16, temperature=0).choices[0].text)
+    if stream:
+        out.append("".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=16, temperature=0, stream=True) if c.choices))
+    else:
+        out.append(client.chat.completions.create(model=model, messages=CHAT, max_tokens=16,
+                                                  temperature=0).choices[0].message.content)
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_outputs_equal_a_single_server(pd, stream):
+    # the reference: the prefill instance serving ordinary requests itself (the same engine as a plain server)
+    ref, routed = _client(pd["prefill"].base_url), _client(pd["router"].url)
+    model = ref.models.list().data[0].id
+    before = _pulled(pd["prefill"])
+    assert _texts(routed, model, stream) == _texts(ref, model, stream)
+    assert _pulled(pd["prefill"]) - before == len(PROMPTS) + 1  # every routed request's KV went prefill -> decode
+
+
+def test_native_generate_equals_a_single_server(pd):
+    body = {"text": PROMPTS[1], "sampling_params": {"max_new_tokens": 16, "temperature": 0}}
+    ref = httpx.post(pd["prefill"].url("/generate"), json=body, timeout=60).json()
+    got = httpx.post(f"{pd['router'].url}/generate", json=body, timeout=60).json()
+    assert got["output_ids"] == ref["output_ids"] and got["text"] == ref["text"]
+    with httpx.stream("POST", f"{pd['router'].url}/generate", json={**body, "stream": True}, timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["text"] == ref["text"]
+
+
+def test_abandoned_streams_leave_no_kv_held(pd):
+    client = _client(pd["router"].url)
+    model = client.models.list().data[0].id
+    rng = random.Random(0)
+    plans = [rng.choice([0, 1, 3, None]) for _ in range(24)]  # chunks to read before leaving; None: read all
+
+    def one(i: int, leave_after) -> None:
+        stream = client.completions.create(model=model, prompt=PROMPTS[i % 3] + f" ({i})", max_tokens=40,
+                                           temperature=0.7, seed=i, stream=True, extra_body={"ignore_eos": True})
+        for k, _ in enumerate(stream):
+            if leave_after is not None and k >= leave_after:
+                stream.close()  # the client disconnects mid-stream
+                return
+
+    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(plans)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for name in ("decode", "prefill"):  # nothing running, nothing held (a hold not pulled expires)
+        s = _wait_kv_free(pd[name])
+        assert s["kv_used_slots"] == 0 and s["num_running_reqs"] == 0, (name, s)
+    assert client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=4, temperature=0).choices[0].text
+
+
+def test_killing_the_decode_instance_ends_its_streams(pd):
+    """Last: it kills the decode instance."""
+    client = _client(pd["router"].url)
+    model = client.models.list().data[0].id
+    n = 4
+    ends: list = [None] * n
+    started = threading.Barrier(n + 1)
+
+    def one(i: int) -> None:
+        try:
+            first = True
+            for chunk in client.completions.create(model=model, prompt=PROMPTS[i % 3], max_tokens=400,
+                                                   temperature=0, stream=True, extra_body={"ignore_eos": True}):
+                if first:
+                    first = False
+                    started.wait(120)
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    ends[i] = ("finished", time.monotonic())
+                    return
+            ends[i] = ("cut", time.monotonic())
+        except Exception as e:  # noqa: BLE001 - the error the client sees
+            ends[i] = (type(e).__name__, time.monotonic())
+            if first:
+                started.abort()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    started.wait(120)
+    pd["decode"].proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), ends
+    assert all(e is not None and e[0] != "finished" for e in ends), ends  # none of them could finish
+    print("stream ends after the kill (s):", [round(e[1] - killed, 3) for e in ends])
+    s = _wait_kv_free(pd["prefill"])
+    assert s["kv_used_slots"] == 0, s  # every hold was pulled or expired
