@@ -59,7 +59,7 @@ class ServerArgs:
     shutdown_grace_s: float = 10.0  # SIGTERM: in-flight requests may finish this long, then get an error
     # disaggregated serving (sglang_duet/disagg, docs/disaggregation.md)
     disaggregation_mode: str = "null"  # null | prefill | decode | pd-local (1 prefill + 1 decode + router)
-    disaggregation_transfer_backend: str = "auto"  # auto | shm | cuda-ipc | none
+    disaggregation_transfer_backend: str = "auto"  # auto | shm | cuda-ipc | mooncake | none
     disaggregation_bootstrap_port: int = 0  # prefill: TCP port of the KV release socket (0: any free port)
     disaggregation_kv_timeout_s: float = 60.0  # prefill: hold unpulled KV this long; decode: wait for KV room
     extra: dict = field(default_factory=dict)

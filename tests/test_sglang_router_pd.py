@@ -23,12 +23,17 @@ import pytest
 from router_utils import Router
 from server_utils import ServerProcess, free_port
 
+from sglang_duet.disagg.mooncake import mooncake_error
+
 pytest.importorskip("sglang_router", reason="sglang-router is not installed (pip install -e '.[dev]')")
 openai = pytest.importorskip("openai")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 KV_TIMEOUT_S = 8
+# The KV goes between the instances through Mooncake (TCP on loopback: the path peers on other hosts
+# take) where its engine loads; shm otherwise (test_disagg covers shm through pd-local anyway).
+TRANSPORT = "shm" if mooncake_error() else "mooncake"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -36,7 +41,8 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def pd():
     port = free_port()
-    common = ["--disaggregation-kv-timeout-s", str(KV_TIMEOUT_S), "--max-total-tokens", "6000"]
+    common = ["--disaggregation-kv-timeout-s", str(KV_TIMEOUT_S), "--max-total-tokens", "6000",
+              "--disaggregation-transfer-backend", TRANSPORT]
     prefill = ServerProcess(["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(port), *common])
     try:
         decode = ServerProcess(["--disaggregation-mode", "decode", *common])
@@ -102,6 +108,7 @@ def test_openai_outputs_equal_a_single_server(pd, stream):
     before = _pulled(pd["prefill"])
     assert _texts(routed, model, stream) == _texts(ref, model, stream)
     assert _pulled(pd["prefill"]) - before == len(PROMPTS) + 1  # every routed request's KV went prefill -> decode
+    assert f"via {TRANSPORT}:" in pd["decode"].log_tail(1 << 22)
 
 
 def test_native_generate_equals_a_single_server(pd):

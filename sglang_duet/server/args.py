@@ -77,9 +77,11 @@ _SPECS: dict[str, tuple[str, dict]] = {
                             "1 prefill + 1 decode instance and the router on --port",
                             {"choices": ["null", "prefill", "decode", "pd-local"]}),
     "disaggregation_transfer_backend": ("how decode instances pull KV from prefill instances (auto: cuda-ipc for a "
-                                        "GPU pool, shm for a CPU pool, none for the emulated executor)",
-                                        {"choices": ["auto", "shm", "cuda-ipc", "none"]}),
-    "disaggregation_bootstrap_port": ("prefill instance: TCP port of its KV release socket (0: a free port)", {}),
+                                        "GPU pool, shm for a CPU pool, plus mooncake for peers on other hosts "
+                                        "where the Mooncake engine is installed; none for the emulated executor)",
+                                        {"choices": ["auto", "shm", "cuda-ipc", "mooncake", "none"]}),
+    "disaggregation_bootstrap_port": ("prefill instance: TCP port of its KV control socket, the BOOTSTRAP_PORT of "
+                                      "`sglang_router.launch_router --prefill URL BOOTSTRAP_PORT` (0: a free port)", {}),
     "disaggregation_kv_timeout_s": ("prefill: free KV not pulled within this many seconds; decode: refuse a "
                                     "request that finds no KV room within it", {}),
 }
