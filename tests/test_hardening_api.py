@@ -269,11 +269,12 @@ def _or_junk(valid):
 
 
 _small = st.integers(0, 12)
+_positive = st.integers(1, 12)  # OpenAI's max_tokens (0 is a 400 there, as in OpenAI and SGLang)
 _ids = st.lists(st.integers(0, VOCAB + 10), min_size=0, max_size=20)
 _text = st.text(max_size=40)
 _stop = st.one_of(_text.filter(bool), st.lists(_text.filter(bool), max_size=4))
 _common = {
-    "max_tokens": _or_junk(_small), "temperature": _or_junk(st.floats(0, 2)),
+    "max_tokens": _or_junk(_positive), "temperature": _or_junk(st.floats(0, 2)),
     "top_p": _or_junk(st.floats(0.001, 1)), "top_k": _or_junk(st.one_of(st.just(-1), st.integers(1, 50))),
     "min_p": _or_junk(st.floats(0, 1)), "frequency_penalty": _or_junk(st.floats(-2, 2)),
     "presence_penalty": _or_junk(st.floats(-2, 2)), "repetition_penalty": _or_junk(st.floats(0.01, 2)),
@@ -293,9 +294,9 @@ _message = st.fixed_dictionaries({"role": _or_junk(st.sampled_from(["user", "sys
 CHAT_BODY = st.fixed_dictionaries(
     # Chat's default max_tokens runs to the end of the context (~0.4 s here): 1 example in 8.
     {"messages": _or_junk(st.lists(_message, min_size=1, max_size=3)),
-     "max_tokens": st.integers(0, 7).flatmap(lambda i: _or_junk(_small) if i < 7 else st.none())},
+     "max_tokens": st.integers(0, 7).flatmap(lambda i: _or_junk(_positive) if i < 7 else st.none())},
     optional={**{k: v for k, v in _common.items() if k != "max_tokens"}, "logprobs": _or_junk(st.booleans()), "top_logprobs": _or_junk(st.integers(0, 5)),
-              "max_completion_tokens": _or_junk(_small),
+              "max_completion_tokens": _or_junk(_positive),
               "response_format": _or_junk(st.just({"type": "text"})),
               "tool_choice": _or_junk(st.sampled_from(["none", "auto"])),
               "chat_template_kwargs": _or_junk(st.just({}))})

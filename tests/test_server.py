@@ -77,7 +77,11 @@ def test_chat_non_stream_and_stream(client, model):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert reasons == [full.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens) == (
+        full.usage.prompt_tokens, full.usage.completion_tokens)
+    # the same prompt again: served from the prefix cache (all but the token it samples from)
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
     assert all(c.usage is None for c in chunks[:-1])
 
 
