@@ -141,7 +141,8 @@ def seed_config(base: SimConfig, seed: int, num_requests: int) -> SimConfig:
 
 def goodput_run(base: SimConfig, spec: PolicySpec, seed: int, num_requests: int, start: float,
                 metrics=(STRICT, DISTSERVE), target: float = 0.9, rel_tol: float = 0.06, cost_model=None,
-                log=print) -> SeedRun:
+                log=print, min_rate: float | None = None) -> SeedRun:
+    """`min_rate`: stop shrinking below it (goodput '<' it); default start / 64."""
     cfg = spec_config(seed_config(base, seed, num_requests), spec)
     out = SeedRun(seed)
 
@@ -159,7 +160,7 @@ def goodput_run(base: SimConfig, spec: PolicySpec, seed: int, num_requests: int,
     for metric in metrics:
         known = {r: getattr(m, metric) for r, m in out.points.items()}
         out.goodput[metric] = find_goodput(lambda r, k=metric: getattr(run(r), k), start, target, rel_tol=rel_tol,
-                                           known=known)
+                                           known=known, min_rate=min_rate)
     return out
 
 
@@ -181,12 +182,14 @@ def tune(base: SimConfig, fams: dict[str, list[PolicySpec]], num_requests: int, 
     out = {}
     done = {label: m for t in (known or {}).values() for label, m in t["members"].items()}
 
-    def measure(spec: PolicySpec, guess: float) -> Goodput:
+    def measure(spec: PolicySpec, guess: float, best: float = 0.0) -> Goodput:
         if spec.label in done:
             return Goodput(done[spec.label]["goodput"], done[spec.label]["flag"])
         log(f"  tuning {spec.label}")
+        # A member below a quarter of the family's best so far cannot be its best: stop there
+        # (low rates are the slowest to simulate).
         return goodput_run(base, spec, 0, num_requests, guess, metrics=(STRICT,), target=target, rel_tol=0.08,
-                           cost_model=cost_model, log=log).goodput[STRICT]
+                           cost_model=cost_model, log=log, min_rate=best / 4 if best > 0 else None).goodput[STRICT]
 
     def rank(m: dict) -> tuple:
         return (m["flag"] != "<", m["goodput"])
@@ -194,7 +197,8 @@ def tune(base: SimConfig, fams: dict[str, list[PolicySpec]], num_requests: int, 
     for fam, specs in fams.items():
         members, guess = {}, start
         for spec in specs:
-            g = measure(spec, guess)
+            best = max((m["goodput"] for m in members.values() if m["flag"] != "<"), default=0.0)
+            g = measure(spec, guess, best)
             members[spec.label] = {"goodput": g.rate, "flag": g.flag, "spec": _spec_text(spec)}
             if g.flag != "<" and g.rate > 0:
                 guess = g.rate  # neighbours are close: start there
