@@ -267,3 +267,22 @@ def test_tune_tries_the_best_member_in_deadline_order_and_reuses_known_members()
     assert members["chunked-2048"]["goodput"] == 5.0  # not measured again
     assert not any("tuning chunked-2048\n" == s or s == "  tuning chunked-2048" for s in seen)
     assert out["chunked"]["best"] == max(members, key=lambda k: members[k]["goodput"])
+
+
+def test_headline_collects_duet_against_the_best_baseline(tmp_path, capsys):
+    from sglang_duet.simulator import goodput_table
+    from sglang_duet.simulator.goodput_table import Goodput, SeedRun, summarise_table
+
+    def runs(vals):
+        return [SeedRun(i, {"attainment_max_tbt": Goodput(v, ""), "attainment": Goodput(v, "")})
+                for i, v in enumerate(vals)]
+
+    summary = summarise_table({"chunked-2048": runs([10.0, 11.0]), "static-split-8192-sd48": runs([12.0, 13.0]),
+                               "aggregated-8192": runs([2.0, 2.0]), "duet-8192": runs([13.0, 13.0])})
+    roles = {"chunked-2048": "best chunked (tuned)", "static-split-8192-sd48": "best static-split (tuned)"}
+    path = tmp_path / "sim-x" / "table.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"summary": summary, "roles": roles}))
+    assert goodput_table.main(["--collect", str(path)]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| sim-x | 13.00") and "static-split-8192-sd48 12.50" in row and "6.50x" in row

@@ -304,6 +304,32 @@ def _point(m: RunMetrics) -> dict:
                                                    "tbt_max_ms", "throughput_tok_s")}
 
 
+def headline(paths: list[str]) -> str:
+    """One row per table.json: duet's strict goodput, the best tuned baseline and duet's ratios."""
+    def ci(c):
+        return f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}]"
+
+    lines = ["| table | duet strict goodput, req/s | best tuned baseline (strict) | duet / best | duet / aggregated |",
+             "|---|---|---|---|---|"]
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        s, roles = d["summary"], d["roles"]
+        if DUET not in s:
+            continue
+        best = [k for k in s if roles.get(k, "").startswith("best")]
+        bb = max(best, key=lambda k: s[k][STRICT]["mean_ci"][0]) if best else None
+
+        def ratio(k):
+            c = s[k][STRICT].get("duet_ratio_ci") if k in s else None
+            return ci(c).replace(" [", "x [") if c else "-"
+
+        lines.append(f"| {os.path.basename(os.path.dirname(path)) or path} | {ci(s[DUET][STRICT]['mean_ci'])} | "
+                     + (f"{bb} {ci(s[bb][STRICT]['mean_ci'])} | {ratio(bb)}" if bb else "- | -")
+                     + f" | {ratio('aggregated-8192')} |")
+    return "\n".join(lines)
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 
@@ -340,7 +366,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rel-tol", type=float, default=0.06, help="bisect until the bracket is this narrow")
     p.add_argument("--truth", choices=("on", "off"), default="on")
     p.add_argument("--truth-perturb", default=None, metavar="COMPUTE,BANDWIDTH")
-    p.add_argument("--out", required=True, help="folder for table.md and table.json")
+    p.add_argument("--out", default=None, help="folder for table.md and table.json (required unless --collect)")
+    p.add_argument("--collect", nargs="+", default=None, metavar="TABLE.json",
+                   help="print the headline rows of these tables and exit")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -361,6 +389,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
     log = (lambda *x: None) if a.quiet else (lambda s: print(s, flush=True))
+    if a.collect:
+        print(headline(a.collect))
+        return 0
+    if not a.out:
+        raise SystemExit("goodput_table: --out FOLDER is required (or --collect TABLE.json ...)")
     t0 = time.perf_counter()
     base = base_config(a)
     cm = build_cost_model(a.model, a.hardware)
