@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import msgspec
+import zmq
 
 from sglang_duet.disagg import messages as dm
 
@@ -111,3 +112,58 @@ class DecodeRooms:
             self.room_of.pop(msg.rid, None)
             out.append(msg)
         return out
+
+
+# ---- the scheduler processes' side (mixed into PrefillScheduler / DecodeScheduler) ----------------
+
+
+class PrefillRoomsMixin:
+    """Needs: self.rooms (PrefillRooms), self.control (ZMQ ROUTER), self._refuse."""
+
+    def _refuse_room(self, msg: dm.PrefillReq, message: str, status: int) -> None:
+        self._refuse(msg.rid, message, status)
+        if msg.room is not None:  # the decode instance waiting for this room gets the same answer
+            self.rooms.offer(dm.KVOffer(room=msg.room, ok=False, message=message, status=status))
+
+    def _send_offer(self, ident: bytes, offer: dm.KVOffer) -> None:
+        try:
+            self.control.send_multipart([ident, dm.encode(offer)], zmq.NOBLOCK)
+        except zmq.ZMQError:  # the decode instance is gone; the hold's timeout frees the KV
+            pass
+
+
+class DecodeRoomsMixin:
+    """Needs: self.rooms (DecodeRooms), self._peer(endpoint), self._refuse, self._add_decode, self.kv_timeout_s."""
+
+    def _ask_prefill(self, msg: dm.DecodeReq) -> None:
+        b = msg.bootstrap
+        if b.room in self.rooms.waiting or self.rooms.has_rid(msg.rid):
+            self._refuse(msg.rid, f"Duplicate request id or bootstrap room ({msg.rid!r}, {b.room}).", 400)
+            return
+        try:
+            self._peer(b.endpoint).send(dm.encode(dm.KVQuery(b.room)), zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            self._refuse(msg.rid, f"The prefill instance at {b.endpoint} cannot be reached: {e}", 503)
+            return
+        self.rooms.wait(msg)
+
+    def _on_offer(self, offer: dm.KVOffer) -> None:
+        msg, why, status = self.rooms.resolve(offer)
+        if msg is None or why:  # nobody waits for it (aborted, timed out), or it cannot go on
+            if offer.kv is not None:  # let the prefill free the KV now rather than at its timeout
+                try:
+                    self._peer(offer.kv.control).send(dm.encode(dm.KVRelease(offer.kv.transfer_id, False)),
+                                                      zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            if msg is not None:
+                self._refuse(msg.rid, why, status)
+            return
+        self._add_decode(msg)
+
+    def _expire_rooms(self) -> int:
+        late = self.rooms.expire()
+        for m in late:
+            self._refuse(m.rid, f"The prefill instance at {m.bootstrap.endpoint} did not answer for bootstrap "
+                                f"room {m.bootstrap.room} within {self.kv_timeout_s:.0f} s.", 503)
+        return len(late)

@@ -34,7 +34,7 @@ import zmq
 
 from sglang_duet.disagg import messages as dm
 from sglang_duet.disagg.mooncake import advertised_host
-from sglang_duet.disagg.rooms import DecodeRooms, PrefillRooms
+from sglang_duet.disagg.rooms import DecodeRooms, DecodeRoomsMixin, PrefillRooms, PrefillRoomsMixin
 from sglang_duet.disagg.transfer import make_transport, pool_layout
 from sglang_duet.server import io_struct as io
 from sglang_duet.server.ipc import decode_or_drop
@@ -167,7 +167,7 @@ class _Held:
     deadline: float
 
 
-class PrefillScheduler(_DisaggScheduler):
+class PrefillScheduler(PrefillRoomsMixin, _DisaggScheduler):
     role = "prefill"
 
     def __init__(self, args, paths):
@@ -212,17 +212,6 @@ class PrefillScheduler(_DisaggScheduler):
         self.meta[msg.rid] = _PrefillMeta(orig, self.engine.core.requests[msg.rid].seed, room=msg.room,
                                           input_len=len(msg.input_ids))
         self._register(msg.rid, msg.input_ids, params)
-
-    def _refuse_room(self, msg: dm.PrefillReq, message: str, status: int) -> None:
-        self._refuse(msg.rid, message, status)
-        if msg.room is not None:  # the decode instance waiting for this room gets the same answer
-            self.rooms.offer(dm.KVOffer(room=msg.room, ok=False, message=message, status=status))
-
-    def _send_offer(self, ident: bytes, offer: dm.KVOffer) -> None:
-        try:
-            self.control.send_multipart([ident, dm.encode(offer)], zmq.NOBLOCK)
-        except zmq.ZMQError:  # the decode instance is gone; the hold's timeout frees the KV
-            pass
 
     def _kv_hold(self, r, reason: dict) -> bool:
         """Core hook at a request's finish: keep the KV of a prefill whose decode is still to come."""
@@ -349,7 +338,7 @@ class _Confirming:
     aborted: bool = False
 
 
-class DecodeScheduler(_DisaggScheduler):
+class DecodeScheduler(DecodeRoomsMixin, _DisaggScheduler):
     role = "decode"
 
     def __init__(self, args, paths):
@@ -395,40 +384,11 @@ class DecodeScheduler(_DisaggScheduler):
         else:
             self.pending.append(p)
 
-    def _ask_prefill(self, msg: dm.DecodeReq) -> None:
-        b = msg.bootstrap
-        if b.room in self.rooms.waiting or self.rooms.has_rid(msg.rid):
-            self._refuse(msg.rid, f"Duplicate request id or bootstrap room ({msg.rid!r}, {b.room}).", 400)
-            return
-        try:
-            self._peer(b.endpoint).send(dm.encode(dm.KVQuery(b.room)), zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            self._refuse(msg.rid, f"The prefill instance at {b.endpoint} cannot be reached: {e}", 503)
-            return
-        self.rooms.wait(msg)
-
-    def _on_offer(self, offer: dm.KVOffer) -> None:
-        msg, why, status = self.rooms.resolve(offer)
-        if msg is None or why:  # nobody waits for it (aborted, timed out), or it cannot go on
-            if offer.kv is not None:  # let the prefill free the KV now rather than at its timeout
-                try:
-                    self._peer(offer.kv.control).send(dm.encode(dm.KVRelease(offer.kv.transfer_id, False)),
-                                                      zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-            if msg is not None:
-                self._refuse(msg.rid, why, status)
-            return
-        self._add_decode(msg)
-
     def _housekeeping(self) -> int:
         n = 0
         now = time.monotonic()
         core = self.engine.core
-        for m in self.rooms.expire():
-            n += 1
-            self._refuse(m.rid, f"The prefill instance at {m.bootstrap.endpoint} did not answer for bootstrap "
-                                f"room {m.bootstrap.room} within {self.kv_timeout_s:.0f} s.", 503)
+        n += self._expire_rooms()
         while self.pending:
             p = self.pending[0]
             if p.deadline <= now:
