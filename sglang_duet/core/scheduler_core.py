@@ -587,7 +587,7 @@ class SchedulerCore:
         if final:
             del self.inflight[lid]
             self._lane_done(lid)
-            if self.prefix_cache is not None:
+            if self.prefix_cache is not None and launch.batch.prefill:  # (a decode ends no prefill)
                 self._cache_prefills(launch)
             if hasattr(self.policy, "on_result"):
                 self.policy.on_result(launch, result)
