@@ -62,4 +62,5 @@ class ServerArgs:
     disaggregation_transfer_backend: str = "auto"  # auto | shm | cuda-ipc | mooncake | none
     disaggregation_bootstrap_port: int = 0  # prefill: TCP port of the KV release socket (0: any free port)
     disaggregation_kv_timeout_s: float = 60.0  # prefill: hold unpulled KV this long; decode: wait for KV room
+    pd_local_router: str = "auto"  # pd-local's router: sglang (sglang-router) | builtin (sglang_duet.router) | auto
     extra: dict = field(default_factory=dict)

@@ -252,7 +252,7 @@ class PDLocal:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="sglang-duet-pd-local-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "sglang_duet.launch_server", "--disaggregation-mode", "pd-local",
-               "--port", str(self.port), *args]
+               "--pd-local-router", "builtin", "--port", str(self.port), *args]  # this project's router's features
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         self.timeout = timeout

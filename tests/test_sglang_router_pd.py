@@ -12,8 +12,12 @@ while the prefill instance frees what it held.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
@@ -146,6 +150,43 @@ def test_abandoned_streams_leave_no_kv_held(pd):
     assert client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=4, temperature=0).choices[0].text
 
 
+def test_pd_local_starts_sglang_router_and_two_instances(pd):
+    """`--disaggregation-mode pd-local --pd-local-router sglang`: one command, same answers; SIGTERM stops all."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", prefix="pd-local-sglang-", suffix=".log", delete=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "sglang_duet.launch_server", "--disaggregation-mode", "pd-local",
+                             "--pd-local-router", "sglang", "--port", str(port), "--max-total-tokens", "6000"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        client = _client(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, open(log.name).read()[-3000:]
+            try:
+                workers = httpx.get(f"http://127.0.0.1:{port}/workers", timeout=2).json()["workers"]
+                if len(workers) == 2 and all(w["is_healthy"] for w in workers):
+                    break
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            assert time.monotonic() < deadline, open(log.name).read()[-3000:]
+            time.sleep(1)
+        model = client.models.list().data[0].id
+        ref = _client(pd["prefill"].base_url)
+        for p in PROMPTS[:2]:
+            got = client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
+            assert got == ref.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
+        text = open(log.name).read()
+        assert "pulled by a decode instance" in text and "sglang_router.launch_router" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        log.close()
+    assert rc == 0
+    with pytest.raises(httpx.HTTPError):  # the router went with it
+        httpx.get(f"http://127.0.0.1:{port}/workers", timeout=2)
+
+
 def test_killing_the_decode_instance_ends_its_streams(pd):
     """Last: it kills the decode instance."""
     client = _client(pd["router"].url)
@@ -184,3 +225,4 @@ def test_killing_the_decode_instance_ends_its_streams(pd):
     print("stream ends after the kill (s):", [round(e[1] - killed, 3) for e in ends])
     s = _wait_kv_free(pd["prefill"])
     assert s["kv_used_slots"] == 0, s  # every hold was pulled or expired
+

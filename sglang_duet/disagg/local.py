@@ -1,26 +1,31 @@
-"""`launch_server --disaggregation-mode pd-local`: one prefill instance, one decode instance and the
+"""`launch_server --disaggregation-mode pd-local`: one prefill instance, one decode instance and a
 router, on one machine, from one command.
 
 The instances are ordinary `launch_server` processes with every other flag as given (model, policy,
-KV size, ...) on free ports of 127.0.0.1; the router serves on --host/--port. Stopping the router
-(SIGTERM/SIGINT) stops both instances; if the router dies, they get SIGTERM from the kernel.
+KV size, ...) on free ports of 127.0.0.1; the router serves on --host/--port. The router is
+sglang-router in PD mode (`--pd-local-router sglang`, the default where it is installed) or this
+project's (`builtin`: retries with the same KV, /disagg/instances, --api-key). Stopping pd-local
+(SIGTERM/SIGINT) stops everything; if it dies, its children get SIGTERM from the kernel.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import MISSING, fields
 
 from sglang_duet.server_args import ServerArgs
 
 logger = logging.getLogger("sglang_duet.router")
 
-_NOT_PASSED = {"port", "host", "disaggregation_mode", "extra"}
+_NOT_PASSED = {"port", "host", "disaggregation_mode", "pd_local_router", "extra"}
+POLL_S = 0.5  # sglang-router mode: how often the children are checked
 
 
 def free_port() -> int:
@@ -55,12 +60,28 @@ def _die_with_parent() -> None:
         pass
 
 
+def router_kind(args: ServerArgs) -> str:
+    """sglang or builtin; a CLI-style error for what cannot be."""
+    kind = args.pd_local_router
+    has_sglang = importlib.util.find_spec("sglang_router") is not None
+    if kind == "auto":
+        kind = "sglang" if has_sglang and not args.api_key else "builtin"
+    if kind == "sglang" and not has_sglang:
+        raise SystemExit("--pd-local-router sglang: sglang-router is not installed (pip install sglang-router)")
+    if kind == "sglang" and args.api_key:
+        raise SystemExit("--pd-local-router sglang does not pass --api-key to the instances; use --pd-local-router "
+                         "builtin")
+    return kind
+
+
 def run_pd_local(args: ServerArgs) -> int:
     from sglang_duet.router import make_parser, run_router
 
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s pd-local] %(levelname)s %(message)s")
+    kind = router_kind(args)
     base = args_to_argv(args)
     ports = {"prefill": free_port(), "decode": free_port()}
+    bootstrap = args.disaggregation_bootstrap_port or free_port()  # sglang-router names it per prefill
     procs: dict[str, subprocess.Popen] = {}
 
     def stop_children() -> None:
@@ -82,6 +103,8 @@ def run_pd_local(args: ServerArgs) -> int:
         for role, port in ports.items():
             cmd = [sys.executable, "-m", "sglang_duet.launch_server", *base, "--disaggregation-mode", role,
                    "--host", "127.0.0.1", "--port", str(port)]
+            if role == "prefill" and kind == "sglang" and not args.disaggregation_bootstrap_port:
+                cmd += ["--disaggregation-bootstrap-port", str(bootstrap)]
             logger.info("starting the %s instance: %s", role, " ".join(cmd[1:]))
             procs[role] = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=dict(os.environ))
 
@@ -91,6 +114,8 @@ def run_pd_local(args: ServerArgs) -> int:
                     return f"the {role} instance exited with code {p.returncode} during startup"
             return None
 
+        if kind == "sglang":
+            return _run_sglang_router(args, ports, bootstrap, procs, alive)
         argv = ["--prefill", f"http://127.0.0.1:{ports['prefill']}", "--decode", f"http://127.0.0.1:{ports['decode']}",
                 "--host", args.host, "--port", str(args.port), "--log-level", args.log_level]
         if args.api_key:
@@ -100,3 +125,23 @@ def run_pd_local(args: ServerArgs) -> int:
         return run_router(make_parser().parse_args(argv), alive=alive)
     finally:
         stop_children()
+
+
+def _run_sglang_router(args: ServerArgs, ports: dict, bootstrap: int, procs: dict, alive) -> int:
+    """sglang_router.launch_router --pd-disaggregation in front of the two instances, until one of
+    them or the router ends (the caller stops the instances)."""
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+           "--prefill", f"http://127.0.0.1:{ports['prefill']}", str(bootstrap),
+           "--decode", f"http://127.0.0.1:{ports['decode']}", "--host", args.host, "--port", str(args.port),
+           "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+           "--log-level", {"warning": "warn", "critical": "error"}.get(args.log_level, args.log_level)]
+    logger.info("starting sglang-router: %s", " ".join(cmd[1:]))
+    procs["router"] = router = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=dict(os.environ))
+    while True:
+        if router.poll() is not None:
+            return router.returncode
+        problem = alive()
+        if problem:
+            logger.error("%s; stopping", problem.replace("during startup", ""))
+            return 1
+        time.sleep(POLL_S)

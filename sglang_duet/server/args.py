@@ -84,6 +84,10 @@ _SPECS: dict[str, tuple[str, dict]] = {
                                       "`sglang_router.launch_router --prefill URL BOOTSTRAP_PORT` (0: a free port)", {}),
     "disaggregation_kv_timeout_s": ("prefill: free KV not pulled within this many seconds; decode: refuse a "
                                     "request that finds no KV room within it", {}),
+    "pd_local_router": ("the router --disaggregation-mode pd-local starts: sglang (sglang_router.launch_router "
+                        "--pd-disaggregation), builtin (python -m sglang_duet.router: retries, /disagg/instances, "
+                        "--api-key), auto (sglang if installed and no --api-key)",
+                        {"choices": ["auto", "sglang", "builtin"]}),
 }
 _SKIP = {"extra"}
 
