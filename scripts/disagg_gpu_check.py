@@ -66,7 +66,8 @@ def main() -> int:
     common = ["--load-format", "dummy", "--model-config", a.model_config, "--max-total-tokens",
               str(a.max_total_tokens), "--dtype", "bfloat16", *shlex.split(a.extra)]
     t0 = time.monotonic()
-    pd, pd_url = start([*common, "--disaggregation-mode", "pd-local"], os.path.join(a.out, "pd_local.log"))
+    pd, pd_url = start([*common, "--disaggregation-mode", "pd-local", "--pd-local-router", "builtin"],  # /disagg/instances
+                       os.path.join(a.out, "pd_local.log"))
     ref, ref_url = start(common, os.path.join(a.out, "reference.log"))
     report = {"model_config": a.model_config, "lengths": a.lengths, "results": []}
     try:
