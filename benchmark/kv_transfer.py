@@ -12,13 +12,25 @@ times; the first import of each backend is checked byte for byte (a hash of the 
 sides). Slots are contiguous (a fresh allocator hands out runs) unless --fragmented.
 
 Reported: median and best seconds per transfer, GB/s (1e9 bytes/s) of the median.
+
+Two network namespaces joined by a veth pair put a real (virtual) link between the two engines
+instead of loopback (root; the script enters namespaces that already exist):
+
+    ip netns add kvA && ip netns add kvB && ip link add vethA type veth peer name vethB
+    ip link set vethA netns kvA && ip link set vethB netns kvB
+    ip -n kvA addr add 10.77.0.1/24 dev vethA && ip -n kvB addr add 10.77.0.2/24 dev vethB
+    ip -n kvA link set vethA up && ip -n kvB link set vethB up
+    python benchmark/kv_transfer.py --backends mooncake --prefill-netns kvA --prefill-host 10.77.0.1 \
+        --decode-netns kvB --decode-host 10.77.0.2
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import random
 import statistics
 import sys
@@ -46,14 +58,26 @@ def _digest(pool: KVCachePool, slots: list[int]) -> str:
     return hashlib.sha1(pool.buffer[:, :, slots].contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _transport(backend: str, pool, role: str, name: str):
+def enter_netns(name: str | None) -> None:
+    """Move this thread (and the threads it starts later: the Mooncake engine's) into a network namespace."""
+    if not name:
+        return
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if ctypes.CDLL("libc.so.6", use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name!r} failed")
+    finally:
+        os.close(fd)
+
+
+def _transport(backend: str, pool, role: str, name: str, host: str = "127.0.0.1"):
     if backend == "shm":
         from sglang_duet.disagg.transfer import ShmTransport
 
         return ShmTransport(pool, pool_layout(pool), name, role)
     from sglang_duet.disagg.mooncake import MooncakeTransport
 
-    return MooncakeTransport(pool, pool_layout(pool), name, "127.0.0.1")
+    return MooncakeTransport(pool, pool_layout(pool), name, host)
 
 
 def _slots(tokens: int, fragmented: bool) -> list[int]:
@@ -63,14 +87,15 @@ def _slots(tokens: int, fragmented: bool) -> list[int]:
     return slots
 
 
-def _prefill(backends: list[str], tokens: int, fragmented: bool, conn) -> None:
+def _prefill(backends: list[str], tokens: int, fragmented: bool, conn, netns=None, host="127.0.0.1") -> None:
     """Child: one pool per backend (each transport owns how its pool is shared), one export each."""
     import msgspec
 
+    enter_netns(netns)
     keep = []
     for b in backends:
         pool = _pool(tokens)
-        t = _transport(b, pool, "prefill", f"prefill-{b}")
+        t = _transport(b, pool, "prefill", f"prefill-{b}", host)
         pool.buffer.view(torch.uint8).copy_(torch.randint(0, 256, pool.buffer.view(torch.uint8).shape,
                                                           dtype=torch.uint8))
         slots = _slots(tokens, fragmented)
@@ -81,15 +106,18 @@ def _prefill(backends: list[str], tokens: int, fragmented: bool, conn) -> None:
         t.close()
 
 
-def run(backends: list[str], tokens: int, repeats: int, fragmented: bool) -> dict:
+def run(backends: list[str], tokens: int, repeats: int, fragmented: bool, netns: tuple = (None, None),
+        hosts: tuple = ("127.0.0.1", "127.0.0.1")) -> dict:
+    """netns / hosts: (prefill's, decode's) network namespace and the address its engine binds."""
     import msgspec
 
     from sglang_duet.disagg.messages import KVDescriptor
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_prefill, args=(backends, tokens, fragmented, child))
+    proc = ctx.Process(target=_prefill, args=(backends, tokens, fragmented, child, netns[0], hosts[0]))
     proc.start()
+    enter_netns(netns[1])
     results = {}
     try:
         for _ in backends:
@@ -98,7 +126,7 @@ def run(backends: list[str], tokens: int, repeats: int, fragmented: bool) -> dic
             b, desc_bytes, want = parent.recv()
             desc = msgspec.msgpack.decode(desc_bytes, type=KVDescriptor)
             pool = _pool(tokens)
-            t = _transport(b, pool, "decode", f"decode-{b}")
+            t = _transport(b, pool, "decode", f"decode-{b}", hosts[1])
             dst = list(range(1, tokens + 1))
             times = []
             for i in range(repeats):
@@ -127,15 +155,21 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", default=["shm", "mooncake"], choices=["shm", "mooncake"])
     ap.add_argument("--fragmented", action="store_true", help="shuffled source slots (one read per token)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the decode scheduler's share)")
+    ap.add_argument("--prefill-netns", help="network namespace of the prefill process (see the docstring)")
+    ap.add_argument("--decode-netns", help="network namespace of this (decode) process")
+    ap.add_argument("--prefill-host", default="127.0.0.1", help="address the prefill's Mooncake engine binds")
+    ap.add_argument("--decode-host", default="127.0.0.1", help="address the decode's Mooncake engine binds")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     layout = pool_layout(_pool(1))
     print(f"KV of {a.tokens} tokens, Qwen3-8B shape ({layout.bytes_per_token} bytes/token, bfloat16), "
           f"{'fragmented' if a.fragmented else 'contiguous'} slots, {a.repeats} repeats", flush=True)
-    results = run(a.backends, a.tokens, a.repeats, a.fragmented)
+    results = run(a.backends, a.tokens, a.repeats, a.fragmented, (a.prefill_netns, a.decode_netns),
+                  (a.prefill_host, a.decode_host))
     report = {"model_shape": "qwen3-8b", **QWEN3_8B, "dtype": "bfloat16", "bytes_per_token": layout.bytes_per_token,
               "tokens": a.tokens, "fragmented": a.fragmented, "repeats": a.repeats, "threads": a.threads,
+              "netns": [a.prefill_netns, a.decode_netns], "hosts": [a.prefill_host, a.decode_host],
               "command": "python benchmark/kv_transfer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "results": results}
     if a.out:
