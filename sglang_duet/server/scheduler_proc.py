@@ -153,7 +153,10 @@ class SchedulerProcess:
             if busy:
                 # After a step that changed nothing (e.g. every request waits for KV), wait a moment
                 # for input instead of spinning a shared core at 100%.
-                got = self._drain(0 if progressed else 1)
+                # While a launch runs and nothing can be planned, sleep on the input socket until
+                # shortly before its result is due (new requests and aborts wake the loop at once)
+                # instead of waking every STEP_WAIT_S to look.
+                got = self._drain(max(self._ms_until_result(), 0 if progressed else 1))
                 updates = self.engine.step(0.0 if got else STEP_WAIT_S)
                 if updates and launch_first and self.engine.core.can_plan() and self.engine.has_work():
                     self._drain(0)  # aborts and new requests first: they change what the next launch holds
@@ -180,6 +183,19 @@ class SchedulerProcess:
             self._was_busy = busy
             if time.monotonic() - self._last_stats >= STATS_INTERVAL_S:
                 self._send_stats()
+
+    def _ms_until_result(self) -> int:
+        """Whole milliseconds the loop may block on its input before the executor has a result due,
+        when the executor can tell (the emulated GPU's `next_completion`) and nothing can be
+        planned meanwhile; 0 otherwise (then it waits in the executor's poll, STEP_WAIT_S at most)."""
+        nxt = getattr(self.timer.inner, "next_completion", None)
+        core = self.engine.core
+        if nxt is None or not core.inflight or core.can_plan():
+            return 0
+        t = nxt()
+        if t is None:
+            return 0
+        return max(0, int((t - time.monotonic()) * 1000) - 1)  # 1 ms early: the poll then waits to the event
 
     decode_input = staticmethod(io.decode)  # the message types this scheduler accepts
 
