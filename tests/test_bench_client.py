@@ -498,7 +498,7 @@ def test_ab_harness_end_to_end(tmp_path):
     d["server"].update(load_format="dummy", model_config=os.path.join(REPO, "configs", "models", "tiny-overhead.json"))
     d["quick"]["rates"] = [4, 16]
     d["quick"]["benchmark"] = {"num_prompts": 4, "random_input_len": 24, "random_output_len": 6}
-    d["policies"].append({"name": "broken", "policy": "chunked", "server": {"chunked_prefill_size": -1}})
+    d["policies"].append({"name": "broken", "policy": "chunked", "server": {"chunked_prefill_size": -2}})
     d["cdf_rate"] = 4
     exp_path = tmp_path / "exp.yaml"
     exp_path.write_text(yaml.safe_dump(d))
