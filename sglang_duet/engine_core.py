@@ -48,6 +48,7 @@ class EngineCore:
                 max_running_requests=args.max_running_requests or MAX_RUNNING_DEFAULT,
                 max_queued_requests=args.max_queued_requests,
                 chunked_prefill_size=self.prefill_budget,
+                schedule_policy=getattr(args, "schedule_policy", "fcfs"),
                 overlap=not args.disable_overlap_schedule and getattr(self.executor, "supports_overlap", False),
             ),
             self.policy,

@@ -165,3 +165,33 @@ def test_aborts_leave_the_pool_whole(tiny_model_factory):
     assert core.allocator.available + core.prefix_cache.total == core.allocator.capacity
     assert core.prefix_cache.reset() and core.allocator.available == core.allocator.capacity
     engine.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "lpm"])
+def test_lpm_admits_the_longest_cached_prefix_first(tiny_model_factory, policy):
+    """One request runs at a time; B (nothing cached) waits ahead of C (its prompt is cached)."""
+    from sglang_duet import Engine
+    from sglang_duet.sampling_params import SamplingParams
+
+    engine = Engine(model_path=tiny_model_factory("llama"), dtype="float32", max_running_requests=1,
+                    schedule_policy=policy)
+    tok = engine.tokenizer
+    shared = tok.encode(SYSTEM * 2)
+    params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    prompts = [shared + tok.encode(" warm up"), tok.encode("Nothing in common here at all."),
+               shared + tok.encode(" and a question")]
+    first = []
+    run_order = {0: [0], 1: [1, 2]}
+    core = engine.core
+    step, done = 0, set()
+    while len(done) < 3:
+        for i in run_order.get(step, []):
+            core.add_request(f"r{i}", prompts[i], params)
+        for u in core.step():
+            if u.new_token_ids and u.rid not in first:
+                first.append(u.rid)
+            if u.finished:
+                done.add(u.rid)
+        step += 1
+    assert first == (["r0", "r1", "r2"] if policy == "fcfs" else ["r0", "r2", "r1"])
+    engine.shutdown()

@@ -25,6 +25,7 @@ from sglang_duet.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 ALL_LANES = frozenset({LaneKind.AGGREGATED, LaneKind.PREFILL, LaneKind.DECODE})
+LPM_WINDOW = 64  # waiting requests lpm reorders per schedule (each costs a prefix match)
 
 
 class AdmissionError(ValueError):
@@ -48,6 +49,9 @@ class CoreConfig:
     # ends by eos or a stop string in step N has one wasted row in step N+1. Only with a policy and
     # an executor that both support it (EngineCore decides).
     overlap: bool = False
+    # Order of the waiting queue (SGLang's --schedule-policy): fcfs, or lpm (longest cached prefix
+    # first, among the first LPM_WINDOW waiting requests; fcfs without a prefix cache).
+    schedule_policy: str = "fcfs"
 
     @property
     def table_rows(self) -> int:
@@ -348,6 +352,8 @@ class SchedulerCore:
         """Ask the policy for work for the idle lanes and resolve it into launches."""
         if not self.waiting and not self.running:
             return []
+        if self.config.schedule_policy == "lpm" and self.prefix_cache is not None and len(self.waiting) > 1:
+            self._order_by_prefix()
         view = self.view()
         if not view.idle_lanes or (not view.waiting and not view.prefilling and not view.decoding):
             return []
@@ -365,6 +371,14 @@ class SchedulerCore:
             if plan.decode_sms:
                 self.stats.last_sms["decode"] = plan.decode_sms
         return launches
+
+    def _order_by_prefix(self) -> None:
+        """lpm: the head of the waiting queue, longest cached prefix first (FCFS among equals)."""
+        cache, waiting = self.prefix_cache, self.waiting
+        head = [waiting.popleft() for _ in range(min(LPM_WINDOW, len(waiting)))]
+        hit = {r.rid: len(cache.match_prefix(r.seq_ids(0, r.seq_len - 1))[0]) for r in head}
+        head.sort(key=lambda r: -hit[r.rid])
+        waiting.extendleft(reversed(head))
 
     def _materialize(self, plan: StepPlan, idle: frozenset[LaneKind]) -> list[Launch]:
         batches = plan.lane_batches()
