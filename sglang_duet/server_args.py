@@ -27,8 +27,8 @@ class ServerArgs:
     policy_config: str | None = None  # YAML/JSON file of policy options
     # prefill token budget per step; None: 8192 (SGLang's default) on a GPU, 512 on a CPU; -1: no chunking
     chunked_prefill_size: int | None = None
-    schedule_policy: str = "fcfs"  # SGLang's waiting-queue order; lpm equals fcfs without a prefix cache
-    disable_radix_cache: bool = False  # there is no prefix cache yet: accepted, changes nothing
+    schedule_policy: str = "fcfs"  # SGLang's waiting-queue order: fcfs, or lpm (longest cached prefix first)
+    disable_radix_cache: bool = False  # the radix prefix cache is on unless this is set
     tbt_slo_ms: float = 100.0
     ttft_slo_ms: float = 1000.0
     # execution

@@ -39,9 +39,9 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "policy": ("scheduling policy: a built-in name or a path to a policy .py file", {}),
     "policy_config": ("YAML/JSON file of policy options", {}),
     "chunked_prefill_size": ("prefill token budget per step (unset: 8192 on a GPU, 512 on a CPU); -1 turns chunking off (a prompt is never split)", {}),
-    "schedule_policy": ("order of the waiting queue (SGLang's flag): fcfs, or lpm (longest prefix match), which "
-                        "is fcfs while there is no prefix cache", {"choices": ["fcfs", "lpm"]}),
-    "disable_radix_cache": ("accepted for SGLang compatibility: there is no prefix cache to disable yet", {}),
+    "schedule_policy": ("order of the waiting queue (SGLang's flag): fcfs, or lpm (longest cached prefix first "
+                        "among the first 64 waiting; fcfs with --disable-radix-cache)", {"choices": ["fcfs", "lpm"]}),
+    "disable_radix_cache": ("turn the radix prefix cache off", {}),
     "tbt_slo_ms": ("time-between-tokens SLO in ms (policies that use it)", {}),
     "ttft_slo_ms": ("time-to-first-token SLO in ms (policies that use it)", {}),
     "executor": ("run a real model, or emulate a GPU with the roofline cost model",
