@@ -3,7 +3,7 @@
     python -m sglang_duet.simulate --policy duet --hardware h100 --model qwen3-8b \\
         --workload azure-conv --rate 8 --num-requests 1000
     python -m sglang_duet.simulate --sweep --policies aggregated:8192,chunked:2048,static-split,duet \\
-        --workload azure-conv --out benchmark/results/sim-h100-qwen3-8b-azure-conv
+        --workload azure-conv --out /tmp/sim-h100-qwen3-8b-azure-conv
 
 The emulated GPU runs on its own ground truth, on by default (`--truth off`: the exact model the
 policy plans with): `--truth-hardware`, `--truth-perturb C,B` (e.g. 0.85,1.15), `--truth-noise`,
@@ -14,7 +14,9 @@ the step ends), so every TBT is a gap between deliveries.
 A policy may be given as NAME:BUDGET to run it with its own chunked_prefill_size. `--sweep`
 finds each policy's goodput (the highest rate with >= 90% SLO attainment, DistServe's
 definition and the max-TBT variant, see sglang_duet/simulator/metrics.py) and writes
-summary.md, points.json and PNG plots under --out.
+summary.md, points.json and PNG plots under --out (one seed, policies as given). The tables of
+docs/results.md (baselines tuned, 3 seeds, intervals) come from
+`python -m sglang_duet.simulator.goodput_table`.
 """
 from __future__ import annotations
 
