@@ -55,9 +55,12 @@ def _client(base: str):
     return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
+def _state(server) -> dict:
+    return httpx.get(server.url("/get_server_info"), timeout=10).json()["internal_states"][0]
+
+
 def _submitted(server) -> int:
-    info = httpx.get(server.url("/get_server_info"), timeout=10).json()
-    return info["internal_states"][0]["submitted"]
+    return _state(server)["submitted"]
 
 
 def _completions(client, model: str, stream: bool) -> list[str]:
@@ -111,6 +114,28 @@ def test_native_generate_streams_through_the_router(workers, routers):
 def test_router_loaded_the_workers_tokenizer(routers):
     for w in httpx.get(f"{routers['round_robin'].url}/workers", timeout=10).json()["workers"]:
         assert w["metadata"].get("model_path"), w  # from /server_info: the router can tokenize
+
+
+def test_a_client_leaving_mid_stream_aborts_on_the_worker(workers, routers):
+    client = _client(routers["round_robin"].url)
+    model = client.models.list().data[0].id
+    before = sum(_state(w)["aborted"] for w in workers)
+    for i in range(2):  # round robin: one on each worker
+        stream = client.completions.create(model=model, prompt=PROMPTS[i], max_tokens=400, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        for k, _ in enumerate(stream):
+            if k == 2:
+                break
+        stream.close()  # the router drops its upstream connection; the worker must notice and abort
+    deadline = time.monotonic() + 60
+    while True:
+        states = [_state(w) for w in workers]
+        idle = all(s["num_running_reqs"] == 0 and s["kv_used_slots"] == 0 for s in states)
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert idle, states  # not left generating 400 tokens for nobody
+    assert sum(s["aborted"] for s in states) - before == 2, states
 
 
 def test_killing_a_worker_ends_only_its_streams(workers, routers):
