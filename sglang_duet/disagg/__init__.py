@@ -1,14 +1,20 @@
 """Disaggregated serving (DistServe's idea): prefill instances and decode instances, KV pulled
 from one to the other, a router in front, and a placement search in the simulator.
 
-- `transfer.py`: the KV transport interface (export / import / release / describe), the
-  shared-memory transport and the metadata-only one for the emulated executor;
-  `cuda_ipc.py`: the CUDA IPC transport between GPU processes of one machine.
+- `kv_transport.py`: the KV transport interface (export / import / release / describe), which every
+  backend imports (and nothing else of this package's transports): `transfer.py` (shared memory,
+  the metadata-only one for the emulated executor, `make_transport`), `cuda_ipc.py` (GPUs of one
+  machine), `mooncake.py` (any two hosts, Mooncake transfer engine), `host_aware.py` (`auto`: the
+  same-host path or Mooncake, by the peer's machine).
 - `messages.py`: the typed messages of the disaggregation protocol (msgspec, never pickle).
 - `scheduler.py`: the scheduler process of a prefill or a decode instance.
+- `hooks.py`: what an instance plugs into the server (scheduler class, routes); the entrypoint
+  passes it in, so `server/` never imports this package.
 - `instance_api.py`: the HTTP routes an instance adds (/disagg/info, /disagg/prefill, ...).
-- `router_manager.py` + `sglang_duet/router.py`: the router (the same OpenAI and native API).
-- `local.py`: `launch_server --disaggregation-mode pd-local` (1 prefill + 1 decode + router).
+- `pd_http.py` + `rooms.py`: SGLang's PD protocol (sglang-router --pd-disaggregation: bootstrap
+  host/port/room on the ordinary routes; the decode asks the prefill for the room's KV).
+- `router_manager.py` + `sglang_duet/router.py`: this project's router (the same OpenAI and native API).
+- `local.py`: `launch_server --disaggregation-mode pd-local` (1 prefill + 1 decode + sglang-router or ours).
 - `placement.py`, `cluster_sim.py`: DistServe's placement search on the simulator.
 
 See docs/disaggregation.md.
