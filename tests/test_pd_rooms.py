@@ -111,3 +111,49 @@ def test_pd_send_translates_only_room_tagged_requests(mode):
     else:
         assert isinstance(m, dm.DecodeReq) and m.bootstrap == dm.Bootstrap("h", 1, 42) and m.kv is None
         assert m.first_token == -1 and m.params == {"max_new_tokens": 5}
+
+
+def test_bootstrap_capture_reads_rooms_and_leaves_big_bodies_alone():
+    import asyncio
+    import json as _json
+
+    from sglang_duet.disagg.pd_http import BootstrapCapture
+
+    seen = []
+
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            m = await receive()
+            body += m.get("body", b"")
+            if not m.get("more_body"):
+                break
+        r = _CURRENT.get()
+        seen.append((body, [b.room for b in r.items] if r else None))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def call(mw, body: bytes, headers=()):
+        chunks = [body[:5], body[5:]]
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+        async def send(m):
+            sent.append(m)
+
+        scope = {"type": "http", "method": "POST", "path": "/generate", "headers": list(headers)}
+        await mw(scope, receive, send)
+        return sent[0]["status"]
+
+    mw = BootstrapCapture(app, "decode", limit=1000)
+    good = _json.dumps({"text": "x", "bootstrap_host": "h", "bootstrap_port": 1, "bootstrap_room": 7}).encode()
+    assert asyncio.run(call(mw, good)) == 200 and seen[-1] == (good, [7])  # the handler reads the same body
+    plain = b'{"text": "x"}'
+    assert asyncio.run(call(mw, plain)) == 200 and seen[-1] == (plain, None)
+    bad = _json.dumps({"text": "x", "bootstrap_room": 7}).encode()  # a decode needs the prefill's address
+    assert asyncio.run(call(mw, bad)) == 400 and seen[-1][0] == plain
+    big = _json.dumps({"text": "x" * 2000, "bootstrap_host": "h", "bootstrap_port": 1, "bootstrap_room": 8}).encode()
+    assert asyncio.run(call(mw, big, [(b"content-length", str(len(big)).encode())])) == 200
+    assert seen[-1] == (big, None)  # over the limit: not inspected, the server's own limit answers

@@ -69,7 +69,7 @@ def delta_json(d) -> dict:
 
 def add_instance_routes(app, tm, server_args) -> None:
     mode = server_args.disaggregation_mode
-    pd_http.install(app, tm, mode)  # SGLang's protocol (sglang-router --pd-disaggregation) on the usual routes
+    pd_http.install(app, tm, mode, int(getattr(server_args, "max_request_bytes", 32 << 20)))  # SGLang's protocol (sglang-router --pd-disaggregation) on the usual routes
     cache: dict = {}
 
     def transfer_info() -> dict:

@@ -27,7 +27,6 @@ from sglang_duet.disagg import messages as dm
 from sglang_duet.server import io_struct as io
 
 PD_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
-CAPTURE_LIMIT = 64 << 20  # bodies larger than this are not inspected (served as ordinary requests)
 
 
 @dataclass
@@ -80,15 +79,19 @@ def parse_bootstrap(body: dict, mode: str) -> list[dm.Bootstrap]:
 class BootstrapCapture:
     """Pure ASGI middleware (same task as the handler, so the context variable reaches it)."""
 
-    def __init__(self, app, mode: str):
+    def __init__(self, app, mode: str, limit: int):
         self.app = app
         self.mode = mode
+        self.limit = limit  # the server's --max-request-bytes: a larger body is the inner limit's to refuse
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PD_PATHS:
             return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self.app(scope, receive, send)  # not read here: the server answers 413/400
         messages, size, more = [], 0, True
-        while more and size <= CAPTURE_LIMIT:
+        while more and size <= self.limit:
             m = await receive()
             messages.append(m)
             if m["type"] != "http.request":
@@ -149,6 +152,6 @@ class PDSend:
         return getattr(self.sock, name)
 
 
-def install(app, tm, mode: str) -> None:
-    app.add_middleware(BootstrapCapture, mode=mode)
+def install(app, tm, mode: str, limit: int) -> None:
+    app.add_middleware(BootstrapCapture, mode=mode, limit=limit)
     tm._send = PDSend(tm._send, mode)
