@@ -195,3 +195,19 @@ def test_lpm_admits_the_longest_cached_prefix_first(tiny_model_factory, policy):
         step += 1
     assert first == (["r0", "r1", "r2"] if policy == "fcfs" else ["r0", "r2", "r1"])
     engine.shutdown()
+
+
+def test_multi_turn_benchmark_smoke(tiny_model_factory, capsys, monkeypatch):
+    """benchmark/prefix_cache.py on a tiny model: same tokens, fewer prefill tokens with the cache."""
+    import json
+
+    import benchmark.prefix_cache as bench
+    from benchmark.prefix_cache import main
+
+    monkeypatch.setattr(bench, "SYSTEM", SYSTEM)  # the tiny tokenizer needs more tokens; its context is 512
+
+    main(["--conversations", "2", "--turns", "2", "--new-tokens", "4", "--model-path", tiny_model_factory("llama")])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    off, on, summary = lines[-3], lines[-2], lines[-1]
+    assert summary["token_exact"] and on["cached_tokens"] > 0 == off["cached_tokens"]
+    assert on["prefill_tokens_computed"] == off["prefill_tokens_computed"] - on["cached_tokens"]
