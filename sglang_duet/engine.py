@@ -6,6 +6,7 @@ import time
 import uuid
 from dataclasses import fields
 
+from sglang_duet.constrained.grammar import install_grammars
 from sglang_duet.core.scheduler_core import RequestUpdate
 from sglang_duet.engine_core import EngineCore
 from sglang_duet.sampling_params import SamplingParams
@@ -39,6 +40,7 @@ class Engine:
             raise TypeError(f"Engine() got unknown argument(s): {', '.join(unknown)}")
         self.server_args = ServerArgs(model_path=model_path, policy=policy, **kwargs)
         self.core = EngineCore(self.server_args)
+        install_grammars(self.core)  # structured output (json_schema / regex / ebnf sampling params)
         self.tokenizer = self.core.tokenizer
         self._ids = itertools.count()
 

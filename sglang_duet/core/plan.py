@@ -113,6 +113,8 @@ class ReqWork(msgspec.Struct, gc=False):
     # The request's row of the device-side req-to-token table (CoreConfig.table_rows rows; None from
     # callers that build work by hand: executors then fall back to kv_slots alone).
     table_row: int | None = None
+    # The request's grammar matcher (Request.grammar; constrained/grammar.py), or None.
+    grammar: object = None
 
 
 @dataclass

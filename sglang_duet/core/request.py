@@ -56,6 +56,9 @@ class Request:
     cached_len: int = 0
     tree_len: int = 0
     cache_node: object | None = None
+    # Structured output: the request's grammar matcher (constrained/grammar.py GrammarState), which
+    # executors mask logits with and advance with every token they sample for it; None: unconstrained.
+    grammar: object | None = None
 
     @property
     def seq_len(self) -> int:

@@ -147,6 +147,10 @@ class SchedulerCore:
         # and an admitted request starts after its longest cached prefix. Slots only the cache holds
         # count as free (kv_free): they are evicted, least recently used first, before a retraction.
         self.prefix_cache = None
+        # --- structured output hook (constrained/grammar.py install_grammars): called as
+        # grammar_factory(params, stop_ids) at admission; returns the request's grammar matcher (None
+        # when its params set no grammar) or raises a SamplingParamsError for a grammar that fails.
+        self.grammar_factory: Callable | None = None
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -158,6 +162,7 @@ class SchedulerCore:
         seed: int = 0,
         eos_ids: frozenset[int] | set[int] = frozenset(),
         arrival_time: float | None = None,
+        grammar: object | None = None,
     ) -> Request:
         if rid in self.requests:
             raise AdmissionError(f"Duplicate request id {rid!r}.")
@@ -175,6 +180,8 @@ class SchedulerCore:
         if q is not None and len(self.waiting) >= q:
             raise AdmissionError("Too many queued requests; try again later.", status=503)
         stop_ids = set(eos_ids) if not params.ignore_eos else set()
+        if grammar is None and self.grammar_factory is not None:
+            grammar = self.grammar_factory(params, stop_ids | set(params.stop_token_ids))
         req = Request(
             rid=rid,
             prompt_ids=list(prompt_ids),
@@ -182,6 +189,7 @@ class SchedulerCore:
             arrival_time=self.clock() if arrival_time is None else arrival_time,
             seed=seed,
             eos_ids=frozenset(stop_ids | set(params.stop_token_ids)),
+            grammar=grammar,
         )
         self.requests[rid] = req
         self.waiting.append(req)
@@ -453,7 +461,7 @@ class SchedulerCore:
             # With tokens in flight the input is the last one the running launch samples for it.
             work.append(ReqWork(r.rid, [FUTURE_TOKEN] if pending else [out[-1]], r.num_computed, kv, True, steps,
                                 r.seed, r.params, out, r.prompt_ids, r.eos_ids, r.inflight if pending else None,
-                                len(out) + pending, r.table_row))
+                                len(out) + pending, r.table_row, r.grammar))
             r.num_computed += steps  # the KV of the input and of steps - 1 fed-back tokens
             r.pending = pending + steps
         reqs.extend(decodes)
@@ -567,7 +575,7 @@ class SchedulerCore:
     def _work(self, r: Request, ids: list[int], start: int, sample: bool, steps: int) -> ReqWork:
         # positional, in ReqWork's field order: this runs for every request of every step
         return ReqWork(r.rid, ids, start, r.kv_slots, sample, steps, r.seed, r.params, r.output_ids, r.prompt_ids,
-                       r.eos_ids, None, len(r.output_ids) + r.pending, r.table_row)
+                       r.eos_ids, None, len(r.output_ids) + r.pending, r.table_row, r.grammar)
 
     def _pick_victim(self, candidates: list[Request]) -> Request:
         # SGLang retracts the requests that lose least work: fewest output tokens, then longest prompt.

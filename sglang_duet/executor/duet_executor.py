@@ -462,7 +462,7 @@ class DuetGPUExecutor(Executor):
     def _device_sampling_ok(w: ReqWork) -> bool:
         """Whether the graph-safe device sampler gives this row the CPU sampler's token."""
         p = w.params
-        if p is None or has_penalty(p) or p.logprobs:
+        if p is None or has_penalty(p) or p.logprobs or w.grammar is not None:  # grammar: host-filled bitmask
             return False
         return not (w.eos_ids and w.output_pos < p.min_new_tokens)
 

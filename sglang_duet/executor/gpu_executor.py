@@ -72,7 +72,7 @@ class GPUModelExecutor(ModelExecutor):
             p = w.params
             if len(w.input_ids) != 1 or not w.sample or p is None:
                 return False
-            if has_penalty(p) or p.logprobs:
+            if has_penalty(p) or p.logprobs or w.grammar is not None:  # grammar: host-filled bitmask
                 return False
             if w.eos_ids and w.output_pos < p.min_new_tokens:
                 return False

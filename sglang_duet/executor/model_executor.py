@@ -101,6 +101,8 @@ class ModelExecutor(Executor):
             step_times.append((len(rows_work), self.clock()))
             for w, tok, lp in zip(rows_work, out.token_ids, out.logprobs):
                 sampled[w.rid].append(tok)
+                if w.grammar is not None:  # in launch order, so an overlapped launch sees it advanced
+                    w.grammar.accept(tok)
                 if w.rid in lps and lp is not None:
                     lps[w.rid].append(lp)
         end = self.clock()
@@ -119,4 +121,4 @@ class ModelExecutor(Executor):
         if this_launch:
             out = out + this_launch
         return SamplingRow(params=w.params, seed=w.sampling_seed, prompt_ids=w.prompt_ids, output_ids=out,
-                           eos_ids=list(w.eos_ids))
+                           eos_ids=list(w.eos_ids), grammar=w.grammar)

@@ -3,6 +3,8 @@
 Order of operations (SGLang / vLLM):
   1. penalties (repetition over prompt+output, then frequency, presence over output) — see penalties.py
   2. min_new_tokens: ban the row's eos/stop ids while fewer than min_new_tokens tokens were generated
+  2b. structured output: rows with a grammar get every token it does not allow next set to -inf
+     (xgrammar's token bitmask, applied on the logits' device)
   3. logprobs are taken HERE: log_softmax of the logits after 1-2 but before temperature and
      top-k/top-p/min-p (what SGLang returns; vLLM's default "raw" logprobs additionally skip the
      penalties). The min_new_tokens ban is part of this (SGLang implements it as a penalizer), so a
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from sglang_duet.constrained.grammar import apply_grammar_masks
 from sglang_duet.sampling.penalties import apply_penalties, ban_tokens, has_penalty, min_tokens_ban_active
 from sglang_duet.sampling_params import SamplingParams
 
@@ -47,6 +50,10 @@ class SamplingRow:
     # len(output_ids) < min_new_tokens. The caller decides what goes here (SGLang bans eos even
     # under ignore_eos, which is harmless: eos does not end such a request anyway).
     eos_ids: list[int] = field(default_factory=list)
+    # Structured output: the request's grammar matcher (constrained/grammar.py GrammarState): the
+    # row's logits are masked to what it allows next, before logprobs and sampling. The caller
+    # advances it with the token sampled.
+    grammar: object | None = None
 
 
 @dataclass
@@ -164,7 +171,9 @@ class Sampler:
             for i, r in enumerate(rows)
         ]
         todo = [t for t in todo if t[1] or t[2]]
-        if not todo:
+        grammars = [r.grammar for r in rows]
+        constrained = any(g is not None for g in grammars)
+        if not todo and not constrained:
             return logits
         logits = logits.clone()  # never mutate the caller's tensor
         for i, pen, ban in todo:
@@ -173,6 +182,8 @@ class Sampler:
                 apply_penalties(logits[i], r.params, r.prompt_ids, r.output_ids)
             if ban:
                 ban_tokens(logits[i], r.eos_ids)
+        if constrained:
+            apply_grammar_masks(logits, grammars)
         return logits
 
     def _sample(self, x: Tensor, rows: list[SamplingRow]) -> list[int]:

@@ -50,6 +50,10 @@ class InputProcessor:
     async def _off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def run_off_loop(self, fn, *args):
+        """Other per-request work (grammar compilation) on the same worker thread, in arrival order."""
+        return await self._off_loop(fn, *args)
+
     # ---- size checks (O(1) or O(fields), before any work) ----------------------------------
 
     def check_text_len(self, chars: int, param: str) -> None:

@@ -81,6 +81,7 @@ class NativeServing:
         for ids, d in zip(ids_list, sps):
             if d.get("max_new_tokens") is not None and ids:
                 self.tm.check_fits(len(ids), d["max_new_tokens"], "max_new_tokens")
+        await self.tm.check_grammars(params)  # json_schema / regex / ebnf: a bad one is a 400 here
         group = self.tm.submit(list(zip(rids, ids_list, params)), request)
         start = time.monotonic()
         acc = [{"text": "", "ids": [], "lps": []} for _ in range(n)]

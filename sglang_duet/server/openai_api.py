@@ -141,6 +141,7 @@ class OpenAIServing:
         cid = f"cmpl-{base}"
         created = int(time.time())
         model = body.get("model") or self.tm.served_model_name
+        await self.tm.check_grammars([p for _, _, p in reqs], proto.grammar_names(body))
         group = self.tm.submit(reqs, request)
 
         def choice(i, text, finish, logprobs):
@@ -226,6 +227,7 @@ class OpenAIServing:
         base = uuid.uuid4().hex
         rids = proto.request_ids(body, n, f"chatcmpl-{base}")
         reqs = [(rids[i], ids, self.tm.make_params(d)) for i, d in enumerate(proto.choice_seeds(sd, n))]
+        await self.tm.check_grammars([p for _, _, p in reqs], proto.grammar_names(body))
         cid = f"chatcmpl-{base}"
         created = int(time.time())
         model = body.get("model") or self.tm.served_model_name

@@ -11,6 +11,9 @@ as listed there; see docs/reliability.md).
 """
 from __future__ import annotations
 
+import json
+
+from sglang_duet.constrained.grammar import JSON_OBJECT_SCHEMA
 from sglang_duet.server.errors import APIError
 
 _MISSING = object()
@@ -54,15 +57,16 @@ _SGLANG_IGNORED_COMMON = {
 _SGLANG_IGNORED_CHAT = {"separate_reasoning": bool, "stream_reasoning": bool, "max_dynamic_patch": int,
                         "min_dynamic_patch": int, "use_audio_in_video": bool, "task": str}
 # Honoured (see openai_api.py).
-_SGLANG_HONOURED_COMMON = {"rid": _STR_OR_LIST, "return_token_ids": bool}
+_SGLANG_HONOURED_COMMON = {"rid": _STR_OR_LIST, "return_token_ids": bool,
+                           # structured output, as on /generate (sampling params of the same names)
+                           "regex": str, "ebnf": str, "json_schema": str}
 _SGLANG_HONOURED_CHAT = {"continue_final_message": bool, "input_ids": list, "return_prompt_token_ids": bool,
                          "return_meta_info": bool, "reasoning_effort": (str, int, float)}
 # Features this server does not have: null/false is accepted (sglang-router sends the defaults),
 # anything else is a 400 naming the field.
 _SGLANG_UNSUPPORTED = {"return_hidden_states": (bool, str), "return_routed_experts": bool, "lora_path": None,
                        "session_id": None, "session_params": None, "custom_logit_processor": None,
-                       "custom_params": None, "regex": None, "ebnf": None, "json_schema": None,
-                       "stop_regex": None}
+                       "custom_params": None, "stop_regex": None}
 _SGLANG_FIELDS = {
     "completions": {**_SGLANG_IGNORED_COMMON, **_SGLANG_HONOURED_COMMON, **_SGLANG_UNSUPPORTED},
     "chat": {**_SGLANG_IGNORED_COMMON, **_SGLANG_IGNORED_CHAT, **_SGLANG_HONOURED_COMMON, **_SGLANG_HONOURED_CHAT,
@@ -116,19 +120,39 @@ def check_fields(body: dict, route: str) -> None:
             raise APIError(400, f"{k} must be a string.", param=k)
 
 
-def check_response_format(rf) -> None:
-    """null / absent / {"type": "text"}; json_object and json_schema are not implemented yet."""
+def check_response_format(rf) -> str | None:
+    """null / absent / {"type": "text"} -> None; json_object / json_schema -> the JSON schema (a string)
+    the output must match (json_object: any JSON object, as SGLang sends it to its grammar backend)."""
     if rf is _MISSING or rf is None:
-        return
+        return None
     if not isinstance(rf, dict):
         raise APIError(400, f"response_format must be an object with a type, got {rf!r}.", param="response_format")
     t = rf.get("type")
     if t == "text":
-        return
-    if t in ("json_object", "json_schema", "structural_tag"):
-        raise APIError(400, f"response_format {t} is not supported (structured output is not implemented).",
+        return None
+    if t == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if t == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict):
+            raise APIError(400, "response_format.json_schema must be an object with a schema, got "
+                                f"{js!r}.", param="response_format")
+        schema = js.get("schema", js.get("schema_"))  # SGLang's pydantic alias
+        if not isinstance(schema, (dict, bool)):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON schema object, got "
+                                f"{schema!r}.", param="response_format")
+        return json.dumps(schema)
+    if t == "structural_tag":
+        raise APIError(400, "response_format structural_tag is not supported (json_schema and json_object are).",
                        param="response_format")
-    raise APIError(400, f"response_format.type must be \"text\", got {t!r}.", param="response_format")
+    raise APIError(400, f"response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {t!r}.",
+                   param="response_format")
+
+
+def grammar_names(body: dict) -> dict[str, str]:
+    """SamplingParams grammar field -> the request field that set it (for error messages)."""
+    return {"json_schema": "response_format"} if body.get("response_format") is not None and \
+        body.get("json_schema") is None else {}
 
 
 def template_kwargs(body: dict) -> dict | None:
@@ -212,6 +236,14 @@ def sampling_dict(body: dict, *, default_max_tokens: int | None) -> dict:
         d["seed"] = body["seed"]
     if body.get("logit_bias"):
         raise APIError(400, "logit_bias is not supported.", param="logit_bias")
+    for k in ("regex", "ebnf", "json_schema"):
+        if body.get(k) is not None:
+            d[k] = body[k]
+    schema = check_response_format(body.get("response_format", _MISSING))
+    if schema is not None:
+        if d.get("json_schema") is not None:
+            raise APIError(400, "Give response_format or json_schema, not both.", param="response_format")
+        d["json_schema"] = schema
     return d
 
 

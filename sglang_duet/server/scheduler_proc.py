@@ -99,11 +99,13 @@ def _cpu_threads() -> None:
 
 class SchedulerProcess:
     def __init__(self, args, paths: IPCPaths):
+        from sglang_duet.constrained.grammar import install_grammars
         from sglang_duet.engine_core import EngineCore
 
         self.args = args
         self.paths = paths
         self.engine = EngineCore(args)
+        install_grammars(self.engine)  # structured output: a matcher per request that sets a grammar
         if getattr(args, "emulated_step_ms", None):
             from sglang_duet.cost_model.constant import install_constant_device
 

@@ -18,6 +18,7 @@ import msgspec
 import zmq
 
 from sglang_duet.model_loader.serving_config import read_sampling_defaults
+from sglang_duet.constrained import grammar
 from sglang_duet.sampling_params import SamplingParams, SamplingParamsError
 from sglang_duet.server import io_struct as io
 from sglang_duet.server.errors import APIError, sampling_error
@@ -88,6 +89,11 @@ class TokenizerManager:
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "aborted": 0}
         # Tokenizing and chat templating: size-checked first, big inputs on a worker thread.
         self.inputs = InputProcessor(self.tokenizer, self.chat_template, self.context_length)
+        # Structured output: grammars are compiled (and cached per spec) on the input worker thread, so
+        # a bad one is a 400 before the request reaches the scheduler (which compiles its own copy).
+        self.grammars = None
+        if self.tokenizer is not None and grammar.available():
+            self.grammars = grammar.GrammarCompiler(self.tokenizer, self.vocab_size)
         self._zctx = zmq.Context(1)
         # A plain (sync) PUSH socket: send() never blocks (no HWM) and works from `finally` blocks of
         # cancelled handlers, which is where aborts come from.
@@ -154,6 +160,20 @@ class TokenizerManager:
         except (SamplingParamsError, TypeError) as e:
             raise sampling_error(e) from e
         return p
+
+    async def check_grammars(self, params: list[SamplingParams], names: dict[str, str] | None = None) -> None:
+        """Compile each distinct grammar of a request's params off the event loop; a grammar that does
+        not compile is a 400 naming the field (`names`: field -> the request field it came from)."""
+        if self.grammars is None:
+            return  # the scheduler refuses grammar requests with the reason
+        specs = {s for s in (grammar.grammar_spec(p) for p in params) if s is not None}
+        for kind, spec in specs:
+            try:
+                await self.inputs.run_off_loop(self.grammars.compile, kind, spec)
+            except grammar.GrammarError as e:
+                field = (names or {}).get(kind, kind)
+                msg = str(e) if field == kind else f"{field}: {e}"
+                raise APIError(400, msg, param=field) from None
 
     def check_ids(self, ids, param: str = "input_ids") -> None:
         """Token ids from a client: a list of ints inside the vocabulary (types first, then range)."""

@@ -1,0 +1,182 @@
+"""Grammar-constrained decoding through xgrammar (SGLang's default grammar backend).
+
+Where things live:
+  * `GrammarCompiler` (one per process, built from the tokenizer): compiles a request's grammar
+    spec (kind, text) once; compiled grammars are cached by spec (xgrammar's own cache), so the
+    second request with the same schema costs a dictionary lookup. The tokenizer manager compiles
+    on its worker thread to refuse a bad grammar with a 400 before the request is sent; the
+    scheduler process compiles again (its own cache: compiled grammars hold the whole vocabulary
+    and are not worth shipping), which happens once per schema and takes ~10 ms for a small one.
+  * `GrammarState` (one per request, on the core's Request and handed to executors through
+    ReqWork.grammar): the xgrammar matcher. The sampler asks it for the next token's bitmask; the
+    executor advances it with every token it samples for the request, in launch order, so a launch
+    planned before the previous one's tokens were known (overlap scheduling) still sees the matcher
+    after them when it runs. Its stop tokens are the request's own (eos + stop_token_ids), so when
+    the grammar is complete only those are allowed and the core finishes the request on one.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from sglang_duet.sampling_params import SamplingParamsError
+
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")  # SamplingParams fields, SGLang's names
+# Compact JSON (", " and ": " between items, no other whitespace). SGLang lets xgrammar allow any
+# whitespace unless --constrained-json-disable-any-whitespace; we do not by default: a model that
+# keeps preferring whitespace (small and random models do) then never closes the object.
+JSON_ANY_WHITESPACE = False
+JSON_OBJECT_SCHEMA = '{"type": "object"}'  # what SGLang sends for response_format json_object
+
+
+class GrammarError(SamplingParamsError):
+    """A grammar that does not compile; the message starts with the field name (served as a 400)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} is not a valid grammar: {message}")
+        self.field = field
+
+
+def available() -> bool:
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _clean(err: Exception) -> str:
+    """xgrammar's C++ errors start with '[time] /path/file.cc:line: '; keep the human part."""
+    msg = str(err).strip()
+    msg = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", msg)
+    msg = msg.replace("Check failed: (error.empty()) is false: ", "")
+    return msg.split("\n")[0][:300]
+
+
+class GrammarCompiler:
+    """Compiles grammar specs against one tokenizer; thread-safe, cached per spec.
+
+    The tokenizer's vocabulary table (a few hundred ms for a 50k vocabulary) is built on first use.
+    `vocab_size` is the model's logits width (the LM head may be padded past the tokenizer).
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, max_threads: int = 1):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_threads = max_threads
+        self._compiler = None
+        self._lock = threading.Lock()
+
+    def _get(self):
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=self.max_threads)
+            return self._compiler
+
+    def compile(self, kind: str, spec: str):
+        """A CompiledGrammar for (kind, spec); GrammarError naming the field when it does not compile."""
+        if kind not in GRAMMAR_KINDS:
+            raise ValueError(f"unknown grammar kind {kind!r}")
+        if kind == "json_schema":  # xgrammar's JSON errors are terse; json's say where
+            try:
+                json.loads(spec)
+            except ValueError as e:
+                raise GrammarError(kind, f"not JSON ({e})") from None
+        comp = self._get()
+        try:
+            if kind == "json_schema":
+                return comp.compile_json_schema(spec, any_whitespace=JSON_ANY_WHITESPACE)
+            if kind == "regex":
+                return comp.compile_regex(spec)
+            return comp.compile_grammar(spec)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise GrammarError(kind, _clean(e)) from None
+
+    def new_state(self, kind: str, spec: str, stop_ids) -> "GrammarState":
+        import xgrammar as xgr
+
+        stop = sorted(stop_ids) or None  # none: the tokenizer's eos
+        return GrammarState(xgr.GrammarMatcher(self.compile(kind, spec), override_stop_tokens=stop))
+
+
+@dataclass
+class GrammarState:
+    """One request's position in its grammar (an xgrammar GrammarMatcher)."""
+
+    matcher: object
+
+    @property
+    def terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token: int) -> None:
+        """Advance past a sampled token; after the grammar terminated, tokens change nothing (the
+        core finishes the request on the stop token; an overlapped step's extra token is dropped)."""
+        if not self.matcher.is_terminated():
+            self.matcher.accept_token(token)
+
+
+def apply_grammar_masks(logits: torch.Tensor, grammars: list) -> None:
+    """Mask, in place, the logits of each row with a live grammar to the tokens it allows next.
+
+    grammars: one entry per row (GrammarState or None). The bitmask is filled on the host and
+    applied where the logits are (xgrammar has CPU, CUDA and Triton kernels for it).
+    """
+    rows = [i for i, g in enumerate(grammars) if g is not None and not g.terminated]
+    if not rows:
+        return
+    import xgrammar as xgr
+
+    vocab = logits.shape[1]
+    bitmask = xgr.allocate_token_bitmask(len(grammars), vocab)
+    for i in rows:
+        grammars[i].fill(bitmask, i)
+    if logits.device.type != "cpu":
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
+
+
+def grammar_spec(params) -> tuple[str, str] | None:
+    """(kind, spec) of a SamplingParams' grammar, or None."""
+    for kind in GRAMMAR_KINDS:
+        v = getattr(params, kind, None)
+        if v is not None:
+            return kind, v
+    return None
+
+
+def install_grammars(engine) -> GrammarCompiler | None:
+    """Give an EngineCore's SchedulerCore its grammar hook: requests whose params set a grammar get
+    a matcher at admission. Where structured output cannot work (no tokenizer, no xgrammar, the
+    emulated GPU whose tokens come from no logits) such requests are refused with a clear message."""
+    tokenizer = getattr(engine, "tokenizer", None)
+    unavailable = None
+    if getattr(engine.args, "executor", "model") != "model":
+        unavailable = "it needs --executor model"
+    elif tokenizer is None:
+        unavailable = "this model has no tokenizer"
+    elif not available():
+        unavailable = "the xgrammar package is not installed"
+    compiler = None if unavailable else GrammarCompiler(tokenizer, engine.model_config.vocab_size)
+    core = engine.core
+
+    def factory(params, stop_ids):
+        spec = grammar_spec(params)
+        if spec is None:
+            return None
+        if compiler is None:
+            raise GrammarError(spec[0], f"structured output is unavailable here ({unavailable}).")
+        return compiler.new_state(spec[0], spec[1], stop_ids)
+
+    core.grammar_factory = factory
+    return compiler
