@@ -25,8 +25,10 @@ class EngineCore:
     def __init__(self, args: ServerArgs, clock=time.monotonic):
         self.args = args
         self.clock = clock
-        if args.tp_size != 1:
-            raise ValueError(f"--tp-size {args.tp_size}: only 1 is supported for now")
+        self.tp_driver = None  # rank 0 of a tensor-parallel group (sglang_duet.distributed.tp_worker)
+        if args.tp_size != 1 and args.executor != "model":
+            raise ValueError(f"--tp-size {args.tp_size}: needs --executor model (the emulated GPU does not price "
+                             "all-reduces yet)")
         self._rng = random.Random(args.random_seed)
         if args.executor == "emulated":
             self._init_emulated(args)
@@ -76,16 +78,24 @@ class EngineCore:
         from sglang_duet.model_loader.loader import load_model
 
         device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        tp = None
+        if args.tp_size > 1:
+            args = self._tp_args(args, device)
+            from sglang_duet.distributed.tp_worker import TPDriver
+
+            self.tp_driver = TPDriver(args, device)
+            device, tp = self.tp_driver.device, self.tp_driver.group
         loaded = load_model(args.model_path, load_format=args.load_format, dtype=args.dtype, device=str(device),
-                            model_config_path=args.model_config, seed=args.random_seed)
+                            model_config_path=args.model_config, seed=args.random_seed, tp=tp)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.chat_template = loaded.chat_template
         self.model_dir = loaded.model_dir
         model = loaded.model
         dtype = next(model.parameters()).dtype
-        per_slot = KVCachePool.bytes_per_slot(self.model_config.num_hidden_layers,
-                                              self.model_config.num_key_value_heads, self.model_config.head_dim, dtype)
+        kv_heads = model.layout.num_kv_heads  # this rank's (all of them without TP)
+        per_slot = KVCachePool.bytes_per_slot(self.model_config.num_hidden_layers, kv_heads,
+                                              self.model_config.head_dim, dtype)
         if args.max_total_tokens:
             slots = args.max_total_tokens + 1
         elif device.type == "cuda":
@@ -98,12 +108,34 @@ class EngineCore:
             slots = budget // per_slot
         else:
             slots = min((args.kv_cache_bytes or CPU_KV_BYTES_DEFAULT) // per_slot, CPU_KV_SLOTS_MAX)
-        self.kv_pool = KVCachePool(self.model_config.num_hidden_layers, int(slots), self.model_config.num_key_value_heads,
+        self.kv_pool = KVCachePool(self.model_config.num_hidden_layers, int(slots), kv_heads,
                                    self.model_config.head_dim, dtype, device)
         self.kv_slots = int(slots)
-        attn = get_attention_backend(args.attention_backend, self.model_config, device)
+        attn_config = self.model_config
+        if self.tp_driver is not None:
+            from sglang_duet.distributed.tp_worker import local_model_config
+
+            self.tp_driver.setup(self.kv_slots)  # every rank's pool gets the same slots
+            model.step_broadcaster = self.tp_driver.step
+            attn_config = local_model_config(self.model_config, tp)
+        attn = get_attention_backend(args.attention_backend, attn_config, device)
         self.executor = build_executor(model, self.kv_pool, attn, device, args, clock=self.clock)
         self.device = str(device)
+
+    @staticmethod
+    def _tp_args(args: ServerArgs, device) -> ServerArgs:
+        """Under TP every forward must go through the model's step broadcast on rank 0's thread: one
+        lane (two concurrent lanes would need a process group each) and no CUDA graphs (a replayed
+        graph skips the broadcast), synchronously."""
+        import dataclasses
+
+        from sglang_duet.executor.duet_executor import resolve_lanes
+
+        if resolve_lanes(args.lanes, device, args.policy) != 1:
+            if str(args.lanes) == "2":
+                raise ValueError(f"--tp-size {args.tp_size} with --lanes 2: split mode under tensor parallelism "
+                                 "(a process group per lane) is not supported yet")
+        return dataclasses.replace(args, lanes="1", disable_cuda_graph=True, disable_overlap_schedule=True)
 
     def _init_emulated(self, args: ServerArgs) -> None:
         from sglang_duet.executor.emulated import build_emulated
@@ -191,7 +223,11 @@ class EngineCore:
         return updates
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        try:
+            self.executor.shutdown()
+        finally:
+            if self.tp_driver is not None:
+                self.tp_driver.shutdown()
 
 
 def _read_config_file(path: str) -> dict:

@@ -52,7 +52,11 @@ class ServerArgs:
     log_requests: bool = False  # log every request's body (truncated) and its outcome
     enable_metrics: bool = False  # accepted for SGLang's command lines: /metrics is always served
     watchdog_timeout: float = 300.0  # a scheduler silent this long while alive is hung: the server exits
-    tp_size: int = 1
+    tp_size: int = 1  # tensor parallelism: one process per rank (sglang_duet/distributed)
+    dist_init_addr: str | None = None  # HOST:PORT of rank 0's rendezvous (default: a free local port)
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_timeout: float | None = None  # seconds a collective may wait before it fails (default 300)
     skip_warmup: bool = False
     max_request_bytes: int = 32 << 20  # larger HTTP bodies get 413 before they are read
     stream_interval: int = 1  # stream every N tokens (SGLang's flag); the first and the last are sent at once

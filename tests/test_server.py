@@ -326,9 +326,9 @@ def test_api_key_and_dummy_model():
 
 
 def test_cli_argument_errors():
-    r = subprocess.run([sys.executable, "-m", "sglang_duet.launch_server", "--tp-size", "2"], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "sglang_duet.launch_server", "--tp-size", "0"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "--tp-size 2" in r.stderr
+    assert r.returncode == 2 and "--tp-size 0" in r.stderr
     r = subprocess.run([sys.executable, "-m", "sglang_duet.cli", "serve", "--policy", "nope"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--policy nope" in r.stderr

@@ -82,13 +82,17 @@ def safetensors_files(model_dir: str) -> list[str]:
     return files
 
 
-def iter_safetensors(files: list[str]):
+def iter_safetensors(files: list[str], shard=None):
+    """(name, tensor) of every tensor in `files`; with `shard` (name -> ShardSpec | None, a
+    tensor-parallel rank's `model.weight_shard`) only that rank's slice is read from disk."""
     from safetensors import safe_open
+
+    from sglang_duet.distributed.sharding import read_shard
 
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, read_shard(f, name, shard(name) if shard else None)
 
 
 def load_tokenizer(model_dir: str | None):
@@ -111,24 +115,25 @@ def _chat_template(tokenizer, model_dir: str | None) -> str | None:
     return None
 
 
-def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp=None) -> LlamaForCausalLM:
     # Build on the meta device, then allocate uninitialised storage on the target device:
     # no host-side init of multi-GB weights that are overwritten right away.
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, dtype)
+        model = LlamaForCausalLM(cfg, dtype, **({"tp": tp} if tp is not None else {}))
     model = model.to(dtype).to_empty(device=device)
     return model.eval()
 
 
 def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "auto",
                device: str | torch.device = "cpu", model_config_path: str | None = None,
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, tp=None, tokenizer: bool = True) -> LoadedModel:
     """Load a model for serving.
 
     model_path: HF folder, *.gguf file (or a folder holding one), or None for the embedded
     default model (SmolLM2-135M-Instruct). With load_format='dummy', weights are random
     (deterministic from `seed`) and the config comes from `model_config_path` (a folder or
-    a JSON file) or from model_path.
+    a JSON file) or from model_path. `tp` (a TPGroup): build and load only this rank's shard.
+    tokenizer=False skips the tokenizer (a follower rank never needs one; transformers' import is slow).
     """
     device = torch.device(device)
     if load_format not in LOAD_FORMATS:
@@ -146,26 +151,27 @@ def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "
         cfg = ModelConfig.from_path(model_config_path or model_path)
         model_dir = model_path if model_path and os.path.isdir(model_path) else None
         torch_dtype = resolve_dtype(dtype, cfg.dtype, device)
-        model = _empty_model(cfg, torch_dtype, device)
+        model = _empty_model(cfg, torch_dtype, device, tp)
         model.init_dummy_weights(seed)
-        tok = load_tokenizer(model_dir)
+        tok = load_tokenizer(model_dir) if tokenizer else None
         return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "dummy")
 
     fmt = _resolve_format(model_path, load_format)
     if fmt == "gguf":
-        return _load_gguf(model_path, dtype, device)
+        return _load_gguf(model_path, dtype, device, tp, tokenizer)
 
     model_dir = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
     cfg = ModelConfig.from_path(model_config_path or model_dir)
     torch_dtype = resolve_dtype(dtype, cfg.dtype, device)
     files = [model_path] if os.path.isfile(model_path) else safetensors_files(model_dir)
-    model = _empty_model(cfg, torch_dtype, device)
-    model.load_weights(iter_safetensors(files))
-    tok = load_tokenizer(model_dir)
+    model = _empty_model(cfg, torch_dtype, device, tp)
+    model.load_weights(iter_safetensors(files, model.weight_shard))
+    tok = load_tokenizer(model_dir) if tokenizer else None
     return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "safetensors")
 
 
-def _load_gguf(path: str, dtype: str, device: torch.device) -> LoadedModel:
+def _load_gguf(path: str, dtype: str, device: torch.device, tp=None, tokenizer: bool = True) -> LoadedModel:
+    from sglang_duet.distributed.sharding import shard_tensor
     from sglang_duet.model_loader.gguf_loader import load_gguf_tokenizer, read_gguf
 
     if os.path.isdir(path):
@@ -177,8 +183,10 @@ def _load_gguf(path: str, dtype: str, device: torch.device) -> LoadedModel:
     cfg = ModelConfig.from_dict(contents.config)
     cfg.name = cfg.name or os.path.basename(path).removesuffix(".gguf")
     torch_dtype = resolve_dtype(dtype, cfg.dtype, device)
-    model = _empty_model(cfg, torch_dtype, device)
-    model.load_weights(contents.tensors.items())
-    tok = load_gguf_tokenizer(path, contents.tokenizer_pre)
+    model = _empty_model(cfg, torch_dtype, device, tp)
+    # GGUF tensors are dequantised whole by read_gguf, then sliced: each rank holds the whole
+    # dequantised checkpoint on the host while loading (safetensors reads only the slice).
+    model.load_weights((n, shard_tensor(t, model.weight_shard(n))) for n, t in contents.tensors.items())
+    tok = load_gguf_tokenizer(path, contents.tokenizer_pre) if tokenizer else None
     template = getattr(tok, "chat_template", None) or contents.chat_template
     return LoadedModel(model, cfg, tok, os.path.dirname(os.path.abspath(path)), template, torch_dtype, device, "gguf")

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglang_duet.distributed.parallel_state import SINGLE, TPGroup
+from sglang_duet.distributed.sharding import ShardSpec, TPLayout, shard_tensor
 from sglang_duet.kernels.attention.base import AttentionBackend, ForwardBatch
 from sglang_duet.models.config import ModelConfig
 
@@ -58,26 +60,40 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     raise ValueError(f"Unsupported rope scaling {kind!r}")
 
 
+def row_parallel(linear: nn.Linear, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """A row-parallel linear: partial products summed over the ranks (one all-reduce), the
+    replicated bias added once afterwards. Size 1 is the plain nn.Linear, bit for bit."""
+    if tp.size == 1:
+        return linear(x)
+    y = tp.all_reduce(F.linear(x, linear.weight))
+    return y if linear.bias is None else y + linear.bias
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    """Column-parallel q/k/v (this rank's heads only), row-parallel o_proj."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
+        layout = TPLayout.of(cfg, tp.rank, tp.size)
+        self.tp = tp
         self.layer_id = layer_id
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.num_heads = layout.num_heads
+        self.num_kv_heads = layout.num_kv_heads
         self.head_dim = cfg.head_dim
         # Qwen2 hard-codes bias on q/k/v and none on o; Llama/Qwen3 use attention_bias for all four.
         qkv_bias = cfg.attention_bias or cfg.family == "qwen2"
         o_bias = cfg.attention_bias and cfg.family != "qwen2"
         h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, cfg.q_size, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, cfg.kv_size, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, cfg.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, h, bias=o_bias)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(h, q_size, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, kv_size, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_size, h, bias=o_bias)
         if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of each head, before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -95,26 +111,30 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         o = attn.run(self.layer_id, q, k, v, kv_pool)
-        return self.o_proj(o)
+        return row_parallel(self.o_proj, o, self.tp)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Column-parallel gate/up, row-parallel down."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         bias = bool(cfg.raw.get("mlp_bias", False))
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        inter = TPLayout.of(cfg, tp.rank, tp.size).intermediate
+        self.tp = tp
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return row_parallel(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer_id)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer_id, tp)
+        self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -124,10 +144,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        vocab = TPLayout.of(cfg, tp.rank, tp.size).vocab_per_rank
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -135,8 +156,13 @@ class LlamaForCausalLM(nn.Module):
     # Names present in some checkpoints that carry no weights of ours.
     _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, tp: TPGroup = SINGLE) -> None:
         super().__init__()
+        self.tp = tp
+        self.layout = TPLayout.of(config, tp.rank, tp.size)
+        #: set on the driver rank of a TP group: called with each batch before the forward runs, so
+        #: the follower ranks run the same forward (see sglang_duet.distributed.tp_worker)
+        self.step_broadcaster = None
         act = config.raw.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"Unsupported hidden_act {act!r} (only silu)")
@@ -144,10 +170,10 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("Sliding-window attention is not supported")
         self.config = config
         self.dtype = dtype
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, tp)
         # Tied embeddings: no lm_head module at all, forward reads embed_tokens.weight.
         # (Avoids a shared Parameter, which meta-device init + to_empty would silently untie.)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, self.layout.vocab_per_rank, bias=False)
         self._inv_freq_cpu = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self._inv_freq: torch.Tensor | None = None
 
@@ -166,16 +192,42 @@ class LlamaForCausalLM(nn.Module):
         Calls attn.plan(fb) unless the caller already did (planned=True), e.g. an executor
         that plans outside a captured CUDA graph.
         """
+        if self.step_broadcaster is not None:
+            with self.step_broadcaster(fb):
+                return self._forward(fb, attn, kv_pool, planned)
+        return self._forward(fb, attn, kv_pool, planned)
+
+    def _forward(self, fb: ForwardBatch, attn: AttentionBackend, kv_pool, planned: bool) -> torch.Tensor:
         if not planned:
             attn.plan(fb)
-        x = self.model.embed_tokens(fb.input_ids)
+        x = self.embed(fb.input_ids)
         cos, sin = self.rope_cos_sin(fb.positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn, kv_pool)
         # RMSNorm and lm_head are per-token: only the rows we sample from need them.
         x = self.model.norm(x[fb.sample_indices])
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, w).float()
+        if self.tp.size == 1:
+            return F.linear(x, w).float()
+        # vocab-parallel LM head: each rank scores its slice of the vocabulary; gather, drop padding
+        logits = self.tp.all_gather_last_dim(F.linear(x, w).float())
+        return logits[:, :self.config.vocab_size]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel embedding: a rank looks up the ids in its slice and zeros the rest; the
+        all-reduce adds exact zeros, so the result equals the unsharded lookup bit for bit."""
+        if self.tp.size == 1:
+            return self.model.embed_tokens(ids)
+        start = self.layout.vocab_start
+        local = ids - start
+        mine = (local >= 0) & (local < self.layout.vocab_per_rank)
+        x = self.model.embed_tokens(torch.where(mine, local, torch.zeros_like(local)))
+        x = x * mine.unsqueeze(-1).to(x.dtype)
+        return self.tp.all_reduce(x)
+
+    def weight_shard(self, name: str) -> ShardSpec | None:
+        """The slice of checkpoint tensor `name` this rank holds (None: the whole tensor)."""
+        return self.layout.spec(name, self.config.head_dim)
 
     # ---- weights ---------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -192,6 +244,14 @@ class LlamaForCausalLM(nn.Module):
             if p is None:
                 unexpected.append(name)
                 continue
+            if (self.tp.size > 1 and name.endswith(("embed_tokens.weight", "lm_head.weight"))
+                    and tensor.shape[0] < p.shape[0] and tuple(tensor.shape[1:]) == tuple(p.shape[1:])):
+                # the last vocab-parallel shard: rows past the vocabulary are zero padding
+                with torch.no_grad():
+                    p.zero_()
+                    p[:tensor.shape[0]].copy_(tensor.to(device=p.device, dtype=p.dtype))
+                loaded.add(name)
+                continue
             if tuple(p.shape) != tuple(tensor.shape):
                 raise ValueError(f"Shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(p.shape)}")
             with torch.no_grad():
@@ -207,11 +267,15 @@ class LlamaForCausalLM(nn.Module):
         """Deterministic random weights: N(0, std) matrices, ones for norms, zeros for biases.
 
         The generator lives on the parameters' device, so values are reproducible per device
-        without materialising multi-GB tensors on the host.
+        without materialising multi-GB tensors on the host. A tensor-parallel rank draws each
+        whole tensor (one at a time) and keeps its slice, so every --tp-size gets the same model.
         """
         dev = next(self.parameters()).device
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed)
+        if self.tp.size > 1:
+            self.load_weights(self._dummy_shards(gen, std, dev))
+            return
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.endswith("norm.weight"):
@@ -220,3 +284,15 @@ class LlamaForCausalLM(nn.Module):
                     p.zero_()
                 else:
                     p.normal_(0.0, std, generator=gen)
+
+    def _dummy_shards(self, gen: torch.Generator, std: float, dev: torch.device):
+        with torch.device("meta"):
+            whole = LlamaForCausalLM(self.config, self.dtype)
+        for name, meta in whole.named_parameters():
+            if name.endswith("norm.weight"):
+                t = torch.ones(meta.shape, dtype=self.dtype, device=dev)
+            elif name.endswith(".bias"):
+                t = torch.zeros(meta.shape, dtype=self.dtype, device=dev)
+            else:
+                t = torch.empty(meta.shape, dtype=self.dtype, device=dev).normal_(0.0, std, generator=gen)
+            yield name, shard_tensor(t, self.weight_shard(name))

@@ -68,7 +68,13 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "enable_metrics": ("accepted for SGLang compatibility: Prometheus /metrics is always served", {}),
     "watchdog_timeout": ("seconds the scheduler may go without reporting while alive before the server "
                          "declares it hung and exits non-zero", {}),
-    "tp_size": ("tensor parallel size (only 1 is supported)", {"aliases": ["--tensor-parallel-size"]}),
+    "tp_size": ("tensor parallel size: one scheduler rank (process) per shard, rank 0 broadcasts each step",
+                {"aliases": ["--tensor-parallel-size"]}),
+    "dist_init_addr": ("HOST:PORT where the tensor-parallel ranks meet (rank 0's machine; default: a free "
+                       "local port)", {"aliases": ["--nccl-init-addr"]}),
+    "nnodes": ("machines the --tp-size ranks are spread over", {}),
+    "node_rank": ("this machine's index among --nnodes (0 serves HTTP; others run follower ranks only)", {}),
+    "dist_timeout": ("seconds a tensor-parallel collective may wait before it fails (default 300)", {}),
     "skip_warmup": ("do not send a warm-up request before reporting ready", {}),
     "max_request_bytes": ("largest HTTP request body accepted; larger ones get HTTP 413", {}),
     "shutdown_grace_s": ("on SIGTERM, seconds in-flight requests may still finish before they are failed", {}),
@@ -138,8 +144,16 @@ def server_args_from_namespace(ns: argparse.Namespace, parser: argparse.Argument
 
 def check_server_args(a: ServerArgs) -> str | None:
     """The first problem found, worded with the flag's name; None if all is well."""
-    if a.tp_size != 1:
-        return f"--tp-size {a.tp_size}: tensor parallelism is not supported; only --tp-size 1 works"
+    if a.tp_size < 1:
+        return f"--tp-size {a.tp_size}: must be >= 1"
+    if a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
+        return f"--node-rank {a.node_rank}: must be in [0, --nnodes {a.nnodes})"
+    if a.tp_size % a.nnodes:
+        return f"--tp-size {a.tp_size}: must be a multiple of --nnodes {a.nnodes}"
+    if a.nnodes > 1 and not a.dist_init_addr:
+        return "--nnodes > 1 needs --dist-init-addr HOST:PORT"
+    if a.tp_size > 1 and a.executor != "model":
+        return f"--tp-size {a.tp_size}: needs --executor model (the emulated GPU does not price all-reduces yet)"
     if not 0 < a.port < 65536:
         return f"--port {a.port}: must be in 1..65535"
     if a.mem_fraction_static is not None and not 0.0 < a.mem_fraction_static <= 1.0:

@@ -1,0 +1,80 @@
+"""The tensor-parallel group: this process's rank, the group size, and the two collectives the
+model needs (all-reduce of row-parallel outputs, all-gather of vocab-parallel logits).
+
+Backend: NCCL when the ranks run on CUDA devices, gloo on CPUs, chosen from the device. Step
+plans always travel over a gloo group (`control`), as SGLang's `broadcast_pyobj` does on its CPU
+group, so a pickled plan never has to be staged on a GPU.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass
+class TPGroup:
+    """rank/size of this process in the tensor-parallel group; size 1 means no collectives at all."""
+
+    rank: int = 0
+    size: int = 1
+    backend: str = "none"
+    control: object = field(default=None, repr=False)  # gloo group for pickled step plans
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """[.., n] on every rank -> [.., size * n] in rank order, on every rank."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def broadcast_object(self, obj=None):
+        """Rank 0's `obj` on every rank (pickled, over the gloo control group)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+
+SINGLE = TPGroup()
+
+
+def backend_for(device: torch.device | str) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_tp_group(rank: int, size: int, init_method: str, device: torch.device | str,
+                  timeout_s: float | None = None) -> TPGroup:
+    """Join the default process group (blocks until all `size` ranks have joined).
+
+    init_method: 'tcp://host:port' (rank 0 listens there). timeout_s bounds every collective:
+    a rank that stops answering raises in the others instead of hanging them; a rank that dies
+    closes its sockets, which its peers see at once.
+    """
+    if size == 1:
+        return SINGLE
+    backend = backend_for(device)
+    timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    return TPGroup(rank=rank, size=size, backend=backend, control=control)
+
+
+def destroy_tp_group(group: TPGroup) -> None:
+    if group.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

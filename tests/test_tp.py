@@ -1,0 +1,117 @@
+"""Tensor parallelism on CPU (gloo): `--tp-size 2` against `--tp-size 1` and transformers.
+
+Each tp-2 engine spawns one follower process (seconds on a small machine), so the default run
+covers three tiny models that between them exercise every sharding path: smollm (Llama, tied
+embeddings: the vocab-parallel embedding doubles as the LM head), qwen3 (QK-norm, head_dim !=
+hidden / heads, 2 KV heads split over 2 ranks) and a Qwen2 with ONE KV head (replicated on both
+ranks) and an odd vocabulary (the last vocab shard is padded).
+
+fp32 all-reduce sums the row-parallel partial products in another order than one matmul, so
+logits differ in the last bits; the tiny models are built with clear argmax margins, so greedy
+tokens must still be identical (and they are, token for token).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_duet.distributed.sharding import ShardSpec, TPLayout
+from sglang_duet.models.config import ModelConfig
+from test_models import hf_greedy, hf_model
+
+PROMPTS = ["The capital of France is", "Hello world! How", "def add(a, b):\n    return a"]
+MAX_NEW = 12
+GREEDY = {"max_new_tokens": MAX_NEW, "temperature": 0}
+SEEDED = [{"max_new_tokens": MAX_NEW, "temperature": 0.9, "top_p": 0.95, "seed": 11 + i} for i in range(len(PROMPTS))]
+
+
+def build_mqa_qwen2(path) -> str:
+    """Qwen2 (QKV bias) with 1 KV head and a vocabulary of 385 (odd: not divisible by 2 ranks)."""
+    from tiny_models import _config, build_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer()
+    cfg = _config("qwen2", len(tok) + 1)
+    cfg.num_key_value_heads = 1
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+def run_engine(path: str, tp: int) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """Greedy and seeded-sampling outputs of PROMPTS, and the tokenized prompts."""
+    from sglang_duet.engine import Engine
+
+    eng = Engine(path, tp_size=tp, max_total_tokens=1024, chunked_prefill_size=8)
+    try:
+        greedy = [o["output_ids"] for o in eng.generate(PROMPTS, GREEDY)]
+        sampled = [o["output_ids"] for o in eng.generate(PROMPTS, SEEDED)]
+        ids = [eng.tokenizer.encode(p) for p in PROMPTS]
+        if tp > 1:  # each rank's KV pool holds its own heads only
+            assert eng.core.kv_pool.num_kv_heads == max(1, eng.core.model_config.num_key_value_heads // tp)
+    finally:
+        eng.shutdown()
+    return greedy, sampled, ids
+
+
+@pytest.fixture(scope="module")
+def tp_models(tiny_model_factory, tmp_path_factory):
+    return {"smollm": tiny_model_factory("smollm"), "qwen3": tiny_model_factory("qwen3"),
+            "qwen2-mqa": build_mqa_qwen2(tmp_path_factory.mktemp("tp") / "qwen2-mqa")}
+
+
+@pytest.mark.parametrize("name", ["smollm", "qwen3", "qwen2-mqa"])
+def test_tp2_token_exact_with_tp1_and_transformers(tp_models, name):
+    path = tp_models[name]
+    g1, s1, ids = run_engine(path, 1)
+    g2, s2, _ = run_engine(path, 2)
+    assert g2 == g1
+    assert s2 == s1  # seeded sampling: the same logits, the same draws (rank 0 samples)
+    assert s1 != g1  # the sampling case is not greedy in disguise
+    hf = hf_model(path)
+    eos = ModelConfig.from_path(path).eos_token_ids[0]
+    for prompt, ours in zip(ids, g2):
+        assert ours == hf_greedy(hf, prompt, MAX_NEW, eos)[:len(ours)]
+
+
+# ---- layout (no processes) -----------------------------------------------------------------------
+
+def _cfg(heads=4, kv=2, inter=128, vocab=385, head_dim=16) -> ModelConfig:
+    return ModelConfig(architecture="LlamaForCausalLM", family="llama", vocab_size=vocab, hidden_size=64,
+                       intermediate_size=inter, num_hidden_layers=1, num_attention_heads=heads,
+                       num_key_value_heads=kv, head_dim=head_dim, rms_norm_eps=1e-6, rope_theta=1e4,
+                       rope_scaling=None, max_position_embeddings=64, tie_word_embeddings=False,
+                       attention_bias=False, qk_norm=False, dtype="float32")
+
+
+def test_kv_heads_replicated_when_fewer_than_ranks():
+    cfg = _cfg(heads=8, kv=2)
+    layouts = [TPLayout.of(cfg, r, 4) for r in range(4)]
+    assert [(lay.num_heads, lay.num_kv_heads, lay.kv_head_start) for lay in layouts] == [
+        (2, 1, 0), (2, 1, 0), (2, 1, 1), (2, 1, 1)]
+    # query heads 2r, 2r+1 belong to KV group (2r) // 4: the KV head this rank holds
+    for lay in layouts:
+        assert (lay.rank * lay.num_heads) // (8 // 2) == lay.kv_head_start
+    assert layouts[3].spec("model.layers.0.self_attn.k_proj.weight", 16) == ShardSpec(0, 16, 32)
+
+
+def test_shard_specs_and_vocab_padding():
+    cfg = _cfg()
+    last = TPLayout.of(cfg, 1, 2)
+    assert last.vocab_per_rank == 193
+    assert last.spec("model.embed_tokens.weight", 16) == ShardSpec(0, 193, 385)  # 192 rows + 1 padding
+    assert last.spec("model.layers.0.self_attn.q_proj.weight", 16) == ShardSpec(0, 32, 64)
+    assert last.spec("model.layers.0.self_attn.o_proj.weight", 16) == ShardSpec(1, 32, 64)
+    assert last.spec("model.layers.0.mlp.down_proj.weight", 16) == ShardSpec(1, 64, 128)
+    assert last.spec("model.layers.0.mlp.down_proj.bias", 16) is None  # added once, after the all-reduce
+    assert last.spec("model.norm.weight", 16) is None
+    assert TPLayout.of(cfg, 0, 1).spec("model.layers.0.self_attn.q_proj.weight", 16) is None
+
+
+@pytest.mark.parametrize("kw, flag", [({"heads": 6, "kv": 2}, "attention heads"), ({"inter": 102}, "intermediate"),
+                                      ({"heads": 12, "kv": 6}, "KV heads"), ({"heads": 12, "kv": 3}, "KV heads")])
+def test_uneven_splits_are_refused(kw, flag):
+    with pytest.raises(ValueError, match=flag):
+        TPLayout.of(_cfg(**kw), 0, 4)
