@@ -57,6 +57,13 @@ def launch_server(args: ServerArgs, hooks: ServerHooks | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    if args.node_rank > 0:  # SGLang's layout: only node 0 serves HTTP; other nodes run follower ranks
+        from sglang_duet.distributed.tp_worker import run_node_followers
+
+        try:
+            return run_node_followers(args)
+        except _Stop:
+            return 0
     server = Launcher(args, hooks)
     try:
         server.start_children()
@@ -93,7 +100,9 @@ class Launcher:
         args_bytes = msgspec.msgpack.encode(self.args)  # no pickled objects cross the process boundary
         self.procs["scheduler"] = ctx.Process(target=run_scheduler_process, name="sglang-duet-scheduler",
                                               args=(args_bytes, self.paths, s_child, self.hooks.scheduler_class),
-                                              daemon=True)
+                                              # a daemonic process may not start children: the
+                                              # tensor-parallel follower ranks (stop_children ends it)
+                                              daemon=self.args.tp_size == 1)
         self.procs["detokenizer"] = ctx.Process(target=run_detokenizer_process, name="sglang-duet-detokenizer",
                                                 args=(self.args.log_level, self.paths, d_child), daemon=True)
         for p in self.procs.values():

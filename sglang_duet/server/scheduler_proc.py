@@ -97,6 +97,15 @@ def _cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
 
+def _follower_died(rank: int, exitcode) -> None:
+    """A tensor-parallel rank died: this rank cannot run another step. Exit at once (from the watcher
+    thread, whatever the loop is doing) so the launcher fails every in-flight request and exits
+    non-zero; waiting for the next collective to fail would leave an idle server half dead."""
+    logger.error("tensor-parallel rank %d died (exit code %s): the scheduler exits", rank, exitcode)
+    logging.shutdown()
+    os._exit(1)
+
+
 class SchedulerProcess:
     def __init__(self, args, paths: IPCPaths):
         from sglang_duet.constrained.grammar import install_grammars
@@ -105,6 +114,8 @@ class SchedulerProcess:
         self.args = args
         self.paths = paths
         self.engine = EngineCore(args)
+        if self.engine.tp_driver is not None:
+            self.engine.tp_driver.on_follower_death = _follower_died
         install_grammars(self.engine)  # structured output: a matcher per request that sets a grammar
         if getattr(args, "emulated_step_ms", None):
             from sglang_duet.cost_model.constant import install_constant_device
