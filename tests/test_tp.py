@@ -12,6 +12,8 @@ tokens must still be identical (and they are, token for token).
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -40,17 +42,32 @@ def build_mqa_qwen2(path) -> str:
     return str(path)
 
 
-def run_engine(path: str, tp: int) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """Greedy and seeded-sampling outputs of PROMPTS, and the tokenized prompts."""
+def run_engine(path: str, tp: int, faults: bool = False) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """Greedy and seeded-sampling outputs of PROMPTS, and the tokenized prompts.
+
+    faults (tp > 1): a 2 s collective timeout and 3 s idle between the two generate calls (the
+    driver's keepalive must hold the idle follower), then the follower is killed: the next call
+    raises instead of hanging in a collective."""
     from sglang_duet.engine import Engine
 
-    eng = Engine(path, tp_size=tp, max_total_tokens=1024, chunked_prefill_size=8)
+    extra = {"dist_timeout": 2.0} if faults else {}
+    eng = Engine(path, tp_size=tp, max_total_tokens=1024, chunked_prefill_size=8, **extra)
     try:
         greedy = [o["output_ids"] for o in eng.generate(PROMPTS, GREEDY)]
+        if faults:
+            time.sleep(3.0)
         sampled = [o["output_ids"] for o in eng.generate(PROMPTS, SEEDED)]
         ids = [eng.tokenizer.encode(p) for p in PROMPTS]
         if tp > 1:  # each rank's KV pool holds its own heads only
             assert eng.core.kv_pool.num_kv_heads == max(1, eng.core.model_config.num_key_value_heads // tp)
+        if faults:
+            (follower,) = eng.core.tp_driver.procs.values()
+            follower.kill()
+            follower.join(5)
+            t = time.monotonic()
+            with pytest.raises(RuntimeError):
+                eng.generate(PROMPTS[0], GREEDY)
+            assert time.monotonic() - t < 2.0
     finally:
         eng.shutdown()
     return greedy, sampled, ids
@@ -66,7 +83,7 @@ def tp_models(tiny_model_factory, tmp_path_factory):
 def test_tp2_token_exact_with_tp1_and_transformers(tp_models, name):
     path = tp_models[name]
     g1, s1, ids = run_engine(path, 1)
-    g2, s2, _ = run_engine(path, 2)
+    g2, s2, _ = run_engine(path, 2, faults=name == "qwen2-mqa")
     assert g2 == g1
     assert s2 == s1  # seeded sampling: the same logits, the same draws (rank 0 samples)
     assert s1 != g1  # the sampling case is not greedy in disguise

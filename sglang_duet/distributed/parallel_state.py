@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
+RENDEZVOUS_TIMEOUT_S = 600.0  # joining: the other ranks may still be importing torch on a busy machine
 
 
 @dataclass
@@ -23,6 +24,8 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     backend: str = "none"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    model: object = field(default=None, repr=False)  # group of the model's collectives (nccl | gloo)
     control: object = field(default=None, repr=False)  # gloo group for pickled step plans
 
     @property
@@ -31,7 +34,7 @@ class TPGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(x)
+            dist.all_reduce(x, group=self.model)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +42,7 @@ class TPGroup:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x.contiguous(), group=self.model)
         return torch.cat(parts, dim=-1)
 
     def broadcast_object(self, obj=None):
@@ -60,19 +63,23 @@ def init_tp_group(rank: int, size: int, init_method: str, device: torch.device |
                   timeout_s: float | None = None) -> TPGroup:
     """Join the default process group (blocks until all `size` ranks have joined).
 
-    init_method: 'tcp://host:port' (rank 0 listens there). timeout_s bounds every collective:
-    a rank that stops answering raises in the others instead of hanging them; a rank that dies
-    closes its sockets, which its peers see at once.
+    init_method: 'tcp://host:port' (rank 0 listens there). timeout_s bounds every collective of
+    the two groups made here (the default group, with a longer timeout, only serves the
+    rendezvous): a rank that stops answering raises in the others instead of hanging them; a rank
+    that dies closes its sockets, which its peers see at once.
     """
     if size == 1:
         return SINGLE
     backend = backend_for(device)
-    timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+    timeout_s = timeout_s or DEFAULT_TIMEOUT_S
+    timeout = datetime.timedelta(seconds=timeout_s)
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout)
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    return TPGroup(rank=rank, size=size, backend=backend, control=control)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=max(timeout_s, RENDEZVOUS_TIMEOUT_S)))
+    model = dist.new_group(backend=backend, timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout)
+    return TPGroup(rank=rank, size=size, backend=backend, timeout_s=timeout_s, model=model, control=control)
 
 
 def destroy_tp_group(group: TPGroup) -> None:

@@ -34,7 +34,7 @@ from sglang_duet.distributed.parallel_state import TPGroup, destroy_tp_group, in
 
 logger = logging.getLogger(__name__)
 
-KEEPALIVE_S = 5.0
+KEEPALIVE_S = 5.0  # at most; never more than a third of the group's timeout
 _FORWARD, _SETUP, _KEEPALIVE, _STOP = "forward", "setup", "keepalive", "stop"
 
 
@@ -166,8 +166,9 @@ class TPDriver:
         self._last_send = time.monotonic()
 
     def _keepalive(self) -> None:
-        while not self._closing.wait(1.0):
-            if time.monotonic() - self._last_send < KEEPALIVE_S or not self._lock.acquire(blocking=False):
+        every = min(KEEPALIVE_S, self.group.timeout_s / 3)
+        while not self._closing.wait(min(1.0, every / 2)):
+            if time.monotonic() - self._last_send < every or not self._lock.acquire(blocking=False):
                 continue
             try:
                 if not self._closing.is_set():
