@@ -1,0 +1,320 @@
+"""A cost model that describes the CPU the server runs on, fitted from timed forward passes.
+
+The shipped hardware files describe GPUs. On a CPU, `--policy duet` priced a step with the H100's
+roofline and believed a 6000-token prefill takes ~30 ms when it takes tens of seconds, so its TBT
+SLO promised nothing. Here, at start-up, a few forward passes of the actual model (prefill chunks
+of several lengths, decode batches of several sizes and contexts) are timed, and three numbers are
+fitted so that the roofline's own formula (plus two host terms) reproduces them:
+
+    step time = sum over operators of max(FLOPs / rate, bytes / bandwidth) + per_step + per_request * R
+
+with rate = `compute` (FLOP/s of the matmuls: the time per prefill token) or, for attention,
+`attention` (FLOP/s of the CPU attention kernel, far below the matmuls': how a step grows with
+context); `bandwidth` (bytes/s: weights and KV read per step); `per_step` and `per_request` (host
+time: Python and dispatch per forward pass, and per request of the batch R, which dominate a small
+model's decode on a CPU). They
+replace the base hardware's curves (scaled to the fitted whole-device values; its SM grid is kept
+so every policy's code runs unchanged), so `CostModel` and every policy helper that reads the
+hardware (SummaryPricer, LatencyModel) plan with CPU times. The fit is cached by (model config,
+dtype, threads, CPU, attention backend) in ~/.cache/sglang_duet/cpu-calibration/, so only the
+first start with a model on a machine pays the timing (a few seconds).
+
+SGLANG_DUET_CPU_COST_MODEL=0 keeps the configured (GPU) hardware file instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from .hardware import Curves, HardwareSpec
+from .roofline import CostModel
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_VERSION = 1
+# Policies that plan with the cost model (the others get the calibrated one too if asked, but a
+# start-up of the default policy does not pay for timing it does not use).
+CALIBRATED_POLICIES = frozenset({"chunked", "duet", "duet-paper", "static-split"})
+PREFILL_LENGTHS = (16, 128, 512)
+DECODE_SHAPES = ((1, 32), (8, 32), (8, 512), (32, 128))  # (batch, context)
+CACHED_PREFILLS = ((64, 448),)  # (new, cached): attention of a chunk after earlier ones
+TIME_BUDGET_S = 8.0  # stop adding (longer) points once the timing took this long
+
+
+@dataclass
+class CpuCalibration:
+    key: str
+    compute: float  # FLOP/s of the matmuls
+    attention: float  # FLOP/s of attention
+    bandwidth: float  # bytes/s
+    per_step_s: float  # host time of a forward pass whatever its size
+    per_request_s: float  # host time per request in the batch (metadata, per-request attention calls)
+    points: list = field(default_factory=list)  # [{"reqs": [[q, c], ...], "seconds": t}, ...]
+    median_rel_err: float = 0.0  # of the fitted model on the points
+    created: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CpuCalibration":
+        return cls(**json.loads(text))
+
+
+class CpuCostModel(CostModel):
+    """The roofline with the CPU's fitted rates, plus two host-time operators a GPU model has no
+    need of: a fixed time per forward pass and a time per request in the batch. They are expressed
+    as operators (bytes at the device's bandwidth) so that everything reading the operator
+    inventory (policies' SummaryPricer) prices exactly what `batch_time` does."""
+
+    def __init__(self, model, hw: HardwareSpec, dtype_bytes: int, per_step_s: float, per_request_s: float):
+        super().__init__(model, hw, dtype_bytes)
+        bw = hw.bandwidth()
+        self._step_bytes = per_step_s * bw
+        self._request_bytes = per_request_s * bw
+
+    def _ops(self, reqs):
+        ops = super()._ops(reqs)
+        if reqs:
+            ops = ops + [("cpu_host_step", 0.0, self._step_bytes, 0, False),
+                         ("cpu_host_requests", 0.0, self._request_bytes * len(reqs), 0, False)]
+        return ops
+
+
+# ---- fitting (pure Python) ------------------------------------------------------------------
+
+
+def _features(cm: CostModel, reqs) -> tuple[list, int]:
+    return [(f, b, a) for _, f, b, _, a in cm._ops(reqs)], len(reqs)
+
+
+def _predict(feat, p) -> float:
+    ops, n = feat
+    compute, attention, bandwidth, per_step, per_req = p
+    return sum(max(f / (attention if a else compute), b / bandwidth) for f, b, a in ops) + per_step + per_req * n
+
+
+def _rel_errs(feats, times, p) -> list[float]:
+    return [abs(_predict(ft, p) - t) / t for ft, t in zip(feats, times)]
+
+
+def fit(cm: CostModel, points: list[tuple[list, float]]) -> tuple[tuple[float, ...], float]:
+    """(compute, attention, bandwidth, per_step_s, per_request_s) minimising the relative error of
+    the CPU roofline on `points` [(reqs, seconds)] (cm: the base roofline, for the operators'
+    FLOPs and bytes), and its median relative error. A start from the additive model's
+    non-negative least squares, then a multiplicative coordinate search under the max()."""
+    feats = [_features(cm, reqs) for reqs, _ in points]
+    times = [t for _, t in points]
+    rows = []
+    for (ops, n), t in zip(feats, times):
+        F = sum(f for f, _, a in ops if not a)
+        A = sum(f for f, _, a in ops if a)
+        B = sum(b for _, b, _ in ops)
+        rows.append((F / t, A / t, B / t, 1.0 / t, n / t))
+    best = None
+    for mask in range(1, 32):  # non-negative least squares by trying each support set
+        cols = [j for j in range(5) if mask >> j & 1]
+        sol = _lstsq([[r[j] for j in cols] for r in rows], [1.0] * len(rows))
+        if sol is None or any(x <= 0 for x in sol):
+            continue
+        coef = [0.0] * 5
+        for j, x in zip(cols, sol):
+            coef[j] = x
+        err = sum((sum(r[j] * coef[j] for j in range(5)) - 1.0) ** 2 for r in rows)
+        if best is None or err < best[0]:
+            best = (err, coef)
+    coef = best[1] if best else [1e-11, 1e-11, 1e-10, 1e-3, 1e-4]
+    inv = [1.0 / c if c > 0 else 1e16 for c in coef[:3]]
+    p = [inv[0], inv[1], inv[2], max(coef[3], 1e-6), max(coef[4], 1e-7)]
+
+    def score(q):
+        return statistics.fmean(e * e for e in _rel_errs(feats, times, q))
+
+    def search(p):
+        cur = score(p)
+        for _ in range(200):
+            improved = False
+            for i in range(5):  # big steps too: under max() a rate far off sits on a plateau
+                for f in (1e-3, 1e-2, 0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 1.05, 1.2, 1.4, 2.0, 3.0, 10.0, 100.0, 1e3):
+                    trial = list(p)
+                    trial[i] *= f
+                    sc = score(trial)
+                    if sc < cur:
+                        p, cur, improved = trial, sc, True
+            if not improved:
+                break
+        return cur, p
+
+    # from the least squares, and from a device where every term matters (a second basin under max())
+    t_min = min(times)
+    starts = [p, [p[0], p[1], p[2] if p[2] < 1e15 else 1e10, t_min / 2, t_min / 20]]
+    best_score, p = min((search(list(q)) for q in starts), key=lambda r: r[0])
+    return tuple(p), statistics.median(_rel_errs(feats, times, p))
+
+
+def _lstsq(a: list[list[float]], y: list[float]) -> list[float] | None:
+    """Normal equations for a few columns (Gaussian elimination); None when singular."""
+    n = len(a[0])
+    m = [[sum(r[i] * r[j] for r in a) for j in range(n)] + [sum(r[i] * v for r, v in zip(a, y))] for i in range(n)]
+    for i in range(n):
+        p = max(range(i, n), key=lambda r: abs(m[r][i]))
+        if abs(m[p][i]) < 1e-300:
+            return None
+        m[i], m[p] = m[p], m[i]
+        for r in range(n):
+            if r != i:
+                k = m[r][i] / m[i][i]
+                m[r] = [x - k * z for x, z in zip(m[r], m[i])]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+def cpu_spec(base: HardwareSpec, cal: CpuCalibration) -> HardwareSpec:
+    """`base` with its curves scaled to the CPU's fitted values (its SM grid kept as a convention)."""
+    return dataclasses.replace(
+        base, name=f"cpu-calibrated ({platform.machine()})",
+        curves=Curves(compute=base.curves.compute.scaled(cal.compute / base.compute()),
+                      bandwidth=base.curves.bandwidth.scaled(cal.bandwidth / base.bandwidth())),
+        launch_overhead_s=0.0, attention_efficiency=cal.attention / cal.compute, green_contexts=False,
+        source=f"cpu-calibration:{cal.key}",
+        measured={"compute": cal.compute, "attention": cal.attention, "bandwidth": cal.bandwidth,
+                  "per_step_s": cal.per_step_s, "per_request_s": cal.per_request_s,
+                  "median_rel_err": cal.median_rel_err, "points": len(cal.points)})
+
+
+def cpu_cost_model(model_config, base: HardwareSpec, cal: CpuCalibration, dtype_bytes: int) -> CpuCostModel:
+    return CpuCostModel(model_config, cpu_spec(base, cal), dtype_bytes, cal.per_step_s, cal.per_request_s)
+
+
+# ---- timing the model -----------------------------------------------------------------------
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def calibration_key(model_config, dtype: str, attn_name: str) -> str:
+    import torch
+
+    cfg = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else vars(model_config)
+    cfg = {k: v for k, v in cfg.items() if k not in ("name", "path", "model_path")}
+    blob = json.dumps({"v": CALIBRATION_VERSION, "cfg": cfg, "dtype": dtype, "threads": torch.get_num_threads(),
+                       "cpu": _cpu_name(), "attn": attn_name}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_dir() -> str:
+    from sglang_duet.model_loader.embedded import cache_root
+
+    return os.path.join(cache_root(), "cpu-calibration")
+
+
+def measure(executor, capacity: int, context_length: int, budget_s: float = TIME_BUDGET_S) -> list[tuple[list, float]]:
+    """Timed forward passes of the executor's model: [(reqs, seconds)], reqs = [(new, cached), ...].
+
+    Uses KV slots 1..n of the (still empty) pool; every decode row of a batch reuses the same slots
+    (the timing does not depend on what the KV holds). Each shape: one warm-up, then the best of
+    two runs (one for a shape whose warm-up took over half a second)."""
+    from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, ReqWork
+    from sglang_duet.sampling_params import SamplingParams
+
+    limit = min(capacity, context_length) - 1
+    params = SamplingParams(temperature=0.0, max_new_tokens=1)
+    shapes = [[(t, 0)] for t in PREFILL_LENGTHS if t <= limit]
+    shapes += [[(1, c)] * b for b, c in DECODE_SHAPES if c + 1 <= limit]
+    shapes += [[(q, c)] for q, c in CACHED_PREFILLS if q + c <= limit]
+    shapes.sort(key=lambda reqs: sum(q for q, _ in reqs) + sum(c for _, c in reqs) / 16)  # cheap first
+    out: list[tuple[list, float]] = []
+    start = time.monotonic()
+    for n, reqs in enumerate(shapes):
+        if out and len(out) >= 4 and time.monotonic() - start > budget_s:
+            break
+        work = [ReqWork(f"calib-{n}-{i}", [7] * q, c, list(range(1, c + q + 1)), True, 1, 0, params, [], [7])
+                for i, (q, c) in enumerate(reqs)]
+        best = math.inf
+        reps = 3
+        for rep in range(3):
+            if rep >= reps:
+                break
+            launch = Launch(10_000_000 + 3 * n + rep, LaneKind.AGGREGATED, LaneBatch(), work)
+            t0 = time.perf_counter()
+            executor.run(launch)
+            dt = time.perf_counter() - t0
+            if rep:
+                best = min(best, dt)
+            elif dt > 0.5:
+                reps = 2
+        out.append((reqs, best))
+    return out
+
+
+def load_or_calibrate(engine, cm: CostModel) -> CpuCalibration:
+    executor = engine.executor
+    executor = getattr(executor, "_agg", executor)  # the two-lane executor's synchronous one
+    dtype = str(next(executor.model.parameters()).dtype)
+    key = calibration_key(engine.model_config, dtype, type(executor.attn).__name__)
+    path = os.path.join(cache_dir(), f"{key}.json")
+    try:
+        with open(path) as fh:
+            cal = CpuCalibration.from_json(fh.read())
+        logger.info("CPU cost model from %s", path)
+        return cal
+    except (OSError, ValueError, TypeError):
+        pass
+    t0 = time.monotonic()
+    points = measure(executor, engine.kv_slots - 1, engine.context_length)
+    (compute, attention, bandwidth, per_step, per_req), err = fit(cm, points)
+    cal = CpuCalibration(key, compute, attention, bandwidth, per_step, per_req,
+                         [{"reqs": r, "seconds": t} for r, t in points], err,
+                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    logger.info("CPU cost model calibrated in %.1f s: %.3g FLOP/s (attention %.3g), %.3g B/s, %.3g ms per step, "
+                "%.3g ms per request, median error %.0f%%", time.monotonic() - t0, compute, attention, bandwidth,
+                per_step * 1e3, per_req * 1e3, err * 100)
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(cal.to_json())
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning("could not cache the CPU calibration in %s: %s", path, e)
+    return cal
+
+
+def install_cpu_cost_model(engine) -> HardwareSpec | None:
+    """On a CPU with the real model and a policy that plans with the cost model: replace the policy
+    (rebuilt: policies precompute from the model at construction) with one whose cost model and
+    hardware describe this CPU. Returns the CPU's HardwareSpec, or None where nothing changed."""
+    args = engine.args
+    policy = getattr(engine, "policy", None)
+    ctx = getattr(policy, "ctx", None)
+    if (getattr(args, "executor", "") != "model" or not str(getattr(engine, "device", "")).startswith("cpu")
+            or args.policy not in CALIBRATED_POLICIES or ctx is None or ctx.hardware is None
+            or os.environ.get("SGLANG_DUET_CPU_COST_MODEL", "1") == "0"):
+        return None
+    from sglang_duet.policies.base import load_policy
+
+    executor = getattr(engine.executor, "_agg", engine.executor)
+    dtype_bytes = next(executor.model.parameters()).element_size()
+    base_cm = CostModel(engine.model_config, ctx.hardware, dtype_bytes)
+    cal = load_or_calibrate(engine, base_cm)
+    cm = cpu_cost_model(engine.model_config, ctx.hardware, cal, dtype_bytes)
+    hw = cm.hw
+    new_ctx = dataclasses.replace(ctx, cost_model=cm, hardware=hw)
+    engine.policy = load_policy(args.policy, new_ctx)
+    engine.core.policy = engine.policy
+    return hw
