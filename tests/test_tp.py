@@ -132,3 +132,68 @@ def test_shard_specs_and_vocab_padding():
 def test_uneven_splits_are_refused(kw, flag):
     with pytest.raises(ValueError, match=flag):
         TPLayout.of(_cfg(**kw), 0, 4)
+
+
+# ---- sharded loading (no processes: a rank's shard is built and loaded without collectives) -------
+
+def write_tiny_gguf(hf_dir: str, path: str) -> str:
+    """The tiny llama's safetensors as an F32 GGUF, q/k rows in llama.cpp's permuted layout."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from sglang_duet.model_loader.gguf_loader import _GLOBAL_MAP, _LAYER_MAP, permute_qk
+
+    cfg = ModelConfig.from_path(hf_dir)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    hf_to_gguf = {v: k for k, v in _GLOBAL_MAP.items()}
+    for name, t in load_file(f"{hf_dir}/model.safetensors").items():
+        if name in hf_to_gguf:
+            w.add_tensor(hf_to_gguf[name], t.numpy())
+            continue
+        layer, rest = name.removeprefix("model.layers.").split(".", 1)
+        module, suffix = rest.rsplit(".", 1)
+        kind = next(k for k, v in _LAYER_MAP.items() if v == module)
+        if kind in ("attn_q", "attn_k"):
+            t = permute_qk(t, cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads)
+        w.add_tensor(f"blk.{layer}.{kind}.{suffix}", t.contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf", "dummy"])
+@pytest.mark.parametrize("size", [2, 4])  # 4 ranks > 2 KV heads: each KV head on two ranks
+def test_each_rank_loads_its_slice(tiny_model_factory, tmp_path, fmt, size):
+    from sglang_duet.distributed.parallel_state import TPGroup
+    from sglang_duet.distributed.sharding import shard_tensor
+    from sglang_duet.model_loader.loader import load_model
+
+    path = tiny_model_factory("llama")
+    if fmt == "gguf":
+        path = write_tiny_gguf(path, str(tmp_path / "tiny.gguf"))
+    kw = {"load_format": "dummy", "seed": 3} if fmt == "dummy" else {}
+    whole = dict(load_model(path, tokenizer=False, **kw).model.named_parameters())
+    kv_rows = set()
+    for rank in range(size):
+        shard = load_model(path, tokenizer=False, tp=TPGroup(rank=rank, size=size), **kw).model
+        for name, p in shard.named_parameters():
+            want = shard_tensor(whole[name].detach(), shard.weight_shard(name))
+            got = p.detach()[:want.shape[0]]
+            assert torch.equal(got, want), (fmt, rank, name)
+            assert not got.equal(torch.zeros_like(got)) or name.endswith("bias"), name
+            if name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight"):
+                assert torch.count_nonzero(p.detach()[want.shape[0]:]) == 0  # padding rows
+        kv_rows.add(shard.layout.kv_head_start)
+        assert shard.model.layers[0].self_attn.k_proj.weight.shape[0] == max(1, 2 // size) * 16
+    assert kv_rows == {0, 1}  # every KV head is held somewhere
