@@ -39,14 +39,15 @@ from .roofline import CostModel
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 # Policies that plan with the cost model (the others get the calibrated one too if asked, but a
 # start-up of the default policy does not pay for timing it does not use).
 CALIBRATED_POLICIES = frozenset({"chunked", "duet", "duet-paper", "static-split"})
 PREFILL_LENGTHS = (16, 128, 512)
 DECODE_SHAPES = ((1, 32), (8, 32), (8, 512), (32, 128))  # (batch, context)
 CACHED_PREFILLS = ((64, 448),)  # (new, cached): attention of a chunk after earlier ones
-TIME_BUDGET_S = 8.0  # stop adding (longer) points once the timing took this long
+TIME_BUDGET_S = 8.0  # stop adding (longer) points once the timing took this long...
+MIN_POINTS = 7  # ...but not before this many: the fit has 5 parameters
 
 
 @dataclass
@@ -241,7 +242,7 @@ def measure(executor, capacity: int, context_length: int, budget_s: float = TIME
     out: list[tuple[list, float]] = []
     start = time.monotonic()
     for n, reqs in enumerate(shapes):
-        if out and len(out) >= 4 and time.monotonic() - start > budget_s:
+        if len(out) >= MIN_POINTS and time.monotonic() - start > budget_s:
             break
         work = [ReqWork(f"calib-{n}-{i}", [7] * q, c, list(range(1, c + q + 1)), True, 1, 0, params, [], [7])
                 for i, (q, c) in enumerate(reqs)]
