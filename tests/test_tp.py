@@ -197,3 +197,17 @@ def test_each_rank_loads_its_slice(tiny_model_factory, tmp_path, fmt, size):
         kv_rows.add(shard.layout.kv_head_start)
         assert shard.model.layers[0].self_attn.k_proj.weight.shape[0] == max(1, 2 // size) * 16
     assert kv_rows == {0, 1}  # every KV head is held somewhere
+
+
+def test_sglang_flag_names(capsys):
+    from sglang_duet.server.args import parse_args
+
+    a = parse_args(["--tensor-parallel-size", "4", "--nnodes", "2", "--node-rank", "1",
+                    "--dist-init-addr", "10.0.0.1:5000", "--dist-timeout", "30"])
+    assert (a.tp_size, a.nnodes, a.node_rank, a.dist_init_addr, a.dist_timeout) == (4, 2, 1, "10.0.0.1:5000", 30.0)
+    assert parse_args(["--nccl-init-addr", "h:1"]).dist_init_addr == "h:1"  # SGLang's older name
+    for argv, msg in [(["--tp-size", "3", "--nnodes", "2", "--dist-init-addr", "h:1"], "multiple of --nnodes"),
+                      (["--nnodes", "2"], "--dist-init-addr"), (["--node-rank", "1"], "--node-rank 1")]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert msg in capsys.readouterr().err
