@@ -196,11 +196,14 @@ def test_no_work_and_nothing_feasible():
 
 
 def test_decode_lane_waits_for_the_prefill_when_it_ends_within_a_step():
-    pol = load_policy("duet", ctx())
     decs = [decoding(f"d{i}", 2000, last=1.0) for i in range(32)]
     step = CM.batch_time([(1, r.num_computed) for r in decs], 32) * 1e3
     busy = launch(LaneKind.PREFILL, LaneBatch(prefill=[PrefillChunk("x", 0, 4000)]), TOTAL - 32, step * 0.2)
     v = view(dec=decs, idle={LaneKind.DECODE}, inflight={LaneKind.PREFILL: busy}, now=1.0)
+    # by default (sync_fraction 0) the decode lane does not idle for a joint plan: it steps past
+    dflt = load_policy("duet", ctx())
+    assert dflt.plan(v) is not None and dflt.last.move is Move.LAUNCH
+    pol = load_policy("duet", ctx(sync_fraction=0.25))
     assert pol.plan(v) is None
     assert (pol.last.state, pol.last.move) == (LanePair.PREFILL_RUNNING_DECODE_IDLE, Move.WAIT_FOR_PARTNER)
     # a long prefill: the decode lane steps on its SMs, within the prefill
