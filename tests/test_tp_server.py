@@ -70,3 +70,36 @@ def test_follower_killed_mid_load_fails_every_request(tiny_model_factory):
         assert not os.path.exists(root)
     finally:
         s.stop()
+
+
+def test_two_nodes_on_one_machine(tiny_model_factory):
+    """--nnodes 2: node 1 runs only its follower rank and serves no HTTP; node 0 serves. Same tokens."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from server_utils import REPO, free_port
+
+    path = tiny_model_factory("smollm")
+    common = ["--model-path", path, "--tp-size", "2", "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}"]
+    node1 = subprocess.Popen([sys.executable, "-m", "sglang_duet.launch_server", *common, "--node-rank", "1"],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with ServerProcess([*common, "--node-rank", "0", "--max-total-tokens", "4096"]) as s:
+            out = httpx.post(s.url("/generate"), timeout=60, json={
+                "text": PROMPTS[0], "sampling_params": {"max_new_tokens": 16, "temperature": 0}}).json()
+        from sglang_duet.engine import Engine
+
+        eng = Engine(path, tp_size=1)
+        try:
+            assert out["output_ids"] == eng.generate(PROMPTS[0], {"max_new_tokens": 16, "temperature": 0})["output_ids"]
+        finally:
+            eng.shutdown()
+        # node 0 stopped: node 1's rank sees its peer gone and exits (non-zero: it cannot tell a stop
+        # from a crash), never waiting in a collective
+        assert node1.wait(30) != 0
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait(5)
