@@ -207,7 +207,9 @@ def test_sglang_flag_names(capsys):
     assert (a.tp_size, a.nnodes, a.node_rank, a.dist_init_addr, a.dist_timeout) == (4, 2, 1, "10.0.0.1:5000", 30.0)
     assert parse_args(["--nccl-init-addr", "h:1"]).dist_init_addr == "h:1"  # SGLang's older name
     for argv, msg in [(["--tp-size", "3", "--nnodes", "2", "--dist-init-addr", "h:1"], "multiple of --nnodes"),
-                      (["--nnodes", "2"], "--dist-init-addr"), (["--node-rank", "1"], "--node-rank 1")]:
+                      (["--nnodes", "2"], "--dist-init-addr"), (["--node-rank", "1"], "--node-rank 1"),
+                      (["--tp-size", "2", "--lanes", "2"], "--lanes 2"),
+                      (["--tp-size", "2", "--disaggregation-mode", "prefill"], "--disaggregation-mode prefill")]:
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert msg in capsys.readouterr().err

@@ -154,6 +154,12 @@ def check_server_args(a: ServerArgs) -> str | None:
         return "--nnodes > 1 needs --dist-init-addr HOST:PORT"
     if a.tp_size > 1 and a.executor != "model":
         return f"--tp-size {a.tp_size}: needs --executor model (the emulated GPU does not price all-reduces yet)"
+    if a.tp_size > 1 and str(a.lanes) == "2":
+        return (f"--tp-size {a.tp_size} with --lanes 2: split mode under tensor parallelism (a process group per "
+                "lane) is not supported yet")
+    if a.tp_size > 1 and a.disaggregation_mode != "null":
+        return (f"--tp-size {a.tp_size} with --disaggregation-mode {a.disaggregation_mode}: KV transfer between "
+                "tensor-parallel instances (each rank holds only its KV heads) is not supported yet")
     if not 0 < a.port < 65536:
         return f"--port {a.port}: must be in 1..65535"
     if a.mem_fraction_static is not None and not 0.0 < a.mem_fraction_static <= 1.0:
