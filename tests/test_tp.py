@@ -213,3 +213,19 @@ def test_sglang_flag_names(capsys):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert msg in capsys.readouterr().err
+
+
+def test_rendezvous_fails_fast_when_a_follower_is_gone():
+    """Rank 0 waits for the others to join only while its followers live (no 600 s wait for a dead one)."""
+    from sglang_duet.distributed.parallel_state import init_tp_group
+    from server_utils import free_port
+
+    t0 = time.monotonic()
+
+    def follower_dies_after_a_moment():
+        if time.monotonic() - t0 > 0.3:
+            raise RuntimeError("tensor-parallel rank(s) [1] exited while starting")
+
+    with pytest.raises(RuntimeError, match="exited while starting"):
+        init_tp_group(0, 2, f"tcp://127.0.0.1:{free_port()}", "cpu", timeout_s=5, peers_alive=follower_dies_after_a_moment)
+    assert time.monotonic() - t0 < 3

@@ -8,6 +8,7 @@ group, so a pickled plan never has to be staged on a GPU.
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -59,8 +60,28 @@ def backend_for(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def _rendezvous(init_method: str, rank: int, size: int, timeout_s: float, peers_alive) -> dist.TCPStore:
+    """The TCP store the ranks meet at. Every rank checks in; rank 0 waits for all of them while
+    `peers_alive()` (which raises when a local follower died, e.g. before it could import) holds,
+    so a follower lost at startup fails the start at once instead of after the timeout."""
+    host, _, port = init_method.removeprefix("tcp://").rpartition(":")
+    store = dist.TCPStore(host, int(port), size, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    store.set(f"sglang_duet/joined/{rank}", "1")
+    if rank == 0:
+        keys = [f"sglang_duet/joined/{r}" for r in range(1, size)]
+        deadline = time.monotonic() + timeout_s
+        while not store.check(keys):
+            if peers_alive is not None:
+                peers_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tensor-parallel ranks did not join {init_method} within {timeout_s:g} s")
+            time.sleep(0.05)
+    return store
+
+
 def init_tp_group(rank: int, size: int, init_method: str, device: torch.device | str,
-                  timeout_s: float | None = None) -> TPGroup:
+                  timeout_s: float | None = None, peers_alive=None) -> TPGroup:
     """Join the default process group (blocks until all `size` ranks have joined).
 
     init_method: 'tcp://host:port' (rank 0 listens there). timeout_s bounds every collective of
@@ -75,8 +96,10 @@ def init_tp_group(rank: int, size: int, init_method: str, device: torch.device |
     timeout = datetime.timedelta(seconds=timeout_s)
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=max(timeout_s, RENDEZVOUS_TIMEOUT_S)))
+    rendezvous_s = max(timeout_s, RENDEZVOUS_TIMEOUT_S)
+    store = _rendezvous(init_method, rank, size, rendezvous_s, peers_alive)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=rendezvous_s))
     model = dist.new_group(backend=backend, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout)
     return TPGroup(rank=rank, size=size, backend=backend, timeout_s=timeout_s, model=model, control=control)

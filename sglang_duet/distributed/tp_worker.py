@@ -126,7 +126,7 @@ class TPDriver:
         self.on_follower_death = None  # callable(rank, exitcode); set by the server's scheduler
         threading.Thread(target=self._watch, name="tp-watch", daemon=True).start()
         self.group = init_tp_group(0, self.topology.size, self.topology.init_method, self.device,
-                                   getattr(args, "dist_timeout", None))
+                                   getattr(args, "dist_timeout", None), peers_alive=self._check_alive)
         threading.Thread(target=self._keepalive, name="tp-keepalive", daemon=True).start()
 
     def setup(self, kv_slots: int) -> None:
@@ -156,6 +156,13 @@ class TPDriver:
 
     def dead_followers(self) -> dict[int, int | None]:
         return {r: p.exitcode for r, p in self.procs.items() if not p.is_alive()}
+
+    def _check_alive(self) -> None:
+        dead = self.dead_followers()
+        if dead:
+            self._closing.set()
+            raise RuntimeError(f"tensor-parallel rank(s) {sorted(dead)} exited while starting (exit codes "
+                               f"{sorted(dead.values(), key=str)}); see their log lines above")
 
     def _send(self, msg) -> None:
         with self._lock:
