@@ -227,5 +227,6 @@ def test_rendezvous_fails_fast_when_a_follower_is_gone():
             raise RuntimeError("tensor-parallel rank(s) [1] exited while starting")
 
     with pytest.raises(RuntimeError, match="exited while starting"):
-        init_tp_group(0, 2, f"tcp://127.0.0.1:{free_port()}", "cpu", timeout_s=5, peers_alive=follower_dies_after_a_moment)
+        init_tp_group(0, 2, f"tcp://127.0.0.1:{free_port()}", "cpu", timeout_s=5,
+                      peers_alive=follower_dies_after_a_moment)
     assert time.monotonic() - t0 < 3

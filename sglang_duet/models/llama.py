@@ -173,7 +173,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, tp)
         # Tied embeddings: no lm_head module at all, forward reads embed_tokens.weight.
         # (Avoids a shared Parameter, which meta-device init + to_empty would silently untie.)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, self.layout.vocab_per_rank, bias=False)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, self.layout.vocab_per_rank, bias=False))
         self._inv_freq_cpu = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self._inv_freq: torch.Tensor | None = None
 
