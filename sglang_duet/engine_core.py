@@ -33,7 +33,12 @@ class EngineCore:
         if args.executor == "emulated":
             self._init_emulated(args)
         elif args.executor == "model":
-            self._init_model(args)
+            try:
+                self._init_model(args)
+            except BaseException:
+                if self.tp_driver is not None:  # do not leave follower ranks waiting for a setup
+                    self.tp_driver.shutdown()
+                raise
         else:
             raise ValueError(f"--executor must be 'model' or 'emulated', got {args.executor!r}")
         from sglang_duet.model_loader.serving_config import apply_overrides, check_context_length, prefill_budget

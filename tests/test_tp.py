@@ -23,7 +23,7 @@ from test_models import hf_greedy, hf_model
 
 PROMPTS = ["The capital of France is", "Hello world! How", "def add(a, b):\n    return a"]
 MAX_NEW = 12
-GREEDY = {"max_new_tokens": MAX_NEW, "temperature": 0}
+GREEDY = {"max_new_tokens": MAX_NEW, "temperature": 0, "logprobs": True}
 SEEDED = [{"max_new_tokens": MAX_NEW, "temperature": 0.9, "top_p": 0.95, "seed": 11 + i} for i in range(len(PROMPTS))]
 
 
@@ -42,20 +42,22 @@ def build_mqa_qwen2(path) -> str:
     return str(path)
 
 
-def run_engine(path: str, tp: int, faults: bool = False) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """Greedy and seeded-sampling outputs of PROMPTS, and the tokenized prompts.
+def run_engine(path: str, tp: int, faults: bool = False):
+    """Greedy and seeded-sampling outputs of PROMPTS, the tokenized prompts and the greedy tokens' logprobs.
 
-    faults (tp > 1): a 2 s collective timeout and 3 s idle between the two generate calls (the
+    faults (tp > 1): a 3 s collective timeout and 4 s idle between the two generate calls (the
     driver's keepalive must hold the idle follower), then the follower is killed: the next call
     raises instead of hanging in a collective."""
     from sglang_duet.engine import Engine
 
-    extra = {"dist_timeout": 2.0} if faults else {}
+    extra = {"dist_timeout": 3.0} if faults else {}
     eng = Engine(path, tp_size=tp, max_total_tokens=1024, chunked_prefill_size=8, **extra)
     try:
-        greedy = [o["output_ids"] for o in eng.generate(PROMPTS, GREEDY)]
+        outs = eng.generate(PROMPTS, GREEDY)
+        greedy = [o["output_ids"] for o in outs]
+        logprobs = [lp["logprob"] for o in outs for lp in o["meta_info"]["output_token_logprobs"]]
         if faults:
-            time.sleep(3.0)
+            time.sleep(4.0)
         sampled = [o["output_ids"] for o in eng.generate(PROMPTS, SEEDED)]
         ids = [eng.tokenizer.encode(p) for p in PROMPTS]
         if tp > 1:  # each rank's KV pool holds its own heads only
@@ -70,7 +72,7 @@ def run_engine(path: str, tp: int, faults: bool = False) -> tuple[list[list[int]
             assert time.monotonic() - t < 2.0
     finally:
         eng.shutdown()
-    return greedy, sampled, ids
+    return greedy, sampled, ids, logprobs
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +84,11 @@ def tp_models(tiny_model_factory, tmp_path_factory):
 @pytest.mark.parametrize("name", ["smollm", "qwen3", "qwen2-mqa"])
 def test_tp2_token_exact_with_tp1_and_transformers(tp_models, name):
     path = tp_models[name]
-    g1, s1, ids = run_engine(path, 1)
-    g2, s2, _ = run_engine(path, 2, faults=name == "qwen2-mqa")
+    g1, s1, ids, lp1 = run_engine(path, 1)
+    g2, s2, _, lp2 = run_engine(path, 2, faults=name == "qwen2-mqa")
     assert g2 == g1
+    # the same numbers up to fp32 summation order (measured: at most ~1e-6 apart)
+    assert lp2 == pytest.approx(lp1, abs=1e-4) and len(lp1) == sum(map(len, g1))
     assert s2 == s1  # seeded sampling: the same logits, the same draws (rank 0 samples)
     assert s1 != g1  # the sampling case is not greedy in disguise
     hf = hf_model(path)

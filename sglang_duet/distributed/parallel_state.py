@@ -28,6 +28,7 @@ class TPGroup:
     timeout_s: float = DEFAULT_TIMEOUT_S
     model: object = field(default=None, repr=False)  # group of the model's collectives (nccl | gloo)
     control: object = field(default=None, repr=False)  # gloo group for pickled step plans
+    startup: object = field(default=None, repr=False)  # gloo group with the rendezvous timeout: loading
 
     @property
     def is_driver(self) -> bool:
@@ -46,10 +47,11 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous(), group=self.model)
         return torch.cat(parts, dim=-1)
 
-    def broadcast_object(self, obj=None):
-        """Rank 0's `obj` on every rank (pickled, over the gloo control group)."""
+    def broadcast_object(self, obj=None, startup: bool = False):
+        """Rank 0's `obj` on every rank (pickled, over the gloo control group). startup=True: over
+        the group with the rendezvous timeout, for the exchange that waits on every rank's load."""
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.control)
+        dist.broadcast_object_list(box, src=0, group=self.startup if startup else self.control)
         return box[0]
 
 
@@ -102,7 +104,9 @@ def init_tp_group(rank: int, size: int, init_method: str, device: torch.device |
                             timeout=datetime.timedelta(seconds=rendezvous_s))
     model = dist.new_group(backend=backend, timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout)
-    return TPGroup(rank=rank, size=size, backend=backend, timeout_s=timeout_s, model=model, control=control)
+    startup = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rendezvous_s))
+    return TPGroup(rank=rank, size=size, backend=backend, timeout_s=timeout_s, model=model, control=control,
+                   startup=startup)
 
 
 def destroy_tp_group(group: TPGroup) -> None:

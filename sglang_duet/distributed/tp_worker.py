@@ -123,15 +123,26 @@ class TPDriver:
         self._lock = threading.Lock()
         self._last_send = time.monotonic()
         self._closing = threading.Event()
+        self._ready = False  # the followers have loaded and wait on the control group
         self.on_follower_death = None  # callable(rank, exitcode); set by the server's scheduler
         threading.Thread(target=self._watch, name="tp-watch", daemon=True).start()
-        self.group = init_tp_group(0, self.topology.size, self.topology.init_method, self.device,
-                                   getattr(args, "dist_timeout", None), peers_alive=self._check_alive)
-        threading.Thread(target=self._keepalive, name="tp-keepalive", daemon=True).start()
+        try:
+            self.group = init_tp_group(0, self.topology.size, self.topology.init_method, self.device,
+                                       getattr(args, "dist_timeout", None), peers_alive=self._check_alive)
+        except BaseException:
+            self.group = None
+            self.shutdown()
+            raise
 
     def setup(self, kv_slots: int) -> None:
-        """Tell the followers the KV pool's size (rank 0 decides: every pool must have the same slots)."""
-        self._send((_SETUP, kv_slots))
+        """Tell the followers the KV pool's size (rank 0 decides: every pool must have the same slots).
+        This waits until every rank has loaded its shard, under the rendezvous timeout (loading may
+        take longer than a step may); the idle keepalive starts after it."""
+        with self._lock:
+            self.group.broadcast_object((_SETUP, kv_slots), startup=True)
+            self._last_send = time.monotonic()
+            self._ready = True
+        threading.Thread(target=self._keepalive, name="tp-keepalive", daemon=True).start()
 
     @contextlib.contextmanager
     def step(self, fb):
@@ -144,15 +155,17 @@ class TPDriver:
         if self._closing.is_set():
             return
         self._closing.set()
-        with contextlib.suppress(Exception):
-            self._send((_STOP,))
+        if self._ready:  # else they wait for the setup message: nothing to finish, stop them
+            with contextlib.suppress(Exception):
+                self._send((_STOP,))
         for p in self.procs.values():
-            p.join(5)
+            p.join(5 if self._ready else 0)
             if p.is_alive():
                 p.kill()
                 p.join(1)
-        with contextlib.suppress(Exception):
-            destroy_tp_group(self.group)
+        if self.group is not None:
+            with contextlib.suppress(Exception):
+                destroy_tp_group(self.group)
 
     def dead_followers(self) -> dict[int, int | None]:
         return {r: p.exitcode for r, p in self.procs.items() if not p.is_alive()}
@@ -160,7 +173,6 @@ class TPDriver:
     def _check_alive(self) -> None:
         dead = self.dead_followers()
         if dead:
-            self._closing.set()
             raise RuntimeError(f"tensor-parallel rank(s) {sorted(dead)} exited while starting (exit codes "
                                f"{sorted(dead.values(), key=str)}); see their log lines above")
 
@@ -219,9 +231,7 @@ def follower_main(rank: int, topology: TPTopology, args, device: str) -> None:
                             model_config_path=args.model_config, seed=args.random_seed, tp=group,
                             tokenizer=False)
         model, cfg = loaded.model, loaded.config
-        msg = group.broadcast_object()
-        while msg[0] == _KEEPALIVE:  # rank 0 may still be loading its own shard
-            msg = group.broadcast_object()
+        msg = group.broadcast_object(startup=True)
         if msg[0] != _SETUP:
             raise RuntimeError(f"tensor-parallel rank {rank}: expected the setup message, got {msg[0]!r}")
         dtype = next(model.parameters()).dtype
