@@ -213,3 +213,37 @@ def test_abort_of_a_grammar_stream_leaves_the_kv_whole(server):
     r = post(server, "/generate", {"text": "hi", "sampling_params": {"regex": REGEX, "max_new_tokens": 16,
                                                                     "temperature": 0}})
     assert r.status_code == 200 and re.fullmatch(REGEX, r.json()["text"]), r.text
+
+
+def test_core_hands_each_request_its_grammar_and_a_decode_instance_continues_it():
+    """The core's hook: a grammar per request at admission (through ReqWork to executors), None for
+    the others; a request admitted prefilled (PD decode instance) has its first token accepted."""
+    from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
+    from sglang_duet.policies.base import load_policy
+
+    class Recorder:
+        def __init__(self):
+            self.accepted = []
+
+        def accept(self, t):
+            self.accepted.append(t)
+
+    made = []
+
+    def factory(params, stop_ids):
+        if params.regex is None:
+            return None
+        made.append((Recorder(), set(stop_ids)))
+        return made[-1][0]
+
+    core = SchedulerCore(CoreConfig(kv_slots=256, context_length=128), load_policy("aggregated"))
+    core.grammar_factory = factory
+    core.add_request("g", [5, 6, 7], SamplingParams(regex="a+", stop_token_ids=[9]), eos_ids={2})
+    core.add_request("plain", [5, 6], SamplingParams(), eos_ids={2})
+    assert made[0][1] == {2, 9}  # the matcher's stop tokens are the request's own
+    assert core.requests["g"].grammar is made[0][0] and core.requests["plain"].grammar is None
+    (launch,) = core.schedule()  # the aggregated policy prefills both
+    by_rid = {w.rid: w for w in launch.work}
+    assert by_rid["g"].grammar is made[0][0] and by_rid["plain"].grammar is None
+    core.admit_prefilled("d", [5, 6, 7], 42, SamplingParams(regex="a+"), kv_slots=core._alloc(3), eos_ids={2})
+    assert core.requests["d"].grammar is made[1][0] and made[1][0].accepted == [42]

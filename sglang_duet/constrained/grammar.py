@@ -175,7 +175,8 @@ def install_grammars(engine) -> GrammarCompiler | None:
         if spec is None:
             return None
         if compiler is None:
-            raise GrammarError(spec[0], f"structured output is unavailable here ({unavailable}).")
+            raise SamplingParamsError(f"{spec[0]} cannot be used here: structured output is unavailable "
+                                      f"({unavailable}).")
         return compiler.new_state(spec[0], spec[1], stop_ids)
 
     core.grammar_factory = factory

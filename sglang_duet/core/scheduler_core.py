@@ -236,10 +236,13 @@ class SchedulerCore:
         if kv_slots and len(kv_slots) != n:
             raise ValueError(f"admit_prefilled: {len(kv_slots)} KV slots for a {n}-token prompt")
         stop_ids = set(eos_ids) if not params.ignore_eos else set()
+        # a grammar request continues its grammar past the first token the prefill instance sampled
+        grammar = (self.grammar_factory(params, stop_ids | set(params.stop_token_ids))
+                   if self.grammar_factory is not None else None)
         now = self.clock()
         r = Request(rid=rid, prompt_ids=list(prompt_ids), params=params,
                     arrival_time=now if arrival_time is None else arrival_time, seed=seed,
-                    eos_ids=frozenset(stop_ids | set(params.stop_token_ids)))
+                    eos_ids=frozenset(stop_ids | set(params.stop_token_ids)), grammar=grammar)
         r.kv_slots = list(kv_slots)
         r.num_computed = n
         r.state = ReqState.RUNNING
@@ -249,6 +252,8 @@ class SchedulerCore:
         self.running[rid] = r
         self.stats.prompt_tokens += n
         r.output_ids.append(first_token)
+        if grammar is not None:
+            grammar.accept(first_token)
         new_lps = [first_logprob] if first_logprob is not None else []
         r.logprobs.extend(new_lps)
         self._record_token_time(r, now if first_token_time is None else first_token_time)
