@@ -42,6 +42,10 @@ class PolicyContext:
     cost_model: object | None = None  # sglang_duet.cost_model.CostModel, when one is configured
     hardware: object | None = None  # sglang_duet.cost_model.HardwareSpec
     options: dict = field(default_factory=dict)
+    # Lanes the executor can run at once: 2 (split plans' lanes side by side) or 1 (a CPU's model
+    # executor: a split's two lanes would run one after the other, so a policy must not price them
+    # as concurrent).
+    lanes: int = 2
 
 
 @dataclass

@@ -77,7 +77,7 @@ class EngineCore:
     def _init_model(self, args: ServerArgs) -> None:
         import torch
 
-        from sglang_duet.executor.duet_executor import build_executor
+        from sglang_duet.executor.duet_executor import build_executor, resolve_lanes
         from sglang_duet.kernels.attention import get_attention_backend
         from sglang_duet.memory.kv_pool import KVCachePool
         from sglang_duet.model_loader.loader import load_model
@@ -126,6 +126,7 @@ class EngineCore:
         attn = get_attention_backend(args.attention_backend, attn_config, device)
         self.executor = build_executor(model, self.kv_pool, attn, device, args, clock=self.clock)
         self.device = str(device)
+        self.lanes = resolve_lanes(args.lanes, device, args.policy)  # what the policy may plan for
 
     @staticmethod
     def _tp_args(args: ServerArgs, device) -> ServerArgs:
@@ -161,7 +162,8 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001 - the cost model is optional for policies that need none
             logger.debug("no cost model: %s", e)
         return PolicyContext(chunked_prefill_size=self.prefill_budget, tbt_slo_ms=args.tbt_slo_ms,
-                             ttft_slo_ms=args.ttft_slo_ms, cost_model=cost_model, hardware=hardware, options=options)
+                             ttft_slo_ms=args.ttft_slo_ms, cost_model=cost_model, hardware=hardware, options=options,
+                             lanes=getattr(self, "lanes", 2))  # the emulated GPU has both lanes
 
     def _stop_checker(self):
         if self.tokenizer is None:
