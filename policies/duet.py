@@ -30,6 +30,13 @@ the gap a user sees is one step. With `slo_margin` (0.85) for what the roofline 
 If nothing is feasible for the requests that already waited, those are let go and the rest
 protected; if nothing is feasible at all, the fastest decode step wins.
 
+One lane (PolicyContext.lanes == 1, e.g. the model executor on a CPU): a split's two launches
+would run one after the other, not side by side as a split is priced, so a long prompt's chunk
+would stall every stream. There duet never plans a split: it chooses among aggregated budgets,
+the defaults extended down to `ONE_LANE_SMALL_BUDGETS` (32 ... 256 tokens, for a device on which
+even 512 breaks the SLO), and when nothing is feasible it takes the fastest step that still
+prefills (the smallest chunk), so prompts progress while streams are hurt least.
+
 Calibration. Every prediction is the roofline with each operator's compute time times a and
 its memory time times b, per lane kind (aggregated, prefill lane, decode lane), (a, b) fitted to
 the measured launch times by weighted least squares (`_Calibration`, weight `calibrate` = 0.05
@@ -291,6 +298,7 @@ class _Search:
 
 DEFAULT_BUDGETS = tuple(range(512, 8192 + 1, 256))
 DEFAULT_SPLIT_BUDGETS = (2048, 4096, 8192)
+ONE_LANE_SMALL_BUDGETS = (32, 64, 128, 256)  # added to the default budgets when only one lane exists
 
 
 def _budgets(value, default, who: str) -> list[int]:
@@ -327,7 +335,13 @@ class DuetPolicy(Policy):
         self.sync_fraction = float(o.get("sync_fraction", 0.0))
         self.hysteresis = float(o.get("hysteresis", 0.02))
         self.ttft_order = ttft_order_option(o, "deadline", self.name)
-        self.budgets = _budgets(o.get("budgets"), DEFAULT_BUDGETS + (self.ctx.chunked_prefill_size,), "budgets")
+        self.lanes = int(getattr(self.ctx, "lanes", 2))
+        if self.lanes not in (1, 2):
+            raise ValueError(f"duet: lanes must be 1 or 2, got {self.lanes}")
+        default_budgets = DEFAULT_BUDGETS + (self.ctx.chunked_prefill_size,)
+        if self.lanes == 1:
+            default_budgets += ONE_LANE_SMALL_BUDGETS
+        self.budgets = _budgets(o.get("budgets"), default_budgets, "budgets")
         self.split_budgets = _budgets(o.get("split_budgets"), DEFAULT_SPLIT_BUDGETS, "split_budgets")
         self.hw = self.ctx.hardware
         self.total = self.hw.total_sms
@@ -440,7 +454,7 @@ class DuetPolicy(Policy):
         Xa += (n, n, dec.cached + n, dec.cached + n)
         na = len(ba)
         bs, Xs, joins = self._split_budgets[:0], Xc[:0], joins_c[:0]
-        if n and prefix is not None and prefix.total > 0:
+        if n and prefix is not None and prefix.total > 0 and self.lanes > 1:  # one lane: never a split
             Xs, joins = Xc[nA:], joins_c[nA:]
             ks = np.empty(len(Xs), dtype=bool)
             ks[0] = True
@@ -569,6 +583,11 @@ class DuetPolicy(Policy):
             i = s.best(ok)
             if i is not None:
                 return i, f"none within the {s.dec.waited_ms:.0f} ms already waited; best for the rest"
+        if self.lanes == 1 and (s.tokens > 0).any():
+            # One lane: the fastest step that still prefills (a decode-only step would starve the
+            # prompts while missing the SLO anyway); ties to the lowest index, the smallest budget.
+            step = np.where(s.tokens > 0, s.step, np.inf)
+            return int(np.argmin(step)), "nothing meets the SLO on one lane: smallest chunk that makes progress"
         order = np.lexsort((-s.score, s.slowest, s.first))
         return int(order[0]), "nothing meets the SLO: fastest decode"
 

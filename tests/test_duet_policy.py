@@ -360,3 +360,68 @@ def test_search_vectors_agree_with_candidates():
     best = s.best()
     assert cands[best].score == max(c.score for c in cands if c.feasible)
     assert all(c.k <= 8 for c in cands)
+
+
+# ---- one lane (a CPU's model executor) ------------------------------------------------------------
+
+
+def one_lane(slo=100.0, **options):
+    c = ctx(slo=slo, **options)
+    c.lanes = 1
+    return c
+
+
+def test_one_lane_never_splits_and_takes_the_best_feasible_aggregated_budget():
+    # The scenario in which two lanes split (test_split_when_the_mixed_batch_would_break_the_slo):
+    # on one lane a split's launches would run one after the other, so only aggregated batches are
+    # priced, with budgets down to ONE_LANE_SMALL_BUDGETS, and the best feasible one is taken.
+    decs = [decoding(f"d{i}", 1500, last=0.95) for i in range(200)]
+    v = view(wait=[waiting("p", 6000, arrival=0.2)], dec=decs, now=1.0)
+    two = load_policy("duet", ctx())
+    assert two.plan(v).mode == "split"  # unchanged with two lanes
+    assert 256 not in two.budgets
+    pol = load_policy("duet", one_lane())
+    assert {32, 64, 128, 256} <= set(pol.budgets)
+    cands = pol.candidates(v)
+    assert cands and all(c.mode == "aggregated" for c in cands)
+    plan = pol.plan(v)
+    assert plan.mode == "aggregated" and plan.prefill_lane is None and plan.decode_lane is None
+    chosen = next(c for c in cands if c.prefill_tokens == plan.aggregated.prefill_tokens)
+    assert chosen.feasible and chosen.first_ms <= M * 50
+    assert chosen.score == max(c.score for c in cands if c.feasible)
+
+
+def test_one_lane_when_nothing_fits_takes_the_smallest_chunk_that_progresses():
+    # A device far slower than the SLO (a 1 ms TBT SLO on the H100 model: not even a decode-only
+    # step fits): two lanes fall back to the fastest decode; one lane takes the fastest step that
+    # still prefills, which is the smallest budget above the decode batch.
+    decs = [decoding(f"d{i}", 1500) for i in range(16)]
+    v = view(wait=[waiting("p", 6000)], dec=decs)
+    pol = load_policy("duet", one_lane(slo=1.0))
+    cands = pol.candidates(v)
+    assert not any(c.feasible for c in cands) and all(c.mode == "aggregated" for c in cands)
+    plan = pol.plan(v)
+    assert plan.mode == "aggregated" and "smallest chunk that makes progress" in plan.reason
+    progressing = [c for c in cands if c.prefill_tokens > 0]
+    fastest = min(progressing, key=lambda c: c.step_ms)
+    assert plan.aggregated.prefill_tokens == fastest.prefill_tokens == 32 - 16  # budget 32, 16 decodes
+    assert plan.predicted_ms["aggregated"] == pytest.approx(fastest.step_ms)
+    assert len(plan.aggregated.decode) == 16
+    two = load_policy("duet", ctx(slo=1.0)).plan(v)
+    assert "fastest decode" in two.reason  # two lanes: unchanged fallback
+
+
+def test_one_lane_never_splits_in_the_simulated_loop():
+    pol = load_policy("duet", one_lane(slo=5.0))
+    rng = random.Random(3)
+    for step in range(40):
+        decs = [decoding(f"d{i}", rng.randint(100, 4000), last=0.99) for i in range(rng.randint(0, 120))]
+        plan = pol.plan(view(wait=[waiting(f"p{step}", rng.randint(50, 9000), arrival=0.5)], dec=decs, now=1.0))
+        assert plan is None or (plan.mode == "aggregated" and plan.prefill_sms is None and plan.decode_sms is None)
+
+
+def test_lanes_must_be_one_or_two():
+    c = ctx()
+    c.lanes = 3
+    with pytest.raises(ValueError, match="lanes"):
+        load_policy("duet", c)
