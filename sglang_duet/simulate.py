@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunked-prefill-size", type=int, default=2048,
                    help="token budget per step for policies given without :BUDGET")
     p.add_argument("--max-running-requests", type=int, default=256)
+    p.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=1,
+                   help="tensor-parallel GPUs of the emulated group (priced by cost_model/tp.py)")
     p.add_argument("--max-total-tokens", type=int, default=None, help="KV slots (default: what the GPU holds)")
     p.add_argument("--policy-config", default=None, help="YAML/JSON file of policy options")
     p.add_argument("--disable-overlap-schedule", action="store_true",
@@ -87,7 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--sweep: rate of the TBT CDF (default: the median goodput)")
     p.add_argument("--out", default=None, help="folder for results (sweep: required)")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.tp_size < 1:
+        p.error(f"--tp-size must be >= 1, got {a.tp_size}")
+    return a
 
 
 def truth_config(a: argparse.Namespace) -> TruthConfig:
@@ -126,7 +131,7 @@ def base_config(a: argparse.Namespace) -> SimConfig:
         arrival=arrival, policy=a.policy, hardware=a.hardware, model=a.model, workload=a.workload, rate=a.rate,
         num_requests=a.num_requests, seed=a.seed, tbt_slo_ms=a.tbt_slo_ms, ttft_slo_ms=a.ttft_slo_ms,
         chunked_prefill_size=a.chunked_prefill_size, max_running_requests=a.max_running_requests,
-        kv_slots=(a.max_total_tokens + 1) if a.max_total_tokens else None, contention=a.contention,
+        tp_size=a.tp_size, kv_slots=(a.max_total_tokens + 1) if a.max_total_tokens else None, contention=a.contention,
         policy_options=options, truth=truth_config(a), overlap=not a.disable_overlap_schedule,
     )
 

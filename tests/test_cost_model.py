@@ -313,3 +313,68 @@ def test_truth_config_parse_and_checks():
     for bad in ("noise=-1", "contention=magic", "perturb=0:1", "colour=blue", "attention=some"):
         with pytest.raises(ValueError):
             TruthConfig.parse(bad)
+
+
+# -- tensor parallelism (cost_model/tp.py) ----------------------------------------------------
+def test_allreduce_formula_values():
+    from sglang_duet.cost_model.tp import LinkSpec, allreduce_link_time, allreduce_reduce_time
+
+    link = LinkSpec("test", bandwidth=100e9, latency_s=2e-6)
+    # 2(N-1)a + 2(N-1)B/(N B_link): N=4, B=8e6 -> 6*2us + 6*8e6/(4*100e9) = 12us + 120us
+    assert allreduce_link_time(8e6, 4, link) == pytest.approx(132e-6)
+    assert allreduce_link_time(8e6, 2, link) == pytest.approx(2 * 2e-6 + 2 * 8e6 / (2 * 100e9))
+    assert allreduce_link_time(8e6, 1, link) == 0.0
+    # 3(N-1)B/(N BW): N=4, B=8e6, 2e12 B/s -> 9e-6
+    assert allreduce_reduce_time(8e6, 4, 2e12) == pytest.approx(9e-6)
+    assert allreduce_reduce_time(8e6, 1, 2e12) == 0.0
+
+
+def test_link_read_from_the_hardware_file_with_a_default():
+    import yaml
+
+    from sglang_duet.cost_model.tp import LinkSpec
+
+    h100 = LinkSpec.from_hardware(HardwareSpec.load("h100"))
+    assert h100.name == "nvlink4" and h100.bandwidth == pytest.approx(450e9 * 0.80)
+    assert h100.latency_s == pytest.approx(3e-6)
+    assert LinkSpec.from_hardware(HardwareSpec.load("h200")).bandwidth == pytest.approx(360e9)
+    assert LinkSpec.from_hardware(HardwareSpec.load("a100")).bandwidth == pytest.approx(300e9 * 0.80)
+    # a file without a link: the default
+    d = {k: v for k, v in yaml.safe_load((REPO / "configs/hardware/h100.yaml").read_text()).items()
+         if not k.startswith("link_")}
+    assert HardwareSpec.from_dict(d).link is None
+    assert LinkSpec.from_hardware(HardwareSpec.from_dict(d)) == LinkSpec()
+
+
+def test_tp1_is_the_plain_model_exactly():
+    from sglang_duet.cost_model.tp import TPCostModel
+
+    plain, tp1 = CostModel.load("qwen3-8b", "h100"), TPCostModel.load("qwen3-8b", "h100", 1)
+    for reqs in ([(4096, 0)], [(1, 2000)] * 32, [(512, 100), (1, 50)]):
+        assert tp1.batch_time(reqs) == plain.batch_time(reqs)
+        assert tp1.batch_time(reqs, sms=64, bandwidth_share=0.7) == plain.batch_time(reqs, 64, 0.7)
+        assert tp1.breakdown(reqs) == plain.breakdown(reqs)
+    assert tp1.allreduce_time(4096) == 0.0
+
+
+def test_tp2_prices_less_compute_per_gpu_plus_the_allreduces():
+    from sglang_duet.cost_model.tp import TPCostModel
+
+    plain, tp2 = CostModel.load("qwen3-8b", "h100"), TPCostModel.load("qwen3-8b", "h100", 2)
+    reqs = [(4096, 0)]  # compute-bound prefill
+    ops1 = {o.name: o for o in plain.breakdown(reqs)}
+    ops2 = {o.name: o for o in tp2.breakdown(reqs)}
+    # each GPU does half of every GEMM: the compute-bound part of its time halves (launches do not)
+    k = ops1["gate_up_proj"].kernels * plain.hw.launch_overhead_s
+    assert ops1["gate_up_proj"].bound == "compute"
+    assert ops2["gate_up_proj"].time - k == pytest.approx((ops1["gate_up_proj"].time - k) / 2)
+    # plus two all-reduces per layer of 4096 x hidden x 2 bytes on the hardware file's link
+    B = 4096 * plain.h * 2
+    one = 2 * 3e-6 + 2 * B / (2 * 360e9) + 3 * B / (2 * plain.hw.bandwidth())
+    assert ops2["allreduce"].time == pytest.approx(2 * plain.L * one)
+    assert tp2.batch_time(reqs) == pytest.approx(sum(o.time for o in ops2.values()))
+    assert tp2.allreduce_time(4096) < tp2.batch_time(reqs) < plain.batch_time(reqs)
+    # the group holds two GPUs' memory
+    assert tp2.hw.memory_bytes == 2 * plain.hw.memory_bytes and tp2.hw.total_sms == plain.hw.total_sms
+    with pytest.raises(ValueError, match="tp must be >= 1"):
+        TPCostModel.load("qwen3-8b", "h100", 0)

@@ -286,3 +286,28 @@ def test_headline_collects_duet_against_the_best_baseline(tmp_path, capsys):
     assert goodput_table.main(["--collect", str(path)]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert row.startswith("| sim-x | 13.00") and "static-split-8192-sd48 12.50" in row and "6.50x" in row
+
+
+def test_tp2_simulation_prices_compute_bound_prefill_faster_than_tp1():
+    """--tp-size 2: the emulated group and the policy both use the TP cost model; KV = 2 GPUs - weights."""
+    from sglang_duet.cost_model.tp import TPCostModel
+    from sglang_duet.executor.emulated import MEM_FRACTION_DEFAULT
+
+    specs = [RequestSpec(0.0, 4000, 2)]  # one long prompt, exact truth: compute-bound prefill decides
+    cfg = dict(policy="aggregated", chunked_prefill_size=8192, truth=None, record_launches=True)
+    r1 = simulate(SimConfig(**cfg), specs=specs)
+    r2 = simulate(SimConfig(**cfg, tp_size=2), specs=specs)
+    assert r2.records[0].token_times[0] < r1.records[0].token_times[0]
+    assert r2.launches[0].actual_s < r1.launches[0].actual_s
+    assert r2.launches[0].belief_s == pytest.approx(r2.launches[0].actual_s)  # the policy's model is the TP one
+    cm2 = build_cost_model("qwen3-8b", "h100", 2)
+    assert isinstance(cm2, TPCostModel) and cm2.tp == 2
+    weights = cm2.model.num_params() * cm2.b
+    assert r2.stats["kv_slots"] > 2 * r1.stats["kv_slots"]  # the weights are paid for once, not per GPU
+    slots = int((2 * CM.hw.memory_bytes * MEM_FRACTION_DEFAULT - weights) // cm2.model.kv_bytes_per_token(2))
+    assert r2.stats["kv_slots"] == slots - 1  # the allocator keeps slot 0 as padding
+
+
+def test_tp_size_flag_is_checked():
+    with pytest.raises(SystemExit):
+        main(["--tp-size", "0", "--num-requests", "2", "--quiet"])

@@ -88,6 +88,9 @@ class HardwareSpec:
     green_contexts: bool = True
     memory_bytes: float = 0.0
     source: str = "estimate"  # "estimate" or the calibration file's path
+    # GPU-to-GPU link of a TP group ({"name", "bandwidth": achievable bytes/s per direction,
+    # "latency_s": per ring hop}); None: the file names none (cost_model/tp.py's default).
+    link: dict | None = field(default=None, compare=False)
     measured: dict = field(default_factory=dict, compare=False)
 
     # -- curves ----------------------------------------------------------------------------
@@ -151,9 +154,22 @@ class HardwareSpec:
                 memory_bytes=float(d.get("memory_bytes", 0.0)),
                 source=source if measured else "estimate",
                 measured=measured,
+                link=_link(d),
             )
         except KeyError as e:
             raise HardwareSpecError(f"hardware spec {source}: missing key {e}") from None
+
+
+def _link(d: dict) -> dict | None:
+    """`link_bandwidth` (datasheet, per direction) x `link_efficiency`, `link_latency_s`, `link_name`."""
+    if "link_bandwidth" not in d:
+        return None
+    link = {"bandwidth": float(d["link_bandwidth"]) * float(d.get("link_efficiency", 1.0))}
+    if "link_latency_s" in d:
+        link["latency_s"] = float(d["link_latency_s"])
+    if "link_name" in d:
+        link["name"] = str(d["link_name"])
+    return link
 
 
 def _curve(d: dict, kind: str, peak: float, total_sms: int) -> Curve:

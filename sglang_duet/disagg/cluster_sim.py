@@ -16,9 +16,9 @@ Every instance's emulated GPU runs on the same ground truth as the colocated sim
 curves; sglang_duet/cost_model/truth.py), each instance with its own noise stream (seed + index),
 so disaggregated and colocated policies are compared on one truth. `truth=None`: the exact model.
 
-Tensor parallelism is modelled (`TPCostModel`): an instance of tp GPUs has tp times the compute,
-memory bandwidth and memory of one, plus two ring all-reduces per layer of the activations
-(tokens x hidden x 2 bytes) over the GPUs' link. The first token's time is the prefill's (as in
+Tensor parallelism is modelled (sglang_duet/cost_model/tp.py `TPCostModel`): an instance of tp GPUs
+has tp times the compute, memory bandwidth and memory of one, plus two ring all-reduces per layer of
+the activations (tokens x hidden x 2 bytes) over the hardware file's link. The first token's time is the prefill's (as in
 DistServe); the gap to the second token includes the queueing at the decode instance and the
 transfer.
 
@@ -35,73 +35,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
-from sglang_duet.cost_model.hardware import Curves, HardwareSpec
-from sglang_duet.cost_model.roofline import CostModel, OpCost
+from sglang_duet.cost_model.tp import LinkSpec, TPCostModel, load_tp_cost_model
 from sglang_duet.cost_model.truth import TruthConfig
 from sglang_duet.executor.emulated import EmulatedExecutor, emulated_kv_slots
 from sglang_duet.policies.base import PolicyContext, load_policy
 from sglang_duet.sampling_params import SamplingParams
 from sglang_duet.simulator.loop import RequestRecord, SimConfig, SimResult
 from sglang_duet.workloads import RequestSpec, Workload
-
-
-@dataclass(frozen=True)
-class LinkSpec:
-    """GPU-to-GPU link: all-reduces inside a TP group and KV transfers between instances."""
-
-    name: str = "nvlink4"
-    # H100 SXM NVLink 4: 900 GB/s per GPU both directions together, 450 GB/s each way; NCCL
-    # reaches ~80% of it on large messages. ESTIMATE, stated in docs/disaggregation.md.
-    bandwidth: float = 360e9  # bytes/s per GPU, one direction, achievable
-    latency_s: float = 8e-6  # per all-reduce / per transfer (launch + synchronisation)
-
-
-def scaled_hardware(hw: HardwareSpec, tp: int) -> HardwareSpec:
-    """tp GPUs as one: tp times the compute, bandwidth and memory (each SM count is per GPU)."""
-    if tp == 1:
-        return hw
-    return dataclasses.replace(
-        hw, name=f"{hw.name}x{tp}", peak_flops_bf16=hw.peak_flops_bf16 * tp, peak_bandwidth=hw.peak_bandwidth * tp,
-        memory_bytes=hw.memory_bytes * tp,
-        curves=Curves(compute=hw.curves.compute.scaled(tp), bandwidth=hw.curves.bandwidth.scaled(tp)))
-
-
-class TPCostModel(CostModel):
-    """The roofline of one forward pass on a tensor-parallel group of `tp` GPUs."""
-
-    def __init__(self, model, hw: HardwareSpec, tp: int = 1, link: LinkSpec = LinkSpec(), dtype_bytes: int = 2):
-        super().__init__(model, scaled_hardware(hw, tp), dtype_bytes)
-        self.tp = tp
-        self.link = link
-        self.base_hw = hw
-
-    def on_hardware(self, hw: HardwareSpec) -> "TPCostModel":
-        """The same TP group on other (per-GPU) hardware: what a truth with its own curves prices with."""
-        return TPCostModel(self.model, hw, self.tp, self.link, self.b)
-
-    def allreduce_time(self, tokens: int) -> float:
-        """Two ring all-reduces per layer (after attention and after the MLP) of tokens x hidden."""
-        if self.tp == 1:
-            return 0.0
-        nbytes = tokens * self.h * self.b
-        one = self.link.latency_s + 2 * (self.tp - 1) / self.tp * nbytes / self.link.bandwidth
-        return 2 * self.L * one
-
-    def breakdown(self, reqs, sms=None, bandwidth_share=1.0) -> list[OpCost]:
-        ops = super().breakdown(reqs, sms, bandwidth_share)
-        if self.tp > 1 and reqs:
-            t = self.allreduce_time(sum(q for q, _ in reqs))
-            ops.append(OpCost("allreduce", 0.0, 0.0, 0, t, "network"))  # link bytes, not HBM bytes
-        return ops
-
-    def batch_time(self, reqs, sms=None, bandwidth_share=1.0) -> float:
-        t = super().batch_time(reqs, sms, bandwidth_share)
-        return t + (self.allreduce_time(sum(q for q, _ in reqs)) if reqs else 0.0)
-
-
-def load_tp_cost_model(model: str, hardware: str, tp: int, link: LinkSpec = LinkSpec()) -> TPCostModel:
-    base = CostModel.load(model, hardware)
-    return TPCostModel(base.model, base.hw, tp, link)
 
 
 @dataclass
@@ -122,7 +62,7 @@ class ClusterConfig:
     decode: InstanceSpec = field(default_factory=InstanceSpec)
     model: str = "qwen3-8b"
     hardware: str = "h100"
-    link: LinkSpec = field(default_factory=LinkSpec)
+    link: LinkSpec | None = None  # None: the hardware file's link (cost_model/tp.py)
     tbt_slo_ms: float = 100.0
     ttft_slo_ms: float = 1000.0
     # The emulated GPUs' ground truth, as SimConfig.truth (None: the exact model, the policies' belief)
@@ -163,10 +103,10 @@ class _Instance:
         self.pending_tokens += len(req["prompt"])
 
 
-def _kv_transfer_s(cfg: ClusterConfig, tokens: int, bytes_per_token: int) -> float:
+def _kv_transfer_s(cfg: ClusterConfig, link: LinkSpec, tokens: int, bytes_per_token: int) -> float:
     # Each GPU of the prefill group sends its shard of the heads in parallel to its peer.
     lanes = max(1, min(cfg.tp_prefill, cfg.tp_decode))
-    return cfg.link.latency_s + tokens * bytes_per_token / (cfg.link.bandwidth * lanes)
+    return link.latency_s + tokens * bytes_per_token / (link.bandwidth * lanes)
 
 
 def simulate_cluster(cfg: ClusterConfig, specs: list[RequestSpec], phase: str = "both",
@@ -227,7 +167,7 @@ def simulate_cluster(cfg: ClusterConfig, specs: list[RequestSpec], phase: str = 
                 if phase == "decode":
                     dt = 0.0  # arrives with its KV: a decode instance alone
                 else:
-                    dt = _kv_transfer_s(cfg, n, bytes_per_token)
+                    dt = _kv_transfer_s(cfg, cm_p.link, n, bytes_per_token)
                     xfer["count"] += 1
                     xfer["bytes"] += n * bytes_per_token
                     xfer["seconds"] += dt
@@ -325,5 +265,5 @@ def sample_specs(workload: str, n: int, rate: float, seed: int = 0) -> list[Requ
     return Workload.load(workload).sample(n, rate, seed)
 
 
-__all__ = ["LinkSpec", "TPCostModel", "ClusterConfig", "InstanceSpec", "simulate_cluster", "sample_specs",
-           "load_tp_cost_model", "scaled_hardware"]
+__all__ = ["ClusterConfig", "InstanceSpec", "simulate_cluster", "sample_specs",
+           "load_tp_cost_model"]

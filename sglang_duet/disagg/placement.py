@@ -7,7 +7,7 @@
    of tp GPUs alone and find its goodput g_p(tp): the highest rate at which >= 90% of requests
    meet the TTFT SLO; likewise ONE decode instance alone, g_d(tp): >= 90% meet the TPOT
    (time-per-output-token) SLO. TP = tp times the compute, bandwidth and memory plus two
-   all-reduces per layer over NVLink (cluster_sim.TPCostModel).
+   all-reduces per layer over NVLink (cost_model.tp.TPCostModel).
 2. Plans: (tp_p, n_p, tp_d, n_d) with n_p*tp_p + n_d*tp_d <= the GPU budget; a plan's goodput is
    min(n_p*g_p, n_d*g_d) (the slower phase limits it), its goodput per GPU that over its GPUs.
    The best plan maximises goodput per GPU (DistServe: then replicate it over the budget).
@@ -34,8 +34,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from sglang_duet.cost_model.hardware import HardwareSpec
+from sglang_duet.cost_model.tp import LinkSpec
 from sglang_duet.cost_model.truth import TruthConfig
-from sglang_duet.disagg.cluster_sim import ClusterConfig, InstanceSpec, LinkSpec, sample_specs, simulate_cluster
+from sglang_duet.disagg.cluster_sim import ClusterConfig, InstanceSpec, sample_specs, simulate_cluster
 from sglang_duet.simulator.loop import SimConfig
 from sglang_duet.simulator.metrics import summarize
 from sglang_duet.simulator.sweep import PolicySpec, crossing, sweep_policy
@@ -55,7 +57,7 @@ class SearchConfig:
     seed: int = 0
     target: float = TARGET
     tps: tuple[int, ...] = (1, 2, 4, 8)
-    link: LinkSpec = field(default_factory=LinkSpec)
+    link: LinkSpec | None = None  # None: the hardware file's link
     prefill: InstanceSpec = field(default_factory=lambda: InstanceSpec("aggregated", 8192))
     decode: InstanceSpec = field(default_factory=lambda: InstanceSpec("aggregated", 8192))
     start_rate: float = 4.0  # per GPU; the search grows or shrinks it
@@ -63,6 +65,10 @@ class SearchConfig:
     refine: int = 3
     max_rate: float = 2000.0  # the search stops growing here (flag '>')
     truth: TruthConfig | None = field(default_factory=TruthConfig)  # both sides' emulated ground truth
+
+    def __post_init__(self):
+        if self.link is None:  # resolved here so that results record the link they were priced with
+            self.link = LinkSpec.from_hardware(HardwareSpec.load(self.hardware))
 
     def requests_at(self, rate: float) -> int:
         """A fixed request count finishes arriving ever sooner as the rate grows; a decode instance
@@ -327,8 +333,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=float, default=TARGET)
     p.add_argument("--refine", type=int, default=3)
-    p.add_argument("--link-gbps", type=float, default=LinkSpec.bandwidth / 1e9,
-                   help="achievable GPU-GPU bandwidth per direction (NVLink 4 on H100: 450 peak)")
+    p.add_argument("--link-gbps", type=float, default=None,
+                   help="achievable GPU-GPU bandwidth per direction (default: the hardware file's link; "
+                        "NVLink 4 on H100: 450 peak, 360 achievable)")
     p.add_argument("--prefill-policy", default="aggregated:8192", help="NAME:BUDGET of prefill instances")
     p.add_argument("--decode-policy", default="aggregated:8192", help="NAME:BUDGET of decode instances")
     p.add_argument("--colocated", default="aggregated:8192,chunked:2048,duet:8192",
@@ -344,6 +351,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _link(hardware: str, gbps: float | None) -> LinkSpec | None:
+    """--link-gbps over the hardware file's link (its latency kept); None: the file's link as is."""
+    if gbps is None:
+        return None
+    if gbps <= 0:
+        raise SystemExit(f"--link-gbps must be > 0, got {gbps}")
+    return dataclasses.replace(LinkSpec.from_hardware(HardwareSpec.load(hardware)), bandwidth=gbps * 1e9)
+
+
 def _instance(text: str) -> InstanceSpec:
     s = PolicySpec.parse(text)
     return InstanceSpec(s.policy, s.chunked_prefill_size or 8192)
@@ -356,7 +372,7 @@ def main(argv=None) -> int:
     cfg = SearchConfig(model=a.model, hardware=a.hardware, workload=a.workload, tbt_slo_ms=a.tbt_slo_ms,
                        ttft_slo_ms=a.ttft_slo_ms, num_requests=a.num_requests, min_span_s=a.min_span_s,
                        seed=a.seed, target=a.target,
-                       tps=tuple(sorted(a.tp)), link=dataclasses.replace(LinkSpec(), bandwidth=a.link_gbps * 1e9),
+                       tps=tuple(sorted(a.tp)), link=_link(a.hardware, a.link_gbps),
                        prefill=_instance(a.prefill_policy), decode=_instance(a.decode_policy), refine=a.refine,
                        truth=TruthConfig() if a.truth == "on" else None)
     policies = [s for s in a.colocated.split(",") if s.strip()]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from sglang_duet.core.plan import LaneKind
 from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
 from sglang_duet.cost_model.roofline import CostModel
+from sglang_duet.cost_model.tp import TPCostModel
 from sglang_duet.cost_model.truth import TruthConfig
 from sglang_duet.executor.emulated import EmulatedExecutor, emulated_kv_slots
 from sglang_duet.policies.base import PolicyContext, load_policy
@@ -41,7 +42,10 @@ class SimConfig:
     ttft_slo_ms: float = 1000.0
     chunked_prefill_size: int = 2048
     max_running_requests: int = 256
-    kv_slots: int | None = None  # None: what the GPU's memory holds after the weights
+    # Tensor parallelism: the emulated GPU is a group of tp_size GPUs and the policy plans with the
+    # same TP cost model (cost_model/tp.py); its KV pool is their memory minus the sharded weights.
+    tp_size: int = 1
+    kv_slots: int | None = None  # None: what the GPUs' memory holds after the weights
     context_length: int | None = None  # None: the model's
     contention: str | None = None  # HBM contention model; None: the truth's (phase; bandwidth when truth is None)
     # The emulated GPU's ground truth (noise, host time, switch cost, per-request attention, its
@@ -90,15 +94,18 @@ class SimResult:
     launches: list[LaunchRecord] = field(default_factory=list)  # with SimConfig.record_launches
 
 
-def build_cost_model(model: str, hardware: str) -> CostModel:
-    return CostModel.load(model, hardware)
+def build_cost_model(model: str, hardware: str, tp_size: int = 1) -> CostModel:
+    """The plain roofline for one GPU; a TPCostModel (compute split, all-reduces added) for a group."""
+    if tp_size == 1:
+        return CostModel.load(model, hardware)
+    return TPCostModel.load(model, hardware, tp_size)
 
 
 def simulate(cfg: SimConfig, specs: list[RequestSpec] | None = None, cost_model: CostModel | None = None,
              max_events: int = 50_000_000) -> SimResult:
     """Run one workload through one policy; every request runs to max_new_tokens (ignore_eos)."""
     t0 = time.perf_counter()
-    cm = cost_model or build_cost_model(cfg.model, cfg.hardware)
+    cm = cost_model or build_cost_model(cfg.model, cfg.hardware, cfg.tp_size)
     if specs is None:
         over = dict(cfg.workload_options)
         if cfg.arrival:

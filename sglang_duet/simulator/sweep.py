@@ -134,7 +134,7 @@ def sweep_policy(base: SimConfig, spec: PolicySpec, start: float, growth: float 
 
 def sweep(base: SimConfig, specs: list[PolicySpec], start: float = 1.0, target: float = 0.9, refine: int = 3,
           growth: float = 1.6, log=print) -> list[PolicySweep]:
-    cm = build_cost_model(base.model, base.hardware)
+    cm = build_cost_model(base.model, base.hardware, base.tp_size)
     results = []
     for spec in specs:
         log(f"sweeping {spec.label} on {base.workload} ({base.model} on {base.hardware})")
@@ -144,7 +144,7 @@ def sweep(base: SimConfig, specs: list[PolicySpec], start: float = 1.0, target: 
 
 def tbt_samples(base: SimConfig, specs: list[PolicySpec], rate: float) -> dict[str, object]:
     """Every token gap (s) of each policy at one rate, for the TBT CDF."""
-    cm = build_cost_model(base.model, base.hardware)
+    cm = build_cost_model(base.model, base.hardware, base.tp_size)
     out = {}
     for spec in specs:
         cfg = dataclasses.replace(spec_config(base, spec), rate=rate)
