@@ -189,20 +189,24 @@ class _Prefix:
             prefC.append(C)
             starts.append(float(s))
         starts.append(0.0)  # start of "the chunk after the last"
-        self.cumL = np.array(cumL)
-        self.prefA, self.prefK, self.prefC = np.array(prefA), np.array(prefK), np.array(prefC)
-        self.s_pad = np.array(starts)
+        # one array build for the four (n + 1)-long tables (plan() overhead is numpy call count)
+        self.prefA, self.prefK, self.prefC, self.s_pad = np.array([prefA, prefK, prefC, starts])
+        self.cumL0 = np.array([0.0] + cumL)  # tokens before chunk i
+        self.cumL = self.cumL0[1:]
         self.total = L
 
     def cut(self, budgets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(X rows [T, R, A, K] per budget, whether the cut completes a request)."""
         b = np.minimum(np.maximum(budgets, 0.0), self.total)
         full = np.searchsorted(self.cumL, b, side="right")  # chunks wholly inside
-        n = b - np.concatenate([[0.0], self.cumL])[full]  # tokens of the partly taken chunk
+        n = b - self.cumL0[full]  # tokens of the partly taken chunk
         part = n > 0
         s = self.s_pad[full]
-        X = np.stack([b, full + part, self.prefA[full] + n * (s + (n + 1) / 2),
-                      self.prefK[full] + np.where(part, s + n, 0.0)], axis=1)
+        X = np.empty((len(b), 4))
+        X[:, 0] = b
+        X[:, 1] = full + part
+        X[:, 2] = self.prefA[full] + n * (s + (n + 1) / 2)
+        X[:, 3] = self.prefK[full] + np.where(part, s + n, 0.0)
         return X, self.prefC[full] > 0
 
     def take(self, budget: float) -> list[PrefillChunk]:
@@ -353,7 +357,9 @@ class DuetPolicy(Policy):
         self._budgets = np.array(self.budgets, dtype=float)
         self._split_budgets = np.array(self.split_budgets, dtype=float)
         self._steps = 1.0 + np.arange(self.k_max + 2)
-        self._rows = np.arange(len(self.grid))[:, None]
+        self._row_base = np.arange(len(self.grid))[:, None] * (self.k_max + 2)  # flat index of (S_d, step 0)
+        self._cut_cache: dict[int, np.ndarray] = {}
+        self._prepared_cache: dict[tuple, object] = {}
         self._sms_cache: dict = {}
         ref = 4096
         self.rp_ref = ref / self.pricer.summary_ms(Summary.of([(ref, 0)]))  # prefill tokens/ms, whole GPU
@@ -401,7 +407,7 @@ class DuetPolicy(Policy):
             if lane in d.rows:
                 X, sms = d.rows[lane]
                 c = self.calibration[lane]
-                _, comp, mem = self.pricer.ms_prepared(X, self.pricer.prepare(sms), c.a, c.b, parts=True)
+                _, comp, mem = self.pricer.ms_prepared(X, self._prepared(sms), c.a, c.b, parts=True)
                 self._raw[id(batch)] = (float(comp.sum()), float(mem.sum()))
         return log_plan(self, d.plan)
 
@@ -438,7 +444,7 @@ class DuetPolicy(Policy):
         # budget; identical batches (the queue exhausted) priced once
         nA = len(self._budgets)
         if prefix is not None:
-            Xc, joins_c = prefix.cut(np.concatenate([self._budgets - n, self._split_budgets]))
+            Xc, joins_c = prefix.cut(self._cut_budgets(n))
         else:
             Xc, joins_c = np.zeros((nA + len(self._split_budgets), 4)), np.zeros(nA + len(self._split_budgets), bool)
         Xp = Xc[:nA]
@@ -474,8 +480,9 @@ class DuetPolicy(Policy):
             blk[:, :, 3] = a
             X[na + G * K:].reshape(G, nb, 4)[:] = Xs
         prepared, sms_rows = self._sms_rows(na, nb)
-        ca, cd, cp = (self.calibration[k] for k in (LaneKind.AGGREGATED, LaneKind.DECODE, LaneKind.PREFILL))
-        sa, sb = np.empty((len(X), 1)), np.empty((len(X), 1))
+        cal = self.calibration
+        ca, cd, cp = cal[LaneKind.AGGREGATED], cal[LaneKind.DECODE], cal[LaneKind.PREFILL]
+        sa, sb = np.empty((len(X), 1)), np.empty((len(X), 1))  # per-row (compute, memory) scales
         sa[:na], sb[:na] = ca.a, ca.b
         if nb:
             sa[na:na + G * K], sb[na:na + G * K] = cd.a, cd.b
@@ -505,10 +512,11 @@ class DuetPolicy(Policy):
             td = t[na:na + G * K].reshape(G, K)
             tp = t[na + G * K:].reshape(G, nb)
             cum = np.cumsum(td, axis=1)
-            rows = self._rows[:G]
+            cum_flat, td_flat = cum.ravel(), td.ravel()
+            base = self._row_base[:G]  # g * K: flat index of row g's first step
             m = (cum[:, None, :] <= tp[:, :, None]).sum(axis=2)  # G x nb
-            r = tp - np.where(m > 0, cum[rows, np.maximum(m - 1, 0)], 0.0)
-            nxt = td[rows, np.minimum(m, K - 1)]
+            r = tp - np.where(m > 0, cum_flat.take(base + np.maximum(m - 1, 0)), 0.0)
+            nxt = td_flat.take(base + np.minimum(m, K - 1))
             longer = tp > cum[:, -1:]
             if longer.any():  # a prefill longer than the priced steps: extrapolate with the last one
                 extra = (tp - cum[:, -1:]) / td[:, -1:]
@@ -519,9 +527,10 @@ class DuetPolicy(Policy):
             j = np.where(m == 0, td[:, :1] - tp + td[:, 1:2], np.minimum(r + nxt, 2 * nxt - r))
             joiner[na:] = np.where(joins, j, 0.0).ravel()
             step[na:] = tp.ravel()
-            decode[na:] = cum[rows, k - 1].ravel()
+            last = base + (k - 1)
+            decode[na:] = cum_flat.take(last).ravel()
             first[na:].reshape(G, nb)[:] = td[:, :1]
-            slowest[na:] = np.maximum(td[rows, k - 1], nxt).ravel()
+            slowest[na:] = np.maximum(td_flat.take(last), nxt).ravel()
             kk[na:] = k.ravel()
             tokens[na:].reshape(G, nb)[:] = Xs[:, 0]
             work[na:].reshape(G, nb)[:] = wT * Xs[:, 0] + wA * Xs[:, 2]
@@ -541,6 +550,26 @@ class DuetPolicy(Policy):
             first=first, slowest=slowest, joiner=joiner, feasible=feasible, score=score,
             prefix=prefix, dec=dec, X=X, sms=sms_rows,
         )
+
+    def _cut_budgets(self, n: int) -> np.ndarray:
+        """Prefill tokens to cut the chunk list at: each aggregated budget less the n decodes, then
+        each split budget (cached by n: plan() overhead is numpy call count)."""
+        got = self._cut_cache.get(n)
+        if got is None:
+            if len(self._cut_cache) > 4096:
+                self._cut_cache.clear()
+            got = self._cut_cache[n] = np.concatenate([self._budgets - n, self._split_budgets])
+        return got
+
+    def _prepared(self, sms: np.ndarray):
+        """pricer.prepare(sms), cached by the SM pattern (a lane's rows repeat one count)."""
+        key = tuple(sms.tolist())
+        got = self._prepared_cache.get(key)
+        if got is None:
+            if len(self._prepared_cache) > 4096:
+                self._prepared_cache.clear()
+            got = self._prepared_cache[key] = self.pricer.prepare(sms)
+        return got
 
     def _sms_rows(self, na: int, nb: int):
         """(the pricer's per-row rates, the SM counts) for the rows `search` prices, cached by shape."""
