@@ -3,6 +3,7 @@ synthetic views, its lane-pair states, the deadline queue order, and a simulator
 duet-paper's own tests (the DuetServe rule as stated) are in tests/test_policies.py."""
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -18,6 +19,7 @@ from sglang_duet.policies.duet_paper import DuetPaperPolicy
 from sglang_duet.sampling_params import SamplingParams
 
 CM = CostModel.load("qwen3-8b", "h100")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CTX_LEN = 40960
 M = DuetPolicy(PolicyContext(cost_model=CM, hardware=CM.hw)).margin  # the default slo_margin
 TOTAL = CM.hw.total_sms
@@ -425,3 +427,20 @@ def test_lanes_must_be_one_or_two():
     c.lanes = 3
     with pytest.raises(ValueError, match="lanes"):
         load_policy("duet", c)
+
+
+@pytest.mark.timeout(240)
+def test_the_engine_tells_the_policy_how_many_lanes_run(tiny_model_factory):
+    # The model executor on a CPU runs one lane (--lanes auto); the emulated GPU runs two.
+    from sglang_duet.engine_core import EngineCore
+    from sglang_duet.server_args import ServerArgs
+
+    src = tiny_model_factory("llama")
+    cpu = EngineCore(ServerArgs(model_path=src, device="cpu", policy="duet", max_total_tokens=4096))
+    try:
+        assert cpu.policy.ctx.lanes == 1 and cpu.policy.lanes == 1 and 32 in cpu.policy.budgets
+    finally:
+        cpu.executor.shutdown()
+    emu = EngineCore(ServerArgs(executor="emulated", model_config=f"{ROOT}/configs/models/smollm2-135m.json",
+                                policy="duet", max_total_tokens=4096))
+    assert emu.policy.ctx.lanes == 2 and 32 not in emu.policy.budgets
