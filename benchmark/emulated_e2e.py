@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from benchmark.host_overhead import load_average, machine, process_cpu, server_pids, settled_state  # noqa: E402
+from benchmark.host_overhead import append_result_section, load_average, process_cpu, server_pids, settled_state  # noqa: E402
 from benchmark.server_process import ServerProcess  # noqa: E402
 
 TRUTH_ENV = "SGLANG_DUET_EMULATED_TRUTH"
@@ -164,11 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\n".join(lines))
     if a.out:
         cmd = "python benchmark/emulated_e2e.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        text = "\n".join([f"## {a.title or 'emulated end to end'}", "", f"Machine: {machine()}.", "",
-                          f"Command: `{cmd}`", "", *lines, ""])
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "a") as f:
-            f.write(text + "\n")
+        append_result_section(a.out, a.title or "emulated end to end", cmd, lines)
     return rows
 
 

@@ -486,6 +486,14 @@ def cpu_table(rows: list[dict]) -> list[str]:
 # ---- main -----------------------------------------------------------------------------------------
 
 
+def append_result_section(path: str, title: str, cmd: str, lines: list[str]) -> None:
+    """Append one run's table to a results file under benchmark/results/, with the machine and command."""
+    text = "\n".join([f"## {title}", "", f"Machine: {machine()}.", "", f"Command: `{cmd}`", "", *lines, ""])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(text + "\n")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -583,11 +591,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cmd = "python benchmark/host_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print("\n".join(lines))
     if a.out:
-        text = "\n".join([f"## {a.title or 'host overhead'}", "", f"Machine: {machine()}.", "",
-                          f"Command: `{cmd}`", "", *lines, ""])
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "a") as f:
-            f.write(text + "\n")
+        append_result_section(a.out, a.title or "host overhead", cmd, lines)
     return rows
 
 

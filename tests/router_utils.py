@@ -64,3 +64,10 @@ class Router:
                 self.proc.wait(5)
         self.log.close()
         os.unlink(self.log.name)
+
+
+def openai_client(base: str):
+    """The official openai client against a server or router at `base` (no retries: a failure shows)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -15,7 +15,8 @@ import time
 import httpx
 import pytest
 
-from router_utils import Router
+from hardening_utils import internal_state as _state
+from router_utils import Router, openai_client as _client
 from server_utils import ServerProcess
 
 pytest.importorskip("sglang_router", reason="sglang-router is not installed (pip install -e '.[dev]')")
@@ -49,14 +50,6 @@ def routers(workers):
     yield {"round_robin": rr, "cache_aware": ca}
     rr.stop()
     ca.stop()
-
-
-def _client(base: str):
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def _state(server) -> dict:
-    return httpx.get(server.url("/get_server_info"), timeout=10).json()["internal_states"][0]
 
 
 def _submitted(server) -> int:

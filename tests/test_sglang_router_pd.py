@@ -24,7 +24,8 @@ import time
 import httpx
 import pytest
 
-from router_utils import Router
+from hardening_utils import internal_state as _state
+from router_utils import Router, openai_client as _client
 from server_utils import ServerProcess, free_port
 
 from sglang_duet.disagg.mooncake import mooncake_error
@@ -62,14 +63,6 @@ def pd():
             router.stop()
         decode.stop()
         prefill.stop()
-
-
-def _client(base: str):
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def _state(server) -> dict:
-    return httpx.get(server.url("/get_server_info"), timeout=10).json()["internal_states"][0]
 
 
 def _wait_kv_free(server, timeout: float = 3 * KV_TIMEOUT_S) -> dict:

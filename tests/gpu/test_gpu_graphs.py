@@ -28,6 +28,16 @@ def _backend(name, cfg):
     return TritonAttentionBackend(cfg.num_key_value_heads)
 
 
+def _contiguous_slots(prompts, steps):
+    """Each prompt's slots (its tokens plus `steps` decode steps) laid out back to back from slot 1
+    (0 is padding); also the first slot past them all."""
+    slot_lists, nxt = [], 1
+    for p in prompts:
+        slot_lists.append(list(range(nxt, nxt + len(p) + steps)))
+        nxt += len(p) + steps
+    return slot_lists, nxt
+
+
 def _pool(model, slots=4096):
     c = model.config
     dtype = next(model.parameters()).dtype
@@ -50,10 +60,7 @@ def test_graph_replay_equals_eager_static_path(tmp_path, backend, n):
     prompts = [torch.randint(3, 1000, (int(torch.randint(2, 200, (1,), generator=g)),), generator=g).tolist()
                for _ in range(n)]
     steps = 4
-    slot_lists, nxt = [], 1
-    for p in prompts:
-        slot_lists.append(list(range(nxt, nxt + len(p) + steps)))
-        nxt += len(p) + steps
+    slot_lists, nxt = _contiguous_slots(prompts, steps)
     outs = []
     for use_graphs in (False, True):
         pool = _pool(model)
@@ -99,10 +106,7 @@ def test_gpu_executor_graphs_match_eager_executor_fp32(tmp_path):
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
               SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.2, top_k=20),
               SamplingParams(temperature=0.0)]
-    slot_lists, nxt = [], 1
-    for p in prompts:
-        slot_lists.append(list(range(nxt, nxt + len(p) + steps)))
-        nxt += len(p) + steps
+    slot_lists, nxt = _contiguous_slots(prompts, steps)
     tokens = []
     for make in (
         lambda pool: ModelExecutor(model, pool, TorchAttentionBackend(), torch.device("cuda")),
@@ -137,10 +141,7 @@ def test_gpu_executor_graphs_match_eager_flashinfer_bf16(tmp_path):
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 1000, (20 + 30 * i,), generator=g).tolist() for i in range(n)]
     params = [SamplingParams(temperature=0.0)] * n
-    slot_lists, nxt = [], 1
-    for p in prompts:
-        slot_lists.append(list(range(nxt, nxt + len(p) + steps)))
-        nxt += len(p) + steps
+    slot_lists, nxt = _contiguous_slots(prompts, steps)
     tokens = []
     for graphs in (False, True):
         pool = _pool(model)
@@ -219,10 +220,7 @@ def test_graph_replay_from_the_table_equals_the_slot_lists(tmp_path, backend, n)
     prompts = [torch.randint(3, 1000, (int(torch.randint(2, 300, (1,), generator=g)),), generator=g).tolist()
                for _ in range(n)]
     steps = 4
-    slot_lists, nxt = [], 1
-    for p in prompts:
-        slot_lists.append(list(range(nxt, nxt + len(p) + steps)))
-        nxt += len(p) + steps
+    slot_lists, nxt = _contiguous_slots(prompts, steps)
     outs = []
     for use_table in (False, True):
         pool = _pool(model, slots=nxt + 8)
