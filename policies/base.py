@@ -12,6 +12,7 @@ import heapq
 import importlib.util
 import logging
 import os
+import sys
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -144,6 +145,7 @@ def load_policy(name_or_path: str, ctx: PolicyContext | None = None) -> Policy:
             raise ValueError(f"--policy: no such policy file {name_or_path!r}")
         spec = importlib.util.spec_from_file_location(f"sglang_duet_user_policy_{abs(hash(name_or_path))}", name_or_path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses (and pickling) look the module up while it runs
         spec.loader.exec_module(module)
     else:
         known = ", ".join(sorted(BUILTIN_POLICIES))
@@ -277,10 +279,16 @@ def useful_decode_tokens(remaining: list[int], k: int) -> int:
 def lookahead_cap(view: SchedulerView, remaining: list[int], k_max: int, kv_reserved: int = 0) -> int:
     """Largest useful look-ahead: at most k_max, no more steps than the longest remaining
     request needs, and k * batch KV slots must fit after `kv_reserved` (this step's prefills)."""
-    if not remaining:
+    return lookahead_cap_of(view, len(remaining), max(remaining, default=1), k_max, kv_reserved)
+
+
+def lookahead_cap_of(view: SchedulerView, n: int, longest: int, k_max: int, kv_reserved: int = 0) -> int:
+    """`lookahead_cap` from the batch size n and the longest remaining output (what a policy that
+    summarises its decodes keeps instead of the list)."""
+    if n <= 0:
         return 1
-    kv_k = (view.kv_free - kv_reserved) // len(remaining)
-    return max(1, min(k_max, max(remaining), kv_k))
+    kv_k = (view.kv_free - kv_reserved) // n
+    return max(1, min(k_max, longest, kv_k))
 
 
 class LatencyModel:

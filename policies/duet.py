@@ -104,7 +104,7 @@ import numpy as np
 
 from sglang_duet.policies.base import (
     LaneBatch, LaneKind, Policy, PolicyContext, PrefillChunk, SchedulerView, StepPlan, Summary, SummaryPricer,
-    deadline_view, decode_sms_grid, log_plan, lookahead_cap, require_cost_model, select_prefills,
+    deadline_view, decode_sms_grid, log_plan, lookahead_cap_of, require_cost_model, select_prefills,
     ttft_order_option,
 )
 
@@ -130,7 +130,7 @@ class Decision:
     reason: str
     plan: StepPlan | None = None
     candidates: int = 0  # how many were priced
-    rows: dict = field(default_factory=dict)  # lane -> (summary rows, SM counts) of what it launches
+    parts: dict = field(default_factory=dict)  # lane -> (compute ms, memory ms) of what it launches, unscaled
 
 
 @dataclass
@@ -160,7 +160,7 @@ class _Decodes:
 
     ids: list[str]
     cached: int  # sum of cached tokens
-    remaining: list[int]
+    longest: int  # the most tokens any of them may still emit, counted up to k_max (all a look-ahead needs)
     waited_ms: float  # the longest wait since a last token
 
     @property
@@ -241,8 +241,8 @@ class _Search:
     score: np.ndarray
     prefix: _Prefix | None
     dec: _Decodes
-    X: np.ndarray  # the priced rows: aggregated steps, decode steps per (S_d, step), prefills per (S_d, budget)
-    sms: np.ndarray
+    comp: np.ndarray  # per priced row (aggregated steps, decode steps per (S_d, step), prefills per (S_d, budget)):
+    mem: np.ndarray  # its unscaled compute-bound and memory-bound ms, what the calibration regresses on
 
     def __len__(self) -> int:
         return len(self.score)
@@ -273,18 +273,20 @@ class _Search:
         top = s.max()
         return int(np.flatnonzero(s >= top - 1e-9 * max(1.0, abs(top)))[0])
 
-    def rows_of(self, i: int) -> dict:
-        """lane -> (summary rows, SM counts) of what candidate i launches (for calibration)."""
+    def parts_of(self, i: int) -> dict:
+        """lane -> (compute ms, memory ms) of what candidate i launches, read off the search's own
+        pricing (for calibration: no second pricing call)."""
+        comp, mem = self.comp, self.mem
         na, nb = len(self.agg_budgets), len(self.split_budgets)
         if i < na:
-            return {LaneKind.AGGREGATED: (self.X[i:i + 1], self.sms[i:i + 1])}
-        G, K = len(self.grid), (len(self.X) - na - len(self.grid) * nb) // max(1, len(self.grid))
+            return {LaneKind.AGGREGATED: (float(comp[i]), float(mem[i]))}
+        G, K = len(self.grid), (len(comp) - na - len(self.grid) * nb) // max(1, len(self.grid))
         g, bi = divmod(i - na, nb)
         p = na + G * K + g * nb + bi
         d = na + g * K
         k = int(self.k[i])
-        return {LaneKind.PREFILL: (self.X[p:p + 1], self.sms[p:p + 1]),
-                LaneKind.DECODE: (self.X[d:d + k], self.sms[d:d + k])}
+        return {LaneKind.PREFILL: (float(comp[p]), float(mem[p])),
+                LaneKind.DECODE: (float(comp[d:d + k].sum()), float(mem[d:d + k].sum()))}
 
     def candidate(self, i: int) -> Candidate:
         split = bool(self.split[i])
@@ -404,11 +406,8 @@ class DuetPolicy(Policy):
             self._raw.clear()
         for lane, batch in d.plan.lane_batches():
             self._ends[lane] = (batch, view.now + d.plan.predicted_ms[lane.value] / 1e3)
-            if lane in d.rows:
-                X, sms = d.rows[lane]
-                c = self.calibration[lane]
-                _, comp, mem = self.pricer.ms_prepared(X, self._prepared(sms), c.a, c.b, parts=True)
-                self._raw[id(batch)] = (float(comp.sum()), float(mem.sum()))
+            if lane in d.parts:
+                self._raw[id(batch)] = d.parts[lane]
         return log_plan(self, d.plan)
 
     def on_result(self, launch, result) -> None:
@@ -434,7 +433,7 @@ class DuetPolicy(Policy):
         # One FCFS chunk list serves every budget (a smaller budget takes a prefix of it), keeping KV
         # for k_cap look-ahead steps of every decode (what a split needs; aggregated needs one).
         have_queue = bool(view.waiting or view.prefilling)
-        k_cap = lookahead_cap(view, dec.remaining, self.k_max, kv_reserved=int(self._split_budgets[-1])) if n else 1
+        k_cap = lookahead_cap_of(view, n, dec.longest, self.k_max, kv_reserved=int(self._split_budgets[-1])) if n else 1
         prefix = None
         if have_queue:
             chunks = select_prefills(view, int(max(self._budgets[-1], self._split_budgets[-1])), kv_reserved=n * k_cap)
@@ -479,7 +478,7 @@ class DuetPolicy(Policy):
             blk[:, :, 2] = a
             blk[:, :, 3] = a
             X[na + G * K:].reshape(G, nb, 4)[:] = Xs
-        prepared, sms_rows = self._sms_rows(na, nb)
+        prepared = self._sms_rows(na, nb)
         cal = self.calibration
         ca, cd, cp = cal[LaneKind.AGGREGATED], cal[LaneKind.DECODE], cal[LaneKind.PREFILL]
         sa, sb = np.empty((len(X), 1)), np.empty((len(X), 1))  # per-row (compute, memory) scales
@@ -487,7 +486,7 @@ class DuetPolicy(Policy):
         if nb:
             sa[na:na + G * K], sb[na:na + G * K] = cd.a, cd.b
             sa[na + G * K:], sb[na + G * K:] = cp.a, cp.b
-        t = self.pricer.ms_prepared(X, prepared, sa, sb)
+        t, comp, mem = self.pricer.ms_prepared(X, prepared, sa, sb, parts=True)
 
         # the candidates, aggregated ones first
         N = na + G * nb
@@ -548,7 +547,7 @@ class DuetPolicy(Policy):
             split=split, agg_budgets=ba, split_budgets=bs, grid=self._grid, tau=tau, tokens=tokens, k=kk, step=step,
             decode=decode,
             first=first, slowest=slowest, joiner=joiner, feasible=feasible, score=score,
-            prefix=prefix, dec=dec, X=X, sms=sms_rows,
+            prefix=prefix, dec=dec, comp=comp, mem=mem,
         )
 
     def _cut_budgets(self, n: int) -> np.ndarray:
@@ -572,14 +571,14 @@ class DuetPolicy(Policy):
         return got
 
     def _sms_rows(self, na: int, nb: int):
-        """(the pricer's per-row rates, the SM counts) for the rows `search` prices, cached by shape."""
+        """The pricer's per-row rates for the rows `search` prices, cached by shape."""
         key = (na, nb)
         got = self._sms_cache.get(key)
         if got is None:
             K = self.k_max + 2
             sms = np.concatenate([np.zeros(na, dtype=int), np.repeat(self._grid, K if nb else 0),
                                   np.repeat(self.total - self._grid, nb)])
-            got = self._sms_cache[key] = (self.pricer.prepare(sms), sms)
+            got = self._sms_cache[key] = self.pricer.prepare(sms)
         return got
 
     def _split_mask(self, na: int, nb: int) -> np.ndarray:
@@ -639,7 +638,7 @@ class DuetPolicy(Policy):
             plan = StepPlan(prefill_lane=LaneBatch(prefill=c.prefill), decode_lane=LaneBatch(decode=dec.ids, steps=c.k),
                             prefill_sms=self.total - c.decode_sms, decode_sms=c.decode_sms,
                             predicted_ms={"prefill": c.step_ms, "decode": c.decode_ms})
-        return Decision(state, Move.LAUNCH, desc, plan, len(s), rows=s.rows_of(i))
+        return Decision(state, Move.LAUNCH, desc, plan, len(s), parts=s.parts_of(i))
 
     # ---- one lane busy -------------------------------------------------------------------------
     def _partition_stays(self, s: _Search, sd: int) -> tuple[int | None, int | None]:
@@ -656,8 +655,8 @@ class DuetPolicy(Policy):
         busy = view.inflight[LaneKind.PREFILL]
         sd = self.total - (busy.sms or self.total - self.grid[0])
         left = self._left_ms(view, LaneKind.PREFILL, busy)
-        k_cap = lookahead_cap(view, dec.remaining, self.k_max)
-        steps, X = self._decode_steps(dec, sd, k_cap + 2)
+        k_cap = lookahead_cap_of(view, dec.n, dec.longest, self.k_max)
+        steps, comp, mem = self._decode_steps(dec, sd, k_cap + 2)
         td = [float(x) for x in steps]
         cum = np.cumsum(td)
         first_limit, limit = self._limits(dec.waited_ms)
@@ -676,7 +675,7 @@ class DuetPolicy(Policy):
             return Decision(state, Move.LAUNCH, f"S_d={sd} k={k} ({float(cum[k - 1]):.1f} ms), prefill busy "
                                                 f"{left:.1f} ms more: {why}"
                                                 + ("" if ok else "; partition too small for the SLO"), plan,
-                            rows={LaneKind.DECODE: (X[:k], np.full(k, sd))})
+                            parts={LaneKind.DECODE: (float(comp[:k].sum()), float(mem[:k].sum()))})
 
         if fit == k_cap:
             return launch(fit, "all within the prefill")
@@ -748,7 +747,7 @@ class DuetPolicy(Policy):
         return Decision(state, Move.LAUNCH, f"S_p={self.total - sd} b={c.budget} {c.prefill_tokens} tokens "
                                             f"({c.step_ms:.1f} ms), decode busy {left:.1f} ms more; keeping S_d={sd} "
                                             f"(score {c.score:.3f}, best {s.score[best]:.3f})", plan, len(s),
-                                            rows={LaneKind.PREFILL: s.rows_of(here)[LaneKind.PREFILL]})
+                                            parts={LaneKind.PREFILL: s.parts_of(here)[LaneKind.PREFILL]})
 
     # ---- helpers -------------------------------------------------------------------------------
     def _limits(self, waited_ms: float) -> tuple[float, float]:
@@ -756,36 +755,33 @@ class DuetPolicy(Policy):
         return self.margin * (self.slo_ms - waited_ms), self.margin * self.slo_ms
 
     def _decodes(self, view: SchedulerView) -> _Decodes:
-        ctx_len = view.config.context_length
-        ids, cached, remaining, last = [], 0, [], math.inf
-        add_id, add_left = ids.append, remaining.append
-        end = ctx_len - 1  # a ready decode's sequence is num_computed + 1 tokens
-        for r in view.decoding:  # hot: every ready decode, every plan (remaining_tokens, inlined)
-            add_id(r.rid)
-            nc = r.num_computed
-            cached += nc
-            left = end - nc
-            mn = r.params.max_new_tokens
-            if mn is not None:
-                mn -= len(r.output_ids)
-                if mn < left:
-                    left = mn
-            add_left(left if left > 1 else 1)
-            t = r.last_token_time
-            if t is not None and t < last:
-                last = t
+        decoding = view.decoding  # hot: every ready decode, every plan; a few passes run in C
+        if not decoding:
+            return _Decodes([], 0, 1, 0.0)
+        ids = [r.rid for r in decoding]
+        cached = sum([r.num_computed for r in decoding])
+        last = min([t for r in decoding if (t := r.last_token_time) is not None], default=math.inf)
         waited = max(0.0, (view.now - last) * 1e3) if last < math.inf else 0.0
-        return self._make_decodes(ids, cached, remaining, waited)
-
-    @staticmethod
-    def _make_decodes(ids, cached, remaining, waited) -> _Decodes:
-        return _Decodes(ids, cached, remaining, waited)
+        # The look-ahead needs the longest remaining output only up to k_max: stop at the first
+        # request that may still emit that many (nearly always the first one).
+        end = view.config.context_length - 1  # a ready decode's sequence is num_computed + 1 tokens
+        longest, k_max = 1, self.k_max
+        for r in decoding:
+            left = end - r.num_computed
+            mn = r.params.max_new_tokens
+            if mn is not None and mn - len(r.output_ids) < left:
+                left = mn - len(r.output_ids)
+            if left > longest:
+                longest = left
+                if longest >= k_max:
+                    break
+        return _Decodes(ids, cached, min(longest, k_max), waited)
 
     def _projected_decodes(self, view: SchedulerView, busy, left_ms: float) -> _Decodes:
         """The decodes as a joint plan would see them when the decode lane's launch ends: the ready
         ones (having waited `left_ms` more) and the lane's own, k steps further on."""
         dec = self._decodes(view)
-        ids, cached, remaining = list(dec.ids), dec.cached, list(dec.remaining)
+        ids, cached, longest = list(dec.ids), dec.cached, dec.longest
         ctx_len = view.config.context_length
         for w in busy.work:
             out = w.start_pos + 1 - len(w.prompt_ids) + w.steps  # output tokens after the launch
@@ -797,15 +793,16 @@ class DuetPolicy(Policy):
                 continue  # finishes on the lane
             ids.append(w.rid)
             cached += w.start_pos + w.steps
-            remaining.append(left)
-        return self._make_decodes(ids, cached, remaining, dec.waited_ms + left_ms if dec.n else 0.0)
+            longest = max(longest, min(left, self.k_max))
+        return _Decodes(ids, cached, longest, dec.waited_ms + left_ms if dec.n else 0.0)
 
-    def _decode_steps(self, dec: _Decodes, sms: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(calibrated ms of each of k decode steps on `sms` SMs, their summary rows)."""
+    def _decode_steps(self, dec: _Decodes, sms: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(calibrated ms of each of k decode steps on `sms` SMs, their unscaled compute-bound and
+        memory-bound ms)."""
         a = dec.cached + dec.n * (1.0 + np.arange(k))
         X = np.stack([np.full(k, float(dec.n)), np.full(k, float(dec.n)), a, a], axis=1)
         c = self.calibration[LaneKind.DECODE]
-        return self.pricer.ms_prepared(X, self.pricer.prepare(np.full(k, sms)), c.a, c.b), X
+        return self.pricer.ms_prepared(X, self._prepared(np.full(k, sms)), c.a, c.b, parts=True)
 
     def _left_ms(self, view: SchedulerView, lane: LaneKind, launch) -> float:
         """Predicted ms until the busy lane's launch finishes (its full prediction if unknown)."""

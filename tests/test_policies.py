@@ -264,3 +264,22 @@ def test_user_policy_file_loads_and_runs():
     assert finished == {"r0", "r1", "r2"}
     first = lanes.launches[0].batch.prefill
     assert first[0].rid == "r1"  # the 4-token prompt went first
+
+
+def test_user_policy_file_may_define_dataclasses(tmp_path):
+    # A policy file is executed as a module: dataclasses look their module up in sys.modules while
+    # the class is built, so an unregistered module made every such file fail to load.
+    path = tmp_path / "with_dataclass.py"
+    path.write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "from sglang_duet.policies.base import Policy, chunked_batch\n"
+        "from sglang_duet.core.plan import StepPlan\n\n"
+        "@dataclass\nclass Knobs:\n    budget: int = 64\n\n"
+        "class WithDataclass(Policy):\n    name = 'with-dataclass'\n"
+        "    def plan(self, view):\n"
+        "        return StepPlan(aggregated=chunked_batch(view, Knobs().budget))\n")
+    pol = load_policy(str(path), PolicyContext(chunked_prefill_size=64))
+    assert pol.name == "with-dataclass"
+    p = pol.plan(view(wait=[waiting("a", 100)], budget=64))
+    assert [(c.rid, c.length) for c in p.aggregated.prefill] == [("a", 64)]
