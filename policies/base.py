@@ -101,6 +101,11 @@ def select_prefills(view: SchedulerView, token_budget: int, kv_reserved: int = 0
     The last request taken may be chunked. A waiting request is admitted only if its whole remaining
     prefill fits in the free KV (after `kv_reserved` slots kept for this step's decodes), so a started
     prefill can always finish; running requests that outgrow KV are retracted by the core.
+
+    With the prefix cache, a waiting request's `num_computed` is its cached prefix while the core
+    plans: its chunk starts there (the cost model then prices the cached context, not the prefix
+    again), the budget pays only for the uncached tokens, and its KV need adds `prefix_pin` (cached
+    slots that count as free until it is admitted and locks them).
     """
     chunks: list[PrefillChunk] = []
     budget = token_budget
@@ -117,12 +122,13 @@ def select_prefills(view: SchedulerView, token_budget: int, kv_reserved: int = 0
         if budget <= 0 or running >= view.config.max_running_requests:
             break
         need = r.remaining_prefill
-        if need + 1 > kv_free:
+        pin = r.prefix_pin
+        if need + pin + 1 > kv_free:
             break  # FCFS: do not let later (shorter) requests overtake the head of the queue
         n = min(need, budget)
         chunks.append(PrefillChunk(r.rid, r.num_computed, n))
         budget -= n
-        kv_free -= n
+        kv_free -= n + pin
         running += 1
     return chunks
 

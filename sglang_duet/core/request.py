@@ -30,7 +30,9 @@ class Request:
     table_row: int | None = None
     # Tokens whose KV is in the cache or being written by a launch already handed to a lane: it
     # advances when a launch is scheduled, not when its result arrives (vLLM v1's convention), so
-    # the next step can be planned while this one runs (overlap scheduling).
+    # the next step can be planned while this one runs (overlap scheduling). A waiting request
+    # holds no KV and has 0, except while the core plans (schedule()): then it is the length of the
+    # request's cached prefix in the radix cache, so that policies budget and price only what runs.
     num_computed: int = 0
     # Tokens that launches in flight will sample for this request and that have not been delivered
     # yet; the sequence as planned is prompt + output + pending (`planned_len`).
@@ -54,6 +56,10 @@ class Request:
     # freed by this request: the hit, then its own prefill once inserted); cache_node is the tree
     # node locked while it holds them.
     cached_len: int = 0
+    # While the core plans, for a waiting request with a cached prefix: the prefix's slots that no
+    # running request locks. They count in the view's kv_free now and stop counting once this request
+    # is admitted (it locks them), so admitting it costs remaining_prefill + prefix_pin free slots.
+    prefix_pin: int = 0
     tree_len: int = 0
     cache_node: object | None = None
     # Structured output: the request's grammar matcher (constrained/grammar.py GrammarState), which

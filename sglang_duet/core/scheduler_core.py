@@ -25,7 +25,7 @@ from sglang_duet.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 ALL_LANES = frozenset({LaneKind.AGGREGATED, LaneKind.PREFILL, LaneKind.DECODE})
-LPM_WINDOW = 64  # waiting requests lpm reorders per schedule (each costs a prefix match)
+LPM_WINDOW = 64  # waiting requests whose cached prefix each plan matches (and lpm reorders): one match each
 
 
 class AdmissionError(ValueError):
@@ -365,8 +365,17 @@ class SchedulerCore:
         """Ask the policy for work for the idle lanes and resolve it into launches."""
         if not self.waiting and not self.running:
             return []
-        if self.config.schedule_policy == "lpm" and self.prefix_cache is not None and len(self.waiting) > 1:
-            self._order_by_prefix()
+        if self.prefix_cache is None or not self.waiting:
+            return self._schedule()
+        matched = self._match_waiting()
+        try:
+            return self._schedule()
+        finally:
+            for r in matched:  # those not admitted hold nothing again
+                if r.state is ReqState.WAITING:
+                    r.num_computed = r.prefix_pin = 0
+
+    def _schedule(self) -> list[Launch]:
         view = self.view()
         if not view.idle_lanes or (not view.waiting and not view.prefilling and not view.decoding):
             return []
@@ -385,13 +394,26 @@ class SchedulerCore:
                 self.stats.last_sms["decode"] = plan.decode_sms
         return launches
 
-    def _order_by_prefix(self) -> None:
-        """lpm: the head of the waiting queue, longest cached prefix first (FCFS among equals)."""
+    def _match_waiting(self) -> list[Request]:
+        """Match the cached prefix of the first LPM_WINDOW waiting requests now, as SGLang does when it
+        schedules (not only when a request arrived: one that waited while the same prefix got cached
+        benefits). Each gets num_computed = its hit for this plan, so policies budget and price only
+        the uncached part and see the cached context, and prefix_pin = the hit's unlocked slots not
+        already counted for a request ahead of it (what admitting it takes from kv_free). lpm then
+        orders the window by hit. Nothing is locked: `_use_cached_prefix` matches again at admission."""
         cache, waiting = self.prefix_cache, self.waiting
         head = [waiting.popleft() for _ in range(min(LPM_WINDOW, len(waiting)))]
-        hit = {r.rid: len(cache.match_prefix(r.seq_ids(0, r.seq_len - 1))[0]) for r in head}
-        head.sort(key=lambda r: -hit[r.rid])
+        nodes = {}
+        for r in head:
+            slots, nodes[r.rid] = cache.match_prefix(r.seq_ids(0, r.seq_len - 1))
+            r.num_computed = len(slots)
+        if self.config.schedule_policy == "lpm":
+            head.sort(key=lambda r: -r.num_computed)  # stable: FCFS among equals
+        seen: set[int] = set()
+        for r in head:
+            r.prefix_pin = cache.pin_cost(nodes[r.rid], seen)
         waiting.extendleft(reversed(head))
+        return head
 
     def _materialize(self, plan: StepPlan, idle: frozenset[LaneKind]) -> list[Launch]:
         batches = plan.lane_batches()
@@ -487,7 +509,7 @@ class SchedulerCore:
         admitting = r.state == ReqState.WAITING
         if admitting and len(self.running) >= self.config.max_running_requests:
             return None
-        if admitting and self.prefix_cache is not None and r.num_computed == 0:
+        if admitting and self.prefix_cache is not None:
             chunk = self._use_cached_prefix(r, chunk)
         slots = self._alloc(chunk.length)
         if slots is None:
@@ -520,16 +542,21 @@ class SchedulerCore:
 
     def _use_cached_prefix(self, r: Request, chunk: PrefillChunk) -> PrefillChunk:
         """Admission: take the longest cached prefix (at least one token is left to compute, to sample
-        from) and move the policy's chunk past it; the same token count, so the plan's budget holds."""
+        from) and start the policy's chunk after it. The policy planned from the hit `_match_waiting`
+        found (chunk.start), which is this match unless an allocation earlier in this plan evicted
+        part of it, or the request was outside the matched window (start 0); either way the chunk
+        keeps its token count, so the plan's budget holds."""
         cache = self.prefix_cache
         slots, node = cache.match_prefix(r.seq_ids(0, r.seq_len - 1))
         r.cached_len = r.tree_len = m = len(slots)
-        if not m:
-            return chunk
-        cache.lock(node)
-        r.cache_node = node
-        r.kv_slots = slots  # a new list: executors rewrite the request's table row from position 0
         r.num_computed = m
+        r.prefix_pin = 0
+        if m:
+            cache.lock(node)
+            r.cache_node = node
+            r.kv_slots = slots  # a new list: executors rewrite the request's table row from position 0
+        if m == chunk.start:
+            return chunk
         return PrefillChunk(r.rid, m, min(chunk.length, r.planned_len - m))
 
     def _free_kv(self, r: Request) -> None:

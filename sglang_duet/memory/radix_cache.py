@@ -130,6 +130,18 @@ class RadixCache:
                 raise RuntimeError("radix cache: unlock without lock")
             node = node.parent
 
+    def pin_cost(self, node: Node, seen: set[int]) -> int:
+        """Slots of the path root..node that no request locks (they count in `evictable`, so as free,
+        until a request that matched node locks it), skipping nodes in `seen` (ids of nodes another
+        request's path already counted: a shared prefix is pinned once); adds the path to `seen`."""
+        n = 0
+        while node is not self.root and id(node) not in seen:
+            seen.add(id(node))
+            if node.lock_ref == 0:
+                n += len(node.value)
+            node = node.parent
+        return n
+
     # ---- eviction ----------------------------------------------------------------------------
 
     def evict(self, n: int) -> int:
@@ -172,6 +184,8 @@ class RadixCache:
 def _common(key: list[int], ids: list[int], start: int, page: int) -> int:
     """Length of the common prefix of key and ids[start:], in whole pages."""
     n = min(len(key), len(ids) - start)
+    if key[:n] == ids[start:start + n]:  # the usual case (a whole edge matches), compared in C
+        return n - n % page
     i = 0
     while i < n and key[i] == ids[start + i]:
         i += 1

@@ -1,0 +1,146 @@
+"""Scheduling with the radix prefix cache, without a model: the core matches each waiting request's
+cached prefix when it plans, so policies budget the uncached tokens, price the cached context, and
+count the KV that admitting a request pins (the tree's slots it locks)."""
+from __future__ import annotations
+
+from sglang_duet.core.request import ReqState
+from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
+from sglang_duet.cost_model.roofline import CostModel
+from sglang_duet.memory.radix_cache import RadixCache
+from sglang_duet.policies.base import Policy, PolicyContext, load_policy
+from sglang_duet.sampling_params import SamplingParams
+from fake_lanes import FakeLanes, reference_tokens
+
+PREFIX = [(7 * j) % 90 + 3 for j in range(100)]
+
+
+class Recording(Policy):
+    """The chunked policy, recording each view's waiting (rid, num_computed, prefix_pin) and each plan."""
+
+    name = "recording"
+
+    def __init__(self, inner: Policy):
+        super().__init__(inner.ctx)
+        self.inner = inner
+        self.views, self.plans = [], []
+
+    def plan(self, view):
+        self.views.append([(r.rid, r.num_computed, r.prefix_pin) for r in view.waiting])
+        p = self.inner.plan(view)
+        self.plans.append(p)
+        return p
+
+
+def make(pool=4096, budget=16, max_running=256, cost_model=None, schedule_policy="fcfs"):
+    box = {}
+    ctx = PolicyContext(chunked_prefill_size=budget, cost_model=cost_model,
+                        hardware=cost_model.hw if cost_model else None)
+    policy = Recording(load_policy("chunked", ctx))
+    core = SchedulerCore(CoreConfig(kv_slots=pool, context_length=4096, max_running_requests=max_running,
+                                    chunked_prefill_size=budget, schedule_policy=schedule_policy),
+                         policy, clock=lambda: box["lanes"].clock())
+    core.prefix_cache = RadixCache(core.allocator.free)
+    box["lanes"] = lanes = FakeLanes(core, pool)
+    return core, lanes, policy
+
+
+def warm(core, lanes, prompt=PREFIX):
+    """Run one request on `prompt` to the end: its prompt's KV is then in the tree."""
+    core.add_request("warm", list(prompt), SamplingParams(max_new_tokens=1))
+    lanes.run()
+    assert core.prefix_cache.total == len(prompt)
+
+
+def test_budget_pays_only_for_uncached_tokens():
+    core, lanes, policy = make(budget=16)
+    warm(core, lanes)
+    n_plans = len(policy.plans)
+    params = SamplingParams(max_new_tokens=3)
+    b, c = PREFIX + [5] * 10, PREFIX + [6] * 10
+    core.add_request("b", b, params)
+    core.add_request("c", c, params)
+    launch = core.schedule()[0]
+    # both fit one 16-token step: b's 10 uncached tokens and 6 of c's (priced from where each prefix
+    # ends); before, b's chunk was planned from position 0 and took the whole budget
+    assert policy.views[n_plans] == [("b", 100, 100), ("c", 100, 0)]  # c shares b's prefix: pinned once
+    assert [(w.rid, w.start_pos, len(w.input_ids)) for w in launch.work] == [("b", 100, 10), ("c", 100, 6)]
+    assert core.requests["b"].cached_len == core.requests["c"].cached_len == 100
+    lanes.submit(launch)
+    out = {}
+    for u in lanes.run():
+        out.setdefault(u.rid, []).extend(u.new_token_ids)
+    assert out == {"b": reference_tokens(b, 3), "c": reference_tokens(c, 3)}
+    assert core.kv_free == core.allocator.capacity
+
+
+def test_waiting_requests_hold_nothing_between_plans():
+    core, lanes, policy = make(budget=16, max_running=1)
+    warm(core, lanes)
+    params = SamplingParams(max_new_tokens=2)
+    core.add_request("b", PREFIX + [5] * 4, params)
+    core.add_request("c", PREFIX + [6] * 4, params)  # waits: one request runs at a time
+    lanes.submit(core.schedule()[0])
+    c = core.requests["c"]
+    assert policy.views[-1] == [("b", 100, 100), ("c", 100, 0)]
+    assert c.state is ReqState.WAITING and (c.num_computed, c.prefix_pin, c.kv_slots, c.cache_node) == (0, 0, [], None)
+    lanes.run()
+    assert core.kv_free == core.allocator.capacity
+
+
+def test_prefix_pin_keeps_the_policy_from_over_asking_kv():
+    """63 usable slots: the tree holds b's 40-token prefix, 23 are free. Admitting b (20 new tokens)
+    locks the prefix, leaving 3: the policy must not plan d (20 tokens, nothing cached) beside it,
+    which only the free-slot count without the pin would allow (the core would then drop d's chunk)."""
+    prefix = PREFIX[:40]
+    core, lanes, policy = make(pool=64, budget=64)
+    warm(core, lanes, prefix)
+    params = SamplingParams(max_new_tokens=1)
+    core.add_request("b", prefix + [5] * 20, params)
+    core.add_request("d", [9] * 20, params)
+    launches = core.schedule()
+    assert policy.views[-1] == [("b", 40, 40), ("d", 0, 0)]
+    chunks = [(c.rid, c.start, c.length) for c in policy.plans[-1].aggregated.prefill]
+    assert chunks == [("b", 40, 20)]
+    assert [(w.rid, w.start_pos) for w in launches[0].work] == [("b", 40)]  # what was planned, ran
+    for launch in launches:
+        lanes.submit(launch)
+    lanes.run()
+    assert core.kv_free == core.allocator.capacity
+
+
+def test_an_evicted_prefix_keeps_the_chunk_token_count():
+    """The hit the policy planned with shrank before admission (an allocation earlier in the same
+    plan evicted it): the chunk starts where the cache now ends, with the token count planned."""
+    core, lanes, policy = make(budget=16)
+    warm(core, lanes)
+    core.add_request("b", PREFIX + [5] * 10, SamplingParams(max_new_tokens=2))
+    core._match_waiting()
+    b = core.requests["b"]
+    assert b.num_computed == 100
+    core.prefix_cache.evict(core.prefix_cache.total)  # the tree loses the prefix meanwhile
+    from sglang_duet.core.plan import PrefillChunk
+
+    chunk = core._use_cached_prefix(b, PrefillChunk("b", 100, 10))
+    assert (chunk.start, chunk.length, b.num_computed, b.cached_len) == (0, 10, 0, 0)
+
+
+def test_the_cost_model_prices_the_uncached_part_with_its_context():
+    cm = CostModel.load("qwen3-8b", "h100")
+    core, lanes, policy = make(budget=16, cost_model=cm)
+    warm(core, lanes)
+    core.add_request("b", PREFIX + [5] * 10, SamplingParams(max_new_tokens=1))
+    core.schedule()
+    predicted = policy.plans[-1].predicted_ms["aggregated"]
+    assert predicted == cm.batch_time([(10, 100)]) * 1e3
+    assert predicted != cm.batch_time([(16, 0)]) * 1e3  # what a chunk planned from position 0 was priced at
+
+
+def test_lpm_orders_the_window_by_the_hit_it_plans_with():
+    core, lanes, policy = make(budget=256, max_running=1, schedule_policy="lpm")
+    warm(core, lanes)
+    params = SamplingParams(max_new_tokens=1)
+    core.add_request("x", [9] * 30, params)
+    core.add_request("b", PREFIX + [5] * 3, params)
+    launch = core.schedule()[0]
+    assert policy.views[-1] == [("b", 100, 100), ("x", 0, 0)]
+    assert [(w.rid, w.start_pos, len(w.input_ids)) for w in launch.work] == [("b", 100, 3)]
