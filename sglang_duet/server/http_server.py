@@ -42,9 +42,31 @@ class APIKeyMiddleware:
         return await self.app(scope, receive, send)
 
 
+class DuetApp(FastAPI):
+    """FastAPI, except that POSTs to the generation routes (`fast_routes`) skip its per-request
+    layers: its middleware stack (server errors, exception telemetry, its body limit, exception
+    handlers, an exit stack), routing and dependency solving cost about as much main-process CPU
+    per request as all of our own admission, and every SSE event of a stream went back out through
+    each layer's send wrapper. A fast route is the same handler behind our own two middlewares
+    (API key, body limit) and the same error rendering; the FastAPI route stays registered (the
+    OpenAPI schema, and any app that is not a DuetApp)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fast_routes: dict[str, object] = {}  # path -> ASGI app, POST only
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = self.fast_routes.get(scope["path"])
+            if route is not None:
+                await route(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
-    app = FastAPI(title="sglang-duet", lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
-                  version=_version())
+    app = DuetApp(title="sglang-duet", lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json", version=_version())
     openai = OpenAIServing(tm, server_args.model_path)
     native = NativeServing(tm)
 
@@ -58,8 +80,7 @@ def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(_req, e: Exception):
-        logger.exception("internal error")
-        return APIError(500, f"Internal server error: {type(e).__name__}: {e}").response()
+        return _internal_error(e)
 
     async def body_of(request: Request) -> dict:
         try:
@@ -135,6 +156,28 @@ def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
 
     # ---- generation ------------------------------------------------------------------------
 
+    def fast_route(path: str, handler) -> None:
+        """POST `path` -> handler(request, body) on the fast path (see DuetApp)."""
+
+        async def endpoint(scope, receive, send):
+            request = Request(scope, receive)
+            try:
+                response = await handler(request, await body_of(request))
+            except APIError as e:
+                response = e.response()
+            except Exception as e:  # noqa: BLE001 - what the FastAPI route's handler does
+                response = _internal_error(e)
+            await response(scope, receive, send)
+
+        asgi = BodyLimitMiddleware(endpoint, max_bytes=server_args.max_request_bytes)
+        if server_args.api_key:
+            asgi = APIKeyMiddleware(asgi, api_key=server_args.api_key)
+        app.fast_routes[path] = asgi
+
+    fast_route("/generate", native.generate)
+    fast_route("/v1/completions", openai.completions)
+    fast_route("/v1/chat/completions", openai.chat)
+
     @app.post("/generate")
     async def generate(request: Request):
         return await native.generate(request, await body_of(request))
@@ -195,6 +238,11 @@ def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
     if server_args.api_key:  # added last: outermost, so a client without the key learns nothing more
         app.add_middleware(APIKeyMiddleware, api_key=server_args.api_key)
     return app
+
+
+def _internal_error(e: Exception):
+    logger.exception("internal error", exc_info=e)
+    return APIError(500, f"Internal server error: {type(e).__name__}: {e}").response()
 
 
 def _version() -> str:
