@@ -12,16 +12,19 @@ See docs/disaggregation.md.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import logging
+import os
 import signal
 import sys
+import tempfile
 import time
 
 import httpx
 import msgspec
 
-from sglang_duet.disagg.router_manager import InstancePool, RouterConfig, RouterManager
+from sglang_duet.disagg.router_backend import InstancePool, RouterBackend, RouterConfig
 from sglang_duet.server import io_struct as io
 from sglang_duet.server.errors import json_response
 from sglang_duet.server_args import ServerArgs
@@ -140,10 +143,6 @@ def check_instances(prefill: list[str], decode: list[str], infos: dict[str, dict
 
 def run_router(ns: argparse.Namespace, alive=None) -> int:
     """Serve until SIGTERM/SIGINT. `alive()` (pd-local) names a reason to give up while waiting."""
-    import uvicorn
-
-    from sglang_duet.server.http_server import create_app
-
     logging.basicConfig(level=ns.log_level.upper(), format="[%(asctime)s router] %(levelname)s %(message)s")
     if ns.log_level != "debug":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll and per request otherwise
@@ -166,7 +165,30 @@ def run_router(ns: argparse.Namespace, alive=None) -> int:
     config = RouterConfig(prefill_timeout_s=ns.prefill_timeout_s, decode_timeout_s=ns.decode_timeout_s,
                           health_interval_s=ns.health_interval_s, max_attempts=ns.max_attempts,
                           instance_api_key=ns.instance_api_key)
-    tm = RouterManager(server_args, info, tok_files, pool, config)
+    with tempfile.TemporaryDirectory(prefix="sglang-duet-router-") as private:
+        info = msgspec.structs.replace(info, tokenizer_dir=write_tokenizer(tok_files, private))
+        return _serve(ns, server_args, info, pool, RouterBackend(pool, config))
+
+
+def write_tokenizer(files: dict[str, str], root: str) -> str | None:
+    """The instances' tokenizer files (base64, from /disagg/info) as a folder the manager loads."""
+    if not files:
+        return None
+    tok_dir = os.path.join(root, "tokenizer")
+    os.makedirs(tok_dir)
+    for name, b64 in files.items():
+        with open(os.path.join(tok_dir, os.path.basename(name)), "wb") as f:
+            f.write(base64.b64decode(b64))
+    return tok_dir
+
+
+def _serve(ns, server_args, info: io.ReadyInfo, pool: InstancePool, backend: RouterBackend) -> int:
+    import uvicorn
+
+    from sglang_duet.server.http_server import create_app
+    from sglang_duet.server.tokenizer_manager import TokenizerManager
+
+    tm = TokenizerManager(server_args, info, backend)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -177,7 +199,7 @@ def run_router(ns: argparse.Namespace, alive=None) -> int:
                     len(pool.prefill), len(pool.decode), info.policy["transfer"])
         print(f"sglang-duet router ready: {url}", file=sys.stderr, flush=True)
         yield
-        await tm.aclose()
+        await backend.aclose()
 
     app = create_app(tm, server_args, lifespan=lifespan)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port
+
 
 @dataclass
 class ServerArgs:
@@ -29,6 +31,8 @@ class ServerArgs:
     chunked_prefill_size: int | None = None
     schedule_policy: str = "fcfs"  # SGLang's waiting-queue order: fcfs, or lpm (longest cached prefix first)
     disable_radix_cache: bool = False  # the radix prefix cache is on unless this is set
+    # structured output: JSON allows any whitespace between items (SGLang's default) unless this is set
+    constrained_json_disable_any_whitespace: bool = False
     tbt_slo_ms: float = 100.0
     ttft_slo_ms: float = 1000.0
     # execution
@@ -64,7 +68,8 @@ class ServerArgs:
     # disaggregated serving (sglang_duet/disagg, docs/disaggregation.md)
     disaggregation_mode: str = "null"  # null | prefill | decode | pd-local (1 prefill + 1 decode + router)
     disaggregation_transfer_backend: str = "auto"  # auto | shm | cuda-ipc | mooncake | none
-    disaggregation_bootstrap_port: int = 0  # prefill: TCP port of the KV release socket (0: any free port)
+    # prefill: TCP port of the KV control socket, sglang-router's BOOTSTRAP_PORT; SGLang's default (0: any free port)
+    disaggregation_bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT
     disaggregation_kv_timeout_s: float = 60.0  # prefill: hold unpulled KV this long; decode: wait for KV room
     pd_local_router: str = "auto"  # pd-local's router: sglang (sglang-router) | builtin (sglang_duet.router) | auto
     extra: dict = field(default_factory=dict)

@@ -1,11 +1,13 @@
-"""SGLang's PD protocol pieces without processes: the room rendezvous (rooms.py) and the HTTP side
-that turns room-tagged requests into our prefill/decode messages (pd_http.py)."""
+"""SGLang's PD protocol pieces without processes: the room rendezvous (rooms.py), the HTTP side
+that turns room-tagged requests into our prefill/decode messages (pd_http.py), and the instance's
+scheduler backend that sends them (instance_backend.py)."""
 from __future__ import annotations
 
 import pytest
 
 from sglang_duet.disagg import messages as dm
-from sglang_duet.disagg.pd_http import BootstrapError, PDSend, _CURRENT, _Rooms, parse_bootstrap
+from sglang_duet.disagg.instance_backend import _CURRENT, InstanceBackend, translating
+from sglang_duet.disagg.pd_http import BootstrapError, RoomTranslator, parse_bootstrap
 from sglang_duet.disagg.rooms import DecodeRooms, PrefillRooms
 from sglang_duet.server import io_struct as io
 
@@ -82,35 +84,68 @@ def test_parse_bootstrap():
         parse_bootstrap({"bootstrap_host": ["h"], "bootstrap_port": 1, "bootstrap_room": [1, 2]}, "decode")
 
 
-class Sock:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, data, *a, **k):
-        self.sent.append(data)
-
-
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
-def test_pd_send_translates_only_room_tagged_requests(mode):
-    sock = Sock()
-    pd = PDSend(sock, mode)
-    g = io.GenerateReq(rid="a", input_ids=[1, 2], params={"max_new_tokens": 5}, arrival_time=1.0)
-    g2 = io.GenerateReq(rid="b", input_ids=[1, 2], params={}, arrival_time=1.0)
-    pd.send(io.encode(g))  # no bootstrap in context: untouched
-    token = _CURRENT.set(_Rooms([dm.Bootstrap("h", 1, 42)]))
+def test_instance_backend_sends_room_tagged_requests_as_ours(mode):
+    """Through the real socket: while a RoomTranslator is in context, the i-th GenerateReq goes out
+    as the i-th room's PrefillReq / DecodeReq; without one, or beyond the rooms, as it is; aborts
+    follow on the same socket."""
+    import zmq
+
+    from sglang_duet.server.ipc import IPCPaths, pull_socket
+
+    paths = IPCPaths.create()
+    ctx = zmq.Context()
+    sched_in = pull_socket(ctx, paths.scheduler_in)
+    backend = InstanceBackend(paths)
     try:
-        pd.send(io.encode(g))
-        pd.send(io.encode(g2))  # beyond the rooms given: served whole here
-        pd.send(io.encode(io.AbortReq("a")))
+        g = io.GenerateReq(rid="a", input_ids=[1, 2], params={"max_new_tokens": 5}, arrival_time=1.0)
+        g2 = io.GenerateReq(rid="b", input_ids=[1, 2], params={}, arrival_time=1.0)
+        backend.send_generate([g])  # no rooms in context: untouched
+        with translating(RoomTranslator(mode, [dm.Bootstrap("h", 1, 42)])):
+            backend.send_generate([g, g2])  # g2 is beyond the rooms given: served whole here
+            backend.send_abort("a")
+        got = []
+        while sched_in.poll(2000):
+            got.append(dm.decode_input(sched_in.recv()))
+            if len(got) == 4:
+                break
     finally:
-        _CURRENT.reset(token)
-    assert sock.sent[0] == io.encode(g) and sock.sent[2] == io.encode(g2) and sock.sent[3] == io.encode(io.AbortReq("a"))
-    m = dm.decode_input(sock.sent[1])
+        backend.close()
+        sched_in.close(0)
+        ctx.destroy(linger=0)
+        paths.cleanup()
+    assert _CURRENT.get() is None  # the context ends with the block
+    assert got[0] == g and got[2] == g2 and got[3] == io.AbortReq("a")
+    m = got[1]
     if mode == "prefill":
         assert isinstance(m, dm.PrefillReq) and m.room == 42 and m.input_ids == [1, 2]
     else:
         assert isinstance(m, dm.DecodeReq) and m.bootstrap == dm.Bootstrap("h", 1, 42) and m.kv is None
         assert m.first_token == -1 and m.params == {"max_new_tokens": 5}
+
+
+def test_instance_backend_sends_none_when_one_cannot_be_encoded():
+    """A batch is all or nothing: an integer beyond 64 bits in the second request sends neither."""
+    import zmq
+
+    from sglang_duet.server.ipc import IPCPaths, pull_socket
+
+    paths = IPCPaths.create()
+    ctx = zmq.Context()
+    sched_in = pull_socket(ctx, paths.scheduler_in)
+    backend = InstanceBackend(paths)
+    try:
+        ok = io.GenerateReq(rid="a", input_ids=[1], params={}, arrival_time=1.0)
+        bad = io.GenerateReq(rid="b", input_ids=[1], params={"top_k": 10**30}, arrival_time=1.0)
+        with pytest.raises(OverflowError):
+            backend.send_generate([ok, bad])
+        backend.send_abort("a")
+        assert sched_in.poll(2000) and dm.decode_input(sched_in.recv()) == io.AbortReq("a")  # the first message
+    finally:
+        backend.close()
+        sched_in.close(0)
+        ctx.destroy(linger=0)
+        paths.cleanup()
 
 
 def test_bootstrap_capture_reads_rooms_and_leaves_big_bodies_alone():
@@ -157,3 +192,18 @@ def test_bootstrap_capture_reads_rooms_and_leaves_big_bodies_alone():
     big = _json.dumps({"text": "x" * 2000, "bootstrap_host": "h", "bootstrap_port": 1, "bootstrap_room": 8}).encode()
     assert asyncio.run(call(mw, big, [(b"content-length", str(len(big)).encode())])) == 200
     assert seen[-1] == (big, None)  # over the limit: not inspected, the server's own limit answers
+
+
+def test_bootstrap_port_is_sglangs_default_and_pd_local_takes_a_free_one():
+    from sglang_duet.disagg.local import args_to_argv, bootstrap_port
+    from sglang_duet.server.args import parse_args
+    from sglang_duet.server_args import ServerArgs
+
+    assert ServerArgs().disaggregation_bootstrap_port == 8998
+    assert parse_args(["--disaggregation-mode", "prefill"]).disaggregation_bootstrap_port == 8998
+    assert parse_args(["--disaggregation-bootstrap-port", "9100"]).disaggregation_bootstrap_port == 9100
+    # pd-local starts its own router: a free port unless another was asked for, passed to the prefill alone
+    ports = {bootstrap_port(ServerArgs()), bootstrap_port(ServerArgs(disaggregation_bootstrap_port=0))}
+    assert 8998 not in ports and 0 not in ports
+    assert bootstrap_port(ServerArgs(disaggregation_bootstrap_port=9100)) == 9100
+    assert "--disaggregation-bootstrap-port" not in args_to_argv(ServerArgs(disaggregation_bootstrap_port=9100))

@@ -264,6 +264,7 @@ def test_tokenizer_manager_receive_batches_in_order():
     merge what arrived meanwhile, and the handlers run between reader callbacks (the receive path
     never holds the loop for the whole backlog)."""
     from sglang_duet.sampling_params import SamplingParams
+    from sglang_duet.server import scheduler_backend as sb
     from sglang_duet.server import tokenizer_manager as tmm
     from sglang_duet.server_args import ServerArgs
 
@@ -272,11 +273,11 @@ def test_tokenizer_manager_receive_batches_in_order():
     ctx = zmq.Context()
 
     async def run():
-        tm = tmm.TokenizerManager(ServerArgs(), info, paths)
+        tm = tmm.TokenizerManager(ServerArgs(), info, sb.ZmqSchedulerBackend(paths))
         sched_in = pull_socket(ctx, paths.scheduler_in)
         to_main = push_socket(ctx, paths.main_in)
         handled = []  # messages handled per reader callback
-        orig_handle, orig_readable = tm._handle_message, tm._on_readable
+        orig_handle, orig_readable = tm._handle_message, tm.backend._on_readable
 
         def counting(data):
             handled[-1] += 1
@@ -286,9 +287,9 @@ def test_tokenizer_manager_receive_batches_in_order():
             handled.append(0)
             orig_readable()
 
-        tm._handle_message, tm._on_readable = counting, readable
+        tm._handle_message, tm.backend._on_readable = counting, readable
         tm.start()
-        n_req, n_msgs = 5, 3 * tmm.RECV_BATCH
+        n_req, n_msgs = 5, 3 * sb.RECV_BATCH
         group = tm.submit([(f"x{i}", [1, 2, 3], SamplingParams(max_new_tokens=n_msgs)) for i in range(n_req)])
         for k in range(n_msgs):
             fin = k == n_msgs - 1
@@ -309,7 +310,7 @@ def test_tokenizer_manager_receive_batches_in_order():
             assert ids[i] == list(range(n_msgs))
             assert text[i] == "".join(f"<{k}>" for k in range(n_msgs))
         assert deltas < n_req * n_msgs  # a backlog is merged into fewer, larger deltas
-        assert sum(handled) == n_msgs and max(handled) <= tmm.RECV_BATCH  # the loop is let go in between
+        assert sum(handled) == n_msgs and max(handled) <= sb.RECV_BATCH  # the loop is let go in between
         assert tm.counts == {"submitted": n_req, "finished": n_req, "failed": 0, "aborted": 0}
         assert sched_in.poll(100)  # the GenerateReqs went out
         tm.close()

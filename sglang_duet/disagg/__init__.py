@@ -8,12 +8,14 @@ from one to the other, a router in front, and a placement search in the simulato
   same-host path or Mooncake, by the peer's machine).
 - `messages.py`: the typed messages of the disaggregation protocol (msgspec, never pickle).
 - `scheduler.py`: the scheduler process of a prefill or a decode instance.
-- `hooks.py`: what an instance plugs into the server (scheduler class, routes); the entrypoint
-  passes it in, so `server/` never imports this package.
+- `hooks.py`: what an instance plugs into the server (scheduler class, the tokenizer manager's
+  backend, routes); the entrypoint passes it in, so `server/` never imports this package.
+- `instance_backend.py`: that backend: sends a disaggregated request's own message kind.
 - `instance_api.py`: the HTTP routes an instance adds (/disagg/info, /disagg/prefill, ...).
 - `pd_http.py` + `rooms.py`: SGLang's PD protocol (sglang-router --pd-disaggregation: bootstrap
   host/port/room on the ordinary routes; the decode asks the prefill for the room's KV).
-- `router_manager.py` + `sglang_duet/router.py`: this project's router (the same OpenAI and native API).
+- `router_backend.py` + `sglang_duet/router.py`: this project's router (the server's own tokenizer
+  manager and API with an HTTP scheduler backend), kept for what sglang-router cannot do.
 - `local.py`: `launch_server --disaggregation-mode pd-local` (1 prefill + 1 decode + sglang-router or ours).
 - `placement.py`, `cluster_sim.py`: DistServe's placement search on the simulator.
 

@@ -9,8 +9,11 @@ from sglang_duet.server.hooks import ServerHooks
 
 
 def instance_hooks(mode: str) -> ServerHooks:
-    """The scheduler class and /disagg/* routes of a `--disaggregation-mode prefill|decode` instance."""
+    """The scheduler class, the tokenizer manager's backend and the /disagg/* routes of a
+    `--disaggregation-mode prefill|decode` instance."""
     from sglang_duet.disagg.instance_api import add_instance_routes
+    from sglang_duet.disagg.instance_backend import InstanceBackend
     from sglang_duet.disagg.scheduler import scheduler_class
 
-    return ServerHooks(scheduler_class=scheduler_class(mode), add_routes=(add_instance_routes,))
+    return ServerHooks(scheduler_class=scheduler_class(mode), scheduler_backend=InstanceBackend,
+                       add_routes=(add_instance_routes,))

@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from sglang_duet.disagg import messages as dm
 from sglang_duet.disagg import pd_http
+from sglang_duet.disagg.instance_backend import translating
 from sglang_duet.disagg.scheduler import INFO_FILE
 from sglang_duet.server import io_struct as io
 from sglang_duet.server.errors import APIError, json_response
@@ -29,26 +30,10 @@ from sglang_duet.server.sse import sse, start_stream
 TOKENIZER_FILE_LIMIT = 64 << 20  # the router fetches the tokenizer from an instance; refuse absurd sizes
 
 
-class _Translate:
-    """Stands in for the TokenizerManager's socket during one submit(): the GenerateReq it
-    sends becomes the disaggregation message built by `make(GenerateReq)`. Same socket, so a later
-    AbortReq can never overtake it."""
-
-    def __init__(self, sock, make):
-        self.sock = sock
-        self.make = make
-
-    def send(self, data: bytes, *args, **kwargs):
-        return self.sock.send(dm.encode(self.make(io.decode(data))), *args, **kwargs)
-
-
 def submit_as(tm, rid: str, ids: list[int], params, make, request):
-    real = tm._send
-    tm._send = _Translate(real, make)
-    try:
-        return tm.submit([(rid, ids, params)], request)  # synchronous: nothing else runs meanwhile
-    finally:
-        tm._send = real
+    """tm.submit, with the scheduler getting `make(GenerateReq)` (instance_backend.py)."""
+    with translating(make):
+        return tm.submit([(rid, ids, params)], request)
 
 
 def _body_field(body: dict, name: str, kinds, required: bool = True):
@@ -69,12 +54,13 @@ def delta_json(d) -> dict:
 
 def add_instance_routes(app, tm, server_args) -> None:
     mode = server_args.disaggregation_mode
-    pd_http.install(app, tm, mode, int(getattr(server_args, "max_request_bytes", 32 << 20)))  # SGLang's protocol (sglang-router --pd-disaggregation) on the usual routes
+    # SGLang's protocol (sglang-router --pd-disaggregation) on the usual routes
+    pd_http.install(app, mode, int(getattr(server_args, "max_request_bytes", 32 << 20)))
     cache: dict = {}
 
     def transfer_info() -> dict:
         if "transfer" not in cache:
-            with open(os.path.join(tm.paths.root, INFO_FILE)) as f:
+            with open(os.path.join(tm.backend.paths.root, INFO_FILE)) as f:
                 cache["transfer"] = json.load(f)
         return cache["transfer"]
 
@@ -171,5 +157,5 @@ def add_instance_routes(app, tm, server_args) -> None:
         body = loads_body(await request.body())
         rid = _body_field(body, "rid", str)
         if not tm.dead:
-            tm._send.send(io.encode(io.AbortReq(rid)))  # the prefill scheduler frees a held transfer on abort
+            tm.backend.send_abort(rid)  # the prefill scheduler frees a held transfer on abort
         return json_response({"released": rid})

@@ -20,11 +20,11 @@ import sys
 import time
 from dataclasses import MISSING, fields
 
-from sglang_duet.server_args import ServerArgs
+from sglang_duet.server_args import DEFAULT_BOOTSTRAP_PORT, ServerArgs
 
 logger = logging.getLogger("sglang_duet.router")
 
-_NOT_PASSED = {"port", "host", "disaggregation_mode", "pd_local_router", "extra"}
+_NOT_PASSED = {"port", "host", "disaggregation_mode", "disaggregation_bootstrap_port", "pd_local_router", "extra"}
 POLL_S = 0.5  # sglang-router mode: how often the children are checked
 
 
@@ -74,6 +74,13 @@ def router_kind(args: ServerArgs) -> str:
     return kind
 
 
+def bootstrap_port(args: ServerArgs) -> int:
+    """The prefill's bootstrap port. pd-local tells its own router, so it takes a free one (two
+    pd-locals, or a prefill instance on SGLang's 8998, must not collide) unless another was asked for."""
+    given = args.disaggregation_bootstrap_port
+    return given if given not in (0, DEFAULT_BOOTSTRAP_PORT) else free_port()
+
+
 def run_pd_local(args: ServerArgs) -> int:
     from sglang_duet.router import make_parser, run_router
 
@@ -81,7 +88,7 @@ def run_pd_local(args: ServerArgs) -> int:
     kind = router_kind(args)
     base = args_to_argv(args)
     ports = {"prefill": free_port(), "decode": free_port()}
-    bootstrap = args.disaggregation_bootstrap_port or free_port()  # sglang-router names it per prefill
+    bootstrap = bootstrap_port(args)
     procs: dict[str, subprocess.Popen] = {}
 
     def stop_children() -> None:
@@ -103,7 +110,7 @@ def run_pd_local(args: ServerArgs) -> int:
         for role, port in ports.items():
             cmd = [sys.executable, "-m", "sglang_duet.launch_server", *base, "--disaggregation-mode", role,
                    "--host", "127.0.0.1", "--port", str(port)]
-            if role == "prefill" and kind == "sglang" and not args.disaggregation_bootstrap_port:
+            if role == "prefill":
                 cmd += ["--disaggregation-bootstrap-port", str(bootstrap)]
             logger.info("starting the %s instance: %s", role, " ".join(cmd[1:]))
             procs[role] = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=dict(os.environ))

@@ -4,44 +4,47 @@ sglang-router sends the ordinary request (`/generate`, `/v1/completions`, `/v1/c
 with `bootstrap_host`, `bootstrap_port`, `bootstrap_room` added. The server's own handlers
 validate, tokenize and answer it as usual; only the message that reaches the scheduler changes:
 
-- `BootstrapCapture` (ASGI middleware) reads those three fields from the body and keeps them in a
-  context variable for the duration of the request;
-- `PDSend` wraps the tokenizer manager's socket to the scheduler: a GenerateReq sent while a
-  bootstrap is in context becomes a `PrefillReq(room=...)` on a prefill instance (one token, KV
-  held for the room) or a `DecodeReq(bootstrap=...)` on a decode instance (first token and KV
-  from the room's offer). Everything else passes through, so the same instance still serves
-  ordinary requests (warm-up, /health_generate, clients without a router) and our own router's
-  /disagg/* routes.
+- `BootstrapCapture` (ASGI middleware) reads those three fields from the body and, for the
+  duration of the request, has the instance's scheduler backend (instance_backend.py) translate
+  through `RoomTranslator`: a GenerateReq becomes a `PrefillReq(room=...)` on a prefill instance
+  (one token, KV held for the room) or a `DecodeReq(bootstrap=...)` on a decode instance (first
+  token and KV from the room's offer). Requests without rooms pass through, so the same instance
+  still serves ordinary requests (warm-up, /health_generate, clients without a router) and our own
+  router's /disagg/* routes.
 
 The i-th request a handler submits takes the i-th room (a batch /generate sends lists); requests
 beyond the rooms given (n > 1 choices) are served whole where they arrived.
 """
 from __future__ import annotations
 
-import contextvars
 from dataclasses import dataclass, field
 
 import orjson
 
 from sglang_duet.disagg import messages as dm
+from sglang_duet.disagg.instance_backend import translating
 from sglang_duet.server import io_struct as io
 
 PD_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 
 
 @dataclass
-class _Rooms:
+class RoomTranslator:
+    """The i-th GenerateReq of the HTTP request takes the i-th room; beyond them, none."""
+
+    mode: str  # "prefill" | "decode"
     items: list[dm.Bootstrap]
     used: int = field(default=0)
 
-    def take(self) -> dm.Bootstrap | None:
+    def __call__(self, g: io.GenerateReq):
         if self.used >= len(self.items):
             return None
+        b = self.items[self.used]
         self.used += 1
-        return self.items[self.used - 1]
-
-
-_CURRENT: contextvars.ContextVar[_Rooms | None] = contextvars.ContextVar("sglang_duet_bootstrap", default=None)
+        if self.mode == "prefill":
+            return dm.PrefillReq(g.rid, g.input_ids, g.params, g.arrival_time, room=b.room)
+        return dm.DecodeReq(g.rid, g.input_ids, g.params, g.arrival_time, first_token=-1, first_logprob=None,
+                            seed=0, kv=None, bootstrap=b)
 
 
 class BootstrapError(ValueError):
@@ -111,11 +114,10 @@ class BootstrapCapture:
         async def replay():
             return messages.pop(0) if messages else await receive()
 
-        token = _CURRENT.set(_Rooms(rooms) if rooms else None)
-        try:
+        if not rooms:
+            return await self.app(scope, replay, send)
+        with translating(RoomTranslator(self.mode, rooms)):
             await self.app(scope, replay, send)
-        finally:
-            _CURRENT.reset(token)
 
 
 async def _error(send, message: str) -> None:
@@ -126,32 +128,5 @@ async def _error(send, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class PDSend:
-    """The tokenizer manager's socket to the scheduler, turning room-tagged requests into ours."""
-
-    def __init__(self, sock, mode: str):
-        self.sock = sock
-        self.mode = mode
-
-    def send(self, data: bytes, *args, **kwargs):
-        rooms = _CURRENT.get()
-        if rooms is not None:
-            msg = io.decode(data)
-            b = rooms.take() if isinstance(msg, io.GenerateReq) else None
-            if b is not None:
-                data = dm.encode(self.translate(msg, b))
-        return self.sock.send(data, *args, **kwargs)
-
-    def translate(self, g: io.GenerateReq, b: dm.Bootstrap):
-        if self.mode == "prefill":
-            return dm.PrefillReq(g.rid, g.input_ids, g.params, g.arrival_time, room=b.room)
-        return dm.DecodeReq(g.rid, g.input_ids, g.params, g.arrival_time, first_token=-1, first_logprob=None,
-                            seed=0, kv=None, bootstrap=b)
-
-    def __getattr__(self, name):
-        return getattr(self.sock, name)
-
-
-def install(app, tm, mode: str, limit: int) -> None:
+def install(app, mode: str, limit: int) -> None:
     app.add_middleware(BootstrapCapture, mode=mode, limit=limit)
-    tm._send = PDSend(tm._send, mode)

@@ -42,6 +42,8 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "schedule_policy": ("order of the waiting queue (SGLang's flag): fcfs, or lpm (longest cached prefix first "
                         "among the first 64 waiting; fcfs with --disable-radix-cache)", {"choices": ["fcfs", "lpm"]}),
     "disable_radix_cache": ("turn the radix prefix cache off", {}),
+    "constrained_json_disable_any_whitespace": ("structured output: JSON in the compact form (\", \" and \": \" "
+                                                "between items) instead of any whitespace (SGLang's flag)", {}),
     "tbt_slo_ms": ("time-between-tokens SLO in ms (policies that use it)", {}),
     "ttft_slo_ms": ("time-to-first-token SLO in ms (policies that use it)", {}),
     "executor": ("run a real model, or emulate a GPU with the roofline cost model",
@@ -87,7 +89,8 @@ _SPECS: dict[str, tuple[str, dict]] = {
                                         "where the Mooncake engine is installed; none for the emulated executor)",
                                         {"choices": ["auto", "shm", "cuda-ipc", "mooncake", "none"]}),
     "disaggregation_bootstrap_port": ("prefill instance: TCP port of its KV control socket, the BOOTSTRAP_PORT of "
-                                      "`sglang_router.launch_router --prefill URL BOOTSTRAP_PORT` (0: a free port)", {}),
+                                      "`sglang_router.launch_router --prefill URL BOOTSTRAP_PORT` (SGLang's default; "
+                                      "0: a free port; pd-local takes a free one unless given another)", {}),
     "disaggregation_kv_timeout_s": ("prefill: free KV not pulled within this many seconds; decode: refuse a "
                                     "request that finds no KV room within it", {}),
     "pd_local_router": ("the router --disaggregation-mode pd-local starts: sglang (sglang_router.launch_router "

@@ -15,5 +15,8 @@ class ServerHooks:
     # The scheduler process's class (a SchedulerProcess subclass); None: the ordinary one. It goes
     # to the spawned scheduler process by reference (module + name), so it must be a module-level class.
     scheduler_class: type | None = None
+    # Builds the tokenizer manager's SchedulerBackend from the IPC paths (server/scheduler_backend.py);
+    # None: the ordinary ZmqSchedulerBackend. An instance's sends its own message kinds to its scheduler.
+    scheduler_backend: Callable | None = None
     # Called as add_routes(app, tokenizer_manager, server_args) after the ordinary routes exist.
     add_routes: tuple[Callable, ...] = field(default_factory=tuple)

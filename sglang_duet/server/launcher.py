@@ -53,7 +53,7 @@ def _on_signal(sig, _frame):
 
 def launch_server(args: ServerArgs, hooks: ServerHooks | None = None) -> int:
     """Run the server until stopped; returns the process exit code. `hooks`: what the entrypoint
-    plugs in (a scheduler class, extra routes); see server/hooks.py."""
+    plugs in (a scheduler class, the tokenizer manager's backend, extra routes); see server/hooks.py."""
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -152,9 +152,11 @@ class Launcher:
         import uvicorn
 
         from sglang_duet.server.http_server import create_app
+        from sglang_duet.server.scheduler_backend import ZmqSchedulerBackend
         from sglang_duet.server.tokenizer_manager import TokenizerManager
 
-        self.tm = TokenizerManager(self.args, self.info, self.paths)
+        backend = (self.hooks.scheduler_backend or ZmqSchedulerBackend)(self.paths)
+        self.tm = TokenizerManager(self.args, self.info, backend)
 
         @contextlib.asynccontextmanager
         async def lifespan(_app):

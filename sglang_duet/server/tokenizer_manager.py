@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass, field
 
 import msgspec
-import zmq
 
 from sglang_duet.model_loader.serving_config import read_sampling_defaults
 from sglang_duet.constrained import grammar
@@ -23,14 +22,13 @@ from sglang_duet.sampling_params import SamplingParams, SamplingParamsError
 from sglang_duet.server import io_struct as io
 from sglang_duet.server.errors import APIError, sampling_error
 from sglang_duet.server.input_processor import InputProcessor
-from sglang_duet.server.ipc import IPCPaths, pull_socket, push_socket
 from sglang_duet.server.metrics import ServerMetrics
+from sglang_duet.server.scheduler_backend import SchedulerBackend
 
 logger = logging.getLogger("sglang_duet.server")
 
 DISCONNECT_CHECK_S = 0.5  # how often a waiting non-streaming handler checks for a gone client
 MAX_ABORTING = 100_000
-RECV_BATCH = 16  # messages handled per reader callback before the woken handlers get a turn
 MAX_SEQS_PER_REQUEST = 4096  # prompts x n of one HTTP request: one small body must not queue 10^5 requests
 
 
@@ -63,10 +61,12 @@ class ReqState:
 
 
 class TokenizerManager:
-    def __init__(self, server_args, info: io.ReadyInfo, paths: IPCPaths):
+    def __init__(self, server_args, info: io.ReadyInfo, backend: SchedulerBackend):
         self.args = server_args
         self.info = info
-        self.paths = paths
+        # Where requests go and outputs come from (server/scheduler_backend.py): this server's
+        # scheduler process by default; the entrypoint may plug in another (ServerHooks).
+        self.backend = backend
         self.tokenizer = None
         if info.tokenizer_dir:
             from transformers import AutoTokenizer
@@ -79,7 +79,7 @@ class TokenizerManager:
         self.metrics = ServerMetrics(self.served_model_name)
         self.states: dict[str, ReqState] = {}
         self.stats: io.SchedulerStats | None = None
-        self.dead: str | None = None  # why the server can no longer serve (a child died)
+        self._dead: str | None = None  # why the server can no longer serve (a child died): see `dead`
         self.draining: str | None = None  # why new requests are refused while in-flight ones finish
         self.ready = False  # warm-up request went through
         # rid -> time: aborted here, the scheduler's final word on it not yet in. While listed, the
@@ -94,13 +94,6 @@ class TokenizerManager:
         self.grammars = None
         if self.tokenizer is not None and grammar.available():
             self.grammars = grammar.GrammarCompiler(self.tokenizer, self.vocab_size)
-        self._zctx = zmq.Context(1)
-        # A plain (sync) PUSH socket: send() never blocks (no HWM) and works from `finally` blocks of
-        # cancelled handlers, which is where aborts come from.
-        self._send = push_socket(self._zctx, paths.scheduler_in)
-        # Read through the event loop's reader callback on the socket's fd (see _on_readable).
-        self._recv = pull_socket(self._zctx, paths.main_in)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.last_heard = time.monotonic()  # last message from the scheduler (via the detokenizer)
         self.log_requests = bool(getattr(server_args, "log_requests", False))
         # generation_config.json's sampling defaults, for OpenAI requests that set none (SGLang's way)
@@ -109,20 +102,21 @@ class TokenizerManager:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._recv.getsockopt(zmq.FD), self._on_readable)
-        self._loop.call_soon(self._on_readable)  # whatever arrived before the reader was registered
+        self.backend.start(self)
 
     def close(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.remove_reader(self._recv.getsockopt(zmq.FD))
-            except Exception:  # noqa: BLE001 - closing anyway
-                pass
         self.inputs.close()
-        self._send.close(linger=0)
-        self._recv.close(linger=0)
-        self._zctx.term()
+        self.backend.close()
+
+    @property
+    def dead(self) -> str | None:
+        """Why no request can be served: a child died (set here, for good), or the backend has
+        nobody to send to now (the PD router's instances all down)."""
+        return self._dead or self.backend.unavailable()
+
+    @dead.setter
+    def dead(self, message: str | None) -> None:
+        self._dead = message
 
     def fail_all(self, message: str, *, dead: bool = True) -> None:
         """Every in-flight request ends with an error (a child died, or the shutdown grace ran out)."""
@@ -231,34 +225,33 @@ class TokenizerManager:
             seen.add(rid)
             self.check_input(ids)
         now = time.monotonic()
+        # max_new_tokens=0 is SGLang's request for an empty completion: nothing is generated or
+        # billed, so the scheduler never sees it.
         try:
-            msgs = [io.encode(io.GenerateReq(rid, ids, params.to_dict(), now)) for rid, ids, params in reqs]
-        except OverflowError:  # an integer parameter beyond 64 bits (top_k=10**30, ...)
+            self.backend.send_generate([io.GenerateReq(rid, ids, params.to_dict(), now)
+                                        for rid, ids, params in reqs if params.max_new_tokens != 0])
+        except OverflowError:  # an integer parameter beyond 64 bits (top_k=10**30, ...): none was sent
             raise APIError(400, "An integer sampling parameter is out of range.") from None
         event = asyncio.Event()  # shared: one wake-up for whichever request of the group has news
         states = []
-        for (rid, ids, params), msg in zip(reqs, msgs):
+        for rid, ids, params in reqs:
             st = ReqState(rid, len(ids), now, event=event)
             self.states[rid] = st
             states.append(st)
             self.counts["submitted"] += 1
             if params.max_new_tokens == 0:
-                # SGLang's answer to max_new_tokens=0: an empty completion. Nothing is generated or
-                # billed, so the scheduler never sees it.
                 st.finished, st.finish_time = True, now
                 st.pending.append(io.StrOut(rid, "", [], None, True, {"type": "length", "length": 0}, len(ids), 0, 0))
                 event.set()
-                continue
-            self._send.send(msg)
         return RequestGroup(self, states, request)
 
     def abort_request(self, rid: str | None = None, abort_all: bool = False) -> list[str]:
         """/abort_request: end running requests as if their clients had asked (finish reason abort);
         their handlers get the scheduler's final word like any other. Returns the rids aborted."""
         rids = [r for r, st in self.states.items() if not st.finished and (abort_all or r == rid)]
-        if not self.dead:
+        if not self._dead:
             for r in rids:
-                self._send.send(io.encode(io.AbortReq(r)))
+                self.backend.send_abort(r)
         return rids
 
     def abort(self, rid: str) -> None:
@@ -277,8 +270,8 @@ class TokenizerManager:
                                len(self._aborting))
                 self._aborting.clear()
             self._aborting[rid] = time.monotonic()
-            if not self.dead:
-                self._send.send(io.encode(io.AbortReq(rid)))
+            if not self._dead:
+                self.backend.send_abort(rid)
         elif st.error is not None:
             self.counts["failed"] += 1
         else:
@@ -288,9 +281,17 @@ class TokenizerManager:
         """/flush_cache: empty the scheduler's prefix cache; refused (False) while requests run."""
         if any(not st.finished for st in self.states.values()):
             return False
-        if isinstance(self._send, zmq.Socket) and not self.dead:  # a local scheduler (not the router's peers)
-            self._send.send(io.encode(io.FlushCacheReq()))
+        if not self._dead:
+            self.backend.send_flush_cache()
         return True
+
+    def fail_request(self, rid: str, error: APIError) -> None:
+        """The backend's word that a request ended with an error (its handler raises it)."""
+        st = self.states.get(rid)
+        if st is not None and not st.finished:
+            st.error = error
+            st.finished = True
+            st.event.set()
 
     def _settled(self, rid: str) -> None:
         """The scheduler's final word on an aborted request arrived: its rid may be used again."""
@@ -298,26 +299,8 @@ class TokenizerManager:
 
     # ---- receive loop ----------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        """The reader callback: handle what has arrived, then let the handlers run.
-
-        At most RECV_BATCH messages per call, then the rest in a later callback: the handlers woken
-        meanwhile (each has its request's news merged into one event) run in between, so a backlog
-        (the main process behind the scheduler) can never starve them; the per-message work is
-        O(outputs in the message). The socket's fd is edge-triggered: every call reads until the
-        socket is empty or reschedules itself.
-        """
-        for _ in range(RECV_BATCH):
-            try:
-                data = self._recv.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:  # closed while shutting down
-                return
-            self._handle_message(data)
-        self._loop.call_soon(self._on_readable)
-
     def _handle_message(self, data: bytes) -> None:
+        """One encoded message from the backend (see scheduler_backend.py)."""
         self.last_heard = time.monotonic()  # the --watchdog-timeout's evidence that the pipeline is alive
         try:
             msg = io.decode(data)
@@ -383,6 +366,7 @@ class TokenizerManager:
                        retractions=s.retractions, submitted=s.submitted, rejected=s.rejected,
                        peak_running=s.peak_running, peak_waiting=s.peak_waiting, critical_path=s.critical_path,
                        stats_age_s=time.monotonic() - s.time)
+        out.update(self.backend.internal_state())
         return out
 
 

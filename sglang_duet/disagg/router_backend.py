@@ -1,10 +1,9 @@
 """The router's request path: the server's TokenizerManager with HTTP peers instead of a scheduler.
 
-`RouterManager` subclasses the server's TokenizerManager, so the router serves the same OpenAI and
-native API with the same validation, tokenization, chat templating, streaming, metrics and
-abort-on-disconnect code (sglang_duet/server/*). Only what a scheduler process would do changes:
-the GenerateReq / AbortReq messages that `submit` and `abort` send go to `_Dispatch`, which runs
-each request as an asyncio task:
+The router is the server's own TokenizerManager with `RouterBackend` as its scheduler backend
+(server/scheduler_backend.py), so it serves the same OpenAI and native API with the same
+validation, tokenization, chat templating, streaming, metrics and abort-on-disconnect code
+(sglang_duet/server/*). The backend runs each GenerateReq as an asyncio task:
 
   1. prefill: POST /disagg/prefill to the prefill instance with the fewest requests in flight
      (retried on another prefill instance if one cannot be reached or is overloaded);
@@ -19,9 +18,7 @@ background poll keeps each instance's health, queue and KV room current.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -31,8 +28,7 @@ import orjson
 
 from sglang_duet.server import io_struct as io
 from sglang_duet.server.errors import APIError
-from sglang_duet.server.ipc import IPCPaths
-from sglang_duet.server.tokenizer_manager import TokenizerManager
+from sglang_duet.server.scheduler_backend import SchedulerBackend
 
 logger = logging.getLogger("sglang_duet.router")
 
@@ -107,23 +103,6 @@ class _Retry(Exception):
         self.reprefill = reprefill
 
 
-class _Dispatch:
-    """What the TokenizerManager believes is its socket to the scheduler (see the module docstring)."""
-
-    def __init__(self, router: "RouterManager"):
-        self.router = router
-
-    def send(self, data: bytes, *args, **kwargs) -> None:
-        msg = io.decode(data)
-        if isinstance(msg, io.GenerateReq):
-            self.router._start(msg)
-        elif isinstance(msg, io.AbortReq):
-            self.router._cancel(msg.rid)
-
-    def close(self, *args, **kwargs) -> None:
-        pass
-
-
 def _error_of(r: httpx.Response) -> APIError:
     try:
         err = r.json()["error"]
@@ -133,57 +112,50 @@ def _error_of(r: httpx.Response) -> APIError:
         return APIError(r.status_code, f"HTTP {r.status_code}: {r.text[:200]}")
 
 
-class RouterManager(TokenizerManager):
-    def __init__(self, server_args, info: io.ReadyInfo, tokenizer_files: dict[str, str], pool: InstancePool,
-                 config: RouterConfig):
-        # A private dir for the tokenizer copy (and the unused sockets the base class makes).
-        self._router_paths = IPCPaths.create()
-        tok_dir = None
-        if tokenizer_files:
-            tok_dir = os.path.join(self._router_paths.root, "tokenizer")
-            os.makedirs(tok_dir)
-            for name, b64 in tokenizer_files.items():
-                with open(os.path.join(tok_dir, os.path.basename(name)), "wb") as f:
-                    f.write(base64.b64decode(b64))
-        info = msgspec.structs.replace(info, tokenizer_dir=tok_dir)
-        self._dead_msg: str | None = None
-        super().__init__(server_args, info, self._router_paths)
-        self._send.close(linger=0)
-        self._send = _Dispatch(self)
+class RouterBackend(SchedulerBackend):
+    def __init__(self, pool: InstancePool, config: RouterConfig):
         self.pool = pool
         self.config = config
+        self.tm = None  # the TokenizerManager it delivers to (set by start)
         self.tasks: dict[str, asyncio.Task] = {}
         self._background: set[asyncio.Task] = set()
         self._poll_task: asyncio.Task | None = None
         self.http: httpx.AsyncClient | None = None
         self.routed = {"requests": 0, "retries": 0, "reprefills": 0, "failed": 0}
 
-    # ---- health: dead while no prefill or no decode instance is reachable ----------------------
+    # ---- the backend interface -----------------------------------------------------------------
 
-    @property
-    def dead(self) -> str | None:
-        if self._dead_msg:
-            return self._dead_msg
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            if not any(i.healthy for i in pool.prefill):
-                return "No prefill instance is reachable."
-            if not any(i.healthy for i in pool.decode):
-                return "No decode instance is reachable."
-        return None
-
-    @dead.setter
-    def dead(self, value: str | None) -> None:
-        self._dead_msg = value
-
-    # ---- lifecycle -----------------------------------------------------------------------------
-
-    def start(self) -> None:
+    def start(self, tm) -> None:
+        self.tm = tm
         headers = {"Authorization": f"Bearer {self.config.instance_api_key}"} if self.config.instance_api_key else {}
         # No connection cap: every decoding request holds one stream open.
         self.http = httpx.AsyncClient(headers=headers, limits=httpx.Limits(max_connections=None,
                                                                            max_keepalive_connections=64))
         self._poll_task = asyncio.get_running_loop().create_task(self._poll_loop())
+
+    def send_generate(self, reqs: list[io.GenerateReq]) -> None:
+        loop = asyncio.get_running_loop()
+        for msg in reqs:
+            self.routed["requests"] += 1
+            self.tasks[msg.rid] = loop.create_task(self._serve(msg))
+
+    def send_abort(self, rid: str) -> None:
+        t = self.tasks.pop(rid, None)
+        if t is not None and not t.done():
+            t.cancel()
+
+    def unavailable(self) -> str | None:
+        """The router cannot serve while no prefill or no decode instance is reachable."""
+        if not any(i.healthy for i in self.pool.prefill):
+            return "No prefill instance is reachable."
+        if not any(i.healthy for i in self.pool.decode):
+            return "No decode instance is reachable."
+        return None
+
+    def internal_state(self) -> dict:
+        return {"routed": dict(self.routed), "num_running_reqs": sum(i.running for i in self.pool.decode),
+                "num_queue_reqs": sum(i.queue for i in self.pool.prefill),
+                "instances": [asdict(i) for i in self.pool.all]}
 
     async def aclose(self) -> None:
         if self._poll_task is not None:
@@ -193,35 +165,7 @@ class RouterManager(TokenizerManager):
         if self.http is not None:
             await self.http.aclose()
 
-    def close(self) -> None:
-        super().close()
-        self._router_paths.cleanup()
-
-    def internal_state(self) -> dict:
-        out = {"num_inflight_http_requests": len(self.states), "ready": self.ready, "dead": self.dead,
-               "draining": getattr(self, "draining", None), "requests": dict(getattr(self, "counts", {})),
-               "routed": dict(self.routed), "num_running_reqs": sum(i.running for i in self.pool.decode),
-               "num_queue_reqs": sum(i.queue for i in self.pool.prefill),
-               "instances": [asdict(i) for i in self.pool.all]}
-        return out
-
     # ---- dispatch ------------------------------------------------------------------------------
-
-    def abort(self, rid: str) -> None:
-        st = self.states.get(rid)
-        running = st is not None and not st.finished
-        super().abort(rid)
-        if running:
-            self._cancel(rid)  # also when the base class sent nothing (e.g. while dead)
-
-    def _start(self, msg: io.GenerateReq) -> None:
-        self.routed["requests"] += 1
-        self.tasks[msg.rid] = asyncio.get_running_loop().create_task(self._serve(msg))
-
-    def _cancel(self, rid: str) -> None:
-        t = self.tasks.pop(rid, None)
-        if t is not None and not t.done():
-            t.cancel()
 
     def _background_task(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -271,8 +215,7 @@ class RouterManager(TokenizerManager):
             if pre is not None:
                 self._release(pre)  # given up or cancelled: the prefill need not wait for its timeout
             self.tasks.pop(rid, None)
-            if hasattr(self, "_settled"):
-                self._settled(rid)
+            self.tm._settled(rid)  # the final word on a request the client left: its rid is free again
 
     async def _prefill(self, rid: str, attempt: int, ids: list[int], params: dict) -> dict:
         tried: set[str] = set()
@@ -359,14 +302,10 @@ class RouterManager(TokenizerManager):
         out = io.StrOut(rid, obj.get("text", ""), list(obj.get("ids") or []), lps or None, bool(obj.get("finished")),
                         obj.get("finish_reason"), int(obj.get("prompt_tokens") or 0),
                         int(obj.get("completion_tokens") or 0), int(obj.get("cached_tokens") or 0))
-        self._on_outputs(io.BatchStrOut([out]))
+        self.tm._on_outputs(io.BatchStrOut([out]))
 
     def _fail(self, rid: str, err: APIError) -> None:
-        st = self.states.get(rid)
-        if st is not None and not st.finished:
-            st.error = err
-            st.finished = True
-            st.event.set()
+        self.tm.fail_request(rid, err)
 
     def _release(self, pre: dict | None) -> None:
         if not pre or not pre.get("kv"):
