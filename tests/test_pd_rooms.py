@@ -207,3 +207,94 @@ def test_bootstrap_port_is_sglangs_default_and_pd_local_takes_a_free_one():
     assert 8998 not in ports and 0 not in ports
     assert bootstrap_port(ServerArgs(disaggregation_bootstrap_port=9100)) == 9100
     assert "--disaggregation-bootstrap-port" not in args_to_argv(ServerArgs(disaggregation_bootstrap_port=9100))
+
+
+# ---- the instance's real app, with a recording backend instead of the scheduler's socket ------------
+
+
+class _RecordingInstance:
+    """InstanceBackend's translation without its sockets: records what the scheduler would get."""
+
+    message_for = InstanceBackend.message_for
+
+    def __init__(self):
+        self.sent = []
+
+    def start(self, tm):
+        pass
+
+    def send_generate(self, reqs):
+        self.sent += [self.message_for(r) for r in reqs]
+
+    def send_abort(self, rid):
+        self.sent.append(io.AbortReq(rid))
+
+    def unavailable(self):
+        return None
+
+    def internal_state(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+def _instance_app(mode: str):
+    from sglang_duet.disagg.instance_api import add_instance_routes
+    from sglang_duet.server.http_server import create_app
+    from sglang_duet.server.tokenizer_manager import TokenizerManager
+    from sglang_duet.server_args import ServerArgs
+
+    args = ServerArgs(disaggregation_mode=mode)
+    backend = _RecordingInstance()
+    tm = TokenizerManager(args, io.ReadyInfo(status="ready", context_length=4096, vocab_size=1000, kv_slots=10000),
+                          backend)
+    app = create_app(tm, args)
+    add_instance_routes(app, tm, args)
+    return app, tm, backend
+
+
+async def _post_and_answer(app, tm, backend, path: str, body: dict):
+    """POST `body`, wait until the scheduler got its message, finish that request with one token."""
+    import asyncio
+
+    import httpx
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://instance") as c:
+        task = asyncio.create_task(c.post(path, json=body))
+        for _ in range(500):
+            if backend.sent or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert backend.sent, (await task).text
+        m = backend.sent[0]
+        tm._on_outputs(io.BatchStrOut([io.StrOut(m.rid, "x", [7], None, True, {"type": "length"}, 2, 1, 0)]))
+        r = await task
+    tm.close()
+    return m, r
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions"])
+def test_a_room_tagged_request_reaches_the_prefill_scheduler_as_a_prefill(path):
+    """Through the server's own (fast-path) routes: the bootstrap middleware must see them."""
+    import asyncio
+
+    app, tm, backend = _instance_app("prefill")
+    body = ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4}} if path == "/generate"
+            else {"model": tm.served_model_name, "prompt": [1, 2], "max_tokens": 4})
+    m, r = asyncio.run(_post_and_answer(app, tm, backend, path, {**body, "bootstrap_room": 5}))
+    assert r.status_code == 200, r.text
+    assert isinstance(m, dm.PrefillReq) and m.room == 5 and m.input_ids == [1, 2]
+
+
+def test_disagg_decode_streams_what_the_decode_scheduler_sends():
+    import asyncio
+
+    app, tm, backend = _instance_app("decode")
+    body = {"rid": "d1", "input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3}, "first_token": 5, "seed": 9,
+            "kv": None}
+    m, r = asyncio.run(_post_and_answer(app, tm, backend, "/disagg/decode", body))
+    assert r.status_code == 200, r.text
+    assert isinstance(m, dm.DecodeReq) and (m.rid, m.first_token, m.seed, m.kv) == ("d1", 5, 9, None)
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and '"ids":[7]' in events[0] and '"finished":true' in events[0]

@@ -17,6 +17,7 @@ import os
 
 import msgspec
 from starlette.requests import Request
+from starlette.responses import Response
 
 from sglang_duet.disagg import messages as dm
 from sglang_duet.disagg import pd_http
@@ -34,6 +35,17 @@ def submit_as(tm, rid: str, ids: list[int], params, make, request):
     """tm.submit, with the scheduler getting `make(GenerateReq)` (instance_backend.py)."""
     with translating(make):
         return tm.submit([(rid, ids, params)], request)
+
+
+class _ASGIResponse(Response):
+    """A FastAPI route must return a Response; the server's SSEStream is a plain ASGI app."""
+
+    def __init__(self, app):
+        self.app = app
+        self.background = None
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope, receive, send)
 
 
 def _body_field(body: dict, name: str, kinds, required: bool = True):
@@ -149,7 +161,7 @@ def add_instance_routes(app, tm, server_args) -> None:
             for _, d in batch:
                 yield sse(delta_json(d))
 
-        return await start_stream(group, render, lambda: ())
+        return _ASGIResponse(await start_stream(group, render, lambda: ()))
 
     @app.post("/disagg/release")
     async def release(request: Request):

@@ -129,4 +129,9 @@ async def _error(send, message: str) -> None:
 
 
 def install(app, mode: str, limit: int) -> None:
+    # The server's generation routes skip the app's middleware stack (http_server.DuetApp.fast_routes):
+    # wrap each of them; the middleware serves the FastAPI routes of an app without that fast path.
+    fast = getattr(app, "fast_routes", {})
+    for path in PD_PATHS & fast.keys():
+        fast[path] = BootstrapCapture(fast[path], mode=mode, limit=limit)
     app.add_middleware(BootstrapCapture, mode=mode, limit=limit)
