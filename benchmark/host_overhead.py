@@ -35,6 +35,13 @@ little as it can (an aiohttp client cost about 3x more CPU per token).
 process's work (core, policy, the emulated device's host side, the step's message) and of the
 detokenizer's, at each batch of --streams (thread CPU time: a loaded machine moves it far less
 than the wall-clock ratios above).
+
+`--admission` measures the main process's CPU time per request instead: N streaming requests of
+one output token sent at once on fresh connections (the admission burst of a level: HTTP, body
+parsing, validation, tokenizing or chat templating, the send to the scheduler, the stream's setup
+and its one event), for native /generate with input_ids and with text, and for
+/v1/chat/completions; CPU seconds of each process (from /proc) per request, the median of
+--repeats bursts.
 """
 from __future__ import annotations
 
@@ -536,6 +543,93 @@ def run(a) -> list[dict]:
     return rows
 
 
+# ---- admission: main-process CPU per request -------------------------------------------------------
+
+
+ADMISSION_KINDS = ("generate-ids", "generate-text", "chat")
+
+
+def admission_request(kind: str, i: int, rng: random.Random, prompt_len: int) -> tuple[str, dict]:
+    """(path, body) of one streaming request with one output token."""
+    words = " ".join(f"w{rng.randrange(1000)}" for _ in range(max(1, prompt_len // 2)))
+    if kind == "generate-ids":
+        return "/generate", {"input_ids": [rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(prompt_len)],
+                             "stream": True, "sampling_params": {"max_new_tokens": 1, "ignore_eos": True}}
+    if kind == "generate-text":
+        return "/generate", {"text": f"Request {i}: {words}", "stream": True,
+                             "sampling_params": {"max_new_tokens": 1, "ignore_eos": True}}
+    if kind == "chat":
+        return "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Request {i}: {words}"}],
+                                        "stream": True, "max_tokens": 1, "ignore_eos": True}
+    raise ValueError(f"unknown admission kind {kind!r}")
+
+
+async def admission_burst(host: str, port: int, reqs: list[tuple[str, dict]]) -> list[str]:
+    """Send every request at once, each on its own connection; return the errors."""
+    import orjson
+
+    async def one(path: str, body: dict) -> str:
+        data = orjson.dumps(body)
+        r, w = await asyncio.open_connection(host, port)
+        w.write((f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
+        got = b""
+        while _DONE not in got:
+            chunk = await r.read(65536)
+            if not chunk:
+                break
+            got += chunk
+        w.close()
+        return "" if got.startswith(b"HTTP/1.1 200") and _DONE in got else got[:300].decode(errors="replace")
+
+    return [e for e in await asyncio.gather(*(one(p, b) for p, b in reqs)) if e]
+
+
+def admission(a) -> list[dict]:
+    """Main-process (and every other process's) CPU ms per request, per kind and burst size."""
+    levels = [int(x) for x in a.streams.split(",")]
+    work = tempfile.mkdtemp(prefix="host-overhead-")
+    rows = []
+    with ServerProcess(server_flags(a, max(levels)), os.path.join(work, "server.log"), env=a.env).start() as srv:
+        host, port = srv.base_url.rsplit("//", 1)[1].rsplit(":", 1)
+        pids = dict(server_pids(srv.proc.pid), client=os.getpid())
+        rng = random.Random(a.seed)
+        for kind in ADMISSION_KINDS:
+            asyncio.run(admission_burst(host, int(port), [admission_request(kind, i, rng, a.prompt_len)
+                                                         for i in range(8)]))  # warm-up
+            for n in levels:
+                reps = []
+                for _ in range(a.repeats):
+                    reqs = [admission_request(kind, i, rng, a.prompt_len) for i in range(n)]
+                    cpu0, load0, t0 = process_cpu(pids), load_average(), time.perf_counter()
+                    errors = asyncio.run(admission_burst(host, int(port), reqs))
+                    wall = time.perf_counter() - t0
+                    cpu1 = process_cpu(pids)
+                    if errors:
+                        raise RuntimeError(f"{kind}: {len(errors)} of {n} requests failed: {errors[0]}")
+                    reps.append({"kind": kind, "streams": n, "wall_s": wall, "load": (load0 + load_average()) / 2,
+                                 **{k: (cpu1[k] - cpu0[k]) / n * 1e3 for k in pids}})
+                reps.sort(key=lambda r: r["main"])
+                row = dict(reps[len(reps) // 2])
+                row["main_runs"] = [r["main"] for r in reps]
+                rows.append(row)
+                print(f"{kind} x{n}: main CPU {row['main']:.3f} ms/request (runs "
+                      + ", ".join(f"{x:.3f}" for x in row["main_runs"]) + f"), scheduler {row.get('scheduler', 0):.3f}, "
+                      f"detokenizer {row.get('detokenizer', 0):.3f}, client {row['client']:.3f}; "
+                      f"wall {row['wall_s']:.2f} s; load {row['load']:.1f}", flush=True)
+    return rows
+
+
+def admission_table(rows: list[dict]) -> list[str]:
+    lines = ["| request | burst | main CPU ms/request (runs) | scheduler | detokenizer | client | burst wall s | load |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        runs = ", ".join(f"{x:.3f}" for x in r["main_runs"])
+        lines.append(f"| {r['kind']} | {r['streams']} | **{r['main']:.3f}** ({runs}) | {r.get('scheduler', float('nan')):.3f} "
+                     f"| {r.get('detokenizer', float('nan')):.3f} | {r['client']:.3f} | {r['wall_s']:.2f} | {r['load']:.1f} |")
+    return lines
+
+
 def table(rows: list[dict], a) -> list[str]:
     lines = ["| streams | tokens | device limit tok/s | delivered tok/s | ratio (runs) | launches / min | device busy "
              "| device idle ms/launch (runs) | host gaps: count, mean ms, its CPU ms | scheduler CPU ms/launch "
@@ -575,9 +669,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--cpu-per-step", action="store_true",
                     help="instead of the server: CPU time per decode step of the scheduler's and the detokenizer's "
                          "work, in this process, at each --streams batch (the median of --repeats runs)")
+    ap.add_argument("--admission", action="store_true",
+                    help="instead: CPU time per request of the main process (and the others) for bursts of --streams "
+                         "streaming one-token requests (/generate with ids, with text, /v1/chat/completions)")
     a = ap.parse_args(argv)
     a.env = {"OMP_NUM_THREADS": "1"}
-    if a.cpu_per_step:
+    if a.admission:
+        rows = admission(a)
+        lines = admission_table(rows)
+    elif a.cpu_per_step:
         rows = []
         for n in (int(x) for x in a.streams.split(",")):
             reps = sorted((step_cpu(n, a) for _ in range(a.repeats)), key=lambda r: r["scheduler"])

@@ -42,6 +42,7 @@ class InputProcessor:
         # No text can need fewer tokens than chars / (longest token's chars): longer texts are
         # refused before tokenizing them.
         self.max_token_chars = max_token_chars(tokenizer)
+        self.encode = fast_encoder(tokenizer)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize")
 
     def close(self) -> None:
@@ -77,7 +78,7 @@ class InputProcessor:
     def tokenize(self, text: str, param: str = "text", add_special_tokens: bool = True) -> list[int]:
         self._need_tokenizer(param)
         self.check_text_len(len(text), param)
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self.encode(text, add_special_tokens)
 
     async def tokenize_async(self, text: str, param: str = "text") -> list[int]:
         return (await self.tokenize_many_async([text], param))[0]
@@ -93,7 +94,8 @@ class InputProcessor:
         self.check_request_chars(total, param)
 
         def run():
-            return [self.tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+            encode = self.encode
+            return [encode(t, add_special_tokens) for t in texts]
 
         if total <= INLINE_CHARS:
             return run()
@@ -140,7 +142,7 @@ class InputProcessor:
             raise APIError(400, "The chat template did not render text for these messages.", param="messages")
         self.check_text_len(len(text), "messages")
         # The template writes the special tokens itself (bos, role markers).
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode(text, False)
 
     async def apply_chat_template_async(self, messages: list[dict], template_kwargs: dict | None = None,
                                         continue_final_message: bool = False) -> list[int]:
@@ -160,6 +162,52 @@ def message_chars(messages: list[dict]) -> int:
             if isinstance(v, str):
                 n += len(v)
     return n
+
+
+# Texts a direct call of the Rust tokenizer must encode exactly as transformers does before it is
+# used: special tokens written out, unicode, digits, whitespace runs, an empty string.
+_PROBES = ("", " ", "Hello world", "  two  spaces\n\nand\ttabs ", "12345 67.89", "naïve café 日本語 🙂",
+           "<|im_start|>user\nhi<|im_end|>", "<s>[INST] x [/INST]</s>", "<|begin_of_text|><|eot_id|>")
+
+
+def fast_encoder(tokenizer):
+    """encode(text, add_special_tokens) -> ids, as `tokenizer.encode` returns them.
+
+    For a transformers fast tokenizer that adds nothing of its own to the Rust tokenizer's encode,
+    that is called directly: transformers' encode wraps it in argument checks, a truncation and
+    padding reset and a BatchEncoding, about half of the main process's CPU per short prompt.
+    Used only when the tokenizer has no truncation, padding or special-token splitting set, its
+    class does not override encode, and it gives transformers' ids on the probes; otherwise (and
+    for any other tokenizer) transformers' encode."""
+    def slow(text: str, add_special_tokens: bool = True) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False):
+        return slow
+    try:
+        from transformers import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        plain = (type(tokenizer).encode is PreTrainedTokenizerBase.encode
+                 and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+                 and backend.truncation is None and backend.padding is None
+                 and not getattr(tokenizer, "split_special_tokens", False) and not backend.encode_special_tokens)
+    except (ImportError, AttributeError):
+        return slow
+    if not plain:
+        return slow
+    rust_encode = backend.encode
+
+    def fast(text: str, add_special_tokens: bool = True) -> list[int]:
+        return rust_encode(text, add_special_tokens=add_special_tokens).ids
+
+    try:
+        if any(fast(t, sp) != slow(t, sp) for t in _PROBES for sp in (True, False)):
+            return slow
+    except Exception:  # noqa: BLE001 - an odd tokenizer: transformers' own encode
+        return slow
+    return fast
 
 
 def max_token_chars(tokenizer) -> int:

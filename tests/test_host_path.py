@@ -1,0 +1,166 @@
+"""The main process's cheap paths (issue #14): direct Rust tokenization, SSEStream, the fast routes."""
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+
+from sglang_duet.server.errors import APIError
+from sglang_duet.server.sse import DONE, SSEStream, sse
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from sglang_duet.model_loader.embedded import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+TEXTS = ["Hello there, tell me a story about a cat.", "  leading and trailing  ", "tabs\tand\nnewlines\n\n",
+         "digits 3.14159 and 2026-11-30", "ünïcödé ✓ 中文 😀", "<|im_start|>system\nYou are nice<|im_end|>\n",
+         "a" * 3000, ""]
+
+
+def test_fast_encoder_is_the_rust_call_and_gives_transformers_ids(tokenizer):
+    from sglang_duet.server.input_processor import fast_encoder
+
+    enc = fast_encoder(tokenizer)
+    assert enc.__name__ == "fast"  # the embedded SmolLM2 tokenizer qualifies
+    for text in TEXTS:
+        for special in (True, False):
+            assert enc(text, special) == tokenizer.encode(text, add_special_tokens=special), (text, special)
+
+
+def test_fast_encoder_falls_back_when_the_rust_tokenizer_would_truncate(tokenizer):
+    from sglang_duet.server.input_processor import fast_encoder
+
+    tok = copy.deepcopy(tokenizer)
+    tok._tokenizer.enable_truncation(max_length=4)  # transformers resets this per call; a direct call would not
+    enc = fast_encoder(tok)
+    assert enc.__name__ == "slow"
+    assert enc(TEXTS[0]) == tokenizer.encode(TEXTS[0])  # all of it, not 4 tokens
+
+
+def test_fast_encoder_uses_encode_of_other_tokenizers():
+    from sglang_duet.server.input_processor import fast_encoder
+
+    class Plain:
+        def encode(self, text, add_special_tokens=True):
+            return [len(text), int(add_special_tokens)]
+
+    enc = fast_encoder(Plain())
+    assert enc("abc", False) == [3, 0]
+
+
+# ---- SSEStream ------------------------------------------------------------------------------------
+
+
+class _Delta:
+    def __init__(self, text, finished=False):
+        self.text, self.finished = text, finished
+
+
+class _Group:
+    """A RequestGroup stand-in: next() returns the scripted batches (an exception is raised)."""
+
+    def __init__(self, batches, n=1):
+        self.states = [None] * n
+        self.batches = list(batches)
+        self.closed = 0
+        self.request = object()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def next(self):
+        await self.gate.wait()
+        b = self.batches.pop(0)
+        if isinstance(b, Exception):
+            raise b
+        return b
+
+    def close(self):
+        self.closed += 1
+
+
+def _render(batch):
+    for i, d in batch:
+        yield sse({"i": i, "text": d.text})
+
+
+async def _serve(stream, *, disconnect: asyncio.Event | None = None):
+    sent = []
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def receive():
+        await (disconnect.wait() if disconnect is not None else asyncio.Event().wait())
+        return {"type": "http.disconnect"}
+
+    await stream(scope={"type": "http"}, receive=receive, send=send)
+    return sent
+
+
+def test_sse_stream_writes_events_and_ends_with_done_in_the_last_write():
+    async def main():
+        from sglang_duet.server.sse import start_stream
+
+        group = _Group([[(0, _Delta("a"))], [(1, _Delta("b", True))], [(0, _Delta("c", True))]], n=2)
+        stream = await start_stream(group, _render, lambda: [b"tail\n"])
+        assert group.request is None  # the response watches for the disconnect from here on
+        return group, await _serve(stream)
+
+    group, sent = asyncio.run(main())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert dict(sent[0]["headers"])[b"content-type"].startswith(b"text/event-stream")
+    bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
+    assert bodies == [(sse({"i": 0, "text": "a"}), True), (sse({"i": 1, "text": "b"}), True),
+                      (sse({"i": 0, "text": "c"}) + b"tail\n" + DONE, False)]
+    assert group.closed == 1
+
+
+def test_sse_stream_error_becomes_an_error_event_then_done():
+    async def main():
+        group = _Group([APIError(503, "scheduler died")])
+        return group, await _serve(SSEStream(group, [(0, _Delta("x"))], _render, lambda: ()))
+
+    group, sent = asyncio.run(main())
+    assert sent[-1]["more_body"] is False
+    assert sent[-1]["body"] == sse(APIError(503, "scheduler died").body()) + DONE
+    assert sent[1]["body"] == sse({"i": 0, "text": "x"})
+    assert group.closed == 1
+
+
+def test_sse_stream_client_gone_closes_the_group_and_returns_quietly():
+    async def main():
+        group = _Group([[(0, _Delta("never"))]])
+        group.gate.clear()  # the next output never comes
+        gone = asyncio.Event()
+        stream = SSEStream(group, [(0, _Delta("first"))], _render, lambda: ())
+        task = asyncio.ensure_future(_serve(stream, disconnect=gone))
+        await asyncio.sleep(0.01)
+        assert not task.done() and group.closed == 0
+        gone.set()
+        sent = await asyncio.wait_for(task, 5)  # not cancelled: the response ends normally
+        return group, stream, sent
+
+    group, stream, sent = asyncio.run(main())
+    assert stream.client_gone and group.closed == 1
+    assert [m.get("more_body") for m in sent] == [None, True]  # start, the first event, no end
+
+
+def test_sse_stream_cancelled_from_outside_still_cancels():
+    async def main():
+        group = _Group([])
+        group.gate.clear()
+        task = asyncio.ensure_future(_serve(SSEStream(group, [(0, _Delta("a"))], _render, lambda: ())))
+        await asyncio.sleep(0.01)
+        task.cancel()  # e.g. the server's shutdown: not ours to swallow
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return group
+
+    assert asyncio.run(main()).closed == 1
