@@ -62,7 +62,9 @@ class EngineCore:
             clock=clock,
             stop_checker=self._stop_checker(),
         )
-        if not getattr(args, "disable_radix_cache", False) and args.disaggregation_mode == "null":
+        # A decode instance receives each prompt's whole KV and admits it with its own slots: no
+        # tree (SGLang's decode server runs without one too); a prefill instance caches prompts.
+        if not getattr(args, "disable_radix_cache", False) and args.disaggregation_mode != "decode":
             from sglang_duet.memory.radix_cache import RadixCache
 
             self.core.prefix_cache = RadixCache(self.core.allocator.free)

@@ -196,8 +196,10 @@ def test_core_hooks_hold_and_admit_prefilled():
     r.state = ReqState.RUNNING
     free_before = core.allocator.available
     core._finish(r, {"type": "length"})
-    assert len(held["a"]) == 3 and r.kv_slots == []
+    assert len(held["a"]) == 3
     assert core.allocator.available == free_before  # kept for the decode side, not freed
+    assert core.release_held("a") == 3 and core.allocator.available == free_before + 3
+    assert core.release_held("a") == 0  # released once
     core.abort("b")  # aborts never go to the hook
     # decode side: admit with the slots, the first token already sampled
     dec = SchedulerCore(CoreConfig(kv_slots=100, context_length=64), _NoPolicy())

@@ -144,3 +144,36 @@ def test_lpm_orders_the_window_by_the_hit_it_plans_with():
     launch = core.schedule()[0]
     assert policy.views[-1] == [("b", 100, 100), ("x", 0, 0)]
     assert [(w.rid, w.start_pos, len(w.input_ids)) for w in launch.work] == [("b", 100, 3)]
+
+
+def test_a_prefill_instance_holds_cached_kv_locked_and_caches_it_on_release():
+    """Disaggregation (kv_hold) with the prefix cache on a prefill instance: while a decode
+    instance has still to pull a finished prompt's KV, no slot of it is freed or evicted (the tree's
+    shared part stays locked); the release puts the prompt in the tree, and the pool is whole."""
+    core, lanes, policy = make(pool=256, budget=64)
+    held = {}
+
+    def hold(r, reason):
+        held[r.rid] = list(r.kv_slots)
+        return True
+
+    warm(core, lanes, PREFIX[:60])
+    core.kv_hold = hold
+    a = PREFIX[:60] + [5] * 20
+    core.add_request("a", a, SamplingParams(max_new_tokens=1))
+    for launch in core.schedule():
+        lanes.submit(launch)
+    out = {u.rid: u for u in lanes.run()}
+    assert out["a"].finished and out["a"].cached_tokens == 60 and len(held["a"]) == 80
+    cache = core.prefix_cache
+    cache.evict(cache.total)  # the pool runs short: nothing the held request uses may go
+    assert cache.match_prefix(a)[0] == held["a"][:80]  # its prompt was cached when its prefill ended
+    kv = list(lanes.kv)
+    assert core.kv_free == core.allocator.capacity - 80
+    assert core.release_held("a") == 80
+    assert [kv[s] for s in held["a"]] == a and cache.match_prefix(a)[0] == held["a"]
+    assert core.kv_free == core.allocator.capacity and cache.evictable == cache.total == 80
+    core.add_request("b", a + [7], SamplingParams(max_new_tokens=1))  # the next turn hits all of it
+    for launch in core.schedule():
+        lanes.submit(launch)
+    assert {u.rid: u for u in lanes.run()}["b"].cached_tokens == 80

@@ -211,3 +211,67 @@ def test_multi_turn_benchmark_smoke(tiny_model_factory, capsys, monkeypatch):
     off, on, summary = lines[-3], lines[-2], lines[-1]
     assert summary["token_exact"] and on["cached_tokens"] > 0 == off["cached_tokens"]
     assert on["prefill_tokens_computed"] == off["prefill_tokens_computed"] - on["cached_tokens"]
+
+
+def test_a_prefill_instance_with_the_cache_hands_over_whole_kv(tiny_model_factory):
+    """Disaggregation in one process: a prefill engine with the prefix cache holds each finished
+    prompt's KV (the kv_hold hook, as disagg/scheduler.py does) while later prompts hit and evict
+    around it; each held KV is copied into a cache-less decode engine's pool, which continues the
+    request (admit_prefilled). Outputs equal one plain engine's, and both pools end whole."""
+    from sglang_duet import Engine
+    from sglang_duet.sampling_params import SamplingParams
+
+    path = tiny_model_factory("llama")
+    kw = dict(dtype="float32", chunked_prefill_size=32)
+    pre = Engine(model_path=path, max_total_tokens=240, **kw)  # short: the tree must evict
+    dec = Engine(model_path=path, disable_radix_cache=True, **kw)
+    ref = Engine(model_path=path, disable_radix_cache=True, **kw)
+    try:
+        prompts = [pre.tokenizer.encode(SYSTEM + q) for q in QUESTIONS[:5]]
+        greedy = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+        want = [o["output_ids"] for o in ref.generate(input_ids=prompts, sampling_params=greedy)]
+        pcore, held = pre.core.core, {}
+
+        def hold(r, reason):
+            if r.rid.startswith("f"):
+                return False  # an ordinary request: its KV goes to the tree, unlocked
+            held[r.rid] = list(r.kv_slots)
+            return True
+
+        pcore.kv_hold = hold
+        evicted = []
+        evict = pcore.prefix_cache.evict
+        pcore.prefix_cache.evict = lambda n: evicted.append(evict(n)) or evicted[-1]
+        first, cached = {}, {}
+        fillers = [pre.tokenizer.encode(f"{q} Unrelated filler text number {i}, " * 3) for i, q in enumerate(QUESTIONS)]
+        order = [("r0", prompts[0]), ("r1", prompts[1])] + [(f"f{i}", f) for i, f in enumerate(fillers[:3])] + \
+            [(f"r{i}", prompts[i]) for i in range(2, len(prompts))]
+        for rid, p in order:  # one after another: each later one hits the system prompt
+            pre.core.add_request(rid, p, SamplingParams(temperature=0.0, max_new_tokens=1))
+            while rid not in first:
+                for u in pre.core.step():
+                    if u.finished:
+                        first[u.rid], cached[u.rid] = u.new_token_ids[0], u.cached_tokens
+        assert sum(1 for k, v in cached.items() if v > 0 and k.startswith("r")) >= 3, cached
+        assert sum(evicted) > 0  # the pool ran short while KV was held: only unheld cache went
+        dcore, pool_p, pool_d = dec.core.core, pre.core.kv_pool.buffer, dec.core.kv_pool.buffer
+        got = {}
+        for i, p in enumerate(prompts):
+            rid = f"r{i}"
+            slots = dcore.allocator.alloc(len(p))
+            pool_d[:, :, slots] = pool_p[:, :, held[rid]]
+            assert pcore.release_held(rid) == len(p)
+            u = dcore.admit_prefilled(rid, p, first[rid], SamplingParams(**greedy), slots)
+            got[rid] = list(u.new_token_ids)
+        done = set()
+        while len(done) < len(prompts):
+            for u in dec.core.step():
+                got[u.rid].extend(u.new_token_ids)
+                if u.finished:
+                    done.add(u.rid)
+        assert [got[f"r{i}"] for i in range(len(prompts))] == want
+        assert pcore.kv_free == pcore.allocator.capacity and dcore.kv_free == dcore.allocator.capacity
+        assert pcore.allocator.available + pcore.prefix_cache.total == pcore.allocator.capacity
+    finally:
+        for e in (pre, dec, ref):
+            e.shutdown()

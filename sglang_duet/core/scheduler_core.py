@@ -139,9 +139,13 @@ class SchedulerCore:
         self.stats = CoreStats()
         # --- disaggregation hook (sglang_duet/disagg): a prefill instance keeps a finished
         # request's KV for a decode instance to pull. Called as kv_hold(request, reason) when a
-        # request finishes (not on abort); returning True means the hook took ownership of
-        # request.kv_slots (it frees them through self.allocator later), so the core must not.
+        # request finishes (not on abort); returning True means the KV (request.kv_slots) stays
+        # allocated until the hook's owner calls release_held(rid). The core keeps the request
+        # meanwhile, so that with a prefix cache the tree's part stays locked (never evicted while
+        # a decode instance reads it) and the release puts what it computed in the tree, as SGLang's
+        # prefill server caches a request once its KV was sent.
         self.kv_hold: Callable[[Request, dict], bool] | None = None
+        self._held: dict[str, Request] = {}
         # --- prefix cache hook (sglang_duet/memory/radix_cache.py, set by EngineCore unless
         # --disable-radix-cache): requests leave the KV they computed in it when their KV is freed,
         # and an admitted request starts after its longest cached prefix. Slots only the cache holds
@@ -828,8 +832,19 @@ class SchedulerCore:
         # disaggregation hook: the prefill instance may keep the KV (see kv_hold in __init__)
         reason = r.finish_reason or {}
         if self.kv_hold is not None and reason.get("type") != "abort" and r.kv_slots and self.kv_hold(r, reason):
-            r.kv_slots = []
+            self._held[r.rid] = r
+            return
         self._free_kv(r)
+
+    def release_held(self, rid: str) -> int:
+        """The KV a kv_hold hook kept for `rid` is no longer needed: free it (into the prefix cache,
+        if any). Returns how many slots it held (0 if none was held under that id)."""
+        r = self._held.pop(rid, None)
+        if r is None:
+            return 0
+        n = len(r.kv_slots)
+        self._free_kv(r)
+        return n
 
     def _update(self, r: Request, new: list[int], new_lps: list[dict] | None = None) -> RequestUpdate:
         finished = r.state is ReqState.FINISHED

@@ -180,7 +180,8 @@ def simulate_cluster(cfg: ClusterConfig, specs: list[RequestSpec], phase: str = 
             q = reqs[rid]
             if phase != "decode":
                 p = prefills[q["prefill"]]
-                p.core.allocator.free(p.held.pop(rid))
+                p.held.pop(rid)
+                p.core.release_held(rid)
             core = decodes[di].core
             params = SamplingParams(max_new_tokens=q["out"], ignore_eos=True)
             u = core.admit_prefilled(rid, q["prompt"], q["first"], params, slots, seed=q["seed"],

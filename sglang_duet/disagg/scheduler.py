@@ -273,7 +273,7 @@ class PrefillScheduler(PrefillRoomsMixin, _DisaggScheduler):
         h = self.held.pop(rid, None)
         if h is None:
             return False
-        self.engine.core.allocator.free(h.slots)
+        self.engine.core.release_held(rid)  # into the prefix cache (what the prompt computed), or free
         self.transport.release(rid)
         logger.debug("KV of %s released (%s) after %.1f ms", rid, why, (time.monotonic() - h.since) * 1e3)
         return True
