@@ -8,7 +8,6 @@ from dataclasses import fields
 
 from sglang_duet.constrained.grammar import install_grammars
 from sglang_duet.core.scheduler_core import RequestUpdate
-from sglang_duet.cost_model.cpu_calibration import install_cpu_cost_model
 from sglang_duet.engine_core import EngineCore
 from sglang_duet.sampling_params import SamplingParams
 from sglang_duet.server_args import ServerArgs
@@ -42,7 +41,6 @@ class Engine:
         self.server_args = ServerArgs(model_path=model_path, policy=policy, **kwargs)
         self.core = EngineCore(self.server_args)
         install_grammars(self.core)  # structured output (json_schema / regex / ebnf sampling params)
-        install_cpu_cost_model(self.core)  # on a CPU, policies plan with this CPU's measured times
         self.tokenizer = self.core.tokenizer
         self._ids = itertools.count()
 

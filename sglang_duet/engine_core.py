@@ -163,6 +163,11 @@ class EngineCore:
             cost_model = CostModel(self.model_config, hardware)
         except Exception as e:  # noqa: BLE001 - the cost model is optional for policies that need none
             logger.debug("no cost model: %s", e)
+        from sglang_duet.cost_model.cpu_calibration import calibrated_cost_model
+
+        cpu = calibrated_cost_model(self, hardware)  # on a CPU, policies plan with its measured times
+        if cpu is not None:
+            cost_model, hardware = cpu, cpu.hw
         return PolicyContext(chunked_prefill_size=self.prefill_budget, tbt_slo_ms=args.tbt_slo_ms,
                              ttft_slo_ms=args.ttft_slo_ms, cost_model=cost_model, hardware=hardware, options=options,
                              lanes=getattr(self, "lanes", 2))  # the emulated GPU has both lanes

@@ -53,9 +53,20 @@ def cache(tmp_path, monkeypatch):
 def test_a_cpu_policy_gets_the_calibrated_model(tiny_model_factory, cache, monkeypatch):
     from sglang_duet.engine import Engine
 
+    import sglang_duet.engine_core as engine_core
+
+    built = []
+    real_load = engine_core.load_policy
+
+    def counting_load(name, ctx=None):
+        built.append(ctx)
+        return real_load(name, ctx)
+
+    monkeypatch.setattr(engine_core, "load_policy", counting_load)
     tiny = tiny_model_factory("smollm")
     eng = Engine(tiny, policy="duet", max_total_tokens=4096)
     try:
+        assert len(built) == 1 and isinstance(built[0].cost_model, cc.CpuCostModel)  # built once, calibrated
         ctx = eng.core.policy.ctx
         assert eng.core.core.policy is eng.core.policy  # the core plans with the rebuilt policy
         assert isinstance(ctx.cost_model, cc.CpuCostModel) and ctx.hardware.name.startswith("cpu-calibrated")
@@ -90,3 +101,18 @@ def test_a_cpu_policy_gets_the_calibrated_model(tiny_model_factory, cache, monke
         finally:
             eng.shutdown()
     assert len(list(cache.glob("*.json"))) == 1
+
+
+def test_the_cache_key_names_what_changes_a_rank_s_timings(monkeypatch):
+    import torch
+
+    model = CostModel.load("smollm2-135m", "h100").model
+    key = cc.calibration_key(model, "torch.float32", "TorchAttention")
+    assert key == cc.calibration_key(model, "torch.float32", "TorchAttention", 1, 1)
+    others = {cc.calibration_key(model, "torch.float32", "TorchAttention", 2),
+              cc.calibration_key(model, "torch.float32", "TorchAttention", 2, 2),
+              cc.calibration_key(model, "torch.bfloat16", "TorchAttention"),
+              cc.calibration_key(model, "torch.float32", "OtherAttention")}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 977)
+    others.add(cc.calibration_key(model, "torch.float32", "TorchAttention"))
+    assert len(others) == 5 and key not in others

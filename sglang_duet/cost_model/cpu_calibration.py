@@ -16,8 +16,9 @@ model's decode on a CPU). They
 replace the base hardware's curves (scaled to the fitted whole-device values; its SM grid is kept
 so every policy's code runs unchanged), so `CostModel` and every policy helper that reads the
 hardware (SummaryPricer, LatencyModel) plan with CPU times. The fit is cached by (model config,
-dtype, threads, CPU, attention backend) in ~/.cache/sglang_duet/cpu-calibration/, so only the
-first start with a model on a machine pays the timing (a few seconds).
+dtype, threads, CPU, attention backend, torch version, TP size and nodes) in
+~/.cache/sglang_duet/cpu-calibration/, so only the first start with a model on a machine pays the
+timing (a few seconds). EngineCore builds its policy with it (`calibrated_cost_model`), once.
 
 SGLANG_DUET_CPU_COST_MODEL=0 keeps the configured (GPU) hardware file instead.
 """
@@ -208,13 +209,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def calibration_key(model_config, dtype: str, attn_name: str) -> str:
+def calibration_key(model_config, dtype: str, attn_name: str, tp_size: int = 1, nnodes: int = 1) -> str:
+    """What the timings depend on: the model, its dtype, the threads per rank, the CPU, the attention
+    backend, torch's version, and the tensor-parallel layout (a rank's shard shrinks with the TP
+    size, and every forward pays its all-reduces over gloo, on one host or across several)."""
     import torch
 
     cfg = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else vars(model_config)
     cfg = {k: v for k, v in cfg.items() if k not in ("name", "path", "model_path")}
     blob = json.dumps({"v": CALIBRATION_VERSION, "cfg": cfg, "dtype": dtype, "threads": torch.get_num_threads(),
-                       "cpu": _cpu_name(), "attn": attn_name}, sort_keys=True, default=str)
+                       "cpu": _cpu_name(), "attn": attn_name, "torch": torch.__version__, "tp": int(tp_size),
+                       "nnodes": int(nnodes)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -267,7 +272,9 @@ def load_or_calibrate(engine, cm: CostModel) -> CpuCalibration:
     executor = engine.executor
     executor = getattr(executor, "_agg", executor)  # the two-lane executor's synchronous one
     dtype = str(next(executor.model.parameters()).dtype)
-    key = calibration_key(engine.model_config, dtype, type(executor.attn).__name__)
+    args = engine.args
+    key = calibration_key(engine.model_config, dtype, type(executor.attn).__name__,
+                          getattr(args, "tp_size", 1), getattr(args, "nnodes", 1))
     path = os.path.join(cache_dir(), f"{key}.json")
     try:
         with open(path) as fh:
@@ -296,26 +303,18 @@ def load_or_calibrate(engine, cm: CostModel) -> CpuCalibration:
     return cal
 
 
-def install_cpu_cost_model(engine) -> HardwareSpec | None:
-    """On a CPU with the real model and a policy that plans with the cost model: replace the policy
-    (rebuilt: policies precompute from the model at construction) with one whose cost model and
-    hardware describe this CPU. Returns the CPU's HardwareSpec, or None where nothing changed."""
+def calibrated_cost_model(engine, hardware: HardwareSpec | None) -> CpuCostModel | None:
+    """The cost model of this CPU for the policy EngineCore is about to build (called once, from
+    `EngineCore._policy_context`, after the executor exists): on a CPU with the real model and a
+    policy that plans with the cost model, fitted from timed forward passes (or the cached fit);
+    None elsewhere (the configured hardware file stays)."""
     args = engine.args
-    policy = getattr(engine, "policy", None)
-    ctx = getattr(policy, "ctx", None)
     if (getattr(args, "executor", "") != "model" or not str(getattr(engine, "device", "")).startswith("cpu")
-            or args.policy not in CALIBRATED_POLICIES or ctx is None or ctx.hardware is None
+            or args.policy not in CALIBRATED_POLICIES or hardware is None
             or os.environ.get("SGLANG_DUET_CPU_COST_MODEL", "1") == "0"):
         return None
-    from sglang_duet.policies.base import load_policy
-
     executor = getattr(engine.executor, "_agg", engine.executor)
     dtype_bytes = next(executor.model.parameters()).element_size()
-    base_cm = CostModel(engine.model_config, ctx.hardware, dtype_bytes)
+    base_cm = CostModel(engine.model_config, hardware, dtype_bytes)
     cal = load_or_calibrate(engine, base_cm)
-    cm = cpu_cost_model(engine.model_config, ctx.hardware, cal, dtype_bytes)
-    hw = cm.hw
-    new_ctx = dataclasses.replace(ctx, cost_model=cm, hardware=hw)
-    engine.policy = load_policy(args.policy, new_ctx)
-    engine.core.policy = engine.policy
-    return hw
+    return cpu_cost_model(engine.model_config, hardware, cal, dtype_bytes)

@@ -109,7 +109,6 @@ def _follower_died(rank: int, exitcode) -> None:
 class SchedulerProcess:
     def __init__(self, args, paths: IPCPaths):
         from sglang_duet.constrained.grammar import install_grammars
-        from sglang_duet.cost_model.cpu_calibration import install_cpu_cost_model
         from sglang_duet.engine_core import EngineCore
 
         self.args = args
@@ -118,7 +117,6 @@ class SchedulerProcess:
         if self.engine.tp_driver is not None:
             self.engine.tp_driver.on_follower_death = _follower_died
         install_grammars(self.engine)  # structured output: a matcher per request that sets a grammar
-        install_cpu_cost_model(self.engine)  # on a CPU, policies plan with this CPU's measured times
         if getattr(args, "emulated_step_ms", None):
             from sglang_duet.cost_model.constant import install_constant_device
 
