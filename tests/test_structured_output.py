@@ -78,6 +78,30 @@ def test_sampler_masks_every_step_to_the_grammar(tokenizer):
     assert re.fullmatch(REGEX, tokenizer.decode(out_ids[:-1]))
 
 
+def test_json_allows_any_whitespace_unless_disabled(tokenizer, tiny):
+    """SGLang's default: any whitespace between JSON items; --constrained-json-disable-any-whitespace
+    gives the compact form. Checked on the matcher and on what the engine hands each request."""
+    spaced, compact = '{\n  "answer" :  "yes",\n\t"n": 3 }', '{"answer": "yes", "n": 3}'
+
+    def accepts(comp, text):
+        state = comp.new_state("json_schema", json.dumps(SCHEMA), {EOS_ID})
+        return state.matcher.accept_string(text) and state.matcher.is_completed()
+
+    default, disabled = GrammarCompiler(tokenizer, len(tokenizer)), GrammarCompiler(tokenizer, len(tokenizer),
+                                                                                   any_whitespace=False)
+    assert accepts(default, spaced) and accepts(default, compact)
+    assert not accepts(disabled, spaced) and accepts(disabled, compact)
+    from sglang_duet.engine import Engine
+
+    for flag, want in ((False, True), (True, False)):
+        eng = Engine(tiny, max_total_tokens=1024, constrained_json_disable_any_whitespace=flag)
+        try:
+            state = eng.core.core.grammar_factory(SamplingParams(json_schema=json.dumps(SCHEMA)), {EOS_ID})
+            assert (state.matcher.accept_string(spaced) and state.matcher.is_completed()) == want
+        finally:
+            eng.shutdown()
+
+
 def test_bad_grammars_name_their_field(tokenizer):
     comp = GrammarCompiler(tokenizer, len(tokenizer))
     for kind, spec in (("json_schema", "{not json"), ("regex", "(ab"), ("ebnf", "root ::= undefined_rule")):
@@ -98,7 +122,9 @@ def test_engine_grammar_with_and_without_overlap(tiny):
     prompts = ["The capital of France", "Hello", "def add(a, b):"]
     results = {}
     for lanes in ("1", "2"):
-        eng = Engine(tiny, lanes=lanes, max_total_tokens=4096)
+        # compact JSON: a random model sampling at temperature 1 would fill max_new_tokens with the
+        # whitespace the default allows before closing the object
+        eng = Engine(tiny, lanes=lanes, max_total_tokens=4096, constrained_json_disable_any_whitespace=True)
         try:
             assert eng.core.core._overlap == (lanes == "2")
             got = []
@@ -131,7 +157,8 @@ def test_engine_grammar_with_and_without_overlap(tiny):
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    s = ServerProcess(["--model-path", tiny, "--max-total-tokens", "4096"])
+    s = ServerProcess(["--model-path", tiny, "--max-total-tokens", "4096",
+                       "--constrained-json-disable-any-whitespace"])  # see test_engine_grammar_with_and_without_overlap
     yield s
     assert s.stop() == 0, s.log_tail()
 

@@ -26,10 +26,10 @@ import torch
 from sglang_duet.sampling_params import SamplingParamsError
 
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")  # SamplingParams fields, SGLang's names
-# Compact JSON (", " and ": " between items, no other whitespace). SGLang lets xgrammar allow any
-# whitespace unless --constrained-json-disable-any-whitespace; we do not by default: a model that
-# keeps preferring whitespace (small and random models do) then never closes the object.
-JSON_ANY_WHITESPACE = False
+# JSON whitespace, as SGLang: any whitespace between items (xgrammar's any_whitespace) unless
+# --constrained-json-disable-any-whitespace asks for the compact form (", " and ": " only). The
+# compact form keeps a model that prefers whitespace (small and random models do) from spending its
+# max_tokens on it before it closes the object.
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # what SGLang sends for response_format json_object
 
 
@@ -64,10 +64,11 @@ class GrammarCompiler:
     `vocab_size` is the model's logits width (the LM head may be padded past the tokenizer).
     """
 
-    def __init__(self, tokenizer, vocab_size: int, max_threads: int = 1):
+    def __init__(self, tokenizer, vocab_size: int, max_threads: int = 1, any_whitespace: bool = True):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_threads = max_threads
+        self.any_whitespace = any_whitespace  # JSON: any whitespace between items, or the compact form
         self._compiler = None
         self._lock = threading.Lock()
 
@@ -92,7 +93,7 @@ class GrammarCompiler:
         comp = self._get()
         try:
             if kind == "json_schema":
-                return comp.compile_json_schema(spec, any_whitespace=JSON_ANY_WHITESPACE)
+                return comp.compile_json_schema(spec, any_whitespace=self.any_whitespace)
             if kind == "regex":
                 return comp.compile_regex(spec)
             return comp.compile_grammar(spec)
@@ -167,7 +168,9 @@ def install_grammars(engine) -> GrammarCompiler | None:
         unavailable = "this model has no tokenizer"
     elif not available():
         unavailable = "the xgrammar package is not installed"
-    compiler = None if unavailable else GrammarCompiler(tokenizer, engine.model_config.vocab_size)
+    any_ws = not getattr(engine.args, "constrained_json_disable_any_whitespace", False)
+    compiler = None if unavailable else GrammarCompiler(tokenizer, engine.model_config.vocab_size,
+                                                        any_whitespace=any_ws)
     core = engine.core
 
     def factory(params, stop_ids):
