@@ -216,6 +216,38 @@ def test_goodput_table_command_writes_md_and_json(tmp_path):
     assert "goodput_table" in md and "best chunked (tuned)" in md and "| duet-8192 |" in md
 
 
+def test_goodput_table_passes_the_tp_size_through(tmp_path, monkeypatch):
+    """--tp-size 2: every simulated point is a TP group of 2 priced by the TP cost model (the
+    policies' too), and the table gives goodput per GPU."""
+    from sglang_duet.cost_model.tp import TPCostModel
+    from sglang_duet.simulator import goodput_table
+
+    seen = []
+    real = goodput_table.simulate
+
+    def recording(cfg, cost_model=None):
+        seen.append((cfg.tp_size, getattr(cost_model, "tp", None)))
+        return real(cfg, cost_model=cost_model)
+
+    monkeypatch.setattr(goodput_table, "simulate", recording)
+    out = tmp_path / "t"
+    assert goodput_table.main(["--workload", "azure-conv", "--model", "qwen3-14b", "--tp-size", "2", "--seeds", "2",
+                               "--num-requests", "20", "--tune-requests", "20", "--chunked-budgets", "2048",
+                               "--static-sms", "32", "--baseline-orders", "", "--contenders", "duet:8192",
+                               "--start-rate", "4", "--rel-tol", "0.5", "--out", str(out), "--quiet"]) == 0
+    assert seen and all(tp == 2 for tp, _ in seen)
+    assert any(cm == 2 for _, cm in seen)  # tuning passes the group's cost model itself
+    assert isinstance(goodput_table.build_cost_model("qwen3-14b", "h100", 2), TPCostModel)
+    data = json.loads((out / "table.json").read_text())
+    assert data["tp_size"] == 2 and "x 2 (tensor parallel)" in data["title"]
+    md = (out / "table.md").read_text()
+    assert "strict per GPU (/2)" in md and "--tp-size 2" in md
+    row = data["summary"]["duet-8192"]["attainment_max_tbt"]["mean_ci"]
+    assert f"{row[0] / 2:.2f}" in md.split("| duet-8192 |")[1].split("\n")[0]
+    with pytest.raises(SystemExit):
+        goodput_table.main(["--tp-size", "0", "--out", str(out)])
+
+
 def test_cluster_sim_runs_on_the_truth_it_is_given():
     """Disaggregated instances are timed by the same truth as colocated runs (not the exact model)."""
     from sglang_duet.disagg.cluster_sim import ClusterConfig, load_tp_cost_model, simulate_cluster

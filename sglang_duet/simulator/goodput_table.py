@@ -255,9 +255,13 @@ def summarise_table(runs: dict[str, list[SeedRun]], duet: str = DUET) -> dict:
     return out
 
 
-def markdown(summary: dict, roles: dict[str, str], duet: str = DUET) -> str:
+def markdown(summary: dict, roles: dict[str, str], duet: str = DUET, tp_size: int = 1) -> str:
+    """The table; under TP (`tp_size` GPUs per emulated group) also the strict goodput per GPU."""
+    per_gpu = tp_size > 1
     lines = ["| policy | role | strict goodput, req/s (mean [95% CI]) | duet / it, strict | "
-             "DistServe goodput, req/s | duet / it, DistServe |", "|---|---|---|---|---|---|"]
+             "DistServe goodput, req/s | duet / it, DistServe |"
+             + (f" strict per GPU (/{tp_size}) |" if per_gpu else ""),
+             "|---|---|---|---|---|---|" + ("---|" if per_gpu else "")]
     for label, row in summary.items():
         cells = [label, roles.get(label, "")]
         for metric in (STRICT, DISTSERVE):
@@ -266,6 +270,8 @@ def markdown(summary: dict, roles: dict[str, str], duet: str = DUET) -> str:
             cells.append(fmt_interval(r["mean_ci"]) + (f" ({flags} on some seed)" if flags else ""))
             ci = r.get("duet_ratio_ci")
             cells.append("-" if label == duet else (fmt_interval(ci, suffix="x") if ci else "n/a"))
+        if per_gpu:
+            cells.append(fmt_interval(tuple(x / tp_size for x in row[STRICT]["mean_ci"])))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -344,6 +350,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arrival", default=None, help="override the workload's arrivals: poisson, or gamma:CV")
     p.add_argument("--hardware", default="h100")
     p.add_argument("--model", default="qwen3-8b")
+    p.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=1,
+                   help="GPUs of each emulated tensor-parallel group (cost_model/tp.py prices its all-reduces; the "
+                        "policies plan with the same model); the table adds goodput per GPU")
     p.add_argument("--tbt-slo-ms", type=float, default=100.0)
     p.add_argument("--ttft-slo-ms", type=float, default=1000.0)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per policy")
@@ -370,7 +379,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--collect", nargs="+", default=None, metavar="TABLE.json",
                    help="print the headline rows of these tables and exit")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.tp_size < 1:
+        p.error(f"--tp-size must be >= 1, got {a.tp_size}")
+    return a
 
 
 def base_config(a) -> SimConfig:
@@ -382,7 +394,7 @@ def base_config(a) -> SimConfig:
         kind, _, cv = a.arrival.partition(":")
         arrival = {"process": kind, **({"cv": float(cv)} if cv else {})}
     return SimConfig(hardware=a.hardware, model=a.model, workload=a.workload, tbt_slo_ms=a.tbt_slo_ms,
-                     ttft_slo_ms=a.ttft_slo_ms, truth=truth, arrival=arrival)
+                     ttft_slo_ms=a.ttft_slo_ms, truth=truth, arrival=arrival, tp_size=a.tp_size)
 
 
 def main(argv=None) -> int:
@@ -396,7 +408,7 @@ def main(argv=None) -> int:
         raise SystemExit("goodput_table: --out FOLDER is required (or --collect TABLE.json ...)")
     t0 = time.perf_counter()
     base = base_config(a)
-    cm = build_cost_model(a.model, a.hardware)
+    cm = build_cost_model(a.model, a.hardware, a.tp_size)
     reused = None
     if a.reuse:
         with open(a.reuse) as f:
@@ -444,7 +456,8 @@ def main(argv=None) -> int:
     summary = summarise_table(runs)
     cmd = "python -m sglang_duet.simulator.goodput_table " + " ".join(shlex.quote(x) for x in argv)
     truth = base.truth.describe() if base.truth else "exact"
-    title = (f"{a.model} on emulated {a.hardware}, {a.workload}" + (f" ({a.arrival} arrivals)" if a.arrival else "")
+    title = (f"{a.model} on emulated {a.hardware}" + (f" x {a.tp_size} (tensor parallel)" if a.tp_size > 1 else "")
+             + f", {a.workload}" + (f" ({a.arrival} arrivals)" if a.arrival else "")
              + (f", truth perturbed {a.truth_perturb}" if a.truth_perturb else ""))
     tune_lines = []
     for fam, t in tuned.items():
@@ -459,20 +472,20 @@ def main(argv=None) -> int:
                       else f" ({a.tune_requests} requests per point, seed 0)") + ":", *tune_lines,
           *(["", f"Runs of {', '.join(sorted(keep))} reused from {a.reuse} (the same settings); the command "
                  "without --reuse/--rerun/--retune simulates every run from scratch and gives the same table."]
-            if keep or a.retune else []), "", markdown(summary, roles), "",
+            if keep or a.retune else []), "", markdown(summary, roles, tp_size=a.tp_size), "",
           f"Simulated in {time.perf_counter() - t0:.0f} s.", "", "## Every simulated point", "",
           points_markdown(runs), ""]
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write("\n".join(md))
-    data = {"command": cmd, "title": title, "truth": truth, "tuning": tuned, "roles": roles,
+    data = {"command": cmd, "title": title, "truth": truth, "tuning": tuned, "roles": roles, "tp_size": a.tp_size,
             "summary": summary,
             "points": {lbl: [{"seed": r.seed, "goodput": {k: dataclasses.asdict(g) for k, g in r.goodput.items()},
                               "points": {str(rate): _point(m) for rate, m in sorted(r.points.items())}} for r in rs]
                        for lbl, rs in runs.items()}}
     with open(os.path.join(a.out, "table.json"), "w") as f:
         json.dump(data, f, indent=1)
-    log("\n" + markdown(summary, roles))
+    log("\n" + markdown(summary, roles, tp_size=a.tp_size))
     log(f"wrote {a.out}/table.md, table.json ({time.perf_counter() - t0:.0f} s)")
     return 0
 
