@@ -164,3 +164,28 @@ def test_sse_stream_cancelled_from_outside_still_cancels():
         return group
 
     assert asyncio.run(main()).closed == 1
+
+
+# ---- /generate's cumulative events ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", [None, 3])
+def test_cumulative_event_bytes_equal_encoding_the_whole_output(index):
+    from sglang_duet.server.native_api import _CumulativeEvent
+
+    class D:
+        def __init__(self, text, ids):
+            self.text, self.ids = text, ids
+
+    deltas = [D("", []), D("Hello", [1]), D(' "quoted"\\ ', [22, 333]), D("", [4]), D("\n\tctrl\x01 ü 日本 😀", [5]),
+              D("</script>\u2028", [])]
+    ev, text, ids = _CumulativeEvent(), "", []
+    for k, d in enumerate(deltas):
+        ev.add(d)
+        text += d.text
+        ids += d.ids
+        meta = {"id": "r", "completion_tokens": len(ids), "finish_reason": {"type": "length"} if k == 5 else None}
+        want = {"text": text, "output_ids": ids, "meta_info": meta}
+        if index is not None:
+            want["index"] = index
+        assert ev.render(meta, index) == sse(want)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 
+import orjson
 from starlette.requests import Request
 
 from sglang_duet.server.errors import APIError, json_response
-from sglang_duet.server.sse import sse, start_stream
+from sglang_duet.server.sse import start_stream
 from sglang_duet.server.tokenizer_manager import MAX_SEQS_PER_REQUEST, TokenizerManager
 
 
@@ -93,19 +94,20 @@ class NativeServing:
             if d.logprobs:
                 a["lps"].extend(d.logprobs)
 
-        def result(i, d) -> dict:
-            a = acc[i]
-            meta = {"id": rids[i], "finish_reason": d.finish_reason if d.finished else None,
-                    "prompt_tokens": d.prompt_tokens or len(ids_list[i]), "completion_tokens": d.completion_tokens,
-                    "cached_tokens": d.cached_tokens, "e2e_latency": time.monotonic() - start}
+        def meta(i, d) -> dict:
+            m = {"id": rids[i], "finish_reason": d.finish_reason if d.finished else None,
+                 "prompt_tokens": d.prompt_tokens or len(ids_list[i]), "completion_tokens": d.completion_tokens,
+                 "cached_tokens": d.cached_tokens, "e2e_latency": time.monotonic() - start}
             if params[i].logprobs:
                 tok = self.tm.tokenizer if with_text else None
-                meta["output_token_logprobs"] = [[lp.logprob, lp.token_id, _t(tok, lp.token_id)] for lp in a["lps"]]
-                meta["output_top_logprobs"] = [[[v, t, _t(tok, t)] for t, v in lp.top] for lp in a["lps"]]
-            out = {"text": a["text"], "output_ids": a["ids"], "meta_info": meta}  # encoded at once: no copy
-            if batch and stream:
-                out["index"] = i
-            return out
+                lps = acc[i]["lps"]
+                m["output_token_logprobs"] = [[lp.logprob, lp.token_id, _t(tok, lp.token_id)] for lp in lps]
+                m["output_top_logprobs"] = [[[v, t, _t(tok, t)] for t, v in lp.top] for lp in lps]
+            return m
+
+        def result(i, d) -> dict:
+            a = acc[i]
+            return {"text": a["text"], "output_ids": a["ids"], "meta_info": meta(i, d)}  # encoded at once: no copy
 
         if not stream:
             last = [None] * n
@@ -119,13 +121,45 @@ class NativeServing:
             outs = [result(i, last[i]) for i in range(n)]
             return json_response(outs if batch else outs[0])
 
+        events = [_CumulativeEvent() for _ in range(n)]
+
         def render(b):
             for i, d in b:
-                add(i, d)
+                ev = events[i]
+                ev.add(d)
+                if params[i].logprobs:
+                    acc[i]["lps"].extend(d.logprobs)
                 if d.text or d.ids or d.finished:
-                    yield sse(result(i, d))
+                    yield ev.render(meta(i, d), i if batch else None)
 
         return await start_stream(group, render, lambda: ())
+
+
+class _CumulativeEvent:
+    """One stream's /generate events, whose text and output_ids are the whole output so far: both
+    are kept JSON-encoded and grown by each delta (JSON escapes character by character, so the
+    encoding of a concatenation is the concatenation of the encodings), so an event costs the
+    encoding of its delta and one copy, not a re-encoding of everything so far. The bytes are
+    those of `sse({"text": ..., "output_ids": ..., "meta_info": ...[, "index": i]})`."""
+
+    __slots__ = ("text", "ids")
+
+    def __init__(self):
+        self.text = bytearray()  # the text so far, JSON-escaped, without quotes
+        self.ids = bytearray()  # the ids so far, comma-separated
+
+    def add(self, d) -> None:
+        if d.text:
+            self.text += orjson.dumps(d.text)[1:-1]
+        if d.ids:
+            if self.ids:
+                self.ids += b","
+            self.ids += orjson.dumps(d.ids)[1:-1]
+
+    def render(self, meta: dict, index: int | None) -> bytes:
+        end = b"}\n\n" if index is None else b',"index":%d}\n\n' % index
+        return b"".join((b'data: {"text":"', self.text, b'","output_ids":[', self.ids, b'],"meta_info":',
+                         orjson.dumps(meta), end))
 
 
 def _get(body: dict, name: str, kind, default):
