@@ -189,3 +189,20 @@ def test_cumulative_event_bytes_equal_encoding_the_whole_output(index):
         if index is not None:
             want["index"] = index
         assert ev.render(meta, index) == sse(want)
+
+
+def test_sse_stream_is_returned_as_is_by_a_fastapi_route():
+    """FastAPI JSON-encodes what a route returns unless it is a Response (a PD instance's route
+    returned the stream and answered HTTP 500 until it was wrapped)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+
+    @app.post("/s")
+    async def s():
+        return SSEStream(_Group([]), [(0, _Delta("hi", True))], _render, lambda: ())
+
+    r = TestClient(app).post("/s")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.content == sse({"i": 0, "text": "hi"}) + DONE

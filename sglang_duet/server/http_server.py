@@ -49,7 +49,8 @@ class DuetApp(FastAPI):
     per request as all of our own admission, and every SSE event of a stream went back out through
     each layer's send wrapper. A fast route is the same handler behind our own two middlewares
     (API key, body limit) and the same error rendering; the FastAPI route stays registered (the
-    OpenAPI schema, and any app that is not a DuetApp)."""
+    OpenAPI schema, and any app that is not a DuetApp). Middleware added later with
+    add_middleware does not see the fast routes: wrap `fast_routes` too (pd_http.install does)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

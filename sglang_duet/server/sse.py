@@ -17,6 +17,7 @@ import asyncio
 from typing import Callable, Iterable
 
 import orjson
+from starlette.responses import Response
 
 from sglang_duet.server.errors import APIError
 
@@ -30,16 +31,19 @@ def sse(obj) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-class SSEStream:
+class SSEStream(Response):
     """A streaming response over a RequestGroup: render(batch) chunks as news arrives, then
     tail() chunks and [DONE]. The group is closed (its unfinished requests aborted) however the
-    response ends: finished, failed, client gone (even before the first byte), or cancelled."""
+    response ends: finished, failed, client gone (even before the first byte), or cancelled.
+    A starlette Response only so that FastAPI routes return it as it is (it writes itself)."""
 
-    status_code = 200
     media_type = "text/event-stream"
 
     def __init__(self, group, first: list, render: Callable[[list], Iterable[bytes]],
                  tail: Callable[[], Iterable[bytes]]):
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = _HEADERS
         self.group = group
         self.first = first
         self.render = render
