@@ -26,9 +26,9 @@ class EngineCore:
         self.args = args
         self.clock = clock
         self.tp_driver = None  # rank 0 of a tensor-parallel group (sglang_duet.distributed.tp_worker)
-        if args.tp_size != 1 and args.executor != "model":
-            raise ValueError(f"--tp-size {args.tp_size}: needs --executor model (the emulated GPU does not price "
-                             "all-reduces yet)")
+        if args.tp_size > 1 and args.executor == "emulated" and args.nnodes > 1:
+            raise ValueError(f"--nnodes {args.nnodes}: the emulated executor emulates the whole --tp-size "
+                             f"{args.tp_size} group in one process; use --nnodes 1")
         self._rng = random.Random(args.random_seed)
         if args.executor == "emulated":
             self._init_emulated(args)
@@ -158,9 +158,14 @@ class EngineCore:
         try:
             from sglang_duet.cost_model.hardware import HardwareSpec
             from sglang_duet.cost_model.roofline import CostModel
+            from sglang_duet.cost_model.tp import TPCostModel
 
-            hardware = HardwareSpec.load(args.hardware)
-            cost_model = CostModel(self.model_config, hardware)
+            cost_model = getattr(self, "emulated_cost_model", None)  # the emulated device's own (a TP group's)
+            if cost_model is None:
+                hardware = HardwareSpec.load(args.hardware)
+                cost_model = (CostModel(self.model_config, hardware) if args.tp_size == 1
+                              else TPCostModel(self.model_config, hardware, args.tp_size))
+            hardware = cost_model.hw  # a TP group's: N GPUs as one (each SM count per GPU)
         except Exception as e:  # noqa: BLE001 - the cost model is optional for policies that need none
             logger.debug("no cost model: %s", e)
         from sglang_duet.cost_model.cpu_calibration import calibrated_cost_model

@@ -365,16 +365,26 @@ def emulated_kv_slots(cost_model, mem_fraction: float | None = None) -> int:
     return int(free // model.kv_bytes_per_token(cost_model.b))
 
 
+def emulated_cost_model(model_config, hw, tp_size: int = 1):
+    """The cost model of the emulated device: one GPU, or under `--tp-size N` a group of N priced as
+    one (cost_model/tp.py: N times the compute, bandwidth and memory, plus the all-reduces over the
+    hardware file's link). One process emulates the whole group: no ranks are started."""
+    from sglang_duet.cost_model.roofline import CostModel
+    from sglang_duet.cost_model.tp import TPCostModel
+
+    return CostModel(model_config, hw) if tp_size == 1 else TPCostModel(model_config, hw, tp_size)
+
+
 def build_emulated(engine_core, args) -> None:
     """EngineCore hook for `--executor emulated`: model config, tokenizer, KV size, executor."""
     from sglang_duet.cost_model.hardware import HardwareSpec, configs_dir
-    from sglang_duet.cost_model.roofline import CostModel
     from sglang_duet.models.config import ModelConfig
 
     cfg_path = args.model_config or str(configs_dir() / "models" / "qwen3-8b.json")
     model_config = ModelConfig.from_path(cfg_path)
     hw = HardwareSpec.load(args.hardware)
-    cm = CostModel(model_config, hw)
+    tp = int(getattr(args, "tp_size", 1) or 1)
+    cm = emulated_cost_model(model_config, hw, tp)  # KV: the group's memory minus the weights, once
     tokenizer, tok_dir = _embedded_tokenizer()
     slots = args.max_total_tokens + 1 if args.max_total_tokens else emulated_kv_slots(cm, args.mem_fraction_static)
     if tokenizer is not None:
@@ -398,9 +408,10 @@ def build_emulated(engine_core, args) -> None:
         clock=engine_core.clock, time_scale=float(extra.get("emulated_time_scale", 1.0)),
         token_range=(lo, hi), banned_tokens=banned, truth=truth,
     )
-    engine_core.device = f"emulated:{hw.name}"
-    logger.info("emulated GPU: %s on %s (%s), %d KV slots, token ids in [%d, %d); truth: %s", model_config.name,
-                hw.name, hw.source, slots, lo, hi, truth.describe())
+    engine_core.emulated_cost_model = cm  # the policies plan with it too (EngineCore._policy_context)
+    engine_core.device = f"emulated:{hw.name}" + (f"x{tp}" if tp > 1 else "")
+    logger.info("emulated GPU: %s on %s%s (%s), %d KV slots, token ids in [%d, %d); truth: %s", model_config.name,
+                hw.name, f" x {tp} (tensor parallel)" if tp > 1 else "", hw.source, slots, lo, hi, truth.describe())
 
 
 def server_truth(args, extra: dict) -> TruthConfig:

@@ -70,7 +70,8 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "enable_metrics": ("accepted for SGLang compatibility: Prometheus /metrics is always served", {}),
     "watchdog_timeout": ("seconds the scheduler may go without reporting while alive before the server "
                          "declares it hung and exits non-zero", {}),
-    "tp_size": ("tensor parallel size: one scheduler rank (process) per shard, rank 0 broadcasts each step",
+    "tp_size": ("tensor parallel size: one scheduler rank (process) per shard, rank 0 broadcasts each step; "
+                "with --executor emulated, one process emulates the group (priced by cost_model/tp.py)",
                 {"aliases": ["--tensor-parallel-size"]}),
     "dist_init_addr": ("HOST:PORT where the tensor-parallel ranks meet (rank 0's machine; default: a free "
                        "local port)", {"aliases": ["--nccl-init-addr"]}),
@@ -155,9 +156,10 @@ def check_server_args(a: ServerArgs) -> str | None:
         return f"--tp-size {a.tp_size}: must be a multiple of --nnodes {a.nnodes}"
     if a.nnodes > 1 and not a.dist_init_addr:
         return "--nnodes > 1 needs --dist-init-addr HOST:PORT"
-    if a.tp_size > 1 and a.executor != "model":
-        return f"--tp-size {a.tp_size}: needs --executor model (the emulated GPU does not price all-reduces yet)"
-    if a.tp_size > 1 and str(a.lanes) == "2":
+    if a.tp_size > 1 and a.executor == "emulated" and a.nnodes > 1:
+        return (f"--nnodes {a.nnodes}: --executor emulated emulates the whole --tp-size {a.tp_size} group in one "
+                "process (cost_model/tp.py prices it); use --nnodes 1")
+    if a.tp_size > 1 and str(a.lanes) == "2" and a.executor == "model":
         return (f"--tp-size {a.tp_size} with --lanes 2: split mode under tensor parallelism (a process group per "
                 "lane) is not supported yet")
     if a.tp_size > 1 and a.disaggregation_mode != "null":
