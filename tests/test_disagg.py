@@ -218,7 +218,7 @@ def test_core_hooks_hold_and_admit_prefilled():
 
 
 def test_placement_small_grid():
-    from sglang_duet.disagg.placement import SearchConfig, enumerate_plans, search
+    from sglang_duet.disagg.placement import SearchConfig, enumerate_plans, markdown, search
 
     cfg = SearchConfig(num_requests=120, min_span_s=0.0, tps=(1, 2), refine=1, start_rate=8.0, max_rate=150.0)
     res = search(cfg, [2, 3], ["chunked:2048"], validate=True, log=lambda s: None)
@@ -237,10 +237,18 @@ def test_placement_small_grid():
         assert e["fill_validated"]["attainment"]["per_gpu"] == pytest.approx(
             e["fill_validated"]["attainment"]["goodput"] / f["gpus"])
     assert res["plans"]["2"]["best"]["gpus"] == 2  # 1 prefill + 1 decode at tp 1 is the only plan
-    assert res["colocated"]["chunked-2048"]["goodput"]["attainment"] > 0
+    assert set(res["phase_goodput"]["prefill"]) == set(res["phase_goodput"]["decode"]) == {"1", "2"}
+    # colocated at each TP degree too, per GPU over the group's GPUs
+    c1, c2 = res["colocated"]["chunked-2048"], res["colocated"]["chunked-2048-tp2"]
+    assert c1["goodput"]["attainment"] > 0 and c2["tp"] == 2
+    assert c2["per_gpu"]["attainment"] == pytest.approx(c2["goodput"]["attainment"] / 2)
+    assert "| chunked-2048-tp2 | 2 |" in markdown(res)
     plans = enumerate_plans({1: 10.0, 2: 25.0}, {1: 30.0}, 4)
     assert all(p.gpus <= 4 for p in plans)
     assert plans[0].goodput_per_gpu == max(p.goodput_per_gpu for p in plans)
+    # each phase picks its own degree: tp 2 prefill (25 req/s on 2 GPUs) + tp 1 decode (30 on 1) is
+    # 25 req/s on 3 GPUs, more per GPU than 3 tp-1 prefills + 1 decode (30 on 4)
+    assert (plans[0].tp_prefill, plans[0].n_prefill, plans[0].tp_decode, plans[0].n_decode) == (2, 1, 1, 1)
 
 
 # ---- end to end --------------------------------------------------------------------------------

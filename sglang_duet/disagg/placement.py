@@ -14,8 +14,8 @@
 3. Check: simulate the chosen plan as a whole (prefill instances, KV transfer at bytes / link
    bandwidth, decode instances) and find its goodput under the joint SLO (TTFT and TPOT on the
    same request, as the colocated sweeps count it), and under the strict variant (every gap).
-4. Next to it: the goodput per GPU of colocated serving (one GPU per instance, replicated) with
-   the aggregated, chunked and duet policies, from the simulator's sweep.
+4. Next to it: the goodput per GPU of colocated serving (one instance of tp GPUs, for each tp
+   searched, replicated) with the aggregated, chunked and duet policies, from the simulator's sweep.
 
 Both sides run on the same emulated ground truth (`--truth`, on by default as in the simulator:
 noise, host time per step, per-request attention; sglang_duet/cost_model/truth.py), so neither
@@ -203,18 +203,27 @@ def validate_plan(cfg: SearchConfig, plan: Plan, log=print) -> dict[str, Goodput
             for metric in ("attainment", "attainment_max_tbt")}
 
 
-def colocated(cfg: SearchConfig, policies: list[str], log=print) -> dict[str, dict]:
-    """Goodput of one colocated instance (one GPU) per policy, from the simulator's sweep."""
+def colocated_label(label: str, tp: int) -> str:
+    return label if tp == 1 else f"{label}-tp{tp}"
+
+
+def colocated(cfg: SearchConfig, policies: list[str], log=print, tps: tuple[int, ...] = (1,)) -> dict[str, dict]:
+    """Goodput of one colocated instance per policy and tensor-parallel degree (tp GPUs, priced as
+    the disaggregated instances are: cost_model/tp.py), from the simulator's sweep; `per_gpu` is
+    its goodput over its GPUs (replicas scale it). Keys: the policy's label, "-tpN" for N > 1."""
     base = SimConfig(hardware=cfg.hardware, model=cfg.model, workload=cfg.workload, num_requests=cfg.num_requests,
                      seed=cfg.seed, tbt_slo_ms=cfg.tbt_slo_ms, ttft_slo_ms=cfg.ttft_slo_ms,
                      truth=dataclasses.replace(cfg.truth, seed=cfg.seed) if cfg.truth else None)
     out = {}
-    for text in policies:
-        spec = PolicySpec.parse(text)
-        log(f"colocated {spec.label}")
-        sw = sweep_policy(base, spec, start=cfg.start_rate, target=cfg.target, refine=cfg.refine,
-                          log=lambda s: log(s))
-        out[spec.label] = {"goodput": dict(sw.goodput), "bounded": dict(sw.bounded)}
+    for tp in tps:
+        for text in policies:
+            spec = PolicySpec.parse(text)
+            label = colocated_label(spec.label, tp)
+            log(f"colocated {label}")
+            sw = sweep_policy(dataclasses.replace(base, tp_size=tp), spec, start=cfg.start_rate * tp,
+                              target=cfg.target, refine=cfg.refine, log=lambda s: log(s))
+            out[label] = {"tp": tp, "goodput": dict(sw.goodput), "bounded": dict(sw.bounded),
+                          "per_gpu": {k: v / tp for k, v in sw.goodput.items()}}
     return out
 
 
@@ -270,10 +279,11 @@ def search(cfg: SearchConfig, budgets: list[int], policies: list[str], validate:
             else:
                 entry["fill_validated"] = _validated(cfg, fill, log)
         results[str(n)] = entry
-    if reuse and reuse.get("colocated") and set(reuse["colocated"]) >= {PolicySpec.parse(p).label for p in policies}:
-        colo = {PolicySpec.parse(p).label: reuse["colocated"][PolicySpec.parse(p).label] for p in policies}
+    want = [colocated_label(PolicySpec.parse(p).label, tp) for tp in tps for p in policies]
+    if reuse and reuse.get("colocated") and set(reuse["colocated"]) >= set(want):
+        colo = {label: reuse["colocated"][label] for label in want}
     else:
-        colo = colocated(cfg, policies, log) if policies else {}
+        colo = colocated(cfg, policies, log, tuple(tps)) if policies else {}
     return {"config": _jsonable(asdict(cfg)), "phase_goodput": {
         "prefill": {str(t): asdict(g) for t, g in g_p.items()}, "decode": {str(t): asdict(g) for t, g in g_d.items()}},
         "plans": results, "colocated": colo, "wall_s": time.perf_counter() - t0}
@@ -309,12 +319,13 @@ def markdown(res: dict) -> str:
                 cells.append(f"{x['flag']}{x['goodput']:.2f} ({x['per_gpu']:.2f})" if x else "-")
             lines.append("| " + " | ".join(cells) + " |")
     if res["colocated"]:
-        lines += ["", "Colocated, one GPU per instance (per-GPU goodput = one instance's; the same on 2, 4 or 8 GPUs):",
-                  "", "| policy | TTFT+TPOT req/s per GPU | TTFT+max TBT req/s per GPU |", "|---|---|---|"]
+        lines += ["", "Colocated, one instance of tp GPUs, replicated (per-GPU goodput = one instance's over its "
+                  "GPUs; the same on any budget it divides):",
+                  "", "| policy | tp | TTFT+TPOT req/s per GPU | TTFT+max TBT req/s per GPU |", "|---|---|---|---|"]
         for label, d in res["colocated"].items():
-            g, f = d["goodput"], d["bounded"]
-            lines.append(f"| {label} | {f['attainment']}{g['attainment']:.2f} | "
-                         f"{f['attainment_max_tbt']}{g['attainment_max_tbt']:.2f} |")
+            g, f, tp = d["goodput"], d["bounded"], d.get("tp", 1)
+            lines.append(f"| {label} | {tp} | {f['attainment']}{g['attainment'] / tp:.2f} | "
+                         f"{f['attainment_max_tbt']}{g['attainment_max_tbt'] / tp:.2f} |")
     return "\n".join(lines)
 
 
@@ -348,7 +359,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the emulated GPUs' ground truth for both disaggregated and colocated runs (on: the "
                         "simulator's default truth; off: the exact model)")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if any(t < 1 for t in a.tp):
+        p.error(f"--tp: tensor-parallel degrees must be >= 1, got {a.tp}")
+    return a
 
 
 def _link(hardware: str, gbps: float | None) -> LinkSpec | None:
