@@ -177,3 +177,13 @@ def test_a_prefill_instance_holds_cached_kv_locked_and_caches_it_on_release():
     for launch in core.schedule():
         lanes.submit(launch)
     assert {u.rid: u for u in lanes.run()}["b"].cached_tokens == 80
+
+
+def test_prefix_scheduling_benchmark_counts(capsys):
+    """benchmark/prefix_scheduling.py: a burst of 32 requests behind a cached 1000-token prompt gets
+    its first tokens in 2 steps of a 512-token budget (25 + 7 own-token chunks), not one per step."""
+    from benchmark.prefix_scheduling import main
+
+    main([])
+    out = capsys.readouterr().out
+    assert "schedule-time match: 2 steps" in out and "admission only: 32 steps" in out
