@@ -55,7 +55,8 @@ def test_transport_backends_import_only_the_interface():
 def test_the_entrypoint_passes_the_disagg_hooks():
     from sglang_duet.disagg.hooks import instance_hooks
     from sglang_duet.disagg.instance_api import add_instance_routes
-    from sglang_duet.disagg.scheduler import DecodeScheduler, PrefillScheduler
+    from sglang_duet.disagg.decode_scheduler import DecodeScheduler
+    from sglang_duet.disagg.prefill_scheduler import PrefillScheduler
 
     assert instance_hooks("prefill").scheduler_class is PrefillScheduler
     assert instance_hooks("decode").scheduler_class is DecodeScheduler

@@ -7,7 +7,8 @@ from one to the other, a router in front, and a placement search in the simulato
   machine), `mooncake.py` (any two hosts, Mooncake transfer engine), `host_aware.py` (`auto`: the
   same-host path or Mooncake, by the peer's machine).
 - `messages.py`: the typed messages of the disaggregation protocol (msgspec, never pickle).
-- `scheduler.py`: the scheduler process of a prefill or a decode instance.
+- `scheduler.py`: what the scheduler processes of both kinds of instance share;
+  `prefill_scheduler.py` and `decode_scheduler.py`: each kind's own.
 - `hooks.py`: what an instance plugs into the server (scheduler class, the tokenizer manager's
   backend, routes); the entrypoint passes it in, so `server/` never imports this package.
 - `instance_backend.py`: that backend: sends a disaggregated request's own message kind.

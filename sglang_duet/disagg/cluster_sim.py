@@ -2,7 +2,7 @@
 
 Each instance is the real SchedulerCore + policy on an EmulatedExecutor (virtual clock), as in
 `sglang_duet/simulator/loop.py`; all instances share one clock. The protocol is the server's
-(sglang_duet/disagg/scheduler.py), in virtual time:
+(sglang_duet/disagg/prefill_scheduler.py, decode_scheduler.py), in virtual time:
 
   arrival -> the prefill instance with the fewest queued prompt tokens (max_new_tokens 1)
   -> first token: the prefill keeps the KV (the core's kv_hold hook) and the request queues (FIFO)
