@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 _EPS = 1e-6
 MAX_STOP_STRINGS = 16
@@ -54,7 +54,10 @@ class SamplingParams:
         return p
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # What asdict() gives (the fields are scalars and lists of scalars), without its recursive
+        # deepcopy: ~20 us of the main process's CPU per request at admission.
+        return {name: (v.copy() if type(v) is list else v) for name in _FIELD_NAMES
+                for v in (getattr(self, name),)}
 
     def normalize(self) -> None:
         if isinstance(self.stop, str):
@@ -145,3 +148,6 @@ class SamplingParams:
         if len(grammars) > 1:
             raise SamplingParamsError(f"{grammars[0]} and {grammars[1]} may not be set together: "
                                       "only one grammar constrains a request.")
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(SamplingParams))

@@ -206,3 +206,46 @@ def test_sse_stream_is_returned_as_is_by_a_fastapi_route():
     r = TestClient(app).post("/s")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert r.content == sse({"i": 0, "text": "hi"}) + DONE
+
+
+# ---- token id checks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", [0, 1000])
+def test_check_ids_fast_path_accepts_and_refuses_exactly_what_the_loop_does(vocab):
+    import types
+    from typing import Annotated
+
+    import msgspec
+
+    from sglang_duet.server.tokenizer_manager import TokenizerManager
+
+    ids_type = list[Annotated[int, msgspec.Meta(ge=0, lt=vocab)]] if vocab else None
+    fast = types.SimpleNamespace(vocab_size=vocab, _ids_type=ids_type)
+    loop = types.SimpleNamespace(vocab_size=vocab, _ids_type=None)
+    cases = [[], [0], [1, 2, 999], [1, True], [1, 2.0], [1, -1], [1, 1000], [1, 10 ** 30], [1, "2"], [None]]
+    for ids in cases:
+        outcomes = []
+        for tm in (fast, loop):
+            try:
+                TokenizerManager.check_ids(tm, ids)
+                outcomes.append(None)
+            except APIError as e:
+                outcomes.append((e.status, e.message, e.param))
+        assert outcomes[0] == outcomes[1], ids
+    with pytest.raises(APIError, match="outside the vocabulary"):
+        TokenizerManager.check_ids(fast, [1, 10 ** 30])
+
+
+def test_sampling_params_to_dict_is_asdict_without_sharing_lists():
+    from dataclasses import asdict
+
+    from sglang_duet.sampling_params import SamplingParams
+
+    for d in ({}, {"stop": ["a", "bc"], "stop_token_ids": [3, 4], "temperature": 0.5, "seed": 7},
+              {"json_schema": '{"type": "object"}', "logprobs": True, "top_logprobs": 2, "max_new_tokens": None}):
+        p = SamplingParams.from_dict(d)
+        got = p.to_dict()
+        assert got == asdict(p) and list(got) == list(asdict(p))
+        got["stop"].append("changed")
+        assert "changed" not in p.stop
