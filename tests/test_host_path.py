@@ -249,3 +249,57 @@ def test_sampling_params_to_dict_is_asdict_without_sharing_lists():
         assert got == asdict(p) and list(got) == list(asdict(p))
         got["stop"].append("changed")
         assert "changed" not in p.stop
+
+
+# ---- the scheduler backend's sends --------------------------------------------------------------
+
+
+def test_zmq_backend_sends_once_per_loop_iteration_in_order():
+    """Messages queued in one event-loop iteration go out together at its end, generate and abort
+    in the order they were made; before start() they go out at once."""
+    import zmq
+
+    from sglang_duet.server import io_struct as io
+    from sglang_duet.server.ipc import IPCPaths, pull_socket
+    from sglang_duet.server.scheduler_backend import ZmqSchedulerBackend
+
+    paths = IPCPaths.create()
+    ctx = zmq.Context(1)
+    sched = pull_socket(ctx, paths.scheduler_in)
+    backend = ZmqSchedulerBackend(paths)
+
+    def received(timeout_ms=2000):
+        out = []
+        while sched.poll(timeout_ms if not out else 50):
+            out.append(io.decode(sched.recv()))
+        return out
+
+    class TM:
+        def _handle_message(self, data):
+            pass
+
+    try:
+        backend.send_abort("early")  # not started: at once
+        assert [m.rid for m in received()] == ["early"]
+
+        async def main():
+            backend.start(TM())
+            backend.send_generate([io.GenerateReq("a", [1], {}, 0.0), io.GenerateReq("b", [2], {}, 0.0)])
+            backend.send_abort("a")
+            backend.send_flush_cache()
+            assert not sched.poll(50)  # still queued: this iteration has not ended
+            await asyncio.sleep(0)
+            got = received()
+            backend.send_abort("b")  # a later iteration: its own flush
+            await asyncio.sleep(0)
+            return got + received()
+
+        got = asyncio.run(main())
+        assert [(type(m).__name__, getattr(m, "rid", None)) for m in got] == [
+            ("GenerateReq", "a"), ("GenerateReq", "b"), ("AbortReq", "a"), ("FlushCacheReq", None), ("AbortReq", "b")]
+    finally:
+        backend._loop = None
+        backend.close()
+        sched.close(linger=0)
+        ctx.term()
+        paths.cleanup()
