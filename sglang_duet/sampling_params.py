@@ -34,10 +34,12 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     # Structured output (SGLang's names; at most one): the output must match this JSON schema (a
-    # JSON string), regular expression, or EBNF grammar (xgrammar's GBNF dialect). See constrained/.
+    # JSON string), regular expression, EBNF grammar (xgrammar's GBNF dialect), or structural tag
+    # (a JSON string: free text with tagged JSON parts, xgrammar's structural tag). See constrained/.
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
+    structural_tag: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
@@ -141,7 +143,7 @@ class SamplingParams:
             raise SamplingParamsError(f"seed must be an integer, got {self.seed!r}.")
         if not isinstance(self.top_logprobs, int) or isinstance(self.top_logprobs, bool) or not 0 <= self.top_logprobs <= 20:
             raise SamplingParamsError(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}.")
-        grammars = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
+        grammars = [k for k in ("json_schema", "regex", "ebnf", "structural_tag") if getattr(self, k) is not None]
         for k in grammars:
             if not isinstance(getattr(self, k), str) or not getattr(self, k):
                 raise SamplingParamsError(f"{k} must be a non-empty string, got {getattr(self, k)!r}.")

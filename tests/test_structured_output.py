@@ -102,6 +102,35 @@ def test_json_allows_any_whitespace_unless_disabled(tokenizer, tiny):
             eng.shutdown()
 
 
+# a structural tag that forces its tag at once (xgrammar's format, passed through as SGLang does)
+FORCED_TAG = {"type": "structural_tag", "format": {"type": "tag", "begin": "<f>", "end": "</f>",
+                                                   "content": {"type": "regex", "pattern": REGEX}}}
+LEGACY_TAG = {"type": "structural_tag", "structures": [{"begin": "<f>", "schema": SCHEMA, "end": "</f>"}],
+              "triggers": ["<f>"]}
+
+
+def test_structural_tags_compile_and_constrain(tokenizer):
+    """SGLang's structural_tag: its original form (structures + triggers: free text, then after a
+    trigger the tag's JSON) and xgrammar's format; malformed ones are named."""
+    comp = GrammarCompiler(tokenizer, len(tokenizer))
+
+    def accepts(tag, text):
+        m = comp.new_state("structural_tag", json.dumps(tag), {EOS_ID}).matcher
+        return m.accept_string(text)
+
+    assert accepts(LEGACY_TAG, 'Some text <f>{"answer": "no", "n": 4}</f> and more')
+    assert not accepts(LEGACY_TAG, 'Some text <f>{"answer": "maybe", "n": 4}')
+    assert accepts(FORCED_TAG, "<f>cat-123</f>") and not accepts(FORCED_TAG, "text first")
+    for bad, why in (("{", "not JSON"), ("[]", "must be an object"), ('{"triggers": ["<f>"]}', "structures"),
+                     (json.dumps({**LEGACY_TAG, "triggers": []}), "triggers"),
+                     (json.dumps({"structures": [{"begin": "<f>"}], "triggers": ["<f>"]}), "structures[0]"),
+                     (json.dumps({"format": {"type": "nonsense"}}), "nonsense")):
+        with pytest.raises(GrammarError, match=f"^structural_tag is not a valid grammar: .*{re.escape(why)}"):
+            comp.compile("structural_tag", bad)
+    with pytest.raises(SamplingParamsError, match="regex and structural_tag may not be set together"):
+        SamplingParams.from_dict({"regex": "a", "structural_tag": json.dumps(FORCED_TAG)})
+
+
 def test_bad_grammars_name_their_field(tokenizer):
     comp = GrammarCompiler(tokenizer, len(tokenizer))
     for kind, spec in (("json_schema", "{not json"), ("regex", "(ab"), ("ebnf", "root ::= undefined_rule")):
@@ -128,7 +157,8 @@ def test_engine_grammar_with_and_without_overlap(tiny):
         try:
             assert eng.core.core._overlap == (lanes == "2")
             got = []
-            for sp in ({"json_schema": json.dumps(SCHEMA)}, {"regex": REGEX}, {"ebnf": EBNF}):
+            for sp in ({"json_schema": json.dumps(SCHEMA)}, {"regex": REGEX}, {"ebnf": EBNF},
+                       {"structural_tag": json.dumps(FORCED_TAG)}):
                 outs = eng.generate(prompts, {**sp, "temperature": 1.0, "seed": 11, "max_new_tokens": 48})
                 got.append([o["output_ids"] for o in outs])
                 for o in outs:
@@ -136,6 +166,8 @@ def test_engine_grammar_with_and_without_overlap(tiny):
                     text = o["text"]
                     if "json_schema" in sp:
                         assert matches_schema(json.loads(text)), text
+                    elif "structural_tag" in sp:
+                        assert re.fullmatch(f"<f>{REGEX}</f>", text), text
                     else:
                         assert re.fullmatch(REGEX if "regex" in sp else r"(yes|no) [0-9]", text), text
             with pytest.raises(SamplingParamsError, match="regex is not a valid grammar"):
@@ -198,6 +230,10 @@ def test_openai_response_format_stream_is_token_exact(server):
     with httpx.stream("POST", server.url("/generate"), json={**gen, "stream": True}, timeout=120) as s:
         last = [e for e in sse_events(s.iter_lines()) if isinstance(e, dict)][-1]
     assert last["output_ids"] == whole["output_ids"] and matches_schema(json.loads(whole["text"]))
+    # response_format structural_tag (SGLang's): the whole object is the structural_tag param
+    r = post(server, "/v1/chat/completions", {**body, "response_format": FORCED_TAG})
+    assert r.status_code == 200, r.text
+    assert re.fullmatch(f"<f>{REGEX}</f>", r.json()["choices"][0]["message"]["content"])
     # json_object on /v1/completions: any JSON object
     r = post(server, "/v1/completions", {"prompt": "JSON:", "max_tokens": 64, "temperature": 0,
                                          "response_format": {"type": "json_object"}})

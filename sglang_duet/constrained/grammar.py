@@ -25,7 +25,7 @@ import torch
 
 from sglang_duet.sampling_params import SamplingParamsError
 
-GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")  # SamplingParams fields, SGLang's names
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")  # SamplingParams fields, SGLang's names
 # JSON whitespace, as SGLang: any whitespace between items (xgrammar's any_whitespace) unless
 # --constrained-json-disable-any-whitespace asks for the compact form (", " and ": " only). The
 # compact form keeps a model that prefers whitespace (small and random models do) from spending its
@@ -96,6 +96,8 @@ class GrammarCompiler:
                 return comp.compile_json_schema(spec, any_whitespace=self.any_whitespace)
             if kind == "regex":
                 return comp.compile_regex(spec)
+            if kind == "structural_tag":
+                return _compile_structural_tag(comp, spec)
             return comp.compile_grammar(spec)
         except (RuntimeError, ValueError, TypeError) as e:
             raise GrammarError(kind, _clean(e)) from None
@@ -105,6 +107,36 @@ class GrammarCompiler:
 
         stop = sorted(stop_ids) or None  # none: the tokenizer's eos
         return GrammarState(xgr.GrammarMatcher(self.compile(kind, spec), override_stop_tokens=stop))
+
+
+def _compile_structural_tag(comp, spec: str):
+    """SGLang's `structural_tag` (response_format type "structural_tag", the whole object as JSON):
+    either its original form, {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (free
+    text; after a trigger, begin + JSON matching the schema + end), or xgrammar's structural tag
+    ({"format": {...}}), which SGLang passes through. Malformed ones raise ValueError (a 400)."""
+    import xgrammar as xgr
+
+    try:
+        tag = json.loads(spec)
+    except ValueError as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(tag, dict):
+        raise ValueError(f"must be an object, got {type(tag).__name__}")
+    if "format" in tag:
+        return comp.compile_structural_tag(json.dumps({"type": "structural_tag", "format": tag["format"]}))
+    structures, triggers = tag.get("structures"), tag.get("triggers")
+    if not isinstance(structures, list) or not structures:
+        raise ValueError("needs a non-empty list 'structures' (or an xgrammar 'format')")
+    if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+        raise ValueError("needs a non-empty list of strings 'triggers'")
+    items = []
+    for i, st in enumerate(structures):
+        schema = st.get("schema", st.get("schema_")) if isinstance(st, dict) else None
+        if not (isinstance(st, dict) and isinstance(st.get("begin"), str) and isinstance(st.get("end"), str)
+                and isinstance(schema, (dict, bool))):
+            raise ValueError(f"structures[{i}] must have string 'begin' and 'end' and a JSON schema 'schema'")
+        items.append(xgr.StructuralTagItem(begin=st["begin"], schema=json.dumps(schema), end=st["end"]))
+    return comp.compile_structural_tag(items, triggers)
 
 
 @dataclass

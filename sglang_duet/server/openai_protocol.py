@@ -122,7 +122,8 @@ def check_fields(body: dict, route: str) -> None:
 
 def check_response_format(rf) -> str | None:
     """null / absent / {"type": "text"} -> None; json_object / json_schema -> the JSON schema (a string)
-    the output must match (json_object: any JSON object, as SGLang sends it to its grammar backend)."""
+    the output must match (json_object: any JSON object, as SGLang sends it to its grammar backend);
+    structural_tag -> the whole object as JSON (the structural_tag sampling param, as SGLang)."""
     if rf is _MISSING or rf is None:
         return None
     if not isinstance(rf, dict):
@@ -142,17 +143,22 @@ def check_response_format(rf) -> str | None:
             raise APIError(400, "response_format.json_schema.schema must be a JSON schema object, got "
                                 f"{schema!r}.", param="response_format")
         return json.dumps(schema)
-    if t == "structural_tag":
-        raise APIError(400, "response_format structural_tag is not supported (json_schema and json_object are).",
-                       param="response_format")
-    raise APIError(400, f"response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {t!r}.",
-                   param="response_format")
+    if t == "structural_tag":  # SGLang: the whole object goes to the grammar backend as JSON
+        return json.dumps(rf)
+    raise APIError(400, f"response_format.type must be \"text\", \"json_object\", \"json_schema\" or "
+                        f"\"structural_tag\", got {t!r}.", param="response_format")
+
+
+def response_format_kind(rf) -> str:
+    """The SamplingParams grammar field a (valid, not text) response_format sets."""
+    return "structural_tag" if isinstance(rf, dict) and rf.get("type") == "structural_tag" else "json_schema"
 
 
 def grammar_names(body: dict) -> dict[str, str]:
     """SamplingParams grammar field -> the request field that set it (for error messages)."""
-    return {"json_schema": "response_format"} if body.get("response_format") is not None and \
-        body.get("json_schema") is None else {}
+    kind = response_format_kind(body.get("response_format"))
+    return {kind: "response_format"} if body.get("response_format") is not None and \
+        body.get(kind) is None else {}
 
 
 def template_kwargs(body: dict) -> dict | None:
@@ -239,11 +245,12 @@ def sampling_dict(body: dict, *, default_max_tokens: int | None) -> dict:
     for k in ("regex", "ebnf", "json_schema"):
         if body.get(k) is not None:
             d[k] = body[k]
-    schema = check_response_format(body.get("response_format", _MISSING))
-    if schema is not None:
-        if d.get("json_schema") is not None:
-            raise APIError(400, "Give response_format or json_schema, not both.", param="response_format")
-        d["json_schema"] = schema
+    spec = check_response_format(body.get("response_format", _MISSING))
+    if spec is not None:
+        kind = response_format_kind(body["response_format"])
+        if d.get(kind) is not None:
+            raise APIError(400, f"Give response_format or {kind}, not both.", param="response_format")
+        d[kind] = spec
     return d
 
 
