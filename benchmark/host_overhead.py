@@ -32,9 +32,10 @@ little as it can (an aiohttp client cost about 3x more CPU per token).
         [--stream-interval 1] [--repeats 3] [--out benchmark/results/host_overhead-cpu2.md]
 
 `--cpu-per-step` measures instead, in this process, the CPU time per decode step of the scheduler
-process's work (core, policy, the emulated device's host side, the step's message) and of the
-detokenizer's, at each batch of --streams (thread CPU time: a loaded machine moves it far less
-than the wall-clock ratios above).
+process's work (core, policy, the emulated device's host side, the step's message), of the
+detokenizer's, and of the main process's fan-out (the tokenizer manager and the streaming
+/generate handlers rendering each event, up to the socket write), at each batch of --streams
+(thread CPU time: a loaded machine moves it far less than the wall-clock ratios above).
 
 `--admission` measures the main process's CPU time per request instead: N streaming requests of
 one output token sent at once on fresh connections (the admission burst of a level: HTTP, body
@@ -381,18 +382,79 @@ def measure(srv_url: str, a, n: int, seed: int, pids: dict[str, int] | None = No
 
 
 def step_cpu(n: int, a, steps: int = 40) -> dict:
-    """CPU time per decode step of the scheduler's and the detokenizer's host work at batch n, in this
-    process (no HTTP, no client, no sleeping): the real SchedulerProcess (core, policy, the emulated
-    constant-step device on a virtual clock, the step's BatchTokenOut encoded) and the real
-    DetokenizerProcess handling those messages. Thread CPU time, so a loaded machine moves it far
-    less than wall time. Returns ms per step by part."""
+    """CPU time per decode step of the host's work at batch n, in this process (no HTTP socket, no
+    client, no sleeping): the real SchedulerProcess (core, policy, the emulated constant-step device
+    on a virtual clock, the step's BatchTokenOut encoded), the real DetokenizerProcess handling those
+    messages, and the main process's fan-out of its BatchStrOut: the real TokenizerManager and n
+    streaming /generate handlers (NativeServing + SSEStream), each woken, rendering its event and
+    handing it to an ASGI send that only counts it (uvicorn's chunk framing and the socket write are
+    not included). Thread CPU time, so a loaded machine moves it far less than wall time. Returns
+    ms per step by part."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the server's event loop
+        return runner.run(_step_cpu(n, a, steps))
+
+
+class _CaptureBackend:
+    """The tokenizer manager's backend in --cpu-per-step: requests are handed to the in-process
+    scheduler by the benchmark instead of a socket."""
+
+    def __init__(self):
+        self.reqs: list = []
+
+    def start(self, tm) -> None:
+        pass
+
+    def send_generate(self, reqs) -> None:
+        self.reqs.extend(reqs)
+
+    def send_abort(self, rid: str) -> None:
+        pass
+
+    def send_flush_cache(self) -> None:
+        pass
+
+    def unavailable(self):
+        return None
+
+    def internal_state(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class _NoDisconnect:
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+async def _native_stream(native, ids: list[int], out_len: int, counts: list[int]) -> None:
+    """One streaming /generate through the real handler; its ASGI send counts the events."""
+    body = {"input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": out_len, "ignore_eos": True}}
+    response = await native.generate(_NoDisconnect(), body)
+
+    async def send(message) -> None:
+        if message.get("body"):
+            counts[0] += 1
+
+    async def receive():
+        await asyncio.get_running_loop().create_future()  # the client never leaves
+
+    await response({"type": "http"}, receive, send)
+
+
+async def _step_cpu(n: int, a, steps: int) -> dict:
     import gc
 
     from sglang_duet.server import io_struct as io
     from sglang_duet.server.args import parse_args
     from sglang_duet.server.detokenizer_proc import DetokenizerProcess
     from sglang_duet.server.ipc import IPCPaths, tune_gc
+    from sglang_duet.server.native_api import NativeServing
     from sglang_duet.server.scheduler_proc import SchedulerProcess
+    from sglang_duet.server.tokenizer_manager import TokenizerManager
 
     out_len = steps + 12
     args = parse_args(["--executor", "emulated", "--emulated-step-ms", str(a.step_ms), "--model-config", MODEL_CONFIG,
@@ -401,15 +463,23 @@ def step_cpu(n: int, a, steps: int = 40) -> dict:
                        "--stream-interval", str(a.stream_interval), "--log-level", "warning", *a.server_arg])
     paths = IPCPaths.create()
     sent: list[bytes] = []
+    events = [0]  # SSE writes handed to the handlers' ASGI send
+    tasks: list[asyncio.Task] = []
     try:
         sched = SchedulerProcess(args, paths)
         sched.timer.inner.mode = "virtual"  # the device's time passes at once: only host work is left
         sched.send = type("Sink", (), {"send": staticmethod(sent.append)})()
-        detok = DetokenizerProcess(paths, sched.ready_info().tokenizer_dir)
+        info = sched.ready_info()
+        detok = DetokenizerProcess(paths, info.tokenizer_dir)
+        backend = _CaptureBackend()
+        tm = TokenizerManager(args, info, backend)
+        native = NativeServing(tm)
         rng = random.Random(a.seed)
-        for i in range(n):
-            ids = [rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(a.prompt_len)]
-            sched._add(io.GenerateReq(f"r{i}", ids, {"max_new_tokens": out_len, "ignore_eos": True}, time.monotonic()))
+        tasks = [asyncio.ensure_future(_native_stream(native, [rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(a.prompt_len)],
+                                                      out_len, events)) for _ in range(n)]
+        await _settle()  # every handler has submitted its request and waits for its first output
+        for req in backend.reqs:
+            sched._add(io.decode(io.encode(req)))
         engine, core = sched.engine, sched.engine.core
         parts = {"apply": 0.0, "plan": 0.0, "executor": 0.0}
 
@@ -429,7 +499,7 @@ def step_cpu(n: int, a, steps: int = 40) -> dict:
         timed(sched.timer, "poll", "executor")
         timed(sched.timer, "submit", "executor")
 
-        def one_step() -> tuple[float, float, float]:
+        async def one_step() -> tuple[float, float, float, float]:
             t0 = time.thread_time()
             updates = engine.step(None)  # the loop's order: launch, wait for a result, apply it
             if updates and core.can_plan() and engine.has_work():
@@ -438,37 +508,57 @@ def step_cpu(n: int, a, steps: int = 40) -> dict:
             if updates:
                 sched._send_updates(updates)
             t2 = time.thread_time()
+            to_main = []
             for data in sent:
                 msg = io.decode(data)
                 if isinstance(msg, io.DetokRegister):
                     detok.reqs[msg.rid] = _detok_state(detok, msg)
                 elif isinstance(msg, io.BatchTokenOut):
-                    io.encode(detok.handle(msg))
+                    to_main.append(io.encode(detok.handle(msg)))
             sent.clear()
-            return t1 - t0, t2 - t1, time.thread_time() - t2
+            t3 = time.thread_time()
+            for data in to_main:
+                tm._handle_message(data)
+            await _settle()  # every woken handler has rendered and sent its event
+            return t1 - t0, t2 - t1, t3 - t2, time.thread_time() - t3
 
         tune_gc()
         for _ in range(8):  # admission and prefill: every request decoding afterwards
-            one_step()
+            await one_step()
         if core.num_running != n:
             raise RuntimeError(f"step_cpu: {core.num_running} of {n} requests running after the warm-up")
         for k in parts:
             parts[k] = 0.0
-        tot = {"engine": 0.0, "send": 0.0, "detok": 0.0}
+        tot = {"engine": 0.0, "send": 0.0, "detok": 0.0, "main": 0.0}
+        events[0] = 0
         gc_before = sum(s["collections"] for s in gc.get_stats())
         for _ in range(steps):
-            e, s_, d = one_step()
+            e, s_, d, m = await one_step()
             tot["engine"] += e
             tot["send"] += s_
             tot["detok"] += d
+            tot["main"] += m
         collections = sum(s["collections"] for s in gc.get_stats()) - gc_before
+        sse_events = events[0]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         sched.close()
         detok.close()
+        tm.close()
     finally:
+        for t in tasks:
+            t.cancel()
         paths.cleanup()
     ms = {k: v / steps * 1e3 for k, v in {**tot, **parts}.items()}
     ms["scheduler"] = ms["engine"] + ms["send"]
-    return {"streams": n, "steps": steps, "gc": collections, **ms}
+    return {"streams": n, "steps": steps, "gc": collections, "events": sse_events, **ms}
+
+
+async def _settle(rounds: int = 4) -> None:
+    """Let the event loop run what is ready: woken handlers render, send and wait again."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
 
 
 def _detok_state(detok, reg):
@@ -481,12 +571,14 @@ def _detok_state(detok, reg):
 def cpu_table(rows: list[dict]) -> list[str]:
     lines = ["| batch | scheduler ms/step | of it: apply_result | schedule (view, policy, resolve) "
              "| executor (emulated: submit, poll, results) | updates encoded + sent | detokenizer ms/step "
-             "| us per request per step: scheduler / detokenizer |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| main fan-out ms/step (SSE events per step) | us per request per step: scheduler / detokenizer / main |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        per = r["streams"] / 1e3
         lines.append(f"| {r['streams']} | **{r['scheduler']:.3f}** | {r['apply']:.3f} | {r['plan']:.3f} "
                      f"| {r['executor']:.3f} | {r['send']:.3f} | **{r['detok']:.3f}** "
-                     f"| {r['scheduler'] / r['streams'] * 1e3:.2f} / {r['detok'] / r['streams'] * 1e3:.2f} |")
+                     f"| **{r['main']:.3f}** ({r['events'] / r['steps']:.0f}) "
+                     f"| {r['scheduler'] / per:.2f} / {r['detok'] / per:.2f} / {r['main'] / per:.2f} |")
     return lines
 
 

@@ -95,14 +95,16 @@ def test_server_args_for_the_constant_device(capsys):
 
 
 def test_cpu_per_step_runs_the_real_loop_pieces_in_process(tmp_path):
-    """--cpu-per-step: the scheduler process's and the detokenizer's work per decode step, in process,
+    """--cpu-per-step: the scheduler process's, the detokenizer's and the main process's fan-out work
+    per decode step, in process,
     on a virtual clock: every request decodes in the measured steps, the parts add up to at most
     the scheduler's total, and the table is written (values are CPU times: only their shape is checked)."""
     out = tmp_path / "cpu.md"
     rows = ho.main(["--cpu-per-step", "--streams", "4,16", "--repeats", "1", "--out", str(out)])
     assert [r["streams"] for r in rows] == [4, 16]
     for r in rows:
-        assert r["steps"] > 0 and r["scheduler"] > 0 and r["detok"] > 0
+        assert r["steps"] > 0 and r["scheduler"] > 0 and r["detok"] > 0 and r["main"] > 0
+        assert r["events"] == r["steps"] * r["streams"]  # every stream's handler sent one event per step
         assert r["apply"] + r["plan"] + r["executor"] <= r["engine"] * 1.01 + 1e-6
     text = out.read_text()
     assert "| batch | scheduler ms/step" in text and "| 16 |" in text
