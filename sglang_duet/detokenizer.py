@@ -16,6 +16,7 @@ HF's decode); `add()` / `flush()` are the same two phases with one decode each.
 """
 from __future__ import annotations
 
+from codecs import utf_8_decode as _utf8_decode
 from typing import Any
 
 _REPLACEMENT = "\ufffd"
@@ -142,6 +143,8 @@ class ByteLevelTable:
     def __init__(self, pieces: list[bytes], special: frozenset[int]):
         self.pieces = pieces
         self.special = special  # ids skipped by skip_special_tokens=True
+        # each piece's text where it is complete UTF-8 on its own (None: part of a character)
+        self.texts = [_complete_text(b) for b in pieces]
 
     @classmethod
     def build(cls, tokenizer: Any) -> "ByteLevelTable | None":
@@ -192,39 +195,51 @@ class ByteLevelTable:
 
 class ByteLevelDetokenizer:
     """IncrementalDetokenizer's job for a byte-level tokenizer (see ByteLevelTable): the text is
-    the lossy UTF-8 decode of the output's bytes, a character split over tokens is held back by
-    the incremental decoder until complete, and `flush` releases an incomplete tail as U+FFFD
-    (as the full decode would show it). The concatenation of the deltas is decode(output_ids)."""
+    the lossy UTF-8 decode of the output's bytes, a character split over tokens is held back
+    until complete, and `flush` releases an incomplete tail as U+FFFD (as the full decode would
+    show it). The concatenation of the deltas is decode(output_ids).
 
-    __slots__ = ("table", "skip_special_tokens", "_dec", "text", "num_ids")
+    Runs once per request per step: the usual token (nothing held back, a piece that is complete
+    UTF-8 on its own) takes its text from the table's `texts`, with no decoder call."""
+
+    __slots__ = ("table", "skip_special_tokens", "_held", "text", "num_ids")
 
     def __init__(self, table: ByteLevelTable, skip_special_tokens: bool = True):
-        import codecs
-
         self.table = table
         self.skip_special_tokens = skip_special_tokens
-        self._dec = codecs.getincrementaldecoder("utf-8")("replace")
+        self._held = b""  # the bytes of an incomplete character
         self.text = ""  # all text emitted so far
         self.num_ids = 0
 
     def add(self, token_ids: list[int], final: bool = False) -> str:
         """Append tokens; return the new text that is complete (with final=True: everything)."""
         self.num_ids += len(token_ids)
-        if token_ids:
-            t = self.table
-            if len(token_ids) == 1 and not (self.skip_special_tokens and token_ids[0] in t.special):
-                b = t.pieces[token_ids[0]]
-            else:
-                b = t.ids_bytes(token_ids, self.skip_special_tokens)
-        else:
-            b = b""
-        delta = self._dec.decode(b, final)
+        t = self.table
+        if len(token_ids) == 1 and not self._held and not final:
+            tid = token_ids[0]
+            delta = t.texts[tid]
+            if delta is not None and not (self.skip_special_tokens and tid in t.special):
+                if delta:
+                    self.text += delta
+                return delta
+        b = t.ids_bytes(token_ids, self.skip_special_tokens) if token_ids else b""
+        if self._held:
+            b = self._held + b
+        delta, used = _utf8_decode(b, "replace", final)
+        self._held = b[used:]
         if delta:
             self.text += delta
         return delta
 
     def flush(self) -> str:
         return self.add([], final=True)
+
+
+def _complete_text(piece: bytes) -> str | None:
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _token_bytes(tokens: list[str]) -> list[bytes]:

@@ -182,23 +182,28 @@ class DetokenizerProcess:
         return io.BatchStrOut(outs)
 
     def _handle_pass(self, batch: io.BatchTokenOut, lo: int, hi: int) -> list[io.StrOut]:
-        items = []  # (out, state, windows or None, the text when already known)
+        outs: list[io.StrOut | None] = []  # in row order; None until a decoded row's text is known
+        items = []  # the other rows: (position in outs, out, state, windows or None)
         jobs: dict[tuple[bool, bool], list[int]] = {}  # decode options -> indexes into items
         reqs = self.reqs
+        StrOut = io.StrOut
         rids, new_ids, finished = batch.rids, batch.new_ids, batch.finished
+        lps, cached, ptoks, ctoks = batch.logprobs, batch.cached_tokens, batch.prompt_tokens, batch.completion_tokens
         for i in range(lo, hi):
             st = reqs.get(rids[i])
             w = None
             if st is not None and st.fast is not None and not st.stops and i not in finished:
                 # The usual row (byte-level tokenizer, no stop strings, running): its new text is the
-                # delta, nothing held back but an incomplete character. No TokenOut is built for it.
+                # delta, nothing held back but an incomplete character; its StrOut is made here, in
+                # one pass (no TokenOut, no second loop).
                 try:
                     text = st.fast.add(new_ids[i])
                     st.sent += len(text)
                 except Exception:  # noqa: BLE001 - one request's odd tokens must not stop the others
                     logger.exception("detokenizing %s failed", rids[i])
                     text = ""
-                items.append((i, None, None, text))
+                outs.append(StrOut(rids[i], text, new_ids[i], lps.get(i) if lps else None, False, None,
+                                   ptoks[i], ctoks[i], cached.get(i, 0) if cached else 0))
                 continue
             o = batch.out(i)
             if st is None:  # cannot happen (register precedes tokens); still never crash on it
@@ -211,12 +216,13 @@ class DetokenizerProcess:
                     st = None
             if w is not None:
                 jobs.setdefault(st.skip, []).append(len(items))
-            items.append((o, st, w, ""))
+            items.append((len(outs), o, st, w))
+            outs.append(None)
         texts: dict[int, tuple[str, str]] = {}
         for (skip, spaces), idx in jobs.items():
             seqs = []
             for i in idx:
-                seqs += items[i][2]
+                seqs += items[i][3]
             try:
                 dec = self.decoder.decode(seqs, skip, spaces)
             except Exception:  # noqa: BLE001 - fall back to one request at a time
@@ -225,16 +231,9 @@ class DetokenizerProcess:
             for k, i in enumerate(idx):
                 if dec is not None:
                     texts[i] = (dec[2 * k], dec[2 * k + 1])
-        outs = []
-        StrOut = io.StrOut
-        lps, cached, ptoks, ctoks = batch.logprobs, batch.cached_tokens, batch.prompt_tokens, batch.completion_tokens
-        for i, (o, st, w, text) in enumerate(items):
-            if st is None:
-                if isinstance(o, int):  # a lean row: no TokenOut was built
-                    outs.append(StrOut(rids[o], text, new_ids[o], lps.get(o) if lps else None, False, None,
-                                       ptoks[o], ctoks[o], cached.get(o, 0) if cached else 0))
-                    continue
-            else:
+        for i, (pos, o, st, w) in enumerate(items):
+            text = ""
+            if st is not None:
                 try:
                     if w is None:
                         text = st.finish(o, None, None)
@@ -249,8 +248,8 @@ class DetokenizerProcess:
                     text = ""
             if o.finished:
                 reqs.pop(o.rid, None)
-            outs.append(StrOut(o.rid, text, o.new_ids, o.logprobs, o.finished, o.finish_reason,
-                               o.prompt_tokens, o.completion_tokens, o.cached_tokens))
+            outs[pos] = StrOut(o.rid, text, o.new_ids, o.logprobs, o.finished, o.finish_reason,
+                               o.prompt_tokens, o.completion_tokens, o.cached_tokens)
         return outs
 
     def close(self) -> None:
