@@ -149,20 +149,25 @@ def test_abandoned_streams_leave_no_kv_held(pd):
 
 
 def test_pd_local_starts_sglang_router_and_two_instances(pd):
-    """`--disaggregation-mode pd-local --pd-local-router sglang`: one command, same answers; SIGTERM stops all."""
+    """`--disaggregation-mode pd-local --pd-local-router sglang --api-key K`: one command, same answers;
+    sglang-router asks clients for K and passes it on to both instances (which require it too), K is
+    not in the log; SIGTERM stops all."""
     port = free_port()
+    key = "pd-local-secret-" + os.urandom(4).hex()
+    auth = {"Authorization": f"Bearer {key}"}
     log = tempfile.NamedTemporaryFile("w+", prefix="pd-local-sglang-", suffix=".log", delete=False)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "sglang_duet.launch_server", "--disaggregation-mode", "pd-local",
-                             "--pd-local-router", "sglang", "--port", str(port), "--max-total-tokens", "6000"],
+                             "--pd-local-router", "sglang", "--port", str(port), "--max-total-tokens", "6000",
+                             "--api-key", key],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        client = _client(f"http://127.0.0.1:{port}")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
         deadline = time.monotonic() + 240
         while True:
             assert proc.poll() is None, open(log.name).read()[-3000:]
             try:
-                workers = httpx.get(f"http://127.0.0.1:{port}/workers", timeout=2).json()["workers"]
+                workers = httpx.get(f"http://127.0.0.1:{port}/workers", headers=auth, timeout=2).json()["workers"]
                 if len(workers) == 2 and all(w["is_healthy"] for w in workers):
                     break
             except (httpx.HTTPError, KeyError, ValueError):
@@ -174,8 +179,12 @@ def test_pd_local_starts_sglang_router_and_two_instances(pd):
         for p in PROMPTS[:2]:
             got = client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
             assert got == ref.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
+        body = {"text": PROMPTS[0], "sampling_params": {"max_new_tokens": 2}}
+        assert httpx.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=60).status_code == 401
+        assert httpx.post(f"http://127.0.0.1:{port}/generate", json=body, headers=auth, timeout=60).status_code == 200
         text = open(log.name).read()
         assert "pulled by a decode instance" in text and "sglang_router.launch_router" in text
+        assert key not in text
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)

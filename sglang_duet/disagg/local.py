@@ -4,7 +4,7 @@ router, on one machine, from one command.
 The instances are ordinary `launch_server` processes with every other flag as given (model, policy,
 KV size, ...) on free ports of 127.0.0.1; the router serves on --host/--port. The router is
 sglang-router in PD mode (`--pd-local-router sglang`, the default where it is installed) or this
-project's (`builtin`: retries with the same KV, /disagg/instances, --api-key). Stopping pd-local
+project's (`builtin`: retries with the same KV, decode chosen by free KV, /disagg/instances). Stopping pd-local
 (SIGTERM/SIGINT) stops everything; if it dies, its children get SIGTERM from the kernel.
 """
 from __future__ import annotations
@@ -53,6 +53,11 @@ def args_to_argv(args: ServerArgs) -> list[str]:
     return out
 
 
+def shown(cmd: list[str]) -> str:
+    """A command line for the log, the API key's value hidden."""
+    return " ".join("***" if i and cmd[i - 1] == "--api-key" else a for i, a in enumerate(cmd))
+
+
 def _die_with_parent() -> None:
     try:  # Linux: SIGTERM when the router process dies, however it dies
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
@@ -65,12 +70,9 @@ def router_kind(args: ServerArgs) -> str:
     kind = args.pd_local_router
     has_sglang = importlib.util.find_spec("sglang_router") is not None
     if kind == "auto":
-        kind = "sglang" if has_sglang and not args.api_key else "builtin"
+        kind = "sglang" if has_sglang else "builtin"
     if kind == "sglang" and not has_sglang:
         raise SystemExit("--pd-local-router sglang: sglang-router is not installed (pip install sglang-router)")
-    if kind == "sglang" and args.api_key:
-        raise SystemExit("--pd-local-router sglang does not pass --api-key to the instances; use --pd-local-router "
-                         "builtin")
     return kind
 
 
@@ -112,7 +114,7 @@ def run_pd_local(args: ServerArgs) -> int:
                    "--host", "127.0.0.1", "--port", str(port)]
             if role == "prefill":
                 cmd += ["--disaggregation-bootstrap-port", str(bootstrap)]
-            logger.info("starting the %s instance: %s", role, " ".join(cmd[1:]))
+            logger.info("starting the %s instance: %s", role, shown(cmd[1:]))
             procs[role] = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=dict(os.environ))
 
         def alive() -> str | None:
@@ -142,7 +144,9 @@ def _run_sglang_router(args: ServerArgs, ports: dict, bootstrap: int, procs: dic
            "--decode", f"http://127.0.0.1:{ports['decode']}", "--host", args.host, "--port", str(args.port),
            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
            "--log-level", {"warning": "warn", "critical": "error"}.get(args.log_level, args.log_level)]
-    logger.info("starting sglang-router: %s", " ".join(cmd[1:]))
+    if args.api_key:  # sglang-router then asks clients for it and sends it on to both instances
+        cmd += ["--api-key", args.api_key]
+    logger.info("starting sglang-router: %s", shown(cmd[1:]))
     procs["router"] = router = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=dict(os.environ))
     while True:
         if router.poll() is not None:

@@ -95,8 +95,8 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "disaggregation_kv_timeout_s": ("prefill: free KV not pulled within this many seconds; decode: refuse a "
                                     "request that finds no KV room within it", {}),
     "pd_local_router": ("the router --disaggregation-mode pd-local starts: sglang (sglang_router.launch_router "
-                        "--pd-disaggregation), builtin (python -m sglang_duet.router: retries, /disagg/instances, "
-                        "--api-key), auto (sglang if installed and no --api-key)",
+                        "--pd-disaggregation), builtin (python -m sglang_duet.router: retries with the same KV, "
+                        "decode chosen by free KV, /disagg/instances), auto (sglang if installed)",
                         {"choices": ["auto", "sglang", "builtin"]}),
 }
 _SKIP = {"extra"}
