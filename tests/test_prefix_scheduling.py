@@ -187,3 +187,37 @@ def test_prefix_scheduling_benchmark_counts(capsys):
     main([])
     out = capsys.readouterr().out
     assert "schedule-time match: 2 steps" in out and "admission only: 32 steps" in out
+
+
+def test_the_tree_version_and_match_length():
+    pool = []
+    c = RadixCache(pool.extend)
+    v = c.version
+    c.insert([1, 2, 3, 4], [11, 12, 13, 14])
+    assert c.version == v + 1
+    assert c.match_length([1, 2, 9])[0] == 2 and c.version == v + 1  # a split changes no match
+    assert c.insert([1, 2, 3], [0, 0, 0]) == 3 and c.version == v + 1  # nothing new
+    for ids in ([1, 2, 3, 4, 5], [1, 2], [7], []):
+        n, node = c.match_length(ids)
+        slots, node2 = c.match_prefix(ids)
+        assert n == len(slots) and node is node2
+    c.evict(1)
+    assert c.version == v + 2
+
+
+def test_a_waiting_request_is_matched_again_only_when_the_tree_changed(monkeypatch):
+    core, lanes, policy = make(budget=16, max_running=1)
+    warm(core, lanes)
+    params = SamplingParams(max_new_tokens=2)
+    core.add_request("b", PREFIX + [5] * 4, params)
+    core.add_request("c", PREFIX + [6] * 4, params)  # waits behind b
+    calls = []
+    real = core.prefix_cache.match_length
+    monkeypatch.setattr(core.prefix_cache, "match_length", lambda ids: calls.append(len(ids)) or real(ids))
+    core._match_waiting()
+    assert len(calls) == 2
+    core._match_waiting()
+    assert len(calls) == 2  # nothing changed: the kept matches
+    core.prefix_cache.evict(core.prefix_cache.total)  # the tree changed: match again, and see it
+    core._match_waiting()
+    assert len(calls) == 4 and [r.num_computed for r in core.waiting] == [0, 0]

@@ -60,6 +60,9 @@ class Request:
     # running request locks. They count in the view's kv_free now and stop counting once this request
     # is admitted (it locks them), so admitting it costs remaining_prefill + prefix_pin free slots.
     prefix_pin: int = 0
+    # The last schedule-time match of a waiting request: (tree version, seq_len, hit, node), reused
+    # while neither the tree nor the sequence changed (one tree walk per change, not per plan).
+    prefix_memo: tuple | None = None
     tree_len: int = 0
     cache_node: object | None = None
     # Structured output: the request's grammar matcher (constrained/grammar.py GrammarState), which

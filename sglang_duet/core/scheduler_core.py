@@ -408,9 +408,16 @@ class SchedulerCore:
         cache, waiting = self.prefix_cache, self.waiting
         head = [waiting.popleft() for _ in range(min(LPM_WINDOW, len(waiting)))]
         nodes = {}
+        version = cache.version
         for r in head:
-            slots, nodes[r.rid] = cache.match_prefix(r.seq_ids(0, r.seq_len - 1))
-            r.num_computed = len(slots)
+            memo = r.prefix_memo
+            if memo is not None and memo[0] == version and memo[1] == r.seq_len:
+                r.num_computed, node = memo[2], memo[3]
+                cache.touch(node)
+            else:
+                r.num_computed, node = cache.match_length(r.seq_ids(0, r.seq_len - 1))
+                r.prefix_memo = (version, r.seq_len, r.num_computed, node)
+            nodes[r.rid] = node
         if self.config.schedule_policy == "lpm":
             head.sort(key=lambda r: -r.num_computed)  # stable: FCFS among equals
         seen: set[int] = set()
@@ -555,6 +562,7 @@ class SchedulerCore:
         r.cached_len = r.tree_len = m = len(slots)
         r.num_computed = m
         r.prefix_pin = 0
+        r.prefix_memo = None
         if m:
             cache.lock(node)
             r.cache_node = node
@@ -599,7 +607,7 @@ class SchedulerCore:
             if n <= r.tree_len:
                 continue
             ids = r.seq_ids(0, n)
-            if len(cache.match_prefix(ids)[0]) != r.tree_len:
+            if cache.match_length(ids)[0] != r.tree_len:
                 continue  # the tree got part of it meanwhile: its copy is the tree's, ours is cached at the end
             cache.insert(ids, r.kv_slots[:n])
             node = cache.match_prefix(ids)[1]

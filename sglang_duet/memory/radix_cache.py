@@ -45,6 +45,10 @@ class RadixCache:
         self.root.lock_ref = 1  # never evicted
         self.total = 0  # slots the tree holds
         self.evictable = 0  # ... of which no running request holds a lock
+        # Bumped whenever what a sequence matches can change (a new leaf, an eviction); a split does
+        # not change any match (the deepest node of a match keeps its end). Lets a caller keep a
+        # match (`match_length`) until the tree changes.
+        self.version = 0
 
     def _page_key(self, ids: list[int], i: int):
         return ids[i] if self.page_size == 1 else tuple(ids[i:i + self.page_size])
@@ -54,25 +58,40 @@ class RadixCache:
     def match_prefix(self, ids: list[int]) -> tuple[list[int], Node]:
         """The KV slots of the longest cached prefix of `ids` (whole pages) and its deepest node.
         An edge matched part-way is split, so the node returned covers exactly the match."""
-        ids = ids[: len(ids) - len(ids) % self.page_size]
-        node, slots, i = self.root, [], 0
+        slots: list[int] = []
+        node = self._match(ids, slots)[1]
+        return slots, node
+
+    def match_length(self, ids: list[int]) -> tuple[int, Node]:
+        """(length, deepest node) of the longest cached prefix, as match_prefix, without gathering
+        its slots (what a scheduler needs to budget a waiting request)."""
+        return self._match(ids, None)
+
+    def touch(self, node: Node) -> None:
+        """Mark a kept match as just used (LRU), as matching it again would."""
+        node.last_access = next(self._tick)
+
+    def _match(self, ids: list[int], slots: list[int] | None) -> tuple[int, Node]:
+        end = len(ids) - len(ids) % self.page_size
+        node, i = self.root, 0
         now = next(self._tick)
-        while i < len(ids):
+        while i < end:
             child = node.children.get(self._page_key(ids, i))
             if child is None:
                 break
-            n = _common(child.key, ids, i, self.page_size)
+            n = _common(child.key, ids, i, self.page_size, end)
             if n < len(child.key):
                 if n == 0:
                     break
                 child = self._split(child, n)
             child.last_access = now
-            slots.extend(child.value)
+            if slots is not None:
+                slots.extend(child.value)
             node = child
             i += n
             if n < len(child.key):
                 break
-        return slots, node
+        return i, node
 
     def _split(self, node: Node, n: int) -> Node:
         """Cut node's edge after n tokens: a new parent holds the first n, node keeps the rest."""
@@ -101,6 +120,7 @@ class RadixCache:
             if child is None:
                 leaf = Node(node, ids[i:], slots[i:], now)
                 node.children[self._page_key(ids, i)] = leaf
+                self.version += 1
                 self.total += len(leaf.value)
                 self.evictable += len(leaf.value)
                 return i
@@ -151,6 +171,7 @@ class RadixCache:
             return 0
         heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._leaves() if leaf.lock_ref == 0]
         heapq.heapify(heap)
+        self.version += 1
         freed = 0
         while freed < n and heap:
             _, _, leaf = heapq.heappop(heap)
@@ -181,10 +202,10 @@ class RadixCache:
                 yield node
 
 
-def _common(key: list[int], ids: list[int], start: int, page: int) -> int:
-    """Length of the common prefix of key and ids[start:], in whole pages."""
-    n = min(len(key), len(ids) - start)
-    if key[:n] == ids[start:start + n]:  # the usual case (a whole edge matches), compared in C
+def _common(key: list[int], ids: list[int], start: int, page: int, end: int | None = None) -> int:
+    """Length of the common prefix of key and ids[start:end], in whole pages."""
+    n = min(len(key), (len(ids) if end is None else end) - start)
+    if (key if n == len(key) else key[:n]) == ids[start:start + n]:  # the usual case, compared in C
         return n - n % page
     i = 0
     while i < n and key[i] == ids[start + i]:
