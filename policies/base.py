@@ -423,6 +423,28 @@ def prefill_summary(chunks) -> Summary:
     return Summary.of([(c.length, c.start) for c in chunks])
 
 
+@dataclass
+class Priced:
+    """What `SummaryPricer.ms_prepared` priced: ms per row, and per row each operator's scaled
+    compute ms, then its scaled memory ms, then the scaled launch overheads (None when the pricer
+    is not exact)."""
+
+    t: np.ndarray
+    P: np.ndarray | None
+    ops: int
+
+    def parts(self, lo: int, hi: int, compute_scale: float, bandwidth_scale: float) -> tuple[float, float]:
+        """(compute-bound ms, memory-bound ms) of rows lo..hi, unscaled: what a calibration regresses
+        measured times on (the whole time counts as compute for a pricer that is not exact)."""
+        if self.P is None:
+            return float(self.t[lo:hi].sum()) / max(compute_scale, bandwidth_scale), 0.0
+        rows = self.P[lo:hi][self.t[lo:hi] > 0]
+        Z, Y = rows[:, :self.ops], rows[:, self.ops:2 * self.ops]
+        bound = Z >= Y
+        return (float(Z[bound].sum()) / compute_scale,
+                (float(Y[~bound].sum()) + float(rows[:, -1].sum())) / bandwidth_scale)
+
+
 class SummaryPricer:
     """Milliseconds per step from batch summaries: the cost model's `batch_time`, vectorised.
 
@@ -470,6 +492,11 @@ class SummaryPricer:
         self._cb = np.ascontiguousarray((B @ Xi.T).T)
         self._attn = np.array([bool(o[4]) for o in ops])
         self._overhead_ms = float(sum(o[3] for o in ops)) * self.hw.launch_overhead_s * 1e3
+        # `ms_fused`'s one matrix: per operator flops | bytes, then a constant column for the
+        # kernel launch overheads (its factor is overhead ms times the bandwidth scale)
+        one = np.zeros((5, 1))
+        one[0, 0] = 1.0
+        self._w = np.ascontiguousarray(np.concatenate([self._cf, self._cb, one], axis=1))
 
     def _check(self) -> bool:
         rng = random.Random(1234)
@@ -499,51 +526,42 @@ class SummaryPricer:
         t = np.maximum(Z / comp, Y / r[:, 2:3]).sum(axis=1) + self._overhead_ms
         return np.where(X[:, 1] > 0, t, 0.0)
 
-    def prepare(self, sms: np.ndarray):
-        """Per-row reciprocal rates for `ms_prepared` (cache it when the same SM pattern recurs)."""
+    def prepare(self, sms: np.ndarray) -> np.ndarray:
+        """Per-row factors for `ms_prepared` (cache them when the same SM pattern recurs): for each
+        operator 1/compute rate, then for each 1/bandwidth, then the kernel launch overheads in ms
+        (the SM counts themselves for a pricer that is not exact)."""
         sms = np.asarray(sms, dtype=int)
         if not self.exact:
             return sms
         r = self._rates[sms]
-        return 1.0 / np.where(self._attn, r[:, 1:2], r[:, 0:1]), 1.0 / r[:, 2:3]
+        ops = len(self._attn)
+        return np.concatenate([1.0 / np.where(self._attn, r[:, 1:2], r[:, 0:1]), np.repeat(1.0 / r[:, 2:3], ops, axis=1),
+                               np.full((len(r), 1), self._overhead_ms)], axis=1)
 
-    def ms_prepared(self, X: np.ndarray, prepared, compute_scale=1.0, bandwidth_scale=1.0,
-                    parts: bool = False):
-        """`ms(X, sms)` with `prepared = prepare(sms)`, on a device whose compute takes
-        `compute_scale` and whose memory traffic takes `bandwidth_scale` times the model's (a scalar
-        or one per row, shape (n, 1)). With `parts`, also the unscaled ms of the compute-bound and
-        of the memory-bound operators per row (what a calibration regresses measured times on)."""
+    def scale_rows(self, scales) -> np.ndarray:
+        """One factor row per (compute_scale, bandwidth_scale): a device whose compute takes
+        compute_scale and whose memory traffic (and kernel overheads, fixed per kernel like host
+        time) take bandwidth_scale times the model's."""
+        ops = len(self._attn) if self.exact else 0
+        return np.array([[a] * ops + [b] * (ops + 1) if self.exact else [max(a, b)] for a, b in scales])
+
+    def ms_prepared(self, X: np.ndarray, prepared, scale) -> "Priced":
+        """`ms(X, sms)` with `prepared = prepare(sms)`, each row scaled by `scale` (a row of
+        `scale_rows`, or one per row of X), in one matrix product (plan() overhead is numpy call
+        count). The result keeps each operator's scaled times for `Priced.parts`."""
         if not self.exact:
-            t = self.ms(X, prepared) * np.maximum(compute_scale, bandwidth_scale).ravel() \
-                if not np.isscalar(compute_scale) else self.ms(X, prepared) * max(compute_scale, bandwidth_scale)
-            return (t, t, np.zeros_like(t)) if parts else t
-        inv_comp, inv_bw = prepared
-        Z = X @ self._cf[1:]
-        Z += self._cf[0]
-        Y = X @ self._cb[1:]
-        Y += self._cb[0]
-        Z *= inv_comp
-        Y *= inv_bw
-        empty = X[:, 1] <= 0
-        # kernel launch overheads count with the memory side (fixed per kernel, like host time)
-        overhead = self._overhead_ms * np.ravel(bandwidth_scale) if not np.isscalar(bandwidth_scale) \
-            else self._overhead_ms * bandwidth_scale
-        if parts:
-            zc, ym = Z * compute_scale, Y * bandwidth_scale
-            bound = zc >= ym
-            t = np.where(bound, zc, ym).sum(axis=1) + overhead
-            comp = np.where(bound, Z, 0.0).sum(axis=1)
-            mem = np.where(bound, 0.0, Y).sum(axis=1) + self._overhead_ms
-            t[empty] = comp[empty] = mem[empty] = 0.0
-            return t, comp, mem
-        if not (np.isscalar(compute_scale) and compute_scale == 1.0):
-            Z *= compute_scale
-        if not (np.isscalar(bandwidth_scale) and bandwidth_scale == 1.0):
-            Y *= bandwidth_scale
-        t = np.maximum(Z, Y, out=Z).sum(axis=1)
-        t += overhead
-        t[empty] = 0.0
-        return t
+            t = self.ms(X, prepared) * np.ravel(scale) if np.ndim(scale) > 1 and len(scale) > 1 \
+                else self.ms(X, prepared) * float(np.ravel(scale)[0])
+            return Priced(t, None, 0)
+        P = X @ self._w[1:]
+        P += self._w[0]
+        P *= prepared
+        P *= scale
+        ops = len(self._attn)
+        t = np.maximum(P[:, :ops], P[:, ops:2 * ops]).sum(axis=1)
+        t += P[:, -1]
+        t[X[:, 1] <= 0] = 0.0
+        return Priced(t, P, ops)
 
     def work_weights(self) -> tuple[float, float]:
         """(ms per new token, ms per causal attention pair) of compute on the whole GPU: a prefill's

@@ -57,11 +57,14 @@ The objective (the score of a feasible candidate):
   max_running_requests) when tau <= kv_target * slots / (rate * mean((prompt + output/2) * output)).
   Decodes slower than that fill the pool until admission stops and TTFT explodes; decodes faster
   than that buy nothing. Capped at margin * SLO.
-With decode_gain (10) much larger than what prefill can add (about 1 + ttft_gain), the pace is
-a soft constraint: candidates that keep it win, and among them the one that prefills fastest,
-weighted up while prompts wait. When the arrivals ask little of the decodes (tau at the SLO) the
-score is prefill throughput under the TBT SLO; when they ask much (long outputs, a full KV pool)
-decodes get the SMs they need and not more. Ties go to aggregated, then fewer decode SMs.
+decode_gain (1) is of the order of what prefill can add (W / t up to about 1, times W_p up to
+1 + ttft_gain): a candidate may run decodes slower than tau when the prefill it buys is worth
+more, e.g. while prompts wait. A steady-state pace target read as a hard constraint (decode_gain
+10, the default until stop 21) gave the decodes more SMs than a burst could spare: azure-conv
+with the truth's compute 15% faster, 0.927x the best tuned baseline with 10 and 0.951x with 1;
+ShareGPT 0.945x and 0.971x (docs/results.md). When the arrivals ask little of the decodes (tau
+at the SLO) the score is prefill throughput under the TBT SLO. Ties go to aggregated, then fewer
+decode SMs.
 
 Queue order (`ttft_order`, default "deadline"). The waiting queue is admitted in deadline order
 (base.deadline_order): the prompts that can still meet the TTFT SLO first, FCFS among them, the
@@ -88,7 +91,7 @@ what it may do depends on the pair:
 Options (--policy-config): budgets (aggregated token budgets; default 512..8192 step 256, plus
 --chunked-prefill-size), split_budgets ([2048, 4096, 8192]), decode_sms_grid (the S_d the search
 considers, as duet-paper; default the hardware's whole grid), k_max (8), slo_margin (0.85),
-decode_gain (10), ttft_gain (1), kv_target (0.9), demand_window_s (20),
+decode_gain (1), ttft_gain (1), kv_target (0.9), demand_window_s (20),
 sync_fraction (0: a lane waits for its partner only when a joint plan would change the partition
 or its own launch cannot fit), hysteresis (0.02), ttft_order ("deadline"), calibrate (0.05; 0 turns
 calibration off).
@@ -103,7 +106,7 @@ from enum import Enum
 import numpy as np
 
 from sglang_duet.policies.base import (
-    LaneBatch, LaneKind, Policy, PolicyContext, PrefillChunk, SchedulerView, StepPlan, Summary, SummaryPricer,
+    LaneBatch, LaneKind, Policy, PolicyContext, PrefillChunk, Priced, SchedulerView, StepPlan, Summary, SummaryPricer,
     deadline_view, decode_sms_grid, log_plan, lookahead_cap_of, require_cost_model, select_prefills,
     ttft_order_option,
 )
@@ -241,8 +244,8 @@ class _Search:
     score: np.ndarray
     prefix: _Prefix | None
     dec: _Decodes
-    comp: np.ndarray  # per priced row (aggregated steps, decode steps per (S_d, step), prefills per (S_d, budget)):
-    mem: np.ndarray  # its unscaled compute-bound and memory-bound ms, what the calibration regresses on
+    priced: Priced  # the rows: aggregated steps, decode steps per (S_d, step), prefills per (S_d, budget)
+    cal: dict  # lane -> the (a, b) the rows were priced with
 
     def __len__(self) -> int:
         return len(self.score)
@@ -276,17 +279,17 @@ class _Search:
     def parts_of(self, i: int) -> dict:
         """lane -> (compute ms, memory ms) of what candidate i launches, read off the search's own
         pricing (for calibration: no second pricing call)."""
-        comp, mem = self.comp, self.mem
+        parts, cal = self.priced.parts, self.cal
         na, nb = len(self.agg_budgets), len(self.split_budgets)
         if i < na:
-            return {LaneKind.AGGREGATED: (float(comp[i]), float(mem[i]))}
-        G, K = len(self.grid), (len(comp) - na - len(self.grid) * nb) // max(1, len(self.grid))
+            return {LaneKind.AGGREGATED: parts(i, i + 1, *cal[LaneKind.AGGREGATED])}
+        G, K = len(self.grid), (len(self.priced.t) - na - len(self.grid) * nb) // max(1, len(self.grid))
         g, bi = divmod(i - na, nb)
         p = na + G * K + g * nb + bi
         d = na + g * K
         k = int(self.k[i])
-        return {LaneKind.PREFILL: (float(comp[p]), float(mem[p])),
-                LaneKind.DECODE: (float(comp[d:d + k].sum()), float(mem[d:d + k].sum()))}
+        return {LaneKind.PREFILL: parts(p, p + 1, *cal[LaneKind.PREFILL]),
+                LaneKind.DECODE: parts(d, d + k, *cal[LaneKind.DECODE])}
 
     def candidate(self, i: int) -> Candidate:
         split = bool(self.split[i])
@@ -333,7 +336,7 @@ class DuetPolicy(Policy):
         self.margin = float(o.get("slo_margin", 0.85))
         if not 0 < self.margin <= 1:
             raise ValueError(f"duet: slo_margin must be in (0, 1], got {self.margin}")
-        self.decode_gain = float(o.get("decode_gain", 10.0))
+        self.decode_gain = float(o.get("decode_gain", 1.0))
         self.ttft_gain = float(o.get("ttft_gain", 1.0))
         # 0: a lane never idles to meet its partner for a joint plan merely because the partner ends
         # soon. At capacity TTFT binds, and a prefill lane held idle while prompts wait (up to a
@@ -363,6 +366,8 @@ class DuetPolicy(Policy):
         self._cut_cache: dict[int, np.ndarray] = {}
         self._prepared_cache: dict[tuple, object] = {}
         self._sms_cache: dict = {}
+        self._scales_key: tuple | None = None
+        self._scales: np.ndarray | None = None
         ref = 4096
         self.rp_ref = ref / self.pricer.summary_ms(Summary.of([(ref, 0)]))  # prefill tokens/ms, whole GPU
         self._work = self.pricer.work_weights()
@@ -478,15 +483,10 @@ class DuetPolicy(Policy):
             blk[:, :, 2] = a
             blk[:, :, 3] = a
             X[na + G * K:].reshape(G, nb, 4)[:] = Xs
-        prepared = self._sms_rows(na, nb)
-        cal = self.calibration
-        ca, cd, cp = cal[LaneKind.AGGREGATED], cal[LaneKind.DECODE], cal[LaneKind.PREFILL]
-        sa, sb = np.empty((len(X), 1)), np.empty((len(X), 1))  # per-row (compute, memory) scales
-        sa[:na], sb[:na] = ca.a, ca.b
-        if nb:
-            sa[na:na + G * K], sb[na:na + G * K] = cd.a, cd.b
-            sa[na + G * K:], sb[na + G * K:] = cp.a, cp.b
-        t, comp, mem = self.pricer.ms_prepared(X, prepared, sa, sb, parts=True)
+        scales = self._scale_rows()  # aggregated, decode lane, prefill lane
+        scale = np.repeat(scales, (na, G * K, G * nb), axis=0) if nb else scales[0]
+        priced = self.pricer.ms_prepared(X, self._sms_rows(na, nb), scale)
+        t = priced.t
 
         # the candidates, aggregated ones first
         N = na + G * nb
@@ -547,7 +547,7 @@ class DuetPolicy(Policy):
             split=split, agg_budgets=ba, split_budgets=bs, grid=self._grid, tau=tau, tokens=tokens, k=kk, step=step,
             decode=decode,
             first=first, slowest=slowest, joiner=joiner, feasible=feasible, score=score,
-            prefix=prefix, dec=dec, comp=comp, mem=mem,
+            prefix=prefix, dec=dec, priced=priced, cal=self._cal_values(),
         )
 
     def _cut_budgets(self, n: int) -> np.ndarray:
@@ -580,6 +580,18 @@ class DuetPolicy(Policy):
                                   np.repeat(self.total - self._grid, nb)])
             got = self._sms_cache[key] = self.pricer.prepare(sms)
         return got
+
+    def _cal_values(self) -> dict:
+        return {lane: (c.a, c.b) for lane, c in self.calibration.items()}
+
+    def _scale_rows(self) -> np.ndarray:
+        """The pricer's scale rows of the aggregated, decode and prefill lanes' calibrations, rebuilt
+        only when one of them moved."""
+        cal = self.calibration
+        key = tuple((cal[lane].a, cal[lane].b) for lane in (LaneKind.AGGREGATED, LaneKind.DECODE, LaneKind.PREFILL))
+        if key != self._scales_key:
+            self._scales_key, self._scales = key, self.pricer.scale_rows(key)
+        return self._scales
 
     def _split_mask(self, na: int, nb: int) -> np.ndarray:
         key = ("split", na, nb)
@@ -656,7 +668,8 @@ class DuetPolicy(Policy):
         sd = self.total - (busy.sms or self.total - self.grid[0])
         left = self._left_ms(view, LaneKind.PREFILL, busy)
         k_cap = lookahead_cap_of(view, dec.n, dec.longest, self.k_max)
-        steps, comp, mem = self._decode_steps(dec, sd, k_cap + 2)
+        priced = self._decode_steps(dec, sd, k_cap + 2)
+        steps, c = priced.t, self.calibration[LaneKind.DECODE]
         td = [float(x) for x in steps]
         cum = np.cumsum(td)
         first_limit, limit = self._limits(dec.waited_ms)
@@ -675,7 +688,7 @@ class DuetPolicy(Policy):
             return Decision(state, Move.LAUNCH, f"S_d={sd} k={k} ({float(cum[k - 1]):.1f} ms), prefill busy "
                                                 f"{left:.1f} ms more: {why}"
                                                 + ("" if ok else "; partition too small for the SLO"), plan,
-                            parts={LaneKind.DECODE: (float(comp[:k].sum()), float(mem[:k].sum()))})
+                            parts={LaneKind.DECODE: priced.parts(0, k, c.a, c.b)})
 
         if fit == k_cap:
             return launch(fit, "all within the prefill")
@@ -796,13 +809,12 @@ class DuetPolicy(Policy):
             longest = max(longest, min(left, self.k_max))
         return _Decodes(ids, cached, longest, dec.waited_ms + left_ms if dec.n else 0.0)
 
-    def _decode_steps(self, dec: _Decodes, sms: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(calibrated ms of each of k decode steps on `sms` SMs, their unscaled compute-bound and
-        memory-bound ms)."""
+    def _decode_steps(self, dec: _Decodes, sms: int, k: int) -> Priced:
+        """Each of k decode steps on `sms` SMs, priced with the decode lane's calibration."""
         a = dec.cached + dec.n * (1.0 + np.arange(k))
         X = np.stack([np.full(k, float(dec.n)), np.full(k, float(dec.n)), a, a], axis=1)
         c = self.calibration[LaneKind.DECODE]
-        return self.pricer.ms_prepared(X, self._prepared(np.full(k, sms)), c.a, c.b, parts=True)
+        return self.pricer.ms_prepared(X, self._prepared(np.full(k, sms)), self.pricer.scale_rows([(c.a, c.b)])[0])
 
     def _left_ms(self, view: SchedulerView, lane: LaneKind, launch) -> float:
         """Predicted ms until the busy lane's launch finishes (its full prediction if unknown)."""
