@@ -41,6 +41,9 @@ class ServerArgs:
     emulated_step_ms: float | None = None  # emulated executor: every launch costs exactly this (cost_model/constant.py)
     attention_backend: str = "auto"  # auto: flashinfer, else triton, else torch on a GPU; torch on a CPU
     disable_cuda_graph: bool = False
+    # SGLang's flag. Here: the CPU decode step through torch.compile (models/decode_step.py); off by default
+    # because its first compile takes 10-40 s on a small CPU (cached on disk afterwards)
+    enable_torch_compile: bool = False
     # Overlap scheduling (SGLang's flag): plan the next step while one runs, where the policy and the
     # executor support it (aggregated/chunked on the emulated GPU or the async GPU executor)
     disable_overlap_schedule: bool = False

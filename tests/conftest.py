@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
     # Triton reads this at import: without a GPU its kernels run in the interpreter on CPU tensors.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The suite's oracle is transformers in float32: pin the CPU's --dtype auto there, also on CPUs where it
+# would pick bf16 (tests of the bf16 path pass dtype explicitly).
+os.environ.setdefault("SGLANG_DUET_CPU_DTYPE", "float32")
+
 sys.path.insert(0, os.path.dirname(__file__))  # lets test modules `import tiny_models`
 
 from tiny_models import FAMILIES, build_tiny_model  # noqa: E402

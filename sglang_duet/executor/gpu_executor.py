@@ -249,7 +249,8 @@ def build_model_executor(model, kv_pool, attn_backend, device: torch.device, arg
     device = torch.device(device)
     if device.type != "cuda":
         return ModelExecutor(model, kv_pool, attn_backend, device, clock=clock,
-                             req_to_token=ReqToTokenTable.for_executor(kv_pool, model.config, args, device))
+                             req_to_token=ReqToTokenTable.for_executor(kv_pool, model.config, args, device),
+                             torch_compile=bool(getattr(args, "enable_torch_compile", False)))
     runner = None
     disabled = bool(getattr(args, "disable_cuda_graph", False))
     if not disabled and supports_graphs(attn_backend):

@@ -44,7 +44,7 @@ class ModelExecutor(Executor):
     DELIVERY_LOG = 16384
 
     def __init__(self, model, kv_pool, attn_backend, device: torch.device, clock=time.monotonic,
-                 req_to_token: ReqToTokenTable | None = None):
+                 req_to_token: ReqToTokenTable | None = None, torch_compile: bool = False):
         self.model = model
         self.kv_pool = kv_pool
         self.attn = attn_backend
@@ -54,6 +54,12 @@ class ModelExecutor(Executor):
         self.table = req_to_token if req_to_token is not None else ReqToTokenTable.for_executor(
             kv_pool, model.config, device=device)
         self.sampler = Sampler(vocab_size=model.config.vocab_size)
+        # --enable-torch-compile: decode-only steps through the compiled layer (None: every step eager)
+        self.decode_step = None
+        if torch_compile:
+            from sglang_duet.models.decode_step import CompiledDecodeStep
+
+            self.decode_step = CompiledDecodeStep.build(model, kv_pool, device)
         self.clock = clock
         self._done: deque[LaunchResult] = deque()
         # inputs and history of a launch planned while the one before it ran (overlap scheduling)
@@ -93,7 +99,9 @@ class ModelExecutor(Executor):
                 batch = [([sampled[w.rid][-1]], w.start_pos + step, w.table_row if table else w.kv_slots, True)
                          for w in active]
             fb = self.table.forward_batch(batch) if table else ForwardBatch.build(batch, self.device)
-            logits = self.model(fb, self.attn, self.kv_pool)
+            logits = self.decode_step(fb) if self.decode_step is not None else None
+            if logits is None:
+                logits = self.model(fb, self.attn, self.kv_pool)
             rows_work = [w for w in active if w.sample]
             if not rows_work:
                 continue

@@ -1,8 +1,10 @@
 """load_model: one entry point for HF safetensors (single / sharded), GGUF and dummy weights.
 
 dtype policy ('auto'): on a GPU, the checkpoint's dtype (config.json `dtype`/`torch_dtype`);
-on the CPU always float32, because CPU bf16/fp16 matmuls are slow and the CPU path is the
-test oracle that must match transformers in float32. An explicit --dtype always wins.
+on a CPU, bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX, as vLLM's CPU build
+does), else float32 (without those instructions bf16 matmuls are emulated and slower than float32).
+$SGLANG_DUET_CPU_DTYPE (float32 | bfloat16) overrides the CPU's 'auto' (the test suite pins float32,
+its parity oracle); an explicit --dtype always wins.
 """
 from __future__ import annotations
 
@@ -43,12 +45,46 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str, device: torch
         return dtype
     if dtype == "auto":
         if device.type == "cpu":
-            return torch.float32  # CPU matmuls in half precision are slow and lose parity
+            return cpu_auto_dtype()
         # like vLLM/SGLang: a float32 checkpoint is served in bf16 on a GPU (FlashInfer has no fp32 kernels)
         return torch.bfloat16 if checkpoint_dtype == "float32" else _DTYPES[checkpoint_dtype]
     if dtype not in _DTYPES:
         raise ValueError(f"Invalid --dtype {dtype!r}: expected one of auto, bfloat16, float16, float32")
     return _DTYPES[dtype]
+
+
+CPU_DTYPE_ENV = "SGLANG_DUET_CPU_DTYPE"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16(capability: str | None = None, flags: frozenset[str] | None = None) -> bool:
+    """Whether torch's CPU kernels run bf16 natively here: an AVX512 build of the kernels (torch's
+    capability) on a CPU with AVX512-BF16 or AMX-BF16. Without them (e.g. AVX2 only) bf16 is
+    converted to float32 around every op, slower than float32 itself."""
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    flags = cpu_flags() if flags is None else flags
+    return capability.startswith("AVX512") and bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def cpu_auto_dtype() -> torch.dtype:
+    """'auto' on a CPU: $SGLANG_DUET_CPU_DTYPE if set, else bf16 where native, else float32."""
+    forced = os.environ.get(CPU_DTYPE_ENV, "").strip()
+    if forced and forced != "auto":
+        if forced not in _DTYPES:
+            raise ValueError(f"Invalid ${CPU_DTYPE_ENV} {forced!r}: expected auto, bfloat16 or float32")
+        return _DTYPES[forced]
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def _resolve_format(model_path: str, load_format: str) -> str:
@@ -124,6 +160,14 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp=
     return model.eval()
 
 
+def _prepare_for_inference(model: LlamaForCausalLM, device: torch.device) -> None:
+    """On a CPU, one GEMM for q/k/v and one for gate/up per layer (bit-identical to the separate ones
+    there, and fewer passes over the activations). GPU paths (CUDA graphs, FlashInfer) keep the
+    separate projections they were validated with."""
+    if device.type == "cpu":
+        model.fuse_projections()
+
+
 def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "auto",
                device: str | torch.device = "cpu", model_config_path: str | None = None,
                seed: int = 0, tp=None, tokenizer: bool = True) -> LoadedModel:
@@ -153,6 +197,7 @@ def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "
         torch_dtype = resolve_dtype(dtype, cfg.dtype, device)
         model = _empty_model(cfg, torch_dtype, device, tp)
         model.init_dummy_weights(seed)
+        _prepare_for_inference(model, device)
         tok = load_tokenizer(model_dir) if tokenizer else None
         return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "dummy")
 
@@ -166,6 +211,7 @@ def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "
     files = [model_path] if os.path.isfile(model_path) else safetensors_files(model_dir)
     model = _empty_model(cfg, torch_dtype, device, tp)
     model.load_weights(iter_safetensors(files, model.weight_shard))
+    _prepare_for_inference(model, device)
     tok = load_tokenizer(model_dir) if tokenizer else None
     return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "safetensors")
 
@@ -187,6 +233,7 @@ def _load_gguf(path: str, dtype: str, device: torch.device, tp=None, tokenizer: 
     # GGUF tensors are dequantised whole by read_gguf, then sliced: each rank holds the whole
     # dequantised checkpoint on the host while loading (safetensors reads only the slice).
     model.load_weights((n, shard_tensor(t, model.weight_shard(n))) for n, t in contents.tensors.items())
+    _prepare_for_inference(model, device)
     tok = load_gguf_tokenizer(path, contents.tokenizer_pre) if tokenizer else None
     template = getattr(tok, "chat_template", None) or contents.chat_template
     return LoadedModel(model, cfg, tok, os.path.dirname(os.path.abspath(path)), template, torch_dtype, device, "gguf")

@@ -99,13 +99,30 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_sizes = (q_size, kv_size, kv_size)
+        # Set by fuse(): q/k/v weights concatenated (the three parameters become views of it).
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """Concatenate q/k/v into one [q+2kv, hidden] weight and make the three parameters views of it:
+        the same memory, one GEMM per layer instead of three (fewer passes over the activations)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = _fuse_params(projs, "weight")
+        self.qkv_bias = _fuse_params(projs, "bias") if self.q_proj.bias is not None else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBackend, kv_pool) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is not None:  # one GEMM instead of three (fuse_projections)
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
+            q = q.view(T, self.num_heads, self.head_dim)
+            k = k.view(T, self.num_kv_heads, self.head_dim)
+            v = v.view(T, self.num_kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
@@ -125,9 +142,33 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=bias)
         self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=bias)
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=bias)
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+        self.gate_up_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """gate and up in one [2 * inter, hidden] weight (the two parameters become views of it)."""
+        projs = (self.gate_proj, self.up_proj)
+        self.gate_up_weight = _fuse_params(projs, "weight")
+        self.gate_up_bias = _fuse_params(projs, "bias") if self.gate_proj.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+            return row_parallel(self.down_proj, F.silu(gate) * up, self.tp)
         return row_parallel(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), self.tp)
+
+
+def _fuse_params(modules, attr: str) -> torch.Tensor:
+    """Concatenate `attr` of each module along dim 0 and re-point each module's parameter at its slice
+    of the result, so later loads (p.copy_) update the fused tensor too and no memory is doubled."""
+    parts = [getattr(m, attr) for m in modules]
+    fused = torch.cat([p.detach() for p in parts], dim=0)
+    start = 0
+    for m, p in zip(modules, parts):
+        n = p.shape[0]
+        setattr(m, attr, nn.Parameter(fused[start:start + n], requires_grad=p.requires_grad))
+        start += n
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -178,6 +219,13 @@ class LlamaForCausalLM(nn.Module):
         self._inv_freq_cpu = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self._inv_freq: torch.Tensor | None = None
 
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up of every layer (one GEMM each). Call after the weights are loaded and
+        the model is on its device; the parameters stay (as views), so load_weights still works."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     def rope_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, 1, head_dim] (broadcast over heads) in the activation dtype."""
         if self._inv_freq is None or self._inv_freq.device != positions.device:
@@ -205,8 +253,12 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rope_cos_sin(fb.positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn, kv_pool)
+        return self.compute_logits(x, fb.sample_indices)
+
+    def compute_logits(self, x: torch.Tensor, sample_indices: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the rows `sample_indices` of the last layer's output x."""
         # RMSNorm and lm_head are per-token: only the rows we sample from need them.
-        x = self.model.norm(x[fb.sample_indices])
+        x = self.model.norm(x[sample_indices])
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.tp.size == 1:
             return F.linear(x, w).float()

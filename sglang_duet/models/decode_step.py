@@ -1,0 +1,210 @@
+"""The CPU decode step compiled with torch.compile (inductor's C++ backend): `--enable-torch-compile`.
+
+What it compiles: ONE decoder layer as a function of (activations, the layer's weights, its K/V
+buffers, the step's slot table). Every layer of the model runs the same compiled code with its own
+weights, so the compile cost is one layer's, not the model's (a whole-model graph of 30 layers took
+minutes on a 2-core machine). Batch size and context length are dynamic dimensions: one compile serves
+every decode batch (batches of one request are padded to two so that torch never specialises on 1).
+
+Why it is faster than the eager layer:
+  * attention reads the paged KV pool in place: `k_buf[slots]` is fused by inductor into the score
+    and output reductions, so the per-step gather (and the transposed copies) of the whole context
+    of every request are never materialised;
+  * RMSNorm, RoPE, the residual adds, SiLU * up and the softmax are fused loops instead of ~20
+    separate ops per layer (each its own pass over memory and its own Python dispatch).
+The GEMMs stay extern calls (the same BLAS the eager path uses).
+
+Only decode-only batches (one new token per request) take this path; prefill and mixed batches run
+the eager model. It is refused (eager runs, a warning says why) when the model is tensor-parallel,
+not on a CPU, when no C++ compiler is found, or when compiling or running the compiled step raises.
+Numerics: the same formulas as the eager layer (float32 RMSNorm and softmax); inductor's reductions
+sum in a different order, so logits differ from eager in the last bits (tests bound the difference
+and check greedy tokens).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sglang_duet.kernels.attention.base import ForwardBatch
+from sglang_duet.memory.kv_pool import PADDING_SLOT
+
+logger = logging.getLogger(__name__)
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use ($CXX, else g++/c++/clang++ on PATH), or None."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def decode_slot_table(fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """slots [b, L] long (row i: the KV slots of request i's positions, padded with the padding slot)
+    and valid [b, L] bool (position < seq_len), L = the longest sequence, from the batch's flat
+    kv_indices without a per-request Python loop."""
+    seq = fb.seq_lens_cpu or fb.seq_lens.tolist()
+    width = max(seq)
+    lens = fb.seq_lens.to(torch.long)
+    cols = torch.arange(width, device=fb.device)
+    valid = cols[None, :] < lens[:, None]
+    idx = fb.kv_indptr[:-1].to(torch.long)[:, None] + cols[None, :]
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    slots = torch.where(valid, fb.kv_indices[idx], torch.full_like(idx, PADDING_SLOT))
+    return slots, valid
+
+
+def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,
+                           valid: torch.Tensor) -> torch.Tensor:
+    """One query per request over the paged pool: q [b, H, D], k_buf/v_buf [slots, H_kv, D], slots and
+    valid [b, L] -> [b, H, D]. Written as index + broadcast-multiply + reduce so that inductor fuses
+    the pool reads into the reductions (eagerly it gathers, which is only the fallback's concern).
+    Query head h reads KV head h // (H / H_kv), as HF's repeat_kv."""
+    b, H, D = q.shape
+    hkv = k_buf.shape[1]
+    L = slots.shape[1]
+    k = k_buf[slots].view(b, L, hkv, 1, D).float()  # float32 math whatever the pool's dtype (no-op in fp32)
+    v = v_buf[slots].view(b, L, hkv, 1, D).float()
+    scores = (q.float().view(b, 1, hkv, H // hkv, D) * k).sum(-1) * (D ** -0.5)  # [b, L, H_kv, n_rep]
+    scores = scores.masked_fill(~valid[:, :, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=1)
+    return (probs[..., None] * v).sum(1).reshape(b, H, D).to(q.dtype)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def make_decode_layer(num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
+    """The decoder layer of models/llama.py as one function (the ints are constants of its graph)."""
+    H, hkv, D = num_heads, num_kv_heads, head_dim
+
+    def decode_layer(x, cos, sin, loc, slots, valid, ln1, w_qkv, b_qkv, q_norm, k_norm, w_o, b_o,
+                     ln2, w_gate_up, b_gate_up, w_down, b_down, k_buf, v_buf):
+        T = x.shape[0]
+        q, k, v = F.linear(_rms_norm(x, ln1, eps), w_qkv, b_qkv).split([H * D, hkv * D, hkv * D], dim=-1)
+        q, k, v = q.view(T, H, D), k.view(T, hkv, D), v.view(T, hkv, D)
+        if q_norm is not None:
+            q, k = _rms_norm(q, q_norm, eps), _rms_norm(k, k_norm, eps)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k_buf.index_copy_(0, loc, k.to(k_buf.dtype))
+        v_buf.index_copy_(0, loc, v.to(v_buf.dtype))
+        o = paged_decode_attention(q, k_buf, v_buf, slots, valid).reshape(T, H * D)
+        x = x + F.linear(o, w_o, b_o)
+        gate, up = F.linear(_rms_norm(x, ln2, eps), w_gate_up, b_gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, w_down, b_down)
+
+    return decode_layer
+
+
+def _layer_weights(layer) -> tuple:
+    a, m = layer.self_attn, layer.mlp
+    if a.qkv_weight is None or m.gate_up_weight is None:
+        a.fuse()
+        m.fuse()
+    return (layer.input_layernorm.weight, a.qkv_weight, a.qkv_bias,
+            a.q_norm.weight if a.q_norm is not None else None, a.k_norm.weight if a.k_norm is not None else None,
+            a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
+            m.gate_up_weight, m.gate_up_bias, m.down_proj.weight, m.down_proj.bias)
+
+
+class CompiledDecodeStep:
+    """`step(fb)`: logits of a decode-only batch through the compiled layer, or None when the caller
+    must run the eager model (not a decode-only batch, or the compiled path is off)."""
+
+    def __init__(self, model, kv_pool, compile_fn=None):
+        """compile_fn: how to compile the layer function (default torch.compile with dynamic batch and
+        context); tests pass a failing one to check the fallback."""
+        self.model = model
+        self.kv_pool = kv_pool
+        self.reason_off: str | None = None
+        cfg = model.config
+        layout = model.layout
+        self._layer = make_decode_layer(layout.num_heads, layout.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
+        self._compile = compile_fn or self._compile_layer
+        self._compiled = None
+        self._weights = [_layer_weights(layer) for layer in model.model.layers]
+        #: seconds the first compiled step took (compile included), once it ran
+        self.compile_s: float | None = None
+
+    def _compile_layer(self, fn):
+        """torch.compile with inductor; the batch and context dimensions are marked dynamic per call."""
+        return torch.compile(fn, fullgraph=True)
+
+    @classmethod
+    def build(cls, model, kv_pool, device) -> "CompiledDecodeStep | None":
+        """The compiled step where it can run, else None (with a log line saying why)."""
+        why = None
+        if torch.device(device).type != "cpu":
+            why = "not on a CPU (the GPU decode step has CUDA graphs)"
+        elif model.tp.size > 1 or model.step_broadcaster is not None:
+            why = "tensor parallelism (every rank must run the broadcast forward)"
+        elif cpp_compiler() is None:
+            why = "no C++ compiler found ($CXX, g++, c++, clang++)"
+        if why:
+            logger.warning("--enable-torch-compile: the decode step runs eagerly: %s", why)
+            return None
+        return cls(model, kv_pool)
+
+    @property
+    def active(self) -> bool:
+        return self.reason_off is None
+
+    def __call__(self, fb: ForwardBatch) -> torch.Tensor | None:
+        if self.reason_off is not None or not fb.is_decode_only or fb.num_requests < 2:
+            # one request runs eagerly: its matmuls are matrix-vector products there (BLAS gemv), which
+            # beat the padded two-row GEMMs a compiled batch of one would need
+            return None
+        first = self._compiled is None
+        start = time.perf_counter()
+        try:
+            if first:
+                self._compiled = self._compile(self._layer)
+            logits = self._run(fb)
+        except Exception as e:  # noqa: BLE001 - any compile/runtime failure falls back to the eager model
+            self.reason_off = f"{type(e).__name__}: {e}"
+            logger.warning("torch.compile'd decode step failed (%s): decode runs eagerly from now on",
+                           self.reason_off.splitlines()[0][:300])
+            return None
+        if first:
+            self.compile_s = time.perf_counter() - start
+            logger.info("decode step compiled in %.1f s (first step included)", self.compile_s)
+        return logits
+
+    def _run(self, fb: ForwardBatch) -> torch.Tensor:
+        model = self.model
+        x = model.embed(fb.input_ids)
+        positions, loc = fb.positions, fb.out_cache_loc
+        slots, valid = decode_slot_table(fb)
+        cos, sin = model.rope_cos_sin(positions, x.dtype)
+        self._mark_dynamic(x, cos, sin, loc, slots, valid)
+        pool = self.kv_pool
+        for i, w in enumerate(self._weights):
+            k_buf, v_buf = pool.get_kv(i)
+            x = self._compiled(x, cos, sin, loc, slots, valid, *w, k_buf, v_buf)
+        return model.compute_logits(x, fb.sample_indices)
+
+    @staticmethod
+    def _mark_dynamic(x, cos, sin, loc, slots, valid) -> None:
+        """Batch (dim 0 of all) and context (dim 1 of the slot table) vary from step to step: one graph."""
+        mark = torch._dynamo.mark_dynamic
+        for t in (x, cos, sin, loc):
+            mark(t, 0)
+        mark(slots, 0)
+        mark(slots, 1)
+        mark(valid, 0)
+        mark(valid, 1)

@@ -1,0 +1,271 @@
+"""The CPU fast path (issue 18): fused q/k/v and gate/up, decode attention without transposed copies,
+the paged in-place decode attention and the compiled decode step (with its fallbacks), and the CPU's
+dtype choice. Oracles: the reference attention (`_decode_attention`) and the eager model; the slow
+tests check greedy parity with transformers through torch.compile and bf16 against float32."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from sglang_duet.kernels.attention.base import ForwardBatch
+from sglang_duet.kernels.attention.torch_backend import (TorchAttentionBackend, _decode_attention,
+                                                         _decode_attention_per_kv_head, _gather)
+from sglang_duet.memory.kv_pool import KVCachePool
+from sglang_duet.model_loader import loader
+from sglang_duet.model_loader.loader import load_model
+from sglang_duet.models import decode_step
+from sglang_duet.models.decode_step import CompiledDecodeStep, decode_slot_table, paged_decode_attention
+
+
+def _pool(cfg, slots=256, dtype=torch.float32):
+    return KVCachePool(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim, dtype)
+
+
+def _scattered_batch(lens, starts_new, gen):
+    """Requests whose slots are scattered over the pool (as after many allocations and frees)."""
+    perm = (torch.randperm(200, generator=gen) + 1).tolist()
+    out, at = [], 0
+    for n, new in zip(lens, starts_new):
+        slots = perm[at:at + n]
+        at += n
+        out.append(([3 + len(out)] * new, n - new, slots, True))
+    return out
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hkv,n_rep", [(3, 3), (1, 4), (2, 1)])
+def test_decode_attention_variants_equal_the_reference(hkv, n_rep):
+    gen = torch.Generator().manual_seed(hkv * 10 + n_rep)
+    S, D, b = 64, 16, 5
+    k_buf, v_buf = torch.randn(S, hkv, D, generator=gen), torch.randn(S, hkv, D, generator=gen)
+    lens = torch.tensor([1, 7, 13, 2, 9])
+    L = int(lens.max())
+    slots = torch.randint(1, S, (b, L), generator=gen)
+    valid = torch.arange(L)[None, :] < lens[:, None]
+    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    q = torch.randn(b, hkv * n_rep, D, generator=gen)
+    mask = valid[:, None, None, :]
+    ref = _decode_attention(q, _gather(k_buf, slots), _gather(v_buf, slots), mask, n_rep)
+    per_head = _decode_attention_per_kv_head(q, _gather(k_buf, slots), _gather(v_buf, slots), mask, n_rep)
+    in_place = paged_decode_attention(q, k_buf, v_buf, slots, valid)
+    torch.testing.assert_close(per_head, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(in_place, ref, rtol=1e-5, atol=1e-6)
+    # masked positions carry no weight: large (finite) values in the padding slot change nothing
+    k_buf[0], v_buf[0] = 1e4, -1e4
+    torch.testing.assert_close(paged_decode_attention(q, k_buf, v_buf, slots, valid), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_slot_table_matches_the_batch():
+    gen = torch.Generator().manual_seed(1)
+    fb = ForwardBatch.build(_scattered_batch([4, 9, 1 + 1, 6], [1, 1, 1, 1], gen))
+    slots, valid = decode_slot_table(fb)
+    assert slots.shape == valid.shape == (4, 9)
+    for i in range(4):
+        row = fb.kv_indices[fb.kv_indptr[i]:fb.kv_indptr[i + 1]]
+        n = int(fb.seq_lens[i])
+        assert torch.equal(slots[i, :n], row) and valid[i, :n].all() and not valid[i, n:].any()
+        assert (slots[i, n:] == 0).all()
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+def _run(model, batch, pool, attn=None):
+    with torch.inference_mode():
+        return model(ForwardBatch.build(batch), attn or TorchAttentionBackend(), pool)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # plain, q/k/v bias, QK-norm
+def test_fused_projections_are_views_and_change_no_logit(family, tiny_model_factory):
+    path = tiny_model_factory(family)
+    fused = load_model(path, dtype="float32").model  # load_model fuses on a CPU
+    attn0 = fused.model.layers[0].self_attn
+    assert attn0.qkv_weight is not None and fused.model.layers[0].mlp.gate_up_weight is not None
+    assert attn0.k_proj.weight.data_ptr() == attn0.qkv_weight[attn0.qkv_sizes[0]:].data_ptr()
+    plain = loader._empty_model(fused.config, torch.float32, torch.device("cpu"))
+    plain.load_weights(fused.state_dict().items())
+    assert plain.model.layers[0].self_attn.qkv_weight is None
+    gen = torch.Generator().manual_seed(0)
+    batch = _scattered_batch([7, 5], [7, 5], gen)
+    a = _run(fused, batch, _pool(fused.config))
+    b = _run(plain, batch, _pool(plain.config))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # load_weights copies into the parameters (p.copy_): through the views, into the fused weights
+    with torch.no_grad():
+        attn0.v_proj.weight.copy_(torch.zeros_like(attn0.v_proj.weight))
+    assert (attn0.qkv_weight[-attn0.qkv_sizes[2]:] == 0).all()
+
+
+def _decode_case(model, gen):
+    """A pool holding a few prefilled requests, and the decode batch that continues them."""
+    pool = _pool(model.config)
+    prompts = [5, 11, 3]
+    prefill = _scattered_batch(prompts, prompts, gen)
+    _run(model, prefill, pool)
+    decode = [([7 + i], n, slots + [250 - i], True) for i, (_, _, slots, _) in enumerate(prefill)
+              for n in [len(slots)]]
+    return pool, decode
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_the_functional_decode_layer_equals_the_eager_model(family, tiny_model_factory):
+    """The compiled step's Python, run without compiling (compile_fn = identity): same logits and KV."""
+    model = load_model(tiny_model_factory(family), dtype="float32").model
+    pool, decode = _decode_case(model, torch.Generator().manual_seed(2))
+    snapshot = pool.buffer.clone()
+    eager = _run(model, decode, pool)
+    eager_kv = pool.buffer.clone()
+    pool.buffer.copy_(snapshot)
+    step = CompiledDecodeStep(model, pool, compile_fn=lambda fn: fn)
+    with torch.inference_mode():
+        got = step(ForwardBatch.build(decode))
+        assert step(ForwardBatch.build(decode[:1])) is None  # one request: eager (gemv beats a 1-row GEMM)
+        assert step(ForwardBatch.build([([1, 2], 0, [9, 10], True)])) is None  # not decode-only
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool.buffer, eager_kv, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_compile_falls_back_to_eager_for_good(tiny_model_factory, caplog):
+    model = load_model(tiny_model_factory("llama"), dtype="float32").model
+    pool, decode = _decode_case(model, torch.Generator().manual_seed(3))
+    calls = []
+
+    def broken(fn):
+        calls.append(fn)
+        raise RuntimeError("no compiler today")
+
+    step = CompiledDecodeStep(model, pool, compile_fn=broken)
+    with caplog.at_level(logging.WARNING, logger="sglang_duet.models.decode_step"), torch.inference_mode():
+        assert step(ForwardBatch.build(decode)) is None
+        assert step(ForwardBatch.build(decode)) is None
+    assert len(calls) == 1 and not step.active and "no compiler today" in step.reason_off
+    assert "runs eagerly" in caplog.text
+
+
+def test_compiled_step_is_refused_where_it_cannot_run(tiny_model_factory, monkeypatch):
+    model = load_model(tiny_model_factory("llama"), dtype="float32").model
+    pool = _pool(model.config)
+    monkeypatch.setattr(decode_step, "cpp_compiler", lambda: None)
+    assert CompiledDecodeStep.build(model, pool, "cpu") is None
+    monkeypatch.setattr(decode_step, "cpp_compiler", lambda: "/usr/bin/g++")
+    assert CompiledDecodeStep.build(model, pool, "cuda") is None
+    model.step_broadcaster = object()  # a tensor-parallel driver rank
+    assert CompiledDecodeStep.build(model, pool, "cpu") is None
+    model.step_broadcaster = None
+    assert isinstance(CompiledDecodeStep.build(model, pool, "cpu"), CompiledDecodeStep)
+
+
+def test_engine_with_a_broken_compiler_still_serves_the_same_tokens(tiny_model_factory, monkeypatch):
+    """--enable-torch-compile where compiling fails: the engine's greedy tokens equal the eager engine's."""
+    from sglang_duet import Engine
+
+    path = tiny_model_factory("qwen3")
+    params = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    eager = [o["output_ids"] for o in Engine(model_path=path, dtype="float32").generate(input_ids=prompts,
+                                                                                          sampling_params=params)]
+
+    def broken(self, fn):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(CompiledDecodeStep, "_compile_layer", broken)
+    engine = Engine(model_path=path, dtype="float32", enable_torch_compile=True)
+    got = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+    step = engine.core.executor.decode_step
+    assert step is not None and not step.active and "inductor exploded" in step.reason_off
+    assert got == eager
+
+
+# ---- dtype ----------------------------------------------------------------------------------------
+
+def test_cpu_bf16_needs_avx512_kernels_and_a_bf16_flag():
+    native = loader.cpu_has_native_bf16
+    assert native("AVX512", frozenset({"avx512f", "avx512_bf16"}))
+    assert native("AVX512", frozenset({"amx_bf16"}))
+    assert not native("AVX512", frozenset({"avx512f"}))
+    assert not native("AVX2", frozenset({"avx2", "avx512_bf16"}))  # torch's kernels would not use it
+    assert not native("DEFAULT", frozenset())
+
+
+def test_cpu_auto_dtype_choice_and_override(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(loader.CPU_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
+    assert loader.resolve_dtype("auto", "float32", cpu) == torch.bfloat16
+    assert loader.resolve_dtype("float32", "bfloat16", cpu) == torch.float32  # --dtype wins
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
+    assert loader.resolve_dtype("auto", "bfloat16", cpu) == torch.float32
+    monkeypatch.setenv(loader.CPU_DTYPE_ENV, "bfloat16")
+    assert loader.resolve_dtype("auto", "float32", cpu) == torch.bfloat16
+    monkeypatch.setenv(loader.CPU_DTYPE_ENV, "int4")
+    with pytest.raises(ValueError, match=loader.CPU_DTYPE_ENV):
+        loader.resolve_dtype("auto", "float32", cpu)
+
+
+# ---- slow: real compiles and the embedded model ---------------------------------------------------
+
+@pytest.mark.slow
+def test_torch_compiled_engine_is_token_exact_with_transformers(tiny_model_factory):
+    """A real torch.compile (tens of seconds on a small CPU): greedy tokens equal transformers float32."""
+    from test_engine import PROMPTS, hf_greedy
+
+    from sglang_duet import Engine
+
+    path = tiny_model_factory("llama")
+    engine = Engine(model_path=path, dtype="float32", enable_torch_compile=True)
+    params = {"temperature": 0, "max_new_tokens": 16}
+    got = [o["output_ids"] for o in engine.generate(PROMPTS, sampling_params=params)]
+    step = engine.core.executor.decode_step
+    assert step is not None and step.active and step.compile_s is not None, step and step.reason_off
+    ref = hf_greedy(path, PROMPTS, 16)
+    for g, r in zip(got, ref):
+        assert g == r[:len(g)]
+
+
+SMOLLM_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Hello, my name is",
+                  "The three primary colors are"]
+BF16_EXACT_TOKENS = 16
+#: float32's own top-2 log-probability margin under which a position is a near tie: bf16 rounds logits of
+#: ~20 nats by ~0.1, so it may pick either token there ("The three primary colors are" has one of 0.044 at
+#: its 4th token), and the sequences part from there on
+NEAR_TIE = 0.25
+#: bf16 vs float32, teacher-forced on float32's greedy tokens: at every position float32's choice has a
+#: bf16 log-probability within this of bf16's best
+BF16_LOGPROB_TOL = 0.5
+
+
+def _teacher_forced_logprobs(model, ids, dtype):
+    n = len(ids)
+    fb = ForwardBatch.build([(ids[:-1], 0, list(range(1, n)), True)])
+    fb.sample_indices = torch.arange(n - 1)
+    with torch.inference_mode():
+        return torch.log_softmax(model(fb, TorchAttentionBackend(), _pool(model.config, n + 2, dtype)), dim=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not loader.cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+def test_bf16_on_the_embedded_model_follows_float32():
+    """bf16 where the CPU supports it: the first 16 greedy tokens of each prompt equal float32's (bf16 may
+    only leave float32's path at a near tie of float32 itself), and at every one of the 32 positions
+    float32's token is within BF16_LOGPROB_TOL of bf16's top log-probability (teacher-forced)."""
+    from sglang_duet import Engine
+
+    total = 32
+    params = {"temperature": 0, "max_new_tokens": total, "ignore_eos": True}
+    f32, bf16 = Engine(dtype="float32"), Engine(dtype="bfloat16")
+    ref = [o["output_ids"] for o in f32.generate(SMOLLM_PROMPTS, params)]
+    got = [o["output_ids"] for o in bf16.generate(SMOLLM_PROMPTS, params)]
+    tok = f32.tokenizer
+    for prompt, r, g in zip(SMOLLM_PROMPTS, ref, got):
+        prompt_ids = tok.encode(prompt)
+        start = len(prompt_ids) - 1  # the row that predicts r[0]
+        lp32 = _teacher_forced_logprobs(f32.core.executor.model, prompt_ids + r, torch.float32)[start:]
+        lp16 = _teacher_forced_logprobs(bf16.core.executor.model, prompt_ids + r, torch.bfloat16)[start:]
+        margins = [float(a[0] - a[1]) for a in lp32.topk(2, dim=-1).values]
+        part = next((j for j in range(total) if g[j] != r[j]), total)
+        if part < BF16_EXACT_TOKENS:
+            assert margins[part] < NEAR_TIE, (prompt, part, margins[part])
+        for j in range(total):
+            assert lp16[j].max() - lp16[j][r[j]] <= BF16_LOGPROB_TOL, (prompt, j)
