@@ -15,7 +15,11 @@ no modelled host time, which the real host would otherwise pay twice) and the sa
 
     python benchmark/emulated_e2e.py [--num-prompts 256] [--input-len 128] [--output-len 512]
         [--policy aggregated] [--hardware h200] [--stream-interval 1] [--repeats 2]
-        [--out benchmark/results/host_overhead-e2e-cpu2.md]
+        [--client bench_serving|raw] [--out benchmark/results/host_overhead-e2e-cpu2.md]
+
+`--client raw` sends the same requests through host_overhead.py's raw-socket client: on a 2-core
+machine the client shares the cores with the server, and bench_serving's aiohttp client needs
+more CPU per token than the three server processes together.
 """
 from __future__ import annotations
 
@@ -64,6 +68,8 @@ def warm_up(base_url: str) -> None:
 
 
 def bench(base_url: str, a, seed: int) -> dict:
+    if a.client == "raw":
+        return bench_raw(base_url, a, seed)
     from benchmark.bench_serving import build_args, run_benchmark
 
     args = build_args(backend="sglang", base_url=base_url, dataset_name="random-ids", num_prompts=a.num_prompts,
@@ -72,6 +78,21 @@ def bench(base_url: str, a, seed: int) -> dict:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):  # its table: we print our own line
         return run_benchmark(args)
+
+
+def bench_raw(base_url: str, a, seed: int) -> dict:
+    """The same requests (random ids of --input-len, --output-len tokens, ignore_eos, all at once)
+    through host_overhead.py's raw-socket streaming client, which costs the shared CPU a fraction
+    of bench_serving's aiohttp client; bench_serving's result fields."""
+    import asyncio
+
+    from benchmark.host_overhead import run_level
+
+    r = asyncio.run(run_level(base_url, a.num_prompts, a.input_len, a.output_len, seed))
+    n = a.num_prompts
+    return {"duration": r["wall_s"], "completed": n - len(r["errors"]), "errors": r["errors"],
+            "output_throughput": r["tok_s"], "median_ttft_ms": r["ttft_p50_ms"], "median_itl_ms": r["itl_p50_ms"],
+            "input_lens": [a.input_len] * n, "output_lens": [a.output_len] * n}
 
 
 def simulate(a, input_lens: list[int], output_lens: list[int], kv_slots: int) -> tuple[float, dict]:
@@ -153,6 +174,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--chunk", type=int, default=8192, help="--chunked-prefill-size")
     ap.add_argument("--stream-interval", type=int, default=1)
     ap.add_argument("--truth", default="off", help="the emulator's truth on both sides: off (exact), on, or key=value,...")
+    ap.add_argument("--client", choices=("bench_serving", "raw"), default="bench_serving",
+                    help="bench_serving (SGLang's client: aiohttp, 30-70 us of CPU per token on the 2-core test "
+                         "machine, shared with the server) or raw (host_overhead.py's raw-socket client, a few us)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
