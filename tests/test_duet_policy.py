@@ -86,6 +86,27 @@ def test_summary_pricer_equals_the_cost_model():
     assert pricer.summary_ms(Summary(), 32) == 0.0  # an empty batch costs nothing
 
 
+def test_priced_parts_are_the_cost_model_operators_by_bound():
+    # What the calibration regresses on: per launch, the ms of its compute-bound operators and of
+    # its memory-bound ones plus every kernel's launch overhead, as the cost model splits them.
+    pricer = SummaryPricer(CM)
+    ovh = CM.hw.launch_overhead_s
+    rng = random.Random(11)
+    for _ in range(20):
+        shape = [(rng.choice([1, 1, rng.randint(1, 8000)]), rng.randint(0, 20000)) for _ in range(rng.randint(1, 200))]
+        sms = rng.choice([None] + CM.hw.partition_grid())
+        s = Summary.of(shape)
+        priced = pricer.ms_prepared(np.array([[s.T, s.R, s.A, s.K]]), pricer.prepare(np.array([sms or 0])),
+                                    pricer.scale_rows([(1.0, 1.0)])[0])
+        comp, mem = priced.parts(0, 1, 1.0, 1.0)
+        ops = CM.breakdown(shape, sms)
+        want_comp = sum(o.time - o.kernels * ovh for o in ops if o.bound == "compute") * 1e3
+        want_mem = sum(o.time - o.kernels * ovh for o in ops if o.bound == "memory") * 1e3 \
+            + sum(o.kernels for o in ops) * ovh * 1e3
+        assert comp == pytest.approx(want_comp, rel=1e-9, abs=1e-9)
+        assert mem == pytest.approx(want_mem, rel=1e-9, abs=1e-9)
+
+
 def test_candidates_price_what_the_cost_model_says():
     pol = load_policy("duet", ctx())
     decs = [decoding(f"d{i}", 1500 + 10 * i) for i in range(40)]
