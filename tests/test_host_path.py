@@ -303,3 +303,59 @@ def test_zmq_backend_sends_once_per_loop_iteration_in_order():
         sched.close(linger=0)
         ctx.term()
         paths.cleanup()
+
+
+def test_scheduler_sends_what_a_drain_admits_after_the_drain_in_order():
+    """The scheduler process queues the DetokRegister / ReqError of each request it admits from
+    one drain and sends them, in order, when the drain ends (one ZMQ wake-up, not one each)."""
+    import os
+    import time
+
+    import zmq
+
+    from sglang_duet.server import io_struct as io
+    from sglang_duet.server.args import parse_args
+    from sglang_duet.server.ipc import IPCPaths, push_socket
+    from sglang_duet.server.scheduler_proc import SchedulerProcess
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "models", "smollm2-135m.json")
+    args = parse_args(["--executor", "emulated", "--emulated-step-ms", "10", "--model-config", config,
+                       "--max-total-tokens", "8192", "--log-level", "warning"])
+    paths = IPCPaths.create()
+    ctx = zmq.Context(1)
+    sched = SchedulerProcess(args, paths)
+    events = []
+    sched.send = type("Sink", (), {"send": staticmethod(lambda data: events.append(("send", io.decode(data))))})()
+    handle = sched._handle
+    sched._handle = lambda msg: (events.append(("handle", msg.rid)), handle(msg))
+    main = push_socket(ctx, paths.scheduler_in)
+    try:
+        for rid, ids in (("a", [5, 6, 7]), ("bad", []), ("c", [8, 9])):
+            main.send(io.encode(io.GenerateReq(rid, ids, {"max_new_tokens": 2}, time.monotonic())))
+        time.sleep(0.2)  # usually all three arrive before the first drain; the check holds per drain anyway
+        deadline = time.monotonic() + 10
+        n = 0
+        while n < 3 and time.monotonic() < deadline:
+            if sched.poller.poll(100):
+                n += sched._drain_input()
+                events.append(("end", None))
+        assert n == 3
+        drains, cur = [], []
+        for k, m in events:
+            if k == "end":
+                drains.append(cur)
+                cur = []
+            else:
+                cur.append(k)
+        for kinds in drains:  # within a drain: every request handled before anything is sent
+            assert kinds == sorted(kinds, key=lambda k: k != "handle") and kinds.count("handle") == kinds.count("send")
+        sent = [m for k, m in events if k == "send"]
+        assert [(type(m).__name__, m.rid) for m in sent] == [("DetokRegister", "a"), ("ReqError", "bad"),
+                                                             ("DetokRegister", "c")]
+        sched._push(io.ReqError("later", "x"))  # outside a drain: at once
+        assert events[-1][1].rid == "later"
+    finally:
+        main.close(linger=0)
+        sched.close()
+        ctx.term()
+        paths.cleanup()
