@@ -223,7 +223,7 @@ def _spec_text(spec: PolicySpec) -> str:
 
 def build_table(base: SimConfig, policies: list[PolicySpec], seeds: list[int], num_requests: int,
                 starts: dict[str, float], target: float = 0.9, rel_tol: float = 0.06, log=print) -> dict:
-    cm = build_cost_model(base.model, base.hardware)
+    cm = build_cost_model(base.model, base.hardware, base.tp_size)
     runs: dict[str, list[SeedRun]] = {}
     for spec in policies:
         start = starts.get(spec.label, 4.0)
