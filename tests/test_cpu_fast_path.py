@@ -125,6 +125,10 @@ def test_the_functional_decode_layer_equals_the_eager_model(family, tiny_model_f
         assert step(ForwardBatch.build([([1, 2], 0, [9, 10], True)])) is None  # not decode-only
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pool.buffer, eager_kv, rtol=1e-5, atol=1e-6)
+    # the start-up warm-up runs the step over the padding slot and leaves the pool as it found it
+    before = pool.buffer.clone()
+    step.warm_up()
+    assert torch.equal(pool.buffer, before)
 
 
 def test_a_failing_compile_falls_back_to_eager_for_good(tiny_model_factory, caplog):
@@ -174,7 +178,7 @@ def test_engine_with_a_broken_compiler_still_serves_the_same_tokens(tiny_model_f
     engine = Engine(model_path=path, dtype="float32", enable_torch_compile=True)
     got = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
     step = engine.core.executor.decode_step
-    assert step is not None and not step.active and "inductor exploded" in step.reason_off
+    assert step is not None and not step.active and "inductor exploded" in step.reason_off  # at start-up
     assert got == eager
 
 
@@ -213,11 +217,16 @@ def test_torch_compiled_engine_is_token_exact_with_transformers(tiny_model_facto
 
     from sglang_duet import Engine
 
+    from torch._dynamo.utils import counters
+
     path = tiny_model_factory("llama")
+    counters.clear()
     engine = Engine(model_path=path, dtype="float32", enable_torch_compile=True)
     params = {"temperature": 0, "max_new_tokens": 16}
     got = [o["output_ids"] for o in engine.generate(PROMPTS, sampling_params=params)]
+    assert counters["stats"]["unique_graphs"] == 1  # the start-up compile serves every batch and context
     step = engine.core.executor.decode_step
+    # compiled at start-up (warm_up), before any request
     assert step is not None and step.active and step.compile_s is not None, step and step.reason_off
     ref = hf_greedy(path, PROMPTS, 16)
     for g, r in zip(got, ref):

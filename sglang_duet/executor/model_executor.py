@@ -60,6 +60,8 @@ class ModelExecutor(Executor):
             from sglang_duet.models.decode_step import CompiledDecodeStep
 
             self.decode_step = CompiledDecodeStep.build(model, kv_pool, device)
+            if self.decode_step is not None:
+                self.decode_step.warm_up()  # the compile belongs to start-up, not to the first batch
         self.clock = clock
         self._done: deque[LaunchResult] = deque()
         # inputs and history of a launch planned while the one before it ran (overlap scheduling)

@@ -15,7 +15,7 @@ Why it is faster than the eager layer:
 The GEMMs stay extern calls (the same BLAS the eager path uses).
 
 Only decode-only batches (one new token per request) take this path; prefill and mixed batches run
-the eager model. It is refused (eager runs, a warning says why) when the model is tensor-parallel,
+the eager model. The executor compiles at start-up (`warm_up`), so no request waits for the compiler. It is refused (eager runs, a warning says why) when the model is tensor-parallel,
 not on a CPU, when no C++ compiler is found, or when compiling or running the compiled step raises.
 Numerics: the same formulas as the eager layer (float32 RMSNorm and softmax); inductor's reductions
 sum in a different order, so logits differ from eager in the last bits (tests bound the difference
@@ -159,6 +159,16 @@ class CompiledDecodeStep:
             logger.warning("--enable-torch-compile: the decode step runs eagerly: %s", why)
             return None
         return cls(model, kv_pool)
+
+    def warm_up(self) -> None:
+        """Compile now (start-up), not at the first decode of two requests mid-traffic: one decode step of
+        two requests over the padding slot, whose KV is zeroed again afterwards (it must stay finite and
+        is masked wherever it is read)."""
+        # batch 2 and context 3: distinct sizes, so torch does not tie the two dynamic dimensions together;
+        # built under inference mode like the executor's batches (else the guards differ: a second compile)
+        with torch.inference_mode():
+            self(ForwardBatch.build([([0], 2, [PADDING_SLOT] * 3, True)] * 2, self.kv_pool.device))
+            self.kv_pool.buffer[:, :, PADDING_SLOT].zero_()
 
     @property
     def active(self) -> bool:
