@@ -1,7 +1,7 @@
 """Our server against a peer server (any OpenAI-compatible URL, e.g. vLLM's CPU build) on the same
 machine, the same prompts and the same bench_serving loads, alternated round by round.
 
-    python -m benchmark.cpu_vs_peer --peer-url http://127.0.0.1:8000 [--ours-url URL | --ours-flags "..."]
+    python -m benchmark.cpu_vs_peer --peer-url http://127.0.0.1:8000 [--ours-url URL | --ours-flags="..."]
         [--rounds 3] [--loads burst,rate1,serial] [--quick] [--out benchmark/results/cpu_vs_peer-NAME]
 
 Loads (issue 18's table; random prompts of the embedded tokenizer, eos ignored, streamed):
@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-url", required=True, help="the peer's base URL (OpenAI-compatible), e.g. vLLM's")
     ap.add_argument("--peer-name", default="peer", help="what to call the peer in the report (e.g. 'vLLM-CPU fp32')")
     ap.add_argument("--ours-url", default=None, help="an already running sglang-duet server (default: start one)")
-    ap.add_argument("--ours-flags", default="", help="flags for the server this script starts (quoted string)")
+    ap.add_argument("--ours-flags", default="", help="flags for the server this script starts, one quoted string "
+                    "given with = (--ours-flags=\"--enable-torch-compile\")")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for the prompts (default: the embedded model)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated, of {', '.join(LOADS)}")
