@@ -39,7 +39,7 @@ prefills (the smallest chunk), so prompts progress while streams are hurt least.
 
 Calibration. Every prediction is the roofline with each operator's compute time times a and
 its memory time times b, per lane kind (aggregated, prefill lane, decode lane), (a, b) fitted to
-the measured launch times by weighted least squares (`_Calibration`, weight `calibrate` = 0.05
+the measured launch times by weighted least squares (`duet_feedback.Calibration`, weight `calibrate` = 0.05
 per launch). That is the model of a device whose compute and bandwidth curves are off by 1/a and
 1/b, and it absorbs host time per step and HBM contention between the lanes, so the SLO
 checks hold on a device that is not the model; `slo_margin` is left for the noise.
@@ -51,7 +51,7 @@ The objective (the score of a feasible candidate):
 - W_p = 1 + ttft_gain * min(1, age / TTFT SLO): TTFT pressure, age how long the head of the queue
   (the oldest prefilling request, else the first waiting one in admission order) has waited; 0
   when no prompt waits.
-- tau: the decode pace the arrivals need (`_Demand`). By Little's law a request holds KV for
+- tau: the decode pace the arrivals need (`duet_feedback.Demand`). By Little's law a request holds KV for
   (prompt + output / 2) tokens over output * tau ms, so for the arrival rate seen over the last
   `demand_window_s` the KV pool stays below `kv_target` of its slots (and of
   max_running_requests) when tau <= kv_target * slots / (rate * mean((prompt + output/2) * output)).
@@ -99,17 +99,18 @@ calibration off).
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 
 from sglang_duet.policies.base import (
-    LaneBatch, LaneKind, Policy, PolicyContext, PrefillChunk, Priced, SchedulerView, StepPlan, Summary, SummaryPricer,
+    LaneBatch, LaneKind, Policy, PolicyContext, Priced, SchedulerView, StepPlan, Summary, SummaryPricer,
     deadline_view, decode_sms_grid, log_plan, lookahead_cap_of, require_cost_model, select_prefills,
     ttft_order_option,
 )
+from sglang_duet.policies.duet_feedback import Calibration, Demand
+from sglang_duet.policies.duet_search import Candidate, Decodes, Prefix, Search, remaining_prefill
 
 
 class LanePair(str, Enum):
@@ -134,175 +135,6 @@ class Decision:
     plan: StepPlan | None = None
     candidates: int = 0  # how many were priced
     parts: dict = field(default_factory=dict)  # lane -> (compute ms, memory ms) of what it launches, unscaled
-
-
-@dataclass
-class Candidate:
-    """One way to use the GPU next, priced (for tests and logs; the search works on arrays)."""
-
-    mode: str  # "aggregated" | "split"
-    budget: int
-    prefill_tokens: int
-    decode_sms: int | None = None  # split only
-    k: int = 1
-    step_ms: float = 0.0  # aggregated: the step; split: the prefill lane's launch
-    decode_ms: float = 0.0  # split: all k decode steps (aggregated: the step)
-    first_ms: float = 0.0  # the first gap a ready decode sees
-    slowest_ms: float = 0.0  # the longest decode step until the lanes meet again
-    joiner_ms: float = 0.0  # split: first gap of a request that joins when its prefill ends
-    r_p: float = 0.0
-    pace_ms: float = 0.0  # mean decode step
-    score: float = -math.inf
-    feasible: bool = False
-    prefill: list[PrefillChunk] = field(default_factory=list)
-
-
-@dataclass
-class _Decodes:
-    """The ready decodes as the search needs them."""
-
-    ids: list[str]
-    cached: int  # sum of cached tokens
-    longest: int  # the most tokens any of them may still emit, counted up to k_max (all a look-ahead needs)
-    waited_ms: float  # the longest wait since a last token
-
-    @property
-    def n(self) -> int:
-        return len(self.ids)
-
-
-class _Prefix:
-    """An FCFS chunk list and its summaries cut at any token budget (what select_prefills gives
-    for a smaller budget is a prefix of it, the last chunk shortened)."""
-
-    def __init__(self, chunks: list[PrefillChunk], remaining: dict[str, int]):
-        self.chunks = chunks
-        # prefix sums in plain Python (a handful of chunks), one array each
-        cumL, prefA, prefK, prefC, starts = [], [0.0], [0.0], [0.0], []
-        L = A = Kk = C = 0.0
-        for c in chunks:
-            s, n = c.start, c.length
-            L += n
-            A += n * (s + (n + 1) / 2)
-            Kk += s + n
-            C += n >= remaining.get(c.rid, 0)
-            cumL.append(L)
-            prefA.append(A)
-            prefK.append(Kk)
-            prefC.append(C)
-            starts.append(float(s))
-        starts.append(0.0)  # start of "the chunk after the last"
-        # one array build for the four (n + 1)-long tables (plan() overhead is numpy call count)
-        self.prefA, self.prefK, self.prefC, self.s_pad = np.array([prefA, prefK, prefC, starts])
-        self.cumL0 = np.array([0.0] + cumL)  # tokens before chunk i
-        self.cumL = self.cumL0[1:]
-        self.total = L
-
-    def cut(self, budgets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(X rows [T, R, A, K] per budget, whether the cut completes a request)."""
-        b = np.minimum(np.maximum(budgets, 0.0), self.total)
-        full = np.searchsorted(self.cumL, b, side="right")  # chunks wholly inside
-        n = b - self.cumL0[full]  # tokens of the partly taken chunk
-        part = n > 0
-        s = self.s_pad[full]
-        X = np.empty((len(b), 4))
-        X[:, 0] = b
-        X[:, 1] = full + part
-        X[:, 2] = self.prefA[full] + n * (s + (n + 1) / 2)
-        X[:, 3] = self.prefK[full] + np.where(part, s + n, 0.0)
-        return X, self.prefC[full] > 0
-
-    def take(self, budget: float) -> list[PrefillChunk]:
-        out, left = [], int(budget)
-        for c in self.chunks:
-            if left <= 0:
-                break
-            n = min(c.length, left)
-            out.append(c if n == c.length else PrefillChunk(c.rid, c.start, n))
-            left -= n
-        return out
-
-
-@dataclass
-class _Search:
-    """Every candidate of one plan as parallel arrays (aggregated ones first, by budget; then the
-    splits by S_d, then budget)."""
-
-    split: np.ndarray
-    agg_budgets: np.ndarray
-    split_budgets: np.ndarray
-    grid: np.ndarray
-    tau: float  # the decode pace target the scores used
-    tokens: np.ndarray
-    k: np.ndarray
-    step: np.ndarray
-    decode: np.ndarray
-    first: np.ndarray
-    slowest: np.ndarray
-    joiner: np.ndarray
-    feasible: np.ndarray
-    score: np.ndarray
-    prefix: _Prefix | None
-    dec: _Decodes
-    priced: Priced  # the rows: aggregated steps, decode steps per (S_d, step), prefills per (S_d, budget)
-    cal: dict  # lane -> the (a, b) the rows were priced with
-
-    def __len__(self) -> int:
-        return len(self.score)
-
-    @property
-    def budget(self) -> np.ndarray:
-        return np.concatenate([self.agg_budgets, np.tile(self.split_budgets, len(self.grid))])
-
-    @property
-    def sd(self) -> np.ndarray:
-        """Decode SMs per candidate (0 for aggregated)."""
-        return np.concatenate([np.zeros(len(self.agg_budgets), dtype=int), np.repeat(self.grid, len(self.split_budgets))])
-
-    def budget_of(self, i: int) -> int:
-        na = len(self.agg_budgets)
-        return int(self.agg_budgets[i] if i < na else self.split_budgets[(i - na) % len(self.split_budgets)])
-
-    def sd_of(self, i: int) -> int:
-        na = len(self.agg_budgets)
-        return 0 if i < na else int(self.grid[(i - na) // len(self.split_budgets)])
-
-    def best(self, mask: np.ndarray | None = None) -> int | None:
-        """Index of the highest score among `mask` (default: the feasible); ties to the lowest index."""
-        m = self.feasible if mask is None else mask
-        if not m.any():
-            return None
-        s = np.where(m, self.score, -np.inf)
-        top = s.max()
-        return int(np.flatnonzero(s >= top - 1e-9 * max(1.0, abs(top)))[0])
-
-    def parts_of(self, i: int) -> dict:
-        """lane -> (compute ms, memory ms) of what candidate i launches, read off the search's own
-        pricing (for calibration: no second pricing call)."""
-        parts, cal = self.priced.parts, self.cal
-        na, nb = len(self.agg_budgets), len(self.split_budgets)
-        if i < na:
-            return {LaneKind.AGGREGATED: parts(i, i + 1, *cal[LaneKind.AGGREGATED])}
-        G, K = len(self.grid), (len(self.priced.t) - na - len(self.grid) * nb) // max(1, len(self.grid))
-        g, bi = divmod(i - na, nb)
-        p = na + G * K + g * nb + bi
-        d = na + g * K
-        k = int(self.k[i])
-        return {LaneKind.PREFILL: parts(p, p + 1, *cal[LaneKind.PREFILL]),
-                LaneKind.DECODE: parts(d, d + k, *cal[LaneKind.DECODE])}
-
-    def candidate(self, i: int) -> Candidate:
-        split = bool(self.split[i])
-        prefix = self.prefix
-        tokens = int(self.tokens[i])
-        return Candidate(
-            "split" if split else "aggregated", self.budget_of(i), tokens,
-            decode_sms=self.sd_of(i) if split else None, k=int(self.k[i]), step_ms=float(self.step[i]),
-            decode_ms=float(self.decode[i]), first_ms=float(self.first[i]), slowest_ms=float(self.slowest[i]),
-            joiner_ms=float(self.joiner[i]), r_p=tokens / float(self.step[i]) if self.step[i] > 0 else 0.0,
-            pace_ms=float(self.decode[i]) / int(self.k[i]), score=float(self.score[i]),
-            feasible=bool(self.feasible[i]), prefill=prefix.take(tokens) if prefix is not None and tokens else [],
-        )
 
 
 DEFAULT_BUDGETS = tuple(range(512, 8192 + 1, 256))
@@ -357,7 +189,7 @@ class DuetPolicy(Policy):
         self.grid = decode_sms_grid(self.hw, o.get("decode_sms_grid"), self.name)
         self.slo_ms = self.ctx.tbt_slo_ms
         self.pricer = SummaryPricer(self.ctx.cost_model)
-        self.demand = _Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.9)))
+        self.demand = Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.9)))
         self._grid = np.array(self.grid)
         self._budgets = np.array(self.budgets, dtype=float)
         self._split_budgets = np.array(self.split_budgets, dtype=float)
@@ -373,7 +205,7 @@ class DuetPolicy(Policy):
         self._work = self.pricer.work_weights()
         self._ends: dict[LaneKind, tuple[LaneBatch, float]] = {}  # lane -> (batch launched, predicted end)
         self.calibrate = float(o.get("calibrate", 0.05))  # EWMA weight of each measured launch (0: off)
-        self.calibration = {lane: _Calibration(self.calibrate)
+        self.calibration = {lane: Calibration(self.calibrate)
                             for lane in (LaneKind.AGGREGATED, LaneKind.PREFILL, LaneKind.DECODE)}
         self._raw: dict[int, tuple[float, float]] = {}  # id(batch launched) -> its (compute, memory) ms
         self.last: Decision | None = None
@@ -416,19 +248,19 @@ class DuetPolicy(Policy):
         return log_plan(self, d.plan)
 
     def on_result(self, launch, result) -> None:
-        """Calibrate the lane kind's (a, b) on the launch's measured time (see `_Calibration`)."""
+        """Calibrate the lane kind's (a, b) on the launch's measured time (see `Calibration`)."""
         super().on_result(launch, result)
         parts = self._raw.pop(id(launch.batch), None)
         if parts is not None:
             self.calibration[launch.lane].update(parts[0], parts[1], (result.finished_at - result.started_at) * 1e3)
 
     # ---- the search ----------------------------------------------------------------------------
-    def candidates(self, view: SchedulerView, dec: _Decodes | None = None) -> list[Candidate]:
+    def candidates(self, view: SchedulerView, dec: Decodes | None = None) -> list[Candidate]:
         """Every candidate priced and scored, as objects (tests, logs); `search` is the fast path."""
         s = self.search(view, dec)
         return [s.candidate(i) for i in range(len(s))]
 
-    def search(self, view: SchedulerView, dec: _Decodes | None = None) -> _Search:
+    def search(self, view: SchedulerView, dec: Decodes | None = None) -> Search:
         """Price and score every candidate (see the module docstring) in one vectorised pass."""
         dec = dec or self._decodes(view)
         n = dec.n
@@ -442,7 +274,7 @@ class DuetPolicy(Policy):
         prefix = None
         if have_queue:
             chunks = select_prefills(view, int(max(self._budgets[-1], self._split_budgets[-1])), kv_reserved=n * k_cap)
-            prefix = _Prefix(chunks, _remaining_prefill(view, chunks))
+            prefix = Prefix(chunks, remaining_prefill(view, chunks))
 
         # aggregated: the decode-first batch for each budget; split: prefill chunks for each split
         # budget; identical batches (the queue exhausted) priced once
@@ -543,7 +375,7 @@ class DuetPolicy(Policy):
         if n:
             pace = tau * kk / np.maximum(decode, 1e-9)
             score += self.decode_gain * np.minimum(1.0, pace) + 1e-3 * pace
-        return _Search(
+        return Search(
             split=split, agg_budgets=ba, split_budgets=bs, grid=self._grid, tau=tau, tokens=tokens, k=kk, step=step,
             decode=decode,
             first=first, slowest=slowest, joiner=joiner, feasible=feasible, score=score,
@@ -611,7 +443,7 @@ class DuetPolicy(Policy):
             w_p = 1.0 + self.ttft_gain * min(1.0, age / self.ctx.ttft_slo_ms)
         return w_p, self.demand.target_ms(view, self.margin * self.slo_ms)
 
-    def choose(self, s: _Search) -> tuple[int, str]:
+    def choose(self, s: Search) -> tuple[int, str]:
         """The best feasible candidate; else the best for the requests that can still be saved;
         else the fastest decode."""
         i = s.best()
@@ -653,7 +485,7 @@ class DuetPolicy(Policy):
         return Decision(state, Move.LAUNCH, desc, plan, len(s), parts=s.parts_of(i))
 
     # ---- one lane busy -------------------------------------------------------------------------
-    def _partition_stays(self, s: _Search, sd: int) -> tuple[int | None, int | None]:
+    def _partition_stays(self, s: Search, sd: int) -> tuple[int | None, int | None]:
         """(best feasible split on S_d = sd, best overall) of a search, by index."""
         here = s.best(s.feasible & s.split & (s.sd == sd) & (s.tokens > 0))
         return here, s.best()
@@ -767,10 +599,10 @@ class DuetPolicy(Policy):
         """(first-step limit, later-step limit) in predicted ms."""
         return self.margin * (self.slo_ms - waited_ms), self.margin * self.slo_ms
 
-    def _decodes(self, view: SchedulerView) -> _Decodes:
+    def _decodes(self, view: SchedulerView) -> Decodes:
         decoding = view.decoding  # hot: every ready decode, every plan; a few passes run in C
         if not decoding:
-            return _Decodes([], 0, 1, 0.0)
+            return Decodes([], 0, 1, 0.0)
         ids = [r.rid for r in decoding]
         cached = sum([r.num_computed for r in decoding])
         last = min([t for r in decoding if (t := r.last_token_time) is not None], default=math.inf)
@@ -788,9 +620,9 @@ class DuetPolicy(Policy):
                 longest = left
                 if longest >= k_max:
                     break
-        return _Decodes(ids, cached, min(longest, k_max), waited)
+        return Decodes(ids, cached, min(longest, k_max), waited)
 
-    def _projected_decodes(self, view: SchedulerView, busy, left_ms: float) -> _Decodes:
+    def _projected_decodes(self, view: SchedulerView, busy, left_ms: float) -> Decodes:
         """The decodes as a joint plan would see them when the decode lane's launch ends: the ready
         ones (having waited `left_ms` more) and the lane's own, k steps further on."""
         dec = self._decodes(view)
@@ -807,9 +639,9 @@ class DuetPolicy(Policy):
             ids.append(w.rid)
             cached += w.start_pos + w.steps
             longest = max(longest, min(left, self.k_max))
-        return _Decodes(ids, cached, longest, dec.waited_ms + left_ms if dec.n else 0.0)
+        return Decodes(ids, cached, longest, dec.waited_ms + left_ms if dec.n else 0.0)
 
-    def _decode_steps(self, dec: _Decodes, sms: int, k: int) -> Priced:
+    def _decode_steps(self, dec: Decodes, sms: int, k: int) -> Priced:
         """Each of k decode steps on `sms` SMs, priced with the decode lane's calibration."""
         a = dec.cached + dec.n * (1.0 + np.arange(k))
         X = np.stack([np.full(k, float(dec.n)), np.full(k, float(dec.n)), a, a], axis=1)
@@ -822,114 +654,3 @@ class DuetPolicy(Policy):
         if mine is not None and mine[0] is launch.batch:
             return max(0.0, (mine[1] - view.now) * 1e3)
         return launch.predicted_ms.get(lane.value, 0.0)
-
-
-class _Calibration:
-    """How much longer than the model a lane's compute (a) and memory traffic (b) take on the device.
-
-    Fitted to measured launches by exponentially weighted least squares (weight `weight` per
-    launch) on  measured ms = a * (ms of the launch's compute-bound operators) + b * (ms of its
-    memory-bound operators, kernel overheads included), with a weak prior at (1, 1) so that a lane
-    that only ever runs one kind (a decode lane: memory-bound) keeps the other at 1. Predictions
-    are then the roofline with compute time times a and memory time times b, operator by operator:
-    the model of a device whose compute and bandwidth curves are off by 1/a and 1/b. Host time per
-    step and contention between the lanes end up in b, where they behave alike."""
-
-    def __init__(self, weight: float):
-        self.weight = weight
-        self.a = self.b = 1.0
-        self._s = np.zeros(5)  # sums of c*c, c*m, m*m, c*y, m*y
-
-    def update(self, comp: float, mem: float, measured: float) -> None:
-        if self.weight <= 0 or measured <= 0 or comp + mem <= 0:
-            return
-        self._s *= 1.0 - self.weight
-        self._s += self.weight * np.array([comp * comp, comp * mem, mem * mem, comp * measured, mem * measured])
-        scc, scm, smm, scy, smy = self._s
-        lam = 0.01 * (scc + smm)  # the prior's weight
-        det = (scc + lam) * (smm + lam) - scm * scm
-        if det <= 0:
-            return
-        a = ((scy + lam) * (smm + lam) - scm * (smy + lam)) / det
-        b = ((scc + lam) * (smy + lam) - scm * (scy + lam)) / det
-        self.a, self.b = min(2.0, max(0.5, a)), min(2.0, max(0.5, b))
-
-
-class _Demand:
-    """What the arrivals ask of the decodes, from the requests seen arriving (a sliding window).
-
-    Little's law: a request holds KV for about (prompt + output / 2) tokens over output * tau ms
-    when decode steps take tau, and a batch slot for output * tau. For the arrival rate lambda seen
-    in the window, the pool stays below `kv_target` of its slots (and of max_running_requests) when
-
-        tau <= kv_target * KV slots / (lambda * mean((prompt + output / 2) * output))
-        tau <= kv_target * max_running / (lambda * mean(output))
-
-    Output lengths are the requests' max_new_tokens (an upper bound in real serving: the target is
-    then conservative, decodes faster than they need). Fewer than 20 arrivals seen: no target."""
-
-    def __init__(self, window_s: float, kv_target: float):
-        self.window_s = window_s
-        self.kv_target = kv_target
-        self._seen: deque = deque()  # (arrival time, kv token-steps, output tokens)
-        self._kv_sum = 0.0
-        self._out_sum = 0.0
-        self._last = -math.inf
-        self._first = None
-
-    def observe(self, view: SchedulerView) -> None:
-        ctx_len = view.config.context_length
-        new = []
-        for r in reversed(view.waiting):
-            if r.arrival_time <= self._last:
-                break
-            if r.num_retractions:
-                continue
-            p = len(r.prompt_ids)
-            out = r.max_new_tokens if r.max_new_tokens is not None else ctx_len - p
-            out = max(1, min(out, ctx_len - p))
-            new.append((r.arrival_time, (p + out / 2) * out, out))
-        for item in reversed(new):
-            self._seen.append(item)
-            self._kv_sum += item[1]
-            self._out_sum += item[2]
-            self._last = max(self._last, item[0])
-            if self._first is None:
-                self._first = item[0]
-        horizon = view.now - self.window_s
-        while self._seen and self._seen[0][0] < horizon:
-            _, kv, out = self._seen.popleft()
-            self._kv_sum -= kv
-            self._out_sum -= out
-
-    def rate(self, now: float) -> float:
-        """Arrivals per second over the window (or since the first arrival, if shorter)."""
-        if self._first is None or len(self._seen) < 20:
-            return 0.0
-        return len(self._seen) / min(self.window_s, max(now - self._first, 1e-3))
-
-    def target_ms(self, view: SchedulerView, ceiling: float) -> float:
-        lam = self.rate(view.now)
-        if lam <= 0:
-            return ceiling
-        n = len(self._seen)
-        tau_kv = self.kv_target * view.kv_total / (lam * self._kv_sum / n) * 1e3
-        tau_n = self.kv_target * view.config.max_running_requests / (lam * self._out_sum / n) * 1e3
-        return min(ceiling, tau_kv, tau_n)
-
-
-def _remaining_prefill(view: SchedulerView, chunks: list[PrefillChunk]) -> dict[str, int]:
-    """Remaining prefill tokens of the requests the chunks belong to (a chunk that covers them all
-    completes its request, which then joins the decodes)."""
-    want = {c.rid for c in chunks}
-    out = {}
-    for r in view.prefilling:
-        if r.rid in want:
-            out[r.rid] = r.remaining_prefill
-    if len(out) < len(want):
-        for r in view.waiting:
-            if r.rid in want:
-                out[r.rid] = r.remaining_prefill
-                if len(out) == len(want):
-                    break
-    return out
