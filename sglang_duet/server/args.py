@@ -55,6 +55,9 @@ _SPECS: dict[str, tuple[str, dict]] = {
                         "larger values cost less host time per token at many streams", {}),
     "attention_backend": ("attention backend", {}),
     "disable_cuda_graph": ("do not capture CUDA graphs", {}),
+    "enable_torch_compile": ("CPU: run decode steps of 2+ requests through one torch.compile'd decoder layer "
+                             "(compiled at start-up, 10-40 s on a small CPU; eager fallback without a C++ compiler)",
+                             {}),
     "disable_overlap_schedule": ("plan each step only after the previous one ended (default: aggregated and chunked "
                                  "plan the next step while one runs, on executors that support it)", {}),
     "cuda_graph_max_bs": ("largest decode batch captured in a CUDA graph (default 256)", {}),
