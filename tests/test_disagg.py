@@ -206,9 +206,10 @@ def test_core_hooks_hold_and_admit_prefilled():
     # decode side: admit with the slots, the first token already sampled
     dec = SchedulerCore(CoreConfig(kv_slots=100, context_length=64), _NoPolicy())
     slots = dec.allocator.alloc(3)
-    u = dec.admit_prefilled("a", [1, 2, 3], 9, SamplingParams(max_new_tokens=4), slots, seed=5)
+    u = dec.admit_prefilled("a", [1, 2, 3], 9, SamplingParams(max_new_tokens=4), slots, seed=5, cached_tokens=2)
     req = dec.requests["a"]
     assert u.new_token_ids == [9] and not u.finished and req.is_decoding and req.num_computed == 3
+    assert u.cached_tokens == 2  # the prefill's prefix-cache hit, reported as a single server would
     # the first token may end the request (eos): its slots are freed at once
     slots = dec.allocator.alloc(3)
     avail = dec.allocator.available

@@ -53,8 +53,9 @@ def test_decode_rooms_complete_refuse_and_expire():
     rooms = DecodeRooms(timeout_s=5, clock=clock)
     rooms.wait(_decode_req())
     assert rooms.has_rid("r1")
-    msg, why, status = rooms.resolve(_offer(9))
+    msg, why, status = rooms.resolve(_offer(9, cached_tokens=3))
     assert why == "" and msg.first_token == 7 and msg.seed == 3 and msg.bootstrap is None and not rooms.has_rid("r1")
+    assert msg.cached_tokens == 3  # the prefill's prefix-cache hit reaches the decode's usage
     assert rooms.resolve(_offer(9)) == (None, "", 0)  # nobody waits any more
     rooms.wait(_decode_req("r2", 10, n=5))
     msg, why, status = rooms.resolve(_offer(10))  # the two instances tokenized differently
@@ -292,9 +293,10 @@ def test_disagg_decode_streams_what_the_decode_scheduler_sends():
 
     app, tm, backend = _instance_app("decode")
     body = {"rid": "d1", "input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3}, "first_token": 5, "seed": 9,
-            "kv": None}
+            "kv": None, "cached_tokens": 1}
     m, r = asyncio.run(_post_and_answer(app, tm, backend, "/disagg/decode", body))
     assert r.status_code == 200, r.text
     assert isinstance(m, dm.DecodeReq) and (m.rid, m.first_token, m.seed, m.kv) == ("d1", 5, 9, None)
+    assert m.cached_tokens == 1  # our router passes the prefill's prefix-cache hit on
     events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and '"ids":[7]' in events[0] and '"finished":true' in events[0]

@@ -228,7 +228,11 @@ class SchedulerCore:
         arrival_time: float | None = None,
         first_logprob: dict | None = None,
         first_token_time: float | None = None,
+        cached_tokens: int = 0,
     ) -> RequestUpdate:
+        """Admit a request prefilled elsewhere (a PD decode instance): its KV is in `kv_slots` and
+        its first token was sampled; `cached_tokens` is the prefill's prefix-cache hit, reported in
+        usage as a single server would (this instance caches nothing of it)."""
         if rid in self.requests:
             raise AdmissionError(f"Duplicate request id {rid!r}.")
         n = len(prompt_ids)
@@ -249,6 +253,7 @@ class SchedulerCore:
                     eos_ids=frozenset(stop_ids | set(params.stop_token_ids)), grammar=grammar)
         r.kv_slots = list(kv_slots)
         r.num_computed = n
+        r.cached_len = min(max(0, cached_tokens), n)
         r.state = ReqState.RUNNING
         r.table_row = self._free_rows.pop()
         r.first_scheduled_time = now

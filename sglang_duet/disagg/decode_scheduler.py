@@ -191,7 +191,8 @@ class DecodeScheduler(DecodeRoomsMixin, DisaggScheduler):
         try:
             update = self.engine.core.admit_prefilled(
                 m.rid, m.input_ids, m.first_token, p.params, slots, seed=m.seed, eos_ids=self.engine.eos_ids,
-                arrival_time=m.arrival_time, first_logprob=lp if p.params.logprobs else None)
+                arrival_time=m.arrival_time, first_logprob=lp if p.params.logprobs else None,
+                cached_tokens=m.cached_tokens)
         except AdmissionError as e:
             self.engine.core.allocator.free(slots)
             self._refuse(m.rid, str(e), e.status)

@@ -132,7 +132,7 @@ def add_instance_routes(app, tm, server_args) -> None:
         return json_response({"rid": rid, "first_token": out_ids[0],
                               "first_logprob": msgspec.to_builtins(lps[0]) if lps else None,
                               "final": dg["final"], "seed": dg["seed"], "kv": dg["kv"], "finish_reason": fr,
-                              "prompt_tokens": last.prompt_tokens})
+                              "prompt_tokens": last.prompt_tokens, "cached_tokens": last.cached_tokens})
 
     @app.post("/disagg/decode")
     async def decode(request: Request):
@@ -142,6 +142,10 @@ def add_instance_routes(app, tm, server_args) -> None:
         ids = _body_field(body, "input_ids", list)
         first = _body_field(body, "first_token", int)
         seed = _body_field(body, "seed", int)
+        cached = body.get("cached_tokens") or 0
+        if not isinstance(cached, int) or isinstance(cached, bool) or not 0 <= cached <= len(ids):
+            raise APIError(400, "cached_tokens must be an integer between 0 and the prompt's length.",
+                           param="cached_tokens")
         params = tm.make_params(body.get("sampling_params") or {})
         try:
             kv = msgspec.convert(body["kv"], dm.KVDescriptor) if body.get("kv") is not None else None
@@ -153,7 +157,8 @@ def add_instance_routes(app, tm, server_args) -> None:
             raise APIError(400, f"first_token {first} is outside the vocabulary.", param="first_token")
 
         def make(g: io.GenerateReq):
-            return dm.DecodeReq(g.rid, g.input_ids, g.params, g.arrival_time, first, lp, seed, kv)
+            return dm.DecodeReq(g.rid, g.input_ids, g.params, g.arrival_time, first, lp, seed, kv,
+                                cached_tokens=cached)
 
         group = submit_as(tm, rid, ids, params, make, request)
 

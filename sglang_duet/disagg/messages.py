@@ -85,6 +85,7 @@ class DecodeReq(msgspec.Struct, tag="dg_decode"):
     # SGLang's protocol (sglang-router --pd-disaggregation): no first token nor kv yet; the decode
     # scheduler asks the prefill at bootstrap for them (KVQuery -> KVOffer)
     bootstrap: "Bootstrap | None" = None
+    cached_tokens: int = 0  # the prefill's prefix-cache hit, reported in usage as a single server would
 
 
 class Bootstrap(msgspec.Struct):
@@ -138,6 +139,7 @@ class KVOffer(msgspec.Struct, tag="dg_offer", kw_only=True):
     first_logprob: io.TokenLogprob | None = None
     seed: int = 0
     input_len: int = 0  # the prefill's prompt length: the decode's tokenization must agree
+    cached_tokens: int = 0  # of them, found in the prefill's prefix cache
     kv: KVDescriptor | None = None  # None with ok: the first token ended the request
 
 

@@ -134,7 +134,7 @@ class PrefillScheduler(PrefillRoomsMixin, DisaggScheduler):
                 lps = _logprobs(u.new_logprobs)
                 self.rooms.offer(dm.KVOffer(room=meta.room, ok=True, first_token=u.new_token_ids[0],
                                             first_logprob=lps[0] if lps else None, seed=meta.seed,
-                                            input_len=meta.input_len, kv=kv))
+                                            input_len=meta.input_len, kv=kv, cached_tokens=u.cached_tokens))
                 continue
             desc = msgspec.to_builtins(kv) if kv is not None else None
             u.finish_reason = {**u.finish_reason, "disagg": {"final": meta.final, "seed": meta.seed, "kv": desc}}

@@ -101,7 +101,8 @@ class DecodeRooms:
             return msg, (f"The prefill instance's prompt has {offer.input_len} tokens and this one's "
                          f"{len(msg.input_ids)}: both instances must serve the same model and tokenizer."), 400
         return msgspec.structs.replace(msg, first_token=offer.first_token, first_logprob=offer.first_logprob,
-                                       seed=offer.seed, kv=offer.kv, bootstrap=None), "", 0
+                                       seed=offer.seed, kv=offer.kv, bootstrap=None,
+                                       cached_tokens=offer.cached_tokens), "", 0
 
     def expire(self) -> list[dm.DecodeReq]:
         now = self.clock()

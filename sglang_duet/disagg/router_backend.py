@@ -255,7 +255,7 @@ class RouterBackend(SchedulerBackend):
                       delivered: list) -> None:
         body = {"rid": f"{rid}.d{attempt}", "input_ids": ids, "sampling_params": params,
                 "first_token": pre["first_token"], "first_logprob": pre["first_logprob"], "seed": pre["seed"],
-                "kv": pre["kv"]}
+                "kv": pre["kv"], "cached_tokens": pre.get("cached_tokens", 0)}
         timeout = httpx.Timeout(self.config.decode_timeout_s, connect=CONNECT_TIMEOUT_S)
         dec.inflight += 1
         dec.requests += 1
