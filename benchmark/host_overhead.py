@@ -594,13 +594,9 @@ def append_result_section(path: str, title: str, cmd: str, lines: list[str]) -> 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core CPU ({cpu}), no GPU, Python {platform.python_version()}"
+    from sglang_duet.cost_model.cpu_calibration import cpu_name
+
+    return f"{os.cpu_count()}-core CPU ({cpu_name()}), no GPU, Python {platform.python_version()}"
 
 
 def run(a) -> list[dict]:

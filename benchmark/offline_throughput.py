@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import time
 
@@ -62,14 +61,10 @@ def machine_name() -> str:
     """CPU model, cores this process may use, torch's vector capability and the bf16 verdict."""
     import torch
 
+    from sglang_duet.cost_model.cpu_calibration import cpu_name
     from sglang_duet.model_loader.loader import cpu_has_native_bf16
 
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
+    model = cpu_name()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"{model}, {cores} cores, torch {torch.__version__} capability {torch.backends.cpu.get_cpu_capability()}"
             f" (native bf16: {'yes' if cpu_has_native_bf16() else 'no'}), {torch.get_num_threads()} threads")

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import glob
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmark.host_overhead import machine  # noqa: E402
 from benchmark.server_process import ServerProcess  # noqa: E402
 
 TINY_CONFIG = os.path.join(REPO, "configs", "models", "tiny-overhead.json")
@@ -131,16 +131,6 @@ def engine_baseline(tok_dir: str | None, concurrency: int, output_len: int, prom
 
 
 # ---- main -----------------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core CPU ({cpu}), no GPU, Python {platform.python_version()}"
 
 
 def main() -> None:

@@ -549,10 +549,8 @@ class SummaryPricer:
         """`ms(X, sms)` with `prepared = prepare(sms)`, each row scaled by `scale` (a row of
         `scale_rows`, or one per row of X), in one matrix product (plan() overhead is numpy call
         count). The result keeps each operator's scaled times for `Priced.parts`."""
-        if not self.exact:
-            t = self.ms(X, prepared) * np.ravel(scale) if np.ndim(scale) > 1 and len(scale) > 1 \
-                else self.ms(X, prepared) * float(np.ravel(scale)[0])
-            return Priced(t, None, 0)
+        if not self.exact:  # a scale row here is one factor (scale_rows): it broadcasts over the rows
+            return Priced(self.ms(X, prepared) * np.ravel(scale), None, 0)
         P = X @ self._w[1:]
         P += self._w[0]
         P *= prepared

@@ -198,7 +198,8 @@ def cpu_cost_model(model_config, base: HardwareSpec, cal: CpuCalibration, dtype_
 # ---- timing the model -----------------------------------------------------------------------
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform says (also for benchmark reports)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -218,7 +219,7 @@ def calibration_key(model_config, dtype: str, attn_name: str, tp_size: int = 1, 
     cfg = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else vars(model_config)
     cfg = {k: v for k, v in cfg.items() if k not in ("name", "path", "model_path")}
     blob = json.dumps({"v": CALIBRATION_VERSION, "cfg": cfg, "dtype": dtype, "threads": torch.get_num_threads(),
-                       "cpu": _cpu_name(), "attn": attn_name, "torch": torch.__version__, "tp": int(tp_size),
+                       "cpu": cpu_name(), "attn": attn_name, "torch": torch.__version__, "tp": int(tp_size),
                        "nnodes": int(nnodes)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
