@@ -221,3 +221,58 @@ def test_a_waiting_request_is_matched_again_only_when_the_tree_changed(monkeypat
     core.prefix_cache.evict(core.prefix_cache.total)  # the tree changed: match again, and see it
     core._match_waiting()
     assert len(calls) == 4 and [r.num_computed for r in core.waiting] == [0, 0]
+
+
+class _CountingHeapq:
+    """radix_cache's heapq, counting the entries it handles: a push or pop is one, a heapify its length."""
+
+    def __init__(self):
+        import heapq
+        self._hq, self.work = heapq, 0
+
+    def heappush(self, heap, item):
+        self.work += 1
+        self._hq.heappush(heap, item)
+
+    def heappop(self, heap):
+        self.work += 1
+        return self._hq.heappop(heap)
+
+    def heapify(self, heap):
+        self.work += len(heap)
+        self._hq.heapify(heap)
+
+
+def test_eviction_work_per_request_does_not_grow_with_the_tree(monkeypatch):
+    """Issue 14: once the pool is full of cached prefixes every admission evicts, and each eviction
+    walked and heapified every leaf of the tree (so the scheduler's CPU per request grew with the
+    requests served: 0.1 -> 1.1-2.7 ms after ~3,000 short requests on a 73k-slot pool). The eviction
+    heap now outlives one eviction: its work per admitted request stays a small constant while the
+    tree holds hundreds of leaves, and the heap stays within 2 x the tree's nodes."""
+    from sglang_duet.memory import radix_cache
+
+    counting = _CountingHeapq()
+    monkeypatch.setattr(radix_cache, "heapq", counting)
+    core, lanes, _ = make(pool=2400, budget=512, max_running=32)
+    cache = core.prefix_cache
+    shared = PREFIX[:30]
+    params = SamplingParams(max_new_tokens=1)
+    served, per_burst = 0, []
+    for _ in range(40):  # 1,280 requests: the pool is full of leaves after about 250
+        work0 = counting.work
+        for _ in range(32):
+            i = served
+            core.add_request(f"r{i}", shared + [3 + (i // 90 ** k) % 90 for k in range(8)], params)
+            served += 1
+        lanes.run()
+        per_burst.append((counting.work - work0) / 32)
+        assert cache.heap_size() <= 2 * cache.nodes + 64
+        assert core.kv_free == core.allocator.capacity  # nothing held once the burst is done
+    stack, leaves = [cache.root], 0
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children.values())
+        leaves += not node.children
+    assert leaves >= 200 and cache.total > core.allocator.capacity - 40  # a full pool of distinct prompts
+    late = per_burst[-20:]  # (compactions show as the odd burst at ~3x the others)
+    assert sum(late) / len(late) <= 8 and max(late) <= 24, per_burst  # the whole-tree walk: >= 200 each

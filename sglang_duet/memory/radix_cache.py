@@ -12,6 +12,13 @@ leaves with no lock are evicted, least recently used first, when the pool runs s
 scheduler retracts a running request). `evictable` counts the unlocked slots: they are as good as
 free for admission and the stats.
 
+Eviction order is kept in a heap of unlocked leaves that lives as long as the tree: an entry is
+pushed whenever a node becomes an unlocked leaf or such a leaf is used, and entries that no longer
+hold (the node was used again, locked, got a child, or went) are dropped when they surface or when
+the heap outgrows the tree (then it is rebuilt). So an eviction costs O(log n) per leaf it frees,
+not a walk of the whole tree: once a server's pool was full of cached prefixes, that walk ran for
+every admitted request and grew with the requests served (issue #14).
+
 Pages. Keys are matched in whole pages (`page_size` tokens; 1 today), so a future paged KV pool
 only changes this constant: a match is a multiple of the page size and an insert keeps full pages.
 """
@@ -23,7 +30,7 @@ from typing import Callable
 
 
 class Node:
-    __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access")
+    __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access", "in_tree")
 
     def __init__(self, parent: "Node | None", key: list[int], value: list[int], now: int):
         self.children: dict = {}  # first page of the child's key (a token id at page size 1) -> child
@@ -32,6 +39,7 @@ class Node:
         self.value = value  # their KV slots
         self.lock_ref = 0
         self.last_access = now
+        self.in_tree = True  # False once evicted (a stale heap entry may still name it)
 
 
 class RadixCache:
@@ -49,6 +57,11 @@ class RadixCache:
         # not change any match (the deepest node of a match keeps its end). Lets a caller keep a
         # match (`match_length`) until the tree changes.
         self.version = 0
+        # Eviction candidates: (last_access, seq, node) for unlocked leaves, stale entries included
+        # (see the module's docstring); `nodes` counts the tree's nodes, which bounds the heap.
+        self._heap: list[tuple[int, int, Node]] = []
+        self._seq = itertools.count()
+        self.nodes = 0
 
     def _page_key(self, ids: list[int], i: int):
         return ids[i] if self.page_size == 1 else tuple(ids[i:i + self.page_size])
@@ -70,6 +83,8 @@ class RadixCache:
     def touch(self, node: Node) -> None:
         """Mark a kept match as just used (LRU), as matching it again would."""
         node.last_access = next(self._tick)
+        if not node.children and node.lock_ref == 0 and node is not self.root:
+            self._push(node)
 
     def _match(self, ids: list[int], slots: list[int] | None) -> tuple[int, Node]:
         end = len(ids) - len(ids) % self.page_size
@@ -91,11 +106,14 @@ class RadixCache:
             i += n
             if n < len(child.key):
                 break
+        if not node.children and node.lock_ref == 0:  # a used leaf moves back in the eviction order
+            self._push(node)
         return i, node
 
     def _split(self, node: Node, n: int) -> Node:
         """Cut node's edge after n tokens: a new parent holds the first n, node keeps the rest."""
         mid = Node(node.parent, node.key[:n], node.value[:n], node.last_access)
+        self.nodes += 1
         mid.lock_ref = node.lock_ref
         mid.children = {self._page_key(node.key, n): node}
         node.parent.children[self._page_key(node.key, 0)] = mid
@@ -120,9 +138,11 @@ class RadixCache:
             if child is None:
                 leaf = Node(node, ids[i:], slots[i:], now)
                 node.children[self._page_key(ids, i)] = leaf
+                self.nodes += 1
                 self.version += 1
                 self.total += len(leaf.value)
                 self.evictable += len(leaf.value)
+                self._push(leaf)
                 return i
             n = _common(child.key, ids, i, self.page_size)
             if n < len(child.key):
@@ -130,6 +150,8 @@ class RadixCache:
             child.last_access = now
             node = child
             i += n
+        if node is not self.root and not node.children and node.lock_ref == 0:
+            self._push(node)
         return i
 
     # ---- locks -------------------------------------------------------------------------------
@@ -142,6 +164,8 @@ class RadixCache:
             node = node.parent
 
     def unlock(self, node: Node) -> None:
+        if node is not self.root and node.lock_ref == 1 and not node.children:
+            self._push(node)  # an unlocked leaf: evictable again (only the deepest node can be a leaf)
         while node is not self.root:
             node.lock_ref -= 1
             if node.lock_ref == 0:
@@ -169,21 +193,48 @@ class RadixCache:
         recently used first; a parent whose last child went becomes a leaf in turn. Returns how many."""
         if n <= 0 or self.evictable == 0:
             return 0
-        heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._leaves() if leaf.lock_ref == 0]
-        heapq.heapify(heap)
+        heap = self._heap
         self.version += 1
         freed = 0
         while freed < n and heap:
-            _, _, leaf = heapq.heappop(heap)
+            la, _, leaf = heapq.heappop(heap)
+            if not leaf.in_tree or leaf.lock_ref or leaf.children or leaf.last_access != la:
+                continue  # stale: the leaf went, is locked, grew a child, or was used since
             self.free_slots(leaf.value)
             freed += len(leaf.value)
             self.total -= len(leaf.value)
             self.evictable -= len(leaf.value)
             parent = leaf.parent
             del parent.children[self._page_key(leaf.key, 0)]
+            leaf.in_tree = False
+            self.nodes -= 1
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                heapq.heappush(heap, (parent.last_access, next(self._seq), parent))  # (no compaction mid-loop)
         return freed
+
+    def _push(self, leaf: Node) -> None:
+        """`leaf` is (still) an unlocked leaf as of its last_access: an eviction candidate."""
+        heap = self._heap
+        heapq.heappush(heap, (leaf.last_access, next(self._seq), leaf))
+        if len(heap) > 2 * self.nodes + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the heap's stale entries (one live entry per unlocked leaf remains): at most `nodes`
+        entries after it, so the next rebuild follows at least nodes + 64 pushes (amortised O(1))."""
+        live, seen = [], set()
+        for e in self._heap:
+            leaf = e[2]
+            if (leaf.in_tree and not leaf.lock_ref and not leaf.children and leaf.last_access == e[0]
+                    and id(leaf) not in seen):
+                seen.add(id(leaf))
+                live.append(e)
+        heapq.heapify(live)
+        self._heap = live
+
+    def heap_size(self) -> int:
+        """Entries in the eviction heap, stale ones included (bounded by 2 * nodes + 64; for tests)."""
+        return len(self._heap)
 
     def reset(self) -> bool:
         """Empty the tree (/flush_cache). Only when no request holds a lock; returns whether it did."""
@@ -191,15 +242,6 @@ class RadixCache:
             return False
         self.evict(self.total)
         return True
-
-    def _leaves(self):
-        stack = [self.root]
-        while stack:
-            node = stack.pop()
-            if node.children:
-                stack.extend(node.children.values())
-            elif node is not self.root:
-                yield node
 
 
 def _common(key: list[int], ids: list[int], start: int, page: int, end: int | None = None) -> int:
