@@ -132,18 +132,16 @@ class EngineCore:
 
     @staticmethod
     def _tp_args(args: ServerArgs, device) -> ServerArgs:
-        """Under TP every forward must go through the model's step broadcast on rank 0's thread: one
-        lane (two concurrent lanes would need a process group each) and no CUDA graphs (a replayed
-        graph skips the broadcast), synchronously."""
+        """Under TP every forward must go through the model's step broadcast: no CUDA graphs (a
+        replayed graph skips the broadcast). One lane runs synchronously; split mode needs an
+        explicit `--lanes 2` (each lane then gets its own process groups on every rank, see
+        distributed/parallel_state.py): under TP, `--lanes auto` means one lane, even on a GPU."""
         import dataclasses
 
-        from sglang_duet.executor.duet_executor import resolve_lanes
+        from sglang_duet.distributed.tp_worker import tp_lanes
 
-        if resolve_lanes(args.lanes, device, args.policy) != 1:
-            if str(args.lanes) == "2":
-                raise ValueError(f"--tp-size {args.tp_size} with --lanes 2: split mode under tensor parallelism "
-                                 "(a process group per lane) is not supported yet")
-        return dataclasses.replace(args, lanes="1", disable_cuda_graph=True, disable_overlap_schedule=True)
+        return dataclasses.replace(args, lanes=str(tp_lanes(args)), disable_cuda_graph=True,
+                                   disable_overlap_schedule=True)
 
     def _init_emulated(self, args: ServerArgs) -> None:
         from sglang_duet.executor.emulated import build_emulated

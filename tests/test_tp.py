@@ -212,7 +212,6 @@ def test_sglang_flag_names(capsys):
     assert parse_args(["--nccl-init-addr", "h:1"]).dist_init_addr == "h:1"  # SGLang's older name
     for argv, msg in [(["--tp-size", "3", "--nnodes", "2", "--dist-init-addr", "h:1"], "multiple of --nnodes"),
                       (["--nnodes", "2"], "--dist-init-addr"), (["--node-rank", "1"], "--node-rank 1"),
-                      (["--tp-size", "2", "--lanes", "2"], "--lanes 2"),
                       (["--tp-size", "2", "--disaggregation-mode", "prefill"], "--disaggregation-mode prefill")]:
         with pytest.raises(SystemExit):
             parse_args(argv)
@@ -234,3 +233,85 @@ def test_rendezvous_fails_fast_when_a_follower_is_gone():
         init_tp_group(0, 2, f"tcp://127.0.0.1:{free_port()}", "cpu", timeout_s=5,
                       peers_alive=follower_dies_after_a_moment)
     assert time.monotonic() - t0 < 3
+
+
+# ---- split mode: one pair of process groups per lane ------------------------------------------------
+
+def _cross_lane_rank(rank: int, addr: str, out) -> None:
+    """Each rank issues its two lanes' all-reduces in opposite orders: rank 0 lane 1 first (lane 0
+    waits for it to finish), rank 1 lane 0 first. On one shared group the first calls would be
+    matched with each other (wrong sums, or a hang); each lane's own groups keep them apart."""
+    import threading
+
+    from sglang_duet.distributed.parallel_state import destroy_tp_group, init_tp_group
+
+    group = init_tp_group(rank, 2, addr, "cpu", timeout_s=20, lanes=2)
+    sums, done, started = {}, threading.Event(), threading.Event()
+    value = {(0, 0): 10.0, (0, 1): 1.0, (1, 0): 100.0, (1, 1): 1000.0}  # (rank, lane) -> contribution
+
+    def lane(k: int) -> None:
+        group.bind_lane(k)
+        if (rank, k) == (0, 0):
+            done.wait(20)
+        if (rank, k) == (1, 1):
+            started.wait(20)
+        if (rank, k) == (1, 0):
+            started.set()
+        sums[k] = group.all_reduce(torch.tensor([value[rank, k]])).item()
+        if k == 1:
+            done.set()
+
+    threads = [threading.Thread(target=lane, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    out.put((rank, sums, group.lane, group.num_lanes))
+    destroy_tp_group(group)
+
+
+def test_each_lane_has_its_own_process_groups():
+    import multiprocessing as mp
+
+    from server_utils import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_cross_lane_rank, args=(r, addr, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict((r, (sums, lane, n)) for r, sums, lane, n in (out.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(30)
+    # both ranks: lane 0 summed the lane-0 parts, lane 1 the lane-1 parts; an unbound thread runs lane 0
+    assert got == {r: ({0: 110.0, 1: 1001.0}, 0, 2) for r in (0, 1)}
+
+
+def test_bind_lane_refuses_a_lane_the_group_lacks():
+    from sglang_duet.distributed.parallel_state import TPGroup
+
+    with pytest.raises(ValueError, match="lane 1: this tensor-parallel group has 1 lane"):
+        TPGroup(rank=0, size=2, lanes=(object(),)).bind_lane(1)
+
+
+def test_split_lanes_under_tp_are_token_exact_with_tp1(tp_models):
+    """--tp-size 2 --lanes 2 with a policy that always splits: prefill and decode launches run on
+    both lanes at once on every rank, and the tokens equal tp 1's, one lane, aggregated."""
+    from sglang_duet.engine import Engine
+
+    path = tp_models["qwen3"]
+    prompts = PROMPTS + ["one two three four five six seven"]
+    outs = {}
+    for tp, lanes, policy in [(1, "1", "aggregated"), (2, "2", "static-split")]:
+        eng = Engine(path, tp_size=tp, lanes=lanes, policy=policy, max_total_tokens=8192, chunked_prefill_size=8)
+        try:
+            outs[tp] = [o["output_ids"] for o in eng.generate(prompts, GREEDY)]
+            if tp == 2:
+                stats = eng.core.executor.stats
+                assert eng.core.tp_driver.group.num_lanes == 2
+        finally:
+            eng.shutdown()
+    assert outs[2] == outs[1]
+    assert stats.launches["prefill"] > 0 and stats.launches["decode"] > 0 and stats.launches["aggregated"] == 0
+    assert stats.max_lanes_in_flight == 2  # a prefill and a decode launch were in flight together

@@ -9,10 +9,13 @@ tokens reach the followers as the next batch's input ids. This is vLLM's driver-
 the granularity of one forward; SGLang instead broadcasts the received requests and runs a
 scheduler on every rank, which needs every rank's scheduling to be deterministic.
 
-Every message goes over the gloo control group, under one lock on the driver that also covers
-the forward's collectives, so the ranks issue collectives in the same order. While idle the
-driver sends a keepalive every few seconds, so an idle follower's wait never reaches the group's
-timeout; a rank that dies closes its sockets and its peers' collectives raise at once.
+Every message goes over a lane's gloo control group, under that lane's lock on the driver that
+also covers the forward's collectives, so the ranks issue each lane's collectives in the same
+order. Split mode (`--lanes 2`) runs two lanes: the driver's two executor threads each bind a
+lane (parallel_state.TPGroup.bind_lane) and every follower runs one thread per lane, so a prefill
+and a decode forward run at the same time on every rank, each on its own groups. While idle the
+driver sends a keepalive on each lane every few seconds, so an idle follower's wait never reaches
+the group's timeout; a rank that dies closes its sockets and its peers' collectives raise at once.
 """
 from __future__ import annotations
 
@@ -38,14 +41,22 @@ KEEPALIVE_S = 5.0  # at most; never more than a third of the group's timeout
 _FORWARD, _SETUP, _KEEPALIVE, _STOP = "forward", "setup", "keepalive", "stop"
 
 
+def tp_lanes(args) -> int:
+    """Lanes under tensor parallelism: 2 only for an explicit `--lanes 2` (split mode), else 1. The
+    driver and every follower read it from the same flags, so they create the same groups."""
+    return 2 if str(getattr(args, "lanes", "1")) == "2" else 1
+
+
 @dataclasses.dataclass(frozen=True)
 class TPTopology:
-    """Where the ranks run: `size` ranks over `nnodes` machines, `size // nnodes` per machine."""
+    """Where the ranks run: `size` ranks over `nnodes` machines, `size // nnodes` per machine, each
+    running `lanes` forwards at a time."""
 
     size: int
     init_method: str  # tcp://host:port of rank 0
     nnodes: int = 1
     node_rank: int = 0
+    lanes: int = 1
 
     @classmethod
     def from_args(cls, args) -> "TPTopology":
@@ -64,7 +75,7 @@ class TPTopology:
         host, _, port = addr.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--dist-init-addr must be HOST:PORT, got {addr!r}")
-        return cls(size, f"tcp://{host}:{port}", nnodes, node_rank)
+        return cls(size, f"tcp://{host}:{port}", nnodes, node_rank, tp_lanes(args))
 
     @property
     def local_ranks(self) -> range:
@@ -120,15 +131,17 @@ class TPDriver:
                       for r in self.topology.local_ranks if r != 0}
         for p in self.procs.values():
             p.start()
-        self._lock = threading.Lock()
-        self._last_send = time.monotonic()
+        lanes = range(self.topology.lanes)
+        self._locks = [threading.Lock() for _ in lanes]  # per lane: its broadcast and its forward
+        self._last_send = [time.monotonic() for _ in lanes]
         self._closing = threading.Event()
         self._ready = False  # the followers have loaded and wait on the control group
         self.on_follower_death = None  # callable(rank, exitcode); set by the server's scheduler
         threading.Thread(target=self._watch, name="tp-watch", daemon=True).start()
         try:
             self.group = init_tp_group(0, self.topology.size, self.topology.init_method, self.device,
-                                       getattr(args, "dist_timeout", None), peers_alive=self._check_alive)
+                                       getattr(args, "dist_timeout", None), peers_alive=self._check_alive,
+                                       lanes=self.topology.lanes)
         except BaseException:
             self.group = None
             self.shutdown()
@@ -138,17 +151,21 @@ class TPDriver:
         """Tell the followers the KV pool's size (rank 0 decides: every pool must have the same slots).
         This waits until every rank has loaded its shard, under the rendezvous timeout (loading may
         take longer than a step may); the idle keepalive starts after it."""
-        with self._lock:
+        with contextlib.ExitStack() as held:
+            for lock in self._locks:
+                held.enter_context(lock)
             self.group.broadcast_object((_SETUP, kv_slots), startup=True)
-            self._last_send = time.monotonic()
+            self._last_send = [time.monotonic()] * len(self._locks)
             self._ready = True
         threading.Thread(target=self._keepalive, name="tp-keepalive", daemon=True).start()
 
     @contextlib.contextmanager
     def step(self, fb):
-        """Broadcast the batch, then run the driver's own forward, all under the lock."""
-        with self._lock:
-            self._send_locked((_FORWARD, _portable(fb)))
+        """Broadcast the batch on the calling thread's lane, then run the driver's own forward, all
+        under that lane's lock."""
+        lane = self.group.lane
+        with self._locks[lane]:
+            self._send_locked(lane, (_FORWARD, _portable(fb)))
             yield
 
     def shutdown(self) -> None:
@@ -156,8 +173,9 @@ class TPDriver:
             return
         self._closing.set()
         if self._ready:  # else they wait for the setup message: nothing to finish, stop them
-            with contextlib.suppress(Exception):
-                self._send((_STOP,))
+            for lane in range(len(self._locks)):  # each follower thread stops on its own lane
+                with contextlib.suppress(Exception):
+                    self._send(lane, (_STOP,))
         for p in self.procs.values():
             p.join(5 if self._ready else 0)
             if p.is_alive():
@@ -176,27 +194,28 @@ class TPDriver:
             raise RuntimeError(f"tensor-parallel rank(s) {sorted(dead)} exited while starting (exit codes "
                                f"{sorted(dead.values(), key=str)}); see their log lines above")
 
-    def _send(self, msg) -> None:
-        with self._lock:
-            self._send_locked(msg)
+    def _send(self, lane: int, msg) -> None:
+        with self._locks[lane]:
+            self._send_locked(lane, msg)
 
-    def _send_locked(self, msg) -> None:
-        self.group.broadcast_object(msg)
-        self._last_send = time.monotonic()
+    def _send_locked(self, lane: int, msg) -> None:
+        self.group.broadcast_object(msg, lane=lane)
+        self._last_send[lane] = time.monotonic()
 
     def _keepalive(self) -> None:
         every = min(KEEPALIVE_S, self.group.timeout_s / 3)
         while not self._closing.wait(min(1.0, every / 2)):
-            if time.monotonic() - self._last_send < every or not self._lock.acquire(blocking=False):
-                continue
-            try:
-                if not self._closing.is_set():
-                    self._send_locked((_KEEPALIVE,))
-            except Exception as e:  # noqa: BLE001 - a dead peer: the watcher and the next step report it
-                logger.error("tensor-parallel keepalive failed: %s", e)
-                return
-            finally:
-                self._lock.release()
+            for lane, lock in enumerate(self._locks):
+                if time.monotonic() - self._last_send[lane] < every or not lock.acquire(blocking=False):
+                    continue
+                try:
+                    if not self._closing.is_set():
+                        self._send_locked(lane, (_KEEPALIVE,))
+                except Exception as e:  # noqa: BLE001 - a dead peer: the watcher and the next step report it
+                    logger.error("tensor-parallel keepalive failed: %s", e)
+                    return
+                finally:
+                    lock.release()
 
     def _watch(self) -> None:
         sentinels = {p.sentinel: r for r, p in self.procs.items()}
@@ -213,7 +232,6 @@ class TPDriver:
 
 def follower_main(rank: int, topology: TPTopology, args, device: str) -> None:
     """A follower rank's process: load this rank's shard, then run every forward rank 0 sends."""
-    from sglang_duet.kernels.attention import get_attention_backend
     from sglang_duet.memory.kv_pool import KVCachePool
     from sglang_duet.model_loader.loader import load_model
 
@@ -226,7 +244,8 @@ def follower_main(rank: int, topology: TPTopology, args, device: str) -> None:
     dev = rank_device(torch.device(device), rank, per_node)
     group = None
     try:
-        group = init_tp_group(rank, topology.size, topology.init_method, dev, getattr(args, "dist_timeout", None))
+        group = init_tp_group(rank, topology.size, topology.init_method, dev, getattr(args, "dist_timeout", None),
+                              lanes=topology.lanes)
         loaded = load_model(args.model_path, load_format=args.load_format, dtype=args.dtype, device=str(dev),
                             model_config_path=args.model_config, seed=args.random_seed, tp=group,
                             tokenizer=False)
@@ -236,6 +255,28 @@ def follower_main(rank: int, topology: TPTopology, args, device: str) -> None:
             raise RuntimeError(f"tensor-parallel rank {rank}: expected the setup message, got {msg[0]!r}")
         dtype = next(model.parameters()).dtype
         pool = KVCachePool(cfg.num_hidden_layers, msg[1], model.layout.num_kv_heads, cfg.head_dim, dtype, dev)
+        lanes = [threading.Thread(target=_follow_lane, args=(group, lane, model, pool, args, cfg, dev),
+                                  name=f"tp{rank}-lane{lane}", daemon=True) for lane in range(1, group.num_lanes)]
+        for t in lanes:
+            t.start()
+        _follow_lane(group, 0, model, pool, args, cfg, dev)
+        for t in lanes:
+            t.join()
+    except Exception as e:  # noqa: BLE001 - the driver and the launcher see the exit code
+        logger.error("tensor-parallel rank %d stops: %s", rank, e)
+        os._exit(1)  # never wait on a collective again (atexit handlers of torch.distributed could)
+    if group is not None:
+        destroy_tp_group(group)
+
+
+def _follow_lane(group: TPGroup, lane: int, model, pool, args, cfg, dev) -> None:
+    """Run every forward the driver sends on `lane` until it says stop. Each lane has its own
+    attention backend (backends keep per-step plan state); the KV pool is shared, as on the driver
+    (the lanes' requests hold disjoint slots). A failure on any lane ends the whole rank."""
+    from sglang_duet.kernels.attention import get_attention_backend
+
+    try:
+        group.bind_lane(lane)
         attn = get_attention_backend(args.attention_backend, local_model_config(cfg, group), dev)
         with torch.inference_mode():
             while True:
@@ -243,12 +284,10 @@ def follower_main(rank: int, topology: TPTopology, args, device: str) -> None:
                 if msg[0] == _FORWARD:
                     model(_to_device(msg[1], dev), attn, pool)
                 elif msg[0] == _STOP:
-                    break
+                    return
     except Exception as e:  # noqa: BLE001 - the driver and the launcher see the exit code
-        logger.error("tensor-parallel rank %d stops: %s", rank, e)
-        os._exit(1)  # never wait on a collective again (atexit handlers of torch.distributed could)
-    if group is not None:
-        destroy_tp_group(group)
+        logger.error("tensor-parallel rank %d, lane %d stops: %s", group.rank, lane, e)
+        os._exit(1)
 
 
 def run_node_followers(args) -> int:

@@ -64,6 +64,7 @@ from typing import Callable
 import torch
 
 from sglang_duet.core.plan import LaneKind, Launch, LaunchResult, ReqWork
+from sglang_duet.distributed.parallel_state import SINGLE
 from sglang_duet.executor.base import Executor
 from sglang_duet.executor.gpu_executor import (
     EventTimer, GPUModelExecutor, _HostMark, build_model_executor, graph_decode_steps,
@@ -238,16 +239,20 @@ class DuetStats:
 
 
 class _LaneWorker(threading.Thread):
-    """Issues one lane group's launches in order, one at a time."""
+    """Issues one lane group's launches in order, one at a time. Under tensor parallelism the
+    thread binds its lane of the TP group (`tp_lane`): its forwards' collectives and step
+    broadcasts then run on that lane's process groups, concurrently with the other worker's."""
 
-    def __init__(self, name: str, executor: "DuetGPUExecutor"):
+    def __init__(self, name: str, executor: "DuetGPUExecutor", tp_lane: int):
         super().__init__(name=f"duet-{name}", daemon=True)
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.ex = executor
+        self.tp_lane = tp_lane
 
     def run(self) -> None:
         if self.ex.device.type == "cuda":
             torch.cuda.set_device(self.ex.device)
+        self.ex.tp.bind_lane(self.tp_lane)
         while True:
             item = self.q.get()
             if item is None:
@@ -310,7 +315,11 @@ class DuetGPUExecutor(Executor):
         self._inflight: dict[int, _Record] = {}
         self._cv = threading.Condition()
         self._seq = 0  # bumped by workers when a record is issued (poll's lost-wakeup guard)
-        self._workers = {"main": _LaneWorker("main", self), "prefill": _LaneWorker("prefill", self)}
+        self.tp = getattr(model, "tp", SINGLE)
+        if self.tp.size > 1 and self.tp.num_lanes < 2:
+            raise ValueError("the two-lane executor under tensor parallelism needs a TP group with two lanes "
+                             "(--lanes 2 when the ranks start)")
+        self._workers = {"main": _LaneWorker("main", self, 0), "prefill": _LaneWorker("prefill", self, 1)}
         for w in self._workers.values():
             w.start()
         self._closed = False

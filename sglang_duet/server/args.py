@@ -162,9 +162,6 @@ def check_server_args(a: ServerArgs) -> str | None:
     if a.tp_size > 1 and a.executor == "emulated" and a.nnodes > 1:
         return (f"--nnodes {a.nnodes}: --executor emulated emulates the whole --tp-size {a.tp_size} group in one "
                 "process (cost_model/tp.py prices it); use --nnodes 1")
-    if a.tp_size > 1 and str(a.lanes) == "2" and a.executor == "model":
-        return (f"--tp-size {a.tp_size} with --lanes 2: split mode under tensor parallelism (a process group per "
-                "lane) is not supported yet")
     if a.tp_size > 1 and a.disaggregation_mode != "null":
         return (f"--tp-size {a.tp_size} with --disaggregation-mode {a.disaggregation_mode}: KV transfer between "
                 "tensor-parallel instances (each rank holds only its KV heads) is not supported yet")
