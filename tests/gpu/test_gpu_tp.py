@@ -32,3 +32,23 @@ def test_tp2_nccl_fp32_token_exact_vs_cpu(family, tiny_model_factory):
     finally:
         eng.shutdown()
     assert got == want
+
+
+def test_tp2_split_lanes_nccl_token_exact_vs_cpu(tiny_model_factory):
+    """--lanes 2 under TP on two GPUs: each lane's collectives on its own NCCL communicator, the
+    prefill and decode lanes in flight together, tokens equal to the CPU engine's."""
+    path = tiny_model_factory("qwen3")
+    ref = Engine(path, dtype="float32", device="cpu", max_total_tokens=8192)
+    try:
+        want = [o["output_ids"] for o in ref.generate(PROMPTS, GREEDY)]
+    finally:
+        ref.shutdown()
+    eng = Engine(path, dtype="float32", device="cuda", tp_size=2, lanes="2", policy="static-split",
+                 attention_backend="torch", max_total_tokens=8192, chunked_prefill_size=8)
+    try:
+        assert eng.core.tp_driver.group.num_lanes == 2
+        got = [o["output_ids"] for o in eng.generate(PROMPTS, GREEDY)]
+        assert eng.core.executor.stats.max_lanes_in_flight == 2
+    finally:
+        eng.shutdown()
+    assert got == want
