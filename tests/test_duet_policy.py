@@ -467,3 +467,111 @@ def test_the_engine_tells_the_policy_how_many_lanes_run(tiny_model_factory):
     emu = EngineCore(ServerArgs(executor="emulated", model_config=f"{ROOT}/configs/models/smollm2-135m.json",
                                 policy="duet", max_total_tokens=4096))
     assert emu.policy.ctx.lanes == 2 and 32 not in emu.policy.budgets
+
+
+# ---- plan() outputs pinned -----------------------------------------------------------------------
+#
+# The search is tuned for host time (plan() overhead, benchmark/policy_overhead.py); such work must
+# not change a decision. These fingerprints were computed with the code before that work (commit
+# 31ef5cc): every plan's state, move, reason (its numbers as printed), lanes, SM counts, predicted ms
+# and calibration to 9 significant digits, over scripted views and a short simulated run.
+
+
+def _plan_line(pol, plan) -> str:
+    d = pol.last
+    if plan is None:
+        return f"{d.state.value}|{d.move.value}|{d.reason}|{d.candidates}"
+    lanes = [(lane.value, [(c.rid, c.start, c.length) for c in b.prefill], list(b.decode), b.steps)
+             for lane, b in plan.lane_batches()]
+    pred = ",".join(f"{k}={v:.9g}" for k, v in sorted(plan.predicted_ms.items()))
+    parts = ",".join(f"{lane.value}={c:.9g}/{m:.9g}" for lane, (c, m) in d.parts.items())
+    cal = ",".join(f"{c.a:.9g}/{c.b:.9g}" for c in pol.calibration.values())
+    return f"{plan.reason}|{d.candidates}|{lanes}|{plan.prefill_sms}|{plan.decode_sms}|{pred}|{parts}|{cal}"
+
+
+def _scripted_views(rng: random.Random, batch: int, queue: int):
+    """Both lanes idle, a prefill running and a decode launch running, on one random population."""
+    now = 50.0
+    decs = []
+    for i in range(batch):
+        out = rng.randint(1, 300)
+        decs.append(decoding(f"d{i}", rng.randint(64, 9000), out=out, max_new=out + rng.randint(1, 40),
+                             last=now - rng.uniform(0.0, 0.04)))
+    wait = [waiting(f"w{i}", rng.randint(20, 9000), arrival=now - rng.uniform(0.0, 1.5)) for i in range(queue)]
+    wait.sort(key=lambda r: r.arrival_time)
+    pre = []
+    if queue and rng.random() < 0.5:
+        p = waiting("pre", rng.randint(3000, 12000), arrival=now - 0.4)
+        p.state, p.num_computed = ReqState.RUNNING, rng.randint(1, 2500)
+        pre = [p]
+    kv = rng.choice([300_000, 60_000, 9_000])
+    busy_p = launch(LaneKind.PREFILL, LaneBatch(prefill=[PrefillChunk("x", 0, 4096)]), rng.choice([76, 100, 124]),
+                    rng.uniform(5.0, 200.0),
+                    work=[ReqWork("x", [1] * 4096, 0, [], rng.random() < 0.5)])
+    half = decs[: batch // 2]
+    busy_d = launch(LaneKind.DECODE, LaneBatch(decode=[r.rid for r in half], steps=rng.randint(1, 8)),
+                    rng.choice([8, 32, 56]), rng.uniform(2.0, 90.0),
+                    work=[ReqWork(r.rid, [5], r.num_computed, [], True, 4, params=r.params, output_ids=r.output_ids,
+                                  prompt_ids=r.prompt_ids) for r in half])
+    return [
+        view(wait=wait, dec=decs, pre=pre, kv_free=kv, now=now),
+        view(wait=wait, dec=decs, pre=pre, kv_free=kv, now=now, idle={LaneKind.DECODE},
+             inflight={LaneKind.PREFILL: busy_p}),
+        view(wait=wait, dec=decs[batch // 2:], pre=pre, kv_free=kv, now=now, idle={LaneKind.PREFILL},
+             inflight={LaneKind.DECODE: busy_d}),
+    ]
+
+
+def _scripted_trace(lanes: int) -> list[str]:
+    rng = random.Random(7)
+    lines = []
+    for slo in (20.0, 50.0, 100.0):
+        c = ctx(slo=slo)
+        c.lanes = lanes
+        pol = load_policy("duet", c)
+        for batch in (0, 1, 7, 64, 256, 700):
+            for queue in (0, 1, 5, 32):
+                for v in _scripted_views(rng, batch, queue):
+                    lines.append(_plan_line(pol, pol.plan(v)))
+                    # move the calibration as measured launches would, then plan the same view again
+                    pol.calibration[LaneKind.AGGREGATED].update(20.0, 8.0, rng.uniform(20.0, 40.0))
+                    pol.calibration[LaneKind.DECODE].update(1.0, 9.0, rng.uniform(8.0, 14.0))
+                    pol.calibration[LaneKind.PREFILL].update(30.0, 2.0, rng.uniform(25.0, 45.0))
+                    lines.append(_plan_line(pol, pol.plan(v)))
+    return lines
+
+
+def _simulated_trace(monkeypatch) -> list[str]:
+    from sglang_duet.simulator import SimConfig, simulate
+    from sglang_duet.simulator.loop import build_cost_model
+
+    lines = []
+    plan = DuetPolicy.plan
+
+    def traced(self, v):
+        p = plan(self, v)
+        lines.append(_plan_line(self, p))
+        return p
+
+    monkeypatch.setattr(DuetPolicy, "plan", traced)
+    cfg = SimConfig(policy="duet", workload="azure-conv", rate=40.0, num_requests=150, chunked_prefill_size=8192,
+                    tbt_slo_ms=60.0)
+    simulate(cfg, cost_model=build_cost_model("qwen3-8b", "h100"))
+    return lines
+
+
+PINNED_PLANS = {
+    "scripted, two lanes": (432, "6373e51e33fdba07"),
+    "scripted, one lane": (432, "8b44fb18b7fac53c"),
+    "simulated": (899, "47919e1e9b9ff932"),
+}
+
+
+def test_plans_are_pinned(monkeypatch):
+    import hashlib
+
+    traces = {"scripted, two lanes": _scripted_trace(2), "scripted, one lane": _scripted_trace(1),
+              "simulated": _simulated_trace(monkeypatch)}
+    got = {k: (len(v), hashlib.sha256("\n".join(v).encode()).hexdigest()[:16]) for k, v in traces.items()}
+    assert sum(1 for line in traces["scripted, two lanes"] if "[" in line.split("|")[0]) > 100  # plans launched
+    assert got == PINNED_PLANS
