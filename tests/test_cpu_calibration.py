@@ -116,3 +116,23 @@ def test_the_cache_key_names_what_changes_a_rank_s_timings(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 977)
     others.add(cc.calibration_key(model, "torch.float32", "TorchAttention"))
     assert len(others) == 5 and key not in others
+
+
+def test_timed_batches_never_hold_more_kv_than_the_pool():
+    """A small pool shortens the decode shapes' contexts (the two-lane executor's static decode
+    buffers are sized from the pool: `--lanes 2 --max-total-tokens 1024` failed at start-up with
+    "4128 kv indices exceed the static buffer"), and every decode shape is still timed."""
+    class Recorder:
+        def __init__(self):
+            self.kv = []
+
+        def run(self, launch):
+            self.kv.append(sum(len(w.kv_slots) for w in launch.work))
+
+    for capacity, context in [(1023, 4096), (100_000, 300)]:
+        ex = Recorder()
+        points = cc.measure(ex, capacity, context, budget_s=1e9)
+        assert max(ex.kv) <= capacity
+        decodes = [reqs for reqs, _ in points if reqs[0][0] == 1]
+        assert [len(r) for r in decodes] and sorted(len(r) for r in decodes) == sorted(b for b, _ in cc.DECODE_SHAPES)
+        assert all(c + 1 < context for reqs in decodes for _, c in reqs)

@@ -242,7 +242,10 @@ def measure(executor, capacity: int, context_length: int, budget_s: float = TIME
     limit = min(capacity, context_length) - 1
     params = SamplingParams(temperature=0.0, max_new_tokens=1)
     shapes = [[(t, 0)] for t in PREFILL_LENGTHS if t <= limit]
-    shapes += [[(1, c)] * b for b, c in DECODE_SHAPES if c + 1 <= limit]
+    # A batch never holds more KV than the pool (nor than the two-lane executor's static decode
+    # buffers, sized from the pool): a small pool shortens the decode contexts instead.
+    decode_ctx = [(b, min(c, capacity // b - 1, limit - 1)) for b, c in DECODE_SHAPES]
+    shapes += [[(1, c)] * b for b, c in decode_ctx if c >= 1]
     shapes += [[(q, c)] for q, c in CACHED_PREFILLS if q + c <= limit]
     shapes.sort(key=lambda reqs: sum(q for q, _ in reqs) + sum(c for _, c in reqs) / 16)  # cheap first
     out: list[tuple[list, float]] = []
