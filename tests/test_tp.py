@@ -315,3 +315,33 @@ def test_split_lanes_under_tp_are_token_exact_with_tp1(tp_models):
     assert outs[2] == outs[1]
     assert stats.launches["prefill"] > 0 and stats.launches["decode"] > 0 and stats.launches["aggregated"] == 0
     assert stats.max_lanes_in_flight == 2  # a prefill and a decode launch were in flight together
+
+
+def test_gguf_tensors_are_dequantised_one_at_a_time(tiny_model_factory, tmp_path, monkeypatch):
+    """A rank loading a GGUF holds one whole dequantised tensor at a time, not the checkpoint:
+    reading the file dequantises nothing, and each tensor is dequantised when the loader reaches it."""
+    from sglang_duet.distributed.parallel_state import TPGroup
+    from sglang_duet.model_loader import gguf_loader
+    from sglang_duet.model_loader.loader import load_model
+    from sglang_duet.models.llama import LlamaForCausalLM
+
+    path = write_tiny_gguf(tiny_model_factory("llama"), str(tmp_path / "tiny.gguf"))
+    real, calls = gguf_loader._dequantize, []
+    monkeypatch.setattr(gguf_loader, "_dequantize", lambda t: calls.append(t.name) or real(t))
+    contents = gguf_loader.read_gguf(path)
+    assert calls == []
+    tensors = contents.iter_tensors()
+    next(tensors)
+    assert len(calls) == 1
+    assert 1 + sum(1 for _ in tensors) == len(calls) == len(contents.reader.tensors)
+    calls.clear()
+    seen = []  # dequantisations done when each weight reaches the model
+
+    def load_weights(self, weights):
+        for name, _ in weights:
+            seen.append(len(calls))
+
+    monkeypatch.setattr(LlamaForCausalLM, "load_weights", load_weights)
+    monkeypatch.setattr("sglang_duet.model_loader.loader._prepare_for_inference", lambda *a: None)
+    load_model(path, tokenizer=False, tp=TPGroup(rank=1, size=2))
+    assert seen == list(range(1, len(seen) + 1))  # the i-th weight arrives right after the i-th dequantisation

@@ -87,7 +87,7 @@ class TPLayout:
 
 
 def shard_tensor(t: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
-    """This rank's slice of a whole tensor (GGUF: dequantised whole first, then sliced)."""
+    """This rank's slice of a whole tensor (GGUF: each tensor dequantised whole first, then sliced)."""
     if spec is None:
         return t
     return t.narrow(spec.dim, spec.start, spec.end - spec.start)

@@ -70,9 +70,9 @@ def convert_gguf_to_hf(gguf_path: str, target: str) -> str:
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(target) + "-", dir=parent)
     try:
         contents = read_gguf(gguf_path)
-        tensors = {k: v.to(torch.float32).contiguous() for k, v in contents.tensors.items()}
+        tensors = {k: v.to(torch.float32).contiguous() for k, v in contents.iter_tensors()}
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        del tensors, contents.tensors
+        del tensors
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(contents.config, f, indent=2)
         tok = load_gguf_tokenizer(gguf_path, contents.tokenizer_pre)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,9 +38,38 @@ _BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 @dataclass
 class GGUFContents:
     config: dict  # HF-style config.json contents
-    tensors: dict[str, torch.Tensor]  # HF names -> float32 tensors (q/k un-permuted)
     chat_template: str | None
     tokenizer_pre: str | None  # llama.cpp pre-tokenizer name (tokenizer.ggml.pre)
+    reader: object = field(repr=False, default=None)  # gguf.GGUFReader (memory-maps the file)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, float32 tensor) pairs, q/k un-permuted, each dequantised only when reached: a
+        caller that keeps a slice of each (a tensor-parallel rank) holds one whole tensor at a
+        time, never the whole checkpoint."""
+        n_heads, n_kv = self.config["num_attention_heads"], self.config["num_key_value_heads"]
+        for t in self.reader.tensors:
+            if t.name == "rope_freqs.weight":  # read into the config by read_gguf
+                continue
+            w = torch.from_numpy(_dequantize(t))
+            if t.name in _GLOBAL_MAP:
+                yield _GLOBAL_MAP[t.name], w
+                continue
+            mt = _BLK.match(t.name)
+            if mt is None or mt.group(2) not in _LAYER_MAP:
+                raise ValueError(f"Unexpected GGUF tensor {t.name!r}")
+            layer, kind, suffix = mt.groups()
+            if kind == "attn_q":
+                w = unpermute_qk(w, n_heads)
+            elif kind == "attn_k":
+                w = unpermute_qk(w, n_kv)
+            yield f"model.layers.{layer}.{_LAYER_MAP[kind]}.{suffix}", w
+
+
+def _dequantize(t) -> np.ndarray:
+    import gguf
+
+    arr = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    return arr.copy() if not arr.flags.writeable else arr  # F32/F16 come back as read-only views of the mmap
 
 
 def _meta(reader, key: str, default=None):
@@ -133,37 +163,20 @@ def _llama3_scaling_from_factors(factors: np.ndarray, cfg: dict) -> dict:
 
 
 def read_gguf(path: str) -> GGUFContents:
+    """The file's config, chat template and pre-tokenizer name now; its tensors lazily
+    (`GGUFContents.iter_tensors`)."""
     import gguf  # lazy: only GGUF users pay for the import
 
     reader = gguf.GGUFReader(path)
     names = {t.name for t in reader.tensors}
     cfg = gguf_config(reader, names)
-    n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        arr = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if not arr.flags.writeable:  # F32/F16 tensors come back as read-only views of the mmap
-            arr = arr.copy()
-        w = torch.from_numpy(arr)
-        if t.name == "rope_freqs.weight":
-            sc = _llama3_scaling_from_factors(arr, cfg)
+        if t.name == "rope_freqs.weight":  # llama 3.x: the scaling is a tensor, part of the config
+            sc = _llama3_scaling_from_factors(_dequantize(t), cfg)
             cfg["rope_scaling"] = sc
             cfg["rope_parameters"] = {**sc, "rope_theta": cfg["rope_theta"]}
-            continue
-        if t.name in _GLOBAL_MAP:
-            tensors[_GLOBAL_MAP[t.name]] = w
-            continue
-        mt = _BLK.match(t.name)
-        if mt is None or mt.group(2) not in _LAYER_MAP:
-            raise ValueError(f"Unexpected GGUF tensor {t.name!r}")
-        layer, kind, suffix = mt.groups()
-        if kind == "attn_q":
-            w = unpermute_qk(w, n_heads)
-        elif kind == "attn_k":
-            w = unpermute_qk(w, n_kv)
-        tensors[f"model.layers.{layer}.{_LAYER_MAP[kind]}.{suffix}"] = w
-    return GGUFContents(config=cfg, tensors=tensors, chat_template=_meta(reader, "tokenizer.chat_template"),
-                        tokenizer_pre=_meta(reader, "tokenizer.ggml.pre"))
+    return GGUFContents(config=cfg, chat_template=_meta(reader, "tokenizer.chat_template"),
+                        tokenizer_pre=_meta(reader, "tokenizer.ggml.pre"), reader=reader)
 
 
 def load_gguf_tokenizer(path: str, tokenizer_pre: str | None = None):

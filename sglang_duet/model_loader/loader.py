@@ -230,9 +230,9 @@ def _load_gguf(path: str, dtype: str, device: torch.device, tp=None, tokenizer: 
     cfg.name = cfg.name or os.path.basename(path).removesuffix(".gguf")
     torch_dtype = resolve_dtype(dtype, cfg.dtype, device)
     model = _empty_model(cfg, torch_dtype, device, tp)
-    # GGUF tensors are dequantised whole by read_gguf, then sliced: each rank holds the whole
-    # dequantised checkpoint on the host while loading (safetensors reads only the slice).
-    model.load_weights((n, shard_tensor(t, model.weight_shard(n))) for n, t in contents.tensors.items())
+    # Each GGUF tensor is dequantised whole when reached, sliced, copied into this rank's shard and
+    # dropped: a rank holds one whole tensor at a time (safetensors reads only the slice).
+    model.load_weights((n, shard_tensor(t, model.weight_shard(n))) for n, t in contents.iter_tensors())
     _prepare_for_inference(model, device)
     tok = load_gguf_tokenizer(path, contents.tokenizer_pre) if tokenizer else None
     template = getattr(tok, "chat_template", None) or contents.chat_template
