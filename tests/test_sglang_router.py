@@ -2,13 +2,26 @@
 in front of two sglang-duet servers (embedded SmolLM2, CPU).
 
 Through the router, with the official openai client and the native /generate: greedy outputs
-equal one server's, both workers serve (round robin), the router registered each worker's
-tokenizer (it reads /server_info), and killing one worker under load ends only the streams it
+equal one server's, usage passes through, both workers serve (round robin), the router registered
+each worker's tokenizer (it reads /server_info), SGLang's own bench_serving completes every
+request with both workers serving, and killing one worker under load ends only the streams it
 served while the router keeps answering with the other.
+
+SGLang's bench_serving: sglang 0.5.4's standalone `sglang/bench_serving.py`, where
+`pip install --no-deps sglang==0.5.4 && pip install pybase64 datasets` put it (all of SGLang's
+dependencies would replace this project's torch). Not 0.5.3: it reads `internal_states` from the
+router's own `/get_server_info` answer (`{"router_manager": true, ...}`, not a worker's) and
+fails after the run, whatever the workers; 0.5.4 checks first. Newer ones need SGLang's runtime.
 """
 from __future__ import annotations
 
+import ast
+import importlib.util
+import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -27,6 +40,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
            "Water boils at"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+BENCH_INSTALL = "pip install --no-deps sglang==0.5.4 && pip install pybase64 datasets"
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +116,56 @@ def test_native_generate_streams_through_the_router(workers, routers):
 
     last = json.loads(events[-2])
     assert last["text"] == ref["text"] and last["meta_info"]["finish_reason"] == ref["meta_info"]["finish_reason"]
+
+
+def test_usage_passes_through_the_router(workers, routers):
+    direct, routed = _client(workers[0].base_url), _client(routers["round_robin"].url)
+    model = direct.models.list().data[0].id
+    ref = direct.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0).usage
+    assert ref.prompt_tokens > 0 and ref.completion_tokens == 6
+    for _ in range(2):  # round robin: once through each worker
+        got = routed.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0).usage
+        assert (got.prompt_tokens, got.completion_tokens, got.total_tokens) == (
+            ref.prompt_tokens, ref.completion_tokens, ref.total_tokens)
+        chunks = list(routed.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6, chunks[-1]
+
+
+def _sglang_bench_serving() -> str:
+    """SGLang's own bench_serving.py, found without importing sglang (its package __init__ needs
+    SGLang's whole runtime); only the standalone file of sglang <= 0.5.x works that way."""
+    spec = importlib.util.find_spec("sglang")
+    path = os.path.join(spec.submodule_search_locations[0], "bench_serving.py") if spec else ""
+    if not os.path.exists(path):
+        pytest.skip(f"SGLang's bench_serving is not installed ({BENCH_INSTALL})")
+    tops = [n for n in ast.parse(open(path).read()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    if any((getattr(n, "module", None) or "").startswith("sglang") for n in tops):
+        pytest.skip(f"{path} imports SGLang's runtime (a newer sglang); {BENCH_INSTALL}")
+    return path
+
+
+def test_sglang_bench_serving_through_the_router(workers, routers, tmp_path):
+    """`python -m sglang.bench_serving --backend sglang` against the router: every request completes
+    and both workers serve (cache-aware routing, the router's default)."""
+    bench = _sglang_bench_serving()
+    info = httpx.get(workers[0].url("/get_model_info"), timeout=10).json()
+    before = [_submitted(w) for w in workers]
+    out, n = tmp_path / "bench.jsonl", 32
+    cmd = [sys.executable, bench, "--backend", "sglang", "--base-url", routers["cache_aware"].url,
+           "--model", _client(workers[0].base_url).models.list().data[0].id, "--tokenizer", info["tokenizer_path"],
+           "--dataset-name", "random-ids", "--random-input-len", "64", "--random-output-len", "16",
+           "--random-range-ratio", "0.5", "--num-prompts", str(n), "--request-rate", "8", "--seed", "1",
+           "--flush-cache", "--disable-tqdm", "--output-file", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text().splitlines()[-1])
+    assert result["completed"] == n, run.stdout[-3000:]
+    served = [_submitted(w) - b for w, b in zip(workers, before)]
+    print(f"bench_serving: {result['completed']}/{n} completed, {result['output_throughput']:.1f} output tok/s; "
+          f"requests per worker {served}")
+    assert min(served) > 0 and sum(served) >= n, served  # both workers served; n plus bench_serving's warm-up
 
 
 def test_router_loaded_the_workers_tokenizer(routers):

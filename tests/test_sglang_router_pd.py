@@ -4,10 +4,11 @@
 
 The router adds bootstrap_host/port/room and sends each request to both; the decode instance gets
 the first token and the KV of the room from the prefill instance (rooms.py). Checked: greedy
-outputs equal a single server's (openai completions and chat, streaming and not; native
-/generate), every request's KV was pulled, no KV is left held on either side after streams that
-clients abandon midway, and killing the decode instance under load ends its streams (no hang)
-while the prefill instance frees what it held.
+outputs equal a plain single server's (openai completions and chat, streaming and not; native
+/generate), every request's KV was pulled, no KV is left held on either side after 200 streams of
+which clients abandon most midway, and killing the decode instance under load ends every one of
+its streams with an error within the issue's 1 s (plus a documented margin) while the prefill
+instance frees what it held.
 """
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ openai = pytest.importorskip("openai")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 KV_TIMEOUT_S = 8
+# Issue 16: a decode instance killed mid-load ends its streams with an error within 1 s. Measured
+# 0.07-0.13 s here (the kernel resets the instance's sockets at once; sglang-router ends each
+# stream as its upstream read fails). The margin is for the client threads' wake-up on a shared
+# 2-core machine at load ~10, not for anything the servers do.
+KILL_TO_ERROR_S = 1.0
+KILL_TO_ERROR_MARGIN_S = 0.5
 # The KV goes between the instances through Mooncake (TCP on loopback: the path peers on other hosts
 # take) where its engine loads; shm otherwise (test_disagg covers shm through pd-local anyway).
 TRANSPORT = "shm" if mooncake_error() else "mooncake"
@@ -44,7 +51,15 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def pd():
+def single():
+    """The reference: a plain server (no disaggregation mode), the engine PD must reproduce."""
+    server = ServerProcess(["--max-total-tokens", "6000"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pd(single):  # the reference server starts first: three processes loading at once fight over 2 cores
     port = free_port()
     common = ["--disaggregation-kv-timeout-s", str(KV_TIMEOUT_S), "--max-total-tokens", "6000",
               "--disaggregation-transfer-backend", TRANSPORT]
@@ -98,9 +113,8 @@ def _texts(client, model: str, stream: bool) -> list[str]:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_openai_outputs_equal_a_single_server(pd, stream):
-    # the reference: the prefill instance serving ordinary requests itself (the same engine as a plain server)
-    ref, routed = _client(pd["prefill"].base_url), _client(pd["router"].url)
+def test_openai_outputs_equal_a_single_server(pd, single, stream):
+    ref, routed = _client(single.base_url), _client(pd["router"].url)
     model = ref.models.list().data[0].id
     before = _pulled(pd["prefill"])
     assert _texts(routed, model, stream) == _texts(ref, model, stream)
@@ -108,9 +122,9 @@ def test_openai_outputs_equal_a_single_server(pd, stream):
     assert f"via {TRANSPORT}:" in pd["decode"].log_tail(1 << 22)
 
 
-def test_native_generate_equals_a_single_server(pd):
+def test_native_generate_equals_a_single_server(pd, single):
     body = {"text": PROMPTS[1], "sampling_params": {"max_new_tokens": 16, "temperature": 0}}
-    ref = httpx.post(pd["prefill"].url("/generate"), json=body, timeout=60).json()
+    ref = httpx.post(single.url("/generate"), json=body, timeout=60).json()
     got = httpx.post(f"{pd['router'].url}/generate", json=body, timeout=60).json()
     assert got["output_ids"] == ref["output_ids"] and got["text"] == ref["text"]
     with httpx.stream("POST", f"{pd['router'].url}/generate", json={**body, "stream": True}, timeout=60) as r:
@@ -119,36 +133,49 @@ def test_native_generate_equals_a_single_server(pd):
 
 
 def test_abandoned_streams_leave_no_kv_held(pd):
-    """200 requests, 16 at a time; 3 in 4 are abandoned by their client at its 1st, 2nd or 4th chunk."""
+    """200 requests, 16 at a time. 3 in 5 are abandoned by their client at its 1st, 2nd or 4th chunk;
+    1 in 5 by a read timeout of 20-500 ms, which lands anywhere (before the prefill's answer, while
+    the KV moves, mid-decode; some finish first). The others must all complete, and neither instance
+    may keep KV or a running request afterwards."""
     from concurrent.futures import ThreadPoolExecutor
 
     client = _client(pd["router"].url)
     model = client.models.list().data[0].id
     rng = random.Random(0)
-    plans = [rng.choice([0, 1, 3, None]) for _ in range(200)]  # chunks to read before leaving; None: read all
-    finished = []
+    # chunks to read before leaving; None: read all; a float: the read timeout the client gives up at
+    plans = [rng.choice([0, 1, 3, None, round(rng.uniform(0.02, 0.5), 3)]) for _ in range(200)]
+    finished, timed_out = [], []
 
     def one(i: int) -> None:
         leave_after = plans[i]
-        stream = client.completions.create(model=model, prompt=PROMPTS[i % 3] + f" ({i})", max_tokens=12,
-                                           temperature=0.7, seed=i, stream=True, extra_body={"ignore_eos": True})
-        for k, chunk in enumerate(stream):
-            if leave_after is not None and k >= leave_after:
-                stream.close()  # the client disconnects mid-stream
-                return
-            if chunk.choices and chunk.choices[0].finish_reason:
-                finished.append(i)
+        c = client.with_options(timeout=leave_after) if isinstance(leave_after, float) else client
+        try:
+            stream = c.completions.create(model=model, prompt=PROMPTS[i % 3] + f" ({i})", max_tokens=12,
+                                          temperature=0.7, seed=i, stream=True, extra_body={"ignore_eos": True})
+            for k, chunk in enumerate(stream):
+                if isinstance(leave_after, int) and k >= leave_after:
+                    stream.close()  # the client disconnects mid-stream
+                    return
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finished.append(i)
+        except (openai.APITimeoutError, httpx.TimeoutException):
+            assert isinstance(leave_after, float), i  # only the clients that asked for a short timeout
+            timed_out.append(i)
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(one, range(len(plans))))
-    assert sorted(finished) == [i for i, p in enumerate(plans) if p is None]  # the others all completed
+    assert [i for i in finished if isinstance(plans[i], int)] == []  # those that left early did not finish
+    assert {i for i, p in enumerate(plans) if p is None} <= set(finished)  # every client that stayed got all
+    assert timed_out, plans  # some timeouts did cut requests short
+    print(f"200 requests: {len(finished)} finished, {len(timed_out)} cut by a read timeout, "
+          f"{sum(isinstance(p, int) for p in plans)} left at a chunk")
     for name in ("decode", "prefill"):  # nothing running, nothing held (a hold not pulled expires)
         s = _wait_kv_free(pd[name])
         assert s["kv_used_slots"] == 0 and s["num_running_reqs"] == 0, (name, s)
     assert client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=4, temperature=0).choices[0].text
 
 
-def test_pd_local_starts_sglang_router_and_two_instances(pd):
+def test_pd_local_starts_sglang_router_and_two_instances(single):
     """`--disaggregation-mode pd-local --pd-local-router sglang --api-key K`: one command, same answers;
     sglang-router asks clients for K and passes it on to both instances (which require it too), K is
     not in the log; SIGTERM stops all."""
@@ -175,7 +202,7 @@ def test_pd_local_starts_sglang_router_and_two_instances(pd):
             assert time.monotonic() < deadline, open(log.name).read()[-3000:]
             time.sleep(1)
         model = client.models.list().data[0].id
-        ref = _client(pd["prefill"].base_url)
+        ref = _client(single.base_url)
         for p in PROMPTS[:2]:
             got = client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
             assert got == ref.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
@@ -228,8 +255,11 @@ def test_killing_the_decode_instance_ends_its_streams(pd):
     for t in threads:
         t.join(60)
     assert not any(t.is_alive() for t in threads), ends
-    assert all(e is not None and e[0] != "finished" for e in ends), ends  # none of them could finish
-    print("stream ends after the kill (s):", [round(e[1] - killed, 3) for e in ends])
+    print("stream ends after the kill:", [(e[0], round(e[1] - killed, 3)) for e in ends])
+    # every stream ends with an error the client sees (not a silent end, not a finish) ...
+    assert all(e is not None and e[0] not in ("finished", "cut") for e in ends), ends
+    # ... within the issue's 1 s of the kill
+    assert max(e[1] for e in ends) - killed <= KILL_TO_ERROR_S + KILL_TO_ERROR_MARGIN_S, ends
     s = _wait_kv_free(pd["prefill"])
     assert s["kv_used_slots"] == 0, s  # every hold was pulled or expired
 
