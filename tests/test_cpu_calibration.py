@@ -133,6 +133,6 @@ def test_timed_batches_never_hold_more_kv_than_the_pool():
         ex = Recorder()
         points = cc.measure(ex, capacity, context, budget_s=1e9)
         assert max(ex.kv) <= capacity
-        decodes = [reqs for reqs, _ in points if reqs[0][0] == 1]
+        decodes = [p.reqs for p in points if p.reqs[0][0] == 1]
         assert [len(r) for r in decodes] and sorted(len(r) for r in decodes) == sorted(b for b, _ in cc.DECODE_SHAPES)
         assert all(c + 1 < context for reqs in decodes for _, c in reqs)

@@ -15,7 +15,11 @@ time: Python and dispatch per forward pass, and per request of the batch R, whic
 model's decode on a CPU). They
 replace the base hardware's curves (scaled to the fitted whole-device values; its SM grid is kept
 so every policy's code runs unchanged), so `CostModel` and every policy helper that reads the
-hardware (SummaryPricer, LatencyModel) plan with CPU times. The fit is cached by (model config,
+hardware (SummaryPricer, LatencyModel) plan with CPU times.
+
+A shared machine's load only ever adds time, in bursts: each shape is timed in several interleaved
+rounds and its time is the minimum (`measure`), the host terms are bounded by the fastest step
+(`fit`), and a fit whose points still disagree is used but not cached. The fit is cached by (model config,
 dtype, threads, CPU, attention backend, torch version, TP size and nodes) in
 ~/.cache/sglang_duet/cpu-calibration/, so only the first start with a model on a machine pays the
 timing (a few seconds). EngineCore builds its policy with it (`calibrated_cost_model`), once.
@@ -34,21 +38,38 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .hardware import Curves, HardwareSpec
 from .roofline import CostModel
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3  # 3: interleaved rounds, minimum per shape, long-context shapes, bounded host terms
 # Policies that plan with the cost model (the others get the calibrated one too if asked, but a
 # start-up of the default policy does not pay for timing it does not use).
 CALIBRATED_POLICIES = frozenset({"chunked", "duet", "duet-paper", "static-split"})
 PREFILL_LENGTHS = (16, 128, 512)
 DECODE_SHAPES = ((1, 32), (8, 32), (8, 512), (32, 128))  # (batch, context)
 CACHED_PREFILLS = ((64, 448),)  # (new, cached): attention of a chunk after earlier ones
+# After LONG_CONTEXT cached tokens (or what the pool allows): a 32-token chunk and a batch of 4
+# decodes. Without them attention was extrapolated from 448 cached tokens, and a fit made under
+# load priced a 32-token chunk after 2968 tokens at 0.38 s or at 1.1 s when it took 0.58 s.
+LONG_CONTEXT = 2048
+LONG_SHAPES = ((32, 1), (1, 4))  # (new tokens, batch)
 TIME_BUDGET_S = 8.0  # stop adding (longer) points once the timing took this long...
-MIN_POINTS = 7  # ...but not before this many: the fit has 5 parameters
+MIN_POINTS = 8  # ...but not before this many: the fit has 5 parameters
+# Every shape is timed once per round, the rounds interleaved, and its time is the minimum: load on
+# a shared machine only ever adds time, and a burst of it (another process's seconds of work) then
+# slows one round of every shape instead of every run of a few shapes. At least MIN_ROUNDS rounds
+# (2 once the timing took 3 budgets: a large model), at most MAX_ROUNDS, fewer once a round
+# improves no shape's minimum by STABLE.
+MIN_ROUNDS = 3
+MAX_ROUNDS = 6
+STABLE = 0.03
+# A fit whose median relative error exceeds this is used for this run but not cached (the next
+# start times again): the points disagree with each other, as when the machine was busy throughout.
+MAX_CACHED_ERR = 0.25
 
 
 @dataclass
@@ -62,13 +83,18 @@ class CpuCalibration:
     points: list = field(default_factory=list)  # [{"reqs": [[q, c], ...], "seconds": t}, ...]
     median_rel_err: float = 0.0  # of the fitted model on the points
     created: str = ""
+    rounds: int = 0  # timed runs of each shape (its time is their minimum)
+    load_avg: float = 0.0  # the 1-minute load average when the timing ended
+    cpus: int = 0  # os.cpu_count() then
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "CpuCalibration":
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 class CpuCostModel(CostModel):
@@ -108,13 +134,19 @@ def _rel_errs(feats, times, p) -> list[float]:
     return [abs(_predict(ft, p) - t) / t for ft, t in zip(feats, times)]
 
 
-def fit(cm: CostModel, points: list[tuple[list, float]]) -> tuple[tuple[float, ...], float]:
+def fit(cm: CostModel, points) -> tuple[tuple[float, ...], float]:
     """(compute, attention, bandwidth, per_step_s, per_request_s) minimising the relative error of
-    the CPU roofline on `points` [(reqs, seconds)] (cm: the base roofline, for the operators'
+    the CPU roofline on `points` [(reqs, seconds, ...)] (cm: the base roofline, for the operators'
     FLOPs and bytes), and its median relative error. A start from the additive model's
-    non-negative least squares, then a multiplicative coordinate search under the max()."""
-    feats = [_features(cm, reqs) for reqs, _ in points]
-    times = [t for _, t in points]
+    non-negative least squares, then a multiplicative coordinate search under the max().
+
+    The host terms are bounded by what was measured: per_step + per_request * R never exceeds a
+    point's time (host time cannot be longer than the step it is part of). Without the bound, points
+    that disagree (a busy machine) were "explained" by a host time longer than the fastest step, as
+    in a fit of 312 ms per step and nothing per token when a decode step took 58 ms."""
+    feats = [_features(cm, p[0]) for p in points]
+    times = [p[1] for p in points]
+    sizes = [n for _, n in feats]
     rows = []
     for (ops, n), t in zip(feats, times):
         F = sum(f for f, _, a in ops if not a)
@@ -137,7 +169,12 @@ def fit(cm: CostModel, points: list[tuple[list, float]]) -> tuple[tuple[float, .
     inv = [1.0 / c if c > 0 else 1e16 for c in coef[:3]]
     p = [inv[0], inv[1], inv[2], max(coef[3], 1e-6), max(coef[4], 1e-7)]
 
+    def host_ok(q) -> bool:
+        return all(q[3] + q[4] * n <= t for n, t in zip(sizes, times))
+
     def score(q):
+        if not host_ok(q):
+            return math.inf
         return statistics.fmean(e * e for e in _rel_errs(feats, times, q))
 
     def search(p):
@@ -158,8 +195,17 @@ def fit(cm: CostModel, points: list[tuple[list, float]]) -> tuple[tuple[float, .
     # from the least squares, and from a device where every term matters (a second basin under max())
     t_min = min(times)
     starts = [p, [p[0], p[1], p[2] if p[2] < 1e15 else 1e10, t_min / 2, t_min / 20]]
-    best_score, p = min((search(list(q)) for q in starts), key=lambda r: r[0])
+    best_score, p = min((search(_within_host_bound(q, sizes, times)) for q in starts), key=lambda r: r[0])
     return tuple(p), statistics.median(_rel_errs(feats, times, p))
+
+
+def _within_host_bound(p: list, sizes: list[int], times: list[float]) -> list:
+    """p with its host terms shrunk until per_step + per_request * R stays below every point's time
+    (0.9 of it: the search starts inside the bound, where the other terms still have room)."""
+    q = list(p)
+    q[3] = min(q[3], 0.45 * min(times))
+    q[4] = min([q[4]] + [(0.9 * t - q[3]) / n for n, t in zip(sizes, times)])
+    return q
 
 
 def _lstsq(a: list[list[float]], y: list[float]) -> list[float] | None:
@@ -230,46 +276,72 @@ def cache_dir() -> str:
     return os.path.join(cache_root(), "cpu-calibration")
 
 
-def measure(executor, capacity: int, context_length: int, budget_s: float = TIME_BUDGET_S) -> list[tuple[list, float]]:
-    """Timed forward passes of the executor's model: [(reqs, seconds)], reqs = [(new, cached), ...].
+class TimedShape(NamedTuple):
+    reqs: list  # [(new, cached), ...]
+    seconds: float  # the minimum of the samples
+    samples: list  # one time per round
 
-    Uses KV slots 1..n of the (still empty) pool; every decode row of a batch reuses the same slots
-    (the timing does not depend on what the KV holds). Each shape: one warm-up, then the best of
-    two runs (one for a shape whose warm-up took over half a second)."""
-    from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, ReqWork
-    from sglang_duet.sampling_params import SamplingParams
 
+def calibration_shapes(capacity: int, context_length: int) -> list[list]:
+    """The batches to time, cheapest first: [(new, cached), ...] each."""
     limit = min(capacity, context_length) - 1
-    params = SamplingParams(temperature=0.0, max_new_tokens=1)
     shapes = [[(t, 0)] for t in PREFILL_LENGTHS if t <= limit]
     # A batch never holds more KV than the pool (nor than the two-lane executor's static decode
     # buffers, sized from the pool): a small pool shortens the decode contexts instead.
     decode_ctx = [(b, min(c, capacity // b - 1, limit - 1)) for b, c in DECODE_SHAPES]
     shapes += [[(1, c)] * b for b, c in decode_ctx if c >= 1]
     shapes += [[(q, c)] for q, c in CACHED_PREFILLS if q + c <= limit]
+    for q, b in LONG_SHAPES:
+        c = min(LONG_CONTEXT, capacity // b - q, limit - q)
+        if c > CACHED_PREFILLS[0][1] + CACHED_PREFILLS[0][0]:  # longer than the cached-prefill shape's
+            shapes.append([(q, c)] * b)
     shapes.sort(key=lambda reqs: sum(q for q, _ in reqs) + sum(c for _, c in reqs) / 16)  # cheap first
-    out: list[tuple[list, float]] = []
-    start = time.monotonic()
-    for n, reqs in enumerate(shapes):
-        if len(out) >= MIN_POINTS and time.monotonic() - start > budget_s:
+    return shapes
+
+
+def measure(executor, capacity: int, context_length: int, budget_s: float = TIME_BUDGET_S,
+            clock=time.perf_counter) -> list[TimedShape]:
+    """Timed forward passes of the executor's model, one TimedShape per batch shape.
+
+    Uses KV slots 1..n of the (still empty) pool; every decode row of a batch reuses the same slots
+    (the timing does not depend on what the KV holds). The first round takes the shapes cheapest
+    first until `budget_s` (and at least MIN_POINTS); then whole rounds of those shapes, in the same
+    order, as long as the constants above say. The first round is also every shape's warm-up: the
+    minimum discards it unless it was the fastest."""
+    from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, ReqWork
+    from sglang_duet.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=1)
+    shapes = calibration_shapes(capacity, context_length)
+    works = [[ReqWork(f"calib-{n}-{i}", [7] * q, c, list(range(1, c + q + 1)), True, 1, 0, params, [], [7])
+              for i, (q, c) in enumerate(reqs)] for n, reqs in enumerate(shapes)]
+    launch_ids = iter(range(10_000_000, 20_000_000))
+
+    def timed(n: int) -> float:
+        launch = Launch(next(launch_ids), LaneKind.AGGREGATED, LaneBatch(), works[n])
+        t0 = clock()
+        executor.run(launch)
+        return clock() - t0
+
+    samples: list[list[float]] = []
+    improved = True
+    start = clock()
+    for n in range(len(shapes)):
+        if len(samples) >= MIN_POINTS and clock() - start > budget_s:
             break
-        work = [ReqWork(f"calib-{n}-{i}", [7] * q, c, list(range(1, c + q + 1)), True, 1, 0, params, [], [7])
-                for i, (q, c) in enumerate(reqs)]
-        best = math.inf
-        reps = 3
-        for rep in range(3):
-            if rep >= reps:
-                break
-            launch = Launch(10_000_000 + 3 * n + rep, LaneKind.AGGREGATED, LaneBatch(), work)
-            t0 = time.perf_counter()
-            executor.run(launch)
-            dt = time.perf_counter() - t0
-            if rep:
-                best = min(best, dt)
-            elif dt > 0.5:
-                reps = 2
-        out.append((reqs, best))
-    return out
+        samples.append([timed(n)])
+    for rnd in range(1, MAX_ROUNDS):
+        elapsed = clock() - start
+        if rnd >= 2 and elapsed > 3 * budget_s:
+            break
+        if rnd >= MIN_ROUNDS and (elapsed > budget_s or not improved):
+            break
+        improved = False
+        for n, seen in enumerate(samples):
+            t = timed(n)
+            improved |= t < (1.0 - STABLE) * min(seen)
+            seen.append(t)
+    return [TimedShape(reqs, min(seen), seen) for reqs, seen in zip(shapes, samples)]
 
 
 def load_or_calibrate(engine, cm: CostModel) -> CpuCalibration:
@@ -290,12 +362,20 @@ def load_or_calibrate(engine, cm: CostModel) -> CpuCalibration:
     t0 = time.monotonic()
     points = measure(executor, engine.kv_slots - 1, engine.context_length)
     (compute, attention, bandwidth, per_step, per_req), err = fit(cm, points)
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     cal = CpuCalibration(key, compute, attention, bandwidth, per_step, per_req,
-                         [{"reqs": r, "seconds": t} for r, t in points], err,
-                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    logger.info("CPU cost model calibrated in %.1f s: %.3g FLOP/s (attention %.3g), %.3g B/s, %.3g ms per step, "
-                "%.3g ms per request, median error %.0f%%", time.monotonic() - t0, compute, attention, bandwidth,
+                         [{"reqs": p.reqs, "seconds": p.seconds, "samples": p.samples} for p in points], err,
+                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), min(len(p.samples) for p in points),
+                         load, cpus)
+    logger.info("CPU cost model calibrated in %.1f s (%d points, %d rounds, load %.1f on %d CPUs): %.3g FLOP/s "
+                "(attention %.3g), %.3g B/s, %.3g ms per step, %.3g ms per request, median error %.0f%%",
+                time.monotonic() - t0, len(points), cal.rounds, load, cpus, compute, attention, bandwidth,
                 per_step * 1e3, per_req * 1e3, err * 100)
+    if err > MAX_CACHED_ERR:
+        logger.warning("the CPU calibration's points disagree (median error %.0f%%; load %.1f on %d CPUs): the "
+                       "policy's step times may be off; not cached, so the next start times the model again",
+                       err * 100, load, cpus)
+        return cal
     try:
         os.makedirs(cache_dir(), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
