@@ -173,6 +173,18 @@ def test_router_loaded_the_workers_tokenizer(routers):
         assert w["metadata"].get("model_path"), w  # from /server_info: the router can tokenize
 
 
+def test_flush_cache_and_model_info_through_the_router(workers, routers):
+    url = routers["round_robin"].url
+    flushes = [w.log_tail(1 << 22).count("flush_cache:") for w in workers]
+    assert httpx.post(f"{url}/flush_cache", timeout=30).status_code == 200
+    deadline = time.monotonic() + 10
+    while [w.log_tail(1 << 22).count("flush_cache:") for w in workers] != [f + 1 for f in flushes]:
+        assert time.monotonic() < deadline, "the router did not send /flush_cache to each worker once"
+        time.sleep(0.2)
+    direct = httpx.get(workers[0].url("/get_model_info"), timeout=10).json()
+    assert httpx.get(f"{url}/get_model_info", timeout=10).json()["model_path"] == direct["model_path"]
+
+
 def test_a_client_leaving_mid_stream_aborts_on_the_worker(workers, routers):
     client = _client(routers["round_robin"].url)
     model = client.models.list().data[0].id
