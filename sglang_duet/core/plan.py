@@ -127,6 +127,9 @@ class Launch:
     work: list[ReqWork]
     sms: int | None = None
     predicted_ms: dict[str, float] = field(default_factory=dict)
+    # The core's Request of each work row (set by the core; executors never read it): applying a
+    # result needs no lookup by id.
+    reqs: list = field(default_factory=list, repr=False, compare=False)
 
 
 @dataclass
@@ -152,3 +155,51 @@ class LaunchResult:
     started_at: float = 0.0
     finished_at: float = 0.0  # a partial result: when its tokens became visible
     final: bool = True
+
+    # A part given by rows (RowResult), or None: then `tokens` (and `token_times`) say it all.
+    rows = None
+
+
+NO_TOKEN = -1  # RowResult.rows: this row got no token in this part
+
+
+class RowResult(LaunchResult):
+    """A LaunchResult given row by row, for executors that sample one token per row per step and
+    make them all visible at once: `rows[i]` is the token of `work[i]` (the launch's work), or
+    NO_TOKEN, all visible at `finished_at`; `logprobs` as in LaunchResult. The core reads `rows`
+    (no per-request dicts to build and look up every step); `tokens` and `token_times` are built
+    on first use for everyone else, and assigning either turns the part into a plain one."""
+
+    def __init__(self, launch_id: int, work: list, rows: list[int], started_at: float = 0.0,
+                 finished_at: float = 0.0, final: bool = True, logprobs: dict | None = None):
+        self.launch_id = launch_id
+        self.work = work
+        self.rows = rows
+        self.logprobs = logprobs if logprobs is not None else {}
+        self.started_at = started_at
+        self.finished_at = finished_at
+        self.final = final
+        self._tokens: dict | None = None
+        self._times: dict | None = None
+
+    @property
+    def tokens(self) -> dict[str, list[int]]:
+        if self._tokens is None:
+            self._tokens = {w.rid: [t] for w, t in zip(self.work, self.rows) if t != NO_TOKEN}
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, value: dict[str, list[int]]) -> None:
+        self._tokens, self.rows = value, None
+
+    @property
+    def token_times(self) -> dict[str, list[float]]:
+        if self._times is None:
+            t = self.finished_at
+            self._times = {rid: [t] * len(toks) for rid, toks in self.tokens.items()}
+        return self._times
+
+    @token_times.setter
+    def token_times(self, value: dict[str, list[float]]) -> None:
+        _ = self.tokens  # fixed before the rows go
+        self._times, self.rows = value, None

@@ -21,6 +21,9 @@ class Request:
     arrival_time: float
     seed: int
     eos_ids: frozenset[int] = frozenset()
+    # Output tokens at which it ends by length: max_new_tokens, or what the context leaves (the core
+    # sets it at admission; one comparison per token instead of two).
+    length_limit: int = 1 << 62
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     state: ReqState = ReqState.WAITING

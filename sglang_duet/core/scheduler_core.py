@@ -17,7 +17,7 @@ import msgspec
 
 from sglang_duet.core.kv_allocator import TokenSlotAllocator
 from sglang_duet.core.plan import (
-    FUTURE_TOKEN, LaneBatch, LaneKind, Launch, LaunchResult, PrefillChunk, ReqWork, StepPlan,
+    FUTURE_TOKEN, NO_TOKEN, LaneBatch, LaneKind, Launch, LaunchResult, PrefillChunk, ReqWork, StepPlan,
 )
 from sglang_duet.core.request import Request, ReqState
 from sglang_duet.sampling_params import SamplingParams
@@ -194,6 +194,7 @@ class SchedulerCore:
             seed=seed,
             eos_ids=frozenset(stop_ids | set(params.stop_token_ids)),
             grammar=grammar,
+            length_limit=self._length_limit(n, params),
         )
         self.requests[rid] = req
         self.waiting.append(req)
@@ -250,7 +251,8 @@ class SchedulerCore:
         now = self.clock()
         r = Request(rid=rid, prompt_ids=list(prompt_ids), params=params,
                     arrival_time=now if arrival_time is None else arrival_time, seed=seed,
-                    eos_ids=frozenset(stop_ids | set(params.stop_token_ids)), grammar=grammar)
+                    eos_ids=frozenset(stop_ids | set(params.stop_token_ids)), grammar=grammar,
+                    length_limit=self._length_limit(n, params))
         r.kv_slots = list(kv_slots)
         r.num_computed = n
         r.cached_len = min(max(0, cached_tokens), n)
@@ -328,7 +330,6 @@ class SchedulerCore:
         head = self._overlap_head()
         head_id = head.launch_id if head is not None else None
         prefilling, decoding = [], []
-        max_seq = self._max_seq_len
         # r.is_decoding and _ends_by_length, inlined: this loop runs over every running request each step
         for r in self.running.values():
             if r.aborted:
@@ -338,10 +339,8 @@ class SchedulerCore:
             if r.inflight is not None:
                 if r.inflight != head_id or r.inflight_count != 1:
                     continue
-                if pending:
-                    mx = r.params.max_new_tokens
-                    if (mx is not None and out >= mx) or len(r.prompt_ids) + out >= max_seq:
-                        continue  # the tokens in flight end it by length: not planned again
+                if pending and out >= r.length_limit:
+                    continue  # the tokens in flight end it by length: not planned again
             if out and len(r.prompt_ids) + out - r.num_computed == 1:
                 decoding.append(r)
             elif not pending:
@@ -359,14 +358,17 @@ class SchedulerCore:
             config=self.config,
         )
 
+    def _length_limit(self, prompt_len: int, params: SamplingParams) -> int:
+        """Output tokens at which a request ends by length: max_new_tokens, or the context (a sequence
+        the whole KV pool cannot hold one more token of could never be resumed)."""
+        limit = self._max_seq_len - prompt_len
+        mx = params.max_new_tokens
+        return limit if mx is None or mx > limit else mx
+
     def _ends_by_length(self, r: Request) -> bool:
         """Whether the tokens in flight will end the request by max_new_tokens or the context (known
         before they arrive, unlike eos and stop strings): it must not be planned again."""
-        if not r.pending:
-            return False
-        out = len(r.output_ids) + r.pending
-        mx = r.params.max_new_tokens
-        return (mx is not None and out >= mx) or len(r.prompt_ids) + out >= self._max_seq_len
+        return bool(r.pending) and len(r.output_ids) + r.pending >= r.length_limit
 
     # ---- planning ----------------------------------------------------------------------------
 
@@ -394,7 +396,7 @@ class SchedulerCore:
         if self._overlap_head() is not None and plan.aggregated is None:
             # Only an aggregated launch can queue behind the running one; a split waits for it to end.
             return []
-        launches = self._materialize(plan, view.idle_lanes)
+        launches = self._materialize(plan, view.idle_lanes, view.decoding)
         if launches:
             self.stats.plans[plan.mode] += 1
             if plan.prefill_sms:
@@ -431,7 +433,7 @@ class SchedulerCore:
         waiting.extendleft(reversed(head))
         return head
 
-    def _materialize(self, plan: StepPlan, idle: frozenset[LaneKind]) -> list[Launch]:
+    def _materialize(self, plan: StepPlan, idle: frozenset[LaneKind], decodable: list[Request]) -> list[Launch]:
         batches = plan.lane_batches()
         for lane, _ in batches:
             if lane not in idle:
@@ -441,17 +443,15 @@ class SchedulerCore:
         launches = []
         for lane, batch in batches:
             reqs: list[Request] = []
-            work = self._resolve(batch, reqs)
+            lid = self._next_launch
+            work = self._resolve(batch, reqs, decodable, lid)  # marks each of reqs as in launch lid
             if not work:
                 continue
-            launch = Launch(self._next_launch, lane, batch, work)
+            launch = Launch(lid, lane, batch, work)
             launch.sms = {LaneKind.PREFILL: plan.prefill_sms, LaneKind.DECODE: plan.decode_sms}.get(lane)
             launch.predicted_ms = plan.predicted_ms
+            launch.reqs = reqs
             self._next_launch += 1
-            lid = launch.launch_id
-            for r in reqs:
-                r.inflight = lid
-                r.inflight_count += 1
             self.inflight[lid] = launch
             if lane in self._busy:  # overlap: queued behind the running launch
                 self._queued[lane] = lid
@@ -461,24 +461,30 @@ class SchedulerCore:
             launches.append(launch)
         return launches
 
-    def _resolve(self, batch: LaneBatch, reqs: list[Request]) -> list[ReqWork]:
+    def _resolve(self, batch: LaneBatch, reqs: list[Request], decodable: list[Request], lid: int) -> list[ReqWork]:
         """Allocate KV for a lane batch; retract decodes when KV runs out; drop prefills that don't fit.
-        Advances each request's planned state (num_computed, pending) as the launch will. Appends to
-        `reqs` the request of each ReqWork returned, in the same order."""
+        Advances each request's planned state (num_computed, pending, inflight) as launch `lid` will.
+        Appends to `reqs` the request of each ReqWork returned, in the same order (nothing is touched
+        when no work is returned). `decodable`: the view's decoding requests the policy planned from
+        (a plan that decodes all of them, in order, needs no per-request check)."""
         steps = max(1, batch.steps)
         head = self._overlap_head()
         head_id = head.launch_id if head is not None else None
-        decodes = []
-        requests = self.requests
-        running = ReqState.RUNNING
-        for rid in batch.decode:
-            r = requests.get(rid)
-            if (r is None or r.aborted or r.state is not running
-                    or (r.inflight is not None and (r.inflight != head_id or r.inflight_count != 1))
-                    or not (r.output_ids or r.pending)
-                    or len(r.prompt_ids) + len(r.output_ids) + r.pending - r.num_computed != 1):  # is_decoding
-                raise RuntimeError(f"policy planned a decode for {rid!r}, which is not ready to decode")
-            decodes.append(r)
+        names = batch.decode
+        if names and len(names) == len(decodable) and [r.rid for r in decodable] == names:
+            decodes = list(decodable)  # view() checked each of them as the loop below does
+        else:
+            decodes = []
+            requests = self.requests
+            running = ReqState.RUNNING
+            for rid in names:
+                r = requests.get(rid)
+                if (r is None or r.aborted or r.state is not running
+                        or (r.inflight is not None and (r.inflight != head_id or r.inflight_count != 1))
+                        or not (r.output_ids or r.pending)
+                        or len(r.prompt_ids) + len(r.output_ids) + r.pending - r.num_computed != 1):  # is_decoding
+                    raise RuntimeError(f"policy planned a decode for {rid!r}, which is not ready to decode")
+                decodes.append(r)
         # Decodes first: they already hold KV and their users are waiting for the next token.
         need = len(decodes) * steps
         while need > self.kv_free and decodes:
@@ -507,12 +513,17 @@ class SchedulerCore:
                                 len(out) + pending, r.table_row, r.grammar))
             r.num_computed += steps  # the KV of the input and of steps - 1 fed-back tokens
             r.pending = pending + steps
+            r.inflight = lid
+            r.inflight_count += 1
         reqs.extend(decodes)
         for chunk in batch.prefill:
             w = self._resolve_prefill(chunk, head_id)
             if w is not None:
+                r = self.requests[w.rid]
+                r.inflight = lid
+                r.inflight_count += 1
                 work.append(w)
-                reqs.append(requests[w.rid])
+                reqs.append(r)
         return work
 
     def _resolve_prefill(self, chunk: PrefillChunk, head_id: int | None = None) -> ReqWork | None:
@@ -667,13 +678,21 @@ class SchedulerCore:
         else:
             updates = []
             delivered = self._delivered.setdefault(lid, {})
-        tokens_by, times_by, lps_by = result.tokens, result.token_times, result.logprobs
+        # A RowResult gives row i's token as rows[i] (visible at finished_at): no per-request dicts.
+        rows = result.rows
+        if rows is None:
+            tokens_by, times_by = result.tokens, result.token_times
+        else:
+            tokens_by, times_by, row_time = None, None, result.finished_at
+        lps_by = result.logprobs
         now = result.finished_at or self.clock()
         requests = self.requests
-        max_seq = self._max_seq_len
         generated = 0
-        for w in launch.work:
-            r = requests.get(w.rid)
+        # The launch's requests, row by row (a request in flight is never forgotten: see _update);
+        # a launch built elsewhere has none: looked up by id.
+        reqs = launch.reqs or [requests.get(w.rid) for w in launch.work]
+        for i, w in enumerate(launch.work):
+            r = reqs[i]
             if r is None:
                 continue
             if final:
@@ -699,33 +718,43 @@ class SchedulerCore:
             if r.state is ReqState.FINISHED:
                 continue
             rid = w.rid
-            tokens = tokens_by.get(rid)
-            if not tokens:
+            if rows is None:
+                tokens = tokens_by.get(rid)
+                got = bool(tokens)
+                if got and len(tokens) == 1:
+                    t = tokens[0]
+                    times = times_by.get(rid)
+                    tt = times[0] if times else now
+                else:
+                    t = NO_TOKEN
+            else:
+                t = rows[i]
+                got = t != NO_TOKEN
+                tokens = None  # (built below if the general path needs it)
+                tt = row_time
+            if not got:
                 if final and delivered.get(rid, 0) < w.steps:
                     raise RuntimeError(f"launch {lid} ended with {delivered.get(rid, 0)} of {w.steps} tokens for {rid!r}")
                 continue
-            if len(tokens) == 1 and not delivered and not (lps_by and rid in lps_by):
-                # The common case (a one-step decode or a last prefill chunk, reported in one part):
+            done = delivered.get(rid, 0) if delivered else 0
+            if t != NO_TOKEN and done < w.steps and not (lps_by and rid in lps_by):
+                # The common case (one token: a decode step, or a last prefill chunk):
                 # _append_tokens + _check_finished + _update inlined for one token.
-                t = tokens[0]
                 r.pending -= 1
                 out = r.output_ids
                 out.append(t)
-                times = times_by.get(rid)
-                tt = times[0] if times else now
                 if r.first_token_time is None:
                     r.first_token_time = tt
                 elif r.last_token_time is not None and tt - r.last_token_time > r.max_tbt:
                     r.max_tbt = tt - r.last_token_time
                 r.last_token_time = tt
                 n_out = len(out)
-                p = r.params
                 reason = None
-                if t in r.eos_ids and n_out > p.min_new_tokens:
+                if t in r.eos_ids and n_out > r.params.min_new_tokens:
                     reason = {"type": "stop", "matched": t}
-                elif (p.max_new_tokens is not None and n_out >= p.max_new_tokens) or len(r.prompt_ids) + n_out >= max_seq:
+                elif n_out >= r.length_limit:  # max_new_tokens or the context
                     reason = {"type": "length", "length": n_out}
-                elif p.stop and self.stop_checker is not None:
+                elif r.params.stop and self.stop_checker is not None:
                     matched = self.stop_checker(r)
                     if matched is not None:
                         reason = {"type": "stop", "matched": matched}
@@ -733,19 +762,21 @@ class SchedulerCore:
                     self._finish(r, reason)
                     updates.append(self._update(r, [t]))
                 else:
-                    if final and w.steps > 1:
-                        raise RuntimeError(f"launch {lid} ended with 1 of {w.steps} tokens for {rid!r}")
+                    if final and done + 1 < w.steps:
+                        raise RuntimeError(f"launch {lid} ended with {done + 1} of {w.steps} tokens for {rid!r}")
                     # _update, inlined: the request runs on
                     updates.append(RequestUpdate(rid, [t], [], False, None, len(r.prompt_ids), n_out, r.cached_len,
                                                  r.arrival_time, r.first_token_time, None))
                 if not final:
-                    delivered[rid] = 1
+                    delivered[rid] = done + 1
                 generated += 1
                 continue
-            done = delivered.get(rid, 0)
+            if tokens is None:
+                tokens = [t]
             if done + len(tokens) > w.steps:
                 tokens = tokens[: max(0, w.steps - done)]
-            u = self._append_tokens(r, tokens, lps_by.get(rid), times_by.get(rid), now)
+            u = self._append_tokens(r, tokens, lps_by.get(rid),
+                                    times_by.get(rid) if rows is None else [row_time] * len(tokens), now)
             n = len(u.new_token_ids)
             if final and done + n < w.steps and r.state is not ReqState.FINISHED:
                 raise RuntimeError(f"launch {lid} ended with {done + n} of {w.steps} tokens for {rid!r}")
@@ -807,10 +838,7 @@ class SchedulerCore:
         p = r.params
         if token in r.eos_ids and n_out > p.min_new_tokens:  # the sampler bans eos before min_new_tokens
             return {"type": "stop", "matched": token}
-        if p.max_new_tokens is not None and n_out >= p.max_new_tokens:
-            return {"type": "length", "length": n_out}
-        if len(r.prompt_ids) + n_out >= self._max_seq_len:
-            # a sequence the whole KV pool cannot hold one more token of could never be resumed
+        if n_out >= r.length_limit:  # max_new_tokens, or the context (see _length_limit)
             return {"type": "length", "length": n_out}
         if p.stop and self.stop_checker is not None:
             matched = self.stop_checker(r)

@@ -44,7 +44,9 @@ import os
 import random
 import time
 
-from sglang_duet.core.plan import LaneKind, Launch, LaunchResult
+import numpy as np
+
+from sglang_duet.core.plan import NO_TOKEN, LaneKind, Launch, LaunchResult, RowResult
 from sglang_duet.cost_model.truth import (
     CONTENTION_MODES, LaunchCost, TruthConfig, lognormal_factor, make_pricer, truth_cost_model,
 )
@@ -69,6 +71,32 @@ def token_id(seed: int, position: int, lo: int, hi: int, banned: frozenset[int] 
     return t
 
 
+_C1, _C2, _C3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+VECTOR_ROWS = 16  # from this many rows a launch's ids are hashed with numpy (same ids, less host time)
+
+
+def token_ids(seeds, positions, lo: int, hi: int, banned: frozenset[int] = frozenset()) -> list[int]:
+    """[token_id(s, p, lo, hi, banned) for s, p in zip(seeds, positions)], as one numpy pass
+    (uint64 arithmetic wraps as the `& _MASK` does); the rare banned id is moved on in Python."""
+    try:
+        s = np.array(seeds, dtype=np.uint64)
+    except OverflowError:  # a negative or > 64-bit seed: reduce as token_id does
+        s = np.array([x & _MASK for x in seeds], dtype=np.uint64)
+    x = s * _C1 + np.array(positions, dtype=np.uint64) * _C2 + _C3
+    x = (x ^ (x >> _S30)) * _C2
+    x = (x ^ (x >> _S27)) * _C3
+    x ^= x >> _S31
+    out = (x % np.uint64(hi - lo) + np.uint64(lo)).tolist()
+    if banned:
+        for i, t in enumerate(out):
+            if t in banned:
+                while t in banned:
+                    t = lo + (t - lo + 1) % (hi - lo)
+                out[i] = t
+    return out
+
+
 class _Phase:
     """Part of a launch that HBM contention stretches one way: time(s) at bandwidth share s is
     tm / s (memory-bound operators) + sum max(tc, tm / s) over `pairs` (compute-bound ones) + fixed."""
@@ -89,7 +117,7 @@ class _Phase:
 
 
 class _Running:
-    __slots__ = ("launch", "bounds", "phases", "alone", "started", "rate", "done", "updated", "step")
+    __slots__ = ("launch", "bounds", "phases", "alone", "started", "rate", "done", "updated", "step", "rows")
 
     def __init__(self, launch: Launch, bounds: list[float], phases: list[_Phase], started: float):
         self.launch = launch
@@ -101,6 +129,9 @@ class _Running:
         self.done = 0.0  # alone-seconds done at `updated`
         self.updated = started
         self.step = 0  # the next step boundary to report
+        # per work row: seeds, first sampled positions, steps (0: samples nothing); and the rows that
+        # want logprobs. Built on the first report (once per launch, not per step).
+        self.rows: tuple | None = None
 
     def next_event(self) -> float:
         return self.updated + (self.bounds[self.step] - self.done) / self.rate
@@ -337,22 +368,31 @@ class EmulatedExecutor(Executor):
             r.rate = r.alone / t if t > 0 else 1.0
 
     def _report(self, run: _Running, t: float, final: bool) -> None:
-        """The tokens of step `run.step`, visible at t; the final part also ends the launch."""
+        """The tokens of step `run.step`, visible at t; the final part also ends the launch. One token
+        per row that samples in this step (a RowResult: no per-request dicts, ids hashed in one pass)."""
         launch, j = run.launch, run.step
-        res = LaunchResult(launch.launch_id, started_at=run.started, finished_at=t, final=final)
         if final:
             self.busy_s[launch.lane.value] += t - run.started
+        work = launch.work
+        if run.rows is None:
+            run.rows = ([w.sampling_seed for w in work], [w.start_pos + len(w.input_ids) for w in work],
+                        [w.steps if w.sample else 0 for w in work],
+                        [i for i, w in enumerate(work) if w.params is not None and getattr(w.params, "logprobs", False)])
+        seeds, pos, steps, lp_rows = run.rows
         lo, hi, banned = self.token_lo, self.token_hi, self.banned
-        for w in launch.work:
-            if not w.sample or w.steps <= j:
-                continue
-            tok = token_id(w.sampling_seed, w.start_pos + len(w.input_ids) + j, lo, hi, banned)
-            res.tokens[w.rid] = [tok]
-            res.token_times[w.rid] = [t]
-            if w.params is not None and getattr(w.params, "logprobs", False):
-                # No logits here: report the emitted token as certain (logprob 0), top list empty.
-                res.logprobs[w.rid] = [{"token_id": tok, "logprob": 0.0, "top": []}]
-        self._done.append(res)
+        if j:
+            pos = [p + j for p in pos]
+        if len(work) >= VECTOR_ROWS:
+            rows = token_ids(seeds, pos, lo, hi, banned)
+        else:
+            rows = [token_id(s, p, lo, hi, banned) for s, p in zip(seeds, pos)]
+        if j or 0 in steps:  # rows that sample nothing (a prefill chunk) or are done stepping
+            rows = [tok if k > j else NO_TOKEN for tok, k in zip(rows, steps)]
+        # No logits here: a token's logprob is reported as certain (0), its top list empty.
+        lps = {work[i].rid: [{"token_id": rows[i], "logprob": 0.0, "top": []}]
+               for i in lp_rows if rows[i] != NO_TOKEN} if lp_rows else None
+        self._done.append(RowResult(launch.launch_id, work, rows, started_at=run.started, finished_at=t,
+                                    final=final, logprobs=lps))
 
 
 def emulated_kv_slots(cost_model, mem_fraction: float | None = None) -> int:

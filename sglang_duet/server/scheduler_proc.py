@@ -287,7 +287,17 @@ class SchedulerProcess:
     def _send_updates(self, updates) -> None:
         """One BatchTokenOut for all of a step's updates (none if --stream-interval holds them all),
         with one row per request: the detokenizer decodes a message's requests in one pass."""
-        rids: list[str] = []
+        if self.stream_interval == 1 and updates:
+            rids = [u.rid for u in updates]
+            if len(set(rids)) == len(rids):  # one update per request (the usual step): columns at once
+                self._push(io.BatchTokenOut(
+                    rids, [u.new_token_ids for u in updates], [u.prompt_tokens for u in updates],
+                    [u.completion_tokens for u in updates],
+                    {i: u.finish_reason for i, u in enumerate(updates) if u.finished},
+                    {i: _logprobs(u.new_logprobs) for i, u in enumerate(updates) if u.new_logprobs},
+                    {i: u.cached_tokens for i, u in enumerate(updates) if u.cached_tokens}))
+                return
+        rids = []
         new_ids: list[list[int]] = []
         prompt: list[int] = []
         completion: list[int] = []
