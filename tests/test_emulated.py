@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
-from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, PrefillChunk, ReqWork
+from sglang_duet.core.plan import NO_TOKEN, LaneBatch, LaneKind, Launch, PrefillChunk, ReqWork
 from sglang_duet.cost_model.roofline import CostModel
 from sglang_duet.cost_model.truth import TruthConfig
-from sglang_duet.executor.emulated import EmulatedExecutor, token_id
+from sglang_duet.executor.emulated import VECTOR_ROWS, EmulatedExecutor, token_id, token_ids
 from sglang_duet.sampling_params import SamplingParams
 
 CM = CostModel.load("qwen3-8b", "h100")
@@ -31,6 +31,39 @@ def test_token_ids_are_deterministic_in_range_and_never_banned():
     assert ids == [token_id(3, p, 17, 120, frozenset({50, 51})) for p in range(2000)]
     assert all(17 <= t < 120 and t not in (50, 51) for t in ids)
     assert len(set(ids)) > 90 and ids != [token_id(4, p, 17, 120) for p in range(2000)]
+
+
+def test_vectorised_token_ids_equal_token_id_row_for_row():
+    """A launch's ids are hashed in one numpy pass (issue #14): the same ids as token_id, for seeds
+    of any size and sign and with banned ids (a dense ban list moves ids on more than once)."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(100):
+        n = rng.randrange(1, 300)
+        seeds = [rng.choice([rng.randrange(2 ** 64), rng.randrange(-2 ** 70, 2 ** 70), rng.randrange(1000)]) for _ in range(n)]
+        pos = [rng.randrange(100_000) for _ in range(n)]
+        lo = rng.randrange(200)
+        hi = lo + rng.randrange(2, 50_000)
+        banned = frozenset(rng.randrange(lo, hi) for _ in range(rng.randrange(5)))
+        assert token_ids(seeds, pos, lo, hi, banned) == [token_id(s, p, lo, hi, banned) for s, p in zip(seeds, pos)]
+    dense = frozenset({0, 1, 2, 3})
+    assert token_ids(range(50), range(50), 0, 5, dense) == [token_id(s, p, 0, 5, dense) for s, p in zip(range(50), range(50))]
+
+
+@pytest.mark.parametrize("batch", [3, VECTOR_ROWS + 5])  # the per-row and the numpy path
+def test_a_step_is_reported_row_by_row_with_the_same_tokens(batch):
+    ex = EmulatedExecutor(CM, clock_mode="virtual", token_range=(10, 500), banned_tokens={11, 12})
+    launch = decode_launch(0, [100 + i for i in range(batch)], steps=2)
+    launch.work[1].sample = False  # a row that samples nothing gets no token
+    ex.submit(launch)
+    parts = ex.poll() + ex.poll()
+    assert [p.final for p in parts] == [False, True]
+    for j, p in enumerate(parts):
+        want = {w.rid: [token_id(w.sampling_seed, w.start_pos + 1 + j, 10, 500, frozenset({11, 12}))]
+                for w in launch.work if w.sample}
+        assert p.rows == [want[w.rid][0] if w.sample else NO_TOKEN for w in launch.work]
+        assert p.tokens == want and p.token_times == {rid: [p.finished_at] for rid in want}
 
 
 def test_launch_takes_the_roofline_time_on_its_lane():

@@ -250,3 +250,43 @@ def test_table_rows_are_held_while_kv_is_held_and_all_free_at_the_end():
     assert core.stats.retractions > 0
     assert sorted(core._free_rows) == list(range(core.config.table_rows))
     assert max(w.table_row for lnch in lanes.launches for w in lnch.work) < core.config.table_rows
+
+
+class DecodeOrder(Policy):
+    """Prefill first; decodes the view's decoding requests in the order `arrange` gives."""
+
+    def __init__(self, arrange):
+        super().__init__(PolicyContext(chunked_prefill_size=8192))
+        self.arrange = arrange
+
+    def plan(self, view):
+        if not view.all_idle:
+            return None
+        prefills = select_prefills(view, 8192)
+        if prefills:
+            return StepPlan(aggregated=LaneBatch(prefill=prefills))
+        rids = self.arrange([r.rid for r in view.decoding])
+        return StepPlan(aggregated=LaneBatch(decode=rids)) if rids else None
+
+
+@pytest.mark.parametrize("arrange", [lambda rids: rids, lambda rids: rids[::-1], lambda rids: rids[: max(1, len(rids) // 2)]],
+                         ids=["whole-view", "reversed", "half"])
+def test_decodes_planned_in_any_order_or_subset_are_token_exact(arrange):
+    """A plan that decodes the whole view in order skips the per-request readiness check (issue #14);
+    reordered or partial plans take the checked path: the same tokens either way."""
+    core, lanes = make(policy=DecodeOrder(arrange))
+    for i in range(6):
+        core.add_request(f"r{i}", prompt(i, 5 + i), SamplingParams(max_new_tokens=4 + i))
+    out, reasons = outputs(lanes.run())
+    assert out == {f"r{i}": reference_tokens(prompt(i, 5 + i), 4 + i) for i in range(6)}
+    assert all(r["type"] == "length" for r in reasons.values()) and core.kv_free == core.allocator.capacity
+
+
+def test_a_decode_that_is_not_ready_is_refused():
+    core, lanes = make(policy=DecodeOrder(lambda rids: rids + ["r1"]))  # r1 is still waiting (max running 1)
+    core.config.max_running_requests = 1
+    core.add_request("r0", prompt(0, 5), SamplingParams(max_new_tokens=3))
+    core.add_request("r1", prompt(1, 5), SamplingParams(max_new_tokens=3))
+    lanes.submit(core.schedule()[0])  # r0's prefill
+    with pytest.raises(RuntimeError, match="not ready to decode"):
+        lanes.run()
