@@ -71,6 +71,14 @@ class Request:
     # Structured output: the request's grammar matcher (constrained/grammar.py GrammarState), which
     # executors mask logits with and advance with every token they sample for it; None: unconstrained.
     grammar: object | None = None
+    # Read for every request in every step: kept on the request so the step does not touch the prompt
+    # list and the params object (cold at batch 1024) for them.
+    prompt_len: int = field(init=False, default=0)
+    has_stop: bool = field(init=False, default=False)  # params.stop: stop strings to check per token
+
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.prompt_ids)
+        self.has_stop = bool(getattr(self.params, "stop", None))
 
     @property
     def seq_len(self) -> int:

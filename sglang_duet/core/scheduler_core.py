@@ -341,7 +341,7 @@ class SchedulerCore:
                     continue
                 if pending and out >= r.length_limit:
                     continue  # the tokens in flight end it by length: not planned again
-            if out and len(r.prompt_ids) + out - r.num_computed == 1:
+            if out and r.prompt_len + out - r.num_computed == 1:
                 decoding.append(r)
             elif not pending:
                 prefilling.append(r)
@@ -754,7 +754,7 @@ class SchedulerCore:
                     reason = {"type": "stop", "matched": t}
                 elif n_out >= r.length_limit:  # max_new_tokens or the context
                     reason = {"type": "length", "length": n_out}
-                elif r.params.stop and self.stop_checker is not None:
+                elif r.has_stop and self.stop_checker is not None:
                     matched = self.stop_checker(r)
                     if matched is not None:
                         reason = {"type": "stop", "matched": matched}
@@ -765,7 +765,7 @@ class SchedulerCore:
                     if final and done + 1 < w.steps:
                         raise RuntimeError(f"launch {lid} ended with {done + 1} of {w.steps} tokens for {rid!r}")
                     # _update, inlined: the request runs on
-                    updates.append(RequestUpdate(rid, [t], [], False, None, len(r.prompt_ids), n_out, r.cached_len,
+                    updates.append(RequestUpdate(rid, [t], [], False, None, r.prompt_len, n_out, r.cached_len,
                                                  r.arrival_time, r.first_token_time, None))
                 if not final:
                     delivered[rid] = done + 1
