@@ -436,13 +436,54 @@ class Priced:
     def parts(self, lo: int, hi: int, compute_scale: float, bandwidth_scale: float) -> tuple[float, float]:
         """(compute-bound ms, memory-bound ms) of rows lo..hi, unscaled: what a calibration regresses
         measured times on (the whole time counts as compute for a pricer that is not exact)."""
+        return self.parts_of_ranges([(lo, hi, compute_scale, bandwidth_scale)])[0]
+
+    def parts_of_ranges(self, ranges) -> list[tuple[float, float]]:
+        """`parts` of several (lo, hi, compute_scale, bandwidth_scale) row ranges, in a dozen numpy
+        calls for all (plan() overhead is numpy call count). A range's sums add the same numbers in
+        the same order as on its own: its rows come out of the boolean selection together, in
+        order, and are summed as one slice."""
         if self.P is None:
-            return float(self.t[lo:hi].sum()) / max(compute_scale, bandwidth_scale), 0.0
+            return [(float(self.t[lo:hi].sum()) / max(a, b), 0.0) for lo, hi, a, b in ranges]
+        if len(ranges) == 1:
+            lo, hi = ranges[0][:2]
+            rows, t = self.P[lo:hi], self.t[lo:hi]
+        else:
+            idx = np.concatenate([np.arange(lo, hi) for lo, hi, _, _ in ranges])
+            rows, t = self.P.take(idx, axis=0), self.t.take(idx)
+        if np.count_nonzero(t > 0) < len(t):  # an empty row counts nothing: each range on its own
+            return [self._parts(lo, hi, a, b) for lo, hi, a, b in ranges]
+        ops = self.ops
+        Z, Y = rows[:, :ops], rows[:, ops:2 * ops]
+        bound = Z >= Y
+        free = ~bound
+        Zc, Yc, last = Z[bound], Y[free], rows[:, -1]
+        out, at, az, ay = [], 0, 0, 0
+        for i, (lo, hi, a, b) in enumerate(ranges):
+            n = hi - lo
+            cz = len(Zc) - az if i == len(ranges) - 1 else int(np.count_nonzero(bound[at:at + n]))
+            cy = n * ops - cz
+            out.append((float(Zc[az:az + cz].sum()) / a,
+                        (float(Yc[ay:ay + cy].sum()) + float(last[at:at + n].sum())) / b))
+            at, az, ay = at + n, az + cz, ay + cy
+        return out
+
+    def _parts(self, lo: int, hi: int, compute_scale: float, bandwidth_scale: float) -> tuple[float, float]:
         rows = self.P[lo:hi][self.t[lo:hi] > 0]
         Z, Y = rows[:, :self.ops], rows[:, self.ops:2 * self.ops]
         bound = Z >= Y
         return (float(Z[bound].sum()) / compute_scale,
                 (float(Y[~bound].sum()) + float(rows[:, -1].sum())) / bandwidth_scale)
+
+
+@dataclass
+class BlockLayout:
+    """`SummaryPricer.layout`: which of X's rows each priced row is, its `prepare` factors, and the
+    priced rows of each block."""
+
+    take: np.ndarray
+    prepared: np.ndarray
+    spans: list
 
 
 class SummaryPricer:
@@ -559,6 +600,44 @@ class SummaryPricer:
         t = np.maximum(P[:, :ops], P[:, ops:2 * ops]).sum(axis=1)
         t += P[:, -1]
         t[X[:, 1] <= 0] = 0.0
+        return Priced(t, P, ops)
+
+    def layout(self, blocks) -> "BlockLayout":
+        """The rows `ms_blocks` prices for blocks (lo, hi, prepared): rows lo..hi of its X on each
+        row of `prepared` (`prepare` of SM counts), block by block, then by SM count, then by row.
+        Build it once per shape and reuse it (plan() overhead is numpy call count)."""
+        take, prep, spans, at = [], [], [], 0
+        for lo, hi, p in blocks:
+            p = np.asarray(p)
+            take.append(np.tile(np.arange(lo, hi), len(p)))
+            prep.append(np.repeat(p, hi - lo, axis=0))
+            spans.append((at, at + len(p) * (hi - lo)))
+            at += len(p) * (hi - lo)
+        return BlockLayout(np.concatenate(take) if take else np.zeros(0, dtype=int),
+                           np.concatenate(prep) if prep else np.zeros((0,) + np.shape(self.prepare(np.zeros(0, int)))[1:]),
+                           spans)
+
+    def ms_blocks(self, X: np.ndarray, layout: "BlockLayout", scales) -> "Priced":
+        """`ms_prepared` of the rows of `layout` (X's rows once per SM count of their block), block
+        i scaled by the scale row scales[i]. X's rows are multiplied out once, not once per SM
+        count: a row's product does not depend on the other rows of the matrix, so the numbers are
+        those of `ms_prepared` on the expanded rows (but numpy sends a one-row product to another
+        BLAS routine: a caller that priced a row alone keeps pricing it alone)."""
+        if not self.exact:
+            scale = np.concatenate([np.full(hi - lo, float(np.ravel(sc)[0])) for (lo, hi), sc in zip(layout.spans, scales)])
+            return Priced(self.ms(X.take(layout.take, axis=0), layout.prepared) * scale, None, 0)
+        base = X @ self._w[1:]
+        base += self._w[0]
+        P = base.take(layout.take, axis=0)
+        P *= layout.prepared
+        for (lo, hi), sc in zip(layout.spans, scales):
+            P[lo:hi] *= sc
+        ops = len(self._attn)
+        t = np.add.reduce(np.maximum(P[:, :ops], P[:, ops:2 * ops]), axis=1)
+        t += P[:, -1]
+        empty = X[:, 1] <= 0
+        if np.count_nonzero(empty):
+            t[empty.take(layout.take)] = 0.0
         return Priced(t, P, ops)
 
     def work_weights(self) -> tuple[float, float]:

@@ -98,6 +98,8 @@ calibration off).
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -191,18 +193,17 @@ class DuetPolicy(Policy):
         self.pricer = SummaryPricer(self.ctx.cost_model)
         self.demand = Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.9)))
         self._grid = np.array(self.grid)
+        self._grid_index = {sms: g for g, sms in enumerate(self.grid)}
         self._budgets = np.array(self.budgets, dtype=float)
         self._split_budgets = np.array(self.split_budgets, dtype=float)
-        self._steps = 1.0 + np.arange(self.k_max + 2)
-        self._row_base = np.arange(len(self.grid))[:, None] * (self.k_max + 2)  # flat index of (S_d, step 0)
         self._cut_cache: dict[int, np.ndarray] = {}
-        self._prepared_cache: dict[tuple, object] = {}
         self._sms_cache: dict = {}
         self._scales_key: tuple | None = None
         self._scales: np.ndarray | None = None
         ref = 4096
         self.rp_ref = ref / self.pricer.summary_ms(Summary.of([(ref, 0)]))  # prefill tokens/ms, whole GPU
         self._work = self.pricer.work_weights()
+        self._init_search()
         self._ends: dict[LaneKind, tuple[LaneBatch, float]] = {}  # lane -> (batch launched, predicted end)
         self.calibrate = float(o.get("calibrate", 0.05))  # EWMA weight of each measured launch (0: off)
         self.calibration = {lane: Calibration(self.calibrate)
@@ -261,7 +262,12 @@ class DuetPolicy(Policy):
         return [s.candidate(i) for i in range(len(s))]
 
     def search(self, view: SchedulerView, dec: Decodes | None = None) -> Search:
-        """Price and score every candidate (see the module docstring) in one vectorised pass."""
+        """Price and score every candidate (see the module docstring) in one vectorised pass.
+
+        plan() overhead is the number of numpy calls, not the work in each (226 rows at batch 256),
+        so everything constant per policy is built once (`_init_search`), the batches that repeat
+        (the queue exhausted before the largest budgets) are found in Python, and X's rows are
+        multiplied out once for all decode partitions (`SummaryPricer.ms_blocks`)."""
         dec = dec or self._decodes(view)
         n = dec.n
         first_limit, limit = self._limits(dec.waited_ms)
@@ -269,105 +275,88 @@ class DuetPolicy(Policy):
 
         # One FCFS chunk list serves every budget (a smaller budget takes a prefix of it), keeping KV
         # for k_cap look-ahead steps of every decode (what a split needs; aggregated needs one).
-        have_queue = bool(view.waiting or view.prefilling)
-        k_cap = lookahead_cap_of(view, n, dec.longest, self.k_max, kv_reserved=int(self._split_budgets[-1])) if n else 1
-        prefix = None
-        if have_queue:
-            chunks = select_prefills(view, int(max(self._budgets[-1], self._split_budgets[-1])), kv_reserved=n * k_cap)
+        k_cap = lookahead_cap_of(view, n, dec.longest, self.k_max, kv_reserved=self.split_budgets[-1]) if n else 1
+        prefix, total = None, 0.0
+        if view.waiting or view.prefilling:
+            chunks = select_prefills(view, self._chunk_budget, kv_reserved=n * k_cap)
             prefix = Prefix(chunks, remaining_prefill(view, chunks))
+            total = prefix.total
 
         # aggregated: the decode-first batch for each budget; split: prefill chunks for each split
         # budget; identical batches (the queue exhausted) priced once
-        nA = len(self._budgets)
+        nA = len(self.budgets)
+        agg, nb = self._distinct(n, total)
         if prefix is not None:
-            Xc, joins_c = prefix.cut(self._cut_budgets(n))
+            Xc, joins_c = prefix.cut(self._cut_budgets(n), nonnegative=True)
         else:
-            Xc, joins_c = np.zeros((nA + len(self._split_budgets), 4)), np.zeros(nA + len(self._split_budgets), bool)
-        Xp = Xc[:nA]
-        keep = np.empty(nA, dtype=bool)
-        keep[0] = True
-        np.greater(Xp[1:, 0], Xp[:-1, 0], out=keep[1:])
-        if not n:
-            keep &= Xp[:, 0] > 0
-        Xa, ba = Xp[keep], self._budgets[keep]
-        wT, wA = self._work
-        work = np.empty(len(ba) + len(self.grid) * len(self._split_budgets))  # ms of ideal prefill compute
-        work[:len(ba)] = wT * Xa[:, 0] + wA * Xa[:, 2]
-        Xa += (n, n, dec.cached + n, dec.cached + n)
+            Xc, joins_c = self._no_cut
+        Xa, ba = Xc[agg], self._budgets[agg]
         na = len(ba)
-        bs, Xs, joins = self._split_budgets[:0], Xc[:0], joins_c[:0]
-        if n and prefix is not None and prefix.total > 0 and self.lanes > 1:  # one lane: never a split
-            Xs, joins = Xc[nA:], joins_c[nA:]
-            ks = np.empty(len(Xs), dtype=bool)
-            ks[0] = True
-            np.greater(Xs[1:, 0], Xs[:-1, 0], out=ks[1:])
-            Xs, bs, joins = Xs[ks], self._split_budgets[ks], joins[ks]
-        nb, G, K = len(bs), len(self.grid), self.k_max + 2
+        bs, Xs, joins = self._split_budgets[:nb], Xc[nA:nA + nb], joins_c[nA:nA + nb]
+        G, K = len(self.grid), self.k_max + 2
+        wT, wA = self._work
+        F = np.empty((2, len(Xc)))  # tokens and ms of ideal prefill compute of every cut
+        F[0] = Xc[:, 0]
+        np.multiply(Xc[:, 0], wT, out=F[1])
+        F[1] += wA * Xc[:, 2]
 
         # one pricing call: aggregated steps, decode steps per (S_d, step j), prefill per (S_d, budget)
-        X = np.empty((na + (G * K + G * nb if nb else 0), 4))
-        X[:na] = Xa
+        X = np.empty((na + (K + nb if nb else 0), 4))
+        np.add(Xa, (n, n, dec.cached + n, dec.cached + n), out=X[:na])
         if nb:
-            a = dec.cached + n * self._steps  # A = K for decodes at step j of a look-ahead launch
-            blk = X[na:na + G * K].reshape(G, K, 4)
-            blk[:, :, 0] = n
-            blk[:, :, 1] = n
-            blk[:, :, 2] = a
-            blk[:, :, 3] = a
-            X[na + G * K:].reshape(G, nb, 4)[:] = Xs
-        scales = self._scale_rows()  # aggregated, decode lane, prefill lane
-        scale = np.repeat(scales, (na, G * K, G * nb), axis=0) if nb else scales[0]
-        priced = self.pricer.ms_prepared(X, self._sms_rows(na, nb), scale)
+            np.add(self._decode_template(n), (0, 0, dec.cached, dec.cached), out=X[na:na + K])  # A = K at step j
+            X[na + K:] = Xs
+        priced = self.pricer.ms_blocks(X, self._layout(na, nb), self._scale_rows())  # aggregated, decode, prefill
         t = priced.t
 
-        # the candidates, aggregated ones first
+        # the candidates, aggregated ones first: rows of C
         N = na + G * nb
-        step = np.empty(N)
-        decode = np.empty(N)
-        first = np.zeros(N)
-        slowest = np.zeros(N)
-        joiner = np.zeros(N)
-        kk = np.ones(N, dtype=int)
-        tokens = np.empty(N)
+        C = np.empty((7, N))
+        step, decode, first, slowest, joiner, tokens, work = C
+        kk = np.empty(N, dtype=int)
+        kk[:na] = 1
         ta = t[:na]
-        step[:na] = ta
-        decode[:na] = ta
-        tokens[:na] = Xa[:, 0] - n
-        work = work[:N]
-        if n:
-            first[:na] = ta
-            slowest[:na] = ta
+        C[0:4, :na] = ta
+        if not n:
+            C[2:4, :na] = 0.0
+        joiner[:na] = 0.0
+        C[5:7, :na] = F[:, agg]
         if nb:
             # The decode lane steps m times before the prefill (tp) ends, launching k = min(m, k_cap)
             # of them first; at tp it waits the rest r or steps past it (see the docstring).
             td = t[na:na + G * K].reshape(G, K)
             tp = t[na + G * K:].reshape(G, nb)
-            cum = np.cumsum(td, axis=1)
-            cum_flat, td_flat = cum.ravel(), td.ravel()
-            base = self._row_base[:G]  # g * K: flat index of row g's first step
-            m = (cum[:, None, :] <= tp[:, :, None]).sum(axis=2)  # G x nb
-            r = tp - np.where(m > 0, cum_flat.take(base + np.maximum(m - 1, 0)), 0.0)
-            nxt = td_flat.take(base + np.minimum(m, K - 1))
-            longer = tp > cum[:, -1:]
-            if longer.any():  # a prefill longer than the priced steps: extrapolate with the last one
-                extra = (tp - cum[:, -1:]) / td[:, -1:]
-                r = np.where(longer, (extra - np.floor(extra)) * td[:, -1:], r)
-                nxt = np.where(longer, td[:, -1:], nxt)
-                m = np.where(longer, K + np.floor(extra).astype(int), m)
+            cum = self._cum  # per S_d: 0, the cumulative steps, inf (scratch: only read out below)
+            np.add.accumulate(td, axis=1, out=cum[:, 1:K + 1])
+            m = (cum[:, None, 1:] <= tp[:, :, None]).argmin(axis=2)  # G x nb: steps within tp (cum rises)
+            r = tp - cum.ravel().take(self._base_cum + m)
+            nxt = td.ravel().take(self._base + np.minimum(m, K - 1))
+            longer = tp > cum[:, K:K + 1]
+            if np.count_nonzero(longer):  # a prefill longer than the priced steps: extrapolate with the last one
+                extra = (tp - cum[:, K:K + 1]) / td[:, -1:]
+                whole = np.floor(extra)
+                np.putmask(r, longer, (extra - whole) * td[:, -1:])
+                np.copyto(nxt, td[:, -1:], where=longer)
+                np.putmask(m, longer, K + whole.astype(int))
             k = np.minimum(np.maximum(m, 1), k_cap)
-            j = np.where(m == 0, td[:, :1] - tp + td[:, 1:2], np.minimum(r + nxt, 2 * nxt - r))
-            joiner[na:] = np.where(joins, j, 0.0).ravel()
-            step[na:] = tp.ravel()
-            last = base + (k - 1)
-            decode[na:] = cum_flat.take(last).ravel()
+            j = np.minimum(r + nxt, 2 * nxt - r)
+            never = m == 0
+            if np.count_nonzero(never):
+                np.putmask(j, never, td[:, :1] - tp + td[:, 1:2])
+            # j > 0 (r < nxt), so j * joins is j where a request completes and 0 elsewhere
+            np.multiply(j, joins, out=joiner[na:].reshape(G, nb))
+            step[na:].reshape(G, nb)[:] = tp
+            decode[na:].reshape(G, nb)[:] = cum.ravel().take(self._base_cum + k)
             first[na:].reshape(G, nb)[:] = td[:, :1]
-            slowest[na:] = np.maximum(td_flat.take(last), nxt).ravel()
-            kk[na:] = k.ravel()
-            tokens[na:].reshape(G, nb)[:] = Xs[:, 0]
-            work[na:].reshape(G, nb)[:] = wT * Xs[:, 0] + wA * Xs[:, 2]
+            np.maximum(td.ravel().take(self._base_m1 + k), nxt, out=slowest[na:].reshape(G, nb))
+            kk[na:].reshape(G, nb)[:] = k
+            C[5:7, na:].reshape(2, G, nb)[:] = F[:, None, nA:nA + nb]
         split = self._split_mask(na, nb)
         if n:
-            feasible = (first <= first_limit) & (slowest <= limit) & (joiner <= limit)
+            feasible = first <= first_limit
+            later = C[3:5] <= limit  # slowest, joiner
+            feasible &= later[0]
+            feasible &= later[1]
         else:
             feasible = np.ones(N, dtype=bool)
         score = work / np.maximum(step, 1e-9)
@@ -382,35 +371,87 @@ class DuetPolicy(Policy):
             prefix=prefix, dec=dec, priced=priced, cal=self._cal_values(),
         )
 
+    def _init_search(self) -> None:
+        """What every search needs and no view changes: per-SM-count pricing factors, index bases."""
+        G, K = len(self.grid), self.k_max + 2
+        self._chunk_budget = int(max(self.budgets[-1], self.split_budgets[-1]))
+        self._prep_all = self.pricer.prepare(np.zeros(1, dtype=int))  # aggregated: all SMs
+        self._prep_decode = self.pricer.prepare(self._grid)  # decode lane on S_d
+        self._prep_prefill = self.pricer.prepare(self.total - self._grid)  # prefill lane on the rest
+        self._prep_rows: dict[tuple[int, int], object] = {}
+        self._layouts: dict[tuple[int, int], object] = {}
+        self._base = np.arange(G)[:, None] * K  # flat index of (S_d, step 0) in G x K
+        self._base_m1 = self._base - 1
+        self._base_cum = np.arange(G)[:, None] * (K + 2)  # ... in G x (K + 2)
+        self._cum = np.zeros((G, K + 2))
+        self._cum[:, -1] = np.inf
+        nc = len(self.budgets) + len(self.split_budgets)
+        self._no_cut = (np.zeros((nc, 4)), np.zeros(nc, dtype=bool))
+        self._agg_rows: dict[tuple[int, int], np.ndarray] = {}
+        self._templates: dict[int, np.ndarray] = {}
+
+    def _distinct(self, n: int, total: float):
+        """Which aggregated budgets give distinct batches (rows of the cut: a slice, or an index
+        array), and how many split budgets do (the first ones). Budget b cuts min(max(b - n, 0),
+        total) prefill tokens; with the budgets sorted, a budget adds tokens over the previous one
+        iff b - n > 0 and the previous one's b - n < total (the first budget always counts, with
+        decodes or tokens)."""
+        budgets = self.budgets
+        nb = 0
+        if total > 0:
+            lo = max(1, bisect.bisect_right(budgets, n))
+            hi = min(len(budgets), bisect.bisect_left(budgets, total + n) + 1)
+            if lo <= 1:
+                agg = slice(0, hi)
+            elif lo >= hi:
+                agg = slice(0, 1)
+            else:
+                agg = self._agg_rows.get((lo, hi))
+                if agg is None:
+                    agg = self._agg_rows[(lo, hi)] = np.array([0] + list(range(lo, hi)))
+            if n and self.lanes > 1:  # one lane: never a split
+                nb = min(len(self.split_budgets), bisect.bisect_left(self.split_budgets, total) + 1)
+        else:
+            agg = slice(0, 1 if n else 0)
+        return agg, nb
+
+    def _decode_template(self, n: int) -> np.ndarray:
+        """X rows [n, n, n * j, n * j] of decode steps j = 1..K (add the cached tokens to A and K)."""
+        got = self._templates.get(n)
+        if got is None:
+            if len(self._templates) > 4096:
+                self._templates.clear()
+            steps = 1.0 + np.arange(self.k_max + 2)
+            got = self._templates[n] = np.stack([np.full(len(steps), float(n)), np.full(len(steps), float(n)),
+                                                 n * steps, n * steps], axis=1)
+        return got
+
     def _cut_budgets(self, n: int) -> np.ndarray:
-        """Prefill tokens to cut the chunk list at: each aggregated budget less the n decodes, then
-        each split budget (cached by n: plan() overhead is numpy call count)."""
+        """Prefill tokens to cut the chunk list at: each aggregated budget less the n decodes (at
+        least 0), then each split budget (cached by n: plan() overhead is numpy call count)."""
         got = self._cut_cache.get(n)
         if got is None:
             if len(self._cut_cache) > 4096:
                 self._cut_cache.clear()
-            got = self._cut_cache[n] = np.concatenate([self._budgets - n, self._split_budgets])
+            got = self._cut_cache[n] = np.maximum(np.concatenate([self._budgets - n, self._split_budgets]), 0.0)
         return got
 
-    def _prepared(self, sms: np.ndarray):
-        """pricer.prepare(sms), cached by the SM pattern (a lane's rows repeat one count)."""
-        key = tuple(sms.tolist())
-        got = self._prepared_cache.get(key)
-        if got is None:
-            if len(self._prepared_cache) > 4096:
-                self._prepared_cache.clear()
-            got = self._prepared_cache[key] = self.pricer.prepare(sms)
-        return got
-
-    def _sms_rows(self, na: int, nb: int):
-        """The pricer's per-row rates for the rows `search` prices, cached by shape."""
-        key = (na, nb)
-        got = self._sms_cache.get(key)
+    def _layout(self, na: int, nb: int):
+        """The pricer's row layout of a search with na aggregated and nb split budgets (cached)."""
+        got = self._layouts.get((na, nb))
         if got is None:
             K = self.k_max + 2
-            sms = np.concatenate([np.zeros(na, dtype=int), np.repeat(self._grid, K if nb else 0),
-                                  np.repeat(self.total - self._grid, nb)])
-            got = self._sms_cache[key] = self.pricer.prepare(sms)
+            blocks = [(0, na, self._prep_all)]
+            if nb:
+                blocks += [(na, na + K, self._prep_decode), (na + K, na + K + nb, self._prep_prefill)]
+            got = self._layouts[(na, nb)] = self.pricer.layout(blocks)
+        return got
+
+    def _step_layout(self, sms: int, k: int):
+        """The pricer's row layout of k decode steps on `sms` SMs (cached)."""
+        got = self._prep_rows.get((sms, k))
+        if got is None:
+            got = self._prep_rows[(sms, k)] = self.pricer.layout([(0, k, self.pricer.prepare(np.array([sms])))])
         return got
 
     def _cal_values(self) -> dict:
@@ -487,7 +528,12 @@ class DuetPolicy(Policy):
     # ---- one lane busy -------------------------------------------------------------------------
     def _partition_stays(self, s: Search, sd: int) -> tuple[int | None, int | None]:
         """(best feasible split on S_d = sd, best overall) of a search, by index."""
-        here = s.best(s.feasible & s.split & (s.sd == sd) & (s.tokens > 0))
+        here = None
+        g = self._grid_index.get(sd)
+        nb = len(s.split_budgets)
+        if g is not None and nb:  # the splits on S_d = sd: nb candidates in a row
+            lo = len(s.agg_budgets) + g * nb
+            here = s.best(s.feasible[lo:lo + nb] & (s.tokens[lo:lo + nb] > 0), lo)
         return here, s.best()
 
     def _decode_lane_alone(self, view: SchedulerView) -> Decision:
@@ -501,9 +547,9 @@ class DuetPolicy(Policy):
         left = self._left_ms(view, LaneKind.PREFILL, busy)
         k_cap = lookahead_cap_of(view, dec.n, dec.longest, self.k_max)
         priced = self._decode_steps(dec, sd, k_cap + 2)
-        steps, c = priced.t, self.calibration[LaneKind.DECODE]
-        td = [float(x) for x in steps]
-        cum = np.cumsum(td)
+        c = self.calibration[LaneKind.DECODE]
+        td = priced.t.tolist()
+        cum = list(itertools.accumulate(td))
         first_limit, limit = self._limits(dec.waited_ms)
         fit = 0  # steps that end before the prefill does
         while fit < k_cap and cum[fit] <= left and td[fit] <= limit:
@@ -574,7 +620,7 @@ class DuetPolicy(Policy):
                             f"a joint plan ({b.mode}" + (f" S_d={b.decode_sms}" if b.decode_sms else "")
                             + f", score {b.score:.3f}) beats keeping S_d={sd} ({c.score:.3f}): re-plan in "
                             f"{left:.1f} ms", candidates=len(s))
-        if s.prefix.cut(np.array([c.prefill_tokens]))[1][0]:
+        if s.prefix.completes(c.prefill_tokens):
             # The requests this chunk completes join when the decode lane's launch in flight at the
             # chunk's end ends: that wait plus their first step, with steps of about the pace.
             nxt = c.pace_ms
@@ -600,12 +646,19 @@ class DuetPolicy(Policy):
         return self.margin * (self.slo_ms - waited_ms), self.margin * self.slo_ms
 
     def _decodes(self, view: SchedulerView) -> Decodes:
-        decoding = view.decoding  # hot: every ready decode, every plan; a few passes run in C
+        decoding = view.decoding  # hot: every ready decode, every plan
         if not decoding:
             return Decodes([], 0, 1, 0.0)
-        ids = [r.rid for r in decoding]
-        cached = sum([r.num_computed for r in decoding])
-        last = min([t for r in decoding if (t := r.last_token_time) is not None], default=math.inf)
+        # one pass: each request's memory is touched once (cold at batch 256: most of the cost)
+        ids = []
+        add_id = ids.append
+        cached, last = 0, math.inf
+        for r in decoding:
+            add_id(r.rid)
+            cached += r.num_computed
+            t = r.last_token_time
+            if t is not None and t < last:
+                last = t
         waited = max(0.0, (view.now - last) * 1e3) if last < math.inf else 0.0
         # The look-ahead needs the longest remaining output only up to k_max: stop at the first
         # request that may still emit that many (nearly always the first one).
@@ -643,10 +696,8 @@ class DuetPolicy(Policy):
 
     def _decode_steps(self, dec: Decodes, sms: int, k: int) -> Priced:
         """Each of k decode steps on `sms` SMs, priced with the decode lane's calibration."""
-        a = dec.cached + dec.n * (1.0 + np.arange(k))
-        X = np.stack([np.full(k, float(dec.n)), np.full(k, float(dec.n)), a, a], axis=1)
-        c = self.calibration[LaneKind.DECODE]
-        return self.pricer.ms_prepared(X, self._prepared(np.full(k, sms)), self.pricer.scale_rows([(c.a, c.b)])[0])
+        X = self._decode_template(dec.n)[:k] + (0, 0, dec.cached, dec.cached)
+        return self.pricer.ms_blocks(X, self._step_layout(sms, k), self._scale_rows()[1:2])
 
     def _left_ms(self, view: SchedulerView, lane: LaneKind, launch) -> float:
         """Predicted ms until the busy lane's launch finishes (its full prediction if unknown)."""

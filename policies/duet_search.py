@@ -2,6 +2,7 @@
 list cut at every budget, and every candidate priced as parallel arrays."""
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 
@@ -66,25 +67,31 @@ class Prefix:
             prefC.append(C)
             starts.append(float(s))
         starts.append(0.0)  # start of "the chunk after the last"
-        # one array build for the four (n + 1)-long tables (plan() overhead is numpy call count)
-        self.prefA, self.prefK, self.prefC, self.s_pad = np.array([prefA, prefK, prefC, starts])
-        self.cumL0 = np.array([0.0] + cumL)  # tokens before chunk i
+        # one array build for the five (n + 1)-long tables (plan() overhead is numpy call count)
+        cumL0 = [0.0] + cumL  # tokens before chunk i
+        self._table = np.array([prefA, prefK, prefC, starts, cumL0])
+        self.prefA, self.prefK, self.prefC, self.s_pad, self.cumL0 = self._table
         self.cumL = self.cumL0[1:]
+        self._cumL, self._prefC = cumL, prefC  # the Python lists, for `completes`
         self.total = L
 
-    def cut(self, budgets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(X rows [T, R, A, K] per budget, whether the cut completes a request)."""
-        b = np.minimum(np.maximum(budgets, 0.0), self.total)
+    def cut(self, budgets: np.ndarray, nonnegative: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(X rows [T, R, A, K] per budget, whether the cut completes a request); `nonnegative`:
+        the caller's budgets are >= 0 already."""
+        b = np.minimum(budgets if nonnegative else np.maximum(budgets, 0.0), self.total)
         full = np.searchsorted(self.cumL, b, side="right")  # chunks wholly inside
-        n = b - self.cumL0[full]  # tokens of the partly taken chunk
+        A, K, C, s, before = self._table.take(full, axis=1)
+        n = b - before  # tokens of the partly taken chunk
         part = n > 0
-        s = self.s_pad[full]
-        X = np.empty((len(b), 4))
-        X[:, 0] = b
-        X[:, 1] = full + part
-        X[:, 2] = self.prefA[full] + n * (s + (n + 1) / 2)
-        X[:, 3] = self.prefK[full] + np.where(part, s + n, 0.0)
-        return X, self.prefC[full] > 0
+        # (s + n) * part: s + n where a chunk is partly taken, else 0 (both are >= 0)
+        X = np.array([b, full + part, A + n * (s + (n + 1) / 2), K + (s + n) * part]).T
+        return X, C > 0
+
+    def completes(self, budget: float) -> bool:
+        """Whether the cut at `budget` tokens completes a request (`cut`'s second answer, for one
+        budget, without numpy)."""
+        b = min(max(budget, 0.0), self.total)
+        return self._prefC[bisect.bisect_right(self._cumL, b)] > 0
 
     def take(self, budget: float) -> list[PrefillChunk]:
         out, left = [], int(budget)
@@ -141,14 +148,15 @@ class Search:
         na = len(self.agg_budgets)
         return 0 if i < na else int(self.grid[(i - na) // len(self.split_budgets)])
 
-    def best(self, mask: np.ndarray | None = None) -> int | None:
-        """Index of the highest score among `mask` (default: the feasible); ties to the lowest index."""
+    def best(self, mask: np.ndarray | None = None, lo: int = 0) -> int | None:
+        """Index of the highest score among `mask` (default: the feasible); ties (within 1e-9) to
+        the lowest index. A mask shorter than the candidates covers those from `lo` on."""
         m = self.feasible if mask is None else mask
-        if not m.any():
-            return None
-        s = np.where(m, self.score, -np.inf)
-        top = s.max()
-        return int(np.flatnonzero(s >= top - 1e-9 * max(1.0, abs(top)))[0])
+        s = np.where(m, self.score[lo:lo + len(m)], -np.inf)
+        top = float(s[s.argmax()]) if len(s) else -math.inf
+        if top == -math.inf:  # nothing in the mask (scores are finite)
+            return lo if m.any() else None
+        return lo + int((s >= top - 1e-9 * max(1.0, abs(top))).argmax())
 
     def parts_of(self, i: int) -> dict:
         """lane -> (compute ms, memory ms) of what candidate i launches, read off the search's own
@@ -162,8 +170,8 @@ class Search:
         p = na + G * K + g * nb + bi
         d = na + g * K
         k = int(self.k[i])
-        return {LaneKind.PREFILL: parts(p, p + 1, *cal[LaneKind.PREFILL]),
-                LaneKind.DECODE: parts(d, d + k, *cal[LaneKind.DECODE])}
+        pre, dec = self.priced.parts_of_ranges([(p, p + 1, *cal[LaneKind.PREFILL]), (d, d + k, *cal[LaneKind.DECODE])])
+        return {LaneKind.PREFILL: pre, LaneKind.DECODE: dec}
 
     def candidate(self, i: int) -> Candidate:
         split = bool(self.split[i])
