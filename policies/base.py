@@ -11,6 +11,7 @@ import dataclasses
 import heapq
 import importlib.util
 import logging
+import math
 import os
 import sys
 import random
@@ -216,20 +217,33 @@ def deadline_order(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float
     now = view.now * 1e3
     limit = 4 * ttft_slo_ms if defer_limit_ms is None else defer_limit_ms
     t = now + sum(r.remaining_prefill for r in view.prefilling) / tokens_per_ms
-    # (remaining_prefill, inlined: this runs over the whole queue every plan)
-    total = sum(len(r.prompt_ids) + len(r.output_ids) - r.num_computed for r in waiting) / tokens_per_ms
-    if t + total <= min(r.arrival_time for r in waiting) * 1e3 + ttft_slo_ms:
+    # One pass over the queue reads what the rest needs (this runs every plan, and a queue's
+    # requests are cold in the cache): remaining_prefill inlined, arrival times, whether retracted.
+    rest, arrival, retracted = [], [], []
+    total, first = 0, math.inf
+    for r in waiting:
+        out = len(r.output_ids)
+        n = len(r.prompt_ids) + out - r.num_computed
+        total += n
+        rest.append(n + r.pending)
+        a = r.arrival_time
+        arrival.append(a)
+        if a < first:
+            first = a
+        retracted.append(out)
+    if t + total / tokens_per_ms <= first * 1e3 + ttft_slo_ms:
         return waiting  # everyone makes it in FCFS order
     heap: list[tuple[int, int]] = []
     late: set[int] = set()
-    for i, r in enumerate(waiting):
-        n = r.remaining_prefill
+    push, pop = heapq.heappush, heapq.heappop
+    for i, n in enumerate(rest):
         t += n / tokens_per_ms
-        if r.output_ids or now - r.arrival_time * 1e3 > limit:
+        a = arrival[i]
+        if retracted[i] or now - a * 1e3 > limit:
             continue  # keeps its place
-        heapq.heappush(heap, (-n, i))
-        if t > r.arrival_time * 1e3 + ttft_slo_ms:
-            m, j = heapq.heappop(heap)
+        push(heap, (-n, i))
+        if t > a * 1e3 + ttft_slo_ms:
+            m, j = pop(heap)
             late.add(j)
             t += m / tokens_per_ms
     if not late:
@@ -449,7 +463,7 @@ class Priced:
             lo, hi = ranges[0][:2]
             rows, t = self.P[lo:hi], self.t[lo:hi]
         else:
-            idx = np.concatenate([np.arange(lo, hi) for lo, hi, _, _ in ranges])
+            idx = [i for lo, hi, _, _ in ranges for i in range(lo, hi)]
             rows, t = self.P.take(idx, axis=0), self.t.take(idx)
         if np.count_nonzero(t > 0) < len(t):  # an empty row counts nothing: each range on its own
             return [self._parts(lo, hi, a, b) for lo, hi, a, b in ranges]
@@ -458,13 +472,13 @@ class Priced:
         bound = Z >= Y
         free = ~bound
         Zc, Yc, last = Z[bound], Y[free], rows[:, -1]
+        add = np.add.reduce  # = ndarray.sum, without its Python wrapper
         out, at, az, ay = [], 0, 0, 0
         for i, (lo, hi, a, b) in enumerate(ranges):
             n = hi - lo
             cz = len(Zc) - az if i == len(ranges) - 1 else int(np.count_nonzero(bound[at:at + n]))
             cy = n * ops - cz
-            out.append((float(Zc[az:az + cz].sum()) / a,
-                        (float(Yc[ay:ay + cy].sum()) + float(last[at:at + n].sum())) / b))
+            out.append((float(add(Zc[az:az + cz])) / a, (float(add(Yc[ay:ay + cy])) + float(add(last[at:at + n]))) / b))
             at, az, ay = at + n, az + cz, ay + cy
         return out
 

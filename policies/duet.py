@@ -115,6 +115,9 @@ from sglang_duet.policies.duet_feedback import Calibration, Demand
 from sglang_duet.policies.duet_search import Candidate, Decodes, Prefix, Search, remaining_prefill
 
 
+_clip = (np._core if hasattr(np, "_core") else np.core).umath.clip  # np.clip without its Python wrapper
+
+
 class LanePair(str, Enum):
     """Which of the two split lanes are free when the policy is asked (aggregated needs both)."""
 
@@ -208,6 +211,7 @@ class DuetPolicy(Policy):
         self.calibrate = float(o.get("calibrate", 0.05))  # EWMA weight of each measured launch (0: off)
         self.calibration = {lane: Calibration(self.calibrate)
                             for lane in (LaneKind.AGGREGATED, LaneKind.PREFILL, LaneKind.DECODE)}
+        self._cal_order = tuple(self.calibration[lane] for lane in (LaneKind.AGGREGATED, LaneKind.DECODE, LaneKind.PREFILL))
         self._raw: dict[int, tuple[float, float]] = {}  # id(batch launched) -> its (compute, memory) ms
         self.last: Decision | None = None
 
@@ -338,7 +342,7 @@ class DuetPolicy(Policy):
                 np.putmask(r, longer, (extra - whole) * td[:, -1:])
                 np.copyto(nxt, td[:, -1:], where=longer)
                 np.putmask(m, longer, K + whole.astype(int))
-            k = np.minimum(np.maximum(m, 1), k_cap)
+            k = _clip(m, 1, k_cap)
             j = np.minimum(r + nxt, 2 * nxt - r)
             never = m == 0
             if np.count_nonzero(never):
@@ -460,8 +464,8 @@ class DuetPolicy(Policy):
     def _scale_rows(self) -> np.ndarray:
         """The pricer's scale rows of the aggregated, decode and prefill lanes' calibrations, rebuilt
         only when one of them moved."""
-        cal = self.calibration
-        key = tuple((cal[lane].a, cal[lane].b) for lane in (LaneKind.AGGREGATED, LaneKind.DECODE, LaneKind.PREFILL))
+        agg, dec, pre = self._cal_order
+        key = ((agg.a, agg.b), (dec.a, dec.b), (pre.a, pre.b))
         if key != self._scales_key:
             self._scales_key, self._scales = key, self.pricer.scale_rows(key)
         return self._scales
@@ -680,18 +684,22 @@ class DuetPolicy(Policy):
         ones (having waited `left_ms` more) and the lane's own, k steps further on."""
         dec = self._decodes(view)
         ids, cached, longest = list(dec.ids), dec.cached, dec.longest
-        ctx_len = view.config.context_length
+        add_id, k_max = ids.append, self.k_max
+        end = view.config.context_length - 1
         for w in busy.work:
-            out = w.start_pos + 1 - len(w.prompt_ids) + w.steps  # output tokens after the launch
+            pos = w.start_pos + w.steps  # cached tokens after the launch
+            left = end - pos
             cap = getattr(w.params, "max_new_tokens", None)
-            left = ctx_len - (w.start_pos + 1 + w.steps)
             if cap is not None:
-                left = min(left, cap - out)
+                cap -= pos + 1 - len(w.prompt_ids)  # less the output tokens after the launch
+                if cap < left:
+                    left = cap
             if left <= 0:
                 continue  # finishes on the lane
-            ids.append(w.rid)
-            cached += w.start_pos + w.steps
-            longest = max(longest, min(left, self.k_max))
+            add_id(w.rid)
+            cached += pos
+            if left > longest:
+                longest = left if left < k_max else k_max
         return Decodes(ids, cached, longest, dec.waited_ms + left_ms if dec.n else 0.0)
 
     def _decode_steps(self, dec: Decodes, sms: int, k: int) -> Priced:
