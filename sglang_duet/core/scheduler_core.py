@@ -60,13 +60,16 @@ class CoreConfig:
         return 2 * self.max_running_requests + 2
 
 
+_NO_LOGPROBS: tuple = ()  # the new_logprobs of a running request's usual update (shared: read only)
+
+
 class RequestUpdate(msgspec.Struct, gc=False):
     """What changed for one request after a launch: new tokens, and the outcome if it ended.
     A msgspec Struct (built in C, untracked by the GC): one is made per request per step."""
 
     rid: str
     new_token_ids: list[int]
-    new_logprobs: list[dict] = []
+    new_logprobs: list[dict] = []  # read only: the usual update of a running request shares one empty tuple
     finished: bool = False
     finish_reason: dict | None = None
     prompt_tokens: int = 0
@@ -687,6 +690,7 @@ class SchedulerCore:
         lps_by = result.logprobs
         now = result.finished_at or self.clock()
         requests = self.requests
+        FINISHED = ReqState.FINISHED
         generated = 0
         # The launch's requests, row by row (a request in flight is never forgotten: see _update);
         # a launch built elsewhere has none: looked up by id.
@@ -713,9 +717,9 @@ class SchedulerCore:
                     continue
                 if not w.sample:
                     continue  # a prefill chunk: num_computed advanced when it was scheduled
-            elif not w.sample or r.aborted or r.state is ReqState.FINISHED:
+            elif not w.sample or r.aborted or r.state is FINISHED:
                 continue
-            if r.state is ReqState.FINISHED:
+            if r.state is FINISHED:
                 continue
             rid = w.rid
             if rows is None:
@@ -765,7 +769,7 @@ class SchedulerCore:
                     if final and done + 1 < w.steps:
                         raise RuntimeError(f"launch {lid} ended with {done + 1} of {w.steps} tokens for {rid!r}")
                     # _update, inlined: the request runs on
-                    updates.append(RequestUpdate(rid, [t], [], False, None, r.prompt_len, n_out, r.cached_len,
+                    updates.append(RequestUpdate(rid, [t], _NO_LOGPROBS, False, None, r.prompt_len, n_out, r.cached_len,
                                                  r.arrival_time, r.first_token_time, None))
                 if not final:
                     delivered[rid] = done + 1
