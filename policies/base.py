@@ -437,6 +437,31 @@ def prefill_summary(chunks) -> Summary:
     return Summary.of([(c.length, c.start) for c in chunks])
 
 
+def pairwise_sum(values: list[float]) -> float:
+    """The sum of `values` as numpy adds a float64 array (np.add.reduce: eight running sums over
+    blocks of up to 128, halves above that), for a few dozen numbers without numpy's per-call cost;
+    the same float, bit for bit (tests/test_duet_policy.py checks it against numpy)."""
+    n = len(values)
+    if n < 8:
+        s = 0.0
+        for x in values:
+            s += x
+        return s
+    if n > 128:
+        half = n // 2
+        half -= half % 8
+        return pairwise_sum(values[:half]) + pairwise_sum(values[half:])
+    r = values[:8]
+    end = n - n % 8
+    for i in range(8, end, 8):
+        for j in range(8):
+            r[j] += values[i + j]
+    s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    for x in values[end:]:
+        s += x
+    return s
+
+
 @dataclass
 class Priced:
     """What `SummaryPricer.ms_prepared` priced: ms per row, and per row each operator's scaled
@@ -453,41 +478,26 @@ class Priced:
         return self.parts_of_ranges([(lo, hi, compute_scale, bandwidth_scale)])[0]
 
     def parts_of_ranges(self, ranges) -> list[tuple[float, float]]:
-        """`parts` of several (lo, hi, compute_scale, bandwidth_scale) row ranges, in a dozen numpy
-        calls for all (plan() overhead is numpy call count). A range's sums add the same numbers in
-        the same order as on its own: its rows come out of the boolean selection together, in
-        order, and are summed as one slice."""
+        """`parts` of several (lo, hi, compute_scale, bandwidth_scale) row ranges. In Python: a
+        launch's rows are a few dozen numbers, fewer than numpy's per-call cost, summed as numpy
+        sums them (`pairwise_sum`), so the numbers are those of the numpy expression in `_parts`."""
         if self.P is None:
             return [(float(self.t[lo:hi].sum()) / max(a, b), 0.0) for lo, hi, a, b in ranges]
-        if len(ranges) == 1:
-            lo, hi = ranges[0][:2]
-            rows, t = self.P[lo:hi], self.t[lo:hi]
-        else:
-            idx = [i for lo, hi, _, _ in ranges for i in range(lo, hi)]
-            rows, t = self.P.take(idx, axis=0), self.t.take(idx)
-        if np.count_nonzero(t > 0) < len(t):  # an empty row counts nothing: each range on its own
-            return [self._parts(lo, hi, a, b) for lo, hi, a, b in ranges]
         ops = self.ops
-        Z, Y = rows[:, :ops], rows[:, ops:2 * ops]
-        bound = Z >= Y
-        free = ~bound
-        Zc, Yc, last = Z[bound], Y[free], rows[:, -1]
-        add = np.add.reduce  # = ndarray.sum, without its Python wrapper
-        out, at, az, ay = [], 0, 0, 0
-        for i, (lo, hi, a, b) in enumerate(ranges):
-            n = hi - lo
-            cz = len(Zc) - az if i == len(ranges) - 1 else int(np.count_nonzero(bound[at:at + n]))
-            cy = n * ops - cz
-            out.append((float(add(Zc[az:az + cz])) / a, (float(add(Yc[ay:ay + cy])) + float(add(last[at:at + n]))) / b))
-            at, az, ay = at + n, az + cz, ay + cy
+        out = []
+        for lo, hi, a, b in ranges:
+            comp, mem, over = [], [], []
+            for row, t in zip(self.P[lo:hi].tolist(), self.t[lo:hi].tolist()):
+                if not t > 0:
+                    continue  # an empty row counts nothing
+                for z, y in zip(row[:ops], row[ops:2 * ops]):
+                    if z >= y:
+                        comp.append(z)
+                    else:
+                        mem.append(y)
+                over.append(row[-1])
+            out.append((pairwise_sum(comp) / a, (pairwise_sum(mem) + pairwise_sum(over)) / b))
         return out
-
-    def _parts(self, lo: int, hi: int, compute_scale: float, bandwidth_scale: float) -> tuple[float, float]:
-        rows = self.P[lo:hi][self.t[lo:hi] > 0]
-        Z, Y = rows[:, :self.ops], rows[:, self.ops:2 * self.ops]
-        bound = Z >= Y
-        return (float(Z[bound].sum()) / compute_scale,
-                (float(Y[~bound].sum()) + float(rows[:, -1].sum())) / bandwidth_scale)
 
 
 @dataclass

@@ -336,12 +336,11 @@ class DuetPolicy(Policy):
             r = tp - cum.ravel().take(self._base_cum + m)
             nxt = td.ravel().take(self._base + np.minimum(m, K - 1))
             longer = tp > cum[:, K:K + 1]
-            if np.count_nonzero(longer):  # a prefill longer than the priced steps: extrapolate with the last one
-                extra = (tp - cum[:, K:K + 1]) / td[:, -1:]
-                whole = np.floor(extra)
-                np.putmask(r, longer, (extra - whole) * td[:, -1:])
-                np.copyto(nxt, td[:, -1:], where=longer)
-                np.putmask(m, longer, K + whole.astype(int))
+            if np.count_nonzero(longer):
+                # A prefill longer than the priced steps: extrapolate with the last one. There m = K
+                # already gives k = k_cap and nxt = the last step; r is what is left of the step in
+                # progress at tp: (x - floor(x)) * last with x = r / last (x % 1 is that, exactly).
+                np.putmask(r, longer, np.remainder(r / td[:, -1:], 1.0) * td[:, -1:])
             k = _clip(m, 1, k_cap)
             j = np.minimum(r + nxt, 2 * nxt - r)
             never = m == 0
