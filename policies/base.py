@@ -508,6 +508,16 @@ class BlockLayout:
     take: np.ndarray
     prepared: np.ndarray
     spans: list
+    block: np.ndarray  # each priced row's block
+    _scales: np.ndarray | None = None  # the last scale rows seen, and them per priced row
+    _scale: np.ndarray | None = None
+
+    def scale(self, scales: np.ndarray) -> np.ndarray:
+        """The scale row of each priced row's block (`scales` one row per block), rebuilt only when
+        `scales` is another array (callers pass the same array while their calibration stands)."""
+        if scales is not self._scales:
+            self._scales, self._scale = scales, scales.take(self.block, axis=0)
+        return self._scale
 
 
 class SummaryPricer:
@@ -637,31 +647,32 @@ class SummaryPricer:
             prep.append(np.repeat(p, hi - lo, axis=0))
             spans.append((at, at + len(p) * (hi - lo)))
             at += len(p) * (hi - lo)
+        block = np.repeat(np.arange(len(spans)), [hi - lo for lo, hi in spans])
         return BlockLayout(np.concatenate(take) if take else np.zeros(0, dtype=int),
                            np.concatenate(prep) if prep else np.zeros((0,) + np.shape(self.prepare(np.zeros(0, int)))[1:]),
-                           spans)
+                           spans, block)
 
-    def ms_blocks(self, X: np.ndarray, layout: "BlockLayout", scales) -> "Priced":
+    def ms_blocks(self, X: np.ndarray, layout: "BlockLayout", scales: np.ndarray, nonempty: bool = False) -> "Priced":
         """`ms_prepared` of the rows of `layout` (X's rows once per SM count of their block), block
         i scaled by the scale row scales[i]. X's rows are multiplied out once, not once per SM
         count: a row's product does not depend on the other rows of the matrix, so the numbers are
         those of `ms_prepared` on the expanded rows (but numpy sends a one-row product to another
-        BLAS routine: a caller that priced a row alone keeps pricing it alone)."""
-        if not self.exact:
-            scale = np.concatenate([np.full(hi - lo, float(np.ravel(sc)[0])) for (lo, hi), sc in zip(layout.spans, scales)])
-            return Priced(self.ms(X.take(layout.take, axis=0), layout.prepared) * scale, None, 0)
+        BLAS routine: a caller that priced a row alone keeps pricing it alone). `nonempty`: the
+        caller knows every row has a request (R > 0), so none is zeroed."""
+        if not self.exact:  # a scale row is one factor here (`scale_rows`)
+            return Priced(self.ms(X.take(layout.take, axis=0), layout.prepared) * layout.scale(scales)[:, 0], None, 0)
         base = X @ self._w[1:]
         base += self._w[0]
         P = base.take(layout.take, axis=0)
         P *= layout.prepared
-        for (lo, hi), sc in zip(layout.spans, scales):
-            P[lo:hi] *= sc
+        P *= layout.scale(scales)
         ops = len(self._attn)
         t = np.add.reduce(np.maximum(P[:, :ops], P[:, ops:2 * ops]), axis=1)
         t += P[:, -1]
-        empty = X[:, 1] <= 0
-        if np.count_nonzero(empty):
-            t[empty.take(layout.take)] = 0.0
+        if not nonempty:
+            empty = X[:, 1] <= 0
+            if np.count_nonzero(empty):
+                t[empty.take(layout.take)] = 0.0
         return Priced(t, P, ops)
 
     def work_weights(self) -> tuple[float, float]:

@@ -310,7 +310,8 @@ class DuetPolicy(Policy):
         if nb:
             np.add(self._decode_template(n), (0, 0, dec.cached, dec.cached), out=X[na:na + K])  # A = K at step j
             X[na + K:] = Xs
-        priced = self.pricer.ms_blocks(X, self._layout(na, nb), self._scale_rows())  # aggregated, decode, prefill
+        # every row has a request: the decodes (n > 0 with splits) or prefill tokens (n = 0 keeps those only)
+        priced = self.pricer.ms_blocks(X, self._layout(na, nb), self._scale_rows(), nonempty=True)
         t = priced.t
 
         # the candidates, aggregated ones first: rows of C
@@ -383,6 +384,7 @@ class DuetPolicy(Policy):
         self._prep_prefill = self.pricer.prepare(self.total - self._grid)  # prefill lane on the rest
         self._prep_rows: dict[tuple[int, int], object] = {}
         self._layouts: dict[tuple[int, int], object] = {}
+        self._decode_scale_src = self._decode_scale_row = None
         self._base = np.arange(G)[:, None] * K  # flat index of (S_d, step 0) in G x K
         self._base_m1 = self._base - 1
         self._base_cum = np.arange(G)[:, None] * (K + 2)  # ... in G x (K + 2)
@@ -468,6 +470,13 @@ class DuetPolicy(Policy):
         if key != self._scales_key:
             self._scales_key, self._scales = key, self.pricer.scale_rows(key)
         return self._scales
+
+    def _decode_scale(self) -> np.ndarray:
+        """The decode lane's scale row as a one-row array (the same array while it stands)."""
+        scales = self._scale_rows()
+        if self._decode_scale_src is not scales:
+            self._decode_scale_src, self._decode_scale_row = scales, scales[1:2].copy()
+        return self._decode_scale_row
 
     def _split_mask(self, na: int, nb: int) -> np.ndarray:
         key = ("split", na, nb)
@@ -704,7 +713,7 @@ class DuetPolicy(Policy):
     def _decode_steps(self, dec: Decodes, sms: int, k: int) -> Priced:
         """Each of k decode steps on `sms` SMs, priced with the decode lane's calibration."""
         X = self._decode_template(dec.n)[:k] + (0, 0, dec.cached, dec.cached)
-        return self.pricer.ms_blocks(X, self._step_layout(sms, k), self._scale_rows()[1:2])
+        return self.pricer.ms_blocks(X, self._step_layout(sms, k), self._decode_scale(), nonempty=dec.n > 0)
 
     def _left_ms(self, view: SchedulerView, lane: LaneKind, launch) -> float:
         """Predicted ms until the busy lane's launch finishes (its full prediction if unknown)."""

@@ -127,6 +127,7 @@ class Search:
     dec: Decodes
     priced: Priced  # the rows: aggregated steps, decode steps per (S_d, step), prefills per (S_d, budget)
     cal: dict  # lane -> the (a, b) the rows were priced with
+    _best: list = field(default_factory=list, init=False, repr=False, compare=False)  # best(), once known
 
     def __len__(self) -> int:
         return len(self.score)
@@ -151,7 +152,11 @@ class Search:
     def best(self, mask: np.ndarray | None = None, lo: int = 0) -> int | None:
         """Index of the highest score among `mask` (default: the feasible); ties (within 1e-9) to
         the lowest index. A mask shorter than the candidates covers those from `lo` on."""
-        m = self.feasible if mask is None else mask
+        if mask is None:
+            if not self._best:
+                self._best.append(self.best(self.feasible))
+            return self._best[0]
+        m = mask
         s = np.where(m, self.score[lo:lo + len(m)], -np.inf)
         top = float(s[s.argmax()]) if len(s) else -math.inf
         if top == -math.inf:  # nothing in the mask (scores are finite)
