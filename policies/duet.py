@@ -317,7 +317,7 @@ class DuetPolicy(Policy):
         # the candidates, aggregated ones first: rows of C
         N = na + G * nb
         C = np.empty((7, N))
-        step, decode, first, slowest, joiner, tokens, work = C
+        step, decode, first, slowest, joiner, tokens, work = C[0], C[1], C[2], C[3], C[4], C[5], C[6]
         kk = np.empty(N, dtype=int)
         kk[:na] = 1
         ta = t[:na]
@@ -363,10 +363,11 @@ class DuetPolicy(Policy):
             feasible &= later[1]
         else:
             feasible = np.ones(N, dtype=bool)
-        score = work / np.maximum(step, 1e-9)
+        floor = np.maximum(C[0:2], 1e-9)  # step, decode
+        score = work / floor[0]
         score *= w_p
         if n:
-            pace = tau * kk / np.maximum(decode, 1e-9)
+            pace = tau * kk / floor[1]
             score += self.decode_gain * np.minimum(1.0, pace) + 1e-3 * pace
         return Search(
             split=split, agg_budgets=ba, split_budgets=bs, grid=self._grid, tau=tau, tokens=tokens, k=kk, step=step,

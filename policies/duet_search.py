@@ -69,9 +69,8 @@ class Prefix:
         starts.append(0.0)  # start of "the chunk after the last"
         # one array build for the five (n + 1)-long tables (plan() overhead is numpy call count)
         cumL0 = [0.0] + cumL  # tokens before chunk i
-        self._table = np.array([prefA, prefK, prefC, starts, cumL0])
-        self.prefA, self.prefK, self.prefC, self.s_pad, self.cumL0 = self._table
-        self.cumL = self.cumL0[1:]
+        self._table = np.array([prefA, prefK, prefC, starts, cumL0])  # rows read by index (not unpacked: slower)
+        self.cumL = self._table[4, 1:]
         self._cumL, self._prefC = cumL, prefC  # the Python lists, for `completes`
         self.total = L
 
@@ -79,13 +78,14 @@ class Prefix:
         """(X rows [T, R, A, K] per budget, whether the cut completes a request); `nonnegative`:
         the caller's budgets are >= 0 already."""
         b = np.minimum(budgets if nonnegative else np.maximum(budgets, 0.0), self.total)
-        full = np.searchsorted(self.cumL, b, side="right")  # chunks wholly inside
-        A, K, C, s, before = self._table.take(full, axis=1)
-        n = b - before  # tokens of the partly taken chunk
+        full = self.cumL.searchsorted(b, side="right")  # chunks wholly inside
+        at = self._table.take(full, axis=1)  # prefix sums A, K, C, the chunk's start, tokens before it
+        s = at[3]
+        n = b - at[4]  # tokens of the partly taken chunk
         part = n > 0
         # (s + n) * part: s + n where a chunk is partly taken, else 0 (both are >= 0)
-        X = np.array([b, full + part, A + n * (s + (n + 1) / 2), K + (s + n) * part]).T
-        return X, C > 0
+        X = np.array([b, full + part, at[0] + n * (s + (n + 1) / 2), at[1] + (s + n) * part]).T
+        return X, at[2] > 0
 
     def completes(self, budget: float) -> bool:
         """Whether the cut at `budget` tokens completes a request (`cut`'s second answer, for one
