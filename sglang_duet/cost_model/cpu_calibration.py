@@ -19,7 +19,10 @@ hardware (SummaryPricer, LatencyModel) plan with CPU times.
 
 A shared machine's load only ever adds time, in bursts: each shape is timed in several interleaved
 rounds and its time is the minimum (`measure`), the host terms are bounded by the fastest step
-(`fit`), and a fit whose points still disagree is used but not cached. The fit is cached by (model config,
+(`fit`). How long the process's threads waited for a CPU during a run (the kernel's run delay)
+tells an undisturbed run from one another process slowed; a shape is re-timed until one run is undisturbed,
+within a time limit, and a fit with a shape that never was, or whose points disagree, is used but
+not cached. The fit is cached by (model config,
 dtype, threads, CPU, attention backend, torch version, TP size and nodes) in
 ~/.cache/sglang_duet/cpu-calibration/, so only the first start with a model on a machine pays the
 timing (a few seconds). EngineCore builds its policy with it (`calibrated_cost_model`), once.
@@ -29,6 +32,7 @@ SGLANG_DUET_CPU_COST_MODEL=0 keeps the configured (GPU) hardware file instead.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -67,6 +71,11 @@ MIN_POINTS = 8  # ...but not before this many: the fit has 5 parameters
 MIN_ROUNDS = 3
 MAX_ROUNDS = 6
 STABLE = 0.03
+# A run is clean when this process's threads together waited for a CPU (runnable, another process
+# on it) at most this long per second of the run: on the 2-core test machine, runs that other
+# processes slowed 2-50x waited 0.5-1.3 s per second (2 threads). A shape's time is its fastest
+# clean run.
+CLEAN_DELAY = 0.2
 # A fit whose median relative error exceeds this is used for this run but not cached (the next
 # start times again): the points disagree with each other, as when the machine was busy throughout.
 MAX_CACHED_ERR = 0.25
@@ -86,6 +95,7 @@ class CpuCalibration:
     rounds: int = 0  # timed runs of each shape (its time is their minimum)
     load_avg: float = 0.0  # the 1-minute load average when the timing ended
     cpus: int = 0  # os.cpu_count() then
+    busy_shapes: int = 0  # shapes none of whose runs had the CPU to itself (such a fit is not cached)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -278,8 +288,14 @@ def cache_dir() -> str:
 
 class TimedShape(NamedTuple):
     reqs: list  # [(new, cached), ...]
-    seconds: float  # the minimum of the samples
-    samples: list  # one time per round
+    seconds: float  # the minimum of the clean samples (of all samples when none is clean)
+    samples: list  # one time per run
+    delays: list = []  # per run: seconds this process's threads waited for a CPU, per second of it
+
+    @property
+    def clean(self) -> bool:
+        """Whether one run had the CPU to itself (or no wait clock was read)."""
+        return not self.delays or min(self.delays) <= CLEAN_DELAY
 
 
 def calibration_shapes(capacity: int, context_length: int) -> list[list]:
@@ -299,15 +315,34 @@ def calibration_shapes(capacity: int, context_length: int) -> list[list]:
     return shapes
 
 
+def run_delay_s() -> float:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (Linux schedstat:
+    the second field of /proc/self/task/*/schedstat, in ns): what other processes took from it."""
+    total = 0
+    for path in glob.glob("/proc/self/task/*/schedstat"):
+        try:
+            with open(path) as fh:
+                total += int(fh.read().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that just ended
+            pass
+    return total / 1e9
+
+
+def wait_clock():
+    """run_delay_s where the kernel reports it, else None (then no run is known to be disturbed)."""
+    return run_delay_s if glob.glob("/proc/self/task/*/schedstat") else None
+
+
 def measure(executor, capacity: int, context_length: int, budget_s: float = TIME_BUDGET_S,
-            clock=time.perf_counter) -> list[TimedShape]:
+            clock=time.perf_counter, delay_clock=None) -> list[TimedShape]:
     """Timed forward passes of the executor's model, one TimedShape per batch shape.
 
     Uses KV slots 1..n of the (still empty) pool; every decode row of a batch reuses the same slots
     (the timing does not depend on what the KV holds). The first round takes the shapes cheapest
     first until `budget_s` (and at least MIN_POINTS); then whole rounds of those shapes, in the same
-    order, as long as the constants above say. The first round is also every shape's warm-up: the
-    minimum discards it unless it was the fastest."""
+    order, as long as the constants above say; after MIN_ROUNDS only the shapes that have no clean
+    run yet. The first round is also every shape's warm-up: the minimum discards it unless it was
+    the fastest. `delay_clock` (None: not read) is `run_delay_s` or a stand-in: what each run waited."""
     from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, ReqWork
     from sglang_duet.sampling_params import SamplingParams
 
@@ -316,32 +351,50 @@ def measure(executor, capacity: int, context_length: int, budget_s: float = TIME
     works = [[ReqWork(f"calib-{n}-{i}", [7] * q, c, list(range(1, c + q + 1)), True, 1, 0, params, [], [7])
               for i, (q, c) in enumerate(reqs)] for n, reqs in enumerate(shapes)]
     launch_ids = iter(range(10_000_000, 20_000_000))
+    samples: list[list[float]] = []
+    delays: list[list[float]] = []
 
-    def timed(n: int) -> float:
+    def timed(n: int) -> None:
         launch = Launch(next(launch_ids), LaneKind.AGGREGATED, LaneBatch(), works[n])
+        w0 = delay_clock() if delay_clock else 0.0
         t0 = clock()
         executor.run(launch)
-        return clock() - t0
+        dt = clock() - t0
+        if n == len(samples):
+            samples.append([])
+            delays.append([])
+        samples[n].append(dt)
+        if delay_clock:
+            delays[n].append((delay_clock() - w0) / max(dt, 1e-12))
 
-    samples: list[list[float]] = []
-    improved = True
+    def clean(n: int) -> bool:
+        return not delay_clock or min(delays[n]) <= CLEAN_DELAY
+
     start = clock()
     for n in range(len(shapes)):
         if len(samples) >= MIN_POINTS and clock() - start > budget_s:
             break
-        samples.append([timed(n)])
+        timed(n)
+    improved = True
     for rnd in range(1, MAX_ROUNDS):
         elapsed = clock() - start
+        all_clean = all(clean(n) for n in range(len(samples)))
         if rnd >= 2 and elapsed > 3 * budget_s:
             break
-        if rnd >= MIN_ROUNDS and (elapsed > budget_s or not improved):
+        if rnd >= MIN_ROUNDS and all_clean and (elapsed > budget_s or not improved):
             break
         improved = False
         for n, seen in enumerate(samples):
-            t = timed(n)
-            improved |= t < (1.0 - STABLE) * min(seen)
-            seen.append(t)
-    return [TimedShape(reqs, min(seen), seen) for reqs, seen in zip(shapes, samples)]
+            if rnd >= MIN_ROUNDS and clean(n):
+                continue
+            best = min(seen)
+            timed(n)
+            improved |= seen[-1] < (1.0 - STABLE) * best
+    out = []
+    for n, reqs in enumerate(shapes[:len(samples)]):
+        ok = [t for t, d in zip(samples[n], delays[n]) if d <= CLEAN_DELAY] if delay_clock else samples[n]
+        out.append(TimedShape(reqs, min(ok or samples[n]), samples[n], delays[n]))
+    return out
 
 
 def load_or_calibrate(engine, cm: CostModel) -> CpuCalibration:
@@ -360,21 +413,26 @@ def load_or_calibrate(engine, cm: CostModel) -> CpuCalibration:
     except (OSError, ValueError, TypeError):
         pass
     t0 = time.monotonic()
-    points = measure(executor, engine.kv_slots - 1, engine.context_length)
+    # Under TP the followers' processes share the CPU by design: waiting for one is no disturbance.
+    single = getattr(args, "tp_size", 1) == 1 and getattr(args, "nnodes", 1) == 1
+    points = measure(executor, engine.kv_slots - 1, engine.context_length,
+                     delay_clock=wait_clock() if single else None)
     (compute, attention, bandwidth, per_step, per_req), err = fit(cm, points)
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    busy = [p for p in points if not p.clean]
     cal = CpuCalibration(key, compute, attention, bandwidth, per_step, per_req,
-                         [{"reqs": p.reqs, "seconds": p.seconds, "samples": p.samples} for p in points], err,
-                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), min(len(p.samples) for p in points),
-                         load, cpus)
-    logger.info("CPU cost model calibrated in %.1f s (%d points, %d rounds, load %.1f on %d CPUs): %.3g FLOP/s "
-                "(attention %.3g), %.3g B/s, %.3g ms per step, %.3g ms per request, median error %.0f%%",
-                time.monotonic() - t0, len(points), cal.rounds, load, cpus, compute, attention, bandwidth,
-                per_step * 1e3, per_req * 1e3, err * 100)
-    if err > MAX_CACHED_ERR:
-        logger.warning("the CPU calibration's points disagree (median error %.0f%%; load %.1f on %d CPUs): the "
-                       "policy's step times may be off; not cached, so the next start times the model again",
-                       err * 100, load, cpus)
+                         [{"reqs": p.reqs, "seconds": p.seconds, "samples": p.samples, "delays": p.delays}
+                          for p in points], err, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         min(len(p.samples) for p in points), load, cpus, len(busy))
+    logger.info("CPU cost model calibrated in %.1f s (%d shapes, %d+ runs each, %d never undisturbed; load %.1f on "
+                "%d CPUs): %.3g FLOP/s (attention %.3g), %.3g B/s, %.3g ms per step, %.3g ms per request, median "
+                "error %.0f%%", time.monotonic() - t0, len(points), cal.rounds, len(busy), load, cpus, compute,
+                attention, bandwidth, per_step * 1e3, per_req * 1e3, err * 100)
+    if err > MAX_CACHED_ERR or busy:
+        why = (f"{len(busy)} of {len(points)} shapes never ran undisturbed (other processes held the CPU)" if busy
+               else f"the points disagree (median error {err:.0%})")
+        logger.warning("CPU calibration: %s; load %.1f on %d CPUs. The policy's step times may be too long; not "
+                       "cached, so the next start times the model again", why, load, cpus)
         return cal
     try:
         os.makedirs(cache_dir(), exist_ok=True)
