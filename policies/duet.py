@@ -663,11 +663,8 @@ class DuetPolicy(Policy):
         if not decoding:
             return Decodes([], 0, 1, 0.0)
         # one pass: each request's memory is touched once (cold at batch 256: most of the cost)
-        ids = []
-        add_id = ids.append
         cached, last = 0, math.inf
         for r in decoding:
-            add_id(r.rid)
             cached += r.num_computed
             t = r.last_token_time
             if t is not None and t < last:
@@ -686,14 +683,14 @@ class DuetPolicy(Policy):
                 longest = left
                 if longest >= k_max:
                     break
-        return Decodes(ids, cached, min(longest, k_max), waited)
+        return Decodes(decoding, cached, min(longest, k_max), waited)
 
     def _projected_decodes(self, view: SchedulerView, busy, left_ms: float) -> Decodes:
         """The decodes as a joint plan would see them when the decode lane's launch ends: the ready
         ones (having waited `left_ms` more) and the lane's own, k steps further on."""
         dec = self._decodes(view)
-        ids, cached, longest = list(dec.ids), dec.cached, dec.longest
-        add_id, k_max = ids.append, self.k_max
+        more, cached, longest = [], dec.cached, dec.longest
+        add_id, k_max = more.append, self.k_max
         end = view.config.context_length - 1
         for w in busy.work:
             pos = w.start_pos + w.steps  # cached tokens after the launch
@@ -709,7 +706,7 @@ class DuetPolicy(Policy):
             cached += pos
             if left > longest:
                 longest = left if left < k_max else k_max
-        return Decodes(ids, cached, longest, dec.waited_ms + left_ms if dec.n else 0.0)
+        return Decodes(dec.reqs, cached, longest, dec.waited_ms + left_ms if dec.n else 0.0, more)
 
     def _decode_steps(self, dec: Decodes, sms: int, k: int) -> Priced:
         """Each of k decode steps on `sms` SMs, priced with the decode lane's calibration."""

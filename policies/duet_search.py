@@ -34,16 +34,23 @@ class Candidate:
 
 @dataclass
 class Decodes:
-    """The ready decodes as the search needs them."""
+    """The ready decodes as the search needs them. Their ids are read off `reqs` (and `more`)
+    only when a plan launches them: the decode lane's projection never does, and at batch 256
+    reading every request's id is a good part of a plan (cold memory)."""
 
-    ids: list[str]
+    reqs: list  # requests (anything with a rid)
     cached: int  # sum of cached tokens
     longest: int  # the most tokens any of them may still emit, counted up to k_max (all a look-ahead needs)
     waited_ms: float  # the longest wait since a last token
+    more: list = field(default_factory=list)  # rids of further decodes (a busy decode lane's, projected)
 
     @property
     def n(self) -> int:
-        return len(self.ids)
+        return len(self.reqs) + len(self.more)
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.rid for r in self.reqs] + self.more
 
 
 class Prefix:
