@@ -509,6 +509,7 @@ class BlockLayout:
     prepared: np.ndarray
     spans: list
     block: np.ndarray  # each priced row's block
+    identity: bool = False  # one block, one SM count, from row 0: the priced rows are X's first rows
     _scales: np.ndarray | None = None  # the last scale rows seen, and them per priced row
     _scale: np.ndarray | None = None
 
@@ -650,7 +651,7 @@ class SummaryPricer:
         block = np.repeat(np.arange(len(spans)), [hi - lo for lo, hi in spans])
         return BlockLayout(np.concatenate(take) if take else np.zeros(0, dtype=int),
                            np.concatenate(prep) if prep else np.zeros((0,) + np.shape(self.prepare(np.zeros(0, int)))[1:]),
-                           spans, block)
+                           spans, block, len(blocks) == 1 and blocks[0][0] == 0 and len(blocks[0][2]) == 1)
 
     def ms_blocks(self, X: np.ndarray, layout: "BlockLayout", scales: np.ndarray, nonempty: bool = False) -> "Priced":
         """`ms_prepared` of the rows of `layout` (X's rows once per SM count of their block), block
@@ -663,7 +664,7 @@ class SummaryPricer:
             return Priced(self.ms(X.take(layout.take, axis=0), layout.prepared) * layout.scale(scales)[:, 0], None, 0)
         base = X @ self._w[1:]
         base += self._w[0]
-        P = base.take(layout.take, axis=0)
+        P = base if layout.identity and len(base) == len(layout.take) else base.take(layout.take, axis=0)
         P *= layout.prepared
         P *= layout.scale(scales)
         ops = len(self._attn)

@@ -368,7 +368,11 @@ class DuetPolicy(Policy):
         score *= w_p
         if n:
             pace = tau * kk / floor[1]
-            score += self.decode_gain * np.minimum(1.0, pace) + 1e-3 * pace
+            gain = np.minimum(1.0, pace)
+            if self.decode_gain != 1.0:  # (times 1 is exact: skipped)
+                gain *= self.decode_gain
+            gain += 1e-3 * pace
+            score += gain
         return Search(
             split=split, agg_budgets=ba, split_budgets=bs, grid=self._grid, tau=tau, tokens=tokens, k=kk, step=step,
             decode=decode,
@@ -690,7 +694,7 @@ class DuetPolicy(Policy):
         ones (having waited `left_ms` more) and the lane's own, k steps further on."""
         dec = self._decodes(view)
         more, cached, longest = [], dec.cached, dec.longest
-        add_id, k_max = more.append, self.k_max
+        keep, k_max = more.append, self.k_max
         end = view.config.context_length - 1
         for w in busy.work:
             pos = w.start_pos + w.steps  # cached tokens after the launch
@@ -702,7 +706,7 @@ class DuetPolicy(Policy):
                     left = cap
             if left <= 0:
                 continue  # finishes on the lane
-            add_id(w.rid)
+            keep(w)
             cached += pos
             if left > longest:
                 longest = left if left < k_max else k_max

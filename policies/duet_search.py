@@ -42,7 +42,7 @@ class Decodes:
     cached: int  # sum of cached tokens
     longest: int  # the most tokens any of them may still emit, counted up to k_max (all a look-ahead needs)
     waited_ms: float  # the longest wait since a last token
-    more: list = field(default_factory=list)  # rids of further decodes (a busy decode lane's, projected)
+    more: list = field(default_factory=list)  # further decodes (a busy decode lane's work, projected)
 
     @property
     def n(self) -> int:
@@ -50,7 +50,7 @@ class Decodes:
 
     @property
     def ids(self) -> list[str]:
-        return [r.rid for r in self.reqs] + self.more
+        return [r.rid for r in self.reqs] + [w.rid for w in self.more]
 
 
 class Prefix:
