@@ -202,6 +202,8 @@ class DuetPolicy(Policy):
         self._cut_cache: dict[int, np.ndarray] = {}
         self._sms_cache: dict = {}
         self._scales_key: tuple | None = None
+        self._cal_key: tuple | None = None
+        self._cal: dict = {}
         self._scales: np.ndarray | None = None
         ref = 4096
         self.rp_ref = ref / self.pricer.summary_ms(Summary.of([(ref, 0)]))  # prefill tokens/ms, whole GPU
@@ -306,9 +308,14 @@ class DuetPolicy(Policy):
 
         # one pricing call: aggregated steps, decode steps per (S_d, step j), prefill per (S_d, budget)
         X = np.empty((na + (K + nb if nb else 0), 4))
-        np.add(Xa, (n, n, dec.cached + n, dec.cached + n), out=X[:na])
+        row = self._row  # scratch: what the decodes add to each aggregated batch
+        row[0] = row[1] = n
+        row[2] = row[3] = dec.cached + n
+        np.add(Xa, row, out=X[:na])
         if nb:
-            np.add(self._decode_template(n), (0, 0, dec.cached, dec.cached), out=X[na:na + K])  # A = K at step j
+            row[0] = row[1] = 0
+            row[2] = row[3] = dec.cached
+            np.add(self._decode_template(n), row, out=X[na:na + K])  # A = K = the cached tokens at step j
             X[na + K:] = Xs
         # every row has a request: the decodes (n > 0 with splits) or prefill tokens (n = 0 keeps those only)
         priced = self.pricer.ms_blocks(X, self._layout(na, nb), self._scale_rows(), nonempty=True)
@@ -394,6 +401,7 @@ class DuetPolicy(Policy):
         self._base_m1 = self._base - 1
         self._base_cum = np.arange(G)[:, None] * (K + 2)  # ... in G x (K + 2)
         self._cum = np.zeros((G, K + 2))
+        self._row = np.zeros(4)
         self._cum[:, -1] = np.inf
         nc = len(self.budgets) + len(self.split_budgets)
         self._no_cut = (np.zeros((nc, 4)), np.zeros(nc, dtype=bool))
@@ -465,7 +473,11 @@ class DuetPolicy(Policy):
         return got
 
     def _cal_values(self) -> dict:
-        return {lane: (c.a, c.b) for lane, c in self.calibration.items()}
+        """lane -> (a, b), rebuilt only when the calibration moved (read after `_scale_rows`)."""
+        if self._cal_key is not self._scales_key:
+            self._cal_key = self._scales_key
+            self._cal = {lane: (c.a, c.b) for lane, c in self.calibration.items()}
+        return self._cal
 
     def _scale_rows(self) -> np.ndarray:
         """The pricer's scale rows of the aggregated, decode and prefill lanes' calibrations, rebuilt
