@@ -499,6 +499,14 @@ class Priced:
             out.append((pairwise_sum(comp) / a, (pairwise_sum(mem) + pairwise_sum(over)) / b))
         return out
 
+    def _parts(self, lo: int, hi: int, compute_scale: float, bandwidth_scale: float) -> tuple[float, float]:
+        """`parts` as one numpy expression (the reference the Python sums equal, for tests)."""
+        rows = self.P[lo:hi][self.t[lo:hi] > 0]
+        Z, Y = rows[:, :self.ops], rows[:, self.ops:2 * self.ops]
+        bound = Z >= Y
+        return (float(Z[bound].sum()) / compute_scale,
+                (float(Y[~bound].sum()) + float(rows[:, -1].sum())) / bandwidth_scale)
+
 
 @dataclass
 class BlockLayout:

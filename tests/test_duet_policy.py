@@ -107,6 +107,40 @@ def test_priced_parts_are_the_cost_model_operators_by_bound():
         assert mem == pytest.approx(want_mem, rel=1e-9, abs=1e-9)
 
 
+def test_pairwise_sum_adds_as_numpy_does():
+    # The calibration parts are summed in Python (a launch's few dozen numbers); they must be the
+    # very floats numpy's sum gives, or plans would drift from what the pinned fingerprints say.
+    from sglang_duet.policies.base import pairwise_sum
+
+    rng = np.random.default_rng(5)
+    for n in list(range(0, 140)) + [255, 256, 300, 1000]:
+        a = rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 6, n)
+        assert pairwise_sum(a.tolist()) == np.add.reduce(a)
+    a = np.full(9, 0.1)
+    assert pairwise_sum(a.tolist()) != sum(a.tolist())  # the order matters: a sequential sum differs
+
+
+def test_search_parts_are_priced_parts_of_the_rows():
+    # parts_of reads the calibration parts off the search's pricing: the same numbers as pricing
+    # the launched rows alone through the cost model's operators (test above), here through
+    # Priced.parts on each range.
+    pol = load_policy("duet", ctx())
+    decs = [decoding(f"d{i}", 1000 + 37 * i) for i in range(150)]
+    s = pol.search(view(wait=[waiting("p", 7000), waiting("q", 3000)], dec=decs))
+    na, nb = len(s.agg_budgets), len(s.split_budgets)
+    assert nb and s.split.any()
+    K = pol.k_max + 2
+    for i in (0, na - 1, na, na + 4, len(s) - 1):
+        got = s.parts_of(i)
+        if i < na:
+            assert got[LaneKind.AGGREGATED] == s.priced._parts(i, i + 1, 1.0, 1.0)
+        else:
+            g, b = divmod(i - na, nb)
+            p, d = na + len(pol.grid) * K + g * nb + b, na + g * K
+            assert got[LaneKind.PREFILL] == s.priced._parts(p, p + 1, 1.0, 1.0)
+            assert got[LaneKind.DECODE] == s.priced._parts(d, d + int(s.k[i]), 1.0, 1.0)
+
+
 def test_candidates_price_what_the_cost_model_says():
     pol = load_policy("duet", ctx())
     decs = [decoding(f"d{i}", 1500 + 10 * i) for i in range(40)]
