@@ -13,7 +13,7 @@ class ReqState(str, Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     rid: str
     prompt_ids: list[int]
