@@ -338,18 +338,22 @@ class DuetPolicy(Policy):
             # of them first; at tp it waits the rest r or steps past it (see the docstring).
             td = t[na:na + G * K].reshape(G, K)
             tp = t[na + G * K:].reshape(G, nb)
-            cum = self._cum  # per S_d: 0, the cumulative steps, inf (scratch: only read out below)
-            np.add.accumulate(td, axis=1, out=cum[:, 1:K + 1])
+            steps = self._steps_table  # per S_d: 0, the cumulative steps, inf, then the steps (scratch)
+            cum = steps[:, :K + 2]
+            np.add.accumulate(td, axis=1, out=steps[:, 1:K + 1])
+            steps[:, K + 2:] = td
             m = (cum[:, None, 1:] <= tp[:, :, None]).argmin(axis=2)  # G x nb: steps within tp (cum rises)
-            r = tp - cum.ravel().take(self._base_cum + m)
-            nxt = td.ravel().take(self._base + np.minimum(m, K - 1))
+            # What each m needs, in one gather: the steps' end before it, the step after it, and
+            # with k = clip(m, 1, k_cap) the launch's end and its last step
+            at = steps.take(self._by_m(k_cap), axis=1).reshape(G * (K + 1), 4).take(self._base_m + m, axis=0)
+            r = tp - at[:, :, 0]
+            nxt = at[:, :, 1]
             longer = tp > cum[:, K:K + 1]
             if np.count_nonzero(longer):
                 # A prefill longer than the priced steps: extrapolate with the last one. There m = K
                 # already gives k = k_cap and nxt = the last step; r is what is left of the step in
                 # progress at tp: (x - floor(x)) * last with x = r / last (x % 1 is that, exactly).
                 np.putmask(r, longer, np.remainder(r / td[:, -1:], 1.0) * td[:, -1:])
-            k = _clip(m, 1, k_cap)
             j = np.minimum(r + nxt, 2 * nxt - r)
             never = m == 0
             if np.count_nonzero(never):
@@ -357,10 +361,10 @@ class DuetPolicy(Policy):
             # j > 0 (r < nxt), so j * joins is j where a request completes and 0 elsewhere
             np.multiply(j, joins, out=joiner[na:].reshape(G, nb))
             step[na:].reshape(G, nb)[:] = tp
-            decode[na:].reshape(G, nb)[:] = cum.ravel().take(self._base_cum + k)
+            decode[na:].reshape(G, nb)[:] = at[:, :, 2]
             first[na:].reshape(G, nb)[:] = td[:, :1]
-            np.maximum(td.ravel().take(self._base_m1 + k), nxt, out=slowest[na:].reshape(G, nb))
-            kk[na:].reshape(G, nb)[:] = k
+            np.maximum(at[:, :, 3], nxt, out=slowest[na:].reshape(G, nb))
+            kk[na:].reshape(G, nb)[:] = _clip(m, 1, k_cap)
             C[5:7, na:].reshape(2, G, nb)[:] = F[:, None, nA:nA + nb]
         split = self._split_mask(na, nb)
         if n:
@@ -397,12 +401,11 @@ class DuetPolicy(Policy):
         self._prep_rows: dict[tuple[int, int], object] = {}
         self._layouts: dict[tuple[int, int], object] = {}
         self._decode_scale_src = self._decode_scale_row = None
-        self._base = np.arange(G)[:, None] * K  # flat index of (S_d, step 0) in G x K
-        self._base_m1 = self._base - 1
-        self._base_cum = np.arange(G)[:, None] * (K + 2)  # ... in G x (K + 2)
-        self._cum = np.zeros((G, K + 2))
+        self._base_m = np.arange(G)[:, None] * (K + 1)  # flat index of (S_d, m = 0) in G x (K + 1)
+        self._steps_table = np.zeros((G, 2 * K + 2))
+        self._steps_table[:, K + 1] = np.inf
+        self._by_m_cache: dict[int, np.ndarray] = {}
         self._row = np.zeros(4)
-        self._cum[:, -1] = np.inf
         nc = len(self.budgets) + len(self.split_budgets)
         self._no_cut = (np.zeros((nc, 4)), np.zeros(nc, dtype=bool))
         self._agg_rows: dict[tuple[int, int], np.ndarray] = {}
@@ -432,6 +435,21 @@ class DuetPolicy(Policy):
         else:
             agg = slice(0, 1 if n else 0)
         return agg, nb
+
+    def _by_m(self, k_cap: int) -> np.ndarray:
+        """Columns of the steps table (0, cumulative steps, inf, then the K steps) to gather for
+        each m = 0..K steps within the prefill: the cumulative steps before the next one, the next
+        step (the last one past K), and with k = clip(m, 1, k_cap) the cumulative k steps and the
+        k-th step (cached per k_cap)."""
+        got = self._by_m_cache.get(k_cap)
+        if got is None:
+            K = self.k_max + 2
+            cols = []
+            for m in range(K + 1):
+                k = min(max(m, 1), k_cap)
+                cols += [m, K + 2 + min(m, K - 1), k, K + 2 + k - 1]
+            got = self._by_m_cache[k_cap] = np.array(cols)
+        return got
 
     def _decode_template(self, n: int) -> np.ndarray:
         """X rows [n, n, n * j, n * j] of decode steps j = 1..K (add the cached tokens to A and K)."""
