@@ -98,7 +98,6 @@ calibration off).
 """
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -112,7 +111,7 @@ from sglang_duet.policies.base import (
     ttft_order_option,
 )
 from sglang_duet.policies.duet_feedback import Calibration, Demand
-from sglang_duet.policies.duet_search import Candidate, Decodes, Prefix, Search, remaining_prefill
+from sglang_duet.policies.duet_search import Candidate, Decodes, Prefix, Search, SearchTables, remaining_prefill
 
 
 _clip = (np._core if hasattr(np, "_core") else np.core).umath.clip  # np.clip without its Python wrapper
@@ -195,12 +194,8 @@ class DuetPolicy(Policy):
         self.slo_ms = self.ctx.tbt_slo_ms
         self.pricer = SummaryPricer(self.ctx.cost_model)
         self.demand = Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.9)))
-        self._grid = np.array(self.grid)
         self._grid_index = {sms: g for g, sms in enumerate(self.grid)}
-        self._budgets = np.array(self.budgets, dtype=float)
-        self._split_budgets = np.array(self.split_budgets, dtype=float)
-        self._cut_cache: dict[int, np.ndarray] = {}
-        self._sms_cache: dict = {}
+        self._decode_scale_src = self._decode_scale_row = None
         self._scales_key: tuple | None = None
         self._cal_key: tuple | None = None
         self._cal: dict = {}
@@ -208,7 +203,8 @@ class DuetPolicy(Policy):
         ref = 4096
         self.rp_ref = ref / self.pricer.summary_ms(Summary.of([(ref, 0)]))  # prefill tokens/ms, whole GPU
         self._work = self.pricer.work_weights()
-        self._init_search()
+        self.tables = SearchTables(self.pricer, self.total, self.grid, self.budgets, self.split_budgets, self.k_max,
+                                   splits=self.lanes > 1)  # one lane: never a split
         self._ends: dict[LaneKind, tuple[LaneBatch, float]] = {}  # lane -> (batch launched, predicted end)
         self.calibrate = float(o.get("calibrate", 0.05))  # EWMA weight of each measured launch (0: off)
         self.calibration = {lane: Calibration(self.calibrate)
@@ -276,6 +272,7 @@ class DuetPolicy(Policy):
         multiplied out once for all decode partitions (`SummaryPricer.ms_blocks`)."""
         dec = dec or self._decodes(view)
         n = dec.n
+        tb = self.tables
         first_limit, limit = self._limits(dec.waited_ms)
         w_p, tau = self.weights(view)
 
@@ -284,21 +281,21 @@ class DuetPolicy(Policy):
         k_cap = lookahead_cap_of(view, n, dec.longest, self.k_max, kv_reserved=self.split_budgets[-1]) if n else 1
         prefix, total = None, 0.0
         if view.waiting or view.prefilling:
-            chunks = select_prefills(view, self._chunk_budget, kv_reserved=n * k_cap)
+            chunks = select_prefills(view, tb.chunk_budget, kv_reserved=n * k_cap)
             prefix = Prefix(chunks, remaining_prefill(view, chunks))
             total = prefix.total
 
         # aggregated: the decode-first batch for each budget; split: prefill chunks for each split
         # budget; identical batches (the queue exhausted) priced once
         nA = len(self.budgets)
-        agg, nb = self._distinct(n, total)
+        agg, nb = tb.distinct(n, total)
         if prefix is not None:
-            Xc, joins_c = prefix.cut(self._cut_budgets(n), nonnegative=True)
+            Xc, joins_c = prefix.cut(tb.cut_budgets(n), nonnegative=True)
         else:
-            Xc, joins_c = self._no_cut
-        Xa, ba = Xc[agg], self._budgets[agg]
+            Xc, joins_c = tb.no_cut
+        Xa, ba = Xc[agg], tb.budget_array[agg]
         na = len(ba)
-        bs, Xs, joins = self._split_budgets[:nb], Xc[nA:nA + nb], joins_c[nA:nA + nb]
+        bs, Xs, joins = tb.split_array[:nb], Xc[nA:nA + nb], joins_c[nA:nA + nb]
         G, K = len(self.grid), self.k_max + 2
         wT, wA = self._work
         F = np.empty((2, len(Xc)))  # tokens and ms of ideal prefill compute of every cut
@@ -308,17 +305,17 @@ class DuetPolicy(Policy):
 
         # one pricing call: aggregated steps, decode steps per (S_d, step j), prefill per (S_d, budget)
         X = np.empty((na + (K + nb if nb else 0), 4))
-        row = self._row  # scratch: what the decodes add to each aggregated batch
+        row = tb.row  # scratch: what the decodes add to each aggregated batch
         row[0] = row[1] = n
         row[2] = row[3] = dec.cached + n
         np.add(Xa, row, out=X[:na])
         if nb:
             row[0] = row[1] = 0
             row[2] = row[3] = dec.cached
-            np.add(self._decode_template(n), row, out=X[na:na + K])  # A = K = the cached tokens at step j
+            np.add(tb.decode_template(n), row, out=X[na:na + K])  # A = K = the cached tokens at step j
             X[na + K:] = Xs
         # every row has a request: the decodes (n > 0 with splits) or prefill tokens (n = 0 keeps those only)
-        priced = self.pricer.ms_blocks(X, self._layout(na, nb), self._scale_rows(), nonempty=True)
+        priced = self.pricer.ms_blocks(X, tb.layout(na, nb), self._scale_rows(), nonempty=True)
         t = priced.t
 
         # the candidates, aggregated ones first: rows of C
@@ -338,14 +335,14 @@ class DuetPolicy(Policy):
             # of them first; at tp it waits the rest r or steps past it (see the docstring).
             td = t[na:na + G * K].reshape(G, K)
             tp = t[na + G * K:].reshape(G, nb)
-            steps = self._steps_table  # per S_d: 0, the cumulative steps, inf, then the steps (scratch)
+            steps = tb.steps  # per S_d: 0, the cumulative steps, inf, then the steps (scratch)
             cum = steps[:, :K + 2]
             np.add.accumulate(td, axis=1, out=steps[:, 1:K + 1])
             steps[:, K + 2:] = td
             m = (cum[:, None, 1:] <= tp[:, :, None]).argmin(axis=2)  # G x nb: steps within tp (cum rises)
             # What each m needs, in one gather: the steps' end before it, the step after it, and
             # with k = clip(m, 1, k_cap) the launch's end and its last step
-            at = steps.take(self._by_m(k_cap), axis=1).reshape(G * (K + 1), 4).take(self._base_m + m, axis=0)
+            at = steps.take(tb.by_m(k_cap), axis=1).reshape(G * (K + 1), 4).take(tb.base_m + m, axis=0)
             r = tp - at[:, :, 0]
             nxt = at[:, :, 1]
             longer = tp > cum[:, K:K + 1]
@@ -366,7 +363,7 @@ class DuetPolicy(Policy):
             np.maximum(at[:, :, 3], nxt, out=slowest[na:].reshape(G, nb))
             kk[na:].reshape(G, nb)[:] = _clip(m, 1, k_cap)
             C[5:7, na:].reshape(2, G, nb)[:] = F[:, None, nA:nA + nb]
-        split = self._split_mask(na, nb)
+        split = tb.split_mask(na, nb)
         if n:
             feasible = first <= first_limit
             later = C[3:5] <= limit  # slowest, joiner
@@ -385,110 +382,11 @@ class DuetPolicy(Policy):
             gain += 1e-3 * pace
             score += gain
         return Search(
-            split=split, agg_budgets=ba, split_budgets=bs, grid=self._grid, tau=tau, tokens=tokens, k=kk, step=step,
+            split=split, agg_budgets=ba, split_budgets=bs, grid=tb.grid, tau=tau, tokens=tokens, k=kk, step=step,
             decode=decode,
             first=first, slowest=slowest, joiner=joiner, feasible=feasible, score=score,
             prefix=prefix, dec=dec, priced=priced, cal=self._cal_values(),
         )
-
-    def _init_search(self) -> None:
-        """What every search needs and no view changes: per-SM-count pricing factors, index bases."""
-        G, K = len(self.grid), self.k_max + 2
-        self._chunk_budget = int(max(self.budgets[-1], self.split_budgets[-1]))
-        self._prep_all = self.pricer.prepare(np.zeros(1, dtype=int))  # aggregated: all SMs
-        self._prep_decode = self.pricer.prepare(self._grid)  # decode lane on S_d
-        self._prep_prefill = self.pricer.prepare(self.total - self._grid)  # prefill lane on the rest
-        self._prep_rows: dict[tuple[int, int], object] = {}
-        self._layouts: dict[tuple[int, int], object] = {}
-        self._decode_scale_src = self._decode_scale_row = None
-        self._base_m = np.arange(G)[:, None] * (K + 1)  # flat index of (S_d, m = 0) in G x (K + 1)
-        self._steps_table = np.zeros((G, 2 * K + 2))
-        self._steps_table[:, K + 1] = np.inf
-        self._by_m_cache: dict[int, np.ndarray] = {}
-        self._row = np.zeros(4)
-        nc = len(self.budgets) + len(self.split_budgets)
-        self._no_cut = (np.zeros((nc, 4)), np.zeros(nc, dtype=bool))
-        self._agg_rows: dict[tuple[int, int], np.ndarray] = {}
-        self._templates: dict[int, np.ndarray] = {}
-
-    def _distinct(self, n: int, total: float):
-        """Which aggregated budgets give distinct batches (rows of the cut: a slice, or an index
-        array), and how many split budgets do (the first ones). Budget b cuts min(max(b - n, 0),
-        total) prefill tokens; with the budgets sorted, a budget adds tokens over the previous one
-        iff b - n > 0 and the previous one's b - n < total (the first budget always counts, with
-        decodes or tokens)."""
-        budgets = self.budgets
-        nb = 0
-        if total > 0:
-            lo = max(1, bisect.bisect_right(budgets, n))
-            hi = min(len(budgets), bisect.bisect_left(budgets, total + n) + 1)
-            if lo <= 1:
-                agg = slice(0, hi)
-            elif lo >= hi:
-                agg = slice(0, 1)
-            else:
-                agg = self._agg_rows.get((lo, hi))
-                if agg is None:
-                    agg = self._agg_rows[(lo, hi)] = np.array([0] + list(range(lo, hi)))
-            if n and self.lanes > 1:  # one lane: never a split
-                nb = min(len(self.split_budgets), bisect.bisect_left(self.split_budgets, total) + 1)
-        else:
-            agg = slice(0, 1 if n else 0)
-        return agg, nb
-
-    def _by_m(self, k_cap: int) -> np.ndarray:
-        """Columns of the steps table (0, cumulative steps, inf, then the K steps) to gather for
-        each m = 0..K steps within the prefill: the cumulative steps before the next one, the next
-        step (the last one past K), and with k = clip(m, 1, k_cap) the cumulative k steps and the
-        k-th step (cached per k_cap)."""
-        got = self._by_m_cache.get(k_cap)
-        if got is None:
-            K = self.k_max + 2
-            cols = []
-            for m in range(K + 1):
-                k = min(max(m, 1), k_cap)
-                cols += [m, K + 2 + min(m, K - 1), k, K + 2 + k - 1]
-            got = self._by_m_cache[k_cap] = np.array(cols)
-        return got
-
-    def _decode_template(self, n: int) -> np.ndarray:
-        """X rows [n, n, n * j, n * j] of decode steps j = 1..K (add the cached tokens to A and K)."""
-        got = self._templates.get(n)
-        if got is None:
-            if len(self._templates) > 4096:
-                self._templates.clear()
-            steps = 1.0 + np.arange(self.k_max + 2)
-            got = self._templates[n] = np.stack([np.full(len(steps), float(n)), np.full(len(steps), float(n)),
-                                                 n * steps, n * steps], axis=1)
-        return got
-
-    def _cut_budgets(self, n: int) -> np.ndarray:
-        """Prefill tokens to cut the chunk list at: each aggregated budget less the n decodes (at
-        least 0), then each split budget (cached by n: plan() overhead is numpy call count)."""
-        got = self._cut_cache.get(n)
-        if got is None:
-            if len(self._cut_cache) > 4096:
-                self._cut_cache.clear()
-            got = self._cut_cache[n] = np.maximum(np.concatenate([self._budgets - n, self._split_budgets]), 0.0)
-        return got
-
-    def _layout(self, na: int, nb: int):
-        """The pricer's row layout of a search with na aggregated and nb split budgets (cached)."""
-        got = self._layouts.get((na, nb))
-        if got is None:
-            K = self.k_max + 2
-            blocks = [(0, na, self._prep_all)]
-            if nb:
-                blocks += [(na, na + K, self._prep_decode), (na + K, na + K + nb, self._prep_prefill)]
-            got = self._layouts[(na, nb)] = self.pricer.layout(blocks)
-        return got
-
-    def _step_layout(self, sms: int, k: int):
-        """The pricer's row layout of k decode steps on `sms` SMs (cached)."""
-        got = self._prep_rows.get((sms, k))
-        if got is None:
-            got = self._prep_rows[(sms, k)] = self.pricer.layout([(0, k, self.pricer.prepare(np.array([sms])))])
-        return got
 
     def _cal_values(self) -> dict:
         """lane -> (a, b), rebuilt only when the calibration moved (read after `_scale_rows`)."""
@@ -512,13 +410,6 @@ class DuetPolicy(Policy):
         if self._decode_scale_src is not scales:
             self._decode_scale_src, self._decode_scale_row = scales, scales[1:2].copy()
         return self._decode_scale_row
-
-    def _split_mask(self, na: int, nb: int) -> np.ndarray:
-        key = ("split", na, nb)
-        got = self._sms_cache.get(key)
-        if got is None:
-            got = self._sms_cache[key] = np.concatenate([np.zeros(na, dtype=bool), np.ones(len(self.grid) * nb, dtype=bool)])
-        return got
 
     def weights(self, view: SchedulerView) -> tuple[float, float]:
         """(W_p, tau): what prefill progress is worth now (TTFT pressure) and the decode pace (ms)
@@ -744,8 +635,8 @@ class DuetPolicy(Policy):
 
     def _decode_steps(self, dec: Decodes, sms: int, k: int) -> Priced:
         """Each of k decode steps on `sms` SMs, priced with the decode lane's calibration."""
-        X = self._decode_template(dec.n)[:k] + (0, 0, dec.cached, dec.cached)
-        return self.pricer.ms_blocks(X, self._step_layout(sms, k), self._decode_scale(), nonempty=dec.n > 0)
+        X = self.tables.decode_template(dec.n)[:k] + (0, 0, dec.cached, dec.cached)
+        return self.pricer.ms_blocks(X, self.tables.step_layout(sms, k), self._decode_scale(), nonempty=dec.n > 0)
 
     def _left_ms(self, view: SchedulerView, lane: LaneKind, launch) -> float:
         """Predicted ms until the busy lane's launch finishes (its full prediction if unknown)."""

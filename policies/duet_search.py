@@ -199,6 +199,124 @@ class Search:
         )
 
 
+class SearchTables:
+    """What every search of one policy needs and no view changes, built once (plan() overhead is
+    numpy call count): the budgets as arrays, the pricing factors and row layouts per search shape,
+    index tables, and scratch a search fills and reads back before it returns."""
+
+    def __init__(self, pricer, total_sms: int, grid: list[int], budgets: list[int], split_budgets: list[int],
+                 k_max: int, splits: bool = True):
+        self.pricer = pricer
+        self.budgets, self.split_budgets, self.k_max, self.splits = budgets, split_budgets, k_max, splits
+        self.grid = np.array(grid)
+        self.budget_array = np.array(budgets, dtype=float)
+        self.split_array = np.array(split_budgets, dtype=float)
+        self.chunk_budget = int(max(budgets[-1], split_budgets[-1]))  # one chunk list serves every budget
+        G, K = len(grid), k_max + 2  # K decode steps priced per partition
+        self.prep_all = pricer.prepare(np.zeros(1, dtype=int))  # aggregated: all SMs
+        self.prep_decode = pricer.prepare(self.grid)  # decode lane on S_d
+        self.prep_prefill = pricer.prepare(total_sms - self.grid)  # prefill lane on the rest
+        self.base_m = np.arange(G)[:, None] * (K + 1)  # flat index of (S_d, m = 0) in G x (K + 1)
+        self.steps = np.zeros((G, 2 * K + 2))  # scratch: 0, cumulative steps, inf, then the steps
+        self.steps[:, K + 1] = np.inf
+        self.row = np.zeros(4)  # scratch: what the decodes add to a priced row
+        nc = len(budgets) + len(split_budgets)
+        self.no_cut = (np.zeros((nc, 4)), np.zeros(nc, dtype=bool))  # the cut of an empty queue
+        self._agg_rows: dict[tuple[int, int], np.ndarray] = {}
+        self._by_m: dict[int, np.ndarray] = {}
+        self._templates: dict[int, np.ndarray] = {}
+        self._cuts: dict[int, np.ndarray] = {}
+        self._layouts: dict[tuple[int, int], object] = {}
+        self._step_layouts: dict[tuple[int, int], object] = {}
+        self._split_masks: dict[tuple[int, int], np.ndarray] = {}
+
+    def distinct(self, n: int, total: float):
+        """Which aggregated budgets give distinct batches (rows of the cut: a slice, or an index
+        array), and how many split budgets do (the first ones). Budget b cuts min(max(b - n, 0),
+        total) prefill tokens; with the budgets sorted, a budget adds tokens over the previous one
+        iff b - n > 0 and the previous one's b - n < total (the first budget always counts, with
+        decodes or tokens)."""
+        budgets = self.budgets
+        nb = 0
+        if total > 0:
+            lo = max(1, bisect.bisect_right(budgets, n))
+            hi = min(len(budgets), bisect.bisect_left(budgets, total + n) + 1)
+            if lo <= 1:
+                agg = slice(0, hi)
+            elif lo >= hi:
+                agg = slice(0, 1)
+            else:
+                agg = self._agg_rows.get((lo, hi))
+                if agg is None:
+                    agg = self._agg_rows[(lo, hi)] = np.array([0] + list(range(lo, hi)))
+            if n and self.splits:
+                nb = min(len(self.split_budgets), bisect.bisect_left(self.split_budgets, total) + 1)
+        else:
+            agg = slice(0, 1 if n else 0)
+        return agg, nb
+
+    def by_m(self, k_cap: int) -> np.ndarray:
+        """Columns of `steps` to gather for each m = 0..K decode steps within a prefill: the
+        cumulative steps before the next one, the next step (the last one past K), and with
+        k = clip(m, 1, k_cap) the cumulative k steps and the k-th step (cached per k_cap)."""
+        got = self._by_m.get(k_cap)
+        if got is None:
+            K = self.k_max + 2
+            cols = []
+            for m in range(K + 1):
+                k = min(max(m, 1), k_cap)
+                cols += [m, K + 2 + min(m, K - 1), k, K + 2 + k - 1]
+            got = self._by_m[k_cap] = np.array(cols)
+        return got
+
+    def decode_template(self, n: int) -> np.ndarray:
+        """X rows [n, n, n * j, n * j] of decode steps j = 1..K (add the cached tokens to A and K)."""
+        got = self._templates.get(n)
+        if got is None:
+            if len(self._templates) > 4096:
+                self._templates.clear()
+            steps = 1.0 + np.arange(self.k_max + 2)
+            got = self._templates[n] = np.stack([np.full(len(steps), float(n)), np.full(len(steps), float(n)),
+                                                 n * steps, n * steps], axis=1)
+        return got
+
+    def cut_budgets(self, n: int) -> np.ndarray:
+        """Prefill tokens to cut the chunk list at: each aggregated budget less the n decodes (at
+        least 0), then each split budget (cached by n)."""
+        got = self._cuts.get(n)
+        if got is None:
+            if len(self._cuts) > 4096:
+                self._cuts.clear()
+            got = self._cuts[n] = np.maximum(np.concatenate([self.budget_array - n, self.split_array]), 0.0)
+        return got
+
+    def layout(self, na: int, nb: int):
+        """The pricer's row layout of a search with na aggregated and nb split budgets (cached)."""
+        got = self._layouts.get((na, nb))
+        if got is None:
+            K = self.k_max + 2
+            blocks = [(0, na, self.prep_all)]
+            if nb:
+                blocks += [(na, na + K, self.prep_decode), (na + K, na + K + nb, self.prep_prefill)]
+            got = self._layouts[(na, nb)] = self.pricer.layout(blocks)
+        return got
+
+    def step_layout(self, sms: int, k: int):
+        """The pricer's row layout of k decode steps on `sms` SMs (cached)."""
+        got = self._step_layouts.get((sms, k))
+        if got is None:
+            got = self._step_layouts[(sms, k)] = self.pricer.layout([(0, k, self.pricer.prepare(np.array([sms])))])
+        return got
+
+    def split_mask(self, na: int, nb: int) -> np.ndarray:
+        """Which of a search's candidates are splits (cached by shape)."""
+        got = self._split_masks.get((na, nb))
+        if got is None:
+            got = self._split_masks[(na, nb)] = np.concatenate([np.zeros(na, dtype=bool),
+                                                                 np.ones(len(self.grid) * nb, dtype=bool)])
+        return got
+
+
 def remaining_prefill(view: SchedulerView, chunks: list[PrefillChunk]) -> dict[str, int]:
     """Remaining prefill tokens of the requests the chunks belong to (a chunk that covers them all
     completes its request, which then joins the decodes)."""
