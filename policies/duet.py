@@ -266,10 +266,12 @@ class DuetPolicy(Policy):
     def search(self, view: SchedulerView, dec: Decodes | None = None) -> Search:
         """Price and score every candidate (see the module docstring) in one vectorised pass.
 
-        plan() overhead is the number of numpy calls, not the work in each (226 rows at batch 256),
-        so everything constant per policy is built once (`_init_search`), the batches that repeat
-        (the queue exhausted before the largest budgets) are found in Python, and X's rows are
-        multiplied out once for all decode partitions (`SummaryPricer.ms_blocks`)."""
+        plan() overhead is the number of numpy calls, not the work in each (226 priced rows with
+        the default budgets and grid), so everything constant per policy is built once
+        (`SearchTables`), the batches that repeat (the queue exhausted before the largest budgets)
+        are found in Python, and X's rows are multiplied out once for all decode partitions
+        (`SummaryPricer.ms_blocks`). Every number is computed as before that tuning, operation for
+        operation (tests/test_duet_policy.py pins the plans)."""
         dec = dec or self._decodes(view)
         n = dec.n
         tb = self.tables
