@@ -481,7 +481,8 @@ async def _step_cpu(n: int, a, steps: int) -> dict:
         for req in backend.reqs:
             sched._add(io.decode(io.encode(req)))
         engine, core = sched.engine, sched.engine.core
-        parts = {"apply": 0.0, "plan": 0.0, "executor": 0.0}
+        parts = {"apply": 0.0, "plan": 0.0, "executor": 0.0, "plan.view": 0.0, "plan.resolve": 0.0,
+                 "executor.price": 0.0, "executor.results": 0.0}
 
         def timed(obj, name, part):
             f = getattr(obj, name)
@@ -498,6 +499,12 @@ async def _step_cpu(n: int, a, steps: int) -> dict:
         timed(core, "schedule", "plan")
         timed(sched.timer, "poll", "executor")
         timed(sched.timer, "submit", "executor")
+        # inside those (printed, not in the table): the view, resolving the plan, the emulated
+        # device's pricing and its building of each step's results
+        timed(core, "view", "plan.view")
+        timed(core, "_resolve", "plan.resolve")
+        timed(sched.timer.inner, "price", "executor.price")
+        timed(sched.timer.inner, "_report", "executor.results")
 
         async def one_step() -> tuple[float, float, float, float]:
             t0 = time.thread_time()
