@@ -444,7 +444,12 @@ class SchedulerCore:
         if plan.aggregated is not None and (plan.prefill_lane or plan.decode_lane):
             raise RuntimeError("a plan is either aggregated or split, not both")
         launches = []
+        touched: list[Request] = []  # requests an earlier lane of this plan took
         for lane, batch in batches:
+            if touched and decodable:
+                took = {id(r) for r in touched}
+                if any(id(r) in took for r in decodable):
+                    decodable = ()  # the view no longer vouches for them: _resolve checks each one
             reqs: list[Request] = []
             lid = self._next_launch
             work = self._resolve(batch, reqs, decodable, lid)  # marks each of reqs as in launch lid
@@ -454,6 +459,7 @@ class SchedulerCore:
             launch.sms = {LaneKind.PREFILL: plan.prefill_sms, LaneKind.DECODE: plan.decode_sms}.get(lane)
             launch.predicted_ms = plan.predicted_ms
             launch.reqs = reqs
+            touched += reqs
             self._next_launch += 1
             self.inflight[lid] = launch
             if lane in self._busy:  # overlap: queued behind the running launch
