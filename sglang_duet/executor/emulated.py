@@ -87,13 +87,15 @@ def token_ids(seeds, positions, lo: int, hi: int, banned: frozenset[int] = froze
     x = (x ^ (x >> _S30)) * _C2
     x = (x ^ (x >> _S27)) * _C3
     x ^= x >> _S31
-    out = (x % np.uint64(hi - lo) + np.uint64(lo)).tolist()
+    t = x % np.uint64(hi - lo) + np.uint64(lo)
+    out = t.tolist()
     if banned:
-        for i, t in enumerate(out):
-            if t in banned:
-                while t in banned:
-                    t = lo + (t - lo + 1) % (hi - lo)
-                out[i] = t
+        hit = np.isin(t, np.fromiter(banned, dtype=np.uint64, count=len(banned))) if min(banned) >= 0 else None
+        for i in (np.flatnonzero(hit).tolist() if hit is not None else range(len(out))):
+            tok = out[i]
+            while tok in banned:
+                tok = lo + (tok - lo + 1) % (hi - lo)
+            out[i] = tok
     return out
 
 
