@@ -47,6 +47,9 @@ def test_vectorised_token_ids_equal_token_id_row_for_row():
         hi = lo + rng.randrange(2, 50_000)
         banned = frozenset(rng.randrange(lo, hi) for _ in range(rng.randrange(5)))
         assert token_ids(seeds, pos, lo, hi, banned) == [token_id(s, p, lo, hi, banned) for s, p in zip(seeds, pos)]
+    big = [rng.randrange(2 ** 64) for _ in range(2000)]  # large batches find banned ids with numpy
+    for banned in (frozenset({150, 151}), frozenset({-3, 150}), frozenset(range(100, 190))):
+        assert token_ids(big, range(2000), 100, 200, banned) == [token_id(s, p, 100, 200, banned) for s, p in zip(big, range(2000))]
     dense = frozenset({0, 1, 2, 3})
     assert token_ids(range(50), range(50), 0, 5, dense) == [token_id(s, p, 0, 5, dense) for s, p in zip(range(50), range(50))]
 

@@ -90,8 +90,10 @@ def token_ids(seeds, positions, lo: int, hi: int, banned: frozenset[int] = froze
     t = x % np.uint64(hi - lo) + np.uint64(lo)
     out = t.tolist()
     if banned:
-        hit = np.isin(t, np.fromiter(banned, dtype=np.uint64, count=len(banned))) if min(banned) >= 0 else None
-        for i in (np.flatnonzero(hit).tolist() if hit is not None else range(len(out))):
+        # rows that drew a banned id: in large batches one numpy comparison per banned id (a few eos
+        # ids; np.isin costs more), else a scan in Python (cheaper below ~500 rows)
+        small = len(out) > 512 and len(banned) <= 16 and 0 <= min(banned) and max(banned) < 1 << 63
+        for i in ([i for b in banned for i in np.flatnonzero(t == b).tolist()] if small else range(len(out))):
             tok = out[i]
             while tok in banned:
                 tok = lo + (tok - lo + 1) % (hi - lo)
