@@ -556,12 +556,13 @@ def _scripted_views(rng: random.Random, batch: int, queue: int):
     ]
 
 
-def _scripted_trace(lanes: int) -> list[str]:
+def _scripted_trace(lanes: int, options: dict | None = None) -> list[str]:
     rng = random.Random(7)
     lines = []
     for slo in (20.0, 50.0, 100.0):
         c = ctx(slo=slo)
         c.lanes = lanes
+        c.options = dict(options or {})
         pol = load_policy("duet", c)
         for batch in (0, 1, 7, 64, 256, 700):
             for queue in (0, 1, 5, 32):
@@ -575,7 +576,7 @@ def _scripted_trace(lanes: int) -> list[str]:
     return lines
 
 
-def _simulated_trace(monkeypatch) -> list[str]:
+def _simulated_trace(monkeypatch, options: dict | None = None) -> list[str]:
     from sglang_duet.simulator import SimConfig, simulate
     from sglang_duet.simulator.loop import build_cost_model
 
@@ -589,23 +590,53 @@ def _simulated_trace(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(DuetPolicy, "plan", traced)
     cfg = SimConfig(policy="duet", workload="azure-conv", rate=40.0, num_requests=150, chunked_prefill_size=8192,
-                    tbt_slo_ms=60.0)
+                    tbt_slo_ms=60.0, policy_options=dict(options or {}))
     simulate(cfg, cost_model=build_cost_model("qwen3-8b", "h100"))
     return lines
 
 
+# Without the KV term (kv_gain 0): the plans of the code before the plan-overhead work (stop 22),
+# so that work changed no decision; with the defaults: the plans since kv_gain (stop 22).
 PINNED_PLANS = {
     "scripted, two lanes": (432, "6373e51e33fdba07"),
     "scripted, one lane": (432, "8b44fb18b7fac53c"),
     "simulated": (899, "47919e1e9b9ff932"),
 }
+PINNED_PLANS_DEFAULT = {
+    "scripted, two lanes": (432, "def4cac8ced46e54"),
+    "scripted, one lane": (432, "749a3a6f8ff3bf76"),
+    "simulated": (899, "47919e1e9b9ff932"),  # its pool never passes 90%
+}
 
 
-def test_plans_are_pinned(monkeypatch):
+@pytest.mark.parametrize("options, pinned", [({"kv_gain": 0}, PINNED_PLANS), (None, PINNED_PLANS_DEFAULT)],
+                         ids=["kv_gain=0", "defaults"])
+def test_plans_are_pinned(monkeypatch, options, pinned):
     import hashlib
 
-    traces = {"scripted, two lanes": _scripted_trace(2), "scripted, one lane": _scripted_trace(1),
-              "simulated": _simulated_trace(monkeypatch)}
+    traces = {"scripted, two lanes": _scripted_trace(2, options), "scripted, one lane": _scripted_trace(1, options),
+              "simulated": _simulated_trace(monkeypatch, options)}
     got = {k: (len(v), hashlib.sha256("\n".join(v).encode()).hexdigest()[:16]) for k, v in traces.items()}
     assert sum(1 for line in traces["scripted, two lanes"] if "[" in line.split("|")[0]) > 100  # plans launched
-    assert got == PINNED_PLANS
+    assert got == pinned
+
+
+def test_a_nearly_full_kv_pool_weighs_decode_pace_more():
+    """With the pool past kv_gain_from, decode pace counts up to (1 + kv_gain) times: the same
+    queue and decodes get a faster decode lane (more SMs) when KV is short, the same plan when it
+    is not, and kv_gain 0 turns the term off (docs: a full pool waits on the KV decodes free)."""
+    decs = [decoding(f"d{i}", 500 + (37 * i) % 2500, out=50, max_new=400) for i in range(64)]
+    wait = [waiting(f"w{i}", 500 + (53 * i) % 2500, arrival=-0.3) for i in range(8)]
+
+    def decode_sms(kv_free, **opts):
+        pol = load_policy("duet", ctx(slo=100.0, **opts))
+        w_p = pol.weights(view(wait=wait))[0]
+        pol.weights = lambda v: (w_p, 10.0)  # arrivals that need a 10 ms pace (tau binds)
+        return pol.plan(view(wait=wait, dec=decs, kv_free=kv_free)).decode_sms
+
+    assert decode_sms(300_000) == decode_sms(300_000, kv_gain=0) == decode_sms(3_000, kv_gain=0)
+    assert decode_sms(3_000) > decode_sms(3_000, kv_gain=0)
+    pol = load_policy("duet", ctx())
+    assert [pol.decode_weight(view(kv_free=f)) for f in (350_000, 35_000, 17_500, 0)] == pytest.approx([1, 1, 2, 3])
+    with pytest.raises(ValueError, match="kv_gain_from"):
+        load_policy("duet", ctx(kv_gain_from=1.0))
