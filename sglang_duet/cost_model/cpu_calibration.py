@@ -65,12 +65,11 @@ TIME_BUDGET_S = 8.0  # stop adding (longer) points once the timing took this lon
 MIN_POINTS = 8  # ...but not before this many: the fit has 5 parameters
 # Every shape is timed once per round, the rounds interleaved, and its time is the minimum: load on
 # a shared machine only ever adds time, and a burst of it (another process's seconds of work) then
-# slows one round of every shape instead of every run of a few shapes. At least MIN_ROUNDS rounds
-# (2 once the timing took 3 budgets: a large model), at most MAX_ROUNDS, fewer once a round
-# improves no shape's minimum by STABLE.
+# slows one round of every shape instead of every run of a few shapes. MIN_ROUNDS rounds (2 once
+# the timing took 3 budgets: a large model), then the shapes without a clean run (below) again, up
+# to MAX_ROUNDS runs each and while the timing took less than 3 budgets.
 MIN_ROUNDS = 3
 MAX_ROUNDS = 6
-STABLE = 0.03
 # A run is clean when this process's threads together waited for a CPU (runnable, another process
 # on it) at most this long per second of the run: on the 2-core test machine, runs that other
 # processes slowed 2-50x waited 0.5-1.3 s per second (2 threads). A shape's time is its fastest
@@ -340,9 +339,8 @@ def measure(executor, capacity: int, context_length: int, budget_s: float = TIME
     Uses KV slots 1..n of the (still empty) pool; every decode row of a batch reuses the same slots
     (the timing does not depend on what the KV holds). The first round takes the shapes cheapest
     first until `budget_s` (and at least MIN_POINTS); then whole rounds of those shapes, in the same
-    order, as long as the constants above say; after MIN_ROUNDS only the shapes that have no clean
-    run yet. The first round is also every shape's warm-up: the minimum discards it unless it was
-    the fastest. `delay_clock` (None: not read) is `run_delay_s` or a stand-in: what each run waited."""
+    order (MIN_ROUNDS), then the shapes that have no clean run yet, within the limits above. The
+    first round is also every shape's warm-up: the minimum discards it unless it was the fastest. `delay_clock` (None: not read) is `run_delay_s` or a stand-in: what each run waited."""
     from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, ReqWork
     from sglang_duet.sampling_params import SamplingParams
 
@@ -375,21 +373,14 @@ def measure(executor, capacity: int, context_length: int, budget_s: float = TIME
         if len(samples) >= MIN_POINTS and clock() - start > budget_s:
             break
         timed(n)
-    improved = True
     for rnd in range(1, MAX_ROUNDS):
-        elapsed = clock() - start
-        all_clean = all(clean(n) for n in range(len(samples)))
-        if rnd >= 2 and elapsed > 3 * budget_s:
+        if rnd >= 2 and clock() - start > 3 * budget_s:
             break
-        if rnd >= MIN_ROUNDS and all_clean and (elapsed > budget_s or not improved):
+        todo = [n for n in range(len(samples)) if rnd < MIN_ROUNDS or not clean(n)]
+        if not todo:
             break
-        improved = False
-        for n, seen in enumerate(samples):
-            if rnd >= MIN_ROUNDS and clean(n):
-                continue
-            best = min(seen)
+        for n in todo:
             timed(n)
-            improved |= seen[-1] < (1.0 - STABLE) * best
     out = []
     for n, reqs in enumerate(shapes[:len(samples)]):
         ok = [t for t, d in zip(samples[n], delays[n]) if d <= CLEAN_DELAY] if delay_clock else samples[n]
