@@ -33,7 +33,7 @@ protected; if nothing is feasible at all, the fastest decode step wins.
 One lane (PolicyContext.lanes == 1, e.g. the model executor on a CPU): a split's two launches
 would run one after the other, not side by side as a split is priced, so a long prompt's chunk
 would stall every stream. There duet never plans a split: it chooses among aggregated budgets,
-the defaults extended down to `ONE_LANE_SMALL_BUDGETS` (32 ... 256 tokens, for a device on which
+the defaults extended down to `ONE_LANE_SMALL_BUDGETS` (8 ... 256 tokens, for a device on which
 even 512 breaks the SLO), and when nothing is feasible it takes the fastest step that still
 prefills (the smallest chunk), so prompts progress while streams are hurt least.
 
@@ -150,7 +150,7 @@ class Decision:
 
 DEFAULT_BUDGETS = tuple(range(512, 8192 + 1, 256))
 DEFAULT_SPLIT_BUDGETS = (2048, 4096, 8192)
-ONE_LANE_SMALL_BUDGETS = (32, 64, 128, 256)  # added to the default budgets when only one lane exists
+ONE_LANE_SMALL_BUDGETS = (8, 16, 32, 64, 128, 256)  # added to the default budgets when only one lane exists
 
 
 def _budgets(value, default, who: str) -> list[int]:
