@@ -7,7 +7,6 @@ file; `load_policy("path/to/file.py", ctx)` loads a user's own (see docs/policie
 from __future__ import annotations
 
 import importlib
-import dataclasses
 import heapq
 import importlib.util
 import logging
@@ -210,7 +209,8 @@ def deadline_order(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float
     whenever the request just added would finish past its deadline, set aside the longest request
     taken so far. Retracted requests (their first token already out) keep their place at the front,
     and so does a request that has waited longer than `defer_limit_ms` (default 4 TTFT SLOs), so
-    that nothing is deferred for ever. Returns `view.waiting` itself when nothing is set aside."""
+    that nothing is deferred for ever. Returns `view.waiting` itself when the order is FCFS (nothing
+    set aside, or only the last requests)."""
     waiting = view.waiting
     if len(waiting) < 2:
         return waiting
@@ -223,7 +223,7 @@ def deadline_order(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float
     total, first = 0, math.inf
     for r in waiting:
         out = len(r.output_ids)
-        n = len(r.prompt_ids) + out - r.num_computed
+        n = r.prompt_len + out - r.num_computed  # prompt_len: the prompt list itself is cold
         total += n
         rest.append(n + r.pending)
         a = r.arrival_time
@@ -233,28 +233,39 @@ def deadline_order(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float
         retracted.append(out)
     if t + total / tokens_per_ms <= first * 1e3 + ttft_slo_ms:
         return waiting  # everyone makes it in FCFS order
-    heap: list[tuple[int, int]] = []
-    late: set[int] = set()
+    # The heap holds the longest request taken first, ties to the earliest: the key -n * size + i
+    # orders as the pair (-n, i) does (0 <= i < size), one int instead of a tuple per request.
+    size = len(waiting)
+    heap: list[int] = []
+    late: list[int] = []
     push, pop = heapq.heappush, heapq.heappop
     for i, n in enumerate(rest):
         t += n / tokens_per_ms
         a = arrival[i]
         if retracted[i] or now - a * 1e3 > limit:
             continue  # keeps its place
-        push(heap, (-n, i))
+        push(heap, -n * size + i)
         if t > a * 1e3 + ttft_slo_ms:
-            m, j = pop(heap)
-            late.add(j)
-            t += m / tokens_per_ms
-    if not late:
-        return waiting
-    return [r for i, r in enumerate(waiting) if i not in late] + [r for i, r in enumerate(waiting) if i in late]
+            key = pop(heap)
+            j = key % size
+            late.append(j)
+            t += (key - j) // size / tokens_per_ms  # -n of the request set aside
+    late.sort()
+    if not late or late[0] == size - len(late):
+        return waiting  # nothing set aside, or only the last ones: the order stays FCFS
+    out = waiting[:late[0]]
+    for lo, hi in zip(late, late[1:] + [size]):
+        out += waiting[lo + 1:hi]
+    return out + [waiting[j] for j in late]
 
 
 def deadline_view(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float) -> SchedulerView:
     """`view` with its waiting queue in `deadline_order` (the same view when the order is FCFS)."""
     order = deadline_order(view, tokens_per_ms, ttft_slo_ms)
-    return view if order is view.waiting else dataclasses.replace(view, waiting=order)
+    if order is view.waiting:
+        return view
+    # dataclasses.replace, without its per-call look-up of the fields (a view has no init=False ones)
+    return type(view)(**{**view.__dict__, "waiting": order})
 
 
 def ttft_order_option(options: dict, default: str, who: str) -> str:
@@ -451,12 +462,13 @@ def pairwise_sum(values: list[float]) -> float:
         half = n // 2
         half -= half % 8
         return pairwise_sum(values[:half]) + pairwise_sum(values[half:])
-    r = values[:8]
+    # the eight running sums as locals, a block unpacked at a time (no indexing per number)
+    r0, r1, r2, r3, r4, r5, r6, r7 = values[:8]
     end = n - n % 8
     for i in range(8, end, 8):
-        for j in range(8):
-            r[j] += values[i + j]
-    s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        a0, a1, a2, a3, a4, a5, a6, a7 = values[i:i + 8]
+        r0 += a0; r1 += a1; r2 += a2; r3 += a3; r4 += a4; r5 += a5; r6 += a6; r7 += a7  # noqa: E702
+    s = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
     for x in values[end:]:
         s += x
     return s
@@ -581,6 +593,7 @@ class SummaryPricer:
         one = np.zeros((5, 1))
         one[0, 0] = 1.0
         self._w = np.ascontiguousarray(np.concatenate([self._cf, self._cb, one], axis=1))
+        self._w_const, self._w_rows = self._w[0], self._w[1:]  # views, kept: ms_blocks runs every plan
 
     def _check(self) -> bool:
         rng = random.Random(1234)
@@ -670,8 +683,8 @@ class SummaryPricer:
         caller knows every row has a request (R > 0), so none is zeroed."""
         if not self.exact:  # a scale row is one factor here (`scale_rows`)
             return Priced(self.ms(X.take(layout.take, axis=0), layout.prepared) * layout.scale(scales)[:, 0], None, 0)
-        base = X @ self._w[1:]
-        base += self._w[0]
+        base = X @ self._w_rows
+        base += self._w_const
         P = base if layout.identity and len(base) == len(layout.take) else base.take(layout.take, axis=0)
         P *= layout.prepared
         P *= layout.scale(scales)

@@ -121,7 +121,9 @@ from sglang_duet.policies.duet_feedback import Calibration, Demand
 from sglang_duet.policies.duet_search import Candidate, Decodes, Prefix, Search, SearchTables, remaining_prefill
 
 
-_clip = (np._core if hasattr(np, "_core") else np.core).umath.clip  # np.clip without its Python wrapper
+_np_core = np._core if hasattr(np, "_core") else np.core
+_clip = _np_core.umath.clip  # np.clip without its Python wrapper
+_count_nonzero = _np_core.multiarray.count_nonzero  # np.count_nonzero without its Python wrapper
 
 
 class LanePair(str, Enum):
@@ -223,6 +225,7 @@ class DuetPolicy(Policy):
                             for lane in (LaneKind.AGGREGATED, LaneKind.PREFILL, LaneKind.DECODE)}
         self._cal_order = tuple(self.calibration[lane] for lane in (LaneKind.AGGREGATED, LaneKind.DECODE, LaneKind.PREFILL))
         self._raw: dict[int, tuple[float, float]] = {}  # id(batch launched) -> its (compute, memory) ms
+        self._step_row = np.zeros(4)  # scratch of _decode_steps
         self.last: Decision | None = None
 
     # ---- the state machine ---------------------------------------------------------------------
@@ -303,19 +306,15 @@ class DuetPolicy(Policy):
         # budget; identical batches (the queue exhausted) priced once
         nA = len(self.budgets)
         agg, nb = tb.distinct(n, total)
+        # F: the work of every cut (ms of ideal prefill compute) and its tokens
         if prefix is not None:
-            Xc, joins_c = prefix.cut(tb.cut_budgets(n), nonnegative=True)
+            Xc, joins_c, F = prefix.cut(tb.cut_budgets(n), self._work, nonnegative=True)
         else:
-            Xc, joins_c = tb.no_cut
+            Xc, joins_c, F = tb.no_cut
         Xa, ba = Xc[agg], tb.budget_array[agg]
         na = len(ba)
         bs, Xs, joins = tb.split_array[:nb], Xc[nA:nA + nb], joins_c[nA:nA + nb]
         G, K = len(self.grid), self.k_max + 2
-        wT, wA = self._work
-        F = np.empty((2, len(Xc)))  # tokens and ms of ideal prefill compute of every cut
-        F[0] = Xc[:, 0]
-        np.multiply(Xc[:, 0], wT, out=F[1])
-        F[1] += wA * Xc[:, 2]
 
         # one pricing call: aggregated steps, decode steps per (S_d, step j), prefill per (S_d, budget)
         X = np.empty((na + (K + nb if nb else 0), 4))
@@ -335,7 +334,7 @@ class DuetPolicy(Policy):
         # the candidates, aggregated ones first: rows of C
         N = na + G * nb
         C = np.empty((7, N))
-        step, decode, first, slowest, joiner, tokens, work = C[0], C[1], C[2], C[3], C[4], C[5], C[6]
+        step, decode, first, slowest, joiner, work, tokens = C[0], C[1], C[2], C[3], C[4], C[5], C[6]  # F's order
         kk = np.empty(N, dtype=int)
         kk[:na] = 1
         ta = t[:na]
@@ -360,23 +359,25 @@ class DuetPolicy(Policy):
             r = tp - at[:, :, 0]
             nxt = at[:, :, 1]
             longer = tp > cum[:, K:K + 1]
-            if np.count_nonzero(longer):
+            if _count_nonzero(longer):
                 # A prefill longer than the priced steps: extrapolate with the last one. There m = K
                 # already gives k = k_cap and nxt = the last step; r is what is left of the step in
                 # progress at tp: (x - floor(x)) * last with x = r / last (x % 1 is that, exactly).
-                np.putmask(r, longer, np.remainder(r / td[:, -1:], 1.0) * td[:, -1:])
+                last = td[:, -1:]
+                np.putmask(r, longer, np.remainder(r / last, 1.0) * last)
             j = np.minimum(r + nxt, 2 * nxt - r)
             never = m == 0
-            if np.count_nonzero(never):
+            if _count_nonzero(never):
                 np.putmask(j, never, td[:, :1] - tp + td[:, 1:2])
+            Cs = C[:, na:].reshape(7, G, nb)  # the splits' columns of C by (S_d, budget): one view for all rows
             # j > 0 (r < nxt), so j * joins is j where a request completes and 0 elsewhere
-            np.multiply(j, joins, out=joiner[na:].reshape(G, nb))
-            step[na:].reshape(G, nb)[:] = tp
-            decode[na:].reshape(G, nb)[:] = at[:, :, 2]
-            first[na:].reshape(G, nb)[:] = td[:, :1]
-            np.maximum(at[:, :, 3], nxt, out=slowest[na:].reshape(G, nb))
-            kk[na:].reshape(G, nb)[:] = _clip(m, 1, k_cap)
-            C[5:7, na:].reshape(2, G, nb)[:] = F[:, None, nA:nA + nb]
+            np.multiply(j, joins, out=Cs[4])  # joiner
+            Cs[0] = tp  # step
+            Cs[1] = at[:, :, 2]  # decode
+            Cs[2] = td[:, :1]  # first
+            np.maximum(at[:, :, 3], nxt, out=Cs[3])  # slowest
+            _clip(m, 1, k_cap, out=kk[na:].reshape(G, nb))
+            Cs[5:7] = F[:, None, nA:nA + nb]
         split = tb.split_mask(na, nb)
         if n:
             feasible = first <= first_limit
@@ -659,7 +660,9 @@ class DuetPolicy(Policy):
 
     def _decode_steps(self, dec: Decodes, sms: int, k: int) -> Priced:
         """Each of k decode steps on `sms` SMs, priced with the decode lane's calibration."""
-        X = self.tables.decode_template(dec.n)[:k] + (0, 0, dec.cached, dec.cached)
+        row = self._step_row  # scratch: what the cached tokens add (a tuple here costs its conversion)
+        row[2] = row[3] = dec.cached
+        X = np.add(self.tables.decode_template(dec.n)[:k], row)
         return self.pricer.ms_blocks(X, self.tables.step_layout(sms, k), self._decode_scale(), nonempty=dec.n > 0)
 
     def _left_ms(self, view: SchedulerView, lane: LaneKind, launch) -> float:

@@ -50,7 +50,10 @@ class Decodes:
 
     @property
     def ids(self) -> list[str]:
-        return [r.rid for r in self.reqs] + [w.rid for w in self.more]
+        ids = [r.rid for r in self.reqs]
+        if self.more:
+            ids += [w.rid for w in self.more]
+        return ids
 
 
 class Prefix:
@@ -81,9 +84,10 @@ class Prefix:
         self._cumL, self._prefC = cumL, prefC  # the Python lists, for `completes`
         self.total = L
 
-    def cut(self, budgets: np.ndarray, nonnegative: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(X rows [T, R, A, K] per budget, whether the cut completes a request); `nonnegative`:
-        the caller's budgets are >= 0 already."""
+    def cut(self, budgets: np.ndarray, work: tuple[float, float], nonnegative: bool = False):
+        """(X rows [T, R, A, K] per budget, whether the cut completes a request, F: per budget its
+        work wT * T + wA * A (ms of ideal prefill compute, `work` = (wT, wA)) and T as two rows, one
+        array build for X and F); `nonnegative`: the caller's budgets are >= 0 already."""
         b = np.minimum(budgets if nonnegative else np.maximum(budgets, 0.0), self.total)
         full = self.cumL.searchsorted(b, side="right")  # chunks wholly inside
         at = self._table.take(full, axis=1)  # prefix sums A, K, C, the chunk's start, tokens before it
@@ -91,8 +95,9 @@ class Prefix:
         n = b - at[4]  # tokens of the partly taken chunk
         part = n > 0
         # (s + n) * part: s + n where a chunk is partly taken, else 0 (both are >= 0)
-        X = np.array([b, full + part, at[0] + n * (s + (n + 1) / 2), at[1] + (s + n) * part]).T
-        return X, at[2] > 0
+        A = at[0] + n * (s + (n + 1) / 2)
+        Y = np.array([b * work[0] + work[1] * A, b, full + part, A, at[1] + (s + n) * part])
+        return Y[1:].T, at[2] > 0, Y[:2]
 
     def completes(self, budget: float) -> bool:
         """Whether the cut at `budget` tokens completes a request (`cut`'s second answer, for one
@@ -186,16 +191,18 @@ class Search:
         return {LaneKind.PREFILL: pre, LaneKind.DECODE: dec}
 
     def candidate(self, i: int) -> Candidate:
-        split = bool(self.split[i])
+        # .item(i): the Python number directly (no numpy scalar on the way)
+        split = bool(self.split.item(i))
         prefix = self.prefix
-        tokens = int(self.tokens[i])
+        tokens = int(self.tokens.item(i))
+        step, decode, k = self.step.item(i), self.decode.item(i), int(self.k.item(i))
         return Candidate(
             "split" if split else "aggregated", self.budget_of(i), tokens,
-            decode_sms=self.sd_of(i) if split else None, k=int(self.k[i]), step_ms=float(self.step[i]),
-            decode_ms=float(self.decode[i]), first_ms=float(self.first[i]), slowest_ms=float(self.slowest[i]),
-            joiner_ms=float(self.joiner[i]), r_p=tokens / float(self.step[i]) if self.step[i] > 0 else 0.0,
-            pace_ms=float(self.decode[i]) / int(self.k[i]), score=float(self.score[i]),
-            feasible=bool(self.feasible[i]), prefill=prefix.take(tokens) if prefix is not None and tokens else [],
+            decode_sms=self.sd_of(i) if split else None, k=k, step_ms=step,
+            decode_ms=decode, first_ms=self.first.item(i), slowest_ms=self.slowest.item(i),
+            joiner_ms=self.joiner.item(i), r_p=tokens / step if step > 0 else 0.0,
+            pace_ms=decode / k, score=self.score.item(i),
+            feasible=bool(self.feasible.item(i)), prefill=prefix.take(tokens) if prefix is not None and tokens else [],
         )
 
 
@@ -221,7 +228,7 @@ class SearchTables:
         self.steps[:, K + 1] = np.inf
         self.row = np.zeros(4)  # scratch: what the decodes add to a priced row
         nc = len(budgets) + len(split_budgets)
-        self.no_cut = (np.zeros((nc, 4)), np.zeros(nc, dtype=bool))  # the cut of an empty queue
+        self.no_cut = (np.zeros((nc, 4)), np.zeros(nc, dtype=bool), np.zeros((2, nc)))  # the cut of an empty queue
         self._agg_rows: dict[tuple[int, int], np.ndarray] = {}
         self._by_m: dict[int, np.ndarray] = {}
         self._templates: dict[int, np.ndarray] = {}
