@@ -53,8 +53,13 @@ The objective (the score of a feasible candidate):
   when no prompt waits.
 - tau: the decode pace the arrivals need (`duet_feedback.Demand`). By Little's law a request holds KV for
   (prompt + output / 2) tokens over output * tau ms, so for the arrival rate seen over the last
-  `demand_window_s` the KV pool stays below `kv_target` of its slots (and of
-  max_running_requests) when tau <= kv_target * slots / (rate * mean((prompt + output/2) * output)).
+  `demand_window_s` the KV pool stays below `kv_target` of its slots when
+  tau <= kv_target * slots / (rate * mean((prompt + output/2) * output)), and the batch below
+  `running_target` (0.55) of max_running_requests when tau <= running_target * max_running /
+  (rate * mean(output)). The batch keeps more headroom: a burst brings more requests than the
+  window's mean rate, and a full batch stops admission outright. At 0.9 (kv_target's value, the
+  default until stop 22) azure-conv's bursts filled the batch to max_running_requests while the
+  static split's faster decodes kept it at ~230 of 256 (docs/results.md).
   Decodes slower than that fill the pool until admission stops and TTFT explodes; decodes faster
   than that buy nothing. Capped at margin * SLO.
 - G_d = decode_gain * (1 + kv_gain * min(1, max(0, u - kv_gain_from) / (1 - kv_gain_from))), u the
@@ -98,7 +103,8 @@ what it may do depends on the pair:
 Options (--policy-config): budgets (aggregated token budgets; default 512..8192 step 256, plus
 --chunked-prefill-size), split_budgets ([2048, 4096, 8192]), decode_sms_grid (the S_d the search
 considers, as duet-paper; default the hardware's whole grid), k_max (8), slo_margin (0.85),
-decode_gain (1), kv_gain (2), kv_gain_from (0.9), ttft_gain (1), kv_target (0.9), demand_window_s (20),
+decode_gain (1), kv_gain (2), kv_gain_from (0.9), ttft_gain (1), kv_target (0.9), running_target (0.55),
+demand_window_s (20),
 sync_fraction (0: a lane waits for its partner only when a joint plan would change the partition
 or its own launch cannot fit), hysteresis (0.02), ttft_order ("deadline"), calibrate (0.05; 0 turns
 calibration off).
@@ -207,7 +213,10 @@ class DuetPolicy(Policy):
         self.grid = decode_sms_grid(self.hw, o.get("decode_sms_grid"), self.name)
         self.slo_ms = self.ctx.tbt_slo_ms
         self.pricer = SummaryPricer(self.ctx.cost_model)
-        self.demand = Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.9)))
+        running_target = float(o.get("running_target", 0.55))
+        if not 0 < running_target <= 1:
+            raise ValueError(f"duet: running_target must be in (0, 1], got {running_target}")
+        self.demand = Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.9)), running_target)
         self._grid_index = {sms: g for g, sms in enumerate(self.grid)}
         self._decode_scale_src = self._decode_scale_row = None
         self._scales_key: tuple | None = None

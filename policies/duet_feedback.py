@@ -46,17 +46,23 @@ class Demand:
 
     Little's law: a request holds KV for about (prompt + output / 2) tokens over output * tau ms
     when decode steps take tau, and a batch slot for output * tau. For the arrival rate lambda seen
-    in the window, the pool stays below `kv_target` of its slots (and of max_running_requests) when
+    in the window, the pool stays below `kv_target` of its slots, and the batch below
+    `running_target` of max_running_requests, when
 
         tau <= kv_target * KV slots / (lambda * mean((prompt + output / 2) * output))
-        tau <= kv_target * max_running / (lambda * mean(output))
+        tau <= running_target * max_running / (lambda * mean(output))
+
+    The batch's target is lower: the running count is a mean over the window, a burst brings more
+    at once, and a full batch stops admission outright (every prompt then waits out whole decodes),
+    where a pool near kv_target still admits what fits.
 
     Output lengths are the requests' max_new_tokens (an upper bound in real serving: the target is
     then conservative, decodes faster than they need). Fewer than 20 arrivals seen: no target."""
 
-    def __init__(self, window_s: float, kv_target: float):
+    def __init__(self, window_s: float, kv_target: float, running_target: float | None = None):
         self.window_s = window_s
         self.kv_target = kv_target
+        self.running_target = kv_target if running_target is None else running_target
         self._seen: deque = deque()  # (arrival time, kv token-steps, output tokens)
         self._kv_sum = 0.0
         self._out_sum = 0.0
@@ -100,5 +106,5 @@ class Demand:
             return ceiling
         n = len(self._seen)
         tau_kv = self.kv_target * view.kv_total / (lam * self._kv_sum / n) * 1e3
-        tau_n = self.kv_target * view.config.max_running_requests / (lam * self._out_sum / n) * 1e3
+        tau_n = self.running_target * view.config.max_running_requests / (lam * self._out_sum / n) * 1e3
         return min(ceiling, tau_kv, tau_n)

@@ -338,16 +338,20 @@ def test_baselines_keep_fcfs_unless_asked():
 
 
 def test_decode_pace_target_follows_littles_law():
-    pol = load_policy("duet", ctx(kv_target=0.9))
     # 40 arrivals over 2 s: 20 req/s of 1000-token prompts with 200 new tokens each
     q = [waiting(f"w{i}", 1000, arrival=0.05 * i) for i in range(40)]
     v = view(wait=q, now=2.0)
-    pol.demand.observe(v)
-    lam = pol.demand.rate(2.0)
-    assert lam == pytest.approx(20.0)
-    kv = 0.9 * 350_000 / (lam * (1000 + 100) * 200) * 1e3
-    n = 0.9 * 256 / (lam * 200) * 1e3
-    assert pol.weights(v)[1] == pytest.approx(min(M * 100, kv, n))
+    for running_target in (0.9, 0.55):  # the batch's target (0.55 by default) apart from the pool's
+        pol = load_policy("duet", ctx(kv_target=0.9, running_target=running_target))
+        pol.demand.observe(v)
+        lam = pol.demand.rate(2.0)
+        assert lam == pytest.approx(20.0)
+        kv = 0.9 * 350_000 / (lam * (1000 + 100) * 200) * 1e3
+        n = running_target * 256 / (lam * 200) * 1e3
+        assert pol.weights(v)[1] == pytest.approx(min(M * 100, kv, n))
+    assert load_policy("duet", ctx()).demand.running_target == 0.55
+    with pytest.raises(ValueError, match="running_target"):
+        load_policy("duet", ctx(running_target=0))
     assert load_policy("duet", ctx()).weights(v)[1] == pytest.approx(M * 100)  # too few arrivals seen: no target
 
 
@@ -595,8 +599,9 @@ def _simulated_trace(monkeypatch, options: dict | None = None) -> list[str]:
     return lines
 
 
-# Without the KV term (kv_gain 0): the plans of the code before the plan-overhead work (stop 22),
-# so that work changed no decision; with the defaults: the plans since kv_gain (stop 22).
+# Without stop 22's two policy changes (kv_gain 0, running_target 0.9): the plans of the code
+# before the plan-overhead work, so that work changed no decision; with the defaults: the plans
+# since kv_gain and running_target (stop 22).
 PINNED_PLANS = {
     "scripted, two lanes": (432, "6373e51e33fdba07"),
     "scripted, one lane": (432, "22a982a9a2004c4a"),  # re-pinned: one-lane budgets 8 and 16 (stop 22)
@@ -605,11 +610,12 @@ PINNED_PLANS = {
 PINNED_PLANS_DEFAULT = {
     "scripted, two lanes": (432, "def4cac8ced46e54"),
     "scripted, one lane": (432, "bc6609786a447b4a"),
-    "simulated": (899, "47919e1e9b9ff932"),  # its pool never passes 90%
+    "simulated": (864, "e09adc34dcf56afa"),
 }
 
 
-@pytest.mark.parametrize("options, pinned", [({"kv_gain": 0}, PINNED_PLANS), (None, PINNED_PLANS_DEFAULT)],
+@pytest.mark.parametrize("options, pinned", [({"kv_gain": 0, "running_target": 0.9}, PINNED_PLANS),
+                                             (None, PINNED_PLANS_DEFAULT)],
                          ids=["kv_gain=0", "defaults"])
 def test_plans_are_pinned(monkeypatch, options, pinned):
     import hashlib
