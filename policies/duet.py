@@ -55,7 +55,7 @@ The objective (the score of a feasible candidate):
   (prompt + output / 2) tokens over output * tau ms, so for the arrival rate seen over the last
   `demand_window_s` the KV pool stays below `kv_target` of its slots when
   tau <= kv_target * slots / (rate * mean((prompt + output/2) * output)), and the batch below
-  `running_target` (0.55) of max_running_requests when tau <= running_target * max_running /
+  `running_target` (0.65) of max_running_requests when tau <= running_target * max_running /
   (rate * mean(output)). The batch keeps more headroom: a burst brings more requests than the
   window's mean rate, and a full batch stops admission outright. At 0.9 (kv_target's value, the
   default until stop 22) azure-conv's bursts filled the batch to max_running_requests while the
@@ -103,7 +103,7 @@ what it may do depends on the pair:
 Options (--policy-config): budgets (aggregated token budgets; default 512..8192 step 256, plus
 --chunked-prefill-size), split_budgets ([2048, 4096, 8192]), decode_sms_grid (the S_d the search
 considers, as duet-paper; default the hardware's whole grid), k_max (8), slo_margin (0.85),
-decode_gain (1), kv_gain (2), kv_gain_from (0.9), ttft_gain (1), kv_target (0.9), running_target (0.55),
+decode_gain (1), kv_gain (2), kv_gain_from (0.9), ttft_gain (1), kv_target (0.9), running_target (0.65),
 demand_window_s (20),
 sync_fraction (0: a lane waits for its partner only when a joint plan would change the partition
 or its own launch cannot fit), hysteresis (0.02), ttft_order ("deadline"), calibrate (0.05; 0 turns
@@ -213,7 +213,7 @@ class DuetPolicy(Policy):
         self.grid = decode_sms_grid(self.hw, o.get("decode_sms_grid"), self.name)
         self.slo_ms = self.ctx.tbt_slo_ms
         self.pricer = SummaryPricer(self.ctx.cost_model)
-        running_target = float(o.get("running_target", 0.55))
+        running_target = float(o.get("running_target", 0.65))
         if not 0 < running_target <= 1:
             raise ValueError(f"duet: running_target must be in (0, 1], got {running_target}")
         self.demand = Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.9)), running_target)

@@ -341,7 +341,7 @@ def test_decode_pace_target_follows_littles_law():
     # 40 arrivals over 2 s: 20 req/s of 1000-token prompts with 200 new tokens each
     q = [waiting(f"w{i}", 1000, arrival=0.05 * i) for i in range(40)]
     v = view(wait=q, now=2.0)
-    for running_target in (0.9, 0.55):  # the batch's target (0.55 by default) apart from the pool's
+    for running_target in (0.9, 0.65):  # the batch's target (0.65 by default) apart from the pool's
         pol = load_policy("duet", ctx(kv_target=0.9, running_target=running_target))
         pol.demand.observe(v)
         lam = pol.demand.rate(2.0)
@@ -349,7 +349,7 @@ def test_decode_pace_target_follows_littles_law():
         kv = 0.9 * 350_000 / (lam * (1000 + 100) * 200) * 1e3
         n = running_target * 256 / (lam * 200) * 1e3
         assert pol.weights(v)[1] == pytest.approx(min(M * 100, kv, n))
-    assert load_policy("duet", ctx()).demand.running_target == 0.55
+    assert load_policy("duet", ctx()).demand.running_target == 0.65
     with pytest.raises(ValueError, match="running_target"):
         load_policy("duet", ctx(running_target=0))
     assert load_policy("duet", ctx()).weights(v)[1] == pytest.approx(M * 100)  # too few arrivals seen: no target
@@ -610,7 +610,7 @@ PINNED_PLANS = {
 PINNED_PLANS_DEFAULT = {
     "scripted, two lanes": (432, "def4cac8ced46e54"),
     "scripted, one lane": (432, "bc6609786a447b4a"),
-    "simulated": (864, "e09adc34dcf56afa"),
+    "simulated": (871, "8a6c7a8dbe63aeeb"),
 }
 
 
