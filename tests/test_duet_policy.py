@@ -110,7 +110,7 @@ def test_priced_parts_are_the_cost_model_operators_by_bound():
 def test_pairwise_sum_adds_as_numpy_does():
     # The calibration parts are summed in Python (a launch's few dozen numbers); they must be the
     # very floats numpy's sum gives, or plans would drift from what the pinned fingerprints say.
-    from sglang_duet.policies.base import pairwise_sum
+    from sglang_duet.policies.pricing import pairwise_sum
 
     rng = np.random.default_rng(5)
     for n in list(range(0, 140)) + [255, 256, 300, 1000]:
