@@ -266,7 +266,10 @@ class DecodeOrder(Policy):
         if prefills:
             return StepPlan(aggregated=LaneBatch(prefill=prefills))
         rids = self.arrange([r.rid for r in view.decoding])
-        return StepPlan(aggregated=LaneBatch(decode=rids)) if rids else None
+        return self.decode_plan(rids) if rids else None
+
+    def decode_plan(self, rids):
+        return StepPlan(aggregated=LaneBatch(decode=rids))
 
 
 @pytest.mark.parametrize("arrange", [lambda rids: rids, lambda rids: rids[::-1], lambda rids: rids[: max(1, len(rids) // 2)]],
@@ -296,18 +299,12 @@ def test_a_decode_planned_on_two_lanes_is_refused():
     """The whole-view fast path holds for the first lane only while no earlier lane of the plan took
     one of the view's decoding requests: planned twice, the second is refused as before."""
 
-    class Twice(Policy):
-        def plan(self, view):
-            if not view.all_idle:
-                return None
-            prefills = select_prefills(view, 8192)
-            if prefills:
-                return StepPlan(aggregated=LaneBatch(prefill=prefills))
-            rids = [r.rid for r in view.decoding]
+    class Twice(DecodeOrder):
+        def decode_plan(self, rids):
             return StepPlan(prefill_lane=LaneBatch(decode=rids), decode_lane=LaneBatch(decode=rids), prefill_sms=1,
                             decode_sms=1)
 
-    core, lanes = make(policy=Twice(PolicyContext(chunked_prefill_size=8192)))
+    core, lanes = make(policy=Twice(lambda rids: rids))
     core.add_request("r0", prompt(0, 5), SamplingParams(max_new_tokens=3))
     lanes.submit(core.schedule()[0])
     with pytest.raises(RuntimeError, match="not ready to decode"):
