@@ -87,7 +87,7 @@ class EngineCore:
         device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         tp = None
         if args.tp_size > 1:
-            args = self._tp_args(args, device)
+            args = self._tp_args(args)
             from sglang_duet.distributed.tp_worker import TPDriver
 
             self.tp_driver = TPDriver(args, device)
@@ -131,7 +131,7 @@ class EngineCore:
         self.lanes = resolve_lanes(args.lanes, device, args.policy)  # what the policy may plan for
 
     @staticmethod
-    def _tp_args(args: ServerArgs, device) -> ServerArgs:
+    def _tp_args(args: ServerArgs) -> ServerArgs:
         """Under TP every forward must go through the model's step broadcast: no CUDA graphs (a
         replayed graph skips the broadcast). One lane runs synchronously; split mode needs an
         explicit `--lanes 2` (each lane then gets its own process groups on every rank, see
