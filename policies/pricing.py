@@ -293,33 +293,14 @@ class SummaryPricer:
         P = base if layout.identity and len(base) == len(layout.take) else base.take(layout.take, axis=0)
         P *= layout.prepared
         P *= layout.scale(scales)
-        t = self._row_sums(P)
+        ops = len(self._attn)
+        t = np.add.reduce(np.maximum(P[:, :ops], P[:, ops:2 * ops]), axis=1)
+        t += P[:, -1]
         if not nonempty:
             empty = X[:, 1] <= 0
             if np.count_nonzero(empty):
                 t[empty.take(layout.take)] = 0.0
-        return Priced(t, P, len(self._attn))
-
-    def _row_sums(self, P: np.ndarray) -> np.ndarray:
-        """Per row of P, the sum over operators of max(compute, memory) plus the launch overheads:
-        `np.add.reduce(np.maximum(Z, Y), axis=1) + overheads` as numpy computes it (eight running
-        sums over the first eight operators added pairwise, then the rest and the overheads one at
-        a time, as `pairwise_sum`), bit for bit, but on rows of the transpose: numpy's reduction
-        runs its inner loop once per priced row, a dozen numbers each (tests check it against the
-        reduction)."""
-        ops = len(self._attn)
-        if not 8 <= ops <= 15:  # one block of eight (a model's operator list): else numpy's own sum
-            t = np.add.reduce(np.maximum(P[:, :ops], P[:, ops:2 * ops]), axis=1)
-            t += P[:, -1]
-            return t
-        PT = P.T
-        Q = np.empty((ops + 1, len(P)))  # the operators' maxima, then the overheads
-        np.maximum(PT[:ops], PT[ops:2 * ops], out=Q[:ops])
-        Q[ops] = PT[-1]
-        r = Q[0:8:2] + Q[1:8:2]  # (r0 + r1), (r2 + r3), (r4 + r5), (r6 + r7)
-        r = r[0::2] + r[1::2]
-        np.add(r[0], r[1], out=Q[7])
-        return np.add.reduce(Q[7:], axis=0)  # along the outer axis: one after the other, in order
+        return Priced(t, P, ops)
 
     def work_weights(self) -> tuple[float, float]:
         """(ms per new token, ms per causal attention pair) of compute on the whole GPU: a prefill's

@@ -120,19 +120,6 @@ def test_pairwise_sum_adds_as_numpy_does():
     assert pairwise_sum(a.tolist()) != sum(a.tolist())  # the order matters: a sequential sum differs
 
 
-def test_priced_row_sums_add_as_numpy_does():
-    # ms_blocks sums each priced row's operators on the transpose (a handful of row operations, not
-    # a reduction that loops once per row); the times must be the very floats of numpy's reduction.
-    pricer = SummaryPricer(CostModel.load("qwen3-8b", "h100"))
-    rng = np.random.default_rng(6)
-    for ops in range(1, 20):
-        pricer._attn = np.zeros(ops, dtype=bool)  # only its length is read
-        for rows in (1, 7, 44, 226):
-            P = rng.random((rows, 2 * ops + 1)) * 10.0 ** rng.uniform(-4, 4, (rows, 2 * ops + 1))
-            want = np.add.reduce(np.maximum(P[:, :ops], P[:, ops:2 * ops]), axis=1) + P[:, -1]
-            assert np.array_equal(pricer._row_sums(P), want), (ops, rows)
-
-
 def test_search_parts_are_priced_parts_of_the_rows():
     # parts_of reads the calibration parts off the search's pricing: the same numbers as pricing
     # the launched rows alone through the cost model's operators (test above), here through
