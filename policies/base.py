@@ -93,7 +93,8 @@ class Policy:
         return f"<policy {self.name}>"
 
 
-def select_prefills(view: SchedulerView, token_budget: int, kv_reserved: int = 0) -> list[PrefillChunk]:
+def select_prefills(view: SchedulerView, token_budget: int, kv_reserved: int = 0,
+                    remaining: list[int] | None = None) -> list[PrefillChunk]:
     """Prefill chunks up to `token_budget` tokens: unfinished prefills first, then the waiting queue (FCFS).
 
     The last request taken may be chunked. A waiting request is admitted only if its whole remaining
@@ -104,6 +105,9 @@ def select_prefills(view: SchedulerView, token_budget: int, kv_reserved: int = 0
     plans: its chunk starts there (the cost model then prices the cached context, not the prefix
     again), the budget pays only for the uncached tokens, and its KV need adds `prefix_pin` (cached
     slots that count as free until it is admitted and locks them).
+
+    `remaining`: a list to append each chunk's request's remaining prefill to (a chunk that covers
+    it completes the request), read in the same pass (duet's search needs it every plan).
     """
     chunks: list[PrefillChunk] = []
     budget = token_budget
@@ -112,8 +116,11 @@ def select_prefills(view: SchedulerView, token_budget: int, kv_reserved: int = 0
     for r in view.prefilling:
         if budget <= 0 or kv_free <= 0:
             return chunks
-        n = min(r.remaining_prefill, budget, kv_free)
+        need = r.remaining_prefill
+        n = min(need, budget, kv_free)
         chunks.append(PrefillChunk(r.rid, r.num_computed, n))
+        if remaining is not None:
+            remaining.append(need)
         budget -= n
         kv_free -= n
     for r in view.waiting:
@@ -125,6 +132,8 @@ def select_prefills(view: SchedulerView, token_budget: int, kv_reserved: int = 0
             break  # FCFS: do not let later (shorter) requests overtake the head of the queue
         n = min(need, budget)
         chunks.append(PrefillChunk(r.rid, r.num_computed, n))
+        if remaining is not None:
+            remaining.append(need)
         budget -= n
         kv_free -= n + pin
         running += 1

@@ -124,7 +124,7 @@ from sglang_duet.policies.base import (
     ttft_order_option,
 )
 from sglang_duet.policies.duet_feedback import Calibration, Demand
-from sglang_duet.policies.duet_search import Candidate, Decodes, Prefix, Search, SearchTables, remaining_prefill
+from sglang_duet.policies.duet_search import Candidate, Decodes, Prefix, Search, SearchTables
 
 
 _np_core = np._core if hasattr(np, "_core") else np.core
@@ -307,8 +307,9 @@ class DuetPolicy(Policy):
         k_cap = lookahead_cap_of(view, n, dec.longest, self.k_max, kv_reserved=self.split_budgets[-1]) if n else 1
         prefix, total = None, 0.0
         if view.waiting or view.prefilling:
-            chunks = select_prefills(view, tb.chunk_budget, kv_reserved=n * k_cap)
-            prefix = Prefix(chunks, remaining_prefill(view, chunks))
+            rest: list[int] = []
+            chunks = select_prefills(view, tb.chunk_budget, kv_reserved=n * k_cap, remaining=rest)
+            prefix = Prefix(chunks, rest)
             total = prefix.total
 
         # aggregated: the decode-first batch for each budget; split: prefill chunks for each split

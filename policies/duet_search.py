@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sglang_duet.policies.base import LaneKind, PrefillChunk, Priced, SchedulerView
+from sglang_duet.policies.base import LaneKind, PrefillChunk, Priced
 
 
 @dataclass
@@ -60,17 +60,18 @@ class Prefix:
     """An FCFS chunk list and its summaries cut at any token budget (what select_prefills gives
     for a smaller budget is a prefix of it, the last chunk shortened)."""
 
-    def __init__(self, chunks: list[PrefillChunk], remaining: dict[str, int]):
+    def __init__(self, chunks: list[PrefillChunk], remaining: list[int]):
+        """`remaining`: each chunk's request's remaining prefill (`select_prefills(remaining=...)`)."""
         self.chunks = chunks
         # prefix sums in plain Python (a handful of chunks), one array each
         cumL, prefA, prefK, prefC, starts = [], [0.0], [0.0], [0.0], []
         L = A = Kk = C = 0.0
-        for c in chunks:
+        for c, rest in zip(chunks, remaining):
             s, n = c.start, c.length
             L += n
             A += n * (s + (n + 1) / 2)
             Kk += s + n
-            C += n >= remaining.get(c.rid, 0)
+            C += n >= rest
             cumL.append(L)
             prefA.append(A)
             prefK.append(Kk)
@@ -323,19 +324,3 @@ class SearchTables:
                                                                  np.ones(len(self.grid) * nb, dtype=bool)])
         return got
 
-
-def remaining_prefill(view: SchedulerView, chunks: list[PrefillChunk]) -> dict[str, int]:
-    """Remaining prefill tokens of the requests the chunks belong to (a chunk that covers them all
-    completes its request, which then joins the decodes)."""
-    want = {c.rid for c in chunks}
-    out = {}
-    for r in view.prefilling:
-        if r.rid in want:
-            out[r.rid] = r.remaining_prefill
-    if len(out) < len(want):
-        for r in view.waiting:
-            if r.rid in want:
-                out[r.rid] = r.remaining_prefill
-                if len(out) == len(want):
-                    break
-    return out
