@@ -386,9 +386,10 @@ def step_cpu(n: int, a, steps: int = 40) -> dict:
     client, no sleeping): the real SchedulerProcess (core, policy, the emulated constant-step device
     on a virtual clock, the step's BatchTokenOut encoded), the real DetokenizerProcess handling those
     messages, and the main process's fan-out of its BatchStrOut: the real TokenizerManager and n
-    streaming /generate handlers (NativeServing + SSEStream), each woken, rendering its event and
-    handing it to an ASGI send that only counts it (uvicorn's chunk framing and the socket write are
-    not included). Thread CPU time, so a loaded machine moves it far less than wall time. Returns
+    streaming /generate handlers (NativeServing + SSEStream), each event rendered and handed to a
+    writer that only counts it (from the receive loop, as under uvicorn's httptools; the first and
+    the last through the woken handler and its ASGI send; uvicorn's chunk framing and the socket
+    write are not included). Thread CPU time, so a loaded machine moves it far less than wall time. Returns
     ms per step by part."""
     import uvloop
 
@@ -430,8 +431,26 @@ class _NoDisconnect:
         return False
 
 
+class _CountingWriter:
+    """The stream's direct writer (sse.direct_writer), as uvicorn's httptools send gets one: counts
+    the events the receive loop writes without waking the handler."""
+
+    def __init__(self, counts: list[int]):
+        self.counts = counts
+
+    def ready(self) -> bool:
+        return True
+
+    def write(self, body: bytes) -> None:
+        self.counts[0] += 1
+
+    def abort(self) -> None:
+        pass
+
+
 async def _native_stream(native, ids: list[int], out_len: int, counts: list[int]) -> None:
-    """One streaming /generate through the real handler; its ASGI send counts the events."""
+    """One streaming /generate through the real handler; its ASGI send and its direct writer (the
+    running events, as served by uvicorn's httptools) count the events."""
     body = {"input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": out_len, "ignore_eos": True}}
     response = await native.generate(_NoDisconnect(), body)
 
@@ -442,6 +461,7 @@ async def _native_stream(native, ids: list[int], out_len: int, counts: list[int]
     async def receive():
         await asyncio.get_running_loop().create_future()  # the client never leaves
 
+    send.sse_writer = _CountingWriter(counts)
     await response({"type": "http"}, receive, send)
 
 

@@ -176,8 +176,12 @@ def test_generate_native(server):
     assert meta["prompt_tokens"] > 0 and meta["completion_tokens"] == 8 and meta["e2e_latency"] > 0
     assert {"id", "cached_tokens"} <= set(meta)
 
+    pushed = server_info(server)["internal_states"][0]["num_outputs_pushed"]
     ev = sse_events(httpx.post(server.url("/generate"), json={**body, "stream": True}, timeout=60).text)
     assert ev[-1] == "[DONE]" and len(ev) >= 3
+    # uvicorn's httptools send: running events written from the receive loop (SSEStream._push), at
+    # least one of the 6 between the first and the final output whatever the timing
+    assert server_info(server)["internal_states"][0]["num_outputs_pushed"] > pushed
     texts = [e["text"] for e in ev[:-1]]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative
     assert texts[-1] == r["text"] and ev[-2]["output_ids"] == r["output_ids"]
