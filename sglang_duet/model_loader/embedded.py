@@ -48,14 +48,52 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def default_model_path() -> str:
-    """HF folder of the embedded model, converting the GGUF on first use."""
+def _gguf_digest(gguf_path: str) -> str:
+    """The GGUF's sha256 prefix, remembered by (path, size, mtime) in the cache: hashing 100 MB took
+    0.1-0.2 s of every start-up (three processes ask for the path)."""
+    st = os.stat(gguf_path)
+    memo = os.path.join(cache_root(), "embedded-digests.json")
+    key = f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        with open(memo) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    digest = _sha256(gguf_path)[:16]
+    try:
+        os.makedirs(cache_root(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-digests-", dir=cache_root())
+        with os.fdopen(fd, "w") as f:
+            json.dump({key: digest}, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache: hash again next time
+    return digest
+
+
+def default_model_path(convert: bool = True) -> str | None:
+    """HF folder of the embedded model, converting the GGUF on first use (convert=False: None until
+    some process has converted it)."""
     gguf_path = embedded_gguf_path()
-    target = os.path.join(cache_root(), f"smollm2-{_sha256(gguf_path)[:16]}")
+    target = os.path.join(cache_root(), f"smollm2-{_gguf_digest(gguf_path)}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
+    if not convert:
+        return None
     convert_gguf_to_hf(gguf_path, target)
     return target
+
+
+def is_embedded_folder(path: str | None) -> bool:
+    """Whether `path` is a converted embedded-model folder in the cache (ours to add files to)."""
+    if not path or not os.path.isdir(path):
+        return False
+    path = os.path.realpath(path)
+    return (os.path.dirname(path) == os.path.realpath(cache_root())
+            and os.path.basename(path).startswith("smollm2-"))
 
 
 def convert_gguf_to_hf(gguf_path: str, target: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,9 @@ import torch
 
 from sglang_duet.models.config import ModelConfig
 from sglang_duet.models.llama import LlamaForCausalLM
+from sglang_duet.startup_phases import Phases
+
+logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DTYPES = {
@@ -38,6 +42,8 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     load_format: str  # the resolved format: safetensors | gguf | dummy
+    mapped_file: str | None = None  # the serving-layout file the weights are views of (prepared.py)
+    phases: Phases | None = None  # what the load spent its time on, in order
 
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
@@ -137,9 +143,61 @@ def load_tokenizer(model_dir: str | None):
         return None
     if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
         return None
+    cls = _remembered_tokenizer_class(model_dir)
+    if cls is not None:
+        return cls.from_pretrained(model_dir, local_files_only=True)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    _remember_tokenizer_class(model_dir, tok)
+    return tok
+
+
+# The class AutoTokenizer chose for an embedded folder (ours to write in), by transformers version: the
+# next start loads that class directly instead of importing AutoTokenizer's registries first (~2-3 s of
+# start-up on this CPU). Which class AutoTokenizer picks depends on tokenizer_config.json, config.json's
+# model type and the installed version, so it is remembered, never guessed.
+_TOKENIZER_MEMO = os.path.join("serving", "tokenizer-class.json")
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+def _remembered_tokenizer_class(model_dir: str):
+    from sglang_duet.model_loader.embedded import is_embedded_folder
+
+    if not is_embedded_folder(model_dir):
+        return None
+    try:
+        with open(os.path.join(model_dir, _TOKENIZER_MEMO)) as f:
+            memo = json.load(f)
+        if memo.get("transformers") != _transformers_version():
+            return None
+        import importlib
+
+        return getattr(importlib.import_module(memo["module"]), memo["class"])
+    except (OSError, ValueError, KeyError, AttributeError, ImportError, TypeError):
+        return None
+
+
+def _remember_tokenizer_class(model_dir: str, tok) -> None:
+    from sglang_duet.model_loader.embedded import is_embedded_folder
+
+    if not is_embedded_folder(model_dir):
+        return
+    memo = {"transformers": _transformers_version(), "module": type(tok).__module__, "class": type(tok).__name__}
+    path = os.path.join(model_dir, _TOKENIZER_MEMO)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.debug("could not remember the tokenizer class in %s: %s", path, e)
 
 
 def _chat_template(tokenizer, model_dir: str | None) -> str | None:
@@ -180,12 +238,15 @@ def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "
     tokenizer=False skips the tokenizer (a follower rank never needs one; transformers' import is slow).
     """
     device = torch.device(device)
+    phases = Phases()
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"Invalid --load-format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
-    if model_path is None and not (load_format == "dummy" and model_config_path):
-        from sglang_duet.model_loader.embedded import default_model_path
+    from sglang_duet.model_loader.embedded import default_model_path, is_embedded_folder
 
+    if model_path is None and not (load_format == "dummy" and model_config_path):
         model_path = default_model_path()
+        phases.mark("embedded model path")
+    embedded = is_embedded_folder(model_path)
     if model_path is not None and not os.path.exists(model_path):
         from sglang_duet.model_loader.serving_config import missing_model_message
 
@@ -198,22 +259,58 @@ def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "
         model = _empty_model(cfg, torch_dtype, device, tp)
         model.init_dummy_weights(seed)
         _prepare_for_inference(model, device)
+        phases.mark("weights (dummy)")
         tok = load_tokenizer(model_dir) if tokenizer else None
-        return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "dummy")
+        phases.mark("tokenizer")
+        return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "dummy",
+                           phases=phases)
 
     fmt = _resolve_format(model_path, load_format)
     if fmt == "gguf":
-        return _load_gguf(model_path, dtype, device, tp, tokenizer)
+        loaded = _load_gguf(model_path, dtype, device, tp, tokenizer)
+        loaded.phases = phases
+        phases.mark("weights and tokenizer (GGUF)")
+        return loaded
 
     model_dir = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
     cfg = ModelConfig.from_path(model_config_path or model_dir)
     torch_dtype = resolve_dtype(dtype, cfg.dtype, device)
     files = [model_path] if os.path.isfile(model_path) else safetensors_files(model_dir)
-    model = _empty_model(cfg, torch_dtype, device, tp)
+    mapped = None
+    if embedded and device.type == "cpu" and (tp is None or tp.size == 1):
+        model, mapped = _mapped_model(cfg, torch_dtype, device, files)
+    else:
+        model = _copied_model(cfg, torch_dtype, device, tp, files)
+    phases.mark("weights (mapped)" if mapped else "weights")
+    tok = load_tokenizer(model_dir) if tokenizer else None
+    phases.mark("tokenizer")
+    logger.info("model loaded: %s", phases.summary())
+    return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "safetensors",
+                       mapped_file=mapped, phases=phases)
+
+
+def _copied_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp, files: list[str]) -> LlamaForCausalLM:
+    """Parameters allocated on `device` and the checkpoint copied into them (this rank's slices)."""
+    model = _empty_model(cfg, dtype, device, tp)
     model.load_weights(iter_safetensors(files, model.weight_shard))
     _prepare_for_inference(model, device)
-    tok = load_tokenizer(model_dir) if tokenizer else None
-    return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "safetensors")
+    return model
+
+
+def _mapped_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                  files: list[str]) -> tuple[LlamaForCausalLM, str | None]:
+    """The model with its parameters mapped from the serving-layout file (prepared.py), built from the
+    checkpoint on first use; on any failure there, a copied model (the mapping only saves time)."""
+    from sglang_duet.model_loader.prepared import load_prepared
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, dtype).to(dtype)
+    try:
+        path = load_prepared(model, files, lambda: _copied_model(cfg, dtype, device, None, files))
+        return model.eval(), path
+    except Exception as e:  # noqa: BLE001 - e.g. a read-only cache: serve from a copy as before
+        logger.warning("serving-layout weights unavailable (%s: %s); loading a private copy", type(e).__name__, e)
+        return _copied_model(cfg, dtype, device, None, files), None
 
 
 def _load_gguf(path: str, dtype: str, device: torch.device, tp=None, tokenizer: bool = True) -> LoadedModel:

@@ -161,14 +161,23 @@ class MLP(nn.Module):
 def _fuse_params(modules, attr: str) -> torch.Tensor:
     """Concatenate `attr` of each module along dim 0 and re-point each module's parameter at its slice
     of the result, so later loads (p.copy_) update the fused tensor too and no memory is doubled."""
-    parts = [getattr(m, attr) for m in modules]
-    fused = torch.cat([p.detach() for p in parts], dim=0)
-    start = 0
-    for m, p in zip(modules, parts):
-        n = p.shape[0]
-        setattr(m, attr, nn.Parameter(fused[start:start + n], requires_grad=p.requires_grad))
-        start += n
+    fused = torch.cat([getattr(m, attr).detach() for m in modules], dim=0)
+    _point_at_slices(modules, attr, fused)
     return fused
+
+
+def _point_at_slices(modules, attr: str, fused: torch.Tensor) -> None:
+    """Make each module's `attr` parameter the view of its rows of `fused` (stacked along dim 0)."""
+    start = 0
+    for m in modules:
+        part = getattr(m, attr)
+        if tuple(part.shape[1:]) != tuple(fused.shape[1:]) or part.dtype != fused.dtype:
+            raise ValueError(f"fused {attr} {tuple(fused.shape)} {fused.dtype} does not stack {tuple(part.shape)} {part.dtype}")
+        n = part.shape[0]
+        setattr(m, attr, nn.Parameter(fused[start:start + n], requires_grad=part.requires_grad))
+        start += n
+    if start != fused.shape[0]:
+        raise ValueError(f"fused {attr} has {fused.shape[0]} rows, its parts {start}")
 
 
 class DecoderLayer(nn.Module):
@@ -188,7 +197,9 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         vocab = TPLayout.of(cfg, tp.rank, tp.size).vocab_per_rank
-        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
+        # _weight: no random init. Under the loader's meta device, Embedding's own normal_ init imports
+        # torch._dynamo (~2 s of every start-up); the loader overwrites the weights anyway.
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -225,6 +236,64 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+
+    # ---- serving layout (model_loader/prepared.py maps these from one file) ------------------------
+    _FUSED = (("self_attn", "qkv", ("q_proj", "k_proj", "v_proj")), ("mlp", "gate_up", ("gate_proj", "up_proj")))
+
+    def serving_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the forward reads, by name, after fuse_projections(): the fused q/k/v and gate/up
+        weights (`...self_attn.qkv_weight`, `...mlp.gate_up_weight`, and biases) instead of the
+        parameters that are views of them, and every other parameter as it is."""
+        out: dict[str, torch.Tensor] = {}
+        views: set[int] = set()
+        for i, layer in enumerate(self.model.layers):
+            for sub, fused_name, parts in self._FUSED:
+                block = getattr(layer, sub)
+                for attr in ("weight", "bias"):
+                    t = getattr(block, f"{fused_name}_{attr}")
+                    if t is None:
+                        continue
+                    out[f"model.layers.{i}.{sub}.{fused_name}_{attr}"] = t.detach()
+                    views.update(id(getattr(getattr(block, p), attr)) for p in parts)
+        if not out:
+            raise ValueError("serving_tensors() needs the fused projections (fuse_projections())")
+        for name, p in self.named_parameters():
+            if id(p) not in views:
+                out[name] = p.detach()
+        return out
+
+    def adopt_serving_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of serving_tensors(): the model's parameters become these tensors themselves
+        (no copy; e.g. views of a mapped file), fused ones with their parts as views. Strict: every
+        parameter must be covered, with its shape and dtype."""
+        tensors = dict(tensors)
+        for i, layer in enumerate(self.model.layers):
+            for sub, fused_name, parts in self._FUSED:
+                block = getattr(layer, sub)
+                modules = [getattr(block, p) for p in parts]
+                for attr in ("weight", "bias"):
+                    if getattr(modules[0], attr) is None:
+                        continue
+                    name = f"model.layers.{i}.{sub}.{fused_name}_{attr}"
+                    if name not in tensors:
+                        raise ValueError(f"serving tensors lack {name}")
+                    fused = tensors.pop(name)
+                    _point_at_slices(modules, attr, fused)
+                    setattr(block, f"{fused_name}_{attr}", fused)
+        fused_parts = {f"model.layers.{i}.{sub}.{p}.{attr}" for i in range(len(self.model.layers))
+                       for sub, _, parts in self._FUSED for p in parts for attr in ("weight", "bias")}
+        for name, p in list(self.named_parameters()):
+            if name in fused_parts:
+                continue
+            t = tensors.pop(name, None)
+            if t is None:
+                raise ValueError(f"serving tensors lack {name}")
+            if tuple(t.shape) != tuple(p.shape) or t.dtype != self.dtype:
+                raise ValueError(f"serving tensor {name}: {tuple(t.shape)} {t.dtype}, model {tuple(p.shape)} {self.dtype}")
+            module_name, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=p.requires_grad))
+        if tensors:
+            raise ValueError(f"unexpected serving tensors {sorted(tensors)[:8]}")
 
     def rope_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, 1, head_dim] (broadcast over heads) in the activation dtype."""
