@@ -1,8 +1,10 @@
 """Start the three processes, supervise them, serve HTTP, and stop cleanly.
 
 Startup: the scheduler (loads the model) and the detokenizer (imports transformers meanwhile) are
-spawned together; each reports readiness or its startup error over a pipe. Then uvicorn serves and
-a warm-up request goes through the whole path before /health turns 200 and "ready" is logged.
+spawned together; each reports readiness or its startup error over a pipe. Meanwhile this process
+imports its HTTP stack on a thread (`_warm_imports`: seconds of imports that would otherwise run only
+after the children are ready). Then uvicorn serves and a warm-up request goes through the whole path
+before /health turns 200 and "ready" is logged, with the start-up's phases (`startup_phases.Phases`).
 A child that dies later fails the in-flight requests, turns /health to 503 and ends the server with
 a non-zero exit code. SIGTERM/SIGINT drain: the listening socket closes and /health turns 503 at
 once, in-flight requests may finish for `--shutdown-grace-s`, then whatever still runs ends with a
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -26,6 +30,7 @@ import msgspec
 from sglang_duet.server.hooks import ServerHooks
 from sglang_duet.server.ipc import IPCPaths, recv_ready, spawn_context, tune_gc
 from sglang_duet.server_args import ServerArgs
+from sglang_duet.startup_phases import Phases
 
 logger = logging.getLogger("sglang_duet.server")
 
@@ -87,6 +92,7 @@ class Launcher:
         self.exit_code: int | None = None
         self.tm = None
         self.uvicorn = None
+        self.phases = Phases()  # start-up, logged when ready
 
     # ---- children ----------------------------------------------------------------------------
 
@@ -109,9 +115,17 @@ class Launcher:
             p.start()
         s_child.close()
         d_child.close()
+        self.phases.mark("spawn children")
+        early_tokenizer = tokenizer_folder_known_early(self.args)
+        if early_tokenizer:  # the detokenizer loads it while the scheduler loads the model
+            d_parent.send_bytes(early_tokenizer.encode())
+        threading.Thread(target=_warm_imports, args=(early_tokenizer,), name="warm-imports", daemon=True).start()
         info = self._wait_ready("scheduler", s_parent)
-        d_parent.send_bytes((info.tokenizer_dir or "").encode())
+        self.phases.mark("scheduler ready (model loaded)")
+        if not early_tokenizer:
+            d_parent.send_bytes((info.tokenizer_dir or "").encode())
         self._wait_ready("detokenizer", d_parent)
+        self.phases.mark("detokenizer ready")
         self.info = info
         logger.info("model %s loaded: context %d, %d KV slots, policy %s", info.model_name or info.model_path,
                     info.context_length, info.kv_slots, info.policy.get("name"))
@@ -155,8 +169,10 @@ class Launcher:
         from sglang_duet.server.scheduler_backend import ZmqSchedulerBackend
         from sglang_duet.server.tokenizer_manager import TokenizerManager
 
+        self.phases.mark("HTTP stack imported")
         backend = (self.hooks.scheduler_backend or ZmqSchedulerBackend)(self.paths)
         self.tm = TokenizerManager(self.args, self.info, backend)
+        self.phases.mark("tokenizer manager")
 
         @contextlib.asynccontextmanager
         async def lifespan(_app):
@@ -230,7 +246,8 @@ class Launcher:
         while not self.uvicorn.started:
             if self.uvicorn.should_exit:
                 return
-            time.sleep(0.05)
+            time.sleep(0.01)
+        self.phases.mark("HTTP server up")
         if not a.skip_warmup:
             body = {"sampling_params": {"max_new_tokens": 2, "temperature": 0.0, "ignore_eos": True}}
             if self.tm.tokenizer is not None:
@@ -249,9 +266,49 @@ class Launcher:
                 self.exit_code = 1
                 self.uvicorn.should_exit = True
                 return
+        self.phases.mark("warm-up request")
         self.tm.ready = True
+        logger.info("start-up: %s", self.phases.summary())
         logger.info("The server is ready at %s (policy %s)", url, self.info.policy.get("name"))
         print(f"sglang-duet ready: {url}", file=sys.stderr, flush=True)
+
+
+def tokenizer_folder_known_early(args: ServerArgs) -> str | None:
+    """The folder the scheduler will load its tokenizer from, where that is known before it loads the
+    model: the embedded default (once converted) or a safetensors folder, with no --tokenizer-path.
+    The scheduler's loader reads the tokenizer from exactly that folder (load_tokenizer), so the
+    detokenizer may load the same files from there at once instead of waiting for the scheduler's copy
+    (which exists for GGUF tokenizers, whose loader fixes them up). None: wait for the copy."""
+    if args.executor != "model" or args.tokenizer_path or args.load_format not in ("auto", "safetensors"):
+        return None
+    folder = args.model_path
+    if folder is None:
+        from sglang_duet.model_loader.embedded import default_model_path
+
+        try:
+            folder = default_model_path(convert=False)  # converting is the scheduler's job
+        except (OSError, ValueError):
+            return None
+    if not folder or not os.path.isdir(folder) or not glob.glob(os.path.join(folder, "*.safetensors")):
+        return None
+    return folder if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
+
+
+def _warm_imports(tokenizer_folder: str | None) -> None:
+    """While the children start: import what serve() needs (uvicorn, the app, the tokenizer manager,
+    and transformers' AutoTokenizer with its registries, through a load of the model's tokenizer where
+    its folder is known). Only a head start: serve() imports and loads for real, and any failure here
+    is left for it to report."""
+    try:
+        import uvicorn  # noqa: F401
+
+        from sglang_duet.server import http_server, scheduler_backend, tokenizer_manager  # noqa: F401
+        if tokenizer_folder:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        logger.debug("start-up import warm-up: %s", e)
 
 
 def _http_impl() -> str:
