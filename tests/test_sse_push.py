@@ -124,9 +124,10 @@ def _events(log) -> list:
     return out
 
 
-def _run(kind, schedule, push: bool, not_ready=()):
-    """schedule: one list of outputs (by step number, or (k, k) for a rid twice in a message) per
-    message; the last message ends the request. Returns (log, pushed count, manager)."""
+def _run(kind, schedule, push: bool, not_ready=(), together=()):
+    """schedule: one list of outputs (by step number) per message; the last message ends the request.
+    not_ready: messages whose outputs the writer cannot take; together: messages that arrive in the
+    same event-loop iteration as the next one. Returns (log, events pushed, manager)."""
 
     async def main():
         tm = _manager()
@@ -142,7 +143,7 @@ def _run(kind, schedule, push: bool, not_ready=()):
             if writer is not None:
                 writer.ready_now = m not in not_ready
             tm._on_outputs(io.BatchStrOut([_out(rid, k, k == last) for k in msg]))
-            if m + 1 not in not_ready:  # outputs the writer declines pile up for the task meanwhile
+            if m not in together:
                 await _settle()
         await asyncio.wait_for(serve, 5)
         return log, tm.pushed, tm
@@ -164,23 +165,25 @@ def test_pushed_events_equal_the_tasks(kind):
 
 
 def test_declined_outputs_wait_for_the_task_in_order():
-    """While the writer cannot take a chunk, the outputs go to the task (merged into one event, as a
-    backlog always is), and pushing resumes after."""
-    schedule = [[1], [2], [3], [4], [5], [6]]
-    # messages 1 and 2 (steps 2, 3) arrive while the writer is not ready, before the task runs
-    log, pushed, _ = _run("generate", schedule, push=True, not_ready={1, 2})
+    """While the writer cannot take a chunk, the outputs go to the task, and pushing resumes after."""
+    log, pushed, _ = _run("generate", [[1], [2, 3], [4], [5], [6]], push=True, not_ready={1})
     ev = _events(log)
     assert [e["output_ids"] for e in ev[:-1]] == [list(range(100, 100 + k)) for k in (1, 2, 4, 5, 6, 7)]
-    assert "".join(ev[-2]["text"]) == "".join(f"t{k} " for k in range(7))
+    assert ev[-2]["text"] == "".join(f"t{k} " for k in range(7))
     # step 1 pushed, steps 2+3 by the task, steps 4 and 5 pushed, the final by the task
     assert pushed == 3 and [how for how, _ in log] == ["send", "push", "send", "push", "push", "send"]
 
 
-def test_a_request_twice_in_one_message_is_one_pushed_event():
-    log, pushed, _ = _run("generate", [[1, 2], [3]], push=True)
+def test_outputs_received_together_are_one_pushed_event():
+    """A request twice in one message, or in two messages handled in one event-loop iteration (the
+    main process behind): one event, one write."""
+    log, pushed, _ = _run("generate", [[1, 2], [3], [4], [5]], push=True, together={1})
     ev = _events(log)
-    assert pushed == 1 and [e["output_ids"] for e in ev[:-1]] == [[100], [100, 101, 102], [100, 101, 102, 103]]
-    assert [how for how, _ in log] == ["send", "push", "send"]  # the final output came alone: the task's
+    assert [e["output_ids"] for e in ev[:-1]] == [list(range(100, 100 + k)) for k in (1, 3, 5, 6)]
+    assert pushed == 2 and [how for how, _ in log] == ["send", "push", "push", "send"]
+    # the same through the task: the same events
+    task_log, task_pushed, _ = _run("generate", [[1, 2], [3], [4], [5]], push=False, together={1})
+    assert task_pushed == 0 and _events(task_log) == ev
 
 
 def test_multi_request_groups_are_not_pushed():
@@ -217,6 +220,7 @@ def test_a_failing_render_closes_the_connection_and_aborts():
         serve = asyncio.ensure_future(response({"type": "http"}, receive, send))
         await _settle()
         tm._on_outputs(io.BatchStrOut([io.StrOut(rid, "x", [1], None, False, None, 3, 2, 0)]))
+        await _settle(1)  # the push
         assert writer.aborted.is_set() and tm.pushed == 1
         writer.gone.set()  # the closed connection's disconnect
         await asyncio.wait_for(serve, 5)

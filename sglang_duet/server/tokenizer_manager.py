@@ -99,7 +99,8 @@ class TokenizerManager:
         self._aborting: dict[str, float] = {}
         # Outcome of every request sent to the scheduler (one each; see docs/reliability.md).
         self.counts = {"submitted": 0, "finished": 0, "failed": 0, "aborted": 0}
-        self.pushed = 0  # outputs of running requests taken by a stream's sink (push_to), not next()
+        self.pushed = 0  # events of running requests taken by a stream's sink (push_to), not next()
+        self._to_push: list[ReqState] = []  # states whose sink gets their pending outputs (_push_outputs)
         # Tokenizing and chat templating: size-checked first, big inputs on a worker thread.
         self.inputs = InputProcessor(self.tokenizer, self.chat_template, self.context_length)
         # Structured output: grammars are compiled (and cached per spec) on the input worker thread, so
@@ -344,12 +345,11 @@ class TokenizerManager:
 
     def _on_outputs(self, batch: io.BatchStrOut) -> None:
         """O(outputs in the message): each goes to its request's state, whose handler is woken, or
-        whose sink takes it (all of a request's running outputs in the message at once, after the
-        loop: one event however many steps the message holds)."""
+        whose sink will take it (`_push_outputs`)."""
         now = time.monotonic()
         states, metrics = self.states, self.metrics
         tokens = 0
-        push = None  # states whose sink gets this message's outputs
+        push = self._to_push
         for o in batch.outs:
             st = states.get(o.rid)
             if st is None or st.finished:
@@ -370,27 +370,33 @@ class TokenizerManager:
                 st.finish_time = now
                 metrics.on_finish(o.prompt_tokens, now - st.created)
             elif st.sink is not None:
-                # Pending is empty (or holds only this message's outputs): nothing waits for the
-                # handler, so the sink may take these without reordering anything.
+                # Pending empty: nothing waits for the handler, so the sink may take this output (and
+                # those that join it before the push) without reordering anything. Pending not
+                # empty: it is listed already, or its handler is woken and takes this one too.
                 if not st.pending:
-                    if push is None:
-                        push = []
+                    if not push:
+                        asyncio.get_running_loop().call_soon(self._push_outputs)
                     push.append(st)
                 st.pending.append(o)
                 continue
             st.pending.append(o)
             st.event.set()
-        if push is not None:
-            for st in push:
-                # finished meanwhile (its final output came in this message, or it failed): the
-                # handler takes everything, in order
-                if st.finished or not st.sink(st.pending):
-                    st.event.set()
-                else:
-                    st.pending = []
-                    self.pushed += 1
         if tokens:
             metrics.add_tokens(tokens)
+
+    def _push_outputs(self) -> None:
+        """Hand the running outputs received since the last call to their streams' sinks: once per
+        event-loop iteration, after every message the reader callback handled, so a stream behind
+        by several messages gets one event for all of them (one write, not one per message)."""
+        push, self._to_push = self._to_push, []
+        for st in push:
+            # finished meanwhile (its final output came in a later message, or it failed), its
+            # stream gone (sink removed), or the sink cannot write now: the handler takes it all
+            if st.finished or st.sink is None or not st.pending or not st.sink(st.pending):
+                st.event.set()
+            else:
+                st.pending = []
+                self.pushed += 1
 
     # ---- introspection ---------------------------------------------------------------------
 
