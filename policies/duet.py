@@ -314,45 +314,41 @@ class DuetPolicy(Policy):
 
         # aggregated: the decode-first batch for each budget; split: prefill chunks for each split
         # budget; identical batches (the queue exhausted) priced once
-        nA = len(self.budgets)
-        agg, nb = tb.distinct(n, total)
-        # F: the work of every cut (ms of ideal prefill compute) and its tokens
+        sh, cut_budgets, ba = tb.shape(n, total)
+        na, nb, N = sh.na, sh.nb, sh.N
+        # the cut's rows: the aggregated budgets', then the split budgets'; F: each cut's work (ms
+        # of ideal prefill compute) and tokens
         if prefix is not None:
-            Xc, joins_c, F = prefix.cut(tb.cut_budgets(n), self._work, nonnegative=True)
+            Xc, joins_c, F = prefix.cut(cut_budgets, self._work, nonnegative=True)
         else:
             Xc, joins_c, F = tb.no_cut
-        Xa, ba = Xc[agg], tb.budget_array[agg]
-        na = len(ba)
-        bs, Xs, joins = tb.split_array[:nb], Xc[nA:nA + nb], joins_c[nA:nA + nb]
         G, K = len(self.grid), self.k_max + 2
 
         # one pricing call: aggregated steps, decode steps per (S_d, step j), prefill per (S_d, budget)
-        X = np.empty((na + (K + nb if nb else 0), 4))
+        X = np.empty((sh.rows, 4))
         row = tb.row  # scratch: what the decodes add to each aggregated batch
         row[0] = row[1] = n
         row[2] = row[3] = dec.cached + n
-        np.add(Xa, row, out=X[:na])
+        np.add(Xc[:na], row, out=X[:na])
         if nb:
             row[0] = row[1] = 0
             row[2] = row[3] = dec.cached
             np.add(tb.decode_template(n), row, out=X[na:na + K])  # A = K = the cached tokens at step j
-            X[na + K:] = Xs
+            X[na + K:] = Xc[na:na + nb]
         # every row has a request: the decodes (n > 0 with splits) or prefill tokens (n = 0 keeps those only)
-        priced = self.pricer.ms_blocks(X, tb.layout(na, nb), self._scale_rows(), nonempty=True)
+        priced = self.pricer.ms_blocks(X, sh.layout, self._scale_rows(), nonempty=True)
         t = priced.t
 
-        # the candidates, aggregated ones first: rows of C
-        N = na + G * nb
+        # the candidates, aggregated ones first: rows of C, gathered by index where they are read
+        # off the priced rows and the cut (SearchShape), the splits' decode, slowest and joiner after
         C = np.empty((7, N))
-        step, decode, first, slowest, joiner, work, tokens = C[0], C[1], C[2], C[3], C[4], C[5], C[6]  # F's order
-        kk = np.empty(N, dtype=int)
-        kk[:na] = 1
-        ta = t[:na]
-        C[0:4, :na] = ta
+        step, decode, first, slowest, joiner, work, tokens = C  # F's order
+        t.take(sh.from_t, out=C[0:4], mode="clip")  # aggregated: its step; splits: the prefill, first step
         if not n:
             C[2:4, :na] = 0.0
         joiner[:na] = 0.0
-        C[5:7, :na] = F[:, agg]
+        F.take(sh.from_F, axis=1, out=C[5:7], mode="clip")
+        kk = sh.ones.copy()  # k: 1 for aggregated (np.ones costs twice a copy)
         if nb:
             # The decode lane steps m times before the prefill (tp) ends, launching k = min(m, k_cap)
             # of them first; at tp it waits the rest r or steps past it (see the docstring).
@@ -381,14 +377,10 @@ class DuetPolicy(Policy):
                 np.putmask(j, never, td[:, :1] - tp + td[:, 1:2])
             Cs = C[:, na:].reshape(7, G, nb)  # the splits' columns of C by (S_d, budget): one view for all rows
             # j > 0 (r < nxt), so j * joins is j where a request completes and 0 elsewhere
-            np.multiply(j, joins, out=Cs[4])  # joiner
-            Cs[0] = tp  # step
+            np.multiply(j, joins_c[na:na + nb], out=Cs[4])  # joiner
             Cs[1] = at[:, :, 2]  # decode
-            Cs[2] = td[:, :1]  # first
             np.maximum(at[:, :, 3], nxt, out=Cs[3])  # slowest
             _clip(m, 1, k_cap, out=kk[na:].reshape(G, nb))
-            Cs[5:7] = F[:, None, nA:nA + nb]
-        split = tb.split_mask(na, nb)
         if n:
             feasible = first <= first_limit
             later = C[3:5] <= limit  # slowest, joiner
@@ -408,7 +400,7 @@ class DuetPolicy(Policy):
             gain += 1e-3 * pace
             score += gain
         return Search(
-            split=split, agg_budgets=ba, split_budgets=bs, grid=tb.grid, tau=tau, tokens=tokens, k=kk, step=step,
+            split=sh.split, agg_budgets=ba, split_budgets=tb.split_array[:nb], grid=tb.grid, tau=tau, tokens=tokens, k=kk, step=step,
             decode=decode,
             first=first, slowest=slowest, joiner=joiner, feasible=feasible, score=score,
             prefix=prefix, dec=dec, priced=priced, cal=self._cal_values(),

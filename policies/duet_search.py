@@ -170,6 +170,8 @@ class Search:
                 self._best.append(self.best(self.feasible))
             return self._best[0]
         m = mask
+        if len(m) <= 8:  # one partition's splits: plain floats beat numpy's per-call cost
+            return _best_of(m.tolist(), self.score[lo:lo + len(m)].tolist(), lo)
         s = np.where(m, self.score[lo:lo + len(m)], -np.inf)
         top = float(s[s.argmax()]) if len(s) else -math.inf
         if top == -math.inf:  # nothing in the mask (scores are finite)
@@ -207,6 +209,20 @@ class Search:
         )
 
 
+def _best_of(mask: list, score: list, lo: int) -> int | None:
+    """`Search.best` on a few candidates in Python floats (the same comparisons, the same answer)."""
+    top = -math.inf
+    for ok, x in zip(mask, score):
+        if ok and x > top:
+            top = x
+    if top == -math.inf:
+        return lo if any(mask) else None
+    cut = top - 1e-9 * max(1.0, abs(top))
+    for i, (ok, x) in enumerate(zip(mask, score)):
+        if ok and x >= cut:
+            return lo + i
+    return None  # not reached: top itself passes
+
 class SearchTables:
     """What every search of one policy needs and no view changes, built once (plan() overhead is
     numpy call count): the budgets as arrays, the pricing factors and row layouts per search shape,
@@ -230,38 +246,48 @@ class SearchTables:
         self.row = np.zeros(4)  # scratch: what the decodes add to a priced row
         nc = len(budgets) + len(split_budgets)
         self.no_cut = (np.zeros((nc, 4)), np.zeros(nc, dtype=bool), np.zeros((2, nc)))  # the cut of an empty queue
-        self._agg_rows: dict[tuple[int, int], np.ndarray] = {}
         self._by_m: dict[int, np.ndarray] = {}
         self._templates: dict[int, np.ndarray] = {}
-        self._cuts: dict[int, np.ndarray] = {}
-        self._layouts: dict[tuple[int, int], object] = {}
+        self._cuts: dict[tuple, tuple] = {}  # (n, rows, nb) -> shape, cut budgets, aggregated budgets
+        self._shapes: dict[tuple[int, int], SearchShape] = {}
         self._step_layouts: dict[tuple[int, int], object] = {}
-        self._split_masks: dict[tuple[int, int], np.ndarray] = {}
 
-    def distinct(self, n: int, total: float):
-        """Which aggregated budgets give distinct batches (rows of the cut: a slice, or an index
-        array), and how many split budgets do (the first ones). Budget b cuts min(max(b - n, 0),
-        total) prefill tokens; with the budgets sorted, a budget adds tokens over the previous one
-        iff b - n > 0 and the previous one's b - n < total (the first budget always counts, with
-        decodes or tokens)."""
+    def shape(self, n: int, total: float) -> tuple["SearchShape", np.ndarray, np.ndarray]:
+        """(the search's shape, the prefill tokens to cut the chunk list at: the distinct
+        aggregated budgets' less the n decodes (at least 0), then the split budgets', and the
+        distinct aggregated budgets). Budget b cuts min(max(b - n, 0), total) prefill tokens; with
+        the budgets sorted, a budget adds tokens over the previous one iff b - n > 0 and the
+        previous one's b - n < total (the first budget always counts, with decodes or tokens); of
+        the split budgets the first ones count, up to the first that takes the whole list."""
         budgets = self.budgets
         nb = 0
         if total > 0:
             lo = max(1, bisect.bisect_right(budgets, n))
             hi = min(len(budgets), bisect.bisect_left(budgets, total + n) + 1)
             if lo <= 1:
-                agg = slice(0, hi)
+                lo = 1  # rows 0..hi
             elif lo >= hi:
-                agg = slice(0, 1)
-            else:
-                agg = self._agg_rows.get((lo, hi))
-                if agg is None:
-                    agg = self._agg_rows[(lo, hi)] = np.array([0] + list(range(lo, hi)))
+                lo = hi = 1  # row 0 alone
             if n and self.splits:
                 nb = min(len(self.split_budgets), bisect.bisect_left(self.split_budgets, total) + 1)
         else:
-            agg = slice(0, 1 if n else 0)
-        return agg, nb
+            lo = hi = 1 if n else 0  # row 0 (decodes only), or nothing
+        key = (n, lo, hi, nb)
+        got = self._cuts.get(key)
+        if got is None:
+            if len(self._cuts) > 4096:
+                self._cuts.clear()
+            rows = list(range(min(hi, 1))) + list(range(lo, hi))  # row 0, then lo..hi
+            agg = self.budget_array[rows]
+            cut = np.maximum(np.concatenate([agg - n, self.split_array[:nb]]), 0.0)
+            got = self._cuts[key] = (self.search_shape(len(rows), nb), cut, agg)
+        return got
+
+    def search_shape(self, na: int, nb: int) -> "SearchShape":
+        got = self._shapes.get((na, nb))
+        if got is None:
+            got = self._shapes[(na, nb)] = SearchShape(self, na, nb)
+        return got
 
     def by_m(self, k_cap: int) -> np.ndarray:
         """Columns of `steps` to gather for each m = 0..K decode steps within a prefill: the
@@ -288,27 +314,6 @@ class SearchTables:
                                                  n * steps, n * steps], axis=1)
         return got
 
-    def cut_budgets(self, n: int) -> np.ndarray:
-        """Prefill tokens to cut the chunk list at: each aggregated budget less the n decodes (at
-        least 0), then each split budget (cached by n)."""
-        got = self._cuts.get(n)
-        if got is None:
-            if len(self._cuts) > 4096:
-                self._cuts.clear()
-            got = self._cuts[n] = np.maximum(np.concatenate([self.budget_array - n, self.split_array]), 0.0)
-        return got
-
-    def layout(self, na: int, nb: int):
-        """The pricer's row layout of a search with na aggregated and nb split budgets (cached)."""
-        got = self._layouts.get((na, nb))
-        if got is None:
-            K = self.k_max + 2
-            blocks = [(0, na, self.prep_all)]
-            if nb:
-                blocks += [(na, na + K, self.prep_decode), (na + K, na + K + nb, self.prep_prefill)]
-            got = self._layouts[(na, nb)] = self.pricer.layout(blocks)
-        return got
-
     def step_layout(self, sms: int, k: int):
         """The pricer's row layout of k decode steps on `sms` SMs (cached)."""
         got = self._step_layouts.get((sms, k))
@@ -316,11 +321,29 @@ class SearchTables:
             got = self._step_layouts[(sms, k)] = self.pricer.layout([(0, k, self.pricer.prepare(np.array([sms])))])
         return got
 
-    def split_mask(self, na: int, nb: int) -> np.ndarray:
-        """Which of a search's candidates are splits (cached by shape)."""
-        got = self._split_masks.get((na, nb))
-        if got is None:
-            got = self._split_masks[(na, nb)] = np.concatenate([np.zeros(na, dtype=bool),
-                                                                 np.ones(len(self.grid) * nb, dtype=bool)])
-        return got
 
+class SearchShape:
+    """What a search with na aggregated and nb split budgets reads by index, built once per shape:
+    the pricer's row layout, where each candidate's step, decode, first and slowest come from in
+    the priced rows (aggregated: its step; splits: the prefill's launch and the first decode step,
+    decode and slowest written after), where its work and tokens come from in the cut, and which
+    candidates are splits."""
+
+    def __init__(self, tb: SearchTables, na: int, nb: int):
+        G, K = len(tb.grid), tb.k_max + 2
+        self.na, self.nb = na, nb
+        self.N = na + G * nb
+        self.rows = na + (K + nb if nb else 0)  # X's rows: aggregated, decode steps j = 1..K, split prefills
+        blocks = [(0, na, tb.prep_all)]
+        if nb:
+            blocks += [(na, na + K, tb.prep_decode), (na + K, na + K + nb, tb.prep_prefill)]
+        self.layout = tb.pricer.layout(blocks)
+        agg = np.arange(na)
+        g, b = np.divmod(np.arange(G * nb), nb) if nb else (np.zeros(0, dtype=int), np.zeros(0, dtype=int))
+        prefill = na + G * K + g * nb + b  # the split's prefill row of the priced t
+        first = na + g * K  # its decode lane's first step
+        self.from_t = np.stack([np.concatenate([agg, prefill]), np.concatenate([agg, prefill]),
+                                np.concatenate([agg, first]), np.concatenate([agg, first])])
+        self.from_F = np.concatenate([agg, na + b])
+        self.split = np.concatenate([np.zeros(na, dtype=bool), np.ones(G * nb, dtype=bool)])
+        self.ones = np.ones(self.N, dtype=int)
