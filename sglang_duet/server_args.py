@@ -51,6 +51,10 @@ class ServerArgs:
     lanes: str = "auto"  # auto | 1 | 2; auto: two lanes on CUDA when the policy can split
     sm_partition_backend: str = "auto"  # auto | cuda | torch | none (green contexts via cuda-bindings or torch)
     random_seed: int = 0
+    # CPU: torch threads of the model process (None: one per physical core left after the main process and
+    # detokenizer) and where they run (auto: pinned, the lowest CPUs left to the others; off; a CPU list)
+    cpu_threads: int | None = None
+    cpu_bind: str = "auto"
     # server
     host: str = "127.0.0.1"
     port: int = 30000

@@ -64,6 +64,11 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "lanes": ("executor lanes: 2 runs split plans' prefill and decode concurrently on SM partitions",
               {"choices": ["auto", "1", "2"]}),
     "sm_partition_backend": ("how SM partitions (green contexts) are made", {"choices": ["auto", "cuda", "torch", "none"]}),
+    "cpu_threads": ("CPU: torch threads of the model process (default: one per physical core of its CPUs, i.e. "
+                    "the cores left after the main process and detokenizer; OMP_NUM_THREADS if set)", {}),
+    "cpu_bind": ("CPU: auto pins the model process's threads one per core and leaves the lowest CPU (2 from 9 "
+                 "CPUs up) to the main process and detokenizer; off leaves placement to the OS; or the model "
+                 "process's CPUs as a list such as 1-3 (the rest go to the others)", {}),
     "random_seed": ("seed for dummy weights and for requests without a seed", {}),
     "host": ("HTTP host", {}),
     "port": ("HTTP port", {}),
@@ -179,6 +184,14 @@ def check_server_args(a: ServerArgs) -> str | None:
         v = getattr(a, name)
         if v is not None and v <= 0:
             return f"--{name.replace('_', '-')} {v}: must be positive"
+    if hasattr(os, "sched_getaffinity"):
+        from sglang_duet.server.cpu_threads import check_cpu_flags
+
+        problem = check_cpu_flags(a.cpu_threads, a.cpu_bind, os.sched_getaffinity(0))
+        if problem:
+            return problem
+    elif a.cpu_threads is not None and a.cpu_threads < 1:
+        return f"--cpu-threads {a.cpu_threads}: must be at least 1"
     if a.stream_interval < 1:
         return f"--stream-interval {a.stream_interval}: must be at least 1"
     if a.emulated_step_ms is not None:

@@ -27,6 +27,7 @@ from multiprocessing.connection import wait as mp_wait
 
 import msgspec
 
+from sglang_duet.server.cpu_threads import pin_this_process, plan_for_server, start_process_on
 from sglang_duet.server.hooks import ServerHooks
 from sglang_duet.server.ipc import IPCPaths, recv_ready, spawn_context, tune_gc
 from sglang_duet.server_args import ServerArgs
@@ -111,8 +112,13 @@ class Launcher:
                                               daemon=self.args.tp_size == 1)
         self.procs["detokenizer"] = ctx.Process(target=run_detokenizer_process, name="sglang-duet-detokenizer",
                                                 args=(self.args.log_level, self.paths, d_child), daemon=True)
-        for p in self.procs.values():
-            p.start()
+        plan = plan_for_server(self.args)
+        if plan is not None:
+            logger.info("CPU threads: %s", plan.describe())
+        start_process_on(self.procs["scheduler"], plan.model_cpus if plan else (), plan.model_env() if plan else {})
+        start_process_on(self.procs["detokenizer"], plan.other_cpus if plan else ())
+        if plan is not None and plan.pinned:
+            pin_this_process(plan.other_cpus)  # this process: HTTP and tokenization, beside the detokenizer
         s_child.close()
         d_child.close()
         self.phases.mark("spawn children")

@@ -1,0 +1,116 @@
+"""Sizing and pinning the model process's CPU threads (issue 18): the pure rule over made-up CPU sets
+and topologies, the CLI's errors, and a spawned child that runs where the plan says with the plan's
+thread count."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+import pytest
+
+from sglang_duet.server.args import parse_args
+from sglang_duet.server.cpu_threads import (CpuPlan, check_cpu_flags, parse_cpu_list, plan_cpu_threads,
+                                            plan_for_server, start_process_on)
+from sglang_duet.server_args import ServerArgs
+
+NO_ENV: dict = {}
+
+
+def test_two_cpus_one_model_thread_pinned_beside_the_others():
+    plan = plan_cpu_threads({0, 1}, env=NO_ENV)
+    assert plan == CpuPlan(threads=1, model_cpus=(1,), other_cpus=(0,), thread_cpus=(1,))
+    assert plan.model_env() == {"OMP_NUM_THREADS": "1", "GOMP_CPU_AFFINITY": "1"}
+
+
+def test_the_allowed_set_is_respected_and_large_machines_leave_two_cpus():
+    assert plan_cpu_threads({4, 5, 6, 7}, env=NO_ENV).model_cpus == (5, 6, 7)  # e.g. under taskset -c 4-7
+    plan = plan_cpu_threads(range(16), env=NO_ENV)
+    assert plan.other_cpus == (0, 1) and plan.model_cpus == tuple(range(2, 16)) and plan.threads == 14
+
+
+def test_one_thread_per_physical_core():
+    # 8 CPUs as 4 cores x 2 hyperthreads, Linux's usual numbering: cpu c and c+4 share core c % 4
+    core_of = {c: (0, c % 4) for c in range(8)}
+    plan = plan_cpu_threads(range(8), core_of=core_of, env=NO_ENV)
+    assert plan.model_cpus == (1, 2, 3, 4, 5, 6, 7)
+    # cores 1, 2, 3 and core 0 (through cpu 4; cpu 0 is the others') -> 4 threads, one per core
+    assert plan.threads == 4 and plan.thread_cpus == (1, 2, 3, 4)
+    more = plan_cpu_threads(range(8), threads=6, core_of=core_of, env=NO_ENV)  # explicit: hyperthreads too
+    assert more.thread_cpus == (1, 2, 3, 4, 5, 6)
+
+
+def test_off_one_cpu_and_the_environment():
+    assert plan_cpu_threads({0, 1, 2, 3}, bind="off", env=NO_ENV) == CpuPlan(3, (), (), ())  # the old rule
+    solo = plan_cpu_threads({3}, env=NO_ENV)
+    assert solo.threads == 1 and not solo.pinned
+    omp = plan_cpu_threads({0, 1, 2, 3}, env={"OMP_NUM_THREADS": "2"})
+    assert omp.threads == 2 and omp.thread_cpus == (1, 2)
+    assert plan_cpu_threads({0, 1, 2, 3}, threads=1, env={"OMP_NUM_THREADS": "2"}).threads == 1  # the flag wins
+    user = plan_cpu_threads({0, 1, 2, 3}, env={"GOMP_CPU_AFFINITY": "3 2 1"})
+    assert user.pinned and user.thread_cpus == () and "GOMP_CPU_AFFINITY" not in user.model_env()
+
+
+def test_an_explicit_cpu_list():
+    plan = plan_cpu_threads({0, 1, 2, 3, 4, 5}, bind="2-3,5", env=NO_ENV)
+    assert plan.model_cpus == (2, 3, 5) and plan.other_cpus == (0, 1, 4) and plan.thread_cpus == (2, 3, 5)
+
+
+def test_parse_cpu_list():
+    assert parse_cpu_list("0-2, 5,5") == (0, 1, 2, 5)
+    for bad in ("", "a", "3-1", "1,,2", "-1"):
+        with pytest.raises(ValueError):
+            parse_cpu_list(bad)
+
+
+@pytest.mark.parametrize("threads,bind,allowed,needle", [
+    (0, "auto", {0, 1}, "--cpu-threads 0: must be at least 1"),
+    (None, "9", {0, 1}, "--cpu-bind 9: CPU(s) 9 are not available"),
+    (None, "0-1", {0, 1}, "leave at least one CPU"),
+    (None, "one", {0, 1}, "--cpu-bind one: expected auto, off or a CPU list"),
+    (3, "1", {0, 1, 2}, "--cpu-threads 3: more threads than the 1 CPU(s) of --cpu-bind 1"),
+    (4, "auto", {0, 1}, "--cpu-threads 4: more threads than the 1 CPU(s) --cpu-bind auto gives"),
+])
+def test_bad_flags_are_named(threads, bind, allowed, needle):
+    assert needle in check_cpu_flags(threads, bind, allowed)
+
+
+def test_good_flags_pass():
+    assert check_cpu_flags(None, "auto", {0, 1}) is None
+    assert check_cpu_flags(8, "off", {0, 1}) is None  # off: any count, placed by the OS
+    assert check_cpu_flags(2, "1-2", {0, 1, 2}) is None
+
+
+def test_the_cli_refuses_bad_values(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--cpu-bind", "0-9999"])
+    assert "--cpu-bind 0-9999" in capsys.readouterr().err
+    assert parse_args(["--cpu-bind", "off", "--cpu-threads", "1"]).cpu_bind == "off"
+
+
+def test_no_plan_where_it_does_not_apply():
+    assert plan_for_server(ServerArgs(executor="emulated")) is None
+    assert plan_for_server(ServerArgs(tp_size=2)) is None
+    assert plan_for_server(ServerArgs(device="cuda")) is None
+    assert plan_for_server(ServerArgs(device="cpu")) is not None
+
+
+def _report(q):
+    import torch
+
+    q.put((sorted(os.sched_getaffinity(0)), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_child_started_on_the_plan_runs_there_with_its_threads():
+    allowed = sorted(os.sched_getaffinity(0))
+    plan = plan_cpu_threads(allowed, env=NO_ENV)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    child = ctx.Process(target=_report, args=(q,))
+    env_before = dict(os.environ)
+    start_process_on(child, plan.model_cpus, plan.model_env())
+    # this process is as it was: its CPU set and environment
+    assert sorted(os.sched_getaffinity(0)) == allowed and dict(os.environ) == env_before
+    cpus, omp, torch_threads = q.get(timeout=120)
+    child.join(30)
+    assert cpus == list(plan.model_cpus) and omp == str(plan.threads) and torch_threads == plan.threads
