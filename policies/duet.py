@@ -85,8 +85,8 @@ retracted requests and any request deferred longer than 4 TTFT SLOs keep their p
 burst this is worth more than any mode choice; "fcfs" keeps the core's order (what the fixed
 baselines do unless given the same option).
 
-Lane-pair states (`LanePair`) and moves (`Move`). The policy is asked whenever a lane is idle;
-what it may do depends on the pair:
+Lane-pair states (`LanePair`) and moves (`Move`; both, and the one-lane-busy moves, in duet_lanes.py).
+The policy is asked whenever a lane is idle; what it may do depends on the pair:
 - BOTH_IDLE: the search above; LAUNCH the best candidate (NOTHING_TO_DO without work).
 - PREFILL_RUNNING_DECODE_IDLE: the prefill lane holds S_p SMs, the decode lane gets the rest.
   It steps while the prefill runs. When the prefill ends within `sync_fraction` of a step, or
@@ -111,11 +111,6 @@ calibration off).
 """
 from __future__ import annotations
 
-import itertools
-import math
-from dataclasses import dataclass, field
-from enum import Enum
-
 import numpy as np
 
 from sglang_duet.policies.base import (
@@ -124,36 +119,15 @@ from sglang_duet.policies.base import (
     ttft_order_option,
 )
 from sglang_duet.policies.duet_feedback import Calibration, Demand
-from sglang_duet.policies.duet_search import Candidate, Decodes, Prefix, Search, SearchTables
+from sglang_duet.policies.duet_lanes import Decision, LanePair, Move, OneLaneBusy
+from sglang_duet.policies.duet_search import (
+    Candidate, Decodes, Prefix, Search, SearchTables, decodes_of, projected_decodes,
+)
 
 
 _np_core = np._core if hasattr(np, "_core") else np.core
 _clip = _np_core.umath.clip  # np.clip without its Python wrapper
 _count_nonzero = _np_core.multiarray.count_nonzero  # np.count_nonzero without its Python wrapper
-
-
-class LanePair(str, Enum):
-    """Which of the two split lanes are free when the policy is asked (aggregated needs both)."""
-
-    BOTH_IDLE = "both idle"
-    PREFILL_RUNNING_DECODE_IDLE = "prefill running, decode idle"
-    DECODE_RUNNING_PREFILL_IDLE = "decode running, prefill idle"
-
-
-class Move(str, Enum):
-    LAUNCH = "launch"
-    WAIT_FOR_PARTNER = "wait for partner"  # leave the idle lane idle until the busy one ends: joint re-plan
-    NOTHING_TO_DO = "nothing to do"
-
-
-@dataclass
-class Decision:
-    state: LanePair
-    move: Move
-    reason: str
-    plan: StepPlan | None = None
-    candidates: int = 0  # how many were priced
-    parts: dict = field(default_factory=dict)  # lane -> (compute ms, memory ms) of what it launches, unscaled
 
 
 DEFAULT_BUDGETS = tuple(range(512, 8192 + 1, 256))
@@ -174,7 +148,7 @@ def _budgets(value, default, who: str) -> list[int]:
     return out
 
 
-class DuetPolicy(Policy):
+class DuetPolicy(OneLaneBusy, Policy):
     name = "duet"
 
     def __init__(self, ctx: PolicyContext | None = None):
@@ -490,175 +464,16 @@ class DuetPolicy(Policy):
                             predicted_ms={"prefill": c.step_ms, "decode": c.decode_ms})
         return Decision(state, Move.LAUNCH, desc, plan, len(s), parts=s.parts_of(i))
 
-    # ---- one lane busy -------------------------------------------------------------------------
-    def _partition_stays(self, s: Search, sd: int) -> tuple[int | None, int | None]:
-        """(best feasible split on S_d = sd, best overall) of a search, by index."""
-        here = None
-        g = self._grid_index.get(sd)
-        nb = len(s.split_budgets)
-        if g is not None and nb:  # the splits on S_d = sd: nb candidates in a row
-            lo = len(s.agg_budgets) + g * nb
-            here = s.best(s.feasible[lo:lo + nb] & (s.tokens[lo:lo + nb] > 0), lo)
-        return here, s.best()
-
-    def _decode_lane_alone(self, view: SchedulerView) -> Decision:
-        """The prefill lane holds its SMs: decode on the rest until about when the prefill ends."""
-        state = LanePair.PREFILL_RUNNING_DECODE_IDLE
-        dec = self._decodes(view)
-        if not dec.n:
-            return Decision(state, Move.NOTHING_TO_DO, "no ready decodes")
-        busy = view.inflight[LaneKind.PREFILL]
-        sd = self.total - (busy.sms or self.total - self.grid[0])
-        left = self._left_ms(view, LaneKind.PREFILL, busy)
-        k_cap = lookahead_cap_of(view, dec.n, dec.longest, self.k_max)
-        priced = self._decode_steps(dec, sd, k_cap + 2)
-        c = self.calibration[LaneKind.DECODE]
-        td = priced.t.tolist()
-        cum = list(itertools.accumulate(td))
-        first_limit, limit = self._limits(dec.waited_ms)
-        fit = 0  # steps that end before the prefill does
-        while fit < k_cap and cum[fit] <= left and td[fit] <= limit:
-            fit += 1
-        r = left - (float(cum[fit - 1]) if fit else 0.0)  # what is left of the prefill after them
-        joins = any(w.sample for w in busy.work)  # the prefill completes requests: they join after our launch
-        nxt = td[fit]
-        over = nxt - r + td[fit + 1] if joins else 0.0  # a joiner's first gap if we step past the prefill's end
-
-        def launch(k: int, why: str) -> Decision:
-            ok = td[0] <= first_limit and td[k - 1] <= limit
-            plan = StepPlan(decode_lane=LaneBatch(decode=dec.ids, steps=k), decode_sms=sd,
-                            predicted_ms={"decode": float(cum[k - 1])})
-            return Decision(state, Move.LAUNCH, f"S_d={sd} k={k} ({float(cum[k - 1]):.1f} ms), prefill busy "
-                                                f"{left:.1f} ms more: {why}"
-                                                + ("" if ok else "; partition too small for the SLO"), plan,
-                            parts={LaneKind.DECODE: priced.parts(0, k, c.a, c.b)})
-
-        if fit == k_cap:
-            return launch(fit, "all within the prefill")
-        meet = r <= self.sync_fraction * nxt
-        why_meet = f"the prefill ends {r:.1f} ms after {fit} steps"
-        if not meet and (view.waiting or view.prefilling):
-            # Stepping past the prefill's end keeps the partition for the prefill lane's next chunk;
-            # meet it instead if a joint plan would change the partition.
-            here, best = self._partition_stays(self.search(view, dec), sd)
-            if here is None or (best != here and best is not None):
-                meet, why_meet = True, "a joint plan would change the partition"
-        if meet:
-            if fit:
-                return launch(fit, f"then meet the prefill ({why_meet})")
-            if dec.waited_ms + left + nxt <= limit:
-                return Decision(state, Move.WAIT_FOR_PARTNER, f"prefill ends in {left:.1f} ms: plan both lanes "
-                                                              f"then ({why_meet})")
-        # Step once past the prefill's end (the lanes keep running side by side; the prefill lane
-        # decides then whether to re-plan), unless a request it completes would wait too long.
-        if over <= limit and nxt <= limit:
-            return launch(fit + 1, f"one step past its end (joiners' gap {over:.1f} ms)")
-        if fit:
-            return launch(fit, "then meet the prefill (stepping past it would keep joiners too long)")
-        wait_gap = dec.waited_ms + left + nxt
-        if wait_gap <= min(limit, over):
-            return Decision(state, Move.WAIT_FOR_PARTNER, f"prefill ends in {left:.1f} ms: waiting ({wait_gap:.1f} ms "
-                            f"gap) beats stepping past it ({over:.1f} ms for joiners)")
-        return launch(1, "best effort")
-
-    def _prefill_lane_alone(self, view: SchedulerView) -> Decision:
-        """The decode lane holds its SMs: the next chunk on the rest, unless a joint re-plan is worth it."""
-        state = LanePair.DECODE_RUNNING_PREFILL_IDLE
-        if not view.waiting and not view.prefilling:
-            return Decision(state, Move.NOTHING_TO_DO, "no prefill work")
-        busy = view.inflight[LaneKind.DECODE]
-        sd = busy.sms or self.grid[0]
-        left = self._left_ms(view, LaneKind.DECODE, busy)
-        s = self.search(view, self._projected_decodes(view, busy, left))
-        here, best = self._partition_stays(s, sd)
-        if here is None:
-            return Decision(state, Move.WAIT_FOR_PARTNER, f"no feasible split keeps S_d={sd} (decode lane busy "
-                                                          f"{left:.1f} ms more): plan both lanes then", candidates=len(s))
-        c = s.candidate(here)
-        if left <= self.sync_fraction * c.step_ms:
-            return Decision(state, Move.WAIT_FOR_PARTNER, f"decode lane ends in {left:.1f} ms, within "
-                            f"{self.sync_fraction:g} of a {c.step_ms:.1f} ms chunk: plan both lanes then",
-                            candidates=len(s))
-        if best != here and s.score[best] > s.score[here] * (1 + self.hysteresis):
-            b = s.candidate(best)
-            return Decision(state, Move.WAIT_FOR_PARTNER,
-                            f"a joint plan ({b.mode}" + (f" S_d={b.decode_sms}" if b.decode_sms else "")
-                            + f", score {b.score:.3f}) beats keeping S_d={sd} ({c.score:.3f}): re-plan in "
-                            f"{left:.1f} ms", candidates=len(s))
-        if s.prefix.completes(c.prefill_tokens):
-            # The requests this chunk completes join when the decode lane's launch in flight at the
-            # chunk's end ends: that wait plus their first step, with steps of about the pace.
-            nxt = c.pace_ms
-            if c.step_ms <= left:
-                joiner = left - c.step_ms + nxt
-            else:
-                r = (c.step_ms - left) % nxt
-                joiner = min(r + nxt, 2 * nxt - r)
-            if joiner > self.margin * self.slo_ms:
-                return Decision(state, Move.WAIT_FOR_PARTNER,
-                                f"requests this chunk completes would wait ~{joiner:.1f} ms for S_d={sd}'s steps: "
-                                "plan both lanes then", candidates=len(s))
-        plan = StepPlan(prefill_lane=LaneBatch(prefill=c.prefill), prefill_sms=self.total - sd,
-                        predicted_ms={"prefill": c.step_ms})
-        return Decision(state, Move.LAUNCH, f"S_p={self.total - sd} b={c.budget} {c.prefill_tokens} tokens "
-                                            f"({c.step_ms:.1f} ms), decode busy {left:.1f} ms more; keeping S_d={sd} "
-                                            f"(score {c.score:.3f}, best {s.score[best]:.3f})", plan, len(s),
-                                            parts={LaneKind.PREFILL: s.parts_of(here)[LaneKind.PREFILL]})
-
     # ---- helpers -------------------------------------------------------------------------------
     def _limits(self, waited_ms: float) -> tuple[float, float]:
         """(first-step limit, later-step limit) in predicted ms."""
         return self.margin * (self.slo_ms - waited_ms), self.margin * self.slo_ms
 
     def _decodes(self, view: SchedulerView) -> Decodes:
-        decoding = view.decoding  # hot: every ready decode, every plan
-        if not decoding:
-            return Decodes([], 0, 1, 0.0)
-        # one pass: each request's memory is touched once (cold at batch 256: most of the cost)
-        cached, last = 0, math.inf
-        for r in decoding:
-            cached += r.num_computed
-            t = r.last_token_time
-            if t is not None and t < last:
-                last = t
-        waited = max(0.0, (view.now - last) * 1e3) if last < math.inf else 0.0
-        # The look-ahead needs the longest remaining output only up to k_max: stop at the first
-        # request that may still emit that many (nearly always the first one).
-        end = view.config.context_length - 1  # a ready decode's sequence is num_computed + 1 tokens
-        longest, k_max = 1, self.k_max
-        for r in decoding:
-            left = end - r.num_computed
-            mn = r.params.max_new_tokens
-            if mn is not None and mn - len(r.output_ids) < left:
-                left = mn - len(r.output_ids)
-            if left > longest:
-                longest = left
-                if longest >= k_max:
-                    break
-        return Decodes(decoding, cached, min(longest, k_max), waited)
+        return decodes_of(view, self.k_max)
 
     def _projected_decodes(self, view: SchedulerView, busy, left_ms: float) -> Decodes:
-        """The decodes as a joint plan would see them when the decode lane's launch ends: the ready
-        ones (having waited `left_ms` more) and the lane's own, k steps further on."""
-        dec = self._decodes(view)
-        more, cached, longest = [], dec.cached, dec.longest
-        keep, k_max = more.append, self.k_max
-        end = view.config.context_length - 1
-        for w in busy.work:
-            pos = w.start_pos + w.steps  # cached tokens after the launch
-            left = end - pos
-            cap = getattr(w.params, "max_new_tokens", None)
-            if cap is not None:
-                cap -= pos + 1 - len(w.prompt_ids)  # less the output tokens after the launch
-                if cap < left:
-                    left = cap
-            if left <= 0:
-                continue  # finishes on the lane
-            keep(w)
-            cached += pos
-            if left > longest:
-                longest = left if left < k_max else k_max
-        return Decodes(dec.reqs, cached, longest, dec.waited_ms + left_ms if dec.n else 0.0, more)
+        return projected_decodes(view, busy, left_ms, self._decodes(view), self.k_max)
 
     def _decode_steps(self, dec: Decodes, sms: int, k: int) -> Priced:
         """Each of k decode steps on `sms` SMs, priced with the decode lane's calibration."""

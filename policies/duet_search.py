@@ -56,6 +56,59 @@ class Decodes:
         return ids
 
 
+def decodes_of(view, k_max: int) -> Decodes:
+    """The ready decodes of a view, summarised (`Decodes`); their longest remaining output counted up to
+    k_max."""
+    decoding = view.decoding  # hot: every ready decode, every plan
+    if not decoding:
+        return Decodes([], 0, 1, 0.0)
+    # one pass: each request's memory is touched once (cold at batch 256: most of the cost)
+    cached, last = 0, math.inf
+    for r in decoding:
+        cached += r.num_computed
+        t = r.last_token_time
+        if t is not None and t < last:
+            last = t
+    waited = max(0.0, (view.now - last) * 1e3) if last < math.inf else 0.0
+    # The look-ahead needs the longest remaining output only up to k_max: stop at the first
+    # request that may still emit that many (nearly always the first one).
+    end = view.config.context_length - 1  # a ready decode's sequence is num_computed + 1 tokens
+    longest = 1
+    for r in decoding:
+        left = end - r.num_computed
+        mn = r.params.max_new_tokens
+        if mn is not None and mn - len(r.output_ids) < left:
+            left = mn - len(r.output_ids)
+        if left > longest:
+            longest = left
+            if longest >= k_max:
+                break
+    return Decodes(decoding, cached, min(longest, k_max), waited)
+
+
+def projected_decodes(view, busy, left_ms: float, dec: Decodes, k_max: int) -> Decodes:
+    """The decodes as a joint plan would see them when the decode lane's launch ends: the ready
+    ones (`dec`, having waited `left_ms` more) and the busy lane's own, k steps further on."""
+    more, cached, longest = [], dec.cached, dec.longest
+    keep = more.append
+    end = view.config.context_length - 1
+    for w in busy.work:
+        pos = w.start_pos + w.steps  # cached tokens after the launch
+        left = end - pos
+        cap = getattr(w.params, "max_new_tokens", None)
+        if cap is not None:
+            cap -= pos + 1 - len(w.prompt_ids)  # less the output tokens after the launch
+            if cap < left:
+                left = cap
+        if left <= 0:
+            continue  # finishes on the lane
+        keep(w)
+        cached += pos
+        if left > longest:
+            longest = left if left < k_max else k_max
+    return Decodes(dec.reqs, cached, longest, dec.waited_ms + left_ms if dec.n else 0.0, more)
+
+
 class Prefix:
     """An FCFS chunk list and its summaries cut at any token budget (what select_prefills gives
     for a smaller budget is a prefix of it, the last chunk shortened)."""
