@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import copy
 
+import orjson
 import pytest
 
 from sglang_duet.server.errors import APIError
@@ -179,7 +180,7 @@ def test_cumulative_event_bytes_equal_encoding_the_whole_output(index):
 
     deltas = [D("", []), D("Hello", [1]), D(' "quoted"\\ ', [22, 333]), D("", [4]), D("\n\tctrl\x01 ü 日本 😀", [5]),
               D("</script>\u2028", [])]
-    ev, text, ids = _CumulativeEvent(), "", []
+    ev, text, ids = _CumulativeEvent("r"), "", []
     for k, d in enumerate(deltas):
         ev.add(d)
         text += d.text
@@ -188,7 +189,21 @@ def test_cumulative_event_bytes_equal_encoding_the_whole_output(index):
         want = {"text": text, "output_ids": ids, "meta_info": meta}
         if index is not None:
             want["index"] = index
-        assert ev.render(meta, index) == sse(want)
+        assert ev.render(orjson.dumps(meta), index) == sse(want)
+
+
+@pytest.mark.parametrize("rid", ["r", 'q"u\\ote ü 😀'])
+def test_running_meta_bytes_equal_encoding_the_dict(rid):
+    """/generate's running events build meta_info's bytes from a template: the same bytes as
+    orjson.dumps of the dict the handler builds for a finished one, latencies of every magnitude."""
+    from sglang_duet.server.native_api import _CumulativeEvent
+
+    ev = _CumulativeEvent(rid)
+    for pt, ct, cached, lat in [(16, 1, 0, 0.0123), (1, 4000, 15, 3.4e-06), (70000, 2**40, 0, 1234.5), (3, 2, 1, 0.0),
+                                (5, 6, 7, 1e-300), (5, 6, 7, 12345678912.125)]:
+        want = {"id": rid, "finish_reason": None, "prompt_tokens": pt, "completion_tokens": ct, "cached_tokens": cached,
+                "e2e_latency": lat}
+        assert ev.running_meta(pt, ct, cached, lat) == orjson.dumps(want)
 
 
 def test_sse_stream_is_returned_as_is_by_a_fastapi_route():
@@ -359,3 +374,21 @@ def test_scheduler_sends_what_a_drain_admits_after_the_drain_in_order():
         sched.close()
         ctx.term()
         paths.cleanup()
+
+
+@pytest.mark.parametrize("with_usage", [False, True])
+def test_chunk_encoder_bytes_equal_encoding_the_dict(with_usage):
+    """OpenAI stream chunks keep their head's JSON: the same bytes as encoding the whole chunk."""
+    from sglang_duet.server.openai_api import ChunkEncoder
+
+    head = {"id": 'chatcmpl-"x"ü', "object": "chat.completion.chunk", "created": 1764500000, "model": "m/ü 😀"}
+    enc = ChunkEncoder(head, with_usage)
+    usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    for choices in ([], [{"index": 0, "delta": {"content": 'a "b"\n'}, "logprobs": None, "finish_reason": None}],
+                    [{"index": 1, "delta": {}, "finish_reason": "stop", "matched_stop": 2}]):
+        want = {**head, "choices": choices}
+        if with_usage:
+            want["usage"] = None
+        assert enc(choices) == sse(want)
+        if with_usage:
+            assert enc(choices, usage) == sse({**head, "choices": choices, "usage": usage})

@@ -171,11 +171,8 @@ class OpenAIServing:
         offsets = [len(m) for m in meta]
         counts = {}
 
-        def chunk(choices, usage=None):
-            c = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices}
-            if usage_chunk:
-                c["usage"] = usage
-            return sse(c)
+        chunk = ChunkEncoder({"id": cid, "object": "text_completion", "created": created, "model": model},
+                             usage_chunk)
 
         def render(batch):
             out = []
@@ -263,12 +260,8 @@ class OpenAIServing:
         counts = {}
         cached = {}
 
-        def chunk(choices, usage=None):
-            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": choices}
-            if usage_chunk:
-                c["usage"] = usage
-            return sse(c)
+        chunk = ChunkEncoder({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model},
+                             usage_chunk)
 
         def render(batch):
             out = []
@@ -295,6 +288,25 @@ class OpenAIServing:
                 yield chunk([], proto.usage(len(ids), sum(counts.values()), cached.get(0, 0)))
 
         return await start_stream(group, render, tail)
+
+
+class ChunkEncoder:
+    """A stream's chunks: `sse({**head, "choices": choices[, "usage": usage]})`, byte for byte (usage
+    only when the client asked for the usage chunk: null in every other chunk), with the head's
+    fields (id, object, created, model: the same in every chunk) encoded once."""
+
+    __slots__ = ("head", "open", "end", "with_usage")
+
+    def __init__(self, head: dict, with_usage: bool):
+        self.head = head
+        self.open = b"data: " + orjson.dumps(head)[:-1] + b',"choices":'  # the head's JSON without its "}"
+        self.end = b',"usage":null}\n\n' if with_usage else b"}\n\n"
+        self.with_usage = with_usage
+
+    def __call__(self, choices: list, usage: dict | None = None) -> bytes:
+        if usage is None or not self.with_usage:
+            return b"".join((self.open, orjson.dumps(choices), self.end))
+        return sse({**self.head, "choices": choices, "usage": usage})
 
 
 async def _collect(group) -> list[dict]:
