@@ -452,10 +452,10 @@ class DuetPolicy(OneLaneBusy, Policy):
         i, why = self.choose(s)
         c = s.candidate(i)
         dec = s.dec
-        desc = (f"{c.mode} b={c.budget} " + (f"S_d={c.decode_sms} k={c.k} " if c.mode == "split" else "")
-                + f"P={c.prefill_tokens} in {c.step_ms:.1f} ms, decode pace {c.pace_ms:.1f} ms (target "
-                + f"{s.tau:.1f}), first {c.first_ms:.1f} ms (+{dec.waited_ms:.1f} waited), "
-                + f"score {c.score:.3f}: {why} of {len(s)}")
+        sd = f"S_d={c.decode_sms} k={c.k} " if c.mode == "split" else ""
+        desc = (f"{c.mode} b={c.budget} {sd}P={c.prefill_tokens} in {c.step_ms:.1f} ms, decode pace "
+                f"{c.pace_ms:.1f} ms (target {s.tau:.1f}), first {c.first_ms:.1f} ms (+{dec.waited_ms:.1f} "
+                f"waited), score {c.score:.3f}: {why} of {len(s)}")
         if c.mode == "aggregated":
             plan = StepPlan(aggregated=LaneBatch(prefill=c.prefill, decode=dec.ids), predicted_ms={"aggregated": c.step_ms})
         else:

@@ -84,7 +84,7 @@ class OneLaneBusy:
         if fit == k_cap:
             return launch(fit, "all within the prefill")
         meet = r <= self.sync_fraction * nxt
-        why_meet = f"the prefill ends {r:.1f} ms after {fit} steps"
+        why_meet = None  # formatted only when the lanes meet (most plans step past the prefill)
         if not meet and (view.waiting or view.prefilling):
             # Stepping past the prefill's end keeps the partition for the prefill lane's next chunk;
             # meet it instead if a joint plan would change the partition.
@@ -92,6 +92,7 @@ class OneLaneBusy:
             if here is None or (best != here and best is not None):
                 meet, why_meet = True, "a joint plan would change the partition"
         if meet:
+            why_meet = why_meet or f"the prefill ends {r:.1f} ms after {fit} steps"
             if fit:
                 return launch(fit, f"then meet the prefill ({why_meet})")
             if dec.waited_ms + left + nxt <= limit:
