@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 
 import pytest
 
 from sglang_duet.server.args import parse_args
-from sglang_duet.server.cpu_threads import (CpuPlan, check_cpu_flags, parse_cpu_list, plan_cpu_threads,
-                                            plan_for_server, start_process_on)
+from sglang_duet.server.cpu_threads import (CpuPlan, check_cpu_flags, parse_cpu_list, pin_process,
+                                            plan_cpu_threads, plan_for_server, start_process_with_env)
 from sglang_duet.server_args import ServerArgs
 
 NO_ENV: dict = {}
@@ -19,7 +20,9 @@ NO_ENV: dict = {}
 def test_two_cpus_one_model_thread_pinned_beside_the_others():
     plan = plan_cpu_threads({0, 1}, env=NO_ENV)
     assert plan == CpuPlan(threads=1, model_cpus=(1,), other_cpus=(0,), thread_cpus=(1,))
-    assert plan.model_env() == {"OMP_NUM_THREADS": "1", "GOMP_CPU_AFFINITY": "1"}
+    assert plan.model_env() == {"OMP_NUM_THREADS": "1"}  # one thread: the process's CPU set pins it
+    four = plan_cpu_threads(range(5), env=NO_ENV)
+    assert four.model_env() == {"OMP_NUM_THREADS": "4", "GOMP_CPU_AFFINITY": "1 2 3 4"}
 
 
 def test_the_allowed_set_is_respected_and_large_machines_leave_two_cpus():
@@ -94,23 +97,39 @@ def test_no_plan_where_it_does_not_apply():
     assert plan_for_server(ServerArgs(device="cpu")) is not None
 
 
-def _report(q):
+def _report(go, q):
+    import threading
+
     import torch
 
-    q.put((sorted(os.sched_getaffinity(0)), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()))
+    torch.ones(64, 64) @ torch.ones(64, 64)  # torch's threads exist
+    side = threading.Thread(target=go.get)  # a thread started before the pinning
+    side.start()
+    go.get()
+    tasks = {int(t): sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+    q.put((tasks, os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()))
+    side.join(5)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_a_child_started_on_the_plan_runs_there_with_its_threads():
+def test_a_child_gets_the_plans_threads_and_then_every_thread_its_cpus():
     allowed = sorted(os.sched_getaffinity(0))
     plan = plan_cpu_threads(allowed, env=NO_ENV)
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    child = ctx.Process(target=_report, args=(q,))
+    go, q = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_report, args=(go, q))
     env_before = dict(os.environ)
-    start_process_on(child, plan.model_cpus, plan.model_env())
-    # this process is as it was: its CPU set and environment
-    assert sorted(os.sched_getaffinity(0)) == allowed and dict(os.environ) == env_before
-    cpus, omp, torch_threads = q.get(timeout=120)
+    start_process_with_env(child, plan.model_env())
+    assert dict(os.environ) == env_before  # this process's environment is as it was
+    time.sleep(0.5)
+    deadline = time.monotonic() + 120
+    while len(os.listdir(f"/proc/{child.pid}/task")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # until its side thread runs
+    assert pin_process(child.pid, plan.model_cpus) >= 2  # the main thread and the side thread at least
+    go.put(None)
+    go.put(None)
+    tasks, omp, torch_threads = q.get(timeout=120)
     child.join(30)
-    assert cpus == list(plan.model_cpus) and omp == str(plan.threads) and torch_threads == plan.threads
+    assert all(cpus == list(plan.model_cpus) for cpus in tasks.values()), tasks
+    assert omp == str(plan.threads) and torch_threads == plan.threads
+    assert sorted(os.sched_getaffinity(0)) == allowed  # pinning the child moved nothing here

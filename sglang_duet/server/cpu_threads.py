@@ -11,8 +11,11 @@ process may use (`os.sched_getaffinity`, so a taskset/cgroup limit is respected)
     hyperthread on a core only competes for the same execution units), each thread pinned to one
     CPU (GOMP_CPU_AFFINITY: torch's OpenMP runtime binds thread i to the i-th CPU listed).
 
-`plan_cpu_threads` is the pure rule (tests call it with made-up CPU sets and topologies); the
-launcher applies the plan when it spawns the children (server/launcher.py). Not applied: one CPU
+`plan_cpu_threads` is the pure rule (tests call it with made-up CPU sets and topologies). The
+launcher (server/launcher.py) spawns the model process with the plan's thread count (and threads'
+CPUs) in its environment, and moves the processes onto their CPU sets once the server is ready:
+during start-up the three processes import and load on every CPU (pinned from the spawn, the
+start-up on 2 cores took longer, each side waiting on its one CPU). Not applied: one CPU
 (nothing to split), tensor parallelism (each rank sizes its own threads), the emulated executor (no
 model), a model on a GPU; OMP_NUM_THREADS set by the user fixes the thread count, and a user's own
 GOMP_CPU_AFFINITY / KMP_AFFINITY is left alone.
@@ -38,9 +41,11 @@ class CpuPlan:
         return bool(self.model_cpus)
 
     def model_env(self) -> dict[str, str]:
-        """Environment of the model process: the thread count, and the threads' CPUs when pinned."""
+        """Environment of the model process: the thread count, and with two threads or more each one's
+        CPU. (One thread needs no binding beyond the process's CPU set; and libgomp binds the process's
+        first thread as soon as torch loads it, so the binding would hold during start-up too.)"""
         env = {"OMP_NUM_THREADS": str(self.threads)}
-        if self.thread_cpus:
+        if self.thread_cpus and self.threads >= 2:
             env["GOMP_CPU_AFFINITY"] = " ".join(map(str, self.thread_cpus))
         return env
 
@@ -196,37 +201,38 @@ def _cuda_available() -> bool:
     return importlib.util.find_spec("torch") is not None and bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
-def start_process_on(proc, cpus=(), env: dict | None = None) -> None:
-    """proc.start() with the child on `cpus` (inherited: set here before the child exists, so even its
-    first thread runs there) and `env` added to its environment; this process's own CPU set and
-    environment are restored afterwards. Call before other threads of this process start."""
+def start_process_with_env(proc, env: dict | None = None) -> None:
+    """proc.start() with `env` added to the child's environment (a spawned child reads it at start);
+    this process's environment is restored afterwards. Call before other threads of this process start."""
     env = env or {}
-    saved_env = {k: os.environ.get(k) for k in env}
-    saved_cpus = os.sched_getaffinity(0) if cpus else None
+    saved = {k: os.environ.get(k) for k in env}
     try:
         os.environ.update(env)
-        if cpus:
-            os.sched_setaffinity(0, cpus)
         proc.start()
     finally:
-        for k, v in saved_env.items():
+        for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        if saved_cpus is not None:
-            os.sched_setaffinity(0, saved_cpus)
 
 
-def pin_this_process(cpus) -> None:
-    """Every thread of this process onto `cpus` (os.sched_setaffinity(0) moves only the calling thread;
-    threads started earlier, e.g. by an imported library, keep their CPU set otherwise)."""
+def pin_process(pid: int, cpus) -> int:
+    """Move every thread of process `pid` (0: this one) onto `cpus`, except threads already within them
+    (torch's OpenMP threads, each bound to its own CPU by GOMP_CPU_AFFINITY, keep that binding).
+    os.sched_setaffinity(pid) alone moves only one thread. Threads started later inherit the CPU set
+    of the thread that starts them. Returns how many threads were moved."""
+    cpus = set(cpus)
     try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
+        tids = [int(t) for t in os.listdir(f"/proc/{pid or 'self'}/task")]
     except OSError:
-        tids = [0]
+        tids = [pid]
+    moved = 0
     for tid in tids:
         try:
-            os.sched_setaffinity(tid, cpus)
+            if not os.sched_getaffinity(tid) <= cpus:
+                os.sched_setaffinity(tid, cpus)
+                moved += 1
         except OSError:  # a thread that just ended
             pass
+    return moved

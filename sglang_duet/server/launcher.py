@@ -27,7 +27,7 @@ from multiprocessing.connection import wait as mp_wait
 
 import msgspec
 
-from sglang_duet.server.cpu_threads import pin_this_process, plan_for_server, start_process_on
+from sglang_duet.server.cpu_threads import pin_process, plan_for_server, start_process_with_env
 from sglang_duet.server.hooks import ServerHooks
 from sglang_duet.server.ipc import IPCPaths, recv_ready, spawn_context, tune_gc
 from sglang_duet.server_args import ServerArgs
@@ -94,6 +94,7 @@ class Launcher:
         self.tm = None
         self.uvicorn = None
         self.phases = Phases()  # start-up, logged when ready
+        self.cpu_plan = None  # server/cpu_threads.py
 
     # ---- children ----------------------------------------------------------------------------
 
@@ -112,13 +113,9 @@ class Launcher:
                                               daemon=self.args.tp_size == 1)
         self.procs["detokenizer"] = ctx.Process(target=run_detokenizer_process, name="sglang-duet-detokenizer",
                                                 args=(self.args.log_level, self.paths, d_child), daemon=True)
-        plan = plan_for_server(self.args)
-        if plan is not None:
-            logger.info("CPU threads: %s", plan.describe())
-        start_process_on(self.procs["scheduler"], plan.model_cpus if plan else (), plan.model_env() if plan else {})
-        start_process_on(self.procs["detokenizer"], plan.other_cpus if plan else ())
-        if plan is not None and plan.pinned:
-            pin_this_process(plan.other_cpus)  # this process: HTTP and tokenization, beside the detokenizer
+        self.cpu_plan = plan_for_server(self.args)  # threads now, CPU sets once ready (_pin_processes)
+        start_process_with_env(self.procs["scheduler"], self.cpu_plan.model_env() if self.cpu_plan else {})
+        self.procs["detokenizer"].start()
         s_child.close()
         d_child.close()
         self.phases.mark("spawn children")
@@ -209,6 +206,22 @@ class Launcher:
             self.exit_code = 1  # e.g. the port is taken: uvicorn logged why
         return self.exit_code or 0
 
+    def _pin_processes(self) -> None:
+        """The CPU plan's sets (server/cpu_threads.py): the model process on its CPUs, this process and the
+        detokenizer on the others. After start-up, which runs faster with every process on every CPU."""
+        plan = self.cpu_plan
+        if plan is None:
+            return
+        if plan.pinned:
+            try:
+                pin_process(self.procs["scheduler"].pid, plan.model_cpus)
+                pin_process(self.procs["detokenizer"].pid, plan.other_cpus)
+                pin_process(0, plan.other_cpus)  # HTTP and tokenization, beside the detokenizer
+            except OSError as e:  # e.g. a container that forbids it: serve unpinned
+                logger.warning("could not pin the processes to their CPUs (%s); they run unpinned", e)
+                return
+        logger.info("CPU threads: %s", plan.describe())
+
     def _child_died(self, name: str, proc) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(proc.sentinel)
@@ -273,6 +286,7 @@ class Launcher:
                 self.uvicorn.should_exit = True
                 return
         self.phases.mark("warm-up request")
+        self._pin_processes()
         self.tm.ready = True
         logger.info("start-up: %s", self.phases.summary())
         logger.info("The server is ready at %s (policy %s)", url, self.info.policy.get("name"))
