@@ -74,14 +74,13 @@ class UvicornWriter:
 def direct_writer(send):
     """A writer for `send`'s connection when `send` is uvicorn's httptools send (nothing wraps it),
     or the `sse_writer` a test or an in-process benchmark attached to its send function; else None."""
-    w = getattr(send, "sse_writer", None)
-    if w is not None:
-        return w
     cycle = getattr(send, "__self__", None)
-    if (_UvicornCycle is not None and isinstance(cycle, _UvicornCycle) and getattr(send, "__func__", None)
-            is _UvicornCycle.send and all(hasattr(cycle, a) for a in ("transport", "flow", "disconnected"))):
-        return UvicornWriter(cycle)
-    return None
+    if _UvicornCycle is not None and isinstance(cycle, _UvicornCycle):
+        if getattr(send, "__func__", None) is _UvicornCycle.send and all(
+                hasattr(cycle, a) for a in ("transport", "flow", "disconnected")):
+            return UvicornWriter(cycle)
+        return None
+    return getattr(send, "sse_writer", None)
 
 
 def sse(obj) -> bytes:
