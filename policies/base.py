@@ -223,40 +223,36 @@ def deadline_order(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float
         return waiting
     now = view.now * 1e3
     limit = 4 * ttft_slo_ms if defer_limit_ms is None else defer_limit_ms
-    t = now + sum(r.remaining_prefill for r in view.prefilling) / tokens_per_ms
-    # One pass over the queue reads what the rest needs (this runs every plan, and a queue's
-    # requests are cold in the cache): remaining_prefill inlined, arrival times, whether retracted.
-    rest, arrival, retracted = [], [], []
-    total, first = 0, math.inf
-    for r in waiting:
-        out = len(r.output_ids)
-        n = r.prompt_len + out - r.num_computed  # prompt_len: the prompt list itself is cold
-        total += n
-        rest.append(n + r.pending)
-        a = r.arrival_time
-        arrival.append(a)
-        if a < first:
-            first = a
-        retracted.append(out)
-    if t + total / tokens_per_ms <= first * 1e3 + ttft_slo_ms:
-        return waiting  # everyone makes it in FCFS order
-    # The heap holds the longest request taken first, ties to the earliest: the key -n * size + i
-    # orders as the pair (-n, i) does (0 <= i < size), one int instead of a tuple per request.
+    t = start = now + sum(r.remaining_prefill for r in view.prefilling) / tokens_per_ms
+    # One pass over the queue (this runs every plan, and a queue's requests are cold in the cache):
+    # Moore-Hodgson, and the sums that say whether everyone makes it in FCFS order anyway (then its
+    # answer is not needed). The heap holds the longest request taken first, ties to the earliest:
+    # the key -n * size + i orders as the pair (-n, i) does (0 <= i < size), one int per request.
     size = len(waiting)
     heap: list[int] = []
     late: list[int] = []
     push, pop = heapq.heappush, heapq.heappop
-    for i, n in enumerate(rest):
+    total, first = 0, math.inf
+    for i, r in enumerate(waiting):
+        out = len(r.output_ids)
+        n = r.prompt_len + out - r.num_computed  # remaining_prefill inlined (prompt_len: the prompt list is cold)
+        total += n
+        a = r.arrival_time
+        if a < first:
+            first = a
+        n += r.pending
         t += n / tokens_per_ms
-        a = arrival[i]
-        if retracted[i] or now - a * 1e3 > limit:
-            continue  # keeps its place
+        a *= 1e3
+        if out or now - a > limit:
+            continue  # retracted (its first token is out), or deferred long enough: keeps its place
         push(heap, -n * size + i)
-        if t > a * 1e3 + ttft_slo_ms:
+        if t > a + ttft_slo_ms:
             key = pop(heap)
             j = key % size
             late.append(j)
             t += (key - j) // size / tokens_per_ms  # -n of the request set aside
+    if start + total / tokens_per_ms <= first * 1e3 + ttft_slo_ms:
+        return waiting  # everyone makes it in FCFS order
     late.sort()
     if not late or late[0] == size - len(late):
         return waiting  # nothing set aside, or only the last ones: the order stays FCFS
