@@ -16,7 +16,7 @@ from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.kernels.attention.torch_backend import TorchAttentionBackend
 from sglang_duet.memory.kv_pool import KVCachePool
 from sglang_duet.model_loader import embedded, prepared
-from sglang_duet.model_loader.loader import load_model, load_tokenizer
+from sglang_duet.model_loader.loader import load_model, load_tokenizer, tokenizer_copy_dir
 from sglang_duet.server.launcher import tokenizer_folder_known_early
 from sglang_duet.server_args import ServerArgs
 from sglang_duet.startup_phases import Phases
@@ -157,11 +157,16 @@ def test_the_loader_reports_its_phases_in_order(embedded_folder):
 
 
 def test_tokenizer_folder_known_early(embedded_folder, tmp_path):
-    assert tokenizer_folder_known_early(ServerArgs(model_path=embedded_folder)) == embedded_folder
-    assert tokenizer_folder_known_early(ServerArgs()) is None  # this cache has no converted default yet
+    args = ServerArgs(model_path=embedded_folder)
+    assert tokenizer_folder_known_early(args) is None  # no start has kept a copy yet
+    load_model(embedded_folder, dtype="float32")
+    copy = tokenizer_folder_known_early(args)
+    assert copy == tokenizer_copy_dir(embedded_folder) and not os.path.exists(os.path.join(copy, "config.json"))
+    assert load_tokenizer(copy)("a b c").input_ids == load_tokenizer(embedded_folder)("a b c").input_ids
+    assert tokenizer_folder_known_early(ServerArgs()) is None  # this cache has no converted default
     assert tokenizer_folder_known_early(ServerArgs(model_path=embedded_folder, tokenizer_path=embedded_folder)) is None
     assert tokenizer_folder_known_early(ServerArgs(model_path=embedded_folder, load_format="gguf")) is None
     assert tokenizer_folder_known_early(ServerArgs(model_path=embedded_folder, executor="emulated")) is None
-    no_tok = tmp_path / "weights-only"
-    shutil.copytree(embedded_folder, no_tok, ignore=shutil.ignore_patterns("tokenizer*"))
-    assert tokenizer_folder_known_early(ServerArgs(model_path=str(no_tok))) is None
+    other = tmp_path / "other-model"  # not the embedded folder: the scheduler's copy, as before
+    shutil.copytree(embedded_folder, other)
+    assert tokenizer_folder_known_early(ServerArgs(model_path=str(other))) is None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import json
 import logging
 import os
@@ -294,24 +293,25 @@ class Launcher:
 
 
 def tokenizer_folder_known_early(args: ServerArgs) -> str | None:
-    """The folder the scheduler will load its tokenizer from, where that is known before it loads the
-    model: the embedded default (once converted) or a safetensors folder, with no --tokenizer-path.
-    The scheduler's loader reads the tokenizer from exactly that folder (load_tokenizer), so the
-    detokenizer may load the same files from there at once instead of waiting for the scheduler's copy
-    (which exists for GGUF tokenizers, whose loader fixes them up). None: wait for the copy."""
+    """A folder holding the tokenizer the scheduler will hand the other processes, where it exists before
+    the model loads: the embedded model's tokenizer copy (model_loader/loader.py, tokenizer_copy_dir),
+    written by an earlier start with the same save_pretrained the scheduler uses for its hand-over copy.
+    The detokenizer then loads it at once instead of after the model. None: wait for the scheduler."""
     if args.executor != "model" or args.tokenizer_path or args.load_format not in ("auto", "safetensors"):
         return None
+    from sglang_duet.model_loader.embedded import default_model_path, is_embedded_folder
+    from sglang_duet.model_loader.loader import tokenizer_copy_dir
+
     folder = args.model_path
     if folder is None:
-        from sglang_duet.model_loader.embedded import default_model_path
-
         try:
             folder = default_model_path(convert=False)  # converting is the scheduler's job
         except (OSError, ValueError):
             return None
-    if not folder or not os.path.isdir(folder) or not glob.glob(os.path.join(folder, "*.safetensors")):
+    if not is_embedded_folder(folder):
         return None
-    return folder if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
+    copy = tokenizer_copy_dir(folder)
+    return copy if os.path.isfile(os.path.join(copy, "tokenizer.json")) else None
 
 
 def _warm_imports(tokenizer_folder: str | None) -> None:
