@@ -94,18 +94,21 @@ def projected_decodes(view, busy, left_ms: float, dec: Decodes, k_max: int) -> D
     end = view.config.context_length - 1
     for w in busy.work:
         pos = w.start_pos + w.steps  # cached tokens after the launch
-        left = end - pos
+        if pos >= end:
+            continue  # finishes on the lane (the context is full)
         cap = getattr(w.params, "max_new_tokens", None)
         if cap is not None:
             cap -= pos + 1 - len(w.prompt_ids)  # less the output tokens after the launch
-            if cap < left:
-                left = cap
-        if left <= 0:
-            continue  # finishes on the lane
+            if cap <= 0:
+                continue  # finishes on the lane (max_new_tokens)
         keep(w)
         cached += pos
-        if left > longest:
-            longest = left if left < k_max else k_max
+        if longest < k_max:  # what it may still emit, once the longest is not yet k_max
+            left = end - pos
+            if cap is not None and cap < left:
+                left = cap
+            if left > longest:
+                longest = left if left < k_max else k_max
     return Decodes(dec.reqs, cached, longest, dec.waited_ms + left_ms if dec.n else 0.0, more)
 
 
