@@ -325,6 +325,88 @@ def test_deadline_order_lets_more_requests_meet_the_ttft_slo():
     assert plan.aggregated.prefill[0].rid == "a"
 
 
+def _plain_deadline_order(v, rate, slo):
+    """Moore-Hodgson as written in the textbook (deadline_order is tuned for plan() overhead)."""
+    import heapq
+
+    w, now = v.waiting, v.now * 1e3
+    t = now + sum(r.remaining_prefill for r in v.prefilling) / rate
+    total = sum(r.prompt_len + len(r.output_ids) - r.num_computed for r in w)  # without pending tokens
+    if len(w) < 2 or t + total / rate <= min(r.arrival_time for r in w) * 1e3 + slo:
+        return list(w)
+    heap, late = [], []
+    for i, r in enumerate(w):
+        n = r.remaining_prefill
+        t += n / rate
+        if r.output_ids or now - r.arrival_time * 1e3 > 4 * slo:
+            continue  # keeps its place
+        heapq.heappush(heap, (-n, i))
+        if t > r.arrival_time * 1e3 + slo:
+            minus_n, j = heapq.heappop(heap)
+            late.append(j)
+            t += minus_n / rate
+    return [r for i, r in enumerate(w) if i not in late] + [w[j] for j in sorted(late)]
+
+
+def test_deadline_order_is_moore_hodgson():
+    # deadline_order runs every plan in one pass with int heap keys; it must give the textbook
+    # algorithm's order on any queue, and the queue itself exactly when that order is FCFS.
+    rng = random.Random(9)
+    reordered = 0
+    for _ in range(400):
+        q = []
+        for i in range(rng.randint(0, 30)):
+            r = waiting(f"w{i}", rng.randint(20, 9000), arrival=-rng.uniform(0.0, 6.0))
+            if rng.random() < 0.1:
+                r.output_ids, r.num_computed = [5] * rng.randint(1, 4), rng.randint(0, 50)  # retracted
+            if rng.random() < 0.2:
+                r.pending = rng.randint(1, 3000)  # tokens in flight count in the queue's time, not the FCFS check
+            q.append(r)
+        q.sort(key=lambda r: r.arrival_time)
+        pre = [waiting("p", rng.randint(100, 9000))] if rng.random() < 0.5 else []
+        v = view(wait=q, pre=pre, now=0.0)
+        rate = rng.uniform(5.0, 60.0)
+        got, want = deadline_order(v, rate, 1000.0), _plain_deadline_order(v, rate, 1000.0)
+        assert [r.rid for r in got] == [r.rid for r in want]
+        assert (got is v.waiting) == (want == q)
+        reordered += got is not v.waiting
+    assert 50 < reordered < 400
+
+
+def test_projected_decodes_are_the_lanes_requests_after_the_launch():
+    # What a joint plan sees of a busy decode lane, read in one tuned pass: the requests that do not
+    # finish on the lane (context or max_new_tokens), their cached tokens, the longest remaining
+    # output up to k_max; the same as the plain reading on random lanes.
+    from sglang_duet.policies.duet_search import Decodes, projected_decodes
+
+    rng = random.Random(4)
+    for _ in range(2000):
+        ctx_len = rng.choice([64, 300, 4096])
+        v = view()
+        v.config = CoreConfig(kv_slots=350_001, context_length=ctx_len, max_running_requests=256)
+        work = []
+        for i in range(rng.randint(0, 10)):
+            plen, out = rng.randint(1, 200), rng.randint(0, 100)
+            params = rng.choice([None, SamplingParams(max_new_tokens=rng.randint(1, 150)),
+                                 SamplingParams(max_new_tokens=None)])
+            work.append(ReqWork(f"r{i}", [5], plen + out + rng.randint(-3, 3), [], True, rng.randint(1, 8),
+                                params=params, prompt_ids=[1] * plen))
+        k_max = rng.randint(1, 10)
+        dec = Decodes([], rng.randint(0, 1000), rng.randint(1, k_max), 0.0)
+        got = projected_decodes(v, launch(LaneKind.DECODE, LaneBatch(), 32, 10.0, work=work), 5.0, dec, k_max)
+        cached, longest, more = dec.cached, dec.longest, []
+        for w in work:
+            pos = w.start_pos + w.steps
+            left = ctx_len - 1 - pos
+            if w.params is not None and w.params.max_new_tokens is not None:
+                left = min(left, w.params.max_new_tokens - (pos + 1 - len(w.prompt_ids)))
+            if left > 0:
+                more.append(w.rid)
+                cached += pos
+                longest = max(longest, min(left, k_max))
+        assert (got.cached, got.longest, [w.rid for w in got.more]) == (cached, longest, more)
+
+
 def test_baselines_keep_fcfs_unless_asked():
     q = [waiting("long", 60000, arrival=0.0), waiting("a", 1000, arrival=0.01)]
     v = view(wait=q, now=0.9)
