@@ -53,13 +53,18 @@ The objective (the score of a feasible candidate):
   when no prompt waits.
 - tau: the decode pace the arrivals need (`duet_feedback.Demand`). By Little's law a request holds KV for
   (prompt + output / 2) tokens over output * tau ms, so for the arrival rate seen over the last
-  `demand_window_s` the KV pool stays below `kv_target` of its slots when
+  `demand_window_s` the KV pool stays below `kv_target` (0.75) of its slots when
   tau <= kv_target * slots / (rate * mean((prompt + output/2) * output)), and the batch below
   `running_target` (0.65) of max_running_requests when tau <= running_target * max_running /
   (rate * mean(output)). The batch keeps more headroom: a burst brings more requests than the
   window's mean rate, and a full batch stops admission outright. At 0.9 (kv_target's value, the
   default until stop 22) azure-conv's bursts filled the batch to max_running_requests while the
   static split's faster decodes kept it at ~230 of 256 (docs/results.md).
+  The pool keeps headroom too (kv_target 0.9 until stop 23): in ShareGPT's and arXiv's Poisson
+  stretches near capacity a pool paced for 90% filled early, duet decoded on 16-30 SMs where the
+  static split keeps 48, and once the pool was full the longer queue it had built missed more
+  TTFTs (ShareGPT seed 0 at 9.5 req/s, 5 s windows: 12-19 misses against 4-9); 0.75 took both
+  from below to above the tuned static split (docs/results.md).
   Decodes slower than that fill the pool until admission stops and TTFT explodes; decodes faster
   than that buy nothing. Capped at margin * SLO.
 - G_d = decode_gain * (1 + kv_gain * min(1, max(0, u - kv_gain_from) / (1 - kv_gain_from))), u the
@@ -103,7 +108,7 @@ The policy is asked whenever a lane is idle; what it may do depends on the pair:
 Options (--policy-config): budgets (aggregated token budgets; default 512..8192 step 256, plus
 --chunked-prefill-size), split_budgets ([2048, 4096, 8192]), decode_sms_grid (the S_d the search
 considers, as duet-paper; default the hardware's whole grid), k_max (8), slo_margin (0.85),
-decode_gain (1), kv_gain (2), kv_gain_from (0.9), ttft_gain (1), kv_target (0.9), running_target (0.65),
+decode_gain (1), kv_gain (2), kv_gain_from (0.9), ttft_gain (1), kv_target (0.75), running_target (0.65),
 demand_window_s (20),
 sync_fraction (0: a lane waits for its partner only when a joint plan would change the partition
 or its own launch cannot fit), hysteresis (0.02), ttft_order ("deadline"), calibrate (0.05; 0 turns
@@ -190,7 +195,7 @@ class DuetPolicy(OneLaneBusy, Policy):
         running_target = float(o.get("running_target", 0.65))
         if not 0 < running_target <= 1:
             raise ValueError(f"duet: running_target must be in (0, 1], got {running_target}")
-        self.demand = Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.9)), running_target)
+        self.demand = Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.75)), running_target)
         self._grid_index = {sms: g for g, sms in enumerate(self.grid)}
         self._decode_scale_src = self._decode_scale_row = None
         self._scales_key: tuple | None = None

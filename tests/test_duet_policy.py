@@ -681,22 +681,22 @@ def _simulated_trace(monkeypatch, options: dict | None = None) -> list[str]:
     return lines
 
 
-# Without stop 22's two policy changes (kv_gain 0, running_target 0.9): the plans of the code
-# before the plan-overhead work, so that work changed no decision; with the defaults: the plans
-# since kv_gain and running_target (stop 22).
+# Without the policy changes of stops 22 and 23 (kv_gain 0, running_target 0.9, kv_target 0.9):
+# the plans of the code before the plan-overhead work, so that work changed no decision; with the
+# defaults: the plans since kv_gain, running_target (stop 22) and kv_target 0.75 (stop 23).
 PINNED_PLANS = {
     "scripted, two lanes": (432, "6373e51e33fdba07"),
     "scripted, one lane": (432, "22a982a9a2004c4a"),  # re-pinned: one-lane budgets 8 and 16 (stop 22)
     "simulated": (899, "47919e1e9b9ff932"),
 }
 PINNED_PLANS_DEFAULT = {
-    "scripted, two lanes": (432, "def4cac8ced46e54"),
-    "scripted, one lane": (432, "bc6609786a447b4a"),
+    "scripted, two lanes": (432, "0512312a29e0fffe"),
+    "scripted, one lane": (432, "c7941cf83d8d56ee"),
     "simulated": (871, "8a6c7a8dbe63aeeb"),
 }
 
 
-@pytest.mark.parametrize("options, pinned", [({"kv_gain": 0, "running_target": 0.9}, PINNED_PLANS),
+@pytest.mark.parametrize("options, pinned", [({"kv_gain": 0, "running_target": 0.9, "kv_target": 0.9}, PINNED_PLANS),
                                              (None, PINNED_PLANS_DEFAULT)],
                          ids=["kv_gain=0", "defaults"])
 def test_plans_are_pinned(monkeypatch, options, pinned):
