@@ -11,19 +11,24 @@ decode launch runs. Reported: median and p90 ms per plan() (the view is built on
 timing), as wall-clock time and as the thread's CPU time (time.thread_time: what the plan costs
 the scheduler's thread, unaffected by other processes competing for the cores on a loaded
 machine). Both depend on the CPU, so no test asserts them.
+
+`--policies-dir DIR` times the policies of another checkout (its policies/ folder, loaded in place of
+the installed package before anything imports it: e.g. a `git worktree` of the commit before a
+change), for before/after runs alternated on one loaded machine.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
+import sys
 import time
 
 from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, PrefillChunk, ReqWork
 from sglang_duet.core.request import ReqState, Request
 from sglang_duet.core.scheduler_core import ALL_LANES, CoreConfig, SchedulerView
 from sglang_duet.cost_model.roofline import CostModel
-from sglang_duet.policies.base import PolicyContext, load_policy
 from sglang_duet.sampling_params import SamplingParams
 
 CTX_LEN = 40960
@@ -92,8 +97,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=300)
     p.add_argument("--model", default="qwen3-8b")
     p.add_argument("--hardware", default="h100")
+    p.add_argument("--policies-dir", default=None, help="time the policies/ folder of another checkout")
     a = p.parse_args(argv)
+    if a.policies_dir is not None:
+        import sglang_duet.policies as package
+
+        if any(name.startswith("sglang_duet.policies.") for name in sys.modules):
+            p.error("--policies-dir: a policy module is already imported; run the benchmark as a fresh process")
+        if not os.path.isfile(os.path.join(a.policies_dir, "base.py")):
+            p.error(f"--policies-dir: no policies folder (base.py) at {a.policies_dir!r}")
+        package.__path__[:] = [os.path.abspath(a.policies_dir)]
+    from sglang_duet.policies.base import PolicyContext, load_policy
+
     cm = CostModel.load(a.model, a.hardware)
+    print(f"policies from {os.path.dirname(sys.modules['sglang_duet.policies.base'].__file__)}")
     print(f"plan() overhead, {a.model} on {a.hardware} pricing, queue {a.queue} prompts, {a.repeat} calls per cell")
     print(f"{'policy':12s} {'batch':>6s}  {'state':32s} {'median ms':>10s} {'p90 ms':>8s} {'CPU median':>11s} "
           f"{'CPU p90':>8s}")

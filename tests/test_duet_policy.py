@@ -728,3 +728,22 @@ def test_a_nearly_full_kv_pool_weighs_decode_pace_more():
     assert [pol.decode_weight(view(kv_free=f)) for f in (350_000, 35_000, 17_500, 0)] == pytest.approx([1, 1, 2, 3])
     with pytest.raises(ValueError, match="kv_gain_from"):
         load_policy("duet", ctx(kv_gain_from=1.0))
+
+
+def test_overhead_benchmark_times_another_checkouts_policies(tmp_path):
+    # benchmark/policy_overhead.py --policies-dir: before/after runs of plan() overhead load the
+    # other checkout's policies/ in place of the installed package (and say which they timed).
+    import shutil
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    other = tmp_path / "policies"
+    shutil.copytree(os.path.join(here, "policies"), other)
+    cmd = [sys.executable, "-m", "benchmark.policy_overhead", "--policies", "duet", "--batches", "4", "--repeat", "2"]
+    out = subprocess.run(cmd + ["--policies-dir", str(other)], cwd=here, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"policies from {other}" in out.stdout and out.stdout.count("duet ") == 3
+    bad = subprocess.run(cmd + ["--policies-dir", str(tmp_path / "nothing")], cwd=here, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--policies-dir" in bad.stderr
