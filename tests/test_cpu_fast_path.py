@@ -278,3 +278,27 @@ def test_bf16_on_the_embedded_model_follows_float32():
             assert margins[part] < NEAR_TIE, (prompt, part, margins[part])
         for j in range(total):
             assert lp16[j].max() - lp16[j][r[j]] <= BF16_LOGPROB_TOL, (prompt, j)
+
+
+def test_the_cpu_lm_head_in_pieces_gives_the_same_logits_bit_for_bit(tiny_model_factory, monkeypatch):
+    """compute_logits on a CPU runs the LM head over LM_HEAD_CPU_ROWS vocabulary rows at a time for 2+ rows."""
+    import torch.nn.functional as F
+
+    from sglang_duet.models import llama
+
+    model = load_model(tiny_model_factory("llama"), dtype="float32").model
+    monkeypatch.setattr(llama, "LM_HEAD_CPU_ROWS", 100)  # the tiny vocabulary is 384 rows: 4 pieces, the last short
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, model.config.hidden_size, generator=gen)
+    idx = torch.tensor([0, 2, 3, 5])
+    w = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    assert w.shape[0] > 100 and w.shape[0] % 100
+    calls = []
+    real = llama._chunked_linear
+    monkeypatch.setattr(llama, "_chunked_linear", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        got = model.compute_logits(x, idx)
+        assert calls  # the chunked path ran
+        assert torch.equal(got, F.linear(model.model.norm(x[idx]), w).float())
+        one = model.compute_logits(x, idx[:1])  # one row: a single GEMV, as before
+        assert len(calls) == 1 and torch.equal(one, F.linear(model.model.norm(x[idx[:1]]), w).float())

@@ -69,6 +69,16 @@ def row_parallel(linear: nn.Linear, x: torch.Tensor, tp: TPGroup) -> torch.Tenso
     return y if linear.bias is None else y + linear.bias
 
 
+# The LM head on a CPU, as GEMMs over this many vocabulary rows at a time: for a few rows of x (a decode
+# batch) one GEMM over SmolLM2's 49152 x 576 head ran 15-25% slower than 1024-row pieces (MKL, one AVX2
+# core: 28.8 vs 22.6 ms at 16 rows, CPU time), and every logit is the same dot product, bit for bit.
+LM_HEAD_CPU_ROWS = 1024
+
+
+def _chunked_linear(x: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([F.linear(x, w[s:s + rows]) for s in range(0, w.shape[0], rows)], dim=1)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -330,6 +340,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.norm(x[sample_indices])
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.tp.size == 1:
+            if x.device.type == "cpu" and x.shape[0] > 1 and w.shape[0] > LM_HEAD_CPU_ROWS:
+                return _chunked_linear(x, w, LM_HEAD_CPU_ROWS).float()
             return F.linear(x, w).float()
         # vocab-parallel LM head: each rank scores its slice of the vocabulary; gather, drop padding
         logits = self.tp.all_gather_last_dim(F.linear(x, w).float())
