@@ -279,6 +279,7 @@ def _best_of(mask: list, score: list, lo: int) -> int | None:
             return lo + i
     return None  # not reached: top itself passes
 
+
 class SearchTables:
     """What every search of one policy needs and no view changes, built once (plan() overhead is
     numpy call count): the budgets as arrays, the pricing factors and row layouts per search shape,
@@ -304,7 +305,7 @@ class SearchTables:
         self.no_cut = (np.zeros((nc, 4)), np.zeros(nc, dtype=bool), np.zeros((2, nc)))  # the cut of an empty queue
         self._by_m: dict[int, np.ndarray] = {}
         self._templates: dict[int, np.ndarray] = {}
-        self._cuts: dict[tuple, tuple] = {}  # (n, rows, nb) -> shape, cut budgets, aggregated budgets
+        self._cuts: dict[tuple, tuple] = {}  # (n, first and end budget row, nb) -> shape, cut budgets, budgets
         self._shapes: dict[tuple[int, int], SearchShape] = {}
         self._step_layouts: dict[tuple[int, int], object] = {}
 
