@@ -379,7 +379,8 @@ class DuetPolicy(OneLaneBusy, Policy):
             gain += 1e-3 * pace
             score += gain
         return Search(
-            split=sh.split, agg_budgets=ba, split_budgets=tb.split_array[:nb], grid=tb.grid, tau=tau, tokens=tokens, k=kk, step=step,
+            split=sh.split, agg_budgets=ba, split_budgets=tb.split_array[:nb], grid=tb.grid, tau=tau, tokens=tokens,
+            k=kk, step=step,
             decode=decode,
             first=first, slowest=slowest, joiner=joiner, feasible=feasible, score=score,
             prefix=prefix, dec=dec, priced=priced, cal=self._cal_values(),
