@@ -170,3 +170,42 @@ def test_tokenizer_folder_known_early(embedded_folder, tmp_path):
     other = tmp_path / "other-model"  # not the embedded folder: the scheduler's copy, as before
     shutil.copytree(embedded_folder, other)
     assert tokenizer_folder_known_early(ServerArgs(model_path=str(other))) is None
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _thread_cpus(pid: int) -> set[tuple[int, ...]]:
+    return {tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_a_server_logs_its_start_up_phases_in_order_and_pins_its_processes(tiny_model_factory):
+    from server_utils import ServerProcess
+
+    from sglang_duet.server.cpu_threads import plan_cpu_threads
+
+    with ServerProcess(["--model-path", tiny_model_factory("llama"), "--dtype", "float32"]) as server:
+        log = server.log_tail(100_000)
+        line = next(x for x in log.splitlines() if "start-up: " in x)
+        names = [p.rsplit(" ", 2)[0].strip() for p in line.split("start-up: ", 1)[1].split(" (total")[0].split(", ")]
+        assert names == ["spawn children", "scheduler ready (model loaded)", "detokenizer ready", "HTTP stack imported",
+                         "tokenizer manager", "HTTP server up", "warm-up request"]
+        assert log.index("CPU threads: ") < log.index("The server is ready")
+        allowed = sorted(os.sched_getaffinity(0))
+        if len(allowed) >= 2:
+            plan = plan_cpu_threads(allowed, env={"OMP_NUM_THREADS": "1"})  # server_utils runs it with 1 thread
+            main = server.proc.pid
+            assert _thread_cpus(main) == {plan.other_cpus}
+            kids = {pid: _thread_cpus(pid) for pid in _children(main)}
+            assert {plan.model_cpus} in kids.values(), kids  # the scheduler: every thread on the model's CPUs
+            assert {plan.other_cpus} in kids.values(), kids  # the detokenizer
