@@ -7,22 +7,17 @@ the `LaunchResult`s that executors report, possibly from two lanes at different 
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-import msgspec
-
+from sglang_duet.core.kv_accounting import KVAccountingMixin
 from sglang_duet.core.kv_allocator import TokenSlotAllocator
-from sglang_duet.core.plan import (
-    FUTURE_TOKEN, NO_TOKEN, LaneBatch, LaneKind, Launch, LaunchResult, PrefillChunk, ReqWork, StepPlan,
-)
+from sglang_duet.core.output_processor import RequestUpdate, SchedulerOutputProcessorMixin
+from sglang_duet.core.plan import FUTURE_TOKEN, LaneBatch, LaneKind, Launch, PrefillChunk, ReqWork, StepPlan
 from sglang_duet.core.request import Request, ReqState
 from sglang_duet.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
 
 ALL_LANES = frozenset({LaneKind.AGGREGATED, LaneKind.PREFILL, LaneKind.DECODE})
 LPM_WINDOW = 64  # waiting requests whose cached prefix each plan matches (and lpm reorders): one match each
@@ -60,26 +55,6 @@ class CoreConfig:
         return 2 * self.max_running_requests + 2
 
 
-_NO_LOGPROBS: tuple = ()  # the new_logprobs of a running request's usual update (shared: read only)
-
-
-class RequestUpdate(msgspec.Struct, gc=False):
-    """What changed for one request after a launch: new tokens, and the outcome if it ended.
-    A msgspec Struct (built in C, untracked by the GC): one is made per request per step."""
-
-    rid: str
-    new_token_ids: list[int]
-    new_logprobs: list[dict] = []  # read only: the usual update of a running request shares one empty tuple
-    finished: bool = False
-    finish_reason: dict | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    arrival_time: float = 0.0
-    first_token_time: float | None = None
-    finish_time: float | None = None
-
-
 @dataclass
 class SchedulerView:
     """What a policy may read. The lists are the core's own; a policy must not mutate them."""
@@ -112,7 +87,11 @@ class CoreStats:
     generated_tokens: int = 0
 
 
-class SchedulerCore:
+class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
+    """The state every part works on is declared here (`__init__`); applying results lives in
+    `output_processor` and the KV pool's accounting in `kv_accounting`, as SGLang's scheduler keeps
+    its result processing in mixins."""
+
     def __init__(
         self,
         config: CoreConfig,
@@ -296,16 +275,6 @@ class SchedulerCore:
     @property
     def num_running(self) -> int:
         return len(self.running)
-
-    @property
-    def kv_free(self) -> int:
-        """Slots a request could get now: the free ones and those only the prefix cache holds."""
-        c = self.prefix_cache
-        return self.allocator.available + (c.evictable if c is not None else 0)
-
-    @property
-    def kv_used(self) -> int:
-        return self.allocator.capacity - self.kv_free
 
     def idle_lanes(self) -> frozenset[LaneKind]:
         if not self._busy:
@@ -569,340 +538,7 @@ class SchedulerCore:
             r.pending += 1
         return w
 
-    def _alloc(self, n: int) -> list[int] | None:
-        slots = self.allocator.alloc(n)
-        if slots is None and self.prefix_cache is not None:
-            self.prefix_cache.evict(n - self.allocator.available)
-            slots = self.allocator.alloc(n)
-        return slots
-
-    def _use_cached_prefix(self, r: Request, chunk: PrefillChunk) -> PrefillChunk:
-        """Admission: take the longest cached prefix (at least one token is left to compute, to sample
-        from) and start the policy's chunk after it. The policy planned from the hit `_match_waiting`
-        found (chunk.start), which is this match unless an allocation earlier in this plan evicted
-        part of it, or the request was outside the matched window (start 0); either way the chunk
-        keeps its token count, so the plan's budget holds."""
-        cache = self.prefix_cache
-        slots, node = cache.match_prefix(r.seq_ids(0, r.seq_len - 1))
-        r.cached_len = r.tree_len = m = len(slots)
-        r.num_computed = m
-        r.prefix_pin = 0
-        r.prefix_memo = None
-        if m:
-            cache.lock(node)
-            r.cache_node = node
-            r.kv_slots = slots  # a new list: executors rewrite the request's table row from position 0
-        if m == chunk.start:
-            return chunk
-        return PrefillChunk(r.rid, m, min(chunk.length, r.planned_len - m))
-
-    def _free_kv(self, r: Request) -> None:
-        """The request's KV is no longer its own: into the prefix cache (what it computed), or free."""
-        cache = self.prefix_cache
-        slots = r.kv_slots
-        r.kv_slots = []
-        if cache is None:
-            self.allocator.free(slots)
-            return
-        # Positions whose KV was written from the sequence's own tokens (a multi-step decode may have
-        # written past the end, from tokens it sampled after the request had finished).
-        n = min(len(slots), r.num_computed, r.seq_len - 1)
-        n -= n % cache.page_size
-        own = r.tree_len  # the first `own` slots are the cache's
-        present = cache.insert(r.seq_ids(0, n), slots[:n]) if n > own else own
-        self.allocator.free(slots[own:present])  # computed here, but the tree had them meanwhile
-        self.allocator.free(slots[max(n, own):])
-        if r.cache_node is not None:
-            cache.unlock(r.cache_node)
-            r.cache_node = None
-        r.tree_len = 0
-
-    def _cache_prefills(self, launch: Launch) -> None:
-        """A launch ended: the prompts it finished prefilling go into the prefix cache at once
-        (SGLang's cache_unfinished_req), so requests running alongside share them, not only later ones."""
-        cache = self.prefix_cache
-        for w in launch.work:
-            if not w.sample or w.start_pos >= len(w.prompt_ids):
-                continue  # a decode, or a chunk that does not end a prefill
-            r = self.requests.get(w.rid)
-            if r is None or r.aborted or r.state is not ReqState.RUNNING or r.kv_slots is not w.kv_slots:
-                continue
-            n = w.start_pos + len(w.input_ids)
-            n -= n % cache.page_size
-            if n <= r.tree_len:
-                continue
-            ids = r.seq_ids(0, n)
-            if cache.match_length(ids)[0] != r.tree_len:
-                continue  # the tree got part of it meanwhile: its copy is the tree's, ours is cached at the end
-            cache.insert(ids, r.kv_slots[:n])
-            node = cache.match_prefix(ids)[1]
-            cache.lock(node)
-            if r.cache_node is not None:
-                cache.unlock(r.cache_node)
-            r.cache_node, r.tree_len = node, n
-
     def _work(self, r: Request, ids: list[int], start: int, sample: bool, steps: int) -> ReqWork:
         # positional, in ReqWork's field order: this runs for every request of every step
         return ReqWork(r.rid, ids, start, r.kv_slots, sample, steps, r.seed, r.params, r.output_ids, r.prompt_ids,
                        r.eos_ids, None, len(r.output_ids) + r.pending, r.table_row, r.grammar)
-
-    def _pick_victim(self, candidates: list[Request]) -> Request:
-        # SGLang retracts the requests that lose least work: fewest output tokens, then longest prompt.
-        return min(candidates, key=lambda r: (len(r.output_ids), -len(r.prompt_ids), -r.arrival_time))
-
-    def _retract(self, r: Request) -> None:
-        """Free a running request's KV and queue it again; its tokens so far are kept and recomputed
-        (with a prefix cache, what it computed stays cached until evicted: it may match it again)."""
-        self._free_kv(r)
-        self._free_row(r)
-        r.num_computed = 0
-        r.pending = 0
-        r.state = ReqState.WAITING
-        r.num_retractions += 1
-        del self.running[r.rid]
-        self.waiting.appendleft(r)
-        self.stats.retractions += 1
-        logger.info("retracted %s (%d tokens) to free KV", r.rid, r.seq_len)
-
-    # ---- results -----------------------------------------------------------------------------
-
-    def apply_result(self, result: LaunchResult) -> list[RequestUpdate]:
-        """Apply one part of a launch's result (see LaunchResult): the tokens it makes visible, and,
-        for the final part, the end of the launch (lanes freed, KV of requests that ended meanwhile
-        released, aborts completed). Runs for every request of every step: kept lean on purpose."""
-        lid = result.launch_id
-        launch = self.inflight.get(lid)
-        if launch is None:
-            raise KeyError(f"result for unknown launch {lid}")
-        final = result.final
-        if final:
-            del self.inflight[lid]
-            self._lane_done(lid)
-            if self.prefix_cache is not None and launch.batch.prefill:  # (a decode ends no prefill)
-                self._cache_prefills(launch)
-            if hasattr(self.policy, "on_result"):
-                self.policy.on_result(launch, result)
-            updates = self.take_updates()
-            delivered = self._delivered.pop(lid, None) or {}
-        else:
-            updates = []
-            delivered = self._delivered.setdefault(lid, {})
-        # A RowResult gives row i's token as rows[i] (visible at finished_at): no per-request dicts.
-        rows = result.rows
-        if rows is None:
-            tokens_by, times_by = result.tokens, result.token_times
-        else:
-            tokens_by, times_by, row_time = None, None, result.finished_at
-        lps_by = result.logprobs
-        now = result.finished_at or self.clock()
-        requests = self.requests
-        FINISHED = ReqState.FINISHED
-        generated = 0
-        # The launch's requests, row by row (a request in flight is never forgotten: see _update);
-        # a launch built elsewhere has none: looked up by id.
-        reqs = launch.reqs or [requests.get(w.rid) for w in launch.work]
-        for i, w in enumerate(launch.work):
-            r = reqs[i]
-            if r is None:
-                continue
-            if final:
-                r.inflight_count -= 1
-                if r.inflight == lid:
-                    r.inflight = None
-                if r.inflight_count:  # also in the overlapped launch queued behind this one
-                    if r.release_deferred or r.aborted or not w.sample:
-                        continue
-                elif r.release_deferred:  # ended earlier (a part of this launch, or the launch before)
-                    self._release_kv(r)
-                    requests.pop(r.rid, None)
-                    continue
-                elif r.aborted:
-                    if r.state is not ReqState.FINISHED:
-                        self._finish(r, {"type": "abort", "message": "Aborted by the client."})
-                        updates.append(self._update(r, []))
-                    continue
-                if not w.sample:
-                    continue  # a prefill chunk: num_computed advanced when it was scheduled
-            elif not w.sample or r.aborted or r.state is FINISHED:
-                continue
-            if r.state is FINISHED:
-                continue
-            rid = w.rid
-            if rows is None:
-                tokens = tokens_by.get(rid)
-                got = bool(tokens)
-                if got and len(tokens) == 1:
-                    t = tokens[0]
-                    times = times_by.get(rid)
-                    tt = times[0] if times else now
-                else:
-                    t = NO_TOKEN
-            else:
-                t = rows[i]
-                got = t != NO_TOKEN
-                tokens = None  # (built below if the general path needs it)
-                tt = row_time
-            if not got:
-                if final and delivered.get(rid, 0) < w.steps:
-                    raise RuntimeError(f"launch {lid} ended with {delivered.get(rid, 0)} of {w.steps} tokens for {rid!r}")
-                continue
-            done = delivered.get(rid, 0) if delivered else 0
-            if t != NO_TOKEN and done < w.steps and not (lps_by and rid in lps_by):
-                # The common case (one token: a decode step, or a last prefill chunk):
-                # _append_tokens + _check_finished + _update inlined for one token.
-                r.pending -= 1
-                out = r.output_ids
-                out.append(t)
-                if r.first_token_time is None:
-                    r.first_token_time = tt
-                elif r.last_token_time is not None and tt - r.last_token_time > r.max_tbt:
-                    r.max_tbt = tt - r.last_token_time
-                r.last_token_time = tt
-                n_out = len(out)
-                reason = None
-                if t in r.eos_ids and n_out > r.params.min_new_tokens:
-                    reason = {"type": "stop", "matched": t}
-                elif n_out >= r.length_limit:  # max_new_tokens or the context
-                    reason = {"type": "length", "length": n_out}
-                elif r.has_stop and self.stop_checker is not None:
-                    matched = self.stop_checker(r)
-                    if matched is not None:
-                        reason = {"type": "stop", "matched": matched}
-                if reason is not None:
-                    self._finish(r, reason)
-                    updates.append(self._update(r, [t]))
-                else:
-                    if final and done + 1 < w.steps:
-                        raise RuntimeError(f"launch {lid} ended with {done + 1} of {w.steps} tokens for {rid!r}")
-                    # _update, inlined: the request runs on
-                    updates.append(RequestUpdate(rid, [t], _NO_LOGPROBS, False, None, r.prompt_len, n_out, r.cached_len,
-                                                 r.arrival_time, r.first_token_time, None))
-                if not final:
-                    delivered[rid] = done + 1
-                generated += 1
-                continue
-            if tokens is None:
-                tokens = [t]
-            if done + len(tokens) > w.steps:
-                tokens = tokens[: max(0, w.steps - done)]
-            u = self._append_tokens(r, tokens, lps_by.get(rid),
-                                    times_by.get(rid) if rows is None else [row_time] * len(tokens), now)
-            n = len(u.new_token_ids)
-            if final and done + n < w.steps and r.state is not ReqState.FINISHED:
-                raise RuntimeError(f"launch {lid} ended with {done + n} of {w.steps} tokens for {rid!r}")
-            if not final:
-                delivered[rid] = done + n
-            generated += n
-            updates.append(u)
-        self.stats.generated_tokens += generated
-        return updates
-
-    def _lane_done(self, lid: int) -> None:
-        """A launch's final part arrived: its lane runs the launch queued behind it, or is idle."""
-        for lane, busy_id in list(self._busy.items()):
-            if busy_id == lid:
-                queued = self._queued.pop(lane, None)
-                if queued is None:
-                    del self._busy[lane]
-                else:
-                    self._busy[lane] = queued
-        for lane, queued_id in list(self._queued.items()):
-            if queued_id == lid:  # an executor ended them out of order: tolerate it
-                del self._queued[lane]
-
-    def _append_tokens(self, r: Request, tokens: list[int], lps, times, now: float) -> RequestUpdate:
-        """Append one request's tokens from a part of its launch, recording when each became visible
-        and stopping at a finish (the KV they need was counted when the launch was scheduled)."""
-        new: list[int] = []
-        new_lps: list[dict] = []
-        out = r.output_ids
-        for i, t in enumerate(tokens):
-            r.pending -= 1
-            out.append(t)
-            new.append(t)
-            if lps and i < len(lps):
-                r.logprobs.append(lps[i])
-                new_lps.append(lps[i])
-            # _record_token_time, inlined
-            tt = times[i] if times and i < len(times) else now
-            if r.first_token_time is None:
-                r.first_token_time = tt
-            elif r.last_token_time is not None and tt - r.last_token_time > r.max_tbt:
-                r.max_tbt = tt - r.last_token_time
-            r.last_token_time = tt
-            reason = self._check_finished(r, t)
-            if reason is not None:
-                self._finish(r, reason)
-                break
-        return self._update(r, new, new_lps)
-
-    def _record_token_time(self, r: Request, t: float) -> None:
-        if r.first_token_time is None:
-            r.first_token_time = t
-        elif r.last_token_time is not None:
-            r.max_tbt = max(r.max_tbt, t - r.last_token_time)
-        r.last_token_time = t
-
-    def _check_finished(self, r: Request, token: int) -> dict | None:
-        n_out = len(r.output_ids)
-        p = r.params
-        if token in r.eos_ids and n_out > p.min_new_tokens:  # the sampler bans eos before min_new_tokens
-            return {"type": "stop", "matched": token}
-        if n_out >= r.length_limit:  # max_new_tokens, or the context (see _length_limit)
-            return {"type": "length", "length": n_out}
-        if p.stop and self.stop_checker is not None:
-            matched = self.stop_checker(r)
-            if matched is not None:
-                return {"type": "stop", "matched": matched}
-        return None
-
-    def _finish(self, r: Request, reason: dict) -> None:
-        if r.state == ReqState.WAITING and r in self.waiting:
-            self.waiting.remove(r)
-        self.running.pop(r.rid, None)
-        r.state = ReqState.FINISHED
-        r.finish_reason = reason
-        r.finish_time = self.clock()
-        if r.inflight_count:
-            r.release_deferred = True  # a lane may still write to its slots: release at its launch's end
-        else:
-            self._release_kv(r)
-        if reason["type"] == "abort":
-            self.stats.aborted += 1
-        else:
-            self.stats.finished += 1
-
-    def _free_row(self, r: Request) -> None:
-        if r.table_row is not None:
-            self._free_rows.append(r.table_row)
-            r.table_row = None
-
-    def _release_kv(self, r: Request) -> None:
-        r.release_deferred = False
-        self._free_row(r)
-        # disaggregation hook: the prefill instance may keep the KV (see kv_hold in __init__)
-        reason = r.finish_reason or {}
-        if self.kv_hold is not None and reason.get("type") != "abort" and r.kv_slots and self.kv_hold(r, reason):
-            self._held[r.rid] = r
-            return
-        self._free_kv(r)
-
-    def release_held(self, rid: str) -> int:
-        """The KV a kv_hold hook kept for `rid` is no longer needed: free it (into the prefix cache,
-        if any). Returns how many slots it held (0 if none was held under that id)."""
-        r = self._held.pop(rid, None)
-        if r is None:
-            return 0
-        n = len(r.kv_slots)
-        self._free_kv(r)
-        return n
-
-    def _update(self, r: Request, new: list[int], new_lps: list[dict] | None = None) -> RequestUpdate:
-        finished = r.state is ReqState.FINISHED
-        # positional, in field order: this runs for every request of every step
-        u = RequestUpdate(r.rid, new, new_lps or [], finished, r.finish_reason, len(r.prompt_ids), len(r.output_ids),
-                          r.cached_len, r.arrival_time, r.first_token_time, r.finish_time)
-        if finished and r.inflight is None:
-            # The core forgets a finished request once its outcome is reported (and its launch is over).
-            self.requests.pop(r.rid, None)
-        return u
