@@ -26,7 +26,8 @@ them). At 1 stream, ITL p50 minus the step is what the serving path adds per tok
 
 The client is a raw asyncio protocol per stream (the request written by hand, each read scanned
 for the last cumulative completion_tokens): it shares the cores with the server, so it does as
-little as it can (an aiohttp client cost about 3x more CPU per token).
+little as it can (an aiohttp client cost about 3x more CPU per token), on uvloop (`--client-loop`;
+asyncio's selector loop took about twice the CPU).
 
     python benchmark/host_overhead.py [--streams 1,64,256,1024] [--step-ms 10] [--output-len 256]
         [--stream-interval 1] [--repeats 3] [--out benchmark/results/host_overhead-cpu2.md]
