@@ -64,6 +64,17 @@ def test_embedded_weights_are_views_of_one_mapped_file(embedded_folder, tmp_path
     assert torch.equal(_logits(second.model), _logits(plain.model))
 
 
+def test_a_bf16_serving_file_is_its_own_and_matches_a_copied_bf16_load(embedded_folder, tmp_path):
+    mapped = load_model(embedded_folder, dtype="bfloat16")
+    assert mapped.mapped_file.endswith(".safetensors") and "bfloat16" in os.path.basename(mapped.mapped_file)
+    assert all(p.dtype == torch.bfloat16 for p in mapped.model.parameters())
+    plain_dir = tmp_path / "plain"
+    shutil.copytree(embedded_folder, plain_dir, ignore=shutil.ignore_patterns("serving"))
+    copied = load_model(str(plain_dir), dtype="bfloat16")
+    a, b = mapped.model.serving_tensors(), copied.model.serving_tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_changed_checkpoint_or_dtype_gets_its_own_serving_file(embedded_folder):
     files = [os.path.join(embedded_folder, "model.safetensors")]
     f32 = prepared.prepared_path(files, torch.float32)
