@@ -16,7 +16,8 @@ from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.kernels.attention.torch_backend import TorchAttentionBackend
 from sglang_duet.memory.kv_pool import KVCachePool
 from sglang_duet.model_loader import embedded, prepared
-from sglang_duet.model_loader.loader import load_model, load_tokenizer, tokenizer_copy_dir
+from sglang_duet.model_loader.loader import load_model, load_tokenizer
+from sglang_duet.model_loader.tokenizer_cache import tokenizer_copy_dir
 from sglang_duet.server.launcher import tokenizer_folder_known_early
 from sglang_duet.server_args import ServerArgs
 from sglang_duet.startup_phases import Phases

@@ -143,89 +143,16 @@ def load_tokenizer(model_dir: str | None):
         return None
     if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
         return None
-    cls = _remembered_tokenizer_class(model_dir)
+    from sglang_duet.model_loader.tokenizer_cache import remember_tokenizer_class, remembered_tokenizer_class
+
+    cls = remembered_tokenizer_class(model_dir)
     if cls is not None:
         return cls.from_pretrained(model_dir, local_files_only=True)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    _remember_tokenizer_class(model_dir, tok)
+    remember_tokenizer_class(model_dir, tok)
     return tok
-
-
-# The class AutoTokenizer chose for an embedded folder (ours to write in), by transformers version: the
-# next start loads that class directly instead of importing AutoTokenizer's registries first (~2-3 s of
-# start-up on this CPU). Which class AutoTokenizer picks depends on tokenizer_config.json, config.json's
-# model type and the installed version, so it is remembered, never guessed.
-_TOKENIZER_MEMO = os.path.join("serving", "tokenizer-class.json")
-
-
-def _transformers_version() -> str:
-    from importlib.metadata import version
-
-    return version("transformers")
-
-
-def _remembered_tokenizer_class(model_dir: str):
-    from sglang_duet.model_loader.embedded import is_embedded_folder
-
-    if not is_embedded_folder(model_dir):
-        return None
-    try:
-        with open(os.path.join(model_dir, _TOKENIZER_MEMO)) as f:
-            memo = json.load(f)
-        if memo.get("transformers") != _transformers_version():
-            return None
-        import importlib
-
-        return getattr(importlib.import_module(memo["module"]), memo["class"])
-    except (OSError, ValueError, KeyError, AttributeError, ImportError, TypeError):
-        return None
-
-
-def _remember_tokenizer_class(model_dir: str, tok) -> None:
-    from sglang_duet.model_loader.embedded import is_embedded_folder
-
-    if not is_embedded_folder(model_dir):
-        return
-    memo = {"transformers": _transformers_version(), "module": type(tok).__module__, "class": type(tok).__name__}
-    path = os.path.join(model_dir, _TOKENIZER_MEMO)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(memo, f)
-        os.replace(tmp, path)
-    except OSError as e:
-        logger.debug("could not remember the tokenizer class in %s: %s", path, e)
-
-
-def tokenizer_copy_dir(model_dir: str) -> str:
-    """Where an embedded folder keeps a copy of its loaded tokenizer without the model's config.json:
-    AutoTokenizer loads it in 0.4 s where the folder itself costs 2 s (it reads config.json and imports
-    the model's configuration). The server's detokenizer and main process load it from there at once
-    (server/launcher.py); it is what the scheduler would hand them, saved the same way."""
-    return os.path.join(model_dir, "serving", "tokenizer")
-
-
-def keep_tokenizer_copy(model_dir: str, tok) -> None:
-    target = tokenizer_copy_dir(model_dir)
-    if os.path.isfile(os.path.join(target, "tokenizer.json")):
-        return
-    import shutil
-    import tempfile
-
-    try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=os.path.dirname(target))
-        tok.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process was first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        logger.debug("could not keep a tokenizer copy in %s: %s", target, e)
 
 
 def _chat_template(tokenizer, model_dir: str | None) -> str | None:
@@ -312,6 +239,8 @@ def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "
     phases.mark("weights (mapped)" if mapped else "weights")
     tok = load_tokenizer(model_dir) if tokenizer else None
     if tok is not None and embedded:
+        from sglang_duet.model_loader.tokenizer_cache import keep_tokenizer_copy
+
         keep_tokenizer_copy(model_dir, tok)
     phases.mark("tokenizer")
     logger.info("model loaded: %s", phases.summary())

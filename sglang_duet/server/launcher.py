@@ -294,13 +294,13 @@ class Launcher:
 
 def tokenizer_folder_known_early(args: ServerArgs) -> str | None:
     """A folder holding the tokenizer the scheduler will hand the other processes, where it exists before
-    the model loads: the embedded model's tokenizer copy (model_loader/loader.py, tokenizer_copy_dir),
+    the model loads: the embedded model's tokenizer copy (model_loader/tokenizer_cache.py),
     written by an earlier start with the same save_pretrained the scheduler uses for its hand-over copy.
     The detokenizer then loads it at once instead of after the model. None: wait for the scheduler."""
     if args.executor != "model" or args.tokenizer_path or args.load_format not in ("auto", "safetensors"):
         return None
     from sglang_duet.model_loader.embedded import default_model_path, is_embedded_folder
-    from sglang_duet.model_loader.loader import tokenizer_copy_dir
+    from sglang_duet.model_loader.tokenizer_cache import tokenizer_copy_dir
 
     folder = args.model_path
     if folder is None:

@@ -1,0 +1,91 @@
+"""Tokenizer start-up shortcuts for the embedded model's folder (ours to write in, see embedded.py).
+
+- The class AutoTokenizer chose for the folder is remembered (serving/tokenizer-class.json, per
+  transformers version), so later loads skip AutoTokenizer's registries.
+- A copy of the loaded tokenizer without the model's config.json (serving/tokenizer-transformers-V/)
+  lets the server's other processes load it at once and cheaply (server/launcher.py).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+logger = logging.getLogger(__name__)
+
+
+# The class AutoTokenizer chose for an embedded folder (ours to write in), by transformers version: the
+# next start loads that class directly instead of importing AutoTokenizer's registries first (~2-3 s of
+# start-up on this CPU). Which class AutoTokenizer picks depends on tokenizer_config.json, config.json's
+# model type and the installed version, so it is remembered, never guessed.
+_TOKENIZER_MEMO = os.path.join("serving", "tokenizer-class.json")
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import version  # the installed version, without importing transformers
+
+    return version("transformers")
+
+
+def remembered_tokenizer_class(model_dir: str):
+    """The class AutoTokenizer chose for this embedded folder with this transformers version, or None."""
+    from sglang_duet.model_loader.embedded import is_embedded_folder
+
+    if not is_embedded_folder(model_dir):
+        return None
+    try:
+        with open(os.path.join(model_dir, _TOKENIZER_MEMO)) as f:
+            memo = json.load(f)
+        if memo.get("transformers") != _transformers_version():
+            return None
+        return getattr(importlib.import_module(memo["module"]), memo["class"])
+    except (OSError, ValueError, KeyError, AttributeError, ImportError, TypeError):
+        return None
+
+
+def remember_tokenizer_class(model_dir: str, tok) -> None:
+    """Note the class of `tok`, which AutoTokenizer chose for this embedded folder (no-op for other folders)."""
+    from sglang_duet.model_loader.embedded import is_embedded_folder
+
+    if not is_embedded_folder(model_dir):
+        return
+    memo = {"transformers": _transformers_version(), "module": type(tok).__module__, "class": type(tok).__name__}
+    path = os.path.join(model_dir, _TOKENIZER_MEMO)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.debug("could not remember the tokenizer class in %s: %s", path, e)
+
+
+def tokenizer_copy_dir(model_dir: str) -> str:
+    """Where an embedded folder keeps a copy of its loaded tokenizer without the model's config.json:
+    AutoTokenizer loads it in 0.4 s where the folder itself costs 2 s (it reads config.json and imports
+    the model's configuration). The server's detokenizer and main process load it from there at once
+    (server/launcher.py); it is what the scheduler would hand them, saved the same way, by the same
+    transformers version (the version is in the name)."""
+    return os.path.join(model_dir, "serving", f"tokenizer-transformers-{_transformers_version()}")
+
+
+def keep_tokenizer_copy(model_dir: str, tok) -> None:
+    """Save `tok` as the folder's tokenizer copy unless one is there (atomically: temp dir, then rename)."""
+    target = tokenizer_copy_dir(model_dir)
+    if os.path.isfile(os.path.join(target, "tokenizer.json")):
+        return
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=os.path.dirname(target))
+        tok.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process was first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        logger.debug("could not keep a tokenizer copy in %s: %s", target, e)
