@@ -268,3 +268,93 @@ def test_uvicorn_httptools_send_is_written_to_directly():
     assert r.status_code == 200 and r.content == b"one,two,three,four"
     assert r.headers["transfer-encoding"] == "chunked"
     assert found == [(UvicornWriter, True, None)]  # a wrapped send is not written to directly
+
+
+class _Group:
+    """A RequestGroup stand-in of one request whose batches are given up front."""
+
+    def __init__(self, batches):
+        self.states, self.batches, self.closed = [None], list(batches), 0
+
+    def push_to(self, sink):
+        return True
+
+    async def next(self):
+        return self.batches.pop(0) if self.batches else None
+
+    def close(self):
+        self.closed += 1
+
+
+class _CountingTransport:
+    """uvicorn's transport, each write counted."""
+
+    def __init__(self, transport):
+        self.transport, self.writes = transport, []
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+        self.transport.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+
+
+def _delta(text, finished):
+    return tmm.Delta(text, [1], [], finished, {"type": "stop"} if finished else None, 3, 1, 0)
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_uvicorn_response_head_and_first_chunk_are_one_write(close):
+    """The real uvicorn (httptools): an SSEStream's head leaves with its first chunk in one write (a
+    one-event stream: head, event, [DONE] and the chunked end); later chunks are a write each; the
+    client gets the same headers and body; `Connection: close` still closes after the body."""
+    import uvicorn
+
+    from sglang_duet.server.sse import SSEStream
+
+    first_final = [[(0, _delta("a", True))]]
+    three = [[(0, _delta("a", False))], [(0, _delta("b", False))], [(0, _delta("c", True))]]
+    runs = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        batches = first_final if scope["path"] == "/one" else three
+        group = _Group(batches[1:])
+        counting = _CountingTransport(send.__self__.transport)
+        send.__self__.transport = counting
+        response = SSEStream(group, batches[0], lambda b: [b"data: %s\n\n" % d.text.encode() for _, d in b],
+                             lambda: [b"data: tail\n\n"])
+        await response(scope, receive, send)
+        runs.append((counting.writes, group.closed))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def main():
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", loop="asyncio",
+                                               lifespan="off", log_level="warning"))
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        headers = {"connection": "close"} if close else {}
+        async with httpx.AsyncClient() as c:
+            one = await c.post(f"http://127.0.0.1:{port}/one", headers=headers)
+            many = await c.post(f"http://127.0.0.1:{port}/many", headers=headers)
+        server.should_exit = True
+        await serving
+        return one, many
+
+    one, many = asyncio.run(main())
+    for r in (one, many):
+        assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert r.headers["transfer-encoding"] == "chunked" and r.headers["cache-control"] == "no-cache"
+        assert (r.headers.get("connection") == "close") == close
+    assert one.content == b"data: a\n\ndata: tail\n\ndata: [DONE]\n\n"
+    assert many.content == b"data: a\n\ndata: b\n\ndata: c\n\ndata: tail\n\ndata: [DONE]\n\n"
+    (w_one, closed_one), (w_many, closed_many) = runs
+    assert len(w_one) == 1 and w_one[0].startswith(b"HTTP/1.1 200 OK\r\n") and w_one[0].endswith(b"\r\n0\r\n\r\n")
+    assert len(w_many) == 3 and w_many[0].startswith(b"HTTP/1.1 200") and w_many[0].endswith(b"data: a\n\n\r\n")
+    assert closed_one == closed_many == 1

@@ -70,6 +70,48 @@ class UvicornWriter:
         """What uvicorn does when the app fails after the response started: close the connection."""
         self.transport.close()
 
+    def cork(self) -> bool:
+        """Until `uncork()`, collect what uvicorn's send writes instead of writing it, so that a
+        response's head and its first body chunk (for a short request: its whole body) leave in one
+        write (one syscall and one wake-up of the client per request fewer; each write is ~16 us of
+        the main process on loopback). Only before the response starts and while its send would
+        not wait (the buffer under its limit, the client there): uvicorn's send then runs through
+        without suspending, so nothing else writes to the connection meanwhile. False: not corked."""
+        c = self.cycle
+        if c.response_started or c.disconnected or self.flow.write_paused or c.transport is not self.transport:
+            return False
+        c.transport = _Cork(self.transport)
+        return True
+
+    def uncork(self) -> None:
+        c = self.cycle
+        cork, c.transport = c.transport, self.transport
+        if cork.parts and not self.transport.is_closing():
+            self.transport.write(b"".join(cork.parts))
+        if cork.closed:
+            self.transport.close()
+
+
+class _Cork:
+    """The connection's transport as uvicorn's send sees it while corked: writes are kept, a close
+    (the client asked for `connection: close`) waits for them."""
+
+    __slots__ = ("transport", "parts", "closed")
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.parts: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed or self.transport.is_closing()
+
 
 def direct_writer(send):
     """A writer for `send`'s connection when `send` is uvicorn's httptools send (nothing wraps it),
@@ -106,7 +148,8 @@ class SSEStream(Response):
         self.tail = tail
         self.client_gone = False
         self._ending = False  # the last write is under way: a disconnect now changes nothing
-        self._writer = None  # direct_writer(send), while pushes are on
+        self._conn = None  # direct_writer(send): the connection, if it can be written to directly
+        self._writer = None  # the same, while pushes are on
         self._parked = False  # the task waits in group.next(): a direct write cannot interleave with its own
         self.pushed = 0  # events written by _push (for tests and benchmarks)
 
@@ -115,6 +158,7 @@ class SSEStream(Response):
         watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive, task))
         try:
             writer = direct_writer(send)
+            self._conn = writer
             if writer is not None and self.group.push_to(self._push):
                 self._writer = writer
             await self._stream(send)
@@ -132,7 +176,7 @@ class SSEStream(Response):
     async def _stream(self, send) -> None:
         group = self.group
         unfinished = len(group.states)  # next() returns each request's final output once
-        await send(_START)
+        started = False
         try:
             batch = self.first
             while True:
@@ -143,11 +187,18 @@ class SSEStream(Response):
                     for _, d in batch:
                         if d.finished:
                             unfinished -= 1
-                if unfinished <= 0 or batch is None:
-                    # nothing more can come: the final events, [DONE] and the end in one write
-                    await self._end(send, chunk + b"".join(self.tail()) + DONE)
+                last = unfinished <= 0 or batch is None
+                if last:  # nothing more can come: the final events, [DONE] and the end in one write
+                    chunk += b"".join(self.tail()) + DONE
+                if not started:
+                    started = True
+                    await self._start(send, chunk, last)  # the head and the first chunk in one write
+                    if last:
+                        return
+                elif last:
+                    await self._end(send, chunk)
                     return
-                if chunk:
+                elif chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self._parked = True
                 try:
@@ -155,7 +206,24 @@ class SSEStream(Response):
                 finally:
                     self._parked = False
         except APIError as e:
+            if not started:
+                await send(_START)
             await self._end(send, sse(e.body()) + DONE)
+
+    async def _start(self, send, chunk: bytes, last: bool) -> None:
+        """The response's start and its first chunk (the last one too if `last`), corked into one
+        write where the connection is uvicorn's (UvicornWriter.cork)."""
+        conn = self._conn
+        corked = conn is not None and getattr(conn, "cork", None) is not None and conn.cork()
+        try:
+            await send(_START)
+            if last:
+                await self._end(send, chunk)
+            elif chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            if corked:
+                conn.uncork()
 
     def _push(self, batch: list) -> bool:
         """The receive loop's sink (RequestGroup.push_to): render a running output's events and write
