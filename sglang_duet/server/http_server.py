@@ -87,13 +87,35 @@ def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
         try:
             raw = await request.body()
         except ClientDisconnect:
-            # The client hung up mid-upload: nobody to answer, nothing went wrong here.
-            logger.info("client disconnected while sending %s %s", request.method, request.url.path)
-            raise APIError(499, "Client disconnected.") from None
+            raise client_gone(request.scope) from None
+        return parse_body(request.scope, raw)
+
+    def client_gone(scope) -> APIError:
+        # The client hung up mid-upload: nobody to answer, nothing went wrong here.
+        logger.info("client disconnected while sending %s %s", scope["method"], scope["path"])
+        return APIError(499, "Client disconnected.")
+
+    def parse_body(scope, raw: bytes) -> dict:
         if server_args.log_requests:
-            logger.info("request %s %s: %s", request.method, request.url.path,
+            logger.info("request %s %s: %s", scope["method"], scope["path"],
                         raw[:LOG_REQUEST_BYTES].decode("utf-8", "replace"))
         return loads_body(raw)
+
+    async def fast_body(scope, receive) -> dict:
+        """body_of for the fast routes: the ASGI messages read here, as Request.body() reads them,
+        without its stream generator and copies (the Request handed on is used only to ask whether
+        the client is still there)."""
+        chunks = []
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":  # http.disconnect
+                raise client_gone(scope)
+            body = msg.get("body", b"")
+            if body:
+                chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        return parse_body(scope, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     # ---- health and info -------------------------------------------------------------------
 
@@ -161,9 +183,9 @@ def create_app(tm: TokenizerManager, server_args, lifespan=None) -> FastAPI:
         """POST `path` -> handler(request, body) on the fast path (see DuetApp)."""
 
         async def endpoint(scope, receive, send):
-            request = Request(scope, receive)
             try:
-                response = await handler(request, await body_of(request))
+                body = await fast_body(scope, receive)
+                response = await handler(Request(scope, receive), body)
             except APIError as e:
                 response = e.response()
             except Exception as e:  # noqa: BLE001 - what the FastAPI route's handler does

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 
 import orjson
 from starlette.requests import Request
@@ -118,7 +117,7 @@ class OpenAIServing:
         if len(prompts) * n > MAX_SEQS_PER_REQUEST:  # before tokenizing them all
             raise APIError(400, f"One request may ask for at most {MAX_SEQS_PER_REQUEST} sequences "
                                 f"(prompts x n), got {len(prompts) * n}.")
-        base = uuid.uuid4().hex
+        base = self.tm.new_rid()
         rids = proto.request_ids(body, len(prompts) * n, f"cmpl-{base}")
         texts = [p for p in prompts if isinstance(p, str)]
         for p in prompts:
@@ -221,7 +220,7 @@ class OpenAIServing:
         limit = proto.explicit_max_tokens(body)
         if limit is not None:
             self.tm.check_fits(len(ids), *limit)
-        base = uuid.uuid4().hex
+        base = self.tm.new_rid()
         rids = proto.request_ids(body, n, f"chatcmpl-{base}")
         reqs = [(rids[i], ids, self.tm.make_params(d)) for i, d in enumerate(proto.choice_seeds(sd, n))]
         await self.tm.check_grammars([p for _, _, p in reqs], proto.grammar_names(body))
