@@ -13,6 +13,10 @@ import httpx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "configs", "models", "tiny-overhead.json")
+# Several servers on one machine: each would pin its model threads to the CPUs it plans as if it were
+# alone (--cpu-bind auto, server/cpu_threads.py), all to the same ones; tests that run several at once
+# leave them to the kernel, as a user running several on one host would (README).
+SHARED_HOST = ["--cpu-bind", "off"]
 
 
 def free_port() -> int:

@@ -133,3 +133,17 @@ def test_a_child_gets_the_plans_threads_and_then_every_thread_its_cpus():
     assert all(cpus == list(plan.model_cpus) for cpus in tasks.values()), tasks
     assert omp == str(plan.threads) and torch_threads == plan.threads
     assert sorted(os.sched_getaffinity(0)) == allowed  # pinning the child moved nothing here
+
+
+def test_pd_local_instances_are_not_both_pinned_to_the_same_cpus():
+    """pd-local starts two servers on one machine: each would plan its CPUs as if alone and pin its
+    model to the same ones, so `auto` becomes off for them; a CPU list the user gave is passed on."""
+    from sglang_duet.disagg.local import instance_argv
+    from sglang_duet.server_args import ServerArgs
+
+    argv = instance_argv(ServerArgs())
+    assert argv[argv.index("--cpu-bind") + 1] == "off" and argv.count("--cpu-bind") == 1
+    argv = instance_argv(ServerArgs(cpu_bind="1"))
+    assert argv[argv.index("--cpu-bind") + 1] == "1" and argv.count("--cpu-bind") == 1
+    argv = instance_argv(ServerArgs(cpu_bind="off"))
+    assert argv[argv.index("--cpu-bind") + 1] == "off" and argv.count("--cpu-bind") == 1

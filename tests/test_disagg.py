@@ -25,7 +25,7 @@ import orjson
 import pytest
 import torch
 
-from server_utils import REPO, ServerProcess, free_port
+from server_utils import REPO, SHARED_HOST, ServerProcess, free_port
 
 from sglang_duet.core.request import ReqState
 from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
@@ -312,7 +312,7 @@ def servers():
     common = ["--max-total-tokens", str(KV_SLOTS), "--disaggregation-kv-timeout-s", "20"]
     pd = PDLocal(common)  # starts its instances meanwhile
     try:
-        ref = ServerProcess(["--max-total-tokens", str(KV_SLOTS)])
+        ref = ServerProcess(["--max-total-tokens", str(KV_SLOTS), *SHARED_HOST])  # beside pd-local's two
     except BaseException:
         pd.stop()
         raise

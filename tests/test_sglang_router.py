@@ -30,7 +30,7 @@ import pytest
 
 from hardening_utils import internal_state as _state
 from router_utils import Router, openai_client as _client
-from server_utils import ServerProcess
+from server_utils import SHARED_HOST, ServerProcess
 
 pytest.importorskip("sglang_router", reason="sglang-router is not installed (pip install -e '.[dev]')")
 openai = pytest.importorskip("openai")
@@ -48,8 +48,8 @@ def workers():
     servers = []
     try:
         # two at once would fight over 2 cores while loading; the second starts as the first warms up
-        servers.append(ServerProcess([]))
-        servers.append(ServerProcess([]))
+        servers.append(ServerProcess(SHARED_HOST))
+        servers.append(ServerProcess(SHARED_HOST))
         yield servers
     finally:
         for s in servers:

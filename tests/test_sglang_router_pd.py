@@ -27,7 +27,7 @@ import pytest
 
 from hardening_utils import internal_state as _state
 from router_utils import Router, openai_client as _client
-from server_utils import ServerProcess, free_port
+from server_utils import SHARED_HOST, ServerProcess, free_port
 
 from sglang_duet.disagg.mooncake import mooncake_error
 
@@ -53,7 +53,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def single():
     """The reference: a plain server (no disaggregation mode), the engine PD must reproduce."""
-    server = ServerProcess(["--max-total-tokens", "6000"])
+    server = ServerProcess(["--max-total-tokens", "6000", *SHARED_HOST])
     yield server
     server.stop()
 
@@ -62,7 +62,7 @@ def single():
 def pd(single):  # the reference server starts first: three processes loading at once fight over 2 cores
     port = free_port()
     common = ["--disaggregation-kv-timeout-s", str(KV_TIMEOUT_S), "--max-total-tokens", "6000",
-              "--disaggregation-transfer-backend", TRANSPORT]
+              "--disaggregation-transfer-backend", TRANSPORT, *SHARED_HOST]
     prefill = ServerProcess(["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(port), *common])
     try:
         decode = ServerProcess(["--disaggregation-mode", "decode", *common])

@@ -34,6 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def instance_argv(args: ServerArgs) -> list[str]:
+    """The flags both instances get: `args` as given, except that `--cpu-bind auto` becomes off. Each
+    instance would plan its CPUs as if it had the machine to itself (server/cpu_threads.py) and both
+    would pin their model threads to the same CPUs; CPU lists given by the user are passed on."""
+    argv = args_to_argv(args)
+    if args.cpu_bind == "auto":
+        argv += ["--cpu-bind", "off"]
+    return argv
+
+
 def args_to_argv(args: ServerArgs) -> list[str]:
     """The flags that reproduce `args` (those that differ from the defaults), for a child launch_server."""
     out = []
@@ -88,7 +98,7 @@ def run_pd_local(args: ServerArgs) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s pd-local] %(levelname)s %(message)s")
     kind = router_kind(args)
-    base = args_to_argv(args)
+    base = instance_argv(args)
     ports = {"prefill": free_port(), "decode": free_port()}
     bootstrap = bootstrap_port(args)
     procs: dict[str, subprocess.Popen] = {}
