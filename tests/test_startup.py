@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -221,3 +223,13 @@ def test_a_server_logs_its_start_up_phases_in_order_and_pins_its_processes(tiny_
             kids = {pid: _thread_cpus(pid) for pid in _children(main)}
             assert {plan.model_cpus} in kids.values(), kids  # the scheduler: every thread on the model's CPUs
             assert {plan.other_cpus} in kids.values(), kids  # the detokenizer
+
+
+def test_the_main_process_modules_do_not_import_torch():
+    """The HTTP process never runs a model: importing torch there cost ~2 s of CPU per start (it came
+    in through constrained/grammar.py, which the protocol and the tokenizer manager import)."""
+    code = ("import sys, sglang_duet.launch_server, sglang_duet.server.http_server, "
+            "sglang_duet.server.tokenizer_manager, sglang_duet.server.openai_protocol; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

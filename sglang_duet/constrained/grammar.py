@@ -20,10 +20,12 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from sglang_duet.sampling_params import SamplingParamsError
+
+if TYPE_CHECKING:  # the main process imports this module (JSON_OBJECT_SCHEMA, grammar checks): no torch there
+    import torch
 
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")  # SamplingParams fields, SGLang's names
 # JSON whitespace, as SGLang: any whitespace between items (xgrammar's any_whitespace) unless
