@@ -233,3 +233,26 @@ def test_the_main_process_modules_do_not_import_torch():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_large_cpu_kv_pool_costs_no_memory_until_written():
+    """A CPU pool from LAZY_ZEROS_MIN_BYTES up lies on anonymous mapped memory: zero, writable, and
+    resident only where tokens were written (torch.zeros wrote every page at start-up)."""
+    from sglang_duet.memory.kv_pool import LAZY_ZEROS_MIN_BYTES
+
+    before = _rss_bytes()
+    pool = KVCachePool(num_layers=16, num_slots=65536, num_kv_heads=4, head_dim=64, dtype=torch.float32)
+    assert pool.buffer.nbytes >= 4 * LAZY_ZEROS_MIN_BYTES  # 512 MiB
+    assert _rss_bytes() - before < pool.buffer.nbytes // 8
+    loc = torch.tensor([1, 7, 65535])
+    pool.set_kv(3, loc, torch.full((3, 4, 64), 2.0), torch.full((3, 4, 64), -1.0))
+    k, v = pool.get_kv(3)
+    assert torch.equal(k[loc], torch.full((3, 4, 64), 2.0)) and torch.equal(v[loc], torch.full((3, 4, 64), -1.0))
+    assert float(pool.buffer.abs().sum()) == 3 * 4 * 64 * 3.0  # every other slot, the padding one included, is 0
+    small = KVCachePool(num_layers=2, num_slots=64, num_kv_heads=1, head_dim=8)
+    assert small._mapping is None and not small.buffer.any()

@@ -8,9 +8,22 @@ which request is the allocator's business (SchedulerCore), not this class's.
 """
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 PADDING_SLOT = 0
+LAZY_ZEROS_MIN_BYTES = 64 << 20  # CPU pools at least this large come from the kernel's zero pages
+
+
+def cpu_zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:
+    """A zero tensor on anonymous mapped memory: the kernel hands out zero-filled pages when they are
+    first written, so a 1 GiB pool costs nothing until tokens use it (torch.zeros writes every page:
+    0.6-1.6 s of a CPU server's start-up). Returns the tensor and the mapping, which must outlive it."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    mapping = mmap.mmap(-1, nbytes)
+    return torch.frombuffer(mapping, dtype=dtype).view(shape), mapping
 
 
 class KVCachePool:
@@ -26,7 +39,13 @@ class KVCachePool:
         self.device = torch.device(device)
         # zeros, not empty: the padding slot is read by masked-out lanes; garbage there
         # could be NaN/Inf, and 0 * NaN in a matmul is still NaN.
-        self.buffer = torch.zeros(2, num_layers, num_slots, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        shape = (2, num_layers, num_slots, num_kv_heads, head_dim)
+        self._mapping = None
+        if self.device.type == "cpu" and self.bytes_per_slot(num_layers, num_kv_heads, head_dim,
+                                                             dtype) * num_slots >= LAZY_ZEROS_MIN_BYTES:
+            self.buffer, self._mapping = cpu_zeros_lazy(shape, dtype)
+        else:
+            self.buffer = torch.zeros(shape, dtype=dtype, device=self.device)
         self.k_buffers = [self.buffer[0, i] for i in range(num_layers)]
         self.v_buffers = [self.buffer[1, i] for i in range(num_layers)]
 
