@@ -41,7 +41,7 @@ detokenizer's, and of the main process's fan-out (the tokenizer manager and the 
 `--admission` measures the main process's CPU time per request instead: N streaming requests of
 one output token sent at once on fresh connections (the admission burst of a level: HTTP, body
 parsing, validation, tokenizing or chat templating, the send to the scheduler, the stream's setup
-and its one event), for native /generate with input_ids and with text, and for
+and its one event), for native /generate with input_ids and with text, /v1/completions with text, and
 /v1/chat/completions; CPU seconds of each process (from /proc) per request, the median of
 --repeats bursts.
 """
@@ -675,7 +675,7 @@ def run(a) -> list[dict]:
 # ---- admission: main-process CPU per request -------------------------------------------------------
 
 
-ADMISSION_KINDS = ("generate-ids", "generate-text", "chat")
+ADMISSION_KINDS = ("generate-ids", "generate-text", "completions", "chat")
 
 
 def admission_request(kind: str, i: int, rng: random.Random, prompt_len: int) -> tuple[str, dict]:
@@ -687,6 +687,9 @@ def admission_request(kind: str, i: int, rng: random.Random, prompt_len: int) ->
     if kind == "generate-text":
         return "/generate", {"text": f"Request {i}: {words}", "stream": True,
                              "sampling_params": {"max_new_tokens": 1, "ignore_eos": True}}
+    if kind == "completions":
+        return "/v1/completions", {"prompt": f"Request {i}: {words}", "stream": True, "max_tokens": 1,
+                                   "ignore_eos": True}
     if kind == "chat":
         return "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Request {i}: {words}"}],
                                         "stream": True, "max_tokens": 1, "ignore_eos": True}
@@ -802,7 +805,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "work, in this process, at each --streams batch (the median of --repeats runs)")
     ap.add_argument("--admission", action="store_true",
                     help="instead: CPU time per request of the main process (and the others) for bursts of --streams "
-                         "streaming one-token requests (/generate with ids, with text, /v1/chat/completions)")
+                         "streaming one-token requests (/generate with ids, with text, /v1/completions, "
+                         "/v1/chat/completions)")
     a = ap.parse_args(argv)
     a.env = {"OMP_NUM_THREADS": "1"}
     if a.admission:
