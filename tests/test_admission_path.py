@@ -151,3 +151,26 @@ def test_waiting_groups_share_one_disconnect_timer(monkeypatch):
 
     tm = asyncio.run(main())
     assert not tm._ticking and tm.backend.aborts == ["r1", "r2"] and tm.counts["aborted"] == 2
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_check_fields_names_the_first_bad_sglang_field_in_its_table_order(route):
+    """check_fields looks only at the SGLang fields a body holds, in _SGLANG_FIELDS' order: the
+    error names the same field whatever order the body lists them in."""
+    from sglang_duet.server import openai_protocol as proto
+
+    base = {"prompt": "x"} if route == "completions" else {"messages": [{"role": "user", "content": "x"}]}
+    order = list(proto._SGLANG_FIELDS[route])
+    assert order.index("return_hidden_states") < order.index("lora_path") and order.index("rid") < order.index("lora_path")
+    for bad in ({"lora_path": "a", "return_hidden_states": True}, {"return_hidden_states": True, "lora_path": "a"}):
+        with pytest.raises(APIError) as e:
+            proto.check_fields({**base, **bad}, route)
+        assert e.value.param == "return_hidden_states" and e.value.message.endswith("not supported by this server.")
+    with pytest.raises(APIError) as e:
+        proto.check_fields({**base, "lora_path": "a", "rid": 5}, route)
+    assert e.value.param == "rid"
+    proto.check_fields({**base, "lora_path": None, "return_hidden_states": False, "rid": "r"}, route)  # accepted
+    with pytest.raises(APIError) as e:
+        proto.check_fields({**base, "zzz": 1, "functions": []}, route)
+    names = "zzz" if route == "chat" else "zzz, functions"
+    assert e.value.message == f"Unrecognized request argument{'s' if route != 'chat' else ''} supplied: {names}"

@@ -73,19 +73,33 @@ _SGLANG_FIELDS = {
              **_SGLANG_UNSUPPORTED},
 }
 _REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+# Every top-level field a route accepts (the unsupported chat ones are named by their own error)
+_ALLOWED = {
+    "completions": frozenset(_COMPLETION_FIELDS | _COMMON_SAMPLING.keys() | _SGLANG_FIELDS["completions"].keys()),
+    "chat": frozenset(_CHAT_FIELDS | _COMMON_SAMPLING.keys() | _SGLANG_FIELDS["chat"].keys()
+                      | set(_CHAT_UNSUPPORTED)),
+}
+_SGLANG_ORDER = {route: {k: i for i, k in enumerate(fields)} for route, fields in _SGLANG_FIELDS.items()}
 
 
 def check_fields(body: dict, route: str) -> None:
     """400 for top-level fields this route does not know (OpenAI's wording) or does not implement."""
     sglang = _SGLANG_FIELDS[route]
-    allowed = (_CHAT_FIELDS if route == "chat" else _COMPLETION_FIELDS) | _COMMON_SAMPLING.keys() | sglang.keys()
-    unknown = [k for k in body if k not in allowed and (route != "chat" or k not in _CHAT_UNSUPPORTED)]
+    allowed = _ALLOWED[route]
+    unknown = [k for k in body if k not in allowed]
     if unknown:
         plural = "s" if len(unknown) > 1 else ""
         raise APIError(400, f"Unrecognized request argument{plural} supplied: {', '.join(map(str, unknown))}",
                        param=str(unknown[0]))
-    for k, kinds in sglang.items():
-        v = body.get(k)
+    # SGLang's fields the body holds, checked in _SGLANG_FIELDS' order (the first bad one is named)
+    # without going through all 27-38 of them for each request
+    present = [k for k in body if k in sglang]
+    if len(present) > 1:
+        order = _SGLANG_ORDER[route]
+        present.sort(key=order.__getitem__)
+    for k in present:
+        kinds = sglang[k]
+        v = body[k]
         if v is None:
             continue
         if kinds is not None:
