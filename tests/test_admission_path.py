@@ -161,7 +161,8 @@ def test_check_fields_names_the_first_bad_sglang_field_in_its_table_order(route)
 
     base = {"prompt": "x"} if route == "completions" else {"messages": [{"role": "user", "content": "x"}]}
     order = list(proto._SGLANG_FIELDS[route])
-    assert order.index("return_hidden_states") < order.index("lora_path") and order.index("rid") < order.index("lora_path")
+    assert order.index("return_hidden_states") < order.index("lora_path")
+    assert order.index("rid") < order.index("lora_path")
     for bad in ({"lora_path": "a", "return_hidden_states": True}, {"return_hidden_states": True, "lora_path": "a"}):
         with pytest.raises(APIError) as e:
             proto.check_fields({**base, **bad}, route)
