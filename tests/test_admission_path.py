@@ -14,28 +14,15 @@ from sglang_duet.server import io_struct as io
 from sglang_duet.server import tokenizer_manager as tmm
 from sglang_duet.server.errors import APIError
 from sglang_duet.server.http_server import create_app
-from sglang_duet.server.scheduler_backend import SchedulerBackend
 from sglang_duet.server_args import ServerArgs
 
-
-class _Backend(SchedulerBackend):
-    def __init__(self):
-        self.reqs, self.aborts = [], []
-
-    def send_generate(self, reqs):
-        self.reqs.extend(reqs)
-
-    def send_abort(self, rid):
-        self.aborts.append(rid)
+from manager_utils import recording_manager
 
 
-def _manager():
-    info = io.ReadyInfo(status="ready", context_length=4096, vocab_size=1000, kv_slots=100000)
-    return tmm.TokenizerManager(ServerArgs(), info, _Backend())
 
 
 def test_make_params_builds_each_distinct_dict_once_and_refuses_as_before():
-    tm = _manager()
+    tm = recording_manager()
     a = tm.make_params({"max_new_tokens": 1, "ignore_eos": True})
     assert tm.make_params({"max_new_tokens": 1, "ignore_eos": True}) is a
     assert tm.make_params({"ignore_eos": True, "max_new_tokens": 1}).to_dict() == a.to_dict()
@@ -96,7 +83,7 @@ async def _call(app, messages):
 
 
 def test_fast_route_reads_a_body_sent_in_pieces_and_a_client_gone_mid_upload():
-    tm = _manager()
+    tm = recording_manager()
     app = create_app(tm, ServerArgs())
     body = orjson.dumps({"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 0}})
     pieces = [body[:5], body[5:20], b"", body[20:]]
@@ -125,7 +112,7 @@ def test_waiting_groups_share_one_disconnect_timer(monkeypatch):
     monkeypatch.setattr(tmm, "DISCONNECT_CHECK_S", 0.01)
 
     async def main():
-        tm = _manager()
+        tm = recording_manager()
         clients = [_Client() for _ in range(3)]
         p = tm.make_params({"max_new_tokens": 4})
         groups = [tm.submit([(f"r{i}", [1, 2], p)], clients[i]) for i in range(3)]

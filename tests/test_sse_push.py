@@ -5,7 +5,6 @@ httptools send is recognised and its connection written to directly. Counts and 
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import httpx
 import orjson
@@ -15,20 +14,11 @@ from sglang_duet.server import io_struct as io
 from sglang_duet.server import tokenizer_manager as tmm
 from sglang_duet.server.native_api import NativeServing
 from sglang_duet.server.openai_api import OpenAIServing
-from sglang_duet.server.scheduler_backend import SchedulerBackend
 from sglang_duet.server.sse import UvicornWriter, direct_writer
-from sglang_duet.server_args import ServerArgs
 
+from manager_utils import recording_manager
+from server_utils import free_port
 
-class _Backend(SchedulerBackend):
-    def __init__(self):
-        self.reqs, self.aborts = [], []
-
-    def send_generate(self, reqs):
-        self.reqs.extend(reqs)
-
-    def send_abort(self, rid):
-        self.aborts.append(rid)
 
 
 class _Writer:
@@ -46,10 +36,6 @@ class _Writer:
     def abort(self):
         self.aborted.set()
 
-
-def _manager():
-    info = io.ReadyInfo(status="ready", context_length=4096, vocab_size=1000, kv_slots=100000)
-    return tmm.TokenizerManager(ServerArgs(), info, _Backend())
 
 
 class _Client:
@@ -130,7 +116,7 @@ def _run(kind, schedule, push: bool, not_ready=(), together=()):
     same event-loop iteration as the next one. Returns (log, events pushed, manager)."""
 
     async def main():
-        tm = _manager()
+        tm = recording_manager()
         log = []
         writer = _Writer(log) if push else None
         task, rid, send, receive = await _open(tm, kind, log, writer)
@@ -188,7 +174,7 @@ def test_outputs_received_together_are_one_pushed_event():
 
 def test_multi_request_groups_are_not_pushed():
     async def main():
-        tm = _manager()
+        tm = recording_manager()
         group = tm.submit([("a", [1, 2], tmm.SamplingParams(max_new_tokens=4)),
                            ("b", [1, 2], tmm.SamplingParams(max_new_tokens=4))])
         assert not group.push_to(lambda batch: True)
@@ -201,7 +187,7 @@ def test_multi_request_groups_are_not_pushed():
 
 def test_a_failing_render_closes_the_connection_and_aborts():
     async def main():
-        tm = _manager()
+        tm = recording_manager()
         log = []
         writer = _Writer(log)
         task, rid, send, receive = await _open(tm, "generate", log, writer)
@@ -233,8 +219,6 @@ def test_a_failing_render_closes_the_connection_and_aborts():
 def test_uvicorn_httptools_send_is_written_to_directly():
     """The real uvicorn (httptools): direct_writer recognises its send, and chunks written through it
     reach the client as the body, between the ones its send wrote."""
-    import uvicorn
-
     found = []
 
     async def app(scope, receive, send):
@@ -248,9 +232,18 @@ def test_uvicorn_httptools_send_is_written_to_directly():
         w.write(b"three,")
         await send({"type": "http.response.body", "body": b"four", "more_body": False})
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    r, = _on_real_uvicorn(app, [("/", {})])
+    assert r.status_code == 200 and r.content == b"one,two,three,four"
+    assert r.headers["transfer-encoding"] == "chunked"
+    assert found == [(UvicornWriter, True, None)]  # a wrapped send is not written to directly
+
+
+def _on_real_uvicorn(app, posts: list[tuple[str, dict]]) -> list[httpx.Response]:
+    """Serve `app` on uvicorn with httptools (the server's own stack) on a free port, POST each
+    (path, headers) in order, stop it and return the responses."""
+    import uvicorn
+
+    port = free_port()
 
     async def main():
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", loop="asyncio",
@@ -259,15 +252,12 @@ def test_uvicorn_httptools_send_is_written_to_directly():
         while not server.started:
             await asyncio.sleep(0.01)
         async with httpx.AsyncClient() as c:
-            r = await c.post(f"http://127.0.0.1:{port}/")
+            out = [await c.post(f"http://127.0.0.1:{port}{path}", headers=headers) for path, headers in posts]
         server.should_exit = True
         await serving
-        return r
+        return out
 
-    r = asyncio.run(main())
-    assert r.status_code == 200 and r.content == b"one,two,three,four"
-    assert r.headers["transfer-encoding"] == "chunked"
-    assert found == [(UvicornWriter, True, None)]  # a wrapped send is not written to directly
+    return asyncio.run(main())
 
 
 class _Group:
@@ -309,8 +299,6 @@ def test_uvicorn_response_head_and_first_chunk_are_one_write(close):
     """The real uvicorn (httptools): an SSEStream's head leaves with its first chunk in one write (a
     one-event stream: head, event, [DONE] and the chunked end); later chunks are a write each; the
     client gets the same headers and body; `Connection: close` still closes after the body."""
-    import uvicorn
-
     from sglang_duet.server.sse import SSEStream
 
     first_final = [[(0, _delta("a", True))]]
@@ -329,25 +317,8 @@ def test_uvicorn_response_head_and_first_chunk_are_one_write(close):
         await response(scope, receive, send)
         runs.append((counting.writes, group.closed))
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    async def main():
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", loop="asyncio",
-                                               lifespan="off", log_level="warning"))
-        serving = asyncio.ensure_future(server.serve())
-        while not server.started:
-            await asyncio.sleep(0.01)
-        headers = {"connection": "close"} if close else {}
-        async with httpx.AsyncClient() as c:
-            one = await c.post(f"http://127.0.0.1:{port}/one", headers=headers)
-            many = await c.post(f"http://127.0.0.1:{port}/many", headers=headers)
-        server.should_exit = True
-        await serving
-        return one, many
-
-    one, many = asyncio.run(main())
+    headers = {"connection": "close"} if close else {}
+    one, many = _on_real_uvicorn(app, [("/one", headers), ("/many", headers)])
     for r in (one, many):
         assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream; charset=utf-8"
         assert r.headers["transfer-encoding"] == "chunked" and r.headers["cache-control"] == "no-cache"
