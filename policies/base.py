@@ -256,10 +256,8 @@ def deadline_order(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float
     late.sort()
     if not late or late[0] == size - len(late):
         return waiting  # nothing set aside, or only the last ones: the order stays FCFS
-    out = waiting[:late[0]]
-    for lo, hi in zip(late, late[1:] + [size]):
-        out += waiting[lo + 1:hi]
-    return out + [waiting[j] for j in late]
+    aside = set(late)
+    return [r for i, r in enumerate(waiting) if i not in aside] + [waiting[j] for j in late]
 
 
 def deadline_view(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float) -> SchedulerView:

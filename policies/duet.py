@@ -320,8 +320,8 @@ class DuetPolicy(OneLaneBusy, Policy):
 
         # the candidates, aggregated ones first: rows of C, gathered by index where they are read
         # off the priced rows and the cut (SearchShape), the splits' decode, slowest and joiner after
-        C = np.empty((7, N))
-        step, decode, first, slowest, joiner, work, tokens = C  # F's order
+        C = np.empty((7, N))  # rows: step, decode, first, slowest, joiner, work, tokens (F's order)
+        first, joiner, work = C[2], C[4], C[5]  # (indexing: unpacking all seven rows costs more)
         t.take(sh.from_t, out=C[0:4], mode="clip")  # aggregated: its step; splits: the prefill, first step
         if not n:
             C[2:4, :na] = 0.0
@@ -379,10 +379,8 @@ class DuetPolicy(OneLaneBusy, Policy):
             gain += 1e-3 * pace
             score += gain
         return Search(
-            split=sh.split, agg_budgets=ba, split_budgets=tb.split_array[:nb], grid=tb.grid, tau=tau, tokens=tokens,
-            k=kk, step=step,
-            decode=decode,
-            first=first, slowest=slowest, joiner=joiner, feasible=feasible, score=score,
+            split=sh.split, agg_budgets=ba, split_budgets=tb.split_array[:nb], grid=tb.grid, tau=tau, tokens=C[6],
+            k=kk, step=C[0], decode=C[1], first=first, slowest=C[3], joiner=joiner, feasible=feasible, score=score,
             prefix=prefix, dec=dec, priced=priced, cal=self._cal_values(),
         )
 
