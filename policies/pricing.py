@@ -308,9 +308,24 @@ class SummaryPricer:
         (each token's GEMMs and its attention to every earlier token are done once)."""
         comp, attn, _ = self._rates[0]
         if not self.exact:
+            if not hasattr(self.cm, "_ops"):
+                return self._work_from_batch_time()
             T = self.cm._ops([(1, 0)])
             return sum(f for _, f, _, _, a in T if not a) / comp, 4 * self.cm.H * self.cm.hd * self.cm.L / attn
         return float(self._cf[1, ~self._attn].sum()) / comp, float(self._cf[3, self._attn].sum()) / attn
+
+    def _work_from_batch_time(self, n: int = 1024, cached: int = 4096) -> tuple[float, float]:
+        """`work_weights` of a cost model that only answers `batch_time` (no operator inventory:
+        e.g. `constant.ConstantCostModel`, whose every step costs the same): fitted on two n-token
+        prefills on the whole GPU, one fresh and one after `cached` tokens, which differ only in
+        attention pairs. A model whose time does not grow with context gets wA = 0 (its work is
+        its tokens); neither weight is negative, and wT stays positive so work still orders batches."""
+        fresh = self.cm.batch_time([(n, 0)]) * 1e3
+        late = self.cm.batch_time([(n, cached)]) * 1e3
+        pairs_fresh, pairs_late = n * (n + 1) / 2, n * (cached + (n + 1) / 2)
+        w_a = max(0.0, (late - fresh) / (pairs_late - pairs_fresh))
+        w_t = max((fresh - w_a * pairs_fresh) / n, 1e-12)
+        return w_t, w_a
 
     def summary_ms(self, s: Summary, sms: int | None = None) -> float:
         return float(self.ms(np.array([[s.T, s.R, s.A, s.K]]), np.array([sms or 0]))[0])

@@ -75,9 +75,17 @@ def install_constant_device(engine, step_ms: float) -> ConstantCostModel:
         ex.contention = "none"
     if hasattr(ex, "time_scale"):
         ex.time_scale = 1.0
-    ctx = getattr(getattr(engine, "policy", None), "ctx", None)
+    policy = getattr(engine, "policy", None)
+    ctx = getattr(policy, "ctx", None)
     if ctx is not None and getattr(ctx, "cost_model", None) is not None:
-        ctx.cost_model = cm  # predictions agree with the device
+        # Predictions agree with the device. A policy reads its cost model when it is built (duet
+        # fits its pricer and search tables then), so it is built again on the constant one.
+        ctx.cost_model = cm
+        fresh = type(policy)(ctx)
+        engine.policy = fresh
+        core = getattr(engine, "core", None)
+        if core is not None and getattr(core, "policy", None) is policy:
+            core.policy = fresh
     engine.device = f"emulated:{cm.describe()}"
     return cm
 
