@@ -270,7 +270,12 @@ def _token_bytes(tokens: list[str]) -> list[bytes]:
 
 def _rust_backend(tokenizer: Any):
     """The tokenizers.Tokenizer behind a transformers tokenizer when decoding through it directly
-    gives what the tokenizer's own decode gives; else None."""
+    gives what the tokenizer's own decode gives; else None. A DecodeTokenizer (the scheduler's,
+    model_loader/decode_tokenizer.py) is its backend's decode by construction."""
+    from sglang_duet.model_loader.decode_tokenizer import DecodeTokenizer
+
+    if isinstance(tokenizer, DecodeTokenizer):
+        return tokenizer.backend
     try:
         import tokenizers
         from transformers.tokenization_utils_base import PreTrainedTokenizerBase

@@ -22,9 +22,12 @@ MAX_RUNNING_DEFAULT = 256
 
 
 class EngineCore:
-    def __init__(self, args: ServerArgs, clock=time.monotonic):
+    def __init__(self, args: ServerArgs, clock=time.monotonic, tokenizer_decode_only: bool = False):
+        """tokenizer_decode_only: the server's scheduler, which only decodes (stop strings) and needs
+        the eos id: a tokenizer loaded without transformers where the loader can (load_tokenizer)."""
         self.args = args
         self.clock = clock
+        self.tokenizer_decode_only = tokenizer_decode_only
         self.tp_driver = None  # rank 0 of a tensor-parallel group (sglang_duet.distributed.tp_worker)
         if args.tp_size > 1 and args.executor == "emulated" and args.nnodes > 1:
             raise ValueError(f"--nnodes {args.nnodes}: the emulated executor emulates the whole --tp-size "
@@ -93,7 +96,8 @@ class EngineCore:
             self.tp_driver = TPDriver(args, device)
             device, tp = self.tp_driver.device, self.tp_driver.group
         loaded = load_model(args.model_path, load_format=args.load_format, dtype=args.dtype, device=str(device),
-                            model_config_path=args.model_config, seed=args.random_seed, tp=tp)
+                            model_config_path=args.model_config, seed=args.random_seed, tp=tp,
+                            tokenizer_decode_only=self.tokenizer_decode_only)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.chat_template = loaded.chat_template

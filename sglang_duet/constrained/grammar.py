@@ -44,11 +44,11 @@ class GrammarError(SamplingParamsError):
 
 
 def available() -> bool:
-    try:
-        import xgrammar  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether xgrammar is installed, found without importing it: it imports torch and transformers
+    (~1.5 s of a server's start in the scheduler process, which otherwise needs no transformers)."""
+    import importlib.util
+
+    return importlib.util.find_spec("xgrammar") is not None
 
 
 def _clean(err: Exception) -> str:
@@ -79,7 +79,10 @@ class GrammarCompiler:
             if self._compiler is None:
                 import xgrammar as xgr
 
-                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
+                tok = self.tokenizer
+                if hasattr(tok, "transformers_tokenizer"):  # the scheduler's DecodeTokenizer: load the full one now
+                    tok = tok.transformers_tokenizer()
+                info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab_size)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=self.max_threads)
             return self._compiler
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sglang_duet.model_loader.decode_tokenizer import DecodeTokenizer
 from sglang_duet.models.config import ModelConfig
 from sglang_duet.models.llama import LlamaForCausalLM
 from sglang_duet.startup_phases import Phases
@@ -36,7 +37,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 class LoadedModel:
     model: LlamaForCausalLM
     config: ModelConfig
-    tokenizer: Any | None  # transformers fast tokenizer, or None (dummy without tokenizer)
+    tokenizer: Any | None  # transformers tokenizer, DecodeTokenizer (tokenizer_decode_only), or None
     model_dir: str | None
     chat_template: str | None
     dtype: torch.dtype
@@ -137,12 +138,18 @@ def iter_safetensors(files: list[str], shard=None):
                 yield name, read_shard(f, name, shard(name) if shard else None)
 
 
-def load_tokenizer(model_dir: str | None):
-    """The folder's tokenizer, or None when it has no tokenizer files."""
+def load_tokenizer(model_dir: str | None, decode_only: bool = False):
+    """The folder's tokenizer, or None when it has no tokenizer files. decode_only=True (the server's
+    scheduler, which only decodes): a DecodeTokenizer where the folder has a decode snapshot
+    (decode_tokenizer.py), loaded without importing transformers; else the transformers tokenizer."""
     if model_dir is None or not os.path.isdir(model_dir):
         return None
     if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
         return None
+    if decode_only:
+        snapshot = _decode_snapshot(model_dir)
+        if snapshot is not None:
+            return snapshot
     from sglang_duet.model_loader.tokenizer_cache import remember_tokenizer_class, remembered_tokenizer_class
 
     cls = remembered_tokenizer_class(model_dir)
@@ -153,6 +160,18 @@ def load_tokenizer(model_dir: str | None):
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     remember_tokenizer_class(model_dir, tok)
     return tok
+
+
+def _decode_snapshot(model_dir: str):
+    """The embedded folder's decode snapshot (its tokenizer copy, marked), or None."""
+    from sglang_duet.model_loader.embedded import is_embedded_folder
+
+    if not is_embedded_folder(model_dir):
+        return None  # the snapshot lives in the embedded folder's serving/ dir, ours to write in
+    from sglang_duet.model_loader.decode_tokenizer import load_snapshot
+    from sglang_duet.model_loader.tokenizer_cache import tokenizer_copy_dir
+
+    return load_snapshot(tokenizer_copy_dir(model_dir))
 
 
 def _chat_template(tokenizer, model_dir: str | None) -> str | None:
@@ -183,7 +202,7 @@ def _prepare_for_inference(model: LlamaForCausalLM, device: torch.device) -> Non
 
 def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "auto",
                device: str | torch.device = "cpu", model_config_path: str | None = None,
-               seed: int = 0, tp=None, tokenizer: bool = True) -> LoadedModel:
+               seed: int = 0, tp=None, tokenizer: bool = True, tokenizer_decode_only: bool = False) -> LoadedModel:
     """Load a model for serving.
 
     model_path: HF folder, *.gguf file (or a folder holding one), or None for the embedded
@@ -191,6 +210,7 @@ def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "
     (deterministic from `seed`) and the config comes from `model_config_path` (a folder or
     a JSON file) or from model_path. `tp` (a TPGroup): build and load only this rank's shard.
     tokenizer=False skips the tokenizer (a follower rank never needs one; transformers' import is slow).
+    tokenizer_decode_only=True: a tokenizer that need only decode (the server's scheduler), see load_tokenizer.
     """
     device = torch.device(device)
     phases = Phases()
@@ -215,7 +235,7 @@ def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "
         model.init_dummy_weights(seed)
         _prepare_for_inference(model, device)
         phases.mark("weights (dummy)")
-        tok = load_tokenizer(model_dir) if tokenizer else None
+        tok = load_tokenizer(model_dir, tokenizer_decode_only) if tokenizer else None
         phases.mark("tokenizer")
         return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "dummy",
                            phases=phases)
@@ -237,12 +257,13 @@ def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "
     else:
         model = _copied_model(cfg, torch_dtype, device, tp, files)
     phases.mark("weights (mapped)" if mapped else "weights")
-    tok = load_tokenizer(model_dir) if tokenizer else None
-    if tok is not None and embedded:
+    tok = load_tokenizer(model_dir, tokenizer_decode_only) if tokenizer else None
+    snapshot = isinstance(tok, DecodeTokenizer)
+    if tok is not None and embedded and not snapshot:
         from sglang_duet.model_loader.tokenizer_cache import keep_tokenizer_copy
 
         keep_tokenizer_copy(model_dir, tok)
-    phases.mark("tokenizer")
+    phases.mark("tokenizer (decode snapshot)" if snapshot else "tokenizer")
     logger.info("model loaded: %s", phases.summary())
     return LoadedModel(model, cfg, tok, model_dir, _chat_template(tok, model_dir), torch_dtype, device, "safetensors",
                        mapped_file=mapped, phases=phases)

@@ -3,7 +3,8 @@
 - The class AutoTokenizer chose for the folder is remembered (serving/tokenizer-class.json, per
   transformers version), so later loads skip AutoTokenizer's registries.
 - A copy of the loaded tokenizer without the model's config.json (serving/tokenizer-transformers-V/)
-  lets the server's other processes load it at once and cheaply (server/launcher.py).
+  lets the server's other processes load it at once and cheaply (server/launcher.py), and, marked as
+  a decode snapshot, the scheduler decode without transformers (decode_tokenizer.py).
 """
 from __future__ import annotations
 
@@ -74,14 +75,22 @@ def tokenizer_copy_dir(model_dir: str) -> str:
 
 
 def keep_tokenizer_copy(model_dir: str, tok) -> None:
-    """Save `tok` as the folder's tokenizer copy unless one is there (atomically: temp dir, then rename)."""
+    """Save `tok` as the folder's tokenizer copy unless one is there (atomically: temp dir, then rename),
+    marked as a decode snapshot of `tok` where it can be one (decode_tokenizer.py): the next start's
+    scheduler then decodes without importing transformers. A copy an earlier start kept without the
+    mark gets it now, when it is this tokenizer's backend."""
+    from sglang_duet.model_loader.decode_tokenizer import SNAPSHOT_META, write_snapshot_meta
+
     target = tokenizer_copy_dir(model_dir)
     if os.path.isfile(os.path.join(target, "tokenizer.json")):
+        if not os.path.isfile(os.path.join(target, SNAPSHOT_META)):
+            write_snapshot_meta(tok, target)
         return
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=os.path.dirname(target))
         tok.save_pretrained(tmp)
+        write_snapshot_meta(tok, tmp)
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, target)

@@ -119,9 +119,14 @@ class DetokenizerProcess:
     def __init__(self, paths: IPCPaths, tokenizer_dir: str | None):
         self.tokenizer = None
         if tokenizer_dir:
-            from transformers import AutoTokenizer
+            from sglang_duet.model_loader.decode_tokenizer import load_snapshot
 
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+            # a decode snapshot (the embedded model's tokenizer copy): its Rust backend, no transformers
+            self.tokenizer = load_snapshot(tokenizer_dir)
+            if self.tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         self.decoder = BatchDecoder(self.tokenizer) if self.tokenizer is not None else None
         # byte-level BPE (SmolLM2, Qwen, Llama 3): O(new tokens) detokenization, no decode calls
         self.table = ByteLevelTable.build(self.tokenizer) if self.tokenizer is not None else None
@@ -261,8 +266,8 @@ def run_detokenizer_process(log_level: str, paths: IPCPaths, conn) -> None:
     scheduler has loaded the model) before reporting ready."""
     setup_child("detokenizer", log_level, paths.root)
     try:
-        import transformers  # noqa: F401 - import while the scheduler loads the model
-
+        if not conn.poll():  # no tokenizer folder known early: import while the scheduler loads the model
+            import transformers  # noqa: F401
         tok_dir = conn.recv_bytes().decode() or None
         proc = DetokenizerProcess(paths, tok_dir)
         send_ready(conn, io.ReadyInfo(status="ready"))

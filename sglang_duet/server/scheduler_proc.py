@@ -113,7 +113,9 @@ class SchedulerProcess:
 
         self.args = args
         self.paths = paths
-        self.engine = EngineCore(args)
+        # This process only decodes (stop strings): no transformers tokenizer where the loader has a
+        # decode snapshot (model_loader/decode_tokenizer.py); importing transformers cost ~1.5 s of CPU.
+        self.engine = EngineCore(args, tokenizer_decode_only=True)
         if self.engine.tp_driver is not None:
             self.engine.tp_driver.on_follower_death = _follower_died
         install_grammars(self.engine)  # structured output: a matcher per request that sets a grammar
@@ -139,8 +141,12 @@ class SchedulerProcess:
 
     def ready_info(self) -> io.ReadyInfo:
         e = self.engine
+        from sglang_duet.model_loader.decode_tokenizer import DecodeTokenizer
+
         tok_dir = None
-        if e.tokenizer is not None:
+        if isinstance(e.tokenizer, DecodeTokenizer):
+            tok_dir = e.tokenizer.folder  # the snapshot: the transformers tokenizer it decodes as, saved
+        elif e.tokenizer is not None:
             # A copy in the private dir: the main and detokenizer processes load exactly this
             # tokenizer (incl. fix-ups the loader applied to a GGUF one) without the weights.
             tok_dir = os.path.join(self.paths.root, "tokenizer")
