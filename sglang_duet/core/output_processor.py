@@ -34,6 +34,13 @@ class RequestUpdate(msgspec.Struct, gc=False):
 
 
 class SchedulerOutputProcessorMixin:
+    # rid -> the output length from which a running request's usual one-token update is built again
+    # (None: every token gets one). Set by a consumer that batches a request's tokens anyway (the
+    # server's --stream-interval, scheduler_proc): below the mark the update would only be held back
+    # there, and the consumer reads the tokens from the request's output_ids when it sends. Finishes,
+    # several tokens at once and logprobs always get their update.
+    stream_hold: dict[str, int] | None = None
+
     def apply_result(self, result: LaunchResult) -> list[RequestUpdate]:
         """Apply one part of a launch's result (see LaunchResult): the tokens it makes visible, and,
         for the final part, the end of the launch (lanes freed, KV of requests that ended meanwhile
@@ -65,6 +72,7 @@ class SchedulerOutputProcessorMixin:
         now = result.finished_at or self.clock()
         requests = self.requests
         FINISHED = ReqState.FINISHED
+        hold = self.stream_hold
         generated = 0
         # The launch's requests, row by row (a request in flight is never forgotten: see _update);
         # a launch built elsewhere has none: looked up by id.
@@ -142,9 +150,10 @@ class SchedulerOutputProcessorMixin:
                 else:
                     if final and done + 1 < w.steps:
                         raise RuntimeError(f"launch {lid} ended with {done + 1} of {w.steps} tokens for {rid!r}")
-                    # _update, inlined: the request runs on
-                    updates.append(RequestUpdate(rid, [t], _NO_LOGPROBS, False, None, r.prompt_len, n_out, r.cached_len,
-                                                 r.arrival_time, r.first_token_time, None))
+                    # _update, inlined: the request runs on (unless its consumer holds this token back)
+                    if hold is None or n_out >= hold.get(rid, 0):
+                        updates.append(RequestUpdate(rid, [t], _NO_LOGPROBS, False, None, r.prompt_len, n_out,
+                                                     r.cached_len, r.arrival_time, r.first_token_time, None))
                 if not final:
                     delivered[rid] = done + 1
                 generated += 1

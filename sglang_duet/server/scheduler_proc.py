@@ -127,6 +127,9 @@ class SchedulerProcess:
         self.engine.executor = self.timer
         self.stream_interval = max(1, int(getattr(args, "stream_interval", 1) or 1))
         self._held: dict[str, _Held] = {}  # rid -> tokens held back by --stream-interval
+        # With an interval the core skips the updates _send_updates would hold back (a running
+        # request's one token between two sends): at 1024 streams and interval 8, 7 of 8 per step.
+        self._core_hold = self.engine.core.stream_hold = {} if self.stream_interval > 1 else None
         self.ctx = zmq.Context(1)
         self.recv = pull_socket(self.ctx, paths.scheduler_in)
         self.send = push_socket(self.ctx, paths.detokenizer_in)
@@ -177,12 +180,14 @@ class SchedulerProcess:
                 # shortly before its result is due (new requests and aborts wake the loop at once)
                 # instead of waking every STEP_WAIT_S to look.
                 got = self._drain(max(self._ms_until_result(), 0 if progressed else 1))
+                parts = self.timer.parts
                 updates = self.engine.step(0.0 if got else STEP_WAIT_S)
-                if updates and launch_first and self.engine.core.can_plan() and self.engine.has_work():
+                applied = self.timer.parts != parts  # a result came (its updates may all be held back)
+                if (applied or updates) and launch_first and self.engine.core.can_plan() and self.engine.has_work():
                     self._drain(0)  # aborts and new requests first: they change what the next launch holds
                     updates += self.engine.step(0.0)
                 core = self.engine.core
-                progressed = bool(updates) or bool(core.inflight)
+                progressed = applied or bool(updates) or bool(core.inflight)
                 self.peak_running = max(self.peak_running, core.num_running)
                 self.peak_waiting = max(self.peak_waiting, core.num_waiting)
                 if updates:
@@ -313,6 +318,7 @@ class SchedulerProcess:
         where: dict[str, int] = {}
         interval = self.stream_interval
         held = self._held
+        hold = getattr(self, "_core_hold", None)  # the core's side of the holding (see __init__)
         for u in updates:
             ids, lps = u.new_token_ids, (_logprobs(u.new_logprobs) if u.new_logprobs else None)
             if interval > 1:
@@ -321,17 +327,29 @@ class SchedulerProcess:
                     if not u.finished:
                         if not ids:
                             continue
-                        held[u.rid] = _Held(u.completion_tokens)
+                        out = self._output_list(u.rid) if hold is not None else None
+                        held[u.rid] = h = _Held(u.completion_tokens, out)
+                        if hold is not None and h.out is not None:
+                            hold[u.rid] = u.completion_tokens + interval
                 else:
-                    if h.ids:
+                    if h.out is not None:  # every token since the last send, the ones the core skipped too
+                        ids = h.out[h.sent:u.completion_tokens]
+                    elif h.ids:
                         ids = h.ids + ids
-                        lps = h.lps + lps if h.lps and lps else (h.lps or lps)
+                    if h.lps:
+                        lps = h.lps + lps if lps else h.lps
                     if u.finished:
                         del held[u.rid]
+                        if hold is not None:
+                            hold.pop(u.rid, None)
                     elif u.completion_tokens - h.sent >= interval:
                         h.ids, h.lps, h.sent = [], None, u.completion_tokens
+                        if hold is not None and h.out is not None:
+                            hold[u.rid] = u.completion_tokens + interval
                     else:
-                        h.ids, h.lps = ids, lps
+                        if h.out is None:
+                            h.ids = ids
+                        h.lps = lps
                         continue
             at = where.get(u.rid)
             if at is None:
@@ -353,6 +371,15 @@ class SchedulerProcess:
                 finished[at] = u.finish_reason
         if rids:
             self._push(io.BatchTokenOut(rids, new_ids, prompt, completion, finished, logprobs, cached))
+
+    def _output_list(self, rid: str) -> list[int] | None:
+        """The running request's own output_ids (the core appends every token to it), from which a
+        held request's tokens are sent; None for a request that asked for logprobs (each token's
+        update carries one: all are kept) or that the core does not hold (then updates accumulate)."""
+        r = self.engine.core.requests.get(rid)
+        if r is None or r.params.logprobs:
+            return None
+        return r.output_ids
 
     def _send_stats(self) -> None:
         core = self.engine.core
@@ -383,14 +410,16 @@ class SchedulerProcess:
 
 
 class _Held:
-    """A running request's tokens not sent yet (--stream-interval), and how many were sent."""
+    """A running request's tokens not sent yet (--stream-interval), and how many were sent. `out`:
+    the request's output_ids, when the tokens are read from it (then `ids` stays empty)."""
 
-    __slots__ = ("ids", "lps", "sent")
+    __slots__ = ("ids", "lps", "sent", "out")
 
-    def __init__(self, sent: int):
+    def __init__(self, sent: int, out: list[int] | None = None):
         self.ids: list[int] = []
         self.lps: list | None = None
         self.sent = sent
+        self.out = out
 
 
 def _logprobs(new_logprobs) -> list | None:
@@ -436,6 +465,7 @@ class DeviceTimer:
         self.device_idle_s = 0.0  # device time between launches while the engine had work
         self.device_idle_gaps = 0  # launches that started after their lane had been idle
         self.final_results = 0  # launches reported finished (the divisor of device_idle_s)
+        self.parts = 0  # result parts polled (final or not)
 
     def __getattr__(self, name):  # everything else is the executor's
         return getattr(self.inner, name)
@@ -460,6 +490,7 @@ class DeviceTimer:
         cpu0 = self.cpu_clock()
         results = self.inner.poll(timeout)
         if results:
+            self.parts += len(results)
             now = self.clock()
             end = None
             for r in results:
