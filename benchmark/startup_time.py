@@ -3,7 +3,8 @@
 Each round starts the server (in its own session), polls /health every 20 ms, reads the launcher's
 "start-up:" line (its phases, server/launcher.py) and the scheduler's "model loaded:" line (the
 loader's phases), stops it, and takes the CPU seconds the whole process tree used (the children's
-rusage; the server reaps its own children). With --before DIR, the rounds alternate between this
+rusage; the server reaps its own children), and, at ready, each server process's own (/proc: main,
+scheduler, detokenizer). With --before DIR, the rounds alternate between this
 checkout and another one (e.g. a `git worktree` of an older commit): `python -m` runs the package
 of the working directory. The load average is printed with every round: on a shared machine wall
 time is only comparable between adjacent rounds, CPU seconds less so.
@@ -34,6 +35,48 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _proc_cpu(pid: int) -> float:
+    """user+system CPU seconds of a live process (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _role(pid: int) -> str:
+    """main / scheduler (the child that loaded torch) / detokenizer / other, from /proc."""
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            cmd = f.read()
+        with open(f"/proc/{pid}/maps") as f:
+            torch_loaded = "libtorch" in f.read()
+    except OSError:
+        return "other"
+    if "multiprocessing.spawn" not in cmd:
+        return "other"  # e.g. multiprocessing's resource tracker
+    return "scheduler" if torch_loaded else "detokenizer"
+
+
+def per_process_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds each of the server's processes has used so far, by role (while they run)."""
+    out = {"main": _proc_cpu(pid)}
+    for child in _children(pid):
+        try:
+            role, cpu = _role(child), _proc_cpu(child)
+        except OSError:
+            continue
+        if role != "other":
+            out[role] = out.get(role, 0.0) + cpu
+    return out
+
+
 def one_start(cwd: str, flags: list[str], log_path: str, timeout_s: float = 300.0) -> dict:
     port = free_port()
     cpu0 = _children_cpu()
@@ -53,6 +96,12 @@ def one_start(cwd: str, flags: list[str], log_path: str, timeout_s: float = 300.
             pass
         time.sleep(0.02)
     load = os.getloadavg()[0]
+    procs = {}
+    if proc.poll() is None:
+        try:
+            procs = per_process_cpu(proc.pid)
+        except OSError:
+            pass
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -63,7 +112,7 @@ def one_start(cwd: str, flags: list[str], log_path: str, timeout_s: float = 300.
     text = open(log_path, errors="replace").read()
     phases = _STARTUP.findall(text)
     loaded = _LOADED.findall(text)
-    return {"ready_s": ready, "cpu_s": _children_cpu() - cpu0, "load1": load,
+    return {"ready_s": ready, "cpu_s": _children_cpu() - cpu0, "load1": load, "procs": procs,
             "phases": phases[-1].strip().rstrip(",") if phases else "",
             "loader": loaded[-1].strip().rstrip(",") if loaded else ""}
 
@@ -85,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name].append(res)
             ready = f"{res['ready_s']:.2f} s" if res["ready_s"] is not None else "NOT READY"
             print(f"round {r} {name:6s} ready {ready}  cpu {res['cpu_s']:.1f} s  load {res['load1']:.2f}", flush=True)
+            if res["procs"]:
+                print("    cpu s:    " + ", ".join(f"{k} {v:.1f}" for k, v in res["procs"].items()))
             if res["phases"]:
                 print(f"    launcher: {res['phases']}")
             if res["loader"]:
