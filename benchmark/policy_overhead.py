@@ -12,6 +12,16 @@ timing), as wall-clock time and as the thread's CPU time (time.thread_time: what
 the scheduler's thread, unaffected by other processes competing for the cores on a loaded
 machine). Both depend on the CPU, so no test asserts them.
 
+`--simulated WORKLOAD:RATE` times instead every plan() of a simulated run (`sglang_duet.simulator`,
+the emulated GPU on its virtual clock): the views a policy really gets, with the queue as long as
+the load makes it, batch sizes changing from plan to plan and the calibration moving after every
+launch, none of which the synthetic views above show (they re-plan one view, so every cache the
+policy keeps hits). Reported per lane-pair state, with and without prompts to prefill, for plans
+with at least `--min-batch` ready decodes (azure-conv at 40 req/s, 1500 requests and
+`--max-running 512` reaches 256):
+
+    python -m benchmark.policy_overhead --policies duet --simulated azure-conv:40
+
 `--policies-dir DIR` times the policies of another checkout (its policies/ folder, loaded in place of
 the installed package before anything imports it: e.g. a `git worktree` of the commit before a
 change), for before/after runs alternated on one loaded machine.
@@ -89,6 +99,54 @@ def time_plans(policy, view: SchedulerView, repeat: int) -> tuple[list[float], l
     return wall, cpu
 
 
+def _lane_state(view: SchedulerView) -> str:
+    if LaneKind.AGGREGATED in view.idle_lanes:
+        return "both idle"
+    return "prefill running, decode idle" if LaneKind.DECODE in view.idle_lanes else "decode running, prefill idle"
+
+
+def simulated_plans(name: str, workload: str, rate: float, num_requests: int, max_running: int, model: str,
+                    hardware: str, seed: int = 0) -> list[tuple[str, int, int, float]]:
+    """(lane state, ready decodes, prompts waiting or prefilling, thread CPU ms) of every plan() of
+    one simulated run. The policy's class is wrapped for the run (the simulator builds the policy)."""
+    from sglang_duet.policies.base import PolicyContext, load_policy
+    from sglang_duet.simulator.loop import SimConfig, simulate
+
+    cm = CostModel.load(model, hardware)
+    cls = type(load_policy(name, PolicyContext(chunked_prefill_size=8192, tbt_slo_ms=100.0, ttft_slo_ms=1000.0,
+                                               cost_model=cm, hardware=cm.hw)))
+    plan = cls.plan
+    out: list[tuple[str, int, int, float]] = []
+
+    def timed(self, view):
+        c0 = time.thread_time()
+        got = plan(self, view)
+        c1 = time.thread_time()
+        out.append((_lane_state(view), len(view.decoding), len(view.waiting) + len(view.prefilling), (c1 - c0) * 1e3))
+        return got
+
+    cls.plan = timed
+    try:
+        simulate(SimConfig(policy=name, hardware=hardware, model=model, workload=workload, rate=rate,
+                           num_requests=num_requests, seed=seed, chunked_prefill_size=8192,
+                           max_running_requests=max_running))
+    finally:
+        cls.plan = plan
+    return out
+
+
+def report_simulated(name: str, plans: list[tuple[str, int, int, float]], min_batch: int) -> None:
+    groups: dict[tuple[str, bool], list[float]] = {}
+    for state, n, queue, ms in plans:
+        if n >= min_batch:
+            groups.setdefault((state, queue > 0), []).append(ms)
+    for (state, queued), xs in sorted(groups.items()):
+        xs.sort()
+        q = (lambda f: xs[min(len(xs) - 1, int(f * len(xs)))])
+        print(f"{name:12s} {min_batch:>5d}+ {state:32s} {'queue' if queued else 'no queue':9s} {len(xs):6d} "
+              f"{statistics.median(xs):10.3f} {q(0.9):8.3f} {q(0.99):8.3f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--policies", default="duet,duet-paper")
@@ -98,7 +156,21 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="qwen3-8b")
     p.add_argument("--hardware", default="h100")
     p.add_argument("--policies-dir", default=None, help="time the policies/ folder of another checkout")
+    p.add_argument("--simulated", default=None, metavar="WORKLOAD:RATE",
+                   help="time every plan() of a simulated run of WORKLOAD at RATE req/s instead")
+    p.add_argument("--num-requests", type=int, default=1500, help="--simulated: requests in the run")
+    p.add_argument("--max-running", type=int, default=512, help="--simulated: max running requests")
+    p.add_argument("--min-batch", type=int, default=224, help="--simulated: report plans with this many ready decodes")
     a = p.parse_args(argv)
+    simulated = None
+    if a.simulated is not None:
+        workload, _, rate = a.simulated.rpartition(":")
+        try:
+            simulated = (workload, float(rate))
+        except ValueError:
+            p.error(f"--simulated: expected WORKLOAD:RATE, got {a.simulated!r}")
+        if not workload or not simulated[1] > 0:
+            p.error(f"--simulated: expected WORKLOAD:RATE with a positive rate, got {a.simulated!r}")
     if a.policies_dir is not None:
         import sglang_duet.policies as package
 
@@ -109,8 +181,19 @@ def main(argv=None) -> int:
         package.__path__[:] = [os.path.abspath(a.policies_dir)]
     from sglang_duet.policies.base import PolicyContext, load_policy
 
-    cm = CostModel.load(a.model, a.hardware)
     print(f"policies from {os.path.dirname(sys.modules['sglang_duet.policies.base'].__file__)}")
+    if simulated is not None:
+        workload, rate = simulated
+        print(f"plan() overhead over a simulated run: {workload} at {rate:g} req/s, {a.num_requests} requests, "
+              f"{a.model} on {a.hardware}, thread CPU ms per plan")
+        print(f"{'policy':12s} {'batch':>6s} {'state':32s} {'prompts':9s} {'plans':>6s} {'CPU median':>10s} "
+              f"{'p90':>8s} {'p99':>8s}")
+        for name in a.policies.split(","):
+            plans = simulated_plans(name, workload, rate, a.num_requests, a.max_running, a.model, a.hardware)
+            report_simulated(name, plans, a.min_batch)
+            print(f"{name:12s} (largest batch {max((n for _, n, _, _ in plans), default=0)}, {len(plans)} plans)")
+        return 0
+    cm = CostModel.load(a.model, a.hardware)
     print(f"plan() overhead, {a.model} on {a.hardware} pricing, queue {a.queue} prompts, {a.repeat} calls per cell")
     print(f"{'policy':12s} {'batch':>6s}  {'state':32s} {'median ms':>10s} {'p90 ms':>8s} {'CPU median':>11s} "
           f"{'CPU p90':>8s}")

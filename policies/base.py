@@ -231,7 +231,7 @@ def deadline_order(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float
     size = len(waiting)
     heap: list[int] = []
     late: list[int] = []
-    push, pop = heapq.heappush, heapq.heappop
+    push, pushpop = heapq.heappush, heapq.heappushpop
     total, first = 0, math.inf
     for i, r in enumerate(waiting):
         out = len(r.output_ids)
@@ -245,12 +245,13 @@ def deadline_order(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float
         a *= 1e3
         if out or now - a > limit:
             continue  # retracted (its first token is out), or deferred long enough: keeps its place
-        push(heap, -n * size + i)
-        if t > a + ttft_slo_ms:
-            key = pop(heap)
+        if t > a + ttft_slo_ms:  # late: take it and set the longest taken aside, in one heap operation
+            key = pushpop(heap, -n * size + i)
             j = key % size
             late.append(j)
             t += (key - j) // size / tokens_per_ms  # -n of the request set aside
+        else:
+            push(heap, -n * size + i)
     if start + total / tokens_per_ms <= first * 1e3 + ttft_slo_ms:
         return waiting  # everyone makes it in FCFS order
     late.sort()

@@ -304,8 +304,9 @@ class SearchTables:
         nc = len(budgets) + len(split_budgets)
         self.no_cut = (np.zeros((nc, 4)), np.zeros(nc, dtype=bool), np.zeros((2, nc)))  # the cut of an empty queue
         self._by_m: dict[int, np.ndarray] = {}
-        self._templates: dict[int, np.ndarray] = {}
-        self._cuts: dict[tuple, tuple] = {}  # (n, first and end budget row, nb) -> shape, cut budgets, budgets
+        steps = 1.0 + np.arange(k_max + 2)
+        self.unit_template = np.stack([np.ones(len(steps)), np.ones(len(steps)), steps, steps], axis=1)
+        self._cuts: dict[tuple, tuple] = {}  # (first and end budget row, nb) -> shape, budgets, which less n, aggregated budgets
         self._shapes: dict[tuple[int, int], SearchShape] = {}
         self._step_layouts: dict[tuple[int, int], object] = {}
 
@@ -329,16 +330,19 @@ class SearchTables:
                 nb = min(len(self.split_budgets), bisect.bisect_left(self.split_budgets, total) + 1)
         else:
             lo = hi = 1 if n else 0  # row 0 (decodes only), or nothing
-        key = (n, lo, hi, nb)
+        # Cached by the rows taken, not by n: n changes from plan to plan in a real run (a cache per
+        # n missed on a third of them). b - n for the aggregated budgets, b for the split ones.
+        key = (lo, hi, nb)
         got = self._cuts.get(key)
         if got is None:
-            if len(self._cuts) > 4096:
-                self._cuts.clear()
             rows = list(range(min(hi, 1))) + list(range(lo, hi))  # row 0, then lo..hi
             agg = self.budget_array[rows]
-            cut = np.maximum(np.concatenate([agg - n, self.split_array[:nb]]), 0.0)
-            got = self._cuts[key] = (self.search_shape(len(rows), nb), cut, agg)
-        return got
+            budgets = np.concatenate([agg, self.split_array[:nb]])
+            less_n = np.concatenate([np.ones(len(agg)), np.zeros(nb)])  # which budgets the decodes share
+            got = self._cuts[key] = (self.search_shape(len(rows), nb), budgets, less_n, agg)
+        sh, budgets, less_n, agg = got
+        cut = budgets - less_n * n  # exact: small integers
+        return sh, np.maximum(cut, 0.0, out=cut), agg
 
     def search_shape(self, na: int, nb: int) -> "SearchShape":
         got = self._shapes.get((na, nb))
@@ -361,15 +365,10 @@ class SearchTables:
         return got
 
     def decode_template(self, n: int) -> np.ndarray:
-        """X rows [n, n, n * j, n * j] of decode steps j = 1..K (add the cached tokens to A and K)."""
-        got = self._templates.get(n)
-        if got is None:
-            if len(self._templates) > 4096:
-                self._templates.clear()
-            steps = 1.0 + np.arange(self.k_max + 2)
-            got = self._templates[n] = np.stack([np.full(len(steps), float(n)), np.full(len(steps), float(n)),
-                                                 n * steps, n * steps], axis=1)
-        return got
+        """X rows [n, n, n * j, n * j] of decode steps j = 1..K (add the cached tokens to A and K):
+        one product, exact (small integers), so nothing is cached per batch size (n changes from
+        plan to plan in a real run; a cache per n missed on a quarter of them)."""
+        return self.unit_template * float(n)
 
     def step_layout(self, sms: int, k: int):
         """The pricer's row layout of k decode steps on `sms` SMs (cached)."""

@@ -244,8 +244,10 @@ class SummaryPricer:
         """One factor row per (compute_scale, bandwidth_scale): a device whose compute takes
         compute_scale and whose memory traffic (and kernel overheads, fixed per kernel like host
         time) take bandwidth_scale times the model's."""
-        ops = len(self._attn) if self.exact else 0
-        return np.array([[a] * ops + [b] * (ops + 1) if self.exact else [max(a, b)] for a, b in scales])
+        if not self.exact:
+            return np.array([[max(a, b)] for a, b in scales])
+        ops = len(self._attn)
+        return np.repeat(np.array(scales, dtype=float), (ops, ops + 1), axis=1)
 
     def ms_prepared(self, X: np.ndarray, prepared, scale) -> "Priced":
         """`ms(X, sms)` with `prepared = prepare(sms)`, each row scaled by `scale` (a row of
@@ -292,7 +294,10 @@ class SummaryPricer:
         base += self._w_const
         P = base if layout.identity and len(base) == len(layout.take) else base.take(layout.take, axis=0)
         P *= layout.prepared
-        P *= layout.scale(scales)
+        # each block by its scale row, in place: the calibration moves after every launch, so a
+        # per-row scale array gathered for the layout would be rebuilt for nearly every plan
+        for (lo, hi), scale in zip(layout.spans, scales):
+            P[lo:hi] *= scale
         ops = len(self._attn)
         t = np.add.reduce(np.maximum(P[:, :ops], P[:, ops:2 * ops]), axis=1)
         t += P[:, -1]
