@@ -4,7 +4,7 @@ Each round starts the server (in its own session), polls /health every 20 ms, re
 "start-up:" line (its phases, server/launcher.py) and the scheduler's "model loaded:" line (the
 loader's phases), stops it, and takes the CPU seconds the whole process tree used (the children's
 rusage; the server reaps its own children), and, at ready, each server process's own (/proc: main,
-scheduler, detokenizer). With --before DIR, the rounds alternate between this
+then its spawned children in start order, scheduler and detokenizer). With --before DIR, the rounds alternate between this
 checkout and another one (e.g. a `git worktree` of an older commit): `python -m` runs the package
 of the working directory. The load average is printed with every round: on a shared machine wall
 time is only comparable between adjacent rounds, CPU seconds less so.
@@ -35,45 +35,47 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()  # fields from the 3rd (state) on
+
+
 def _proc_cpu(pid: int) -> float:
     """user+system CPU seconds of a live process (/proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _children(pid: int) -> list[int]:
+def _spawned_children(pid: int) -> list[int]:
+    """The process's multiprocessing children (not its resource tracker), oldest first."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
+            kids = [int(x) for x in f.read().split()]
     except OSError:
         return []
+    spawned = []
+    for k in kids:
+        try:
+            with open(f"/proc/{k}/cmdline") as f:
+                if "multiprocessing.spawn" in f.read():
+                    spawned.append((int(_stat(k)[19]), k))  # start time, in clock ticks after boot
+        except (OSError, IndexError, ValueError):
+            pass
+    return [k for _, k in sorted(spawned)]
 
 
-def _role(pid: int) -> str:
-    """main / scheduler (the child that loaded torch) / detokenizer / other, from /proc."""
-    try:
-        with open(f"/proc/{pid}/cmdline") as f:
-            cmd = f.read()
-        with open(f"/proc/{pid}/maps") as f:
-            torch_loaded = "libtorch" in f.read()
-    except OSError:
-        return "other"
-    if "multiprocessing.spawn" not in cmd:
-        return "other"  # e.g. multiprocessing's resource tracker
-    return "scheduler" if torch_loaded else "detokenizer"
+# The launcher starts the scheduler, then the detokenizer (server/launcher.py start_children).
+_CHILD_ROLES = ("scheduler", "detokenizer")
 
 
 def per_process_cpu(pid: int) -> dict[str, float]:
     """CPU seconds each of the server's processes has used so far, by role (while they run)."""
     out = {"main": _proc_cpu(pid)}
-    for child in _children(pid):
+    for i, child in enumerate(_spawned_children(pid)):
         try:
-            role, cpu = _role(child), _proc_cpu(child)
+            out[_CHILD_ROLES[i] if i < len(_CHILD_ROLES) else f"child {i}"] = _proc_cpu(child)
         except OSError:
-            continue
-        if role != "other":
-            out[role] = out.get(role, 0.0) + cpu
+            pass
     return out
 
 

@@ -1,5 +1,6 @@
-"""benchmark/startup_time.py's per-process CPU: the server's spawned children told apart by /proc
-(the scheduler is the one that loaded torch), multiprocessing's resource tracker left out."""
+"""benchmark/startup_time.py's per-process CPU: the server's spawned children named by their start
+order (the launcher starts the scheduler, then the detokenizer), multiprocessing's resource tracker
+left out."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -37,4 +38,4 @@ def test_per_process_cpu_names_the_spawned_children_by_role():
         for p in kids:
             p.join(30)
     assert set(cpu) == {"main", "scheduler", "detokenizer"}, cpu
-    assert cpu["scheduler"] > cpu["detokenizer"] >= 0  # importing torch is most of a child's start
+    assert cpu["scheduler"] > cpu["detokenizer"] >= 0  # the first child, the one that imported torch
