@@ -2,7 +2,10 @@
 between tokens (what a long prefill costs the running streams). Arguments are server flags:
 
     OMP_NUM_THREADS=2 python benchmark/cpu_stream_stall.py --policy duet --tbt-slo-ms 300
+    python benchmark/cpu_stream_stall.py                      # the CPU default: chunked, budget from the CPU's speed
+    python benchmark/cpu_stream_stall.py --policy aggregated  # the default before it
 
+Each result names the policy and budget the server ran (its /get_server_info) and why, for an unset --policy.
 Reported: the gaps while the long prompt was in the server (`max_gap_beside_s`, the number the
 issue is about) and over the whole stream; the largest of those during which the server hardly
 waited for a CPU (`max_gap_beside_undisturbed_s`); for the largest gaps, how long the server's threads were
@@ -100,6 +103,7 @@ def main(server_args: list[str]) -> dict:
     srv = ServerProcess(server_args, startup_timeout=600)
     try:
         url = srv.url("/generate")
+        info = httpx.get(srv.url("/get_server_info"), timeout=30).json()
         long_prompt = "The quick brown fox jumps over the lazy dog. " * 300  # ~3000 tokens
         arrivals = []  # monotonic time of each streamed token
         sampler = DelaySampler(srv.proc.pid)
@@ -124,7 +128,9 @@ def main(server_args: list[str]) -> dict:
         gaps = [(b - a, a, b) for a, b in zip(arrivals, arrivals[1:])]
         # a gap is "beside the prompt" when any of it overlaps the prompt's time in the server
         beside = [g for g, a, b in gaps if b > t0 and a < t1]
-        out = {"args": server_args, "long_prompt_tokens": r.json()["meta_info"]["prompt_tokens"],
+        out = {"args": server_args, "policy": info["policy"], "chunked_prefill_size": info["chunked_prefill_size"],
+               "policy_default": info["policy_info"].get("default"),
+               "long_prompt_tokens": r.json()["meta_info"]["prompt_tokens"],
                "long_prompt_latency_s": round(t1 - t0, 2), "stream_tokens": len(arrivals),
                "max_gap_s": round(max(g for g, _, _ in gaps), 3),
                "median_gap_s": round(median([g for g, _, _ in gaps]), 3),

@@ -48,6 +48,11 @@ class EngineCore:
 
         apply_overrides(self, args)  # --tokenizer-path, --chat-template
         self.context_length = check_context_length(args.context_length, self.model_config.max_position_embeddings)
+        from sglang_duet.cost_model.cpu_budget import resolve_default_policy
+
+        # no --policy: on a CPU chunked, its budget from the measured speed; elsewhere aggregated
+        args, self.default_policy = resolve_default_policy(self, args)
+        self.args = args
         self.prefill_budget = prefill_budget(args.chunked_prefill_size, self.context_length,
                                              getattr(self, "device", ""))
         self.policy = load_policy(args.policy, self._policy_context(args))

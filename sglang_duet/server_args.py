@@ -25,9 +25,12 @@ class ServerArgs:
     max_running_requests: int | None = None
     max_queued_requests: int | None = None
     # scheduling
-    policy: str = "aggregated"  # a built-in name or a path to a policy file
+    # a built-in name or a path to a policy file; None: on a CPU, chunked with a prefill budget sized from the
+    # CPU's measured speed (cost_model/cpu_budget.py), elsewhere aggregated
+    policy: str | None = None
     policy_config: str | None = None  # YAML/JSON file of policy options
-    # prefill token budget per step; None: 8192 (SGLang's default) on a GPU, 512 on a CPU; -1: no chunking
+    # prefill token budget per step; None: 8192 (SGLang's default) on a GPU; on a CPU, with no --policy, the
+    # largest whose mixed step fits --tbt-slo-ms by the CPU's calibration (else 512); -1: no chunking
     chunked_prefill_size: int | None = None
     schedule_policy: str = "fcfs"  # SGLang's waiting-queue order: fcfs, or lpm (longest cached prefix first)
     disable_radix_cache: bool = False  # the radix prefix cache is on unless this is set
@@ -80,3 +83,13 @@ class ServerArgs:
     disaggregation_kv_timeout_s: float = 60.0  # prefill: hold unpulled KV this long; decode: wait for KV room
     pd_local_router: str = "auto"  # pd-local's router: sglang (sglang-router) | builtin (sglang_duet.router) | auto
     extra: dict = field(default_factory=dict)
+
+
+def fill_resolved_policy(args: ServerArgs, policy_info: dict) -> None:
+    """Copy what the scheduler resolved an unset --policy / --chunked-prefill-size to (its ReadyInfo's
+    policy) into the main process's args, so /get_server_info reports what runs: SGLang users read
+    `chunked_prefill_size` there, and SGLang reports its resolved value too."""
+    if args.policy is None and policy_info.get("name"):
+        args.policy = policy_info["name"]
+    if args.chunked_prefill_size is None and isinstance(policy_info.get("chunked_prefill_size"), int):
+        args.chunked_prefill_size = policy_info["chunked_prefill_size"]

@@ -228,7 +228,13 @@ def test_errors(server, model):
 def test_health_info_metrics(server):
     assert httpx.get(server.url("/health_generate"), timeout=60).status_code == 200
     info = server_info(server)
-    assert info["policy"] == "aggregated" and info["policy_info"]["name"] == "aggregated"
+    # no --policy on a CPU: chunked, the budget sized from the CPU's calibration (cost_model/cpu_budget.py)
+    assert info["policy"] == "chunked" and info["policy_info"]["name"] == "chunked"
+    budget = info["chunked_prefill_size"]
+    assert budget == info["policy_info"]["chunked_prefill_size"] and 64 <= budget <= 8192 and budget % 64 == 0
+    default = info["policy_info"]["default"]
+    assert (default["policy"], default["chunked_prefill_size"], default["source"]) == ("chunked", budget,
+                                                                                       "cpu-calibration")
     assert info["policy_info"]["tbt_slo_ms"] == 100.0 and "ttft_slo_ms" in info["policy_info"]
     assert "api_key" not in info
     st = info["internal_states"][0]

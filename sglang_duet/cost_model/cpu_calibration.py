@@ -27,7 +27,8 @@ dtype, threads, CPU, attention backend, torch version, TP size and nodes) in
 ~/.cache/sglang_duet/cpu-calibration/, so only the first start with a model on a machine pays the
 timing (a few seconds). EngineCore builds its policy with it (`calibrated_cost_model`), once.
 
-SGLANG_DUET_CPU_COST_MODEL=0 keeps the configured (GPU) hardware file instead.
+SGLANG_DUET_CPU_COST_MODEL=0 keeps the configured (GPU) hardware file instead. With no --policy, a
+CPU server runs `chunked` with a budget sized from this fit (`cpu_budget.py`).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from .roofline import CostModel
 
 logger = logging.getLogger(__name__)
 
+COST_MODEL_ENV = "SGLANG_DUET_CPU_COST_MODEL"  # "0": no calibration, the --hardware file stays
 CALIBRATION_VERSION = 3  # 3: interleaved rounds, minimum per shape, long-context shapes, bounded host terms
 # Policies that plan with the cost model (the others get the calibrated one too if asked, but a
 # start-up of the default policy does not pay for timing it does not use).
@@ -436,18 +438,24 @@ def load_or_calibrate(engine, cm: CostModel) -> CpuCalibration:
     return cal
 
 
-def calibrated_cost_model(engine, hardware: HardwareSpec | None) -> CpuCostModel | None:
-    """The cost model of this CPU for the policy EngineCore is about to build (called once, from
-    `EngineCore._policy_context`, after the executor exists): on a CPU with the real model and a
-    policy that plans with the cost model, fitted from timed forward passes (or the cached fit);
-    None elsewhere (the configured hardware file stays)."""
+def calibrated_cost_model(engine, hardware: HardwareSpec | None, policy: str | None = None) -> CpuCostModel | None:
+    """The cost model of this CPU for the policy EngineCore is about to build (`policy`, default
+    --policy; called after the executor exists, from `EngineCore._policy_context` and, for the CPU
+    default policy's budget, before it): on a CPU with the real model and a policy that plans with
+    the cost model, fitted from timed forward passes (or the cached fit); None elsewhere (the
+    configured hardware file stays). The fit is timed once per engine: a second call returns the
+    model the first built (`engine.cpu_cost_model`)."""
+    built = getattr(engine, "cpu_cost_model", None)
+    if built is not None:
+        return built
     args = engine.args
     if (getattr(args, "executor", "") != "model" or not str(getattr(engine, "device", "")).startswith("cpu")
-            or args.policy not in CALIBRATED_POLICIES or hardware is None
-            or os.environ.get("SGLANG_DUET_CPU_COST_MODEL", "1") == "0"):
+            or (policy or args.policy) not in CALIBRATED_POLICIES or hardware is None
+            or os.environ.get(COST_MODEL_ENV, "1") == "0"):
         return None
     executor = getattr(engine.executor, "_agg", engine.executor)
     dtype_bytes = next(executor.model.parameters()).element_size()
     base_cm = CostModel(engine.model_config, hardware, dtype_bytes)
     cal = load_or_calibrate(engine, base_cm)
-    return cpu_cost_model(engine.model_config, hardware, cal, dtype_bytes)
+    engine.cpu_cost_model = cpu_cost_model(engine.model_config, hardware, cal, dtype_bytes)
+    return engine.cpu_cost_model

@@ -36,15 +36,19 @@ _SPECS: dict[str, tuple[str, dict]] = {
     "max_total_tokens": ("KV pool size in tokens (overrides the memory settings)", {}),
     "max_running_requests": ("max requests holding KV at once", {}),
     "max_queued_requests": ("max waiting requests; more get HTTP 503", {}),
-    "policy": ("scheduling policy: a built-in name or a path to a policy .py file", {}),
+    "policy": ("scheduling policy: a built-in name or a path to a policy .py file (unset: chunked on a CPU, "
+               "with a prefill budget sized from the CPU's measured speed; aggregated on a GPU)", {}),
     "policy_config": ("YAML/JSON file of policy options", {}),
-    "chunked_prefill_size": ("prefill token budget per step (unset: 8192 on a GPU, 512 on a CPU); -1 turns chunking off (a prompt is never split)", {}),
+    "chunked_prefill_size": ("prefill token budget per step (unset: 8192 on a GPU; on a CPU with no --policy, the "
+                             "largest whose mixed step the CPU's calibration predicts within --tbt-slo-ms, in "
+                             "64..8192, else 512); -1 turns chunking off (a prompt is never split)", {}),
     "schedule_policy": ("order of the waiting queue (SGLang's flag): fcfs, or lpm (longest cached prefix first "
                         "among the first 64 waiting; fcfs with --disable-radix-cache)", {"choices": ["fcfs", "lpm"]}),
     "disable_radix_cache": ("turn the radix prefix cache off", {}),
     "constrained_json_disable_any_whitespace": ("structured output: JSON in the compact form (\", \" and \": \" "
                                                 "between items) instead of any whitespace (SGLang's flag)", {}),
-    "tbt_slo_ms": ("time-between-tokens SLO in ms (policies that use it)", {}),
+    "tbt_slo_ms": ("time-between-tokens SLO in ms (policies that use it; on a CPU with no --policy, the step "
+                   "time the default prefill budget is sized for)", {}),
     "ttft_slo_ms": ("time-to-first-token SLO in ms (policies that use it)", {}),
     "executor": ("run a real model, or emulate a GPU with the roofline cost model",
                  {"choices": ["model", "emulated"]}),
@@ -219,7 +223,7 @@ def check_server_args(a: ServerArgs) -> str | None:
         from sglang_duet.policies.base import BUILTIN_POLICIES
     except ImportError:  # policies package missing: let the scheduler report it
         return None
-    if a.policy not in BUILTIN_POLICIES:
+    if a.policy is not None and a.policy not in BUILTIN_POLICIES:
         if not a.policy.endswith(".py"):
             known = ", ".join(sorted(BUILTIN_POLICIES))
             return f"--policy {a.policy}: unknown policy; use one of {known} or a path to a .py file"

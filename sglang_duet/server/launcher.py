@@ -29,7 +29,7 @@ import msgspec
 from sglang_duet.server.cpu_threads import pin_process, plan_for_server, start_process_with_env
 from sglang_duet.server.hooks import ServerHooks
 from sglang_duet.server.ipc import IPCPaths, recv_ready, spawn_context, tune_gc
-from sglang_duet.server_args import ServerArgs
+from sglang_duet.server_args import ServerArgs, fill_resolved_policy
 from sglang_duet.startup_phases import Phases
 
 logger = logging.getLogger("sglang_duet.server")
@@ -129,6 +129,7 @@ class Launcher:
         self._wait_ready("detokenizer", d_parent)
         self.phases.mark("detokenizer ready")
         self.info = info
+        fill_resolved_policy(self.args, info.policy)  # /get_server_info: what runs, not "unset"
         logger.info("model %s loaded: context %d, %d KV slots, policy %s", info.model_name or info.model_path,
                     info.context_length, info.kv_slots, info.policy.get("name"))
 

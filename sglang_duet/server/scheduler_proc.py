@@ -154,11 +154,14 @@ class SchedulerProcess:
             # tokenizer (incl. fix-ups the loader applied to a GGUF one) without the weights.
             tok_dir = os.path.join(self.paths.root, "tokenizer")
             e.tokenizer.save_pretrained(tok_dir)
+        policy = e.policy.describe()
+        if getattr(e, "default_policy", None) is not None:
+            policy["default"] = e.default_policy.describe()  # why an unset --policy became this one
         return io.ReadyInfo(
             status="ready", model_name=e.model_config.name or "", model_path=getattr(e, "model_dir", None),
             tokenizer_dir=tok_dir, chat_template=e.chat_template, context_length=e.context_length,
             vocab_size=e.vocab_size, kv_slots=e.kv_slots, eos_token_ids=sorted(e.eos_ids),
-            policy=_jsonable(e.policy.describe()), executor=self.args.executor,
+            policy=_jsonable(policy), executor=self.args.executor,
             device=str(getattr(e, "device", "")), max_running_requests=e.core.config.max_running_requests,
         )
 
