@@ -205,6 +205,20 @@ def test_a_snapshot_from_other_versions_or_damaged_is_not_used(embedded_folder):
     assert not isinstance(load_tokenizer(embedded_folder, decode_only=True), DecodeTokenizer)
 
 
+def test_a_mark_from_another_tokenizers_version_is_renewed_by_the_next_transformers_load(embedded_folder):
+    load_model(embedded_folder, dtype="float32")
+    meta_path = os.path.join(tokenizer_copy_dir(embedded_folder), SNAPSHOT_META)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    with open(meta_path, "w") as f:
+        json.dump({**meta, "versions": {**meta["versions"], "tokenizers": "0.0.1"}}, f)
+    assert not isinstance(load_tokenizer(embedded_folder, decode_only=True), DecodeTokenizer)
+    load_model(embedded_folder, dtype="float32", tokenizer_decode_only=True)  # transformers, and renews the mark
+    with open(meta_path) as f:
+        assert json.load(f) == meta
+    assert isinstance(load_tokenizer(embedded_folder, decode_only=True), DecodeTokenizer)
+
+
 def test_tokenizers_that_are_not_their_backends_decode_keep_transformers(embedded_folder, tmp_path):
     hf = load_tokenizer(embedded_folder)
     folder = str(tmp_path / "saved")

@@ -71,12 +71,28 @@ def _versions() -> dict[str, str]:
     return {"transformers": _transformers_version(), "tokenizers": tokenizers.__version__}
 
 
-def load_snapshot(folder: str) -> DecodeTokenizer | None:
-    """The DecodeTokenizer of a snapshot folder, or None where there is no valid one."""
+def _current_meta(folder: str) -> dict | None:
+    """The folder's SNAPSHOT_META if it was written by these versions (of this module, transformers
+    and tokenizers), else None."""
     try:
         with open(os.path.join(folder, SNAPSHOT_META), encoding="utf-8") as f:
             meta = json.load(f)
-        if meta.get("version") != _META_VERSION or meta.get("versions") != _versions():
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("version") != _META_VERSION or meta.get("versions") != _versions():
+        return None
+    return meta
+
+
+def has_current_snapshot(folder: str) -> bool:
+    return _current_meta(folder) is not None
+
+
+def load_snapshot(folder: str) -> DecodeTokenizer | None:
+    """The DecodeTokenizer of a snapshot folder, or None where there is no valid one."""
+    try:
+        meta = _current_meta(folder)
+        if meta is None:
             return None
         eos, template = meta["eos_token_id"], meta["chat_template"]
         if not (eos is None or isinstance(eos, int)) or not (template is None or isinstance(template, str)):

@@ -77,13 +77,13 @@ def tokenizer_copy_dir(model_dir: str) -> str:
 def keep_tokenizer_copy(model_dir: str, tok) -> None:
     """Save `tok` as the folder's tokenizer copy unless one is there (atomically: temp dir, then rename),
     marked as a decode snapshot of `tok` where it can be one (decode_tokenizer.py): the next start's
-    scheduler then decodes without importing transformers. A copy an earlier start kept without the
-    mark gets it now, when it is this tokenizer's backend."""
-    from sglang_duet.model_loader.decode_tokenizer import SNAPSHOT_META, write_snapshot_meta
+    scheduler then decodes without importing transformers. A copy an earlier start kept without a
+    current mark gets it now, when it is this tokenizer's backend."""
+    from sglang_duet.model_loader.decode_tokenizer import has_current_snapshot, write_snapshot_meta
 
     target = tokenizer_copy_dir(model_dir)
     if os.path.isfile(os.path.join(target, "tokenizer.json")):
-        if not os.path.isfile(os.path.join(target, SNAPSHOT_META)):
+        if not has_current_snapshot(target):  # none yet, or one another tokenizers version wrote
             write_snapshot_meta(tok, target)
         return
     try:
