@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sglang_duet.model_loader.decode_tokenizer import DecodeTokenizer
+from sglang_duet.model_loader.decode_tokenizer import DecodeTokenizer, load_snapshot
 from sglang_duet.models.config import ModelConfig
 from sglang_duet.models.llama import LlamaForCausalLM
 from sglang_duet.startup_phases import Phases
@@ -168,7 +168,6 @@ def _decode_snapshot(model_dir: str):
 
     if not is_embedded_folder(model_dir):
         return None  # the snapshot lives in the embedded folder's serving/ dir, ours to write in
-    from sglang_duet.model_loader.decode_tokenizer import load_snapshot
     from sglang_duet.model_loader.tokenizer_cache import tokenizer_copy_dir
 
     return load_snapshot(tokenizer_copy_dir(model_dir))
