@@ -255,6 +255,10 @@ def test_structured_output_loads_transformers_on_first_use(embedded_folder):
     compiler = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
     state = compiler.new_state("json_schema", '{"type": "object"}', {loaded.tokenizer.eos_token_id})
     assert state is not None
+    # the tokenizer xgrammar read is the one the scheduler loaded without a snapshot (the model folder's)
+    full, direct = loaded.tokenizer.transformers_tokenizer(), load_tokenizer(embedded_folder)
+    assert type(full) is type(direct) and full.get_vocab() == direct.get_vocab()
+    assert full.chat_template == direct.chat_template and full.eos_token_id == direct.eos_token_id
 
 
 def run_requests(e, stop_lists):

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,18 @@ class DecodeTokenizer:
     """decode / eos_token_id / chat_template of a transformers tokenizer, from its snapshot folder.
 
     `folder` is a tokenizer folder transformers loads as the same tokenizer: the server hands it to
-    the main and detokenizer processes (scheduler_proc.ready_info), and structured output loads the
-    transformers tokenizer from it on first use (`transformers_tokenizer`: xgrammar needs one)."""
+    the main and detokenizer processes (scheduler_proc.ready_info). Structured output needs the
+    transformers tokenizer (xgrammar reads it): `transformers_tokenizer()` loads it on first use, with
+    `load_transformers` (the loader passes its own transformers path for the model folder, which skips
+    AutoTokenizer's registries: ~1.5 s of the first grammar's ~2.6 s) or else AutoTokenizer on `folder`."""
 
-    def __init__(self, backend, eos_token_id: int | None, chat_template: str | None, folder: str):
+    def __init__(self, backend, eos_token_id: int | None, chat_template: str | None, folder: str,
+                 load_transformers: Callable[[], Any] | None = None):
         self.backend = backend  # tokenizers.Tokenizer
         self.eos_token_id = eos_token_id
         self.chat_template = chat_template
         self.folder = folder
+        self._load_transformers = load_transformers
         self._transformers = None
 
     def decode(self, token_ids, skip_special_tokens: bool = False, **_ignored) -> str:
@@ -54,9 +58,12 @@ class DecodeTokenizer:
     def transformers_tokenizer(self):
         """The transformers tokenizer of the same folder, loaded (and transformers imported) on first call."""
         if self._transformers is None:
-            from transformers import AutoTokenizer
+            if self._load_transformers is not None:
+                tok = self._load_transformers()
+            else:
+                from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+                tok = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
             if self.chat_template is not None:
                 tok.chat_template = self.chat_template
             self._transformers = tok
@@ -88,7 +95,7 @@ def has_current_snapshot(folder: str) -> bool:
     return _current_meta(folder) is not None
 
 
-def load_snapshot(folder: str) -> DecodeTokenizer | None:
+def load_snapshot(folder: str, load_transformers: Callable[[], Any] | None = None) -> DecodeTokenizer | None:
     """The DecodeTokenizer of a snapshot folder, or None where there is no valid one."""
     try:
         meta = _current_meta(folder)
@@ -106,7 +113,7 @@ def load_snapshot(folder: str) -> DecodeTokenizer | None:
     except Exception as e:  # noqa: BLE001 - tokenizers' own errors (a damaged file): transformers instead
         logger.debug("unreadable decode snapshot in %s: %s", folder, e)
         return None
-    return DecodeTokenizer(backend, eos, template, folder)
+    return DecodeTokenizer(backend, eos, template, folder, load_transformers)
 
 
 def snapshot_meta(tok: Any, folder: str) -> dict | None:

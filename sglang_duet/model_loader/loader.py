@@ -170,7 +170,8 @@ def _decode_snapshot(model_dir: str):
         return None  # the snapshot lives in the embedded folder's serving/ dir, ours to write in
     from sglang_duet.model_loader.tokenizer_cache import tokenizer_copy_dir
 
-    return load_snapshot(tokenizer_copy_dir(model_dir))
+    # structured output's transformers tokenizer, on its first grammar: this folder's, as without a snapshot
+    return load_snapshot(tokenizer_copy_dir(model_dir), load_transformers=lambda: load_tokenizer(model_dir))
 
 
 def _chat_template(tokenizer, model_dir: str | None) -> str | None:
