@@ -206,6 +206,18 @@ def test_an_engine_without_policy_runs_chunked_with_the_calibrated_budget(tiny_m
         eng.shutdown()
 
 
+def test_an_engine_without_calibration_runs_chunked_with_the_fixed_budget(tiny_model_factory, slow_cpu,
+                                                                         monkeypatch):
+    monkeypatch.setenv(cc.COST_MODEL_ENV, "0")
+    eng = engine_core(tiny_model_factory("llama"))
+    try:
+        assert eng.policy.name == "chunked" and eng.prefill_budget == CPU_PREFILL_BUDGET
+        assert eng.default_policy.source == "fixed" and not slow_cpu  # nothing timed
+        assert not isinstance(eng.policy.ctx.cost_model, cc.CpuCostModel)
+    finally:
+        eng.shutdown()
+
+
 def stream_beside_long_prompt(eng, prompt_tokens: int) -> tuple[list[int], int]:
     """A short request decodes; a long prompt arrives. Per step until the long prompt's first token:
     how many tokens the short stream got. And how many steps the prompt took."""
