@@ -254,3 +254,53 @@ def test_a_stream_keeps_receiving_tokens_while_a_long_prompt_is_prefilled(tiny_m
     finally:
         eng.shutdown()
     assert steps >= 300 // cb.MIN_BUDGET and per_step[:-1] == [0] * (steps - 1)  # the stream froze
+
+
+# ---- a real server -------------------------------------------------------------------------------------------
+
+
+def test_a_server_without_policy_reports_its_budget_and_keeps_a_stream_flowing():
+    """A CPU server started with no --policy: /get_server_info says chunked with the calibrated budget
+    (a TBT target no CPU meets gives the minimum, 64), and every step that prefills a 1000-token prompt
+    also carries the running stream's decode: the policy's own plan log, counted (16 chunks of at
+    most 63 tokens, 1000 tokens in all, each beside 1 decode)."""
+    import re
+    import threading
+
+    import httpx
+    from server_utils import TINY_CONFIG, ServerProcess
+
+    with ServerProcess(["--load-format", "dummy", "--model-config", TINY_CONFIG, "--tbt-slo-ms", "0.01",
+                        "--disable-radix-cache", "--log-level", "debug"]) as s:
+        info = httpx.get(s.url("/get_server_info"), timeout=30).json()
+        assert (info["policy"], info["chunked_prefill_size"]) == ("chunked", cb.MIN_BUDGET)
+        default = info["policy_info"]["default"]
+        assert (default["source"], default["chunked_prefill_size"]) == ("cpu-calibration", cb.MIN_BUDGET)
+        assert default["reason"].startswith("the minimum") and info["policy_info"]["chunked_prefill_size"] == 64
+        flowing, done = threading.Event(), threading.Event()
+
+        def stream():
+            body = {"input_ids": [1, 2, 3, 4], "stream": True,
+                    "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True, "temperature": 0}}
+            with httpx.stream("POST", s.url("/generate"), json=body, timeout=300) as r:
+                for n, line in enumerate(r.iter_lines()):
+                    if n >= 5:
+                        flowing.set()
+                    if done.is_set():
+                        return  # closing the stream aborts it
+
+        t = threading.Thread(target=stream)
+        t.start()
+        try:
+            assert flowing.wait(120)
+            r = httpx.post(s.url("/generate"), json={"input_ids": [5 + i % 500 for i in range(1000)],
+                                                     "sampling_params": {"max_new_tokens": 1}}, timeout=300)
+            log = s.log_tail(1 << 26)
+        finally:
+            done.set()
+            t.join(60)
+    assert r.status_code == 200 and r.json()["meta_info"]["prompt_tokens"] == 1000
+    # "chunked plan aggregated [aggregated: 1p/63t + 1d x1] ...": a chunk of the long prompt (the
+    # stream's own prefill was 4 tokens with no decode) and the stream's token, in one step
+    chunks = [int(n) for n in re.findall(r"chunked plan aggregated \[aggregated: 1p/(\d+)t \+ 1d x1\]", log)]
+    assert sum(chunks) == 1000 and len(chunks) == 16 and max(chunks) == 63, chunks
