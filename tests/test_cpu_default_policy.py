@@ -304,3 +304,11 @@ def test_a_server_without_policy_reports_its_budget_and_keeps_a_stream_flowing()
     # stream's own prefill was 4 tokens with no decode) and the stream's token, in one step
     chunks = [int(n) for n in re.findall(r"chunked plan aggregated \[aggregated: 1p/(\d+)t \+ 1d x1\]", log)]
     assert sum(chunks) == 1000 and len(chunks) == 16 and max(chunks) == 63, chunks
+
+
+def test_the_help_states_each_default_once():
+    from sglang_duet.server.args import make_parser
+
+    text = " ".join(make_parser("sglang-duet").format_help().split())
+    assert text.count("(default: 30000)") == 1 and "(default: None) (default: None)" not in text
+    assert "unset: chunked on a CPU" in text

@@ -139,7 +139,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         else:
             typ = extra.pop("type", typ)
             parser.add_argument(*names, dest=f.name, type=typ, default=default,
-                                help=f"{help_text} (default: {default})" if help_text else None, **extra)
+                                help=help_text or None, **extra)  # the parser's formatter adds the default
 
 
 def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
