@@ -31,7 +31,7 @@ MAX_BUDGET = 8192  # SGLang's GPU default: a CPU fast enough for more gains litt
 BUDGET_STEP = 64
 REFERENCE_DECODES = 4  # a few streams decoding beside the prompt...
 REFERENCE_CONTEXT = 1024  # ...at this many cached tokens each, and the chunk after as many of its prompt
-GPU_DEFAULT_POLICY = "aggregated"
+DEFAULT_POLICY_ELSEWHERE = "aggregated"  # a GPU, the emulated executor, disaggregated instances
 CPU_DEFAULT_POLICY = "chunked"
 
 
@@ -107,7 +107,7 @@ def resolve_default_policy(engine, args):
         return args, None
     on_cpu = args.executor == "model" and str(getattr(engine, "device", "")).startswith("cpu")
     if not on_cpu or args.disaggregation_mode != "null":
-        return dataclasses.replace(args, policy=GPU_DEFAULT_POLICY), None
+        return dataclasses.replace(args, policy=DEFAULT_POLICY_ELSEWHERE), None
     args = dataclasses.replace(args, policy=CPU_DEFAULT_POLICY)
     if args.chunked_prefill_size is not None:
         choice = DefaultPolicy(CPU_DEFAULT_POLICY, args.chunked_prefill_size, "flag",
