@@ -124,9 +124,9 @@ class DetokenizerProcess:
             # a decode snapshot (the embedded model's tokenizer copy): its Rust backend, no transformers
             self.tokenizer = load_snapshot(tokenizer_dir)
             if self.tokenizer is None:
-                from transformers import AutoTokenizer
+                from sglang_duet.model_loader.tokenizer_cache import load_saved_tokenizer
 
-                self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+                self.tokenizer = load_saved_tokenizer(tokenizer_dir)
         self.decoder = BatchDecoder(self.tokenizer) if self.tokenizer is not None else None
         # byte-level BPE (SmolLM2, Qwen, Llama 3): O(new tokens) detokenization, no decode calls
         self.table = ByteLevelTable.build(self.tokenizer) if self.tokenizer is not None else None

@@ -317,17 +317,17 @@ def tokenizer_folder_known_early(args: ServerArgs) -> str | None:
 
 def _warm_imports(tokenizer_folder: str | None) -> None:
     """While the children start: import what serve() needs (uvicorn, the app, the tokenizer manager,
-    and transformers' AutoTokenizer with its registries, through a load of the model's tokenizer where
-    its folder is known). Only a head start: serve() imports and loads for real, and any failure here
+    and transformers with the tokenizer's class, through a load of the model's tokenizer where its
+    folder is known: `load_saved_tokenizer`, as the tokenizer manager loads it). Only a head start: serve() imports and loads for real, and any failure here
     is left for it to report."""
     try:
         import uvicorn  # noqa: F401
 
         from sglang_duet.server import http_server, scheduler_backend, tokenizer_manager  # noqa: F401
         if tokenizer_folder:
-            from transformers import AutoTokenizer
+            from sglang_duet.model_loader.tokenizer_cache import load_saved_tokenizer
 
-            AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+            load_saved_tokenizer(tokenizer_folder)
     except Exception as e:  # noqa: BLE001
         logger.debug("start-up import warm-up: %s", e)
 

@@ -80,9 +80,9 @@ class TokenizerManager:
         self.backend = backend
         self.tokenizer = None
         if info.tokenizer_dir:
-            from transformers import AutoTokenizer
+            from sglang_duet.model_loader.tokenizer_cache import load_saved_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_dir, local_files_only=True)
+            self.tokenizer = load_saved_tokenizer(info.tokenizer_dir)
         self.chat_template = info.chat_template
         self.context_length = info.context_length
         self.vocab_size = info.vocab_size
