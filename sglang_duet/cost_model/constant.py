@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .roofline import OpCost
+from .truth import LaunchCost, work_columns
 
 
 class ConstantCostModel:
@@ -47,11 +48,38 @@ class ConstantCostModel:
                      bandwidth_share: float = 1.0) -> float:
         return self.step_s if tokens else 0.0
 
+    def truth_pricer(self) -> "ConstantPricer":
+        """The emulated executor's pricer of this device (truth.make_pricer asks for it)."""
+        return ConstantPricer(self)
+
     def weight_bytes(self) -> int:
         return int(self.model.num_params() * self.b)
 
     def describe(self) -> str:
         return f"constant {self.step_s * 1e3:g} ms per step"
+
+
+class ConstantPricer:
+    """Prices launches on a ConstantCostModel for the emulated executor: what truth.BreakdownPricer
+    makes of its one-operator `breakdown` (each step costs `step_s`, fixed time: no HBM bytes for
+    contention to stretch), without building each step's shape: only how many rows step, never
+    what they hold, changes the cost."""
+
+    def __init__(self, cm: ConstantCostModel):
+        self.cm = cm
+
+    def price(self, work, sms) -> LaunchCost:
+        return self.price_rows(*work_columns(work), sms)
+
+    def price_rows(self, q: list[int], c: list[int], s: list[int], sms) -> LaunchCost:
+        lc = LaunchCost()
+        step = self.cm.step_s
+        for j in range(max(s)):
+            rows = len(s) if j == 0 else sum(map(j.__lt__, s))  # rows still stepping: s > j
+            lc.fixed += step
+            lc.step_s.append(step)
+            lc.step_reqs.append(rows)
+        return lc
 
 
 def install_constant_device(engine, step_ms: float) -> ConstantCostModel:

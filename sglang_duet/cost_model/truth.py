@@ -152,7 +152,7 @@ class LaunchCost:
     per phase give each phase's bandwidth demand."""
 
     __slots__ = ("step_s", "mem_tm", "mem_fixed", "mem_bytes", "comp", "comp_fixed", "comp_bytes", "fixed",
-                 "step_reqs", "first_shape")
+                 "step_reqs")
 
     def __init__(self):
         self.step_s: list[float] = []  # device time of each step, alone
@@ -161,7 +161,6 @@ class LaunchCost:
         self.comp: dict[str, list[float]] = {}
         self.comp_fixed = self.comp_bytes = 0.0
         self.fixed = 0.0  # time no HBM share changes (e.g. a TP all-reduce on the link)
-        self.first_shape: list = []
 
     @property
     def device_s(self) -> float:
@@ -302,34 +301,47 @@ class TruthPricer:
 
     def price(self, work, sms) -> LaunchCost:
         """A launch's cost: `work` = [(new tokens, start position, steps)], one per request."""
+        return self.price_rows(*work_columns(work), sms)
+
+    def price_rows(self, q: list[int], c: list[int], s: list[int], sms) -> LaunchCost:
+        """`price` of the rows given column by column (new tokens, start positions, steps): a decode
+        batch is summed in C (sum, count), with no Python work per row."""
         lc = LaunchCost()
-        steps = max(s for _, _, s in work)
-        T = n1 = c1 = 0
-        multi = []
-        for q, c, _ in work:
-            T += q
-            if q == 1:
-                n1 += 1
-                c1 += c
-            else:
-                multi.append((q, c))
-        lc.first_shape = [(q, c) for q, c, _ in work]
-        self._add_step(lc, T, len(work), sms, n1, c1, multi)
+        n = len(q)
+        T = sum(q)
+        n1 = q.count(1)
+        if n1 == n:  # every row one token (decode): nothing to split
+            c1, multi = sum(c), ()
+        else:
+            c1, multi = 0, []
+            for qi, ci in zip(q, c):
+                if qi == 1:
+                    c1 += ci
+                else:
+                    multi.append((qi, ci))
+        self._add_step(lc, T, n, sms, n1, c1, multi)
+        steps = max(s)
         if steps > 1:
             # Step j of a look-ahead decode: each row still stepping has one more cached token.
             by_steps: dict[int, list[int]] = {}
-            for _, c, s in work:
-                e = by_steps.setdefault(s, [0, 0])
+            for si, ci in zip(s, c):
+                e = by_steps.setdefault(si, [0, 0])
                 e[0] += 1
-                e[1] += c
+                e[1] += ci
             for j in range(1, steps):
                 n = cs = 0
-                for s, (cnt, csum) in by_steps.items():
-                    if s > j:
+                for si, (cnt, csum) in by_steps.items():
+                    if si > j:
                         n += cnt
                         cs += csum
                 self._add_step(lc, n, n, sms, n, cs + j * n, ())
         return lc
+
+
+def work_columns(work) -> tuple[list[int], list[int], list[int]]:
+    """[(q, c, s), ...] -> ([q...], [c...], [s...])."""
+    work = list(work)
+    return [q for q, _, _ in work], [c for _, c, _ in work], [s for _, _, s in work]
 
 
 class BreakdownPricer:
@@ -340,11 +352,12 @@ class BreakdownPricer:
         self.cm = cm
 
     def price(self, work, sms) -> LaunchCost:
+        return self.price_rows(*work_columns(work), sms)
+
+    def price_rows(self, q: list[int], c: list[int], s: list[int], sms) -> LaunchCost:
         lc = LaunchCost()
-        steps = max(s for _, _, s in work)
-        lc.first_shape = [(q, c) for q, c, _ in work]
-        for j in range(steps):
-            shape = lc.first_shape if j == 0 else [(1, c + j) for _, c, s in work if s > j]
+        for j in range(max(s)):
+            shape = list(zip(q, c)) if j == 0 else [(1, ci + j) for ci, si in zip(c, s) if si > j]
             t = 0.0
             for op in self.cm.breakdown(shape, sms):
                 t += op.time
@@ -360,9 +373,13 @@ class BreakdownPricer:
 
 
 def make_pricer(cm, per_request_attention: bool = True):
-    """A TruthPricer for a roofline CostModel (or subclass), a BreakdownPricer for anything else."""
+    """A TruthPricer for a roofline CostModel (or subclass); the cost model's own pricer where it
+    has one (`truth_pricer()`, e.g. constant.ConstantCostModel's); a BreakdownPricer for anything else."""
     if isinstance(cm, CostModel):
         return TruthPricer(cm, per_request_attention)
+    own = getattr(cm, "truth_pricer", None)
+    if own is not None:
+        return own()
     return BreakdownPricer(cm)
 
 
