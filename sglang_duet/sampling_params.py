@@ -42,17 +42,24 @@ class SamplingParams:
     structural_tag: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "SamplingParams":
-        d = dict(d or {})
+    def from_dict(cls, d: dict | None, vocab_size: int | None = None) -> "SamplingParams":
+        """Build, normalize and verify, once. With `vocab_size`, also the checks of verify(vocab_size)
+        (stop token ids in the vocabulary), with the errors in the order of from_dict(d) then
+        verify(vocab_size): what a caller verifying twice would report."""
+        if type(d) is not dict:
+            d = dict(d or {})  # None, a mapping or pairs, as dict() takes them (and refuses the rest)
         if "sampling_seed" in d and "seed" not in d:  # SGLang's name for the seed
+            d = dict(d)
             d["seed"] = d.pop("sampling_seed")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
+        if not _FIELD_SET.issuperset(d):
+            unknown = sorted(set(d) - _FIELD_SET)
             raise SamplingParamsError(f"Unknown sampling parameter(s): {', '.join(unknown)}.")
-        p = cls(**d)
+        p = cls(**d)  # the keyword arguments are a new dict: `d` is never changed
         p.normalize()
-        p.verify()
+        if not p._plainly_valid(vocab_size):
+            p._check(None)
+            if vocab_size is not None:
+                p._check(vocab_size)
         return p
 
     def to_dict(self) -> dict:
@@ -77,6 +84,42 @@ class SamplingParams:
         return self.temperature < _EPS or self.top_k == 1
 
     def verify(self, vocab_size: int | None = None) -> None:
+        """Raise SamplingParamsError naming the first parameter out of range (ids outside
+        [0, vocab_size) too, when given)."""
+        if not self._plainly_valid(vocab_size):
+            self._check(vocab_size)
+
+    def _plainly_valid(self, vocab_size: int | None) -> bool:
+        """True only where `_check` passes: a usual request, checked with exact types (no bool, no
+        subclass), ints well inside a float's range, no grammar, and no message to build (~1 us).
+        Anything else, valid or not, goes through `_check`, which names the first problem."""
+        n = _NUMBER
+        mx, mn, top_k, stop, ids = self.max_new_tokens, self.min_new_tokens, self.top_k, self.stop, self.stop_token_ids
+        return (
+            type(self.temperature) in n and 0 <= self.temperature < _BIG
+            and type(self.top_p) in n and 0 < self.top_p <= 1
+            and type(self.min_p) in n and 0 <= self.min_p <= 1
+            and type(self.frequency_penalty) in n and -2 <= self.frequency_penalty <= 2
+            and type(self.presence_penalty) in n and -2 <= self.presence_penalty <= 2
+            and type(self.repetition_penalty) in n and 0 < self.repetition_penalty <= 2
+            and type(top_k) is int and (top_k == -1 or 1 <= top_k < _BIG)
+            and type(mn) is int and 0 <= mn < _BIG
+            and (mx is None or (type(mx) is int and mn <= mx < _BIG))
+            and type(stop) is list
+            and (not stop or (len(stop) <= MAX_STOP_STRINGS
+                              and all(type(x) is str and 0 < len(x) <= MAX_STOP_STRING_LEN for x in stop)))
+            and type(ids) is list
+            and (not ids or all(type(t) is int and (vocab_size is None or 0 <= t < vocab_size) for t in ids))
+            and type(self.ignore_eos) is bool and type(self.skip_special_tokens) is bool
+            and type(self.spaces_between_special_tokens) is bool and type(self.no_stop_trim) is bool
+            and type(self.logprobs) is bool
+            and (self.seed is None or type(self.seed) is int)
+            and type(self.top_logprobs) is int and 0 <= self.top_logprobs <= 20
+            and self.json_schema is None and self.regex is None and self.ebnf is None and self.structural_tag is None
+        )
+
+    def _check(self, vocab_size: int | None) -> None:
+        """Every check, in order, each with its message (verify's slow path)."""
         def num(name, v, kinds=(int, float)):
             if isinstance(v, bool) or not isinstance(v, kinds):
                 what = "an integer" if kinds == (int,) else "a number"
@@ -153,3 +196,6 @@ class SamplingParams:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(SamplingParams))
+_FIELD_SET = frozenset(_FIELD_NAMES)
+_NUMBER = frozenset({int, float})  # exact types: bool and subclasses take verify's checks
+_BIG = 2 ** 63  # ints below it convert to finite floats (math.isfinite of a huge int raises)

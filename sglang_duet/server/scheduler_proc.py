@@ -280,8 +280,10 @@ class SchedulerProcess:
             _hang(msg.rid)
 
         try:
-            params = SamplingParams.from_dict(msg.params)
-            self.engine.add_request(msg.rid, msg.input_ids, params, arrival_time=msg.arrival_time)
+            # verified once, against the vocabulary too (the errors as from_dict, then verify(vocab))
+            params = SamplingParams.from_dict(msg.params, self.engine.vocab_size)
+            self.engine.add_request(msg.rid, msg.input_ids, params, arrival_time=msg.arrival_time,
+                                    params_verified=True)
         except (AdmissionError, SamplingParamsError) as e:
             self.rejected += 1
             self._push(io.ReqError(msg.rid, str(e), getattr(e, "status", 400)))
