@@ -51,7 +51,7 @@ def reference_price(pricer, work: list[tuple[int, int, int]], sms) -> LaunchCost
 class ReferenceExecutor(EmulatedExecutor):
     """Prices each launch and hashes each step's tokens row by row (token_id per row)."""
 
-    def _price(self, launch, rows):
+    def price(self, launch, rows=None):
         sms = None if launch.lane == LaneKind.AGGREGATED else launch.sms
         return reference_price(self.pricer, [(len(w.input_ids), w.start_pos, w.steps) for w in launch.work], sms)
 

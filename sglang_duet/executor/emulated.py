@@ -305,11 +305,10 @@ class EmulatedExecutor(Executor):
         return bool(self._running or self._done or any(self._queued.values()))
 
     # ---- launches ---------------------------------------------------------------------------
-    def price(self, launch: Launch) -> LaunchCost:
-        """The launch's truth cost alone on its SMs (before noise, host time and switch cost)."""
-        return self._price(launch, _LaunchRows(launch.work))
-
-    def _price(self, launch: Launch, rows: _LaunchRows) -> LaunchCost:
+    def price(self, launch: Launch, rows: _LaunchRows | None = None) -> LaunchCost:
+        """The launch's truth cost alone on its SMs (before noise, host time and switch cost);
+        `rows`: the launch's own, when they are gathered already."""
+        rows = rows if rows is not None else _LaunchRows(launch.work)
         sms = None if launch.lane == LaneKind.AGGREGATED else launch.sms
         return self.pricer.price_rows(rows.q, rows.c, rows.s, sms)
 
@@ -326,7 +325,7 @@ class EmulatedExecutor(Executor):
         before it on its lane (overlap scheduling) and is not charged again."""
         truth = self.truth
         rows = _LaunchRows(launch.work)  # once per launch: its pricing and every step's report read it
-        lc = self._price(launch, rows)
+        lc = self.price(launch, rows)
         noise = lognormal_factor(self._rng, truth.noise_sigma)
         switch = 0.0
         if launch.lane != LaneKind.AGGREGATED:
