@@ -72,11 +72,14 @@ class PrefillScheduler(PrefillRoomsMixin, DisaggScheduler):
         from sglang_duet.sampling_params import SamplingParams, SamplingParamsError
 
         try:
-            params = SamplingParams.from_dict(msg.params)
+            # verified once, against the vocabulary too (as the scheduler process admits); the clamps
+            # below keep them valid (max_new_tokens only shrinks, min_new_tokens stays below it)
+            params = SamplingParams.from_dict(msg.params, self.engine.vocab_size)
             orig = params.max_new_tokens
             params.max_new_tokens = 1 if orig is None else min(orig, 1)  # prefill only: the first token
             params.min_new_tokens = min(params.min_new_tokens, params.max_new_tokens)
-            self.engine.add_request(msg.rid, msg.input_ids, params, arrival_time=msg.arrival_time)
+            self.engine.add_request(msg.rid, msg.input_ids, params, arrival_time=msg.arrival_time,
+                                    params_verified=True)
         except (AdmissionError, SamplingParamsError) as e:
             self._refuse_room(msg, str(e), getattr(e, "status", 400))
             return
