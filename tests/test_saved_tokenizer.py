@@ -76,3 +76,32 @@ def test_anything_else_goes_through_autotokenizer(embedded_folder, tmp_path, mon
     load_saved_tokenizer(str(other))
     load_saved_tokenizer(copy)  # AutoTokenizer decides what the unknown class name means
     assert calls == [str(other), os.path.abspath(copy)]
+
+
+def test_the_main_process_loads_the_tokenizer_once(embedded_folder, monkeypatch, tmp_path):
+    """The launcher's warm-up thread loads the copy (keyed by real path, whatever path names it) and the
+    tokenizer manager takes that tokenizer instead of loading the folder a second time."""
+    from manager_utils import RecordingBackend
+
+    from sglang_duet.model_loader import tokenizer_cache
+    from sglang_duet.server import io_struct as io
+    from sglang_duet.server.launcher import _warm_imports
+    from sglang_duet.server.tokenizer_manager import TokenizerManager
+    from sglang_duet.server_args import ServerArgs
+
+    copy = tokenizer_copy_dir(embedded_folder)
+    link = tmp_path / "link"
+    os.symlink(copy, link)
+    loaded = {}
+    _warm_imports(str(link), loaded)
+    warmed = loaded[os.path.realpath(copy)]
+
+    def refuse(folder):
+        raise AssertionError(f"loaded {folder} again")
+
+    monkeypatch.setattr(tokenizer_cache, "load_saved_tokenizer", refuse)
+    info = io.ReadyInfo(status="ready", tokenizer_dir=copy, context_length=4096, vocab_size=1000, kv_slots=1000)
+    tm = TokenizerManager(ServerArgs(), info, RecordingBackend(), tokenizer=warmed)
+    assert tm.tokenizer is warmed
+    with pytest.raises(AssertionError, match="again"):  # without it, the manager loads the folder
+        TokenizerManager(ServerArgs(), info, RecordingBackend())

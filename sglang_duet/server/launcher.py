@@ -94,6 +94,8 @@ class Launcher:
         self.uvicorn = None
         self.phases = Phases()  # start-up, logged when ready
         self.cpu_plan = None  # server/cpu_threads.py
+        self._warm: threading.Thread | None = None  # _warm_imports, started with the children
+        self._warmed: dict[str, object] = {}  # its tokenizer, by folder: the tokenizer manager's, loaded once
 
     # ---- children ----------------------------------------------------------------------------
 
@@ -121,7 +123,9 @@ class Launcher:
         early_tokenizer = tokenizer_folder_known_early(self.args)
         if early_tokenizer:  # the detokenizer loads it while the scheduler loads the model
             d_parent.send_bytes(early_tokenizer.encode())
-        threading.Thread(target=_warm_imports, args=(early_tokenizer,), name="warm-imports", daemon=True).start()
+        self._warm = threading.Thread(target=_warm_imports, args=(early_tokenizer, self._warmed), name="warm-imports",
+                                      daemon=True)
+        self._warm.start()
         info = self._wait_ready("scheduler", s_parent)
         self.phases.mark("scheduler ready (model loaded)")
         if not early_tokenizer:
@@ -174,7 +178,11 @@ class Launcher:
 
         self.phases.mark("HTTP stack imported")
         backend = (self.hooks.scheduler_backend or ZmqSchedulerBackend)(self.paths)
-        self.tm = TokenizerManager(self.args, self.info, backend)
+        tokenizer = None
+        if self._warm is not None and self.info.tokenizer_dir:
+            self._warm.join()  # it is loading this tokenizer already: waiting costs less than loading it again
+            tokenizer = self._warmed.get(os.path.realpath(self.info.tokenizer_dir))
+        self.tm = TokenizerManager(self.args, self.info, backend, tokenizer=tokenizer)
         self.phases.mark("tokenizer manager")
 
         @contextlib.asynccontextmanager
@@ -315,11 +323,11 @@ def tokenizer_folder_known_early(args: ServerArgs) -> str | None:
     return copy if os.path.isfile(os.path.join(copy, "tokenizer.json")) else None
 
 
-def _warm_imports(tokenizer_folder: str | None) -> None:
-    """While the children start: import what serve() needs (uvicorn, the app, the tokenizer manager,
-    and transformers with the tokenizer's class, through a load of the model's tokenizer where its
-    folder is known: `load_saved_tokenizer`, as the tokenizer manager loads it). Only a head start: serve() imports and loads for real, and any failure here
-    is left for it to report."""
+def _warm_imports(tokenizer_folder: str | None, loaded: dict) -> None:
+    """While the children start: import what serve() needs (uvicorn, the app, the tokenizer manager)
+    and, where its folder is known, load the model's tokenizer (`load_saved_tokenizer`) into `loaded`
+    by real path; serve() hands it to the tokenizer manager when the scheduler names that folder.
+    Only a head start: anything that fails here is done again, and reported, by serve()."""
     try:
         import uvicorn  # noqa: F401
 
@@ -327,7 +335,7 @@ def _warm_imports(tokenizer_folder: str | None) -> None:
         if tokenizer_folder:
             from sglang_duet.model_loader.tokenizer_cache import load_saved_tokenizer
 
-            load_saved_tokenizer(tokenizer_folder)
+            loaded[os.path.realpath(tokenizer_folder)] = load_saved_tokenizer(tokenizer_folder)
     except Exception as e:  # noqa: BLE001
         logger.debug("start-up import warm-up: %s", e)
 

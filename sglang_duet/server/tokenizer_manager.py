@@ -72,14 +72,15 @@ class ReqState(msgspec.Struct):
 
 
 class TokenizerManager:
-    def __init__(self, server_args, info: io.ReadyInfo, backend: SchedulerBackend):
+    def __init__(self, server_args, info: io.ReadyInfo, backend: SchedulerBackend, tokenizer=None):
+        """`tokenizer`: info.tokenizer_dir's tokenizer, already loaded (the launcher's warm-up); else loaded here."""
         self.args = server_args
         self.info = info
         # Where requests go and outputs come from (server/scheduler_backend.py): this server's
         # scheduler process by default; the entrypoint may plug in another (ServerHooks).
         self.backend = backend
-        self.tokenizer = None
-        if info.tokenizer_dir:
+        self.tokenizer = tokenizer if info.tokenizer_dir else None
+        if info.tokenizer_dir and tokenizer is None:
             from sglang_duet.model_loader.tokenizer_cache import load_saved_tokenizer
 
             self.tokenizer = load_saved_tokenizer(info.tokenizer_dir)
