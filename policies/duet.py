@@ -125,14 +125,11 @@ from sglang_duet.policies.base import (
 )
 from sglang_duet.policies.duet_feedback import Calibration, Demand
 from sglang_duet.policies.duet_lanes import Decision, LanePair, Move, OneLaneBusy
+from sglang_duet.policies.duet_scoring import SearchInputs, warm_up
+from sglang_duet.policies.duet_scoring import score as score_candidates
 from sglang_duet.policies.duet_search import (
     Candidate, Decodes, Prefix, Search, SearchTables, decodes_of, projected_decodes,
 )
-
-
-_np_core = np._core if hasattr(np, "_core") else np.core
-_clip = _np_core.umath.clip  # np.clip without its Python wrapper
-_count_nonzero = _np_core.multiarray.count_nonzero  # np.count_nonzero without its Python wrapper
 
 
 DEFAULT_BUDGETS = tuple(range(512, 8192 + 1, 256))
@@ -214,6 +211,10 @@ class DuetPolicy(OneLaneBusy, Policy):
         self._cal_order = tuple(self.calibration[lane] for lane in (LaneKind.AGGREGATED, LaneKind.DECODE, LaneKind.PREFILL))
         self._raw: dict[int, tuple[float, float]] = {}  # id(batch launched) -> its (compute, memory) ms
         self._step_row = np.zeros(4)  # scratch of _decode_steps
+        # the search's array program compiled (policies/search_kernels.py; the same numbers as numpy's)
+        self.compiled = str(o.get("compiled", True)).lower() not in ("0", "false", "no")
+        if self.compiled:
+            warm_up(self.tables, self.pricer, self._scale_rows(), self._work)
         self.last: Decision | None = None
 
     # ---- the state machine ---------------------------------------------------------------------
@@ -269,12 +270,12 @@ class DuetPolicy(OneLaneBusy, Policy):
     def search(self, view: SchedulerView, dec: Decodes | None = None) -> Search:
         """Price and score every candidate (see the module docstring) in one vectorised pass.
 
-        plan() overhead is the number of numpy calls, not the work in each (226 priced rows with
-        the default budgets and grid), so everything constant per policy is built once
-        (`SearchTables`), the batches that repeat (the queue exhausted before the largest budgets)
-        are found in Python, and X's rows are multiplied out once for all decode partitions
-        (`SummaryPricer.ms_blocks`). Every number is computed as before that tuning, operation for
-        operation (tests/test_duet_policy.py pins the plans)."""
+        plan() overhead is call count, not the work in each (226 priced rows with the default
+        budgets and grid), so everything constant per policy is built once (`SearchTables`), the
+        batches that repeat (the queue exhausted before the largest budgets) are found in Python,
+        X's rows are multiplied out once for all decode partitions, and the array program runs as
+        two compiled loops (`duet_scoring.score_compiled`; option `compiled`, default on where numba
+        is installed) that give numpy's numbers bit for bit. tests/test_duet_policy.py pins the plans."""
         dec = dec or self._decodes(view)
         n = dec.n
         tb = self.tables
@@ -293,94 +294,14 @@ class DuetPolicy(OneLaneBusy, Policy):
 
         # aggregated: the decode-first batch for each budget; split: prefill chunks for each split
         # budget; identical batches (the queue exhausted) priced once
-        sh, cut_budgets, ba = tb.shape(n, total)
-        na, nb, N = sh.na, sh.nb, sh.N
-        # the cut's rows: the aggregated budgets', then the split budgets'; F: each cut's work (ms
-        # of ideal prefill compute) and tokens
-        if prefix is not None:
-            Xc, joins_c, F = prefix.cut(cut_budgets, self._work, nonnegative=True)
-        else:
-            Xc, joins_c, F = tb.no_cut
-        G, K = len(self.grid), self.k_max + 2
-
-        # one pricing call: aggregated steps, decode steps per (S_d, step j), prefill per (S_d, budget)
-        X = np.empty((sh.rows, 4))
-        row = tb.row  # scratch: what the decodes add to each aggregated batch
-        row[0] = row[1] = n
-        row[2] = row[3] = dec.cached + n
-        np.add(Xc[:na], row, out=X[:na])
-        if nb:
-            row[0] = row[1] = 0
-            row[2] = row[3] = dec.cached
-            np.add(tb.decode_template(n), row, out=X[na:na + K])  # A = K = the cached tokens at step j
-            X[na + K:] = Xc[na:na + nb]
-        # every row has a request: the decodes (n > 0 with splits) or prefill tokens (n = 0 keeps those only)
-        priced = self.pricer.ms_blocks(X, sh.layout, self._scale_rows(), nonempty=True)
-        t = priced.t
-
-        # the candidates, aggregated ones first: rows of C, gathered by index where they are read
-        # off the priced rows and the cut (SearchShape), the splits' decode, slowest and joiner after
-        C = np.empty((7, N))  # rows: step, decode, first, slowest, joiner, work, tokens (F's order)
-        first, joiner, work = C[2], C[4], C[5]  # (indexing: unpacking all seven rows costs more)
-        t.take(sh.from_t, out=C[0:4], mode="clip")  # aggregated: its step; splits: the prefill, first step
-        if not n:
-            C[2:4, :na] = 0.0
-        joiner[:na] = 0.0
-        F.take(sh.from_F, axis=1, out=C[5:7], mode="clip")
-        kk = sh.ones.copy()  # k: 1 for aggregated (np.ones costs twice a copy)
-        if nb:
-            # The decode lane steps m times before the prefill (tp) ends, launching k = min(m, k_cap)
-            # of them first; at tp it waits the rest r or steps past it (see the docstring).
-            td = t[na:na + G * K].reshape(G, K)
-            tp = t[na + G * K:].reshape(G, nb)
-            steps = tb.steps  # per S_d: 0, the cumulative steps, inf, then the steps (scratch)
-            cum = steps[:, :K + 2]
-            np.add.accumulate(td, axis=1, out=steps[:, 1:K + 1])
-            steps[:, K + 2:] = td
-            m = (cum[:, None, 1:] <= tp[:, :, None]).argmin(axis=2)  # G x nb: steps within tp (cum rises)
-            # What each m needs, in one gather: the steps' end before it, the step after it, and
-            # with k = clip(m, 1, k_cap) the launch's end and its last step
-            at = steps.take(tb.by_m(k_cap), axis=1).reshape(G * (K + 1), 4).take(tb.base_m + m, axis=0)
-            r = tp - at[:, :, 0]
-            nxt = at[:, :, 1]
-            longer = tp > cum[:, K:K + 1]
-            if _count_nonzero(longer):
-                # A prefill longer than the priced steps: extrapolate with the last one. There m = K
-                # already gives k = k_cap and nxt = the last step; r is what is left of the step in
-                # progress at tp: (x - floor(x)) * last with x = r / last (x % 1 is that, exactly).
-                last = td[:, -1:]
-                np.putmask(r, longer, np.remainder(r / last, 1.0) * last)
-            j = np.minimum(r + nxt, 2 * nxt - r)
-            never = m == 0
-            if _count_nonzero(never):
-                np.putmask(j, never, td[:, :1] - tp + td[:, 1:2])
-            Cs = C[:, na:].reshape(7, G, nb)  # the splits' columns of C by (S_d, budget): one view for all rows
-            # j > 0 (r < nxt), so j * joins is j where a request completes and 0 elsewhere
-            np.multiply(j, joins_c[na:na + nb], out=Cs[4])  # joiner
-            Cs[1] = at[:, :, 2]  # decode
-            np.maximum(at[:, :, 3], nxt, out=Cs[3])  # slowest
-            _clip(m, 1, k_cap, out=kk[na:].reshape(G, nb))
-        if n:
-            feasible = first <= first_limit
-            later = C[3:5] <= limit  # slowest, joiner
-            feasible &= later[0]
-            feasible &= later[1]
-        else:
-            feasible = np.ones(N, dtype=bool)
-        floor = np.maximum(C[0:2], 1e-9)  # step, decode
-        score = work / floor[0]
-        score *= w_p
-        if n:
-            pace = tau * kk / floor[1]
-            gain = np.minimum(1.0, pace)
-            weight = self.decode_weight(view)
-            if weight != 1.0:  # (times 1 is exact: skipped)
-                gain *= weight
-            gain += 1e-3 * pace
-            score += gain
+        sh, budgets, less_n, ba = tb.shape_parts(n, total)
+        x = SearchInputs(n, dec.cached, k_cap, prefix, first_limit, limit, w_p, tau,
+                         self.decode_weight(view) if n else 1.0)
+        C, kk, feasible, score, priced = score_candidates(tb, self.pricer, self._scale_rows(), self._work, x, sh,
+                                                          budgets, less_n, self.compiled)
         return Search(
-            split=sh.split, agg_budgets=ba, split_budgets=tb.split_array[:nb], grid=tb.grid, tau=tau, tokens=C[6],
-            k=kk, step=C[0], decode=C[1], first=first, slowest=C[3], joiner=joiner, feasible=feasible, score=score,
+            split=sh.split, agg_budgets=ba, split_budgets=tb.split_array[:sh.nb], grid=tb.grid, tau=tau, tokens=C[6],
+            k=kk, step=C[0], decode=C[1], first=C[2], slowest=C[3], joiner=C[4], feasible=feasible, score=score,
             prefix=prefix, dec=dec, priced=priced, cal=self._cal_values(),
         )
 
@@ -484,7 +405,8 @@ class DuetPolicy(OneLaneBusy, Policy):
         row = self._step_row  # scratch: what the cached tokens add (a tuple here costs its conversion)
         row[2] = row[3] = dec.cached
         X = np.add(self.tables.decode_template(dec.n)[:k], row)
-        return self.pricer.ms_blocks(X, self.tables.step_layout(sms, k), self._decode_scale(), nonempty=dec.n > 0)
+        return self.pricer.ms_blocks(X, self.tables.step_layout(sms, k), self._decode_scale(), nonempty=dec.n > 0,
+                                     compiled=self.compiled)
 
     def _left_ms(self, view: SchedulerView, lane: LaneKind, launch) -> float:
         """Predicted ms until the busy lane's launch finishes (its full prediction if unknown)."""

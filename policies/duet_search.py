@@ -137,6 +137,7 @@ class Prefix:
         # one array build for the five (n + 1)-long tables (plan() overhead is numpy call count)
         cumL0 = [0.0] + cumL  # tokens before chunk i
         self._table = np.array([prefA, prefK, prefC, starts, cumL0])  # rows read by index (not unpacked: slower)
+        self.table = self._table  # (compiled search: policies/search_kernels.py)
         self.cumL = self._table[4, 1:]
         self._cumL, self._prefC = cumL, prefC  # the Python lists, for `completes`
         self.total = L
@@ -303,6 +304,7 @@ class SearchTables:
         self.row = np.zeros(4)  # scratch: what the decodes add to a priced row
         nc = len(budgets) + len(split_budgets)
         self.no_cut = (np.zeros((nc, 4)), np.zeros(nc, dtype=bool), np.zeros((2, nc)))  # the cut of an empty queue
+        self.empty_cum, self.empty_table = np.zeros(1), np.zeros((5, 2))  # the compiled cut's of an empty queue
         self._by_m: dict[int, np.ndarray] = {}
         steps = 1.0 + np.arange(k_max + 2)
         self.unit_template = np.stack([np.ones(len(steps)), np.ones(len(steps)), steps, steps], axis=1)
@@ -313,7 +315,14 @@ class SearchTables:
     def shape(self, n: int, total: float) -> tuple["SearchShape", np.ndarray, np.ndarray]:
         """(the search's shape, the prefill tokens to cut the chunk list at: the distinct
         aggregated budgets' less the n decodes (at least 0), then the split budgets', and the
-        distinct aggregated budgets). Budget b cuts min(max(b - n, 0), total) prefill tokens; with
+        distinct aggregated budgets); see `shape_parts`."""
+        sh, budgets, less_n, agg = self.shape_parts(n, total)
+        cut = budgets - less_n * n  # exact: small integers
+        return sh, np.maximum(cut, 0.0, out=cut), agg
+
+    def shape_parts(self, n: int, total: float) -> tuple["SearchShape", np.ndarray, np.ndarray, np.ndarray]:
+        """(the search's shape, the budgets to cut at, which of them the n decodes share (1.0) or
+        not (0.0), the distinct aggregated budgets). Budget b cuts min(max(b - n, 0), total) prefill tokens; with
         the budgets sorted, a budget adds tokens over the previous one iff b - n > 0 and the
         previous one's b - n < total (the first budget always counts, with decodes or tokens); of
         the split budgets the first ones count, up to the first that takes the whole list."""
@@ -340,9 +349,7 @@ class SearchTables:
             budgets = np.concatenate([agg, self.split_array[:nb]])
             less_n = np.concatenate([np.ones(len(agg)), np.zeros(nb)])  # which budgets the decodes share
             got = self._cuts[key] = (self.search_shape(len(rows), nb), budgets, less_n, agg)
-        sh, budgets, less_n, agg = got
-        cut = budgets - less_n * n  # exact: small integers
-        return sh, np.maximum(cut, 0.0, out=cut), agg
+        return got
 
     def search_shape(self, na: int, nb: int) -> "SearchShape":
         got = self._shapes.get((na, nb))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sglang_duet.policies import search_kernels
+
 # ---- pricing from batch summaries ---------------------------------------------------------------
 #
 # The roofline prices a batch from four sums over its requests (q new tokens, c cached): T = sum q,
@@ -281,15 +283,21 @@ class SummaryPricer:
                            np.concatenate(prep) if prep else np.zeros((0,) + np.shape(self.prepare(np.zeros(0, int)))[1:]),
                            spans, block, len(blocks) == 1 and blocks[0][0] == 0 and len(blocks[0][2]) == 1)
 
-    def ms_blocks(self, X: np.ndarray, layout: "BlockLayout", scales: np.ndarray, nonempty: bool = False) -> "Priced":
+    def ms_blocks(self, X: np.ndarray, layout: "BlockLayout", scales: np.ndarray, nonempty: bool = False,
+                  compiled: bool = False) -> "Priced":
         """`ms_prepared` of the rows of `layout` (X's rows once per SM count of their block), block
         i scaled by the scale row scales[i]. X's rows are multiplied out once, not once per SM
         count: a row's product does not depend on the other rows of the matrix, so the numbers are
         those of `ms_prepared` on the expanded rows (but numpy sends a one-row product to another
         BLAS routine: a caller that priced a row alone keeps pricing it alone). `nonempty`: the
-        caller knows every row has a request (R > 0), so none is zeroed."""
+        caller knows every row has a request (R > 0), so none is zeroed. `compiled` (with
+        `nonempty`): the same numbers from one compiled loop after the product (policies/search_kernels.py)."""
         if not self.exact:  # a scale row is one factor here (`scale_rows`)
             return Priced(self.ms(X.take(layout.take, axis=0), layout.prepared) * layout.scale(scales)[:, 0], None, 0)
+        if compiled and nonempty and search_kernels.AVAILABLE:
+            P, t = search_kernels.compiled().price_rows(X @ self._w_rows, self._w_const, layout.take, layout.prepared,
+                                                        layout.block, scales, len(self._attn))
+            return Priced(t, P, len(self._attn))
         base = X @ self._w_rows
         base += self._w_const
         P = base if layout.identity and len(base) == len(layout.take) else base.take(layout.take, axis=0)

@@ -1,0 +1,153 @@
+"""duet's compiled search (policies/search_kernels.py) gives numpy's numbers bit for bit, on every
+search of real simulated runs and on random views, so the plans do not depend on whether numba is
+installed."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from sglang_duet.core.request import ReqState, Request
+from sglang_duet.core.scheduler_core import ALL_LANES, CoreConfig, SchedulerView
+from sglang_duet.cost_model.roofline import CostModel
+from sglang_duet.policies import search_kernels, duet_scoring
+from sglang_duet.policies.base import PolicyContext, load_policy
+from sglang_duet.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(not search_kernels.AVAILABLE, reason="numba not installed (or SGLANG_DUET_NUMPY_SEARCH)")
+
+CM = CostModel.load("qwen3-8b", "h100")
+
+
+def _same(a, b) -> bool:
+    """Equal bit for bit: the same dtype, shape and bytes (so -0.0 != 0.0)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+class _Both:
+    """Stands in for duet_scoring.score: runs both paths on every search, records any difference,
+    and returns the numpy path's answer (so the run is the reference run)."""
+
+    def __init__(self):
+        self.searches = self.splits = self.longer = 0
+        self.diffs: list[str] = []
+        self._orig = duet_scoring.score
+
+    def __call__(self, tb, pricer, scales, work, x, sh, budgets, less_n, compiled):
+        scramble = np.isfinite(tb.steps)
+        scramble[:, 0] = False  # the scratch's constant columns: 0, inf; the rest must be written first
+        tb.steps[scramble] = -1.0
+        want = duet_scoring.score_numpy(tb, pricer, scales, work, x, sh, budgets, less_n)
+        tb.steps[scramble] = -1.0
+        got = duet_scoring.score_compiled(tb, pricer, scales, work, x, sh, budgets, less_n)
+        self.searches += 1
+        self.splits += sh.nb > 0
+        if sh.nb:
+            G, K = len(tb.grid), tb.k_max + 2
+            t = want[4].t
+            tp = t[sh.na + G * K:].reshape(G, sh.nb)
+            cum = np.cumsum(t[sh.na:sh.na + G * K].reshape(G, K), axis=1)
+            self.longer += bool((tp > cum[:, -1:]).any())
+        names = ("C", "k", "feasible", "score")
+        for name, a, b in zip(names, want[:4], got[:4]):
+            if not _same(a, b):
+                self.diffs.append(f"search {self.searches}: {name} differs")
+        if not (_same(want[4].t, got[4].t) and _same(want[4].P, got[4].P)):
+            self.diffs.append(f"search {self.searches}: priced rows differ")
+        return want
+
+
+@pytest.fixture
+def both(monkeypatch):
+    import sglang_duet.policies.duet as duet_module
+
+    rec = _Both()
+    monkeypatch.setattr(duet_module, "score_candidates", rec)
+    return rec
+
+
+@pytest.mark.parametrize("workload,rate,hardware", [("azure-conv", 30.0, "h100"), ("sharegpt4", 14.0, "h100"),
+                                                    ("arxiv-sum", 1.2, "h200")])
+def test_compiled_search_equals_numpy_on_simulated_runs(both, workload, rate, hardware):
+    from sglang_duet.simulator import SimConfig, simulate
+    from sglang_duet.simulator.loop import build_cost_model
+
+    cfg = SimConfig(policy="duet", workload=workload, rate=rate, num_requests=120, hardware=hardware)
+    simulate(cfg, cost_model=build_cost_model("qwen3-8b", hardware))
+    assert both.searches > 100 and both.splits > 10  # searches with split candidates were compared
+    assert both.diffs == []
+
+
+def _random_view(rng: random.Random) -> SchedulerView:
+    now = 50.0
+    dec = []
+    for i in range(rng.choice([0, 1, 3, 40, 256])):
+        out = rng.randint(1, 300)
+        r = Request(f"d{i}", [7] * rng.randint(10, 8000), SamplingParams(max_new_tokens=out + rng.randint(1, 600)),
+                    arrival_time=now - 10, seed=0)
+        r.output_ids = [5] * out
+        r.state, r.num_computed = ReqState.RUNNING, r.seq_len - 1
+        r.last_token_time = now - rng.uniform(0, 0.09)
+        dec.append(r)
+    wait = [Request(f"w{i}", [7] * rng.choice([1, 17, 300, 2048, 9000, 30000]), SamplingParams(max_new_tokens=50),
+                    arrival_time=now - rng.uniform(0, 3), seed=0) for i in range(rng.choice([0, 1, 5, 60]))]
+    kv_total = 400_000
+    return SchedulerView(now=now, waiting=wait, prefilling=[], decoding=dec, inflight={}, idle_lanes=ALL_LANES,
+                         kv_free=rng.choice([kv_total, 60_000, 3_000]), kv_total=kv_total,
+                         num_running=len(dec), config=CoreConfig(kv_slots=kv_total + 1, context_length=40960,
+                                                                 max_running_requests=512))
+
+
+def test_compiled_search_equals_numpy_on_random_views(both):
+    rng = random.Random(7)
+    for i in range(300):
+        pol = load_policy("duet", PolicyContext(chunked_prefill_size=rng.choice([2048, 8192]),
+                                                tbt_slo_ms=rng.choice([30.0, 100.0]), ttft_slo_ms=1000.0,
+                                                cost_model=CM, hardware=CM.hw))
+        for lane, cal in pol.calibration.items():  # calibrated as after some launches
+            cal.a, cal.b = rng.uniform(0.8, 1.3), rng.uniform(0.8, 1.3)
+        pol.search(_random_view(rng))
+    assert both.searches == 300 and both.splits > 50 and both.longer > 0
+    assert both.diffs == []
+
+
+def test_without_numba_the_policy_plans_the_same(monkeypatch):
+    """The option `compiled: false` (and a host without numba) runs the numpy path: the same plans."""
+    rng = random.Random(3)
+    views = [_random_view(rng) for _ in range(40)]
+    plans = {}
+    for compiled in (True, False):
+        ctx = PolicyContext(chunked_prefill_size=8192, tbt_slo_ms=100.0, ttft_slo_ms=1000.0, cost_model=CM,
+                            hardware=CM.hw, options={"compiled": compiled})
+        pol = load_policy("duet", ctx)
+        assert pol.compiled is compiled
+        plans[compiled] = [repr(pol.plan(v)) for v in views]
+    assert plans[True] == plans[False]
+    assert sum(p != "None" for p in plans[True]) > 20
+
+
+def test_compiled_decode_steps_equal_numpy():
+    """The decode lane's k steps (priced every plan while a prefill runs), compiled and in numpy."""
+    from sglang_duet.policies.duet_search import decodes_of
+
+    rng = random.Random(11)
+    pols = {c: load_policy("duet", PolicyContext(chunked_prefill_size=8192, tbt_slo_ms=100.0, ttft_slo_ms=1000.0,
+                                                 cost_model=CM, hardware=CM.hw, options={"compiled": c}))
+            for c in (True, False)}
+    compared = 0
+    for _ in range(200):
+        v = _random_view(rng)
+        a, b = rng.uniform(0.8, 1.3), rng.uniform(0.8, 1.3)
+        for pol in pols.values():
+            cal = pol.calibration[next(k for k in pol.calibration if k.value == "decode")]
+            cal.a, cal.b = a, b
+        dec = decodes_of(v, 8)
+        if not dec.n:
+            continue
+        sms, k = rng.choice(pols[True].grid), rng.randint(1, 10)
+        got, want = (pols[c]._decode_steps(dec, sms, k) for c in (True, False))
+        assert _same(got.t, want.t) and _same(got.P, want.P)
+        compared += 1
+    assert compared > 100
