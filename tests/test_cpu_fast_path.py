@@ -300,5 +300,6 @@ def test_the_cpu_lm_head_in_pieces_gives_the_same_logits_bit_for_bit(tiny_model_
         got = model.compute_logits(x, idx)
         assert calls  # the chunked path ran
         assert torch.equal(got, F.linear(model.model.norm(x[idx]), w).float())
-        one = model.compute_logits(x, idx[:1])  # one row: a single GEMV, as before
-        assert len(calls) == 1 and torch.equal(one, F.linear(model.model.norm(x[idx[:1]]), w).float())
+        one = model.compute_logits(x, idx[:1])  # one row: a single GEMV, against the [in, out] copy
+        assert len(calls) == 1 and torch.equal(one, torch.mm(model.model.norm(x[idx[:1]]), model.lm_head_weight_t))
+        torch.testing.assert_close(one, F.linear(model.model.norm(x[idx[:1]]), w), rtol=1e-5, atol=1e-5)

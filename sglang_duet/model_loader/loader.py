@@ -198,6 +198,8 @@ def _prepare_for_inference(model: LlamaForCausalLM, device: torch.device) -> Non
     separate projections they were validated with."""
     if device.type == "cpu":
         model.fuse_projections()
+        if model.wants_gemv_weights(device):  # one-row decode steps at the CPU's streaming speed (llama.py)
+            model.add_gemv_weights()
 
 
 def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "auto",

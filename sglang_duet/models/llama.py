@@ -79,6 +79,28 @@ def _chunked_linear(x: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor
     return torch.cat([F.linear(x, w[s:s + rows]) for s in range(0, w.shape[0], rows)], dim=1)
 
 
+# One row (the decode step of a single request) against a weight stored [out, in], as nn.Linear keeps it,
+# is MKL's dot-product gemv, which streamed SmolLM2's weights at 13-14 GB/s on the 2-core AVX2 test machine
+# (one thread); the same product against an [in, out] copy (x @ w_t, the axpy-style gemv) at 18-24 GB/s:
+# the LM head 8.8 -> 4.8 ms, gate/up of 30 layers 18.9 -> 14.0 ms. From 4 rows up the [out, in] GEMM is as
+# fast or faster (LM head at 16 rows: 32 vs 43 ms), and down_proj (in > out) is no faster either way. So a
+# small float32 model on a CPU keeps a second, transposed copy of its wide weights (q/k/v, o, gate/up, LM
+# head; +78% of SmolLM2's bytes) for one-row steps only. Bigger models would pay too much memory.
+GEMV_COPY_MAX_BYTES = 1 << 30
+
+
+def linear_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_t: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, w, b), computed against the transposed copy w_t ([in, out], contiguous) when x is one row
+    and there is one (same product, summed in another order: last-bit differences, see GEMV_COPY_MAX_BYTES)."""
+    if w_t is not None and x.shape[0] == 1:
+        return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
+    return F.linear(x, w, b)
+
+
+def _transposed(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().t().contiguous()
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -113,6 +135,9 @@ class Attention(nn.Module):
         # Set by fuse(): q/k/v weights concatenated (the three parameters become views of it).
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
+        # Set by add_gemv_weights(): [in, out] copies of the fused q/k/v and of o_proj for one-row steps.
+        self.qkv_weight_t: torch.Tensor | None = None
+        self.o_weight_t: torch.Tensor | None = None
 
     def fuse(self) -> None:
         """Concatenate q/k/v into one [q+2kv, hidden] weight and make the three parameters views of it:
@@ -125,7 +150,7 @@ class Attention(nn.Module):
                 attn: AttentionBackend, kv_pool) -> torch.Tensor:
         T = x.shape[0]
         if self.qkv_weight is not None:  # one GEMM instead of three (fuse_projections)
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
+            q, k, v = linear_rows(x, self.qkv_weight, self.qkv_bias, self.qkv_weight_t).split(self.qkv_sizes, dim=-1)
             q = q.view(T, self.num_heads, self.head_dim)
             k = k.view(T, self.num_kv_heads, self.head_dim)
             v = v.view(T, self.num_kv_heads, self.head_dim)
@@ -138,6 +163,8 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         o = attn.run(self.layer_id, q, k, v, kv_pool)
+        if self.o_weight_t is not None:  # only without tensor parallelism (add_gemv_weights)
+            return linear_rows(o, self.o_proj.weight, self.o_proj.bias, self.o_weight_t)
         return row_parallel(self.o_proj, o, self.tp)
 
 
@@ -154,6 +181,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=bias)
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
         self.gate_up_bias: torch.Tensor | None = None
+        self.gate_up_weight_t: torch.Tensor | None = None  # set by add_gemv_weights()
 
     def fuse(self) -> None:
         """gate and up in one [2 * inter, hidden] weight (the two parameters become views of it)."""
@@ -163,7 +191,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+            gate, up = linear_rows(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_weight_t).chunk(2, dim=-1)
             return row_parallel(self.down_proj, F.silu(gate) * up, self.tp)
         return row_parallel(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), self.tp)
 
@@ -239,6 +267,7 @@ class LlamaForCausalLM(nn.Module):
                         else nn.Linear(config.hidden_size, self.layout.vocab_per_rank, bias=False))
         self._inv_freq_cpu = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self._inv_freq: torch.Tensor | None = None
+        self.lm_head_weight_t: torch.Tensor | None = None  # set by add_gemv_weights()
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and gate/up of every layer (one GEMM each). Call after the weights are loaded and
@@ -246,6 +275,43 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+
+    # ---- one-row (gemv) copies: see GEMV_COPY_MAX_BYTES ---------------------------------------------
+    def _gemv_slots(self):
+        """(owner, attribute, the [out, in] weight it transposes, serving name) of every one-row copy."""
+        out = []
+        for i, layer in enumerate(self.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            out.append((a, "qkv_weight_t", a.qkv_weight, f"model.layers.{i}.self_attn.qkv_weight_t"))
+            out.append((a, "o_weight_t", a.o_proj.weight, f"model.layers.{i}.self_attn.o_weight_t"))
+            out.append((m, "gate_up_weight_t", m.gate_up_weight, f"model.layers.{i}.mlp.gate_up_weight_t"))
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        out.append((self, "lm_head_weight_t", head, "lm_head_weight_t"))
+        return out
+
+    def gemv_copy_bytes(self) -> int:
+        """Bytes the one-row copies take (0 where they do not apply: see wants_gemv_weights)."""
+        return sum(w.numel() * w.element_size() for _, _, w, _ in self._gemv_slots() if w is not None)
+
+    def wants_gemv_weights(self, device: torch.device) -> bool:
+        """Whether this model gets the one-row copies: fused, float32, on a CPU, one rank, and the copies
+        under GEMV_COPY_MAX_BYTES (the gain was measured there; elsewhere it costs memory for nothing known)."""
+        return (torch.device(device).type == "cpu" and self.dtype == torch.float32 and self.tp.size == 1
+                and self.model.layers[0].self_attn.qkv_weight is not None
+                and self.gemv_copy_bytes() <= GEMV_COPY_MAX_BYTES)
+
+    def add_gemv_weights(self) -> None:
+        """Make the [in, out] copies that one-row steps multiply with (after the weights are final)."""
+        for owner, attr, w, _ in self._gemv_slots():
+            setattr(owner, attr, _transposed(w))
+
+    def drop_gemv_weights(self) -> None:
+        for owner, attr, _, _ in self._gemv_slots():
+            setattr(owner, attr, None)
+
+    @property
+    def has_gemv_weights(self) -> bool:
+        return self.lm_head_weight_t is not None
 
     # ---- serving layout (model_loader/prepared.py maps these from one file) ------------------------
     _FUSED = (("self_attn", "qkv", ("q_proj", "k_proj", "v_proj")), ("mlp", "gate_up", ("gate_proj", "up_proj")))
@@ -270,6 +336,9 @@ class LlamaForCausalLM(nn.Module):
         for name, p in self.named_parameters():
             if id(p) not in views:
                 out[name] = p.detach()
+        for owner, attr, _, name in self._gemv_slots():  # the one-row copies, when the model has them
+            if getattr(owner, attr) is not None:
+                out[name] = getattr(owner, attr)
         return out
 
     def adopt_serving_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -277,6 +346,7 @@ class LlamaForCausalLM(nn.Module):
         (no copy; e.g. views of a mapped file), fused ones with their parts as views. Strict: every
         parameter must be covered, with its shape and dtype."""
         tensors = dict(tensors)
+        gemv = {name: tensors.pop(name) for _, _, _, name in self._gemv_slots() if name in tensors}
         for i, layer in enumerate(self.model.layers):
             for sub, fused_name, parts in self._FUSED:
                 block = getattr(layer, sub)
@@ -304,6 +374,12 @@ class LlamaForCausalLM(nn.Module):
             setattr(self.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=p.requires_grad))
         if tensors:
             raise ValueError(f"unexpected serving tensors {sorted(tensors)[:8]}")
+        if gemv:  # all or none: a one-row step multiplies with every copy
+            for owner, attr, w, name in self._gemv_slots():
+                t = gemv.get(name)
+                if t is None or tuple(t.shape) != tuple(reversed(w.shape)) or t.dtype != self.dtype:
+                    raise ValueError(f"serving tensor {name}: missing or not the transpose of {tuple(w.shape)} {self.dtype}")
+                setattr(owner, attr, t)
 
     def rope_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, 1, head_dim] (broadcast over heads) in the activation dtype."""
@@ -342,7 +418,7 @@ class LlamaForCausalLM(nn.Module):
         if self.tp.size == 1:
             if x.device.type == "cpu" and x.shape[0] > 1 and w.shape[0] > LM_HEAD_CPU_ROWS:
                 return _chunked_linear(x, w, LM_HEAD_CPU_ROWS).float()
-            return F.linear(x, w).float()
+            return linear_rows(x, w, None, self.lm_head_weight_t).float()
         # vocab-parallel LM head: each rank scores its slice of the vocabulary; gather, drop padding
         logits = self.tp.all_gather_last_dim(F.linear(x, w).float())
         return logits[:, :self.config.vocab_size]
@@ -365,7 +441,9 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- weights ---------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (HF name, tensor) pairs into the parameters; strict about missing/extra names."""
+        """Copy (HF name, tensor) pairs into the parameters; strict about missing/extra names. The one-row
+        copies (add_gemv_weights) would go stale: they are dropped (the loader makes them afterwards)."""
+        self.drop_gemv_weights()
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         unexpected: list[str] = []
