@@ -65,6 +65,7 @@ class EngineCore:
                 chunked_prefill_size=self.prefill_budget,
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),
                 overlap=not args.disable_overlap_schedule and getattr(self.executor, "supports_overlap", False),
+                overlap_depth=getattr(self.executor, "overlap_depth", 1),  # launches it may queue behind one
             ),
             self.policy,
             clock=clock,

@@ -40,6 +40,9 @@ class SchedulerOutputProcessorMixin:
     # there, and the consumer reads the tokens from the request's output_ids when it sends. Finishes,
     # several tokens at once and logprobs always get their update.
     stream_hold: dict[str, int] | None = None
+    # Apply a one-step decode's rows with `_apply_decode_rows` (tests turn it off to compare with the
+    # general loop, which gives the same outcome)
+    decode_rows_fast: bool = True
 
     def apply_result(self, result: LaunchResult) -> list[RequestUpdate]:
         """Apply one part of a launch's result (see LaunchResult): the tokens it makes visible, and,
@@ -69,6 +72,11 @@ class SchedulerOutputProcessorMixin:
         else:
             tokens_by, times_by, row_time = None, None, result.finished_at
         lps_by = result.logprobs
+        if (final and rows is not None and not lps_by and not delivered and launch.reqs and self.decode_rows_fast
+                and not launch.batch.prefill and launch.batch.steps <= 1):
+            # The usual step: one token per row of a one-step decode, final, no logprobs
+            self.stats.generated_tokens += self._apply_decode_rows(launch, rows, row_time, updates)
+            return updates
         now = result.finished_at or self.clock()
         requests = self.requests
         FINISHED = ReqState.FINISHED
@@ -85,7 +93,7 @@ class SchedulerOutputProcessorMixin:
                 r.inflight_count -= 1
                 if r.inflight == lid:
                     r.inflight = None
-                if r.inflight_count:  # also in the overlapped launch queued behind this one
+                if r.inflight_count:  # also in an overlapped launch queued behind this one
                     if r.release_deferred or r.aborted or not w.sample:
                         continue
                 elif r.release_deferred:  # ended earlier (a part of this launch, or the launch before)
@@ -174,18 +182,81 @@ class SchedulerOutputProcessorMixin:
         self.stats.generated_tokens += generated
         return updates
 
+    def _apply_decode_rows(self, launch, rows: list[int], tt: float, updates: list) -> int:
+        """apply_result for the final (and only) part of a one-step decode launch given by rows,
+        without logprobs: the same outcome as the general loop, with what it checks per row for
+        prefill chunks, partial results, several steps and logprobs left out. Returns the tokens
+        appended."""
+        lid = launch.launch_id
+        requests = self.requests
+        FINISHED = ReqState.FINISHED
+        hold = self.stream_hold
+        generated = 0
+        for r, t in zip(launch.reqs, rows):
+            c = r.inflight_count - 1
+            r.inflight_count = c
+            if r.inflight == lid:
+                r.inflight = None
+            if c:  # also in an overlapped launch queued behind this one
+                if r.release_deferred or r.aborted:
+                    continue
+            elif r.release_deferred:  # ended earlier (by the launch before)
+                self._release_kv(r)
+                requests.pop(r.rid, None)
+                continue
+            elif r.aborted:
+                if r.state is not FINISHED:
+                    self._finish(r, {"type": "abort", "message": "Aborted by the client."})
+                    updates.append(self._update(r, []))
+                continue
+            if r.state is FINISHED:
+                continue
+            if t == NO_TOKEN:
+                raise RuntimeError(f"launch {lid} ended with 0 of 1 tokens for {r.rid!r}")
+            # _append_tokens + _check_finished + _update for one token, as in apply_result
+            r.pending -= 1
+            out = r.output_ids
+            out.append(t)
+            if r.first_token_time is None:
+                r.first_token_time = tt
+            elif r.last_token_time is not None and tt - r.last_token_time > r.max_tbt:
+                r.max_tbt = tt - r.last_token_time
+            r.last_token_time = tt
+            n_out = len(out)
+            generated += 1
+            reason = None
+            if t in r.eos_ids and n_out > r.params.min_new_tokens:
+                reason = {"type": "stop", "matched": t}
+            elif n_out >= r.length_limit:
+                reason = {"type": "length", "length": n_out}
+            elif r.has_stop and self.stop_checker is not None:
+                matched = self.stop_checker(r)
+                if matched is not None:
+                    reason = {"type": "stop", "matched": matched}
+            if reason is not None:
+                self._finish(r, reason)
+                updates.append(self._update(r, [t]))
+            elif hold is None or n_out >= hold.get(r.rid, 0):
+                updates.append(RequestUpdate(r.rid, [t], _NO_LOGPROBS, False, None, r.prompt_len, n_out,
+                                             r.cached_len, r.arrival_time, r.first_token_time, None))
+        return generated
+
     def _lane_done(self, lid: int) -> None:
         """A launch's final part arrived: its lane runs the launch queued behind it, or is idle."""
         for lane, busy_id in list(self._busy.items()):
             if busy_id == lid:
-                queued = self._queued.pop(lane, None)
-                if queued is None:
+                queued = self._queued.get(lane)
+                if not queued:
                     del self._busy[lane]
                 else:
-                    self._busy[lane] = queued
-        for lane, queued_id in list(self._queued.items()):
-            if queued_id == lid:  # an executor ended them out of order: tolerate it
-                del self._queued[lane]
+                    self._busy[lane] = queued.pop(0)
+                if not queued:
+                    self._queued.pop(lane, None)
+        for lane, queued in list(self._queued.items()):
+            if lid in queued:  # an executor ended them out of order: tolerate it
+                queued.remove(lid)
+                if not queued:
+                    del self._queued[lane]
 
     def _append_tokens(self, r: Request, tokens: list[int], lps, times, now: float) -> RequestUpdate:
         """Append one request's tokens from a part of its launch, recording when each became visible

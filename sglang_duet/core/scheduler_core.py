@@ -44,6 +44,13 @@ class CoreConfig:
     # ends by eos or a stop string in step N has one wasted row in step N+1. Only with a policy and
     # an executor that both support it (EngineCore decides).
     overlap: bool = False
+    # How many launches may wait behind the running aggregated one (overlap only). 1: SGLang's
+    # overlap scheduler (step N+1 queued while N runs). 2: N+1 and N+2 queued, so the host has two
+    # steps instead of one to apply a result and plan before the device would idle (a host that
+    # sometimes waits for a core no longer idles the device), at the price of applying results one
+    # more step late (an eos or stop string wastes up to two rows, an arrival's prefill waits one
+    # more step). The executor must run queued launches in order (EngineCore asks it).
+    overlap_depth: int = 1
     # Order of the waiting queue (SGLang's --schedule-policy): fcfs, or lpm (longest cached prefix
     # first, among the first LPM_WINDOW waiting requests; fcfs without a prefix cache).
     schedule_policy: str = "fcfs"
@@ -114,7 +121,8 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
         self.running: dict[str, Request] = {}  # insertion order = admission order
         self.inflight: dict[int, Launch] = {}
         self._busy: dict[LaneKind, int] = {}  # lane -> the launch running on it
-        self._queued: dict[LaneKind, int] = {}  # lane -> the overlapped launch queued behind it
+        self._queued: dict[LaneKind, list[int]] = {}  # lane -> the overlapped launches queued behind it, in order
+        self._overlap_depth = max(1, int(config.overlap_depth))
         self._next_launch = 0
         self._pending_updates: list[RequestUpdate] = []
         self._delivered: dict[int, dict[str, int]] = {}  # launch id -> rid -> tokens delivered by partials
@@ -289,16 +297,23 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
         return bool(self.idle_lanes()) or self._overlap_head() is not None
 
     def _overlap_head(self) -> Launch | None:
-        """The running aggregated launch a next one may be planned behind (overlap scheduling), if any."""
-        if not self._overlap or LaneKind.AGGREGATED not in self._busy or self._queued:
+        """The aggregated launch a next one may be planned behind (overlap scheduling), if any: the
+        newest of the running one and those queued behind it, while fewer than overlap_depth wait."""
+        if not self._overlap or LaneKind.AGGREGATED not in self._busy:
             return None
-        return self.inflight[self._busy[LaneKind.AGGREGATED]]
+        queued = self._queued.get(LaneKind.AGGREGATED)
+        if not queued:
+            return self.inflight[self._busy[LaneKind.AGGREGATED]]
+        if len(queued) >= self._overlap_depth:
+            return None
+        return self.inflight[queued[-1]]
 
     def view(self) -> SchedulerView:
         """What the policy plans from. Normally: the requests no lane is working on, the idle lanes.
-        Overlap planning (an aggregated launch runs, nothing queued behind it): the same as if that
-        launch had ended, its requests included at their planned state (`num_computed`, `pending`),
-        except those it will end by length; the plan it returns must be aggregated."""
+        Overlap planning (an aggregated launch runs, fewer than overlap_depth queued behind it): the
+        same as if those launches had ended, the requests of the newest one (the head) included at
+        their planned state (`num_computed`, `pending`), except those the tokens in flight end by
+        length; a request only in earlier ones waits for them. The plan it returns must be aggregated."""
         head = self._overlap_head()
         head_id = head.launch_id if head is not None else None
         prefilling, decoding = [], []
@@ -309,7 +324,7 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
             pending = r.pending
             out = len(r.output_ids) + pending
             if r.inflight is not None:
-                if r.inflight != head_id or r.inflight_count != 1:
+                if r.inflight != head_id:
                     continue
                 if pending and out >= r.length_limit:
                     continue  # the tokens in flight end it by length: not planned again
@@ -431,8 +446,8 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
             touched += reqs
             self._next_launch += 1
             self.inflight[lid] = launch
-            if lane in self._busy:  # overlap: queued behind the running launch
-                self._queued[lane] = lid
+            if lane in self._busy:  # overlap: queued behind the running launch (and those queued already)
+                self._queued.setdefault(lane, []).append(lid)
             else:
                 self._busy[lane] = lid
             self.stats.launches[lane.value] += 1
@@ -458,7 +473,7 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
             for rid in names:
                 r = requests.get(rid)
                 if (r is None or r.aborted or r.state is not running
-                        or (r.inflight is not None and (r.inflight != head_id or r.inflight_count != 1))
+                        or (r.inflight is not None and r.inflight != head_id)
                         or not (r.output_ids or r.pending)
                         or len(r.prompt_ids) + len(r.output_ids) + r.pending - r.num_computed != 1):  # is_decoding
                     raise RuntimeError(f"policy planned a decode for {rid!r}, which is not ready to decode")
@@ -476,6 +491,7 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
             need = len(decodes) * steps
         work: list[ReqWork] = []
         slots = self._alloc(len(decodes) * steps) if decodes else []  # one allocation for the batch
+        append = work.append
         for i, r in enumerate(decodes):
             kv = r.kv_slots
             if steps == 1:
@@ -484,12 +500,13 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
                 kv.extend(slots[i * steps:(i + 1) * steps])
             pending = r.pending
             out = r.output_ids
+            computed = r.num_computed
             # _work, inlined (positional, in ReqWork's field order): this runs for every request of every step.
-            # With tokens in flight the input is the last one the running launch samples for it.
-            work.append(ReqWork(r.rid, [FUTURE_TOKEN] if pending else [out[-1]], r.num_computed, kv, True, steps,
-                                r.seed, r.params, out, r.prompt_ids, r.eos_ids, r.inflight if pending else None,
-                                len(out) + pending, r.table_row, r.grammar))
-            r.num_computed += steps  # the KV of the input and of steps - 1 fed-back tokens
+            # With tokens in flight the input is the last one the launch before samples for it.
+            append(ReqWork(r.rid, [FUTURE_TOKEN] if pending else [out[-1]], computed, kv, True, steps,
+                           r.seed, r.params, out, r.prompt_ids, r.eos_ids, r.inflight if pending else None,
+                           len(out) + pending, r.table_row, r.grammar))
+            r.num_computed = computed + steps  # the KV of the input and of steps - 1 fed-back tokens
             r.pending = pending + steps
             r.inflight = lid
             r.inflight_count += 1
@@ -507,7 +524,7 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
     def _resolve_prefill(self, chunk: PrefillChunk, head_id: int | None = None) -> ReqWork | None:
         r = self.requests.get(chunk.rid)
         if (r is None or r.aborted or r.finished or r.pending
-                or (r.inflight is not None and (r.inflight != head_id or r.inflight_count != 1))):
+                or (r.inflight is not None and r.inflight != head_id)):
             raise RuntimeError(f"policy planned a prefill for {chunk.rid!r}, which cannot prefill now")
         if chunk.start != r.num_computed or not 0 < chunk.length <= r.remaining_prefill:
             raise RuntimeError(f"bad prefill chunk {chunk} for a request with {r.num_computed}/{r.seq_len} computed")

@@ -124,6 +124,10 @@ class EmulatedExecutor(Executor):
     # that one ends (the device runs them back to back); its truth host time overlapped the running
     # launch's device time, so only what exceeds it is charged.
     supports_overlap = True
+    # Queued launches run back to back in submission order, however many wait (a GPU stream's
+    # order), and their ids come from (seed, position) alone: two may wait behind the running one
+    # (CoreConfig.overlap_depth), so a host that falls one step behind does not idle the device.
+    overlap_depth = 2
 
     def __init__(self, cost_model, clock_mode: str = "wall", contention: str | None = None,
                  clock=time.monotonic, time_scale: float = 1.0, token_range: tuple[int, int] | None = None,
