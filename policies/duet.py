@@ -123,6 +123,7 @@ from sglang_duet.policies.base import (
     deadline_view, decode_sms_grid, log_plan, lookahead_cap_of, require_cost_model, select_prefills,
     ttft_order_option,
 )
+from sglang_duet.policies import search_kernels_loader as search_kernels
 from sglang_duet.policies.duet_feedback import Calibration, Demand
 from sglang_duet.policies.duet_lanes import Decision, LanePair, Move, OneLaneBusy
 from sglang_duet.policies.duet_scoring import SearchInputs, warm_up
@@ -212,8 +213,10 @@ class DuetPolicy(OneLaneBusy, Policy):
         self._raw: dict[int, tuple[float, float]] = {}  # id(batch launched) -> its (compute, memory) ms
         self._step_row = np.zeros(4)  # scratch of _decode_steps
         # the search's array program compiled (policies/search_kernels.py; the same numbers as numpy's)
-        self.compiled = str(o.get("compiled", True)).lower() not in ("0", "false", "no")
+        self.compiled = (str(o.get("compiled", True)).lower() not in ("0", "false", "no")
+                         and search_kernels.AVAILABLE and self.pricer.exact)
         if self.compiled:
+            self._scales = np.ones((3, 2))
             warm_up(self.tables, self.pricer, self._scale_rows(), self._work)
         self.last: Decision | None = None
 
@@ -267,15 +270,17 @@ class DuetPolicy(OneLaneBusy, Policy):
         s = self.search(view, dec)
         return [s.candidate(i) for i in range(len(s))]
 
-    def search(self, view: SchedulerView, dec: Decodes | None = None) -> Search:
+    def search(self, view: SchedulerView, dec: Decodes | None = None, keep_sd: int | None = None) -> Search:
         """Price and score every candidate (see the module docstring) in one vectorised pass.
 
         plan() overhead is call count, not the work in each (226 priced rows with the default
         budgets and grid), so everything constant per policy is built once (`SearchTables`), the
         batches that repeat (the queue exhausted before the largest budgets) are found in Python,
         X's rows are multiplied out once for all decode partitions, and the array program runs as
-        two compiled loops (`duet_scoring.score_compiled`; option `compiled`, default on where numba
-        is installed) that give numpy's numbers bit for bit. tests/test_duet_policy.py pins the plans."""
+        one compiled call (`duet_scoring.score_compiled`; option `compiled`, default on where numba
+        is installed) that gives numpy's numbers bit for bit. tests/test_duet_policy.py pins the plans.
+        keep_sd: the busy lane's partition, whose best split `_partition_stays` reads (found in the
+        compiled call too)."""
         dec = dec or self._decodes(view)
         n = dec.n
         tb = self.tables
@@ -296,14 +301,19 @@ class DuetPolicy(OneLaneBusy, Policy):
         # budget; identical batches (the queue exhausted) priced once
         sh, budgets, less_n, ba = tb.shape_parts(n, total)
         x = SearchInputs(n, dec.cached, k_cap, prefix, first_limit, limit, w_p, tau,
-                         self.decode_weight(view) if n else 1.0)
-        C, kk, feasible, score, priced = score_candidates(tb, self.pricer, self._scale_rows(), self._work, x, sh,
-                                                          budgets, less_n, self.compiled)
-        return Search(
+                         self.decode_weight(view) if n else 1.0, self._grid_index.get(keep_sd, -1))
+        C, kk, feasible, score, priced, best, here = score_candidates(tb, self.pricer, self._scale_rows(), self._work,
+                                                                      x, sh, budgets, less_n, self.compiled)
+        s = Search(
             split=sh.split, agg_budgets=ba, split_budgets=tb.split_array[:sh.nb], grid=tb.grid, tau=tau, tokens=C[6],
             k=kk, step=C[0], decode=C[1], first=C[2], slowest=C[3], joiner=C[4], feasible=feasible, score=score,
             prefix=prefix, dec=dec, priced=priced, cal=self._cal_values(),
         )
+        if best is not ...:
+            s._best.append(best)
+        if here is not ...:
+            s.kept = (keep_sd, here)
+        return s
 
     def _cal_values(self) -> dict:
         """lane -> (a, b), rebuilt only when the calibration moved (read after `_scale_rows`)."""
@@ -318,14 +328,19 @@ class DuetPolicy(OneLaneBusy, Policy):
         agg, dec, pre = self._cal_order
         key = ((agg.a, agg.b), (dec.a, dec.b), (pre.a, pre.b))
         if key != self._scales_key:
-            self._scales_key, self._scales = key, self.pricer.scale_rows(key)
+            self._scales_key = key
+            if self.compiled:  # the pairs themselves (the loop repeats them as scale_rows does), in place
+                p = self._scales
+                (p[0, 0], p[0, 1]), (p[1, 0], p[1, 1]), (p[2, 0], p[2, 1]) = key
+            else:
+                self._scales = self.pricer.scale_rows(key)
         return self._scales
 
     def _decode_scale(self) -> np.ndarray:
         """The decode lane's scale row as a one-row array (the same array while it stands)."""
         scales = self._scale_rows()
-        if self._decode_scale_src is not scales:
-            self._decode_scale_src, self._decode_scale_row = scales, scales[1:2].copy()
+        if self._decode_scale_src is not scales:  # (compiled: a view of the pairs, updated in place)
+            self._decode_scale_src, self._decode_scale_row = scales, scales[1:2] if self.compiled else scales[1:2].copy()
         return self._decode_scale_row
 
     def decode_weight(self, view: SchedulerView) -> float:
@@ -402,11 +417,17 @@ class DuetPolicy(OneLaneBusy, Policy):
 
     def _decode_steps(self, dec: Decodes, sms: int, k: int) -> Priced:
         """Each of k decode steps on `sms` SMs, priced with the decode lane's calibration."""
+        layout = self.tables.step_layout(sms, k)
+        if self.compiled and dec.n:  # one compiled call (the same numbers)
+            W, w_const, ops = self.pricer.weights
+            P, t = search_kernels.kernels().decode_steps(self.tables.unit_template, dec.n, float(dec.cached), k, W,
+                                                         w_const, layout.take, layout.prepared, layout.block,
+                                                         self._decode_scale(), ops)
+            return Priced(t, P, ops, compiled=True)
         row = self._step_row  # scratch: what the cached tokens add (a tuple here costs its conversion)
         row[2] = row[3] = dec.cached
         X = np.add(self.tables.decode_template(dec.n)[:k], row)
-        return self.pricer.ms_blocks(X, self.tables.step_layout(sms, k), self._decode_scale(), nonempty=dec.n > 0,
-                                     compiled=self.compiled)
+        return self.pricer.ms_blocks(X, layout, self._decode_scale(), nonempty=dec.n > 0)
 
     def _left_ms(self, view: SchedulerView, lane: LaneKind, launch) -> float:
         """Predicted ms until the busy lane's launch finishes (its full prediction if unknown)."""

@@ -44,7 +44,9 @@ class OneLaneBusy:
         here = None
         g = self._grid_index.get(sd)
         nb = len(s.split_budgets)
-        if g is not None and nb:  # the splits on S_d = sd: nb candidates in a row
+        if s.kept is not None and s.kept[0] == sd:  # found by the compiled search
+            here = s.kept[1]
+        elif g is not None and nb:  # the splits on S_d = sd: nb candidates in a row
             lo = len(s.agg_budgets) + g * nb
             here = s.best(s.feasible[lo:lo + nb] & (s.tokens[lo:lo + nb] > 0), lo)
         return here, s.best()
@@ -88,7 +90,7 @@ class OneLaneBusy:
         if not meet and (view.waiting or view.prefilling):
             # Stepping past the prefill's end keeps the partition for the prefill lane's next chunk;
             # meet it instead if a joint plan would change the partition.
-            here, best = self._partition_stays(self.search(view, dec), sd)
+            here, best = self._partition_stays(self.search(view, dec, keep_sd=sd), sd)
             if here is None or (best != here and best is not None):
                 meet, why_meet = True, "a joint plan would change the partition"
         if meet:
@@ -118,7 +120,7 @@ class OneLaneBusy:
         busy = view.inflight[LaneKind.DECODE]
         sd = busy.sms or self.grid[0]
         left = self._left_ms(view, LaneKind.DECODE, busy)
-        s = self.search(view, self._projected_decodes(view, busy, left))
+        s = self.search(view, self._projected_decodes(view, busy, left), keep_sd=sd)
         here, best = self._partition_stays(s, sd)
         if here is None:
             return Decision(state, Move.WAIT_FOR_PARTNER, f"no feasible split keeps S_d={sd} (decode lane busy "

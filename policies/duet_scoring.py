@@ -1,14 +1,15 @@
 """duet's candidates priced and scored from one search's inputs (`DuetPolicy.search`), two ways
 that give the same numbers bit for bit: `score_numpy`, the vectorised reference, and
-`score_compiled`, the same operations in three compiled loops (policies/search_kernels.py) around
-the one matrix product. The policy runs the compiled one when numba is there."""
+`score_compiled`, the same operations in one compiled call (policies/search_kernels.py). The
+policy runs the compiled one when numba is there."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from sglang_duet.policies import search_kernels
+from sglang_duet.policies import search_kernels_loader as search_kernels
+from sglang_duet.policies.pricing import Priced
 
 _np_core = np._core if hasattr(np, "_core") else np.core
 _clip = _np_core.umath.clip  # np.clip without its Python wrapper
@@ -29,11 +30,14 @@ class SearchInputs:
     w_p: float
     tau: float
     weight: float  # decode_weight (read only with decodes)
+    keep_g: int = -1  # a partition (grid index) whose best split the compiled search finds too (-1: none)
 
 
 def score_numpy(tb, pricer, scales: np.ndarray, work: tuple[float, float], x: SearchInputs, sh, budgets, less_n):
-    """(C, k, feasible, score, priced): C's rows step, decode, first, slowest, joiner, work, tokens per
-    candidate (aggregated ones first, then the splits by S_d, then budget); see policies/duet.py."""
+    """(C, k, feasible, score, priced, best, here): C's rows step, decode, first, slowest, joiner, work, tokens per
+    candidate (aggregated ones first, then the splits by S_d, then budget), see policies/duet.py;
+    best: the index `Search.best()` gives (None: none feasible), here: the best feasible split on
+    partition x.keep_g that prefills (`OneLaneBusy._partition_stays`); ...: not computed here."""
     n, k_cap, prefix = x.n, x.k_cap, x.prefix
     na, nb, N = sh.na, sh.nb, sh.N
     cut_budgets = budgets - less_n * n  # exact: small integers
@@ -120,27 +124,27 @@ def score_numpy(tb, pricer, scales: np.ndarray, work: tuple[float, float], x: Se
             gain *= x.weight
         gain += 1e-3 * pace
         score += gain
-    return C, kk, feasible, score, priced
+    return C, kk, feasible, score, priced, ..., ...  # the best candidate, and on keep_g: found when asked
 
 
 def score_compiled(tb, pricer, scales: np.ndarray, work: tuple[float, float], x: SearchInputs, sh, budgets, less_n):
-    """`score_numpy` in three compiled calls and the matrix product (numpy's, so that its rounding is
-    the reference's); the same arrays, bit for bit."""
+    """`score_numpy` in one compiled call (search_kernels.search); the same arrays, bit for bit,
+    and the best candidate. `scales` may be the (compute_scale, bandwidth_scale) pairs instead of
+    the scale rows."""
     prefix = x.prefix
-    G, K = len(tb.grid), tb.k_max + 2
-    kernels = search_kernels.compiled()
     if prefix is not None:
         cum, table, total = prefix.cumL, prefix.table, float(prefix.total)
     else:
         cum, table, total = tb.empty_cum, tb.empty_table, 0.0
-    X, joins, F = kernels.cut_rows(budgets, less_n, x.n, float(x.cached), prefix is not None, cum, table, total,
-                                   work[0], work[1], tb.unit_template, sh.na, sh.nb)
-    priced = pricer.ms_blocks(X, sh.layout, scales, nonempty=True, compiled=True)
-    t = priced.t
-    C, kk, feasible, score = kernels.score_candidates(
-        t, joins, F, sh.from_t, sh.from_F, sh.na, sh.nb, G, K, x.n, x.k_cap, tb.by_m(x.k_cap), tb.steps,
-        float(x.first_limit), float(x.limit), float(x.w_p), float(x.tau), float(x.weight))
-    return C, kk, feasible, score, priced
+    W, w_const, ops = pricer.weights
+    lay = sh.layout
+    C, kk, feasible, score, best, here, P, t = search_kernels.kernels().search(
+        budgets, less_n, x.n, float(x.cached), prefix is not None, cum, table, total, work[0], work[1], tb.unit_template,
+        sh.na, sh.nb, W, w_const, lay.take, lay.prepared, lay.block, scales, ops, sh.from_t, sh.from_F, len(tb.grid),
+        x.k_cap, tb.by_m(x.k_cap), tb.steps, float(x.first_limit), float(x.limit), float(x.w_p), float(x.tau),
+        float(x.weight), x.keep_g)
+    return C, kk, feasible, score, Priced(t, P, ops, compiled=True), (None if best < 0 else best), \
+        (None if here < 0 else here)
 
 
 def score(tb, pricer, scales, work, x: SearchInputs, sh, budgets, less_n, compiled: bool):
@@ -156,4 +160,10 @@ def warm_up(tb, pricer, scales, work) -> None:
     if not (search_kernels.AVAILABLE and pricer.exact):
         return
     sh, budgets, less_n, _ = tb.shape_parts(1, 0.0)
-    score_compiled(tb, pricer, scales, work, SearchInputs(1, 1, 1, None, 1.0, 1.0, 1.0, 1.0, 1.0), sh, budgets, less_n)
+    got = score_compiled(tb, pricer, scales, work, SearchInputs(1, 1, 1, None, 1.0, 1.0, 1.0, 1.0, 1.0), sh, budgets,
+                         less_n)
+    got[4].parts(0, 1, 1.0, 1.0)
+    W, w_const, ops = pricer.weights
+    layout = tb.step_layout(int(tb.grid[0]), 1)
+    search_kernels.kernels().decode_steps(tb.unit_template, 1, 1.0, 1, W, w_const, layout.take, layout.prepared,
+                                          layout.block, scales[1:2].copy(), ops)

@@ -198,6 +198,7 @@ class Search:
     priced: Priced  # the rows: aggregated steps, decode steps per (S_d, step), prefills per (S_d, budget)
     cal: dict  # lane -> the (a, b) the rows were priced with
     _best: list = field(default_factory=list, init=False, repr=False, compare=False)  # best(), once known
+    kept: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (S_d, its best split or None)
 
     def __len__(self) -> int:
         return len(self.score)

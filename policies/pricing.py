@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sglang_duet.policies import search_kernels
+from sglang_duet.policies import search_kernels_loader as search_kernels
 
 # ---- pricing from batch summaries ---------------------------------------------------------------
 #
@@ -90,6 +90,7 @@ class Priced:
     t: np.ndarray
     P: np.ndarray | None
     ops: int
+    compiled: bool = False  # parts from the compiled loop (the same numbers)
 
     def parts(self, lo: int, hi: int, compute_scale: float, bandwidth_scale: float) -> tuple[float, float]:
         """(compute-bound ms, memory-bound ms) of rows lo..hi, unscaled: what a calibration regresses
@@ -102,6 +103,9 @@ class Priced:
         sums them (`pairwise_sum`), so the numbers are those of the numpy expression in `_parts`."""
         if self.P is None:
             return [(float(self.t[lo:hi].sum()) / max(a, b), 0.0) for lo, hi, a, b in ranges]
+        if self.compiled:
+            out = search_kernels.kernels().parts_of_ranges(self.P, self.t, self.ops, np.array(ranges, dtype=float))
+            return [(c, m) for c, m in out.tolist()]
         ops = self.ops
         out = []
         for lo, hi, a, b in ranges:
@@ -200,7 +204,7 @@ class SummaryPricer:
         one = np.zeros((5, 1))
         one[0, 0] = 1.0
         self._w = np.ascontiguousarray(np.concatenate([self._cf, self._cb, one], axis=1))
-        self._w_const, self._w_rows = self._w[0], self._w[1:]  # views, kept: ms_blocks runs every plan
+        self._w_const, self._w_rows = self._w[0], np.ascontiguousarray(self._w[1:])  # kept: ms_blocks runs every plan
 
     def _check(self) -> bool:
         rng = random.Random(1234)
@@ -251,14 +255,32 @@ class SummaryPricer:
         ops = len(self._attn)
         return np.repeat(np.array(scales, dtype=float), (ops, ops + 1), axis=1)
 
+    @property
+    def weights(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(W, the constant row, operators per row): what `product` multiplies, for the compiled search."""
+        return self._w_rows, self._w_const, len(self._attn)
+
+    def product(self, X: np.ndarray) -> np.ndarray:
+        """Each operator's flops | bytes | overhead column of the rows X = [[T, R, A, K], ...]: X @ W
+        plus the constant row, as four products added in order (no BLAS: a matrix product's
+        rounding depends on the library and on the matrix's shape), so every row gives the same
+        numbers alone or in any batch, on any machine, and in the compiled search
+        (search_kernels.price_rows, which adds them in the same order)."""
+        W = self._w_rows
+        P = X[:, 0:1] * W[0]
+        P += X[:, 1:2] * W[1]
+        P += X[:, 2:3] * W[2]
+        P += X[:, 3:4] * W[3]
+        P += self._w_const
+        return P
+
     def ms_prepared(self, X: np.ndarray, prepared, scale) -> "Priced":
         """`ms(X, sms)` with `prepared = prepare(sms)`, each row scaled by `scale` (a row of
         `scale_rows`, or one per row of X), in one matrix product (plan() overhead is numpy call
         count). The result keeps each operator's scaled times for `Priced.parts`."""
         if not self.exact:  # a scale row here is one factor (scale_rows): it broadcasts over the rows
             return Priced(self.ms(X, prepared) * np.ravel(scale), None, 0)
-        P = X @ self._w[1:]
-        P += self._w[0]
+        P = self.product(X)
         P *= prepared
         P *= scale
         ops = len(self._attn)
@@ -283,23 +305,16 @@ class SummaryPricer:
                            np.concatenate(prep) if prep else np.zeros((0,) + np.shape(self.prepare(np.zeros(0, int)))[1:]),
                            spans, block, len(blocks) == 1 and blocks[0][0] == 0 and len(blocks[0][2]) == 1)
 
-    def ms_blocks(self, X: np.ndarray, layout: "BlockLayout", scales: np.ndarray, nonempty: bool = False,
-                  compiled: bool = False) -> "Priced":
+    def ms_blocks(self, X: np.ndarray, layout: "BlockLayout", scales: np.ndarray, nonempty: bool = False) -> "Priced":
         """`ms_prepared` of the rows of `layout` (X's rows once per SM count of their block), block
         i scaled by the scale row scales[i]. X's rows are multiplied out once, not once per SM
-        count: a row's product does not depend on the other rows of the matrix, so the numbers are
-        those of `ms_prepared` on the expanded rows (but numpy sends a one-row product to another
-        BLAS routine: a caller that priced a row alone keeps pricing it alone). `nonempty`: the
-        caller knows every row has a request (R > 0), so none is zeroed. `compiled` (with
-        `nonempty`): the same numbers from one compiled loop after the product (policies/search_kernels.py)."""
+        count: a row's product does not depend on the other rows (`product`), so the numbers are
+        those of `ms_prepared` on the expanded rows. `nonempty`: the
+        caller knows every row has a request (R > 0), so none is zeroed. search_kernels.price_rows is
+        the same, compiled."""
         if not self.exact:  # a scale row is one factor here (`scale_rows`)
             return Priced(self.ms(X.take(layout.take, axis=0), layout.prepared) * layout.scale(scales)[:, 0], None, 0)
-        if compiled and nonempty and search_kernels.AVAILABLE:
-            P, t = search_kernels.compiled().price_rows(X @ self._w_rows, self._w_const, layout.take, layout.prepared,
-                                                        layout.block, scales, len(self._attn))
-            return Priced(t, P, len(self._attn))
-        base = X @ self._w_rows
-        base += self._w_const
+        base = self.product(X)
         P = base if layout.identity and len(base) == len(layout.take) else base.take(layout.take, axis=0)
         P *= layout.prepared
         # each block by its scale row, in place: the calibration moves after every launch, so a

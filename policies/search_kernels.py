@@ -13,39 +13,18 @@ Each loop's comment names the numpy line it replaces (`duet_scoring.score_numpy`
 `SummaryPricer.ms_blocks`). Sums over a priced row's operators are numpy's pairwise sum (eight
 running sums), which `add.reduce` applies along a contiguous axis.
 
-Without numba (it is a dependency, but a GPU host may lack the wheel) or with
-SGLANG_DUET_NUMPY_SEARCH=1, `AVAILABLE` is False and the policy runs the numpy path. The first
-`compiled()` compiles (~5 s on 2 cores) into numba's on-disk cache; later processes load it
-(~0.6 s, numba's import included). The functions are plain Python until then.
+This module imports numba: load it through `search_kernels_loader.kernels()`, which says whether
+numba is there (else the policy runs the numpy path) and imports it on first use. The first use
+compiles (~5 s on 2 cores) into numba's on-disk cache; later processes load it (~0.6 s, numba's
+import included).
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-from types import SimpleNamespace
-
+import numba
 import numpy as np
 
-# numba is imported (and the kernels compiled or loaded from its cache) on first use, not with this
-# module: the pricing imports it, and a CPU server that never runs duet should not pay for numba.
-AVAILABLE = (os.environ.get("SGLANG_DUET_NUMPY_SEARCH", "") in ("", "0")
-             and importlib.util.find_spec("numba") is not None)
-_compiled: SimpleNamespace | None = None
 
-
-def compiled() -> SimpleNamespace:
-    """The kernels below, compiled (numba's on-disk cache makes that ~0.6 s after the first time)."""
-    global _compiled
-    if _compiled is None:
-        import numba
-
-        def jit(fn):
-            return numba.njit(cache=True, nogil=True)(fn)
-        _compiled = SimpleNamespace(cut_rows=jit(cut_rows), price_rows=jit(price_rows),
-                                    score_candidates=jit(score_candidates))
-    return _compiled
-
-
+@numba.njit(cache=True, nogil=True)
 def cut_rows(budgets, less_n, n, cached, has_prefix, cumL, table, total, w_t, w_a, unit_template, na, nb):
     """X (the priced rows' [T, R, A, K]), joins (whether each cut completes a request) and F (each
     cut's work and tokens), as `duet_scoring.score_numpy` builds them from `SearchTables.shape` and
@@ -94,20 +73,37 @@ def cut_rows(budgets, less_n, n, cached, has_prefix, cumL, table, total, w_t, w_
     return X, joins, F
 
 
-def price_rows(base, w_const, take, prepared, block, scales, ops):
-    """`SummaryPricer.ms_blocks` from the product `base` = X @ W (every row has a request): P, each
-    priced row's scaled operator times, and t, its ms."""
+@numba.njit(cache=True, nogil=True)
+def price_rows(X, W, w_const, take, prepared, block, scales, ops):
+    """`SummaryPricer.ms_blocks` of the rows X = [[T, R, A, K], ...] (every row has a request): P,
+    each priced row's scaled operator times, and t, its ms. The product is `SummaryPricer.product`'s,
+    four products added in order. `scales`: a row per block, either `SummaryPricer.scale_rows` or
+    the (compute_scale, bandwidth_scale) pairs they repeat."""
+    width = W.shape[1]
+    base = np.empty((X.shape[0], width))
+    for r in range(X.shape[0]):
+        x0, x1, x2, x3 = X[r, 0], X[r, 1], X[r, 2], X[r, 3]
+        for c in range(width):
+            b = x0 * W[0, c]
+            b += x1 * W[1, c]
+            b += x2 * W[2, c]
+            b += x3 * W[3, c]
+            base[r, c] = b + w_const[c]
     Pn = take.shape[0]
-    width = base.shape[1]
     P = np.empty((Pn, width))
     t = np.empty(Pn)
     v = np.empty(ops)
     end = ops - ops % 8
+    pairs = scales.shape[1] == 2
     for i in range(Pn):
         src = take[i]
         bl = block[i]
-        for c in range(width):
-            P[i, c] = (base[src, c] + w_const[c]) * prepared[i, c] * scales[bl, c]
+        if pairs:  # scale_rows: compute_scale for the operators' compute, bandwidth_scale for the rest
+            for c in range(width):
+                P[i, c] = base[src, c] * prepared[i, c] * scales[bl, 0 if c < ops else 1]
+        else:
+            for c in range(width):
+                P[i, c] = base[src, c] * prepared[i, c] * scales[bl, c]
         for c in range(ops):
             z, y = P[i, c], P[i, ops + c]
             v[c] = z if z >= y else y
@@ -134,6 +130,7 @@ def price_rows(base, w_const, take, prepared, block, scales, ops):
     return P, t
 
 
+@numba.njit(cache=True, nogil=True)
 def score_candidates(t, joins, F, from_t, from_F, na, nb, G, K, n, k_cap, by_m, steps,
                      first_limit, limit, w_p, tau, weight):
     """C (rows: step, decode, first, slowest, joiner, work, tokens), k, feasible and score of every
@@ -207,4 +204,157 @@ def score_candidates(t, joins, F, from_t, from_F, na, nb, G, K, n, k_cap, by_m, 
             gain += 1e-3 * pace
             s += gain
         score[c] = s
-    return C, kk, feasible, score
+    # Search.best(): the highest feasible score, ties (within 1e-9) to the lowest index; -1: none
+    top = -np.inf
+    for c in range(N):
+        if feasible[c] and score[c] > top:
+            top = score[c]
+    best = -1
+    if top != -np.inf:
+        cut = top - 1e-9 * max(1.0, abs(top))
+        for c in range(N):
+            if feasible[c] and score[c] >= cut:
+                best = c
+                break
+    return C, kk, feasible, score, best
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_sum(v, lo, n):
+    """numpy's sum of a block of n <= 128 numbers: in order below 8, else eight running sums."""
+    if n < 8:
+        s = 0.0
+        for i in range(lo, lo + n):
+            s += v[i]
+        return s
+    r0, r1, r2, r3, r4, r5, r6, r7 = v[lo], v[lo + 1], v[lo + 2], v[lo + 3], v[lo + 4], v[lo + 5], v[lo + 6], v[lo + 7]
+    end = lo + n - n % 8
+    for i in range(lo + 8, end, 8):
+        r0 += v[i]
+        r1 += v[i + 1]
+        r2 += v[i + 2]
+        r3 += v[i + 3]
+        r4 += v[i + 4]
+        r5 += v[i + 5]
+        r6 += v[i + 6]
+        r7 += v[i + 7]
+    s = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for i in range(end, lo + n):
+        s += v[i]
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def pairwise_sum(v, lo, hi):
+    """`pricing.pairwise_sum` of v[lo:hi] (numpy's summation order): blocks of up to 128, and above
+    that the two halves (the first a multiple of 8) summed apart and added, here with an explicit
+    stack (numba compiles a recursive function called from another one unreliably)."""
+    if hi - lo <= 128:
+        return _block_sum(v, lo, hi - lo)
+    at = np.empty(64, dtype=np.int64)  # each open range: its start, length, and how far it got
+    size = np.empty(64, dtype=np.int64)
+    stage = np.empty(64, dtype=np.int64)
+    sums = np.empty(64)
+    sp = vp = 0
+    at[0], size[0], stage[0] = lo, hi - lo, 0
+    sp = 1
+    while sp:
+        top = sp - 1
+        a, n = at[top], size[top]
+        if n <= 128:
+            sums[vp] = _block_sum(v, a, n)
+            vp += 1
+            sp -= 1
+            continue
+        half = n // 2
+        half -= half % 8
+        if stage[top] == 0:  # the first half next
+            stage[top] = 1
+            at[sp], size[sp], stage[sp] = a, half, 0
+            sp += 1
+        elif stage[top] == 1:  # then the second
+            stage[top] = 2
+            at[sp], size[sp], stage[sp] = a + half, n - half, 0
+            sp += 1
+        else:  # both done: their sum
+            vp -= 1
+            sums[vp - 1] = sums[vp - 1] + sums[vp]
+            sp -= 1
+    return sums[0]
+
+
+@numba.njit(cache=True, nogil=True)
+def parts_of_ranges(P, t, ops, ranges):
+    """`Priced.parts_of_ranges`: per row range (lo, hi, compute_scale, bandwidth_scale), the compute-
+    bound and the memory-bound ms of its nonempty rows, unscaled."""
+    out = np.empty((ranges.shape[0], 2))
+    width = P.shape[1]
+    for q in range(ranges.shape[0]):
+        lo, hi = max(0, int(ranges[q, 0])), min(P.shape[0], int(ranges[q, 1]))  # as a slice would
+        hi = max(lo, hi)
+        comp = np.empty((hi - lo) * ops)
+        mem = np.empty((hi - lo) * ops)
+        over = np.empty(hi - lo)
+        nc = nm = no = 0
+        for i in range(lo, hi):
+            if not t[i] > 0:
+                continue  # an empty row counts nothing
+            for c in range(ops):
+                z, y = P[i, c], P[i, ops + c]
+                if z >= y:
+                    comp[nc] = z
+                    nc += 1
+                else:
+                    mem[nm] = y
+                    nm += 1
+            over[no] = P[i, width - 1]
+            no += 1
+        out[q, 0] = pairwise_sum(comp, 0, nc) / ranges[q, 2]
+        out[q, 1] = (pairwise_sum(mem, 0, nm) + pairwise_sum(over, 0, no)) / ranges[q, 3]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def search(budgets, less_n, n, cached, has_prefix, cumL, table, total, w_t, w_a, unit_template, na, nb,
+           W, w_const, take, prepared, block, scales, ops, from_t, from_F, G, k_cap, by_m, steps,
+           first_limit, limit, w_p, tau, weight, keep_g):
+    """A whole search in one call (`duet_scoring.score_compiled`): `cut_rows`, `price_rows`,
+    `score_candidates`, and with keep_g >= 0 the best feasible split that prefills on partition
+    keep_g (`OneLaneBusy._partition_stays`; -1: none)."""
+    X, joins, F = cut_rows(budgets, less_n, n, cached, has_prefix, cumL, table, total, w_t, w_a, unit_template, na, nb)
+    P, t = price_rows(X, W, w_const, take, prepared, block, scales, ops)
+    C, kk, feasible, score, best = score_candidates(t, joins, F, from_t, from_F, na, nb, G, unit_template.shape[0], n,
+                                                    k_cap, by_m, steps, first_limit, limit, w_p, tau, weight)
+    here = -1
+    if keep_g >= 0 and nb:  # Search.best over the partition's nb splits (`_best_of`: the same comparisons)
+        lo = na + keep_g * nb
+        top = -np.inf
+        some = False
+        for c in range(lo, lo + nb):
+            if feasible[c] and C[6, c] > 0:
+                some = True
+                if score[c] > top:
+                    top = score[c]
+        if top == -np.inf:
+            here = lo if some else -1
+        else:
+            cut = top - 1e-9 * max(1.0, abs(top))
+            for c in range(lo, lo + nb):
+                if feasible[c] and C[6, c] > 0 and score[c] >= cut:
+                    here = c
+                    break
+    return C, kk, feasible, score, best, here, P, t
+
+
+@numba.njit(cache=True, nogil=True)
+def decode_steps(unit_template, n, cached, k, W, w_const, take, prepared, block, scales, ops):
+    """(P, t) of k decode steps of n requests holding `cached` tokens (`DuetPolicy._decode_steps`):
+    the rows unit_template[:k] * n plus [0, 0, cached, cached], priced."""
+    X = np.empty((k, 4))
+    nf = float(n)
+    for j in range(k):
+        X[j, 0] = unit_template[j, 0] * nf + 0.0
+        X[j, 1] = unit_template[j, 1] * nf + 0.0
+        X[j, 2] = unit_template[j, 2] * nf + cached
+        X[j, 3] = unit_template[j, 3] * nf + cached
+    return price_rows(X, W, w_const, take, prepared, block, scales, ops)

@@ -4,6 +4,7 @@ installed."""
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ import pytest
 from sglang_duet.core.request import ReqState, Request
 from sglang_duet.core.scheduler_core import ALL_LANES, CoreConfig, SchedulerView
 from sglang_duet.cost_model.roofline import CostModel
-from sglang_duet.policies import search_kernels, duet_scoring
+from sglang_duet.policies import duet_scoring
+from sglang_duet.policies import search_kernels_loader as search_kernels
 from sglang_duet.policies.base import PolicyContext, load_policy
+from sglang_duet.policies.duet_search import Search
 from sglang_duet.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not search_kernels.AVAILABLE, reason="numba not installed (or SGLANG_DUET_NUMPY_SEARCH)")
@@ -31,7 +34,7 @@ class _Both:
     and returns the numpy path's answer (so the run is the reference run)."""
 
     def __init__(self):
-        self.searches = self.splits = self.longer = 0
+        self.searches = self.splits = self.longer = self.parts = self.kept = 0
         self.diffs: list[str] = []
         self._orig = duet_scoring.score
 
@@ -39,9 +42,13 @@ class _Both:
         scramble = np.isfinite(tb.steps)
         scramble[:, 0] = False  # the scratch's constant columns: 0, inf; the rest must be written first
         tb.steps[scramble] = -1.0
-        want = duet_scoring.score_numpy(tb, pricer, scales, work, x, sh, budgets, less_n)
+        rows = pricer.scale_rows([tuple(p) for p in scales]) if scales.shape[1] == 2 else scales  # numpy's: rows
+        want = duet_scoring.score_numpy(tb, pricer, rows, work, x, sh, budgets, less_n)
         tb.steps[scramble] = -1.0
         got = duet_scoring.score_compiled(tb, pricer, scales, work, x, sh, budgets, less_n)
+        tb.steps[scramble] = -1.0
+        if not _same(duet_scoring.score_compiled(tb, pricer, rows, work, x, sh, budgets, less_n)[3], got[3]):
+            self.diffs.append(f"search {self.searches}: scale rows and pairs price differently")
         self.searches += 1
         self.splits += sh.nb > 0
         if sh.nb:
@@ -50,12 +57,26 @@ class _Both:
             tp = t[sh.na + G * K:].reshape(G, sh.nb)
             cum = np.cumsum(t[sh.na:sh.na + G * K].reshape(G, K), axis=1)
             self.longer += bool((tp > cum[:, -1:]).any())
+        assert got[4].compiled and not want[4].compiled
         names = ("C", "k", "feasible", "score")
         for name, a, b in zip(names, want[:4], got[:4]):
             if not _same(a, b):
                 self.diffs.append(f"search {self.searches}: {name} differs")
         if not (_same(want[4].t, got[4].t) and _same(want[4].P, got[4].P)):
             self.diffs.append(f"search {self.searches}: priced rows differ")
+        if Search.best(SimpleNamespace(score=want[3]), want[2]) != got[5]:
+            self.diffs.append(f"search {self.searches}: best differs")
+        if x.keep_g >= 0 and sh.nb:  # the kept partition's best split, as _partition_stays finds it in numpy
+            lo = sh.na + x.keep_g * sh.nb
+            mask = want[2][lo:lo + sh.nb] & (want[0][6, lo:lo + sh.nb] > 0)
+            self.kept += 1
+            if Search.best(SimpleNamespace(score=want[3]), mask, lo) != got[6]:
+                self.diffs.append(f"search {self.searches}: the kept partition's best differs")
+        n = len(want[4].t)
+        ranges = [(0, 1, 1.0, 1.0), (0, n, 1.1, 0.9), (n // 3, n, 0.8, 1.3)]
+        if want[4].parts_of_ranges(ranges) != got[4].parts_of_ranges(ranges):
+            self.diffs.append(f"search {self.searches}: parts differ")
+        self.parts += 1
         return want
 
 
@@ -68,15 +89,17 @@ def both(monkeypatch):
     return rec
 
 
-@pytest.mark.parametrize("workload,rate,hardware", [("azure-conv", 30.0, "h100"), ("sharegpt4", 14.0, "h100"),
-                                                    ("arxiv-sum", 1.2, "h200")])
-def test_compiled_search_equals_numpy_on_simulated_runs(both, workload, rate, hardware):
+@pytest.mark.parametrize("workload,rate,hardware,splits", [("azure-conv", 30.0, "h100", True),
+                                                           ("sharegpt4", 14.0, "h100", True),
+                                                           ("arxiv-sum", 1.2, "h200", False)])
+def test_compiled_search_equals_numpy_on_simulated_runs(both, workload, rate, hardware, splits):
     from sglang_duet.simulator import SimConfig, simulate
     from sglang_duet.simulator.loop import build_cost_model
 
     cfg = SimConfig(policy="duet", workload=workload, rate=rate, num_requests=120, hardware=hardware)
     simulate(cfg, cost_model=build_cost_model("qwen3-8b", hardware))
     assert both.searches > 100 and both.splits > 10  # searches with split candidates were compared
+    assert both.kept > 10 or not splits  # and searches made while one lane was busy
     assert both.diffs == []
 
 
@@ -151,3 +174,21 @@ def test_compiled_decode_steps_equal_numpy():
         assert _same(got.t, want.t) and _same(got.P, want.P)
         compared += 1
     assert compared > 100
+
+
+def test_compiled_and_numpy_policies_plan_the_same_with_a_lane_busy():
+    """Every lane-pair state (the busy-lane ones read the kept partition's best from the compiled
+    search): the same plans and decisions from both paths."""
+    from sglang_duet.benchmark.policy_overhead import make_views
+
+    decisions = {True: [], False: []}
+    for compiled in (True, False):
+        for seed, (batch, queue) in enumerate([(16, 0), (64, 3), (256, 40), (256, 300), (700, 20)]):
+            for state, v in make_views(batch, queue, seed).items():
+                ctx = PolicyContext(chunked_prefill_size=8192, tbt_slo_ms=100.0, ttft_slo_ms=1000.0, cost_model=CM,
+                                    hardware=CM.hw, options={"compiled": compiled})
+                pol = load_policy("duet", ctx)
+                plan = pol.plan(v)
+                decisions[compiled].append((state, repr(plan), pol.last.move, pol.last.reason))
+    assert decisions[True] == decisions[False]
+    assert {d[2].value for d in decisions[True]} >= {"launch", "wait for partner"}
