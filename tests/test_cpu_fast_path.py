@@ -121,10 +121,25 @@ def test_the_functional_decode_layer_equals_the_eager_model(family, tiny_model_f
     step = CompiledDecodeStep(model, pool, compile_fn=lambda fn: fn)
     with torch.inference_mode():
         got = step(ForwardBatch.build(decode))
-        assert step(ForwardBatch.build(decode[:1])) is None  # one request: eager (gemv beats a 1-row GEMM)
         assert step(ForwardBatch.build([([1, 2], 0, [9, 10], True)])) is None  # not decode-only
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pool.buffer, eager_kv, rtol=1e-5, atol=1e-6)
+    # one request: its own layer function, over the model's [in, out] one-row copies; same logits and KV
+    assert step.one_row and model.has_gemv_weights
+    pool.buffer.copy_(snapshot)
+    eager_one = _run(model, decode[:1], pool)
+    eager_one_kv = pool.buffer.clone()
+    pool.buffer.copy_(snapshot)
+    with torch.inference_mode():
+        got_one = step(ForwardBatch.build(decode[:1]))
+    assert got_one is not None and set(step._compiled) == {False, True}
+    torch.testing.assert_close(got_one, eager_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool.buffer, eager_one_kv, rtol=1e-5, atol=1e-6)
+    # a model without the copies (e.g. bf16, or too big for them) runs a single request eagerly
+    model.drop_gemv_weights()
+    plain = CompiledDecodeStep(model, pool, compile_fn=lambda fn: fn)
+    with torch.inference_mode():
+        assert not plain.one_row and plain(ForwardBatch.build(decode[:1])) is None
     # the start-up warm-up runs the step over the padding slot and leaves the pool as it found it
     before = pool.buffer.clone()
     step.warm_up()
@@ -224,13 +239,18 @@ def test_torch_compiled_engine_is_token_exact_with_transformers(tiny_model_facto
     engine = Engine(model_path=path, dtype="float32", enable_torch_compile=True)
     params = {"temperature": 0, "max_new_tokens": 16}
     got = [o["output_ids"] for o in engine.generate(PROMPTS, sampling_params=params)]
-    assert counters["stats"]["unique_graphs"] == 1  # the start-up compile serves every batch and context
+    # one request alone: every decode step through the one-request graph (the model's one-row copies)
+    alone = engine.generate(PROMPTS[0], sampling_params=params)["output_ids"]
+    # the start-up compiles (batched, one request) serve every batch and context
+    assert counters["stats"]["unique_graphs"] == 2
     step = engine.core.executor.decode_step
     # compiled at start-up (warm_up), before any request
     assert step is not None and step.active and step.compile_s is not None, step and step.reason_off
+    assert step.one_row and set(step._compiled) == {False, True}
     ref = hf_greedy(path, PROMPTS, 16)
     for g, r in zip(got, ref):
         assert g == r[:len(g)]
+    assert alone == ref[0][:len(alone)]
 
 
 SMOLLM_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Hello, my name is",

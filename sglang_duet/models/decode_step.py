@@ -4,7 +4,9 @@ What it compiles: ONE decoder layer as a function of (activations, the layer's w
 buffers, the step's slot table). Every layer of the model runs the same compiled code with its own
 weights, so the compile cost is one layer's, not the model's (a whole-model graph of 30 layers took
 minutes on a 2-core machine). Batch size and context length are dynamic dimensions: one compile serves
-every decode batch (batches of one request are padded to two so that torch never specialises on 1).
+every decode batch of 2+ requests; a single request has its own graph (context dynamic) that multiplies
+with the model's [in, out] one-row weight copies (models/llama.py, GEMV_COPY_MAX_BYTES), so start-up
+compiles two graphs.
 
 Why it is faster than the eager layer:
   * attention reads the paged KV pool in place: `k_buf[slots]` is fused by inductor into the score
@@ -88,14 +90,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def make_decode_layer(num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
-    """The decoder layer of models/llama.py as one function (the ints are constants of its graph)."""
+def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w_t (+ b) against an [in, out] weight: models/llama.py's one-row product (linear_rows)."""
+    return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
+
+
+def make_decode_layer(num_heads: int, num_kv_heads: int, head_dim: int, eps: float, one_row: bool = False):
+    """The decoder layer of models/llama.py as one function (the ints are constants of its graph).
+
+    one_row=True: the layer of a single request's decode step, whose q/k/v, o and gate/up weights are the
+    model's [in, out] one-row copies (LlamaForCausalLM.add_gemv_weights), multiplied as x @ w_t. It is its
+    own function (its own code object), so torch.compile keeps its graph apart from the batched one."""
     H, hkv, D = num_heads, num_kv_heads, head_dim
 
-    def decode_layer(x, cos, sin, loc, slots, valid, ln1, w_qkv, b_qkv, q_norm, k_norm, w_o, b_o,
-                     ln2, w_gate_up, b_gate_up, w_down, b_down, k_buf, v_buf):
+    def attention_block(x, cos, sin, loc, slots, valid, qkv, q_norm, k_norm, k_buf, v_buf):
         T = x.shape[0]
-        q, k, v = F.linear(_rms_norm(x, ln1, eps), w_qkv, b_qkv).split([H * D, hkv * D, hkv * D], dim=-1)
+        q, k, v = qkv.split([H * D, hkv * D, hkv * D], dim=-1)
         q, k, v = q.view(T, H, D), k.view(T, hkv, D), v.view(T, hkv, D)
         if q_norm is not None:
             q, k = _rms_norm(q, q_norm, eps), _rms_norm(k, k_norm, eps)
@@ -103,28 +113,49 @@ def make_decode_layer(num_heads: int, num_kv_heads: int, head_dim: int, eps: flo
         k = k * cos + _rotate_half(k) * sin
         k_buf.index_copy_(0, loc, k.to(k_buf.dtype))
         v_buf.index_copy_(0, loc, v.to(v_buf.dtype))
-        o = paged_decode_attention(q, k_buf, v_buf, slots, valid).reshape(T, H * D)
+        return paged_decode_attention(q, k_buf, v_buf, slots, valid).reshape(T, H * D)
+
+    def decode_layer(x, cos, sin, loc, slots, valid, ln1, w_qkv, b_qkv, q_norm, k_norm, w_o, b_o,
+                     ln2, w_gate_up, b_gate_up, w_down, b_down, k_buf, v_buf):
+        qkv = F.linear(_rms_norm(x, ln1, eps), w_qkv, b_qkv)
+        o = attention_block(x, cos, sin, loc, slots, valid, qkv, q_norm, k_norm, k_buf, v_buf)
         x = x + F.linear(o, w_o, b_o)
         gate, up = F.linear(_rms_norm(x, ln2, eps), w_gate_up, b_gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, w_down, b_down)
 
-    return decode_layer
+    def decode_layer_one_row(x, cos, sin, loc, slots, valid, ln1, w_qkv_t, b_qkv, q_norm, k_norm, w_o_t, b_o,
+                             ln2, w_gate_up_t, b_gate_up, w_down, b_down, k_buf, v_buf):
+        qkv = _linear_t(_rms_norm(x, ln1, eps), w_qkv_t, b_qkv)
+        o = attention_block(x, cos, sin, loc, slots, valid, qkv, q_norm, k_norm, k_buf, v_buf)
+        x = x + _linear_t(o, w_o_t, b_o)
+        gate, up = _linear_t(_rms_norm(x, ln2, eps), w_gate_up_t, b_gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, w_down, b_down)  # down_proj: [out, in] is as fast (llama.py)
+
+    return decode_layer_one_row if one_row else decode_layer
 
 
-def _layer_weights(layer) -> tuple:
+def _layer_weights(layer, one_row: bool = False) -> tuple:
+    """The layer's tensors in make_decode_layer's order; one_row: the [in, out] copies of q/k/v, o, gate/up."""
     a, m = layer.self_attn, layer.mlp
     if a.qkv_weight is None or m.gate_up_weight is None:
         a.fuse()
         m.fuse()
-    return (layer.input_layernorm.weight, a.qkv_weight, a.qkv_bias,
+    w_qkv, w_o, w_gate_up = ((a.qkv_weight_t, a.o_weight_t, m.gate_up_weight_t) if one_row
+                             else (a.qkv_weight, a.o_proj.weight, m.gate_up_weight))
+    return (layer.input_layernorm.weight, w_qkv, a.qkv_bias,
             a.q_norm.weight if a.q_norm is not None else None, a.k_norm.weight if a.k_norm is not None else None,
-            a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
-            m.gate_up_weight, m.gate_up_bias, m.down_proj.weight, m.down_proj.bias)
+            w_o, a.o_proj.bias, layer.post_attention_layernorm.weight,
+            w_gate_up, m.gate_up_bias, m.down_proj.weight, m.down_proj.bias)
 
 
 class CompiledDecodeStep:
     """`step(fb)`: logits of a decode-only batch through the compiled layer, or None when the caller
-    must run the eager model (not a decode-only batch, or the compiled path is off)."""
+    must run the eager model (not a decode-only batch, or the compiled path is off).
+
+    Two graphs: one for batches of 2+ requests (batch and context dynamic), and one for a single request
+    (context dynamic) that multiplies with the model's [in, out] one-row weight copies
+    (LlamaForCausalLM.add_gemv_weights; SmolLM2 on one AVX2 core: 42 -> 33 ms per step against the eager
+    model with the same copies). A model without those copies runs a single request eagerly."""
 
     def __init__(self, model, kv_pool, compile_fn=None):
         """compile_fn: how to compile the layer function (default torch.compile with dynamic batch and
@@ -134,11 +165,15 @@ class CompiledDecodeStep:
         self.reason_off: str | None = None
         cfg = model.config
         layout = model.layout
-        self._layer = make_decode_layer(layout.num_heads, layout.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
+        #: whether a single request has its own graph (the model has the one-row copies)
+        self.one_row = bool(getattr(model, "has_gemv_weights", False))
+        variants = (False, True) if self.one_row else (False,)
+        self._layers = {v: make_decode_layer(layout.num_heads, layout.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
+                                             one_row=v) for v in variants}
         self._compile = compile_fn or self._compile_layer
-        self._compiled = None
-        self._weights = [_layer_weights(layer) for layer in model.model.layers]
-        #: seconds the first compiled step took (compile included), once it ran
+        self._compiled: dict[bool, object] = {}
+        self._weights = {v: [_layer_weights(layer, v) for layer in model.model.layers] for v in variants}
+        #: seconds the first compiled step of each graph took (compile included), summed, once they ran
         self.compile_s: float | None = None
 
     def _compile_layer(self, fn):
@@ -161,13 +196,15 @@ class CompiledDecodeStep:
         return cls(model, kv_pool)
 
     def warm_up(self) -> None:
-        """Compile now (start-up), not at the first decode of two requests mid-traffic: one decode step of
-        two requests over the padding slot, whose KV is zeroed again afterwards (it must stay finite and
-        is masked wherever it is read)."""
+        """Compile now (start-up), not at the first decode mid-traffic: a decode step of two requests, then
+        of one, over the padding slot, whose KV is zeroed again afterwards (it must stay finite and is masked
+        wherever it is read)."""
         # batch 2 and context 3: distinct sizes, so torch does not tie the two dynamic dimensions together;
         # built under inference mode like the executor's batches (else the guards differ: a second compile)
         with torch.inference_mode():
             self(ForwardBatch.build([([0], 2, [PADDING_SLOT] * 3, True)] * 2, self.kv_pool.device))
+            if self.one_row:
+                self(ForwardBatch.build([([0], 2, [PADDING_SLOT] * 3, True)], self.kv_pool.device))
             self.kv_pool.buffer[:, :, PADDING_SLOT].zero_()
 
     @property
@@ -175,46 +212,52 @@ class CompiledDecodeStep:
         return self.reason_off is None
 
     def __call__(self, fb: ForwardBatch) -> torch.Tensor | None:
-        if self.reason_off is not None or not fb.is_decode_only or fb.num_requests < 2:
-            # one request runs eagerly: its matmuls are matrix-vector products there (BLAS gemv), which
-            # beat the padded two-row GEMMs a compiled batch of one would need
+        if self.reason_off is not None or not fb.is_decode_only:
             return None
-        first = self._compiled is None
+        one = fb.num_requests == 1
+        if one and not self.one_row:
+            # without the one-row copies a single request runs eagerly: its matmuls are BLAS gemv there,
+            # which beat the padded two-row GEMMs a batched graph would need
+            return None
+        first = one not in self._compiled
         start = time.perf_counter()
         try:
             if first:
-                self._compiled = self._compile(self._layer)
-            logits = self._run(fb)
+                self._compiled[one] = self._compile(self._layers[one])
+            logits = self._run(fb, one)
         except Exception as e:  # noqa: BLE001 - any compile/runtime failure falls back to the eager model
             self.reason_off = f"{type(e).__name__}: {e}"
             logger.warning("torch.compile'd decode step failed (%s): decode runs eagerly from now on",
                            self.reason_off.splitlines()[0][:300])
             return None
         if first:
-            self.compile_s = time.perf_counter() - start
-            logger.info("decode step compiled in %.1f s (first step included)", self.compile_s)
+            took = time.perf_counter() - start
+            self.compile_s = (self.compile_s or 0.0) + took
+            logger.info("decode step (%s) compiled in %.1f s (first step included)",
+                        "one request" if one else "batched", took)
         return logits
 
-    def _run(self, fb: ForwardBatch) -> torch.Tensor:
+    def _run(self, fb: ForwardBatch, one: bool = False) -> torch.Tensor:
         model = self.model
         x = model.embed(fb.input_ids)
         positions, loc = fb.positions, fb.out_cache_loc
         slots, valid = decode_slot_table(fb)
         cos, sin = model.rope_cos_sin(positions, x.dtype)
-        self._mark_dynamic(x, cos, sin, loc, slots, valid)
+        self._mark_dynamic(x, cos, sin, loc, slots, valid, batch=not one)
         pool = self.kv_pool
-        for i, w in enumerate(self._weights):
+        layer = self._compiled[one]
+        for i, w in enumerate(self._weights[one]):
             k_buf, v_buf = pool.get_kv(i)
-            x = self._compiled(x, cos, sin, loc, slots, valid, *w, k_buf, v_buf)
+            x = layer(x, cos, sin, loc, slots, valid, *w, k_buf, v_buf)
         return model.compute_logits(x, fb.sample_indices)
 
     @staticmethod
-    def _mark_dynamic(x, cos, sin, loc, slots, valid) -> None:
-        """Batch (dim 0 of all) and context (dim 1 of the slot table) vary from step to step: one graph."""
+    def _mark_dynamic(x, cos, sin, loc, slots, valid, batch: bool = True) -> None:
+        """Batch (dim 0 of all; not for the one-request graph) and context (dim 1 of the slot table) vary
+        from step to step: one graph each."""
         mark = torch._dynamo.mark_dynamic
-        for t in (x, cos, sin, loc):
-            mark(t, 0)
-        mark(slots, 0)
+        if batch:
+            for t in (x, cos, sin, loc, slots, valid):
+                mark(t, 0)
         mark(slots, 1)
-        mark(valid, 0)
         mark(valid, 1)
