@@ -112,7 +112,8 @@ decode_gain (1), kv_gain (2), kv_gain_from (0.9), ttft_gain (1), kv_target (0.75
 demand_window_s (20),
 sync_fraction (0: a lane waits for its partner only when a joint plan would change the partition
 or its own launch cannot fit), hysteresis (0.02), ttft_order ("deadline"), calibrate (0.05; 0 turns
-calibration off).
+calibration off), compiled (true: the search's array program as numba loops, policies/search_kernels.py,
+the same numbers as the numpy path it falls back to without numba).
 """
 from __future__ import annotations
 

@@ -61,9 +61,16 @@ class OneLaneBusy:
         sd = self.total - (busy.sms or self.total - self.grid[0])
         left = self._left_ms(view, LaneKind.PREFILL, busy)
         k_cap = lookahead_cap_of(view, dec.n, dec.longest, self.k_max)
-        priced = self._decode_steps(dec, sd, k_cap + 2)
+        # With prompts waiting, the joint search (whether the partition stays, below) runs in nearly
+        # every plan, and it prices this lane's steps on S_d = sd with the same numbers: read them there.
+        s = self.search(view, dec, keep_sd=sd) if view.waiting or view.prefilling else None
+        off = s.decode_steps_at(self._grid_index.get(sd)) if s is not None else None
+        if off is not None:
+            priced = s.priced
+        else:
+            priced, off = self._decode_steps(dec, sd, k_cap + 2), 0
         c = self.calibration[LaneKind.DECODE]
-        td = priced.t.tolist()
+        td = priced.t[off:off + k_cap + 2].tolist()
         cum = list(itertools.accumulate(td))
         first_limit, limit = self._limits(dec.waited_ms)
         fit = 0  # steps that end before the prefill does
@@ -81,16 +88,16 @@ class OneLaneBusy:
             return Decision(state, Move.LAUNCH, f"S_d={sd} k={k} ({float(cum[k - 1]):.1f} ms), prefill busy "
                                                 f"{left:.1f} ms more: {why}"
                                                 + ("" if ok else "; partition too small for the SLO"), plan,
-                            parts={LaneKind.DECODE: priced.parts(0, k, c.a, c.b)})
+                            parts={LaneKind.DECODE: priced.parts(off, off + k, c.a, c.b)})
 
         if fit == k_cap:
             return launch(fit, "all within the prefill")
         meet = r <= self.sync_fraction * nxt
         why_meet = None  # formatted only when the lanes meet (most plans step past the prefill)
-        if not meet and (view.waiting or view.prefilling):
+        if not meet and s is not None:
             # Stepping past the prefill's end keeps the partition for the prefill lane's next chunk;
             # meet it instead if a joint plan would change the partition.
-            here, best = self._partition_stays(self.search(view, dec, keep_sd=sd), sd)
+            here, best = self._partition_stays(s, sd)
             if here is None or (best != here and best is not None):
                 meet, why_meet = True, "a joint plan would change the partition"
         if meet:

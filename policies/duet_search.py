@@ -236,6 +236,15 @@ class Search:
             return lo if m.any() else None
         return lo + int((s >= top - 1e-9 * max(1.0, abs(top))).argmax())
 
+    def decode_steps_at(self, g: int | None) -> int | None:
+        """The first of the priced rows of the decode lane's steps j = 1..K on partition g (the grid's
+        g-th S_d), priced with the decode lane's calibration; None without split candidates."""
+        nb = len(self.split_budgets)
+        if g is None or not nb:
+            return None
+        na, G = len(self.agg_budgets), len(self.grid)
+        return na + g * ((len(self.priced.t) - na - G * nb) // G)
+
     def parts_of(self, i: int) -> dict:
         """lane -> (compute ms, memory ms) of what candidate i launches, read off the search's own
         pricing (for calibration: no second pricing call)."""
