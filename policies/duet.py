@@ -117,6 +117,8 @@ the same numbers as the numpy path it falls back to without numba).
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from sglang_duet.policies.base import (
@@ -133,6 +135,8 @@ from sglang_duet.policies.duet_search import (
     Candidate, Decodes, Prefix, Search, SearchTables, decodes_of, projected_decodes,
 )
 
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BUDGETS = tuple(range(512, 8192 + 1, 256))
 DEFAULT_SPLIT_BUDGETS = (2048, 4096, 8192)
@@ -218,7 +222,12 @@ class DuetPolicy(OneLaneBusy, Policy):
                          and search_kernels.AVAILABLE and self.pricer.exact)
         if self.compiled:
             self._scales = np.ones((3, 2))
-            warm_up(self.tables, self.pricer, self._scale_rows(), self._work)
+            try:
+                warm_up(self.tables, self.pricer, self._scale_rows(), self._work)
+            except Exception as e:  # noqa: BLE001 - e.g. a numba too old or too new for these kernels
+                logger.warning("duet: the compiled search is not available (%s: %s); planning with numpy",
+                               type(e).__name__, e)
+                self.compiled, self._scales, self._scales_key = False, None, None
         self.last: Decision | None = None
 
     # ---- the state machine ---------------------------------------------------------------------

@@ -192,3 +192,23 @@ def test_compiled_and_numpy_policies_plan_the_same_with_a_lane_busy():
                 decisions[compiled].append((state, repr(plan), pol.last.move, pol.last.reason))
     assert decisions[True] == decisions[False]
     assert {d[2].value for d in decisions[True]} >= {"launch", "wait for partner"}
+
+
+def test_a_compiler_failure_falls_back_to_numpy(monkeypatch, caplog):
+    """A numba that cannot compile the kernels (too old, too new) leaves duet planning with numpy."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(duet_scoring, "warm_up", broken)
+    import sglang_duet.policies.duet as duet_module
+
+    monkeypatch.setattr(duet_module, "warm_up", broken)
+    ctx = PolicyContext(chunked_prefill_size=8192, tbt_slo_ms=100.0, ttft_slo_ms=1000.0, cost_model=CM, hardware=CM.hw)
+    with caplog.at_level("WARNING"):
+        pol = load_policy("duet", ctx)
+    assert pol.compiled is False and "planning with numpy" in caplog.text
+    ref = load_policy("duet", PolicyContext(chunked_prefill_size=8192, tbt_slo_ms=100.0, ttft_slo_ms=1000.0,
+                                            cost_model=CM, hardware=CM.hw, options={"compiled": False}))
+    rng = random.Random(5)
+    views = [_random_view(rng) for _ in range(20)]
+    assert [repr(pol.plan(v)) for v in views] == [repr(ref.plan(v)) for v in views]
