@@ -66,6 +66,7 @@ class EngineCore:
                 schedule_policy=getattr(args, "schedule_policy", "fcfs"),
                 overlap=not args.disable_overlap_schedule and getattr(self.executor, "supports_overlap", False),
                 overlap_depth=getattr(self.executor, "overlap_depth", 1),  # launches it may queue behind one
+                persistent_rows=getattr(self.executor, "persistent_rows", False),  # it reads rows at submit
             ),
             self.policy,
             clock=clock,

@@ -7,6 +7,7 @@ the `LaunchResult`s that executors report, possibly from two lanes at different 
 """
 from __future__ import annotations
 
+import operator
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,6 +52,13 @@ class CoreConfig:
     # more step late (an eos or stop string wastes up to two rows, an arrival's prefill waits one
     # more step). The executor must run queued launches in order (EngineCore asks it).
     overlap_depth: int = 1
+    # Persistent decode rows (vLLM v1's persistent batch, for executors that read a launch's rows when
+    # it is submitted): a decode launch of exactly the requests of its lane's previous launch (same
+    # order, same steps) gets that launch's work list back, each row advanced in place (input, start,
+    # input_from, output_pos), instead of a new ReqWork per request; the executor may keep what it
+    # derived from the rows (EmulatedExecutor: its columns) and advance it. Rows never change their
+    # rid, sample, steps or input length, which is all that is read of a launch once submitted.
+    persistent_rows: bool = False
     # Order of the waiting queue (SGLang's --schedule-policy): fcfs, or lpm (longest cached prefix
     # first, among the first LPM_WINDOW waiting requests; fcfs without a prefix cache).
     schedule_policy: str = "fcfs"
@@ -123,6 +131,8 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
         self._busy: dict[LaneKind, int] = {}  # lane -> the launch running on it
         self._queued: dict[LaneKind, list[int]] = {}  # lane -> the overlapped launches queued behind it, in order
         self._overlap_depth = max(1, int(config.overlap_depth))
+        # lane -> (requests, work, steps) of its last launch when that was a decode (persistent_rows)
+        self._lane_rows: dict[LaneKind, tuple[list, list, int]] = {}
         self._next_launch = 0
         self._pending_updates: list[RequestUpdate] = []
         self._delivered: dict[int, dict[str, int]] = {}  # launch id -> rid -> tokens delivered by partials
@@ -436,7 +446,7 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
                     decodable = ()  # the view no longer vouches for them: _resolve checks each one
             reqs: list[Request] = []
             lid = self._next_launch
-            work = self._resolve(batch, reqs, decodable, lid)  # marks each of reqs as in launch lid
+            work = self._resolve(batch, reqs, decodable, lid, lane)  # marks each of reqs as in launch lid
             if not work:
                 continue
             launch = Launch(lid, lane, batch, work)
@@ -454,7 +464,8 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
             launches.append(launch)
         return launches
 
-    def _resolve(self, batch: LaneBatch, reqs: list[Request], decodable: list[Request], lid: int) -> list[ReqWork]:
+    def _resolve(self, batch: LaneBatch, reqs: list[Request], decodable: list[Request], lid: int,
+                 lane: LaneKind | None = None) -> list[ReqWork]:
         """Allocate KV for a lane batch; retract decodes when KV runs out; drop prefills that don't fit.
         Advances each request's planned state (num_computed, pending, inflight) as launch `lid` will.
         Appends to `reqs` the request of each ReqWork returned, in the same order (nothing is touched
@@ -489,8 +500,16 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
             decodes.remove(victim)
             self._retract(victim)
             need = len(decodes) * steps
-        work: list[ReqWork] = []
+        lane_rows = self._lane_rows.pop(lane, None) if self.config.persistent_rows else None
         slots = self._alloc(len(decodes) * steps) if decodes else []  # one allocation for the batch
+        if lane_rows is not None and not batch.prefill and lane_rows[2] == steps and len(lane_rows[0]) == len(decodes) \
+                and all(map(operator.is_, lane_rows[0], decodes)):
+            work = lane_rows[1]
+            self._advance_rows(decodes, work, slots, steps, lid)
+            reqs.extend(decodes)
+            self._lane_rows[lane] = (lane_rows[0], work, steps)
+            return work
+        work: list[ReqWork] = []
         append = work.append
         for i, r in enumerate(decodes):
             kv = r.kv_slots
@@ -511,6 +530,8 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
             r.inflight = lid
             r.inflight_count += 1
         reqs.extend(decodes)
+        if lane is not None and self.config.persistent_rows and decodes and not batch.prefill:
+            self._lane_rows[lane] = (list(decodes), work, steps)
         for chunk in batch.prefill:
             w = self._resolve_prefill(chunk, head_id)
             if w is not None:
@@ -520,6 +541,36 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
                 work.append(w)
                 reqs.append(r)
         return work
+
+    @staticmethod
+    def _advance_rows(decodes: list[Request], work: list[ReqWork], slots: list[int], steps: int, lid: int) -> None:
+        """Persistent rows: the lane's previous decode launch held exactly `decodes`, in order; advance
+        each of its rows in place to this launch (the fields _resolve's ReqWork would differ in) and
+        the requests as _resolve does. A row whose input was in flight already holds [FUTURE_TOKEN]
+        (a list of its own that nothing writes to): only its source launch changes."""
+        for i, (r, w) in enumerate(zip(decodes, work)):
+            kv = r.kv_slots
+            if steps == 1:
+                kv.append(slots[i])
+            else:
+                kv.extend(slots[i * steps:(i + 1) * steps])
+            pending = r.pending
+            computed = r.num_computed
+            if pending:
+                if w.input_from is None:
+                    w.input_ids = [FUTURE_TOKEN]
+                w.input_from = r.inflight
+                w.output_pos = w.output_pos + steps  # the tokens in flight moved on by the last launch's
+            else:
+                out = r.output_ids
+                w.input_ids = [out[-1]]
+                w.input_from = None
+                w.output_pos = len(out)
+            w.start_pos = computed
+            r.num_computed = computed + steps
+            r.pending = pending + steps
+            r.inflight = lid
+            r.inflight_count += 1
 
     def _resolve_prefill(self, chunk: PrefillChunk, head_id: int | None = None) -> ReqWork | None:
         r = self.requests.get(chunk.rid)

@@ -128,6 +128,11 @@ class EmulatedExecutor(Executor):
     # order), and their ids come from (seed, position) alone: two may wait behind the running one
     # (CoreConfig.overlap_depth), so a host that falls one step behind does not idle the device.
     overlap_depth = 2
+    # A launch's rows are read when it is submitted (LaunchRows), never later but for their rid,
+    # sample, steps and input length: the core may hand a decode launch of the same requests the
+    # previous launch's work list, advanced in place (CoreConfig.persistent_rows), and the columns
+    # are then advanced too instead of read again.
+    persistent_rows = True
 
     def __init__(self, cost_model, clock_mode: str = "wall", contention: str | None = None,
                  clock=time.monotonic, time_scale: float = 1.0, token_range: tuple[int, int] | None = None,
@@ -149,7 +154,8 @@ class EmulatedExecutor(Executor):
         self.token_lo, self.token_hi = token_range or (0, cost_model.model.vocab_size)
         self.banned = frozenset(banned_tokens)
         self._running: dict[int, _Running] = {}
-        self._queued: dict[LaneKind, list[Launch]] = {}  # launches waiting for their lane (overlap)
+        self._queued: dict[LaneKind, list[tuple[Launch, LaunchRows]]] = {}  # waiting for their lane (overlap)
+        self._last_rows: dict[LaneKind, tuple[list, LaunchRows]] = {}  # lane -> (work, rows) last submitted
         self._done: list[LaunchResult] = []
         self._lane_sms: dict[LaneKind, int | None] = {}
         self.busy_s = {"aggregated": 0.0, "prefill": 0.0, "decode": 0.0}  # emulated lane time, for stats
@@ -212,16 +218,26 @@ class EmulatedExecutor(Executor):
     def submit(self, launch: Launch) -> None:
         now = self.now()
         self._settle(now)
+        rows = self._rows(launch)
         if any(r.launch.lane == launch.lane for r in self._running.values()):
-            self._queued.setdefault(launch.lane, []).append(launch)  # overlap: runs when the lane frees
+            self._queued.setdefault(launch.lane, []).append((launch, rows))  # overlap: runs when the lane frees
             return
-        self._start(launch, now, hidden_host_s=0.0)
+        self._start(launch, rows, now, hidden_host_s=0.0)
 
-    def _start(self, launch: Launch, now: float, hidden_host_s: float) -> None:
+    def _rows(self, launch: Launch) -> LaunchRows:
+        """The launch's columns, read once, at submit (its pricing and every step's report read them):
+        the previous launch's of its lane advanced by its steps when the core handed the same work
+        list back (persistent rows: the same requests, each row advanced in place), else read."""
+        last = self._last_rows.get(launch.lane)
+        work = launch.work
+        rows = last[1].advanced() if last is not None and last[0] is work else LaunchRows(work)
+        self._last_rows[launch.lane] = (work, rows)
+        return rows
+
+    def _start(self, launch: Launch, rows: LaunchRows, now: float, hidden_host_s: float) -> None:
         """Start a launch at `now`; `hidden_host_s` of its host time already ran beside the launch
         before it on its lane (overlap scheduling) and is not charged again."""
         truth = self.truth
-        rows = LaunchRows(launch.work)  # once per launch: its pricing and every step's report read it
         lc = self.price(launch, rows)
         noise = lognormal_factor(self._rng, truth.noise_sigma)
         switch = 0.0
@@ -300,7 +316,7 @@ class EmulatedExecutor(Executor):
                 self._report(run, end, final=True)
                 queue = self._queued.get(run.launch.lane)
                 if queue:  # the lane's next launch starts as this one ends
-                    self._start(queue.pop(0), end, hidden_host_s=(end - run.started) / self.time_scale)
+                    self._start(*queue.pop(0), end, hidden_host_s=(end - run.started) / self.time_scale)
                 self._rerate()
             else:
                 self._report(run, end, final=False)

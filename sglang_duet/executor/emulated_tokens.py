@@ -106,6 +106,24 @@ class LaunchRows:
         else:
             self.seeds, self.pos, self.x0 = seeds, [ci + qi for ci, qi in zip(c, q)], None
 
+    def advanced(self) -> "LaunchRows":
+        """The rows of the next launch of the same requests, each advanced by its steps (persistent
+        decode rows: every row a decode, whose next input starts `steps` positions later): what
+        LaunchRows(work) would read from the advanced work, without reading it."""
+        nxt = LaunchRows.__new__(LaunchRows)
+        nxt.q, nxt.s, nxt.samples, nxt.masked, nxt.lp_rows = self.q, self.s, self.samples, self.masked, self.lp_rows
+        s = self.s
+        k = s[0] if s and min(s) == max(s) else None  # one step count for every row (a core decode)
+        nxt.c = [ci + k for ci in self.c] if k is not None else [ci + si for ci, si in zip(self.c, s)]
+        if self.x0 is not None:
+            nxt.seeds = nxt.pos = None
+            # position + k moves the hash input by k * C2 (wrapping, as token_id's & _MASK)
+            nxt.x0 = self.x0 + (np.uint64(k * _M2 & _MASK) if k is not None else np.array(s, dtype=np.uint64) * _C2)
+        else:
+            nxt.seeds, nxt.x0 = self.seeds, None
+            nxt.pos = [p + si for p, si in zip(self.pos, s)]
+        return nxt
+
     def tokens(self, j: int, lo: int, hi: int, banned: frozenset[int]) -> list[int]:
         """Each row's token of step j (NO_TOKEN where the row samples nothing in it)."""
         if self.x0 is not None:
