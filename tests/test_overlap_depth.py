@@ -1,6 +1,6 @@
 """Overlap scheduling two (or more) launches deep: CoreConfig.overlap_depth launches may wait behind
 the running aggregated one, so the host has several steps to apply a result and plan before the
-device idles.
+device idles; one only while requests are being admitted (some wait, or a queued launch prefills).
 
 The fake lanes run queued launches in order and resolve a FUTURE_TOKEN input from the launch it
 names, writing it into the KV slot the core chose: a wrong position, slot or source launch gives a
@@ -31,9 +31,14 @@ class DepthLanes(FakeLanes):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.waiting_at_submit: list[int] = []
+        self.deep_while_admitting = 0  # launches queued behind another while requests were admitted
 
     def submit(self, launch) -> None:
-        self.waiting_at_submit.append(sum(1 for _, _, r in self.pending if r.started_at > self.now))
+        ahead = [r.launch_id for _, _, r in self.pending if r.started_at > self.now]
+        self.waiting_at_submit.append(len(ahead))
+        by_id = {lnch.launch_id: lnch for lnch in self.launches}
+        if ahead and (self.core.waiting or any(by_id[i].batch.prefill for i in ahead)):
+            self.deep_while_admitting += 1
         super().submit(launch)
 
 
@@ -59,8 +64,10 @@ def test_every_depth_gives_the_same_tokens_and_queues_that_many(policy, depth):
         assert reasons[f"r{i}"] == {"type": "length", "length": n}
     assert core.allocator.available == core.allocator.capacity and not core.requests
     assert not core.inflight and not core._busy and not core._queued
-    # a launch was submitted behind depth - 1 that had not started yet, never behind more
+    # a launch was submitted behind depth - 1 that had not started yet, never behind more, and
+    # behind one only while nothing was being admitted
     assert max(lanes.waiting_at_submit) == depth - 1
+    assert lanes.deep_while_admitting == 0
     futures = [w for lnch in lanes.launches for w in lnch.work if w.input_ids == [FUTURE_TOKEN]]
     assert futures and all(w.input_from is not None for w in futures)
 

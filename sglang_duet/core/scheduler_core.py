@@ -49,8 +49,9 @@ class CoreConfig:
     # overlap scheduler (step N+1 queued while N runs). 2: N+1 and N+2 queued, so the host has two
     # steps instead of one to apply a result and plan before the device would idle (a host that
     # sometimes waits for a core no longer idles the device), at the price of applying results one
-    # more step late (an eos or stop string wastes up to two rows, an arrival's prefill waits one
-    # more step). The executor must run queued launches in order (EngineCore asks it).
+    # more step late (an eos or stop string wastes up to two rows). While requests are being admitted
+    # (some wait, or a queued launch prefills) one launch waits at most, so that an arrival's prefill
+    # does not wait one more step. The executor must run queued launches in order (EngineCore asks it).
     overlap_depth: int = 1
     # Persistent decode rows (vLLM v1's persistent batch, for executors that read a launch's rows when
     # it is submitted): a decode launch of exactly the requests of its lane's previous launch (same
@@ -308,15 +309,22 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin):
 
     def _overlap_head(self) -> Launch | None:
         """The aggregated launch a next one may be planned behind (overlap scheduling), if any: the
-        newest of the running one and those queued behind it, while fewer than overlap_depth wait."""
+        newest of the running one and those queued behind it, while fewer than overlap_depth wait
+        (one while requests are being admitted: `_admitting`)."""
         if not self._overlap or LaneKind.AGGREGATED not in self._busy:
             return None
         queued = self._queued.get(LaneKind.AGGREGATED)
         if not queued:
             return self.inflight[self._busy[LaneKind.AGGREGATED]]
-        if len(queued) >= self._overlap_depth:
+        if len(queued) >= self._overlap_depth or self._admitting(queued):
             return None
         return self.inflight[queued[-1]]
+
+    def _admitting(self, queued: list[int]) -> bool:
+        """Requests wait, or a queued launch prefills: arrivals are being admitted, and more are
+        likely. Then only one launch waits behind the running one (a deeper plan would make the
+        next arrivals wait one more step for their prefill); decoding alone, overlap_depth do."""
+        return bool(self.waiting) or any(self.inflight[i].batch.prefill for i in queued)
 
     def view(self) -> SchedulerView:
         """What the policy plans from. Normally: the requests no lane is working on, the idle lanes.
