@@ -312,17 +312,18 @@ class DuetPolicy(OneLaneBusy, Policy):
         sh, budgets, less_n, ba = tb.shape_parts(n, total)
         x = SearchInputs(n, dec.cached, k_cap, prefix, first_limit, limit, w_p, tau,
                          self.decode_weight(view) if n else 1.0, self._grid_index.get(keep_sd, -1))
-        C, kk, feasible, score, priced, best, here = score_candidates(tb, self.pricer, self._scale_rows(), self._work,
-                                                                      x, sh, budgets, less_n, self.compiled)
+        C, kk, feasible, score, priced, found = score_candidates(tb, self.pricer, self._scale_rows(), self._work, x, sh,
+                                                                budgets, less_n, self.compiled)
         s = Search(
             split=sh.split, agg_budgets=ba, split_budgets=tb.split_array[:sh.nb], grid=tb.grid, tau=tau, tokens=C[6],
             k=kk, step=C[0], decode=C[1], first=C[2], slowest=C[3], joiner=C[4], feasible=feasible, score=score,
             prefix=prefix, dec=dec, priced=priced, cal=self._cal_values(),
         )
-        if best is not ...:
-            s._best.append(best)
-        if here is not ...:
-            s.kept = (keep_sd, here)
+        if found is not None:
+            s.found = found
+            s._best.append(found.best)
+            if x.keep_g >= 0:
+                s.kept = (keep_sd, found.kept)
         return s
 
     def _cal_values(self) -> dict:

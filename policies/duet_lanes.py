@@ -66,9 +66,9 @@ class OneLaneBusy:
         s = self.search(view, dec, keep_sd=sd) if view.waiting or view.prefilling else None
         off = s.decode_steps_at(self._grid_index.get(sd)) if s is not None else None
         if off is not None:
-            priced = s.priced
+            priced, read_parts = s.priced, s.kept_decode_parts
         else:
-            priced, off = self._decode_steps(dec, sd, k_cap + 2), 0
+            priced, off, read_parts = self._decode_steps(dec, sd, k_cap + 2), 0, lambda k: None
         c = self.calibration[LaneKind.DECODE]
         td = priced.t[off:off + k_cap + 2].tolist()
         cum = list(itertools.accumulate(td))
@@ -88,7 +88,7 @@ class OneLaneBusy:
             return Decision(state, Move.LAUNCH, f"S_d={sd} k={k} ({float(cum[k - 1]):.1f} ms), prefill busy "
                                                 f"{left:.1f} ms more: {why}"
                                                 + ("" if ok else "; partition too small for the SLO"), plan,
-                            parts={LaneKind.DECODE: priced.parts(off, off + k, c.a, c.b)})
+                            parts={LaneKind.DECODE: read_parts(k) or priced.parts(off, off + k, c.a, c.b)})
 
         if fit == k_cap:
             return launch(fit, "all within the prefill")

@@ -33,11 +33,21 @@ class SearchInputs:
     keep_g: int = -1  # a partition (grid index) whose best split the compiled search finds too (-1: none)
 
 
+@dataclass
+class Found:
+    """What the compiled search finds besides the arrays (each equal to what `Search` and
+    `Priced.parts` compute from the arrays when asked)."""
+
+    best: int | None  # Search.best(): the best feasible candidate
+    kept: int | None  # the best feasible split on partition keep_g that prefills (None: none)
+    best_parts: list  # Search.parts_of(best): [compute, memory] of its lane, or prefill's then decode's
+    kept_parts: np.ndarray  # row k - 1: Priced.parts of the kept partition's first k decode steps
+
+
 def score_numpy(tb, pricer, scales: np.ndarray, work: tuple[float, float], x: SearchInputs, sh, budgets, less_n):
-    """(C, k, feasible, score, priced, best, here): C's rows step, decode, first, slowest, joiner, work, tokens per
+    """(C, k, feasible, score, priced, found): C's rows step, decode, first, slowest, joiner, work, tokens per
     candidate (aggregated ones first, then the splits by S_d, then budget), see policies/duet.py;
-    best: the index `Search.best()` gives (None: none feasible), here: the best feasible split on
-    partition x.keep_g that prefills (`OneLaneBusy._partition_stays`); ...: not computed here."""
+    found: what the compiled path reads off the same pass (`Found`); None here."""
     n, k_cap, prefix = x.n, x.k_cap, x.prefix
     na, nb, N = sh.na, sh.nb, sh.N
     cut_budgets = budgets - less_n * n  # exact: small integers
@@ -124,7 +134,7 @@ def score_numpy(tb, pricer, scales: np.ndarray, work: tuple[float, float], x: Se
             gain *= x.weight
         gain += 1e-3 * pace
         score += gain
-    return C, kk, feasible, score, priced, ..., ...  # the best candidate, and on keep_g: found when asked
+    return C, kk, feasible, score, priced, None  # the best candidate and the rest: found when asked (Search)
 
 
 def score_compiled(tb, pricer, scales: np.ndarray, work: tuple[float, float], x: SearchInputs, sh, budgets, less_n):
@@ -138,13 +148,13 @@ def score_compiled(tb, pricer, scales: np.ndarray, work: tuple[float, float], x:
         cum, table, total = tb.empty_cum, tb.empty_table, 0.0
     W, w_const, ops = pricer.weights
     lay = sh.layout
-    C, kk, feasible, score, best, here, P, t = search_kernels.kernels().search(
+    C, kk, feasible, score, best, here, P, t, best_parts, kept_parts = search_kernels.kernels().search(
         budgets, less_n, x.n, float(x.cached), prefix is not None, cum, table, total, work[0], work[1], tb.unit_template,
         sh.na, sh.nb, W, w_const, lay.take, lay.prepared, lay.block, scales, ops, sh.from_t, sh.from_F, len(tb.grid),
         x.k_cap, tb.by_m(x.k_cap), tb.steps, float(x.first_limit), float(x.limit), float(x.w_p), float(x.tau),
         float(x.weight), x.keep_g)
-    return C, kk, feasible, score, Priced(t, P, ops, compiled=True), (None if best < 0 else best), \
-        (None if here < 0 else here)
+    found = Found(None if best < 0 else best, None if here < 0 else here, best_parts.tolist(), kept_parts)
+    return C, kk, feasible, score, Priced(t, P, ops, compiled=True), found
 
 
 def score(tb, pricer, scales, work, x: SearchInputs, sh, budgets, less_n, compiled: bool):

@@ -199,6 +199,7 @@ class Search:
     cal: dict  # lane -> the (a, b) the rows were priced with
     _best: list = field(default_factory=list, init=False, repr=False, compare=False)  # best(), once known
     kept: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (S_d, its best split or None)
+    found: object = field(default=None, init=False, repr=False, compare=False)  # duet_scoring.Found (compiled)
 
     def __len__(self) -> int:
         return len(self.score)
@@ -236,6 +237,15 @@ class Search:
             return lo if m.any() else None
         return lo + int((s >= top - 1e-9 * max(1.0, abs(top))).argmax())
 
+    def kept_decode_parts(self, k: int) -> tuple[float, float] | None:
+        """`Priced.parts` of the kept partition's first k decode steps, when the compiled search read
+        them (`decode_steps_at` of that partition), else None."""
+        f = self.found
+        if f is None or self.kept is None or not len(self.split_budgets):
+            return None
+        c, m = f.kept_parts[k - 1].tolist()
+        return c, m
+
     def decode_steps_at(self, g: int | None) -> int | None:
         """The first of the priced rows of the decode lane's steps j = 1..K on partition g (the grid's
         g-th S_d), priced with the decode lane's calibration; None without split candidates."""
@@ -250,6 +260,12 @@ class Search:
         pricing (for calibration: no second pricing call)."""
         parts, cal = self.priced.parts, self.cal
         na, nb = len(self.agg_budgets), len(self.split_budgets)
+        f = self.found
+        if f is not None and i == f.best:  # read by the compiled search
+            b = f.best_parts
+            if i < na:
+                return {LaneKind.AGGREGATED: (b[0], b[1])}
+            return {LaneKind.PREFILL: (b[0], b[1]), LaneKind.DECODE: (b[2], b[3])}
         if i < na:
             return {LaneKind.AGGREGATED: parts(i, i + 1, *cal[LaneKind.AGGREGATED])}
         G, K = len(self.grid), (len(self.priced.t) - na - len(self.grid) * nb) // max(1, len(self.grid))

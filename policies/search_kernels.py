@@ -343,7 +343,33 @@ def search(budgets, less_n, n, cached, has_prefix, cumL, table, total, w_t, w_a,
                 if feasible[c] and C[6, c] > 0 and score[c] >= cut:
                     here = c
                     break
-    return C, kk, feasible, score, best, here, P, t
+    # What a launch calibrates on (`Search.parts_of`, `Priced.parts`), read now rather than by another
+    # call: the best candidate's lanes (aggregated: [0:2]; split: prefill [0:2], decode [2:4]), and the
+    # kept partition's first k decode steps for every k (the decode lane beside a running prefill).
+    K = unit_template.shape[0]
+    bcol = 1 if scales.shape[1] == 2 else ops  # the bandwidth scale: a pair's second, a scale row's after the ops
+    ranges = np.empty((2, 4))
+    best_parts = np.zeros(4)
+    if best >= 0:
+        if best < na:
+            ranges[0, 0], ranges[0, 1], ranges[0, 2], ranges[0, 3] = best, best + 1, scales[0, 0], scales[0, bcol]
+            got = parts_of_ranges(P, t, ops, ranges[:1])
+            best_parts[0], best_parts[1] = got[0, 0], got[0, 1]
+        else:
+            g, bi = (best - na) // nb, (best - na) % nb
+            p, d = na + G * K + g * nb + bi, na + g * K
+            ranges[0, 0], ranges[0, 1], ranges[0, 2], ranges[0, 3] = p, p + 1, scales[2, 0], scales[2, bcol]
+            ranges[1, 0], ranges[1, 1], ranges[1, 2], ranges[1, 3] = d, d + kk[best], scales[1, 0], scales[1, bcol]
+            got = parts_of_ranges(P, t, ops, ranges)
+            best_parts[0], best_parts[1], best_parts[2], best_parts[3] = got[0, 0], got[0, 1], got[1, 0], got[1, 1]
+    kept_parts = np.zeros((K, 2))
+    if keep_g >= 0 and nb:
+        d = na + keep_g * K
+        for k in range(1, K + 1):
+            ranges[0, 0], ranges[0, 1], ranges[0, 2], ranges[0, 3] = d, d + k, scales[1, 0], scales[1, bcol]
+            got = parts_of_ranges(P, t, ops, ranges[:1])
+            kept_parts[k - 1, 0], kept_parts[k - 1, 1] = got[0, 0], got[0, 1]
+    return C, kk, feasible, score, best, here, P, t, best_parts, kept_parts
 
 
 @numba.njit(cache=True, nogil=True)

@@ -47,7 +47,8 @@ class _Both:
         tb.steps[scramble] = -1.0
         got = duet_scoring.score_compiled(tb, pricer, scales, work, x, sh, budgets, less_n)
         tb.steps[scramble] = -1.0
-        if not _same(duet_scoring.score_compiled(tb, pricer, rows, work, x, sh, budgets, less_n)[3], got[3]):
+        with_rows = duet_scoring.score_compiled(tb, pricer, rows, work, x, sh, budgets, less_n)
+        if not (_same(with_rows[3], got[3]) and with_rows[5].best_parts == got[5].best_parts):
             self.diffs.append(f"search {self.searches}: scale rows and pairs price differently")
         self.searches += 1
         self.splits += sh.nb > 0
@@ -64,14 +65,32 @@ class _Both:
                 self.diffs.append(f"search {self.searches}: {name} differs")
         if not (_same(want[4].t, got[4].t) and _same(want[4].P, got[4].P)):
             self.diffs.append(f"search {self.searches}: priced rows differ")
-        if Search.best(SimpleNamespace(score=want[3]), want[2]) != got[5]:
+        found = got[5]
+        best = Search.best(SimpleNamespace(score=want[3]), want[2])
+        if best != found.best:
             self.diffs.append(f"search {self.searches}: best differs")
-        if x.keep_g >= 0 and sh.nb:  # the kept partition's best split, as _partition_stays finds it in numpy
-            lo = sh.na + x.keep_g * sh.nb
-            mask = want[2][lo:lo + sh.nb] & (want[0][6, lo:lo + sh.nb] > 0)
+        pairs = [(float(r[0]), float(r[-1])) for r in rows]  # (compute, bandwidth) scale per lane block
+        G, K, na, nb = len(tb.grid), tb.k_max + 2, sh.na, sh.nb
+        if best is not None:  # Search.parts_of(best), as the Python sums give it
+            if best < na:
+                ref = want[4].parts_of_ranges([(best, best + 1, *pairs[0])])[0]
+            else:
+                g, b = divmod(best - na, nb)
+                p, d = na + G * K + g * nb + b, na + g * K
+                pre, dec = want[4].parts_of_ranges([(p, p + 1, *pairs[2]), (d, d + int(want[1][best]), *pairs[1])])
+                ref = pre + dec
+            if list(ref) != found.best_parts[:len(ref)]:
+                self.diffs.append(f"search {self.searches}: the best candidate's parts differ")
+        if x.keep_g >= 0 and nb:  # the kept partition's best split, as _partition_stays finds it in numpy
+            lo = na + x.keep_g * nb
+            mask = want[2][lo:lo + nb] & (want[0][6, lo:lo + nb] > 0)
             self.kept += 1
-            if Search.best(SimpleNamespace(score=want[3]), mask, lo) != got[6]:
+            if Search.best(SimpleNamespace(score=want[3]), mask, lo) != found.kept:
                 self.diffs.append(f"search {self.searches}: the kept partition's best differs")
+            d = na + x.keep_g * K
+            ref = [want[4].parts_of_ranges([(d, d + k, *pairs[1])])[0] for k in range(1, K + 1)]
+            if ref != [tuple(r) for r in found.kept_parts.tolist()]:
+                self.diffs.append(f"search {self.searches}: the kept partition's decode parts differ")
         n = len(want[4].t)
         ranges = [(0, 1, 1.0, 1.0), (0, n, 1.1, 0.9), (n // 3, n, 0.8, 1.3)]
         if want[4].parts_of_ranges(ranges) != got[4].parts_of_ranges(ranges):
