@@ -94,9 +94,10 @@ def server_flags(a, max_streams: int) -> list[str]:
 
 
 class Stream:
-    __slots__ = ("tokens", "times", "counts", "error")
+    __slots__ = ("tokens", "times", "counts", "error", "sent_at")
 
     def __init__(self):
+        self.sent_at = 0.0  # when the request was written (the client's own admission spread)
         self.tokens = 0
         self.times: list[float] = []  # receive time of each read carrying tokens
         self.counts: list[int] = []  # tokens in that read
@@ -145,6 +146,7 @@ class _StreamClient(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         transport.write(self.request)
+        self.st.sent_at = time.perf_counter()
 
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
@@ -226,6 +228,8 @@ async def run_level(base_url: str, n: int, prompt_len: int, output_len: int, see
             "events": sum(len(st.times) for st in streams), "wall_s": t_last - t0,
             "tok_s": tokens / max(t_last - t0, 1e-9), "itl_p50_ms": pct(gaps, 0.5) * 1e3,
             "itl_p99_ms": pct(gaps, 0.99) * 1e3, "ttft_p50_ms": pct(ttft, 0.5) * 1e3,
+            "ttft_max_ms": max(ttft, default=float("nan")) * 1e3,
+            "sent_ms": (max((st.sent_at for st in streams), default=t0) - t0) * 1e3,
             "health_p50_ms": pct(health, 0.5) * 1e3, "health_max_ms": max(health, default=float("nan")) * 1e3}
 
 
@@ -662,7 +666,7 @@ def run(a) -> list[dict]:
                       f"device idle {cp['idle_ms']:.3f} ms/launch ({cp['idle_gaps']} gaps); host gaps {cp['gaps']} "
                       f"mean {cp['mean_ms']:.3f} ms (CPU {cp['cpu_ms']:.3f} ms), {cp['overlapped']} overlapped; "
                       f"scheduler CPU {r['sched_cpu_ms']:.3f} ms/launch; "
-                      f"ITL p50 {r['itl_p50_ms']:.2f} ms; errors {len(r['errors'])}; CPU s "
+                      f"ITL p50 {r['itl_p50_ms']:.2f} ms; TTFT p50 / max {r['ttft_p50_ms']:.0f} / {r['ttft_max_ms']:.0f} ms (all sent by {r['sent_ms']:.0f} ms); errors {len(r['errors'])}; CPU s "
                       + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_s"].items()) + f" in {r['wall_s']:.2f} s; load {r['load']:.1f}",
                       flush=True)
             reps.sort(key=lambda r: r["ratio"])
