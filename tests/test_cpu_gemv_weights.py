@@ -47,7 +47,7 @@ def hf_greedy(path: str, prompt: list[int], max_new: int, eos: int) -> list[int]
 
 
 @pytest.mark.parametrize("family", ["llama", "smollm", "qwen2", "qwen3"])  # untied, tied, q/k/v bias, QK-norm
-def test_copies_are_exact_transposes_and_one_row_steps_use_them(family, tiny_model_factory, monkeypatch):
+def test_copies_are_exact_transposes_and_steps_of_up_to_3_rows_use_them(family, tiny_model_factory, monkeypatch):
     model = load_model(tiny_model_factory(family), dtype="float32").model
     assert model.has_gemv_weights
     a, m = model.model.layers[0].self_attn, model.model.layers[0].mlp
@@ -56,23 +56,26 @@ def test_copies_are_exact_transposes_and_one_row_steps_use_them(family, tiny_mod
                    (m.gate_up_weight_t, m.gate_up_weight), (model.lm_head_weight_t, head)):
         assert w_t.is_contiguous() and torch.equal(w_t, w.t())
     assert model.model.layers[0].mlp.down_proj.weight.is_contiguous()  # down_proj keeps one [out, in] copy
-    used = []
-    real = llama.linear_rows
-    monkeypatch.setattr(llama, "linear_rows", lambda x, w, b, w_t: used.append((x.shape[0], w_t is not None))
-                        or real(x, w, b, w_t))
-    pool = _pool(model.config)
-    with torch.inference_mode():
-        one = model(ForwardBatch.build([([5], 3, [1, 2, 3, 4], True)]), TorchAttentionBackend(), pool)
-        n_layers = model.config.num_hidden_layers
-        assert used == [(1, True)] * (3 * n_layers + 1)  # q/k/v, o, gate/up per layer, then the LM head
-        used.clear()
-        model(ForwardBatch.build([([5], 3, [1, 2, 3, 4], True), ([6], 3, [5, 6, 7, 8], True)]),
-              TorchAttentionBackend(), pool)
-        assert used and all(rows == 2 for rows, _ in used)  # 2+ rows: the [out, in] GEMM (the copy is unused)
-        pool.buffer.zero_()
-        model.drop_gemv_weights()
-        plain = model(ForwardBatch.build([([5], 3, [1, 2, 3, 4], True)]), TorchAttentionBackend(), pool)
-    torch.testing.assert_close(one, plain, rtol=1e-5, atol=1e-5)
+    # every [out, in] product goes through F.linear (nn.Linear's too); the copies through torch.mm / addmm
+    rows_of_linear = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: rows_of_linear.append(x.shape[0]) or real(x, w, b))
+    n_layers = model.config.num_hidden_layers
+
+    def decode(n):  # n requests, one new token each, context 4
+        batch = [([5 + i], 3, [1 + 4 * i + j for j in range(4)], True) for i in range(n)]
+        rows_of_linear.clear()
+        with torch.inference_mode():
+            return model(ForwardBatch.build(batch), TorchAttentionBackend(), _pool(model.config))
+
+    got = {n: decode(n) for n in (1, 2, 3)}
+    assert rows_of_linear == [3] * n_layers  # up to GEMV_MAX_ROWS rows: only down_proj is [out, in]
+    decode(llama.GEMV_MAX_ROWS + 1)
+    assert rows_of_linear == [4] * (4 * n_layers + 1)  # 4 rows: q/k/v, o, gate/up, down, the LM head
+    model.drop_gemv_weights()
+    for n, logits in got.items():
+        torch.testing.assert_close(logits, decode(n), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "smollm", "qwen2", "qwen3"])

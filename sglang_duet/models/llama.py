@@ -82,17 +82,21 @@ def _chunked_linear(x: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor
 # One row (the decode step of a single request) against a weight stored [out, in], as nn.Linear keeps it,
 # is MKL's dot-product gemv, which streamed SmolLM2's weights at 13-14 GB/s on the 2-core AVX2 test machine
 # (one thread); the same product against an [in, out] copy (x @ w_t, the axpy-style gemv) at 18-24 GB/s:
-# the LM head 8.8 -> 4.8 ms, gate/up of 30 layers 18.9 -> 14.0 ms. From 4 rows up the [out, in] GEMM is as
-# fast or faster (LM head at 16 rows: 32 vs 43 ms), and down_proj (in > out) is no faster either way. So a
-# small float32 model on a CPU keeps a second, transposed copy of its wide weights (q/k/v, o, gate/up, LM
-# head; +78% of SmolLM2's bytes) for one-row steps only. Bigger models would pay too much memory.
+# the LM head 8.8 -> 4.8 ms, gate/up of 30 layers 18.9 -> 14.0 ms. At 2 and 3 rows MKL's [out, in] path
+# is worse still (about one more pass over the weights per row): q/k/v + o + gate/up of 30 layers plus the
+# LM head took 76 / 101 ms against 39 / 53 ms with the copies (in-process A/B, load ~3). From 4 rows up
+# MKL's GEMM kernel takes over and the [out, in] layout is as fast or faster (LM head at 16 rows: 32 vs
+# 43 ms); down_proj (in > out) is faster [out, in] at every row count. So a small float32 model on a CPU
+# keeps a second, transposed copy of its wide weights (q/k/v, o, gate/up, LM head; +78% of SmolLM2's
+# bytes) for steps of up to GEMV_MAX_ROWS rows. Bigger models would pay too much memory.
 GEMV_COPY_MAX_BYTES = 1 << 30
+GEMV_MAX_ROWS = 3
 
 
 def linear_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_t: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, w, b), computed against the transposed copy w_t ([in, out], contiguous) when x is one row
-    and there is one (same product, summed in another order: last-bit differences, see GEMV_COPY_MAX_BYTES)."""
-    if w_t is not None and x.shape[0] == 1:
+    """F.linear(x, w, b), computed against the transposed copy w_t ([in, out], contiguous) when x has at most
+    GEMV_MAX_ROWS rows and there is one (same product, summed in another order: last-bit differences)."""
+    if w_t is not None and x.shape[0] <= GEMV_MAX_ROWS:
         return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
     return F.linear(x, w, b)
 
@@ -276,7 +280,7 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
-    # ---- one-row (gemv) copies: see GEMV_COPY_MAX_BYTES ---------------------------------------------
+    # ---- few-row (gemv) copies: see GEMV_COPY_MAX_BYTES ---------------------------------------------
     def _gemv_slots(self):
         """(owner, attribute, the [out, in] weight it transposes, serving name) of every one-row copy."""
         out = []
@@ -416,9 +420,11 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.norm(x[sample_indices])
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.tp.size == 1:
+            if self.lm_head_weight_t is not None and x.shape[0] <= GEMV_MAX_ROWS:
+                return linear_rows(x, w, None, self.lm_head_weight_t).float()
             if x.device.type == "cpu" and x.shape[0] > 1 and w.shape[0] > LM_HEAD_CPU_ROWS:
                 return _chunked_linear(x, w, LM_HEAD_CPU_ROWS).float()
-            return linear_rows(x, w, None, self.lm_head_weight_t).float()
+            return F.linear(x, w).float()
         # vocab-parallel LM head: each rank scores its slice of the vocabulary; gather, drop padding
         logits = self.tp.all_gather_last_dim(F.linear(x, w).float())
         return logits[:, :self.config.vocab_size]
