@@ -137,7 +137,7 @@ def test_fused_projections_are_views_and_change_no_logit(family, tiny_model_fact
 def _decode_case(model, gen):
     """A pool holding a few prefilled requests, and the decode batch that continues them."""
     pool = _pool(model.config)
-    prompts = [5, 11, 3]
+    prompts = [5, 11, 3, 8, 6]  # 5 decodes: the batched function; the first 1 or 3: the few-row one
     prefill = _scattered_batch(prompts, prompts, gen)
     _run(model, prefill, pool)
     decode = [([7 + i], n, slots + [250 - i], True) for i, (_, _, slots, _) in enumerate(prefill)
@@ -160,22 +160,24 @@ def test_the_functional_decode_layer_equals_the_eager_model(family, tiny_model_f
         assert step(ForwardBatch.build([([1, 2], 0, [9, 10], True)])) is None  # not decode-only
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pool.buffer, eager_kv, rtol=1e-5, atol=1e-6)
-    # one request: its own layer function, over the model's [in, out] one-row copies; same logits and KV
-    assert step.one_row and model.has_gemv_weights
-    pool.buffer.copy_(snapshot)
-    eager_one = _run(model, decode[:1], pool)
-    eager_one_kv = pool.buffer.clone()
-    pool.buffer.copy_(snapshot)
-    with torch.inference_mode():
-        got_one = step(ForwardBatch.build(decode[:1]))
-    assert got_one is not None and set(step._compiled) == {False, True}
-    torch.testing.assert_close(got_one, eager_one, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(pool.buffer, eager_one_kv, rtol=1e-5, atol=1e-6)
+    # 1 and 3 requests: the few-row function, over the model's [in, out] copies; same logits and KV
+    assert step.few_rows == 3 and model.has_gemv_weights and set(step._compiled) == {False}
+    for n in (1, 3):
+        pool.buffer.copy_(snapshot)
+        eager_few = _run(model, decode[:n], pool)
+        eager_few_kv = pool.buffer.clone()
+        pool.buffer.copy_(snapshot)
+        with torch.inference_mode():
+            got_few = step(ForwardBatch.build(decode[:n]))
+        assert got_few is not None
+        torch.testing.assert_close(got_few, eager_few, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pool.buffer, eager_few_kv, rtol=1e-5, atol=1e-6)
+    assert set(step._compiled) == {False, True} and step._graphs == {"batched", "one", "few"}
     # a model without the copies (e.g. bf16, or too big for them) runs a single request eagerly
     model.drop_gemv_weights()
     plain = CompiledDecodeStep(model, pool, compile_fn=lambda fn: fn)
     with torch.inference_mode():
-        assert not plain.one_row and plain(ForwardBatch.build(decode[:1])) is None
+        assert not plain.few_rows and plain(ForwardBatch.build(decode[:1])) is None
     # the start-up warm-up runs the step over the padding slot and leaves the pool as it found it
     before = pool.buffer.clone()
     step.warm_up()
@@ -277,12 +279,12 @@ def test_torch_compiled_engine_is_token_exact_with_transformers(tiny_model_facto
     got = [o["output_ids"] for o in engine.generate(PROMPTS, sampling_params=params)]
     # one request alone: every decode step through the one-request graph (the model's one-row copies)
     alone = engine.generate(PROMPTS[0], sampling_params=params)["output_ids"]
-    # the start-up compiles (batched, one request) serve every batch and context
-    assert counters["stats"]["unique_graphs"] == 2
+    # the start-up compiles serve every batch and context
+    assert counters["stats"]["unique_graphs"] == 3  # batched, one request, 2-3 requests
     step = engine.core.executor.decode_step
     # compiled at start-up (warm_up), before any request
     assert step is not None and step.active and step.compile_s is not None, step and step.reason_off
-    assert step.one_row and set(step._compiled) == {False, True}
+    assert step.few_rows and step._graphs == {"batched", "one", "few"}
     ref = hf_greedy(path, PROMPTS, 16)
     for g, r in zip(got, ref):
         assert g == r[:len(g)]

@@ -4,9 +4,9 @@ What it compiles: ONE decoder layer as a function of (activations, the layer's w
 buffers, the step's slot table). Every layer of the model runs the same compiled code with its own
 weights, so the compile cost is one layer's, not the model's (a whole-model graph of 30 layers took
 minutes on a 2-core machine). Batch size and context length are dynamic dimensions: one compile serves
-every decode batch of 2+ requests; a single request has its own graph (context dynamic) that multiplies
-with the model's [in, out] one-row weight copies (models/llama.py, GEMV_COPY_MAX_BYTES), so start-up
-compiles two graphs.
+every decode batch of 4+ requests; up to 3 requests take a second layer function that multiplies with
+the model's [in, out] weight copies (models/llama.py, GEMV_MAX_ROWS), compiled for one request and for
+2-3, so start-up compiles three graphs.
 
 Why it is faster than the eager layer:
   * attention reads the paged KV pool in place: `k_buf[slots]` is fused by inductor into the score
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.memory.kv_pool import PADDING_SLOT
+from sglang_duet.models.llama import GEMV_MAX_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> tor
 def make_decode_layer(num_heads: int, num_kv_heads: int, head_dim: int, eps: float, one_row: bool = False):
     """The decoder layer of models/llama.py as one function (the ints are constants of its graph).
 
-    one_row=True: the layer of a single request's decode step, whose q/k/v, o and gate/up weights are the
-    model's [in, out] one-row copies (LlamaForCausalLM.add_gemv_weights), multiplied as x @ w_t. It is its
+    one_row=True: the layer of a decode step of up to GEMV_MAX_ROWS requests, whose q/k/v, o and gate/up
+    weights are the model's [in, out] copies (LlamaForCausalLM.add_gemv_weights), multiplied as x @ w_t. It is its
     own function (its own code object), so torch.compile keeps its graph apart from the batched one."""
     H, hkv, D = num_heads, num_kv_heads, head_dim
 
@@ -152,10 +153,12 @@ class CompiledDecodeStep:
     """`step(fb)`: logits of a decode-only batch through the compiled layer, or None when the caller
     must run the eager model (not a decode-only batch, or the compiled path is off).
 
-    Two graphs: one for batches of 2+ requests (batch and context dynamic), and one for a single request
-    (context dynamic) that multiplies with the model's [in, out] one-row weight copies
-    (LlamaForCausalLM.add_gemv_weights; SmolLM2 on one AVX2 core: 42 -> 33 ms per step against the eager
-    model with the same copies). A model without those copies runs a single request eagerly."""
+    Two layer functions: a batched one for 4+ requests (batch and context dynamic), and one for up to
+    GEMV_MAX_ROWS requests that multiplies with the model's [in, out] weight copies
+    (LlamaForCausalLM.add_gemv_weights; SmolLM2 on one AVX2 core, one request: 42 -> 33 ms per step
+    against the eager model with the same copies), compiled for one request (context dynamic) and for 2-3
+    (batch dynamic too): three graphs. A model without those copies runs a single request eagerly and
+    2+ requests through the batched function."""
 
     def __init__(self, model, kv_pool, compile_fn=None):
         """compile_fn: how to compile the layer function (default torch.compile with dynamic batch and
@@ -165,13 +168,14 @@ class CompiledDecodeStep:
         self.reason_off: str | None = None
         cfg = model.config
         layout = model.layout
-        #: whether a single request has its own graph (the model has the one-row copies)
-        self.one_row = bool(getattr(model, "has_gemv_weights", False))
-        variants = (False, True) if self.one_row else (False,)
+        #: requests per step that take the few-row function (the model's copies); 0 without copies
+        self.few_rows = GEMV_MAX_ROWS if getattr(model, "has_gemv_weights", False) else 0
+        variants = (False, True) if self.few_rows else (False,)
         self._layers = {v: make_decode_layer(layout.num_heads, layout.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
                                              one_row=v) for v in variants}
         self._compile = compile_fn or self._compile_layer
-        self._compiled: dict[bool, object] = {}
+        self._compiled: dict[bool, object] = {}  # by few-row or not; torch.compile keeps each one's graphs
+        self._graphs: set[str] = set()  # "batched", "one", "few" once each has run
         self._weights = {v: [_layer_weights(layer, v) for layer in model.model.layers] for v in variants}
         #: seconds the first compiled step of each graph took (compile included), summed, once they ran
         self.compile_s: float | None = None
@@ -196,15 +200,15 @@ class CompiledDecodeStep:
         return cls(model, kv_pool)
 
     def warm_up(self) -> None:
-        """Compile now (start-up), not at the first decode mid-traffic: a decode step of two requests, then
-        of one, over the padding slot, whose KV is zeroed again afterwards (it must stay finite and is masked
-        wherever it is read)."""
-        # batch 2 and context 3: distinct sizes, so torch does not tie the two dynamic dimensions together;
+        """Compile now (start-up), not at the first decode mid-traffic: a decode step of 4 requests (2 without
+        the few-row function), then of 1 and 2, over the padding slot, whose KV is zeroed again afterwards
+        (it must stay finite and is masked wherever it is read)."""
+        # batch and context of distinct sizes, so torch does not tie the two dynamic dimensions together;
         # built under inference mode like the executor's batches (else the guards differ: a second compile)
+        sizes = (self.few_rows + 1, 1, 2) if self.few_rows else (2,)
         with torch.inference_mode():
-            self(ForwardBatch.build([([0], 2, [PADDING_SLOT] * 3, True)] * 2, self.kv_pool.device))
-            if self.one_row:
-                self(ForwardBatch.build([([0], 2, [PADDING_SLOT] * 3, True)], self.kv_pool.device))
+            for n in sizes:
+                self(ForwardBatch.build([([0], 2, [PADDING_SLOT] * 3, True)] * n, self.kv_pool.device))
             self.kv_pool.buffer[:, :, PADDING_SLOT].zero_()
 
     @property
@@ -214,46 +218,48 @@ class CompiledDecodeStep:
     def __call__(self, fb: ForwardBatch) -> torch.Tensor | None:
         if self.reason_off is not None or not fb.is_decode_only:
             return None
-        one = fb.num_requests == 1
-        if one and not self.one_row:
-            # without the one-row copies a single request runs eagerly: its matmuls are BLAS gemv there,
-            # which beat the padded two-row GEMMs a batched graph would need
+        n = fb.num_requests
+        few = n <= self.few_rows
+        if n == 1 and not few:
+            # without the copies a single request runs eagerly: its matmuls are BLAS gemv there, which beat
+            # the padded two-row GEMMs a batched graph would need
             return None
-        first = one not in self._compiled
+        graph = ("one" if n == 1 else "few") if few else "batched"
+        first = graph not in self._graphs
         start = time.perf_counter()
         try:
-            if first:
-                self._compiled[one] = self._compile(self._layers[one])
-            logits = self._run(fb, one)
+            if few not in self._compiled:
+                self._compiled[few] = self._compile(self._layers[few])
+            logits = self._run(fb, few)
         except Exception as e:  # noqa: BLE001 - any compile/runtime failure falls back to the eager model
             self.reason_off = f"{type(e).__name__}: {e}"
             logger.warning("torch.compile'd decode step failed (%s): decode runs eagerly from now on",
                            self.reason_off.splitlines()[0][:300])
             return None
         if first:
+            self._graphs.add(graph)
             took = time.perf_counter() - start
             self.compile_s = (self.compile_s or 0.0) + took
-            logger.info("decode step (%s) compiled in %.1f s (first step included)",
-                        "one request" if one else "batched", took)
+            logger.info("decode step (%s) compiled in %.1f s (first step included)", graph, took)
         return logits
 
-    def _run(self, fb: ForwardBatch, one: bool = False) -> torch.Tensor:
+    def _run(self, fb: ForwardBatch, few: bool = False) -> torch.Tensor:
         model = self.model
         x = model.embed(fb.input_ids)
         positions, loc = fb.positions, fb.out_cache_loc
         slots, valid = decode_slot_table(fb)
         cos, sin = model.rope_cos_sin(positions, x.dtype)
-        self._mark_dynamic(x, cos, sin, loc, slots, valid, batch=not one)
+        self._mark_dynamic(x, cos, sin, loc, slots, valid, batch=fb.num_requests > 1)
         pool = self.kv_pool
-        layer = self._compiled[one]
-        for i, w in enumerate(self._weights[one]):
+        layer = self._compiled[few]
+        for i, w in enumerate(self._weights[few]):
             k_buf, v_buf = pool.get_kv(i)
             x = layer(x, cos, sin, loc, slots, valid, *w, k_buf, v_buf)
         return model.compute_logits(x, fb.sample_indices)
 
     @staticmethod
     def _mark_dynamic(x, cos, sin, loc, slots, valid, batch: bool = True) -> None:
-        """Batch (dim 0 of all; not for the one-request graph) and context (dim 1 of the slot table) vary
+        """Batch (dim 0 of all; not for one request) and context (dim 1 of the slot table) vary
         from step to step: one graph each."""
         mark = torch._dynamo.mark_dynamic
         if batch:
