@@ -198,7 +198,7 @@ def _prepare_for_inference(model: LlamaForCausalLM, device: torch.device) -> Non
     separate projections they were validated with."""
     if device.type == "cpu":
         model.fuse_projections()
-        if model.wants_gemv_weights(device):  # one-row decode steps at the CPU's streaming speed (llama.py)
+        if model.wants_gemv_weights(device):  # decode steps of 1-3 rows at the CPU's streaming speed (llama.py)
             model.add_gemv_weights()
 
 

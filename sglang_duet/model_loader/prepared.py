@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 2  # bump when serving_tensors() changes what it returns (2: the one-row [in, out] copies)
+LAYOUT_VERSION = 2  # bump when serving_tensors() changes what it returns (2: the few-row [in, out] copies)
 ALIGN = 64  # bytes: the data section starts on a cache line (every tensor of a Llama is a multiple of it)
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 

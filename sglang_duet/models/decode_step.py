@@ -92,7 +92,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x @ w_t (+ b) against an [in, out] weight: models/llama.py's one-row product (linear_rows)."""
+    """x @ w_t (+ b) against an [in, out] weight: models/llama.py's few-row product (linear_rows)."""
     return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
 
 

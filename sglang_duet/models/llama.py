@@ -139,7 +139,7 @@ class Attention(nn.Module):
         # Set by fuse(): q/k/v weights concatenated (the three parameters become views of it).
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
-        # Set by add_gemv_weights(): [in, out] copies of the fused q/k/v and of o_proj for one-row steps.
+        # Set by add_gemv_weights(): [in, out] copies of the fused q/k/v and of o_proj for steps of up to GEMV_MAX_ROWS rows.
         self.qkv_weight_t: torch.Tensor | None = None
         self.o_weight_t: torch.Tensor | None = None
 
@@ -282,7 +282,7 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- few-row (gemv) copies: see GEMV_COPY_MAX_BYTES ---------------------------------------------
     def _gemv_slots(self):
-        """(owner, attribute, the [out, in] weight it transposes, serving name) of every one-row copy."""
+        """(owner, attribute, the [out, in] weight it transposes, serving name) of every few-row copy."""
         out = []
         for i, layer in enumerate(self.model.layers):
             a, m = layer.self_attn, layer.mlp
@@ -294,18 +294,18 @@ class LlamaForCausalLM(nn.Module):
         return out
 
     def gemv_copy_bytes(self) -> int:
-        """Bytes the one-row copies take (0 where they do not apply: see wants_gemv_weights)."""
+        """Bytes the few-row copies take (0 where they do not apply: see wants_gemv_weights)."""
         return sum(w.numel() * w.element_size() for _, _, w, _ in self._gemv_slots() if w is not None)
 
     def wants_gemv_weights(self, device: torch.device) -> bool:
-        """Whether this model gets the one-row copies: fused, float32, on a CPU, one rank, and the copies
+        """Whether this model gets the few-row copies: fused, float32, on a CPU, one rank, and the copies
         under GEMV_COPY_MAX_BYTES (the gain was measured there; elsewhere it costs memory for nothing known)."""
         return (torch.device(device).type == "cpu" and self.dtype == torch.float32 and self.tp.size == 1
                 and self.model.layers[0].self_attn.qkv_weight is not None
                 and self.gemv_copy_bytes() <= GEMV_COPY_MAX_BYTES)
 
     def add_gemv_weights(self) -> None:
-        """Make the [in, out] copies that one-row steps multiply with (after the weights are final)."""
+        """Make the [in, out] copies that steps of up to GEMV_MAX_ROWS rows multiply with (after the weights are final)."""
         for owner, attr, w, _ in self._gemv_slots():
             setattr(owner, attr, _transposed(w))
 
@@ -340,7 +340,7 @@ class LlamaForCausalLM(nn.Module):
         for name, p in self.named_parameters():
             if id(p) not in views:
                 out[name] = p.detach()
-        for owner, attr, _, name in self._gemv_slots():  # the one-row copies, when the model has them
+        for owner, attr, _, name in self._gemv_slots():  # the few-row copies, when the model has them
             if getattr(owner, attr) is not None:
                 out[name] = getattr(owner, attr)
         return out
@@ -378,7 +378,7 @@ class LlamaForCausalLM(nn.Module):
             setattr(self.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=p.requires_grad))
         if tensors:
             raise ValueError(f"unexpected serving tensors {sorted(tensors)[:8]}")
-        if gemv:  # all or none: a one-row step multiplies with every copy
+        if gemv:  # all or none: a few-row step multiplies with every copy
             for owner, attr, w, name in self._gemv_slots():
                 t = gemv.get(name)
                 if t is None or tuple(t.shape) != tuple(reversed(w.shape)) or t.dtype != self.dtype:
@@ -447,7 +447,7 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- weights ---------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (HF name, tensor) pairs into the parameters; strict about missing/extra names. The one-row
+        """Copy (HF name, tensor) pairs into the parameters; strict about missing/extra names. The few-row
         copies (add_gemv_weights) would go stale: they are dropped (the loader makes them afterwards)."""
         self.drop_gemv_weights()
         params = dict(self.named_parameters())
