@@ -432,8 +432,8 @@ class DuetPolicy(OneLaneBusy, Policy):
         if self.compiled and dec.n:  # one compiled call (the same numbers)
             W, w_const, ops = self.pricer.weights
             P, t = search_kernels.kernels().decode_steps(self.tables.unit_template, dec.n, float(dec.cached), k, W,
-                                                         w_const, layout.take, layout.prepared, layout.block,
-                                                         self._decode_scale(), ops)
+                                                         w_const, layout.take, layout.prep_rows, layout.prep_of,
+                                                         layout.block, self._decode_scale(), ops)
             return Priced(t, P, ops, compiled=True)
         row = self._step_row  # scratch: what the cached tokens add (a tuple here costs its conversion)
         row[2] = row[3] = dec.cached

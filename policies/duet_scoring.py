@@ -150,8 +150,8 @@ def score_compiled(tb, pricer, scales: np.ndarray, work: tuple[float, float], x:
     lay = sh.layout
     C, kk, feasible, score, best, here, P, t, best_parts, kept_parts = search_kernels.kernels().search(
         budgets, less_n, x.n, float(x.cached), prefix is not None, cum, table, total, work[0], work[1], tb.unit_template,
-        sh.na, sh.nb, W, w_const, lay.take, lay.prepared, lay.block, scales, ops, sh.from_t, sh.from_F, len(tb.grid),
-        x.k_cap, tb.by_m(x.k_cap), tb.steps, float(x.first_limit), float(x.limit), float(x.w_p), float(x.tau),
+        sh.na, sh.nb, W, w_const, lay.take, lay.prep_rows, lay.prep_of, lay.block, scales, ops, sh.from_t, sh.from_F,
+        len(tb.grid), x.k_cap, tb.by_m(x.k_cap), tb.steps, float(x.first_limit), float(x.limit), float(x.w_p), float(x.tau),
         float(x.weight), x.keep_g)
     found = Found(None if best < 0 else best, None if here < 0 else here, best_parts.tolist(), kept_parts)
     return C, kk, feasible, score, Priced(t, P, ops, compiled=True), found
@@ -175,5 +175,5 @@ def warm_up(tb, pricer, scales, work) -> None:
     got[4].parts(0, 1, 1.0, 1.0)
     W, w_const, ops = pricer.weights
     layout = tb.step_layout(int(tb.grid[0]), 1)
-    search_kernels.kernels().decode_steps(tb.unit_template, 1, 1.0, 1, W, w_const, layout.take, layout.prepared,
-                                          layout.block, scales[1:2].copy(), ops)
+    search_kernels.kernels().decode_steps(tb.unit_template, 1, 1.0, 1, W, w_const, layout.take, layout.prep_rows,
+                                          layout.prep_of, layout.block, scales[1:2].copy(), ops)

@@ -141,6 +141,10 @@ class BlockLayout:
     spans: list
     block: np.ndarray  # each priced row's block
     identity: bool = False  # one block, one SM count, from row 0: the priced rows are X's first rows
+    # `prepared` as its distinct rows (each block's `prepare` rows, in order) and each priced row's
+    # index among them: what the compiled search reads (a few KB instead of a row per priced row)
+    prep_rows: np.ndarray | None = None
+    prep_of: np.ndarray | None = None
     _scales: np.ndarray | None = None  # the last scale rows seen, and them per priced row
     _scale: np.ndarray | None = None
 
@@ -294,16 +298,23 @@ class SummaryPricer:
         row of `prepared` (`prepare` of SM counts), block by block, then by SM count, then by row.
         Build it once per shape and reuse it (plan() overhead is numpy call count)."""
         take, prep, spans, at = [], [], [], 0
+        rows, of, first = [], [], 0
         for lo, hi, p in blocks:
             p = np.asarray(p)
             take.append(np.tile(np.arange(lo, hi), len(p)))
             prep.append(np.repeat(p, hi - lo, axis=0))
+            rows.append(p)
+            of.append(np.repeat(np.arange(first, first + len(p)), hi - lo))
+            first += len(p)
             spans.append((at, at + len(p) * (hi - lo)))
             at += len(p) * (hi - lo)
         block = np.repeat(np.arange(len(spans)), [hi - lo for lo, hi in spans])
+        empty = np.zeros((0,) + np.shape(self.prepare(np.zeros(0, int)))[1:])
         return BlockLayout(np.concatenate(take) if take else np.zeros(0, dtype=int),
-                           np.concatenate(prep) if prep else np.zeros((0,) + np.shape(self.prepare(np.zeros(0, int)))[1:]),
-                           spans, block, len(blocks) == 1 and blocks[0][0] == 0 and len(blocks[0][2]) == 1)
+                           np.concatenate(prep) if prep else empty,
+                           spans, block, len(blocks) == 1 and blocks[0][0] == 0 and len(blocks[0][2]) == 1,
+                           prep_rows=np.ascontiguousarray(np.concatenate(rows)) if rows else empty,
+                           prep_of=np.concatenate(of) if of else np.zeros(0, dtype=int))
 
     def ms_blocks(self, X: np.ndarray, layout: "BlockLayout", scales: np.ndarray, nonempty: bool = False) -> "Priced":
         """`ms_prepared` of the rows of `layout` (X's rows once per SM count of their block), block

@@ -74,7 +74,7 @@ def cut_rows(budgets, less_n, n, cached, has_prefix, cumL, table, total, w_t, w_
 
 
 @numba.njit(cache=True, nogil=True)
-def price_rows(X, W, w_const, take, prepared, block, scales, ops):
+def price_rows(X, W, w_const, take, prep_rows, prep_of, block, scales, ops):
     """`SummaryPricer.ms_blocks` of the rows X = [[T, R, A, K], ...] (every row has a request): P,
     each priced row's scaled operator times, and t, its ms. The product is `SummaryPricer.product`'s,
     four products added in order. `scales`: a row per block, either `SummaryPricer.scale_rows` or
@@ -98,12 +98,13 @@ def price_rows(X, W, w_const, take, prepared, block, scales, ops):
     for i in range(Pn):
         src = take[i]
         bl = block[i]
+        pr = prep_of[i]
         if pairs:  # scale_rows: compute_scale for the operators' compute, bandwidth_scale for the rest
             for c in range(width):
-                P[i, c] = base[src, c] * prepared[i, c] * scales[bl, 0 if c < ops else 1]
+                P[i, c] = base[src, c] * prep_rows[pr, c] * scales[bl, 0 if c < ops else 1]
         else:
             for c in range(width):
-                P[i, c] = base[src, c] * prepared[i, c] * scales[bl, c]
+                P[i, c] = base[src, c] * prep_rows[pr, c] * scales[bl, c]
         for c in range(ops):
             z, y = P[i, c], P[i, ops + c]
             v[c] = z if z >= y else y
@@ -316,13 +317,13 @@ def parts_of_ranges(P, t, ops, ranges):
 
 @numba.njit(cache=True, nogil=True)
 def search(budgets, less_n, n, cached, has_prefix, cumL, table, total, w_t, w_a, unit_template, na, nb,
-           W, w_const, take, prepared, block, scales, ops, from_t, from_F, G, k_cap, by_m, steps,
+           W, w_const, take, prep_rows, prep_of, block, scales, ops, from_t, from_F, G, k_cap, by_m, steps,
            first_limit, limit, w_p, tau, weight, keep_g):
     """A whole search in one call (`duet_scoring.score_compiled`): `cut_rows`, `price_rows`,
     `score_candidates`, and with keep_g >= 0 the best feasible split that prefills on partition
     keep_g (`OneLaneBusy._partition_stays`; -1: none)."""
     X, joins, F = cut_rows(budgets, less_n, n, cached, has_prefix, cumL, table, total, w_t, w_a, unit_template, na, nb)
-    P, t = price_rows(X, W, w_const, take, prepared, block, scales, ops)
+    P, t = price_rows(X, W, w_const, take, prep_rows, prep_of, block, scales, ops)
     C, kk, feasible, score, best = score_candidates(t, joins, F, from_t, from_F, na, nb, G, unit_template.shape[0], n,
                                                     k_cap, by_m, steps, first_limit, limit, w_p, tau, weight)
     here = -1
@@ -373,7 +374,7 @@ def search(budgets, less_n, n, cached, has_prefix, cumL, table, total, w_t, w_a,
 
 
 @numba.njit(cache=True, nogil=True)
-def decode_steps(unit_template, n, cached, k, W, w_const, take, prepared, block, scales, ops):
+def decode_steps(unit_template, n, cached, k, W, w_const, take, prep_rows, prep_of, block, scales, ops):
     """(P, t) of k decode steps of n requests holding `cached` tokens (`DuetPolicy._decode_steps`):
     the rows unit_template[:k] * n plus [0, 0, cached, cached], priced."""
     X = np.empty((k, 4))
@@ -383,4 +384,4 @@ def decode_steps(unit_template, n, cached, k, W, w_const, take, prepared, block,
         X[j, 1] = unit_template[j, 1] * nf + 0.0
         X[j, 2] = unit_template[j, 2] * nf + cached
         X[j, 3] = unit_template[j, 3] * nf + cached
-    return price_rows(X, W, w_const, take, prepared, block, scales, ops)
+    return price_rows(X, W, w_const, take, prep_rows, prep_of, block, scales, ops)
