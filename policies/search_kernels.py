@@ -93,7 +93,6 @@ def price_rows(X, W, w_const, take, prep_rows, prep_of, block, scales, ops):
     P = np.empty((Pn, width))
     t = np.empty(Pn)
     v = np.empty(ops)
-    end = ops - ops % 8
     pairs = scales.shape[1] == 2
     for i in range(Pn):
         src = take[i]
@@ -108,25 +107,7 @@ def price_rows(X, W, w_const, take, prep_rows, prep_of, block, scales, ops):
         for c in range(ops):
             z, y = P[i, c], P[i, ops + c]
             v[c] = z if z >= y else y
-        # numpy's pairwise sum of v (`pricing.pairwise_sum`; ops <= 128): eight running sums
-        if ops < 8:
-            s = 0.0
-            for c in range(ops):
-                s += v[c]
-        else:
-            r0, r1, r2, r3, r4, r5, r6, r7 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
-            for c in range(8, end, 8):
-                r0 += v[c]
-                r1 += v[c + 1]
-                r2 += v[c + 2]
-                r3 += v[c + 3]
-                r4 += v[c + 4]
-                r5 += v[c + 5]
-                r6 += v[c + 6]
-                r7 += v[c + 7]
-            s = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-            for c in range(end, ops):
-                s += v[c]
+        s = _block_sum(v, 0, ops) if ops <= 128 else pairwise_sum(v, 0, ops)  # numpy's pairwise sum of v
         t[i] = s + P[i, width - 1]
     return P, t
 

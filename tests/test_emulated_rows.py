@@ -19,6 +19,7 @@ from sglang_duet.cost_model.truth import BreakdownPricer, LaunchCost, TruthConfi
 from sglang_duet.executor.emulated import VECTOR_ROWS, EmulatedExecutor, emulated_kv_slots, token_id
 from sglang_duet.policies.base import PolicyContext, load_policy
 from sglang_duet.sampling_params import SamplingParams
+from emulated_driver import drive
 
 CM = CostModel.load("qwen3-8b", "h100")
 CONST = ConstantCostModel.like(CM, 0.01)
@@ -147,36 +148,7 @@ def _run_core(executor_cls, cm, truth, aborts: bool):
                                                cost_model=cm, hardware=cm.hw))
     core = SchedulerCore(CoreConfig(kv_slots=emulated_kv_slots(cm), context_length=8192, max_running_requests=64,
                                     chunked_prefill_size=512), policy, clock=ex.now)
-    arrivals = sorted((rng.uniform(0, 1.5), i) for i in range(60))
-    log = []
-    t_abort = {f"r{i}": rng.uniform(0.2, 3.0) for i in range(60) if aborts and rng.random() < 0.3}
-    while arrivals or core.has_unfinished():
-        now = ex.now()
-        while arrivals and arrivals[0][0] <= now:
-            _, i = arrivals.pop(0)
-            core.add_request(f"r{i}", [7] * rng.randrange(1, 900),
-                             SamplingParams(max_new_tokens=rng.randrange(1, 120), ignore_eos=True,
-                                            logprobs=i % 4 == 0), seed=rng.randrange(2 ** 63))
-        for rid, t in list(t_abort.items()):
-            if t <= now and rid in core.requests:
-                core.abort(rid)
-                del t_abort[rid]
-        while core.can_plan():
-            planned = core.schedule()
-            for launch in planned:
-                ex.submit(launch)
-            if not planned:
-                break
-        updates = core.take_updates()
-        due = [x for x in (ex.next_completion(), arrivals[0][0] if arrivals else None) if x is not None]
-        if not due:
-            break
-        ex.advance_to(min(due))
-        for res in ex.poll(0):
-            updates.extend(core.apply_result(res))
-        log.extend((ex.now(), u.rid, list(u.new_token_ids), u.finish_reason, u.new_logprobs) for u in updates)
-    assert core.allocator.available == core.allocator.capacity  # aborts left no KV slot behind
-    return log
+    return drive(core, ex, rng, 60, 1.5, 900, 120, 4, 3.0, 0.3 if aborts else 0.0)
 
 
 @pytest.mark.parametrize("cm,truth", [(CM, TruthConfig(seed=1)), (CONST, TruthConfig.exact(contention="none"))])

@@ -10,7 +10,6 @@ import random
 
 import pytest
 
-from sglang_duet.core.plan import LaneKind
 from sglang_duet.core.scheduler_core import CoreConfig, SchedulerCore
 from sglang_duet.cost_model.constant import ConstantCostModel
 from sglang_duet.cost_model.roofline import CostModel
@@ -18,6 +17,7 @@ from sglang_duet.cost_model.truth import TruthConfig
 from sglang_duet.executor.emulated import EmulatedExecutor, emulated_kv_slots
 from sglang_duet.policies.base import PolicyContext, load_policy
 from sglang_duet.sampling_params import SamplingParams
+from emulated_driver import drive
 from fake_lanes import FakeLanes, SplitAlways, reference_tokens
 from test_scheduler_core import outputs, prompt
 
@@ -115,36 +115,12 @@ def _emulated_run(cm, truth, policy_name: str, persistent: bool, depth: int):
         return rows_of(launch)
 
     ex._rows = counted
-    arrivals = sorted((rng.uniform(0, 0.5), i) for i in range(40))
-    t_abort = {f"r{i}": rng.uniform(0.2, 1.5) for i in range(40) if rng.random() < 0.25}
-    log, parts = [], []
-    while arrivals or core.has_unfinished():
-        now = ex.now()
-        while arrivals and arrivals[0][0] <= now:
-            _, i = arrivals.pop(0)
-            core.add_request(f"r{i}", [7] * rng.randrange(1, 300),
-                             SamplingParams(max_new_tokens=rng.randrange(1, 90), ignore_eos=True,
-                                            logprobs=i % 5 == 0), seed=rng.randrange(2 ** 63))
-        for rid, t in list(t_abort.items()):
-            if t <= now and rid in core.requests:
-                core.abort(rid)
-                del t_abort[rid]
-        while core.can_plan():
-            planned = core.schedule()
-            for launch in planned:
-                ex.submit(launch)
-            if not planned:
-                break
-        updates = core.take_updates()
-        due = [x for x in (ex.next_completion(), arrivals[0][0] if arrivals else None) if x is not None]
-        if not due:
-            break
-        ex.advance_to(min(due))
-        for res in ex.poll(0):
-            parts.append((res.launch_id, res.final, res.started_at, res.finished_at, list(res.rows), res.logprobs))
-            updates.extend(core.apply_result(res))
-        log.extend((ex.now(), u.rid, list(u.new_token_ids), u.finish_reason, u.new_logprobs) for u in updates)
-    assert core.allocator.available == core.allocator.capacity
+    parts = []
+
+    def keep(res):
+        parts.append((res.launch_id, res.final, res.started_at, res.finished_at, list(res.rows), res.logprobs))
+
+    log = drive(core, ex, rng, 40, 0.5, 300, 90, 5, 1.5, 0.25, on_result=keep)
     return log, parts, dict(ex.busy_s), advanced[0]
 
 
