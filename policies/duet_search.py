@@ -136,9 +136,8 @@ class Prefix:
         starts.append(0.0)  # start of "the chunk after the last"
         # one array build for the five (n + 1)-long tables (plan() overhead is numpy call count)
         cumL0 = [0.0] + cumL  # tokens before chunk i
-        self._table = np.array([prefA, prefK, prefC, starts, cumL0])  # rows read by index (not unpacked: slower)
-        self.table = self._table  # (compiled search: policies/search_kernels.py)
-        self.cumL = self._table[4, 1:]
+        self.table = np.array([prefA, prefK, prefC, starts, cumL0])  # rows read by index (not unpacked: slower)
+        self.cumL = self.table[4, 1:]
         self._cumL, self._prefC = cumL, prefC  # the Python lists, for `completes`
         self.total = L
 
@@ -148,7 +147,7 @@ class Prefix:
         array build for X and F); `nonnegative`: the caller's budgets are >= 0 already."""
         b = np.minimum(budgets if nonnegative else np.maximum(budgets, 0.0), self.total)
         full = self.cumL.searchsorted(b, side="right")  # chunks wholly inside
-        at = self._table.take(full, axis=1)  # prefix sums A, K, C, the chunk's start, tokens before it
+        at = self.table.take(full, axis=1)  # prefix sums A, K, C, the chunk's start, tokens before it
         s = at[3]
         n = b - at[4]  # tokens of the partly taken chunk
         part = n > 0
@@ -338,17 +337,10 @@ class SearchTables:
         self._shapes: dict[tuple[int, int], SearchShape] = {}
         self._step_layouts: dict[tuple[int, int], object] = {}
 
-    def shape(self, n: int, total: float) -> tuple["SearchShape", np.ndarray, np.ndarray]:
-        """(the search's shape, the prefill tokens to cut the chunk list at: the distinct
-        aggregated budgets' less the n decodes (at least 0), then the split budgets', and the
-        distinct aggregated budgets); see `shape_parts`."""
-        sh, budgets, less_n, agg = self.shape_parts(n, total)
-        cut = budgets - less_n * n  # exact: small integers
-        return sh, np.maximum(cut, 0.0, out=cut), agg
-
     def shape_parts(self, n: int, total: float) -> tuple["SearchShape", np.ndarray, np.ndarray, np.ndarray]:
-        """(the search's shape, the budgets to cut at, which of them the n decodes share (1.0) or
-        not (0.0), the distinct aggregated budgets). Budget b cuts min(max(b - n, 0), total) prefill tokens; with
+        """(the search's shape, the budgets to cut the chunk list at (the distinct aggregated ones,
+        then the split ones), which of them the n decodes share (1.0) or not (0.0), the distinct
+        aggregated budgets). Budget b cuts min(max(b - n, 0), total) prefill tokens; with
         the budgets sorted, a budget adds tokens over the previous one iff b - n > 0 and the
         previous one's b - n < total (the first budget always counts, with decodes or tokens); of
         the split budgets the first ones count, up to the first that takes the whole list."""
