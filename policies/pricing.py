@@ -208,7 +208,7 @@ class SummaryPricer:
         one = np.zeros((5, 1))
         one[0, 0] = 1.0
         self._w = np.ascontiguousarray(np.concatenate([self._cf, self._cb, one], axis=1))
-        self._w_const, self._w_rows = self._w[0], np.ascontiguousarray(self._w[1:])  # kept: ms_blocks runs every plan
+        self._w_const, self._w_rows = self._w[0], self._w[1:]  # views, kept: ms_blocks runs every plan
 
     def _check(self) -> bool:
         rng = random.Random(1234)
@@ -280,8 +280,8 @@ class SummaryPricer:
 
     def ms_prepared(self, X: np.ndarray, prepared, scale) -> "Priced":
         """`ms(X, sms)` with `prepared = prepare(sms)`, each row scaled by `scale` (a row of
-        `scale_rows`, or one per row of X), in one matrix product (plan() overhead is numpy call
-        count). The result keeps each operator's scaled times for `Priced.parts`."""
+        `scale_rows`, or one per row of X), in a few whole-array operations (plan() overhead is numpy
+        call count). The result keeps each operator's scaled times for `Priced.parts`."""
         if not self.exact:  # a scale row here is one factor (scale_rows): it broadcasts over the rows
             return Priced(self.ms(X, prepared) * np.ravel(scale), None, 0)
         P = self.product(X)
