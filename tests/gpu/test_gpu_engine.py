@@ -15,16 +15,12 @@ NEW = 16
 
 
 def _gpu_engine(path, **kw):
-    """An Engine on the GPU whose executor is the graph-capable one, whether or not engine_core
-    already builds it (build_model_executor)."""
-    from sglang_duet.executor.gpu_executor import GPUModelExecutor, build_model_executor
+    """An Engine on the GPU with the synchronous graph-capable executor (GPUModelExecutor: what
+    --disable-overlap-schedule builds); the overlap path (DuetGPUExecutor) has its own test below."""
+    from sglang_duet.executor.gpu_executor import GPUModelExecutor
 
-    eng = Engine(model_path=path, device="cuda", max_total_tokens=4096, **kw)
-    core = eng.core
-    if not isinstance(core.executor, GPUModelExecutor):
-        ex = core.executor
-        core.executor = build_model_executor(ex.model, core.kv_pool, ex.attn, torch.device("cuda"), core.args,
-                                             clock=ex.clock)
+    eng = Engine(model_path=path, device="cuda", max_total_tokens=4096, disable_overlap_schedule=True, **kw)
+    assert isinstance(eng.core.executor, GPUModelExecutor), type(eng.core.executor).__name__
     return eng
 
 
