@@ -7,7 +7,9 @@
 #   bash scripts/gpu_run.sh lease1   # smoke, prewarm (FlashInfer JIT), kernel/graph/engine tests, duet tests
 #   bash scripts/gpu_run.sh lease2   # step-latency benchmark, calibration (+ lane contention), policy A/B
 #   bash scripts/gpu_run.sh all      # both, in one call (when one call has the time)
-#   bash scripts/gpu_run.sh PHASE    # one phase: smoke prewarm tests duet bench calibrate ab
+#   bash scripts/gpu_run.sh lease3   # after a first lease: fused-op and engine tests, fused vs torch ops, calibration, 3-seed A/B
+#   bash scripts/gpu_run.sh "PHASE ..."  # chosen phases, in this order: smoke prewarm fused tests duet bench
+#                                        # bench_torch_ops calibrate ab
 #
 #   GPU_RUN_DRY=1 bash scripts/gpu_run.sh all   # on any machine: every phase's shell logic runs, each
 #                                               # python command only checks itself (--help /
@@ -18,24 +20,29 @@
 # script exits non-zero if any phase failed. Everything a phase writes goes to $WORK; after each
 # phase $WORK is packed into $OUT/results-<call>.tgz (the device tool returns at most 8 files),
 # and the compiled FlashInfer modules into $OUT/flashinfer_so.tgz[.partNN] (<= 15 MiB a file).
+# Carry .gpu_cache/ (git-ignored; put a lease's flashinfer_so.tgz there) and those modules are placed
+# where FlashInfer loads ahead-of-time builds from, so prewarm loads them instead of compiling (~28 s each).
+# GPU_RUN_AB_SEEDS: how many traces the A/B replays (default 1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CALL=${1:-all}
+TAG=$(echo "$CALL" | tr -s ' ' '_')  # names the summary and the results archive ($OUT names: no spaces)
 OUT=${OUT:-/tmp/gpu_out}
 WORK=${GPU_RUN_WORK:-/tmp/gpu_work}
 PY=${GPU_RUN_PYTHON:-python3}
 DRY=${GPU_RUN_DRY:-0}
 BUDGET=${GPU_RUN_BUDGET_S:-560}
+AB_SEEDS=${GPU_RUN_AB_SEEDS:-1}
 mkdir -p "$OUT" "$WORK"
 START=$(date +%s)
 FAILED=0
-SUMMARY="$WORK/summary-$CALL.txt"
+SUMMARY="$WORK/summary-$TAG.txt"
 : >"$SUMMARY"
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$WORK/gpu_run.log"; }
 pack() {  # small, so it runs after every phase: a killed call still returns what came before
-  tar czf "$OUT/results-$CALL.tgz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/results-$CALL.tgz.tmp" "$OUT/results-$CALL.tgz"
+  tar czf "$OUT/results-$TAG.tgz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/results-$TAG.tgz.tmp" "$OUT/results-$TAG.tgz"
 }
 
 # run_phase NAME WANT_S MIN_S CMD...: runs CMD with timeout min(WANT_S, time left - 5), skips it
@@ -81,6 +88,18 @@ if [ "$DRY" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
 else
   log "no wheels installed (dry run, or no .whl/: FlashInfer and the server packages may be missing)"
 fi
+# FlashInfer's JIT loads <aot dir>/<name>/<name>.so without building when it exists (jit/core.py, is_aot).
+if [ "$DRY" != 1 ] && [ -s .gpu_cache/flashinfer_so.tgz ]; then
+  if AOT=$("$PY" -c 'from flashinfer.jit import env; print(env.FLASHINFER_AOT_DIR)' 2>>"$WORK/gpu_run.log") \
+      && mkdir -p /tmp/fi_so && tar xzf .gpu_cache/flashinfer_so.tgz -C /tmp/fi_so; then
+    for so in $(find /tmp/fi_so -name '*.so'); do
+      name=$(basename "$so" .so); mkdir -p "$AOT/$name" && cp "$so" "$AOT/$name/"
+    done
+    log "placed $(find /tmp/fi_so -name '*.so' | wc -l) cached FlashInfer module(s) in $AOT"
+  else
+    log "cached FlashInfer modules NOT placed (see gpu_run.log): prewarm compiles"
+  fi
+fi
 # The repository is not pip-installed there; the package maps kernels/ and policies/ under
 # sglang_duet (pyproject's package-dir). Links in this throwaway copy do the same.
 if [ "$DRY" != 1 ]; then
@@ -112,12 +131,18 @@ if [ "$DRY" != 1 ]; then
   HW=$("$PY" -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name(0) else "h100")' 2>/dev/null || echo h100)
 fi
 want() { case " $PHASES " in *" $1 "*) return 0;; *) return 1;; esac; }
+ALL_PHASES="smoke prewarm fused tests duet bench bench_torch_ops calibrate ab"
 case "$CALL" in
   lease1) PHASES="smoke prewarm tests duet" ;;
   lease2) PHASES="prewarm bench calibrate ab" ;;  # prewarm: seconds when the cache is warm, else the compile
-  all) PHASES="smoke prewarm tests duet bench calibrate ab" ;;
-  smoke|prewarm|tests|duet|bench|calibrate|ab) PHASES="$CALL" ;;
-  *) echo "usage: $0 lease1|lease2|all|smoke|prewarm|tests|duet|bench|calibrate|ab" >&2; exit 2 ;;
+  lease3) PHASES="prewarm fused tests bench bench_torch_ops calibrate ab" ;;
+  all) PHASES="$ALL_PHASES" ;;
+  *) PHASES="$CALL"
+     for ph in $PHASES; do
+       case " $ALL_PHASES " in *" $ph "*) ;; *)
+         echo "usage: $0 lease1|lease2|lease3|all|\"PHASE ...\" (phases: $ALL_PHASES)" >&2; exit 2 ;;
+       esac
+     done ;;
 esac
 log "call $CALL: phases [$PHASES], budget ${BUDGET}s, hardware $HW"
 
@@ -139,21 +164,28 @@ fi
 PYTEST=("$PY" -m pytest -v -rs --durations=20 -p no:cacheprovider -o addopts= --timeout=240)
 XDIST=()
 if [ "$DRY" != 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 4); fi
+want fused && run_phase fused 90 30 "${PYTEST[@]}" -m gpu tests/gpu/test_gpu_fused_ops.py
 want tests && run_phase tests 170 40 "${PYTEST[@]}" "${XDIST[@]}" -m gpu \
   tests/gpu/test_gpu_attention.py tests/gpu/test_gpu_graphs.py tests/gpu/test_gpu_engine.py
 export DUET_GPU_FACTS="$WORK/duet_facts.json"
 want duet && run_phase duet 150 40 "${PYTEST[@]}" -m gpu \
   tests/gpu/test_gpu_duet.py
-want bench && run_phase bench 100 40 "$PY" benchmark/step_latency.py --hardware "$HW" \
-  --batches 1 32 128 --contexts 1024 4096 --prefills 1024 8192 --out "$WORK/step_latency"
+STEP_ARGS=(--hardware "$HW" --batches 1 32 128 --contexts 1024 4096 --prefills 1024 8192)
+want bench && run_phase bench 100 40 "$PY" benchmark/step_latency.py "${STEP_ARGS[@]}" --out "$WORK/step_latency"
+# The same steps with the model's plain torch ops instead of the fused kernels: the fusion's A/B.
+want bench_torch_ops && run_phase bench_torch_ops 100 40 env SGLANG_DUET_TORCH_OPS=1 \
+  "$PY" benchmark/step_latency.py "${STEP_ARGS[@]}" --out "$WORK/step_latency_torch_ops"
 want calibrate && run_phase calibrate 140 60 "$PY" -m sglang_duet.calibrate \
   --model-config configs/models/qwen3-8b.json --hardware "$HW" --out "$WORK/calibration/$HW-calibrated.yaml" \
   --sizes 8 16 24 32 48 64 80 96 112 124 132 --validate-sizes 16 32 64 96 132
 # The A/B's policies plan with the calibration just measured when there is one (else the shipped curves).
 CAL="$WORK/calibration/$HW-calibrated.yaml"
 AB_HW=$HW; [ -s "$CAL" ] && AB_HW=$CAL
-want ab && run_phase ab 170 60 "$PY" benchmark/gpu_ab.py --hardware "$AB_HW" --out "$WORK/ab" --budget-s 150 \
-  --workload azure-conv --num-requests 64 --rate 10 --max-input 4096 --max-output 256 --tbt-slo-ms 100
+AB_WANT=$(( 110 + 60 * AB_SEEDS ))  # one seed of four policies took 67 s on an H200 (2026-11-30)
+want ab && run_phase ab "$AB_WANT" 60 "$PY" benchmark/gpu_ab.py --hardware "$AB_HW" --out "$WORK/ab" \
+  --budget-s $(( AB_WANT - 20 )) \
+  --workload azure-conv --num-requests 64 --rate 10 --max-input 4096 --max-output 256 --tbt-slo-ms 100 \
+  --seeds "$AB_SEEDS"
 
 log "call $CALL done, failed=$FAILED"
 cat "$SUMMARY"
