@@ -44,6 +44,9 @@ from sglang_duet.kernels.cuda_graph import CudaGraphDecodeRunner, supports_graph
 from sglang_duet.memory.kv_pool import KVCachePool  # noqa: E402
 from sglang_duet.model_loader.loader import load_model  # noqa: E402
 
+sys.path.insert(0, str(_REPO / "benchmark"))
+from kernel_profile import profile_kernels, to_markdown as profile_markdown  # noqa: E402
+
 FULL = dict(batches=[1, 8, 32, 128, 256], contexts=[1024, 4096], prefills=[1024, 4096, 8192],
             warmup=3, iters=10, copy_bytes=2 << 30, matmul_n=8192)
 # CI smoke test on a shared 2-core CPU: just enough to run every code path once.
@@ -88,6 +91,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     median_abs_error: float | None = None
     median_abs_error_ms: float | None = None
+    profiles: dict = field(default_factory=dict)  # --profile: "decode b1 ctx N (graph|eager)", "prefill N" -> kernels
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -200,6 +204,9 @@ def run(args) -> Report:
                 runner.run(ids, positions, out_loc, seq, kv)
 
             _fill(row, _time(step, device, warmup, iters), cm, [(1, ctx)] * bs, ceil)
+            if args.profile and bs == min(batches) and ctx == contexts[0]:
+                _profile_decode(report, runner, model, attn, pool, ids, positions, out_loc, seq, kv, device, ctx, bs,
+                                use_graphs, log)
             report.rows.append(row)
             log(f"decode bs={bs} ctx={ctx}: {row.measured_ms:.3f} ms (floor {row.floor_ms:.3f}, x{row.ratio:.2f})")
             del table, kv
@@ -217,6 +224,8 @@ def run(args) -> Report:
             model(fb, attn, pool)
 
         _fill(row, _time(prefill, device, warmup, iters), cm, [(n, 0)], ceil)
+        if args.profile and n == min(prefills):
+            report.profiles[f"prefill {n}"] = _profile(prefill, device, log, f"prefill {n}")
         report.rows.append(row)
         log(f"prefill {n}: {row.measured_ms:.3f} ms (floor {row.floor_ms:.3f}, x{row.ratio:.2f})")
 
@@ -225,6 +234,35 @@ def run(args) -> Report:
         report.median_abs_error = statistics.median(abs(r.error) for r in done)
         report.median_abs_error_ms = statistics.median(abs(r.predicted_ms - r.measured_ms) for r in done)
     return report
+
+
+def _profile(fn, device, log, what: str) -> dict:
+    """The kernels of one call of fn; a profiler failure is recorded, never fatal (timings come first)."""
+    try:
+        prof = profile_kernels(fn, device)
+    except Exception as e:  # noqa: BLE001 - e.g. CUPTI unavailable on the machine
+        log(f"profile {what}: failed: {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {e}"}
+    log(f"profile {what}: {prof['events']} device events, {prof['device_ms']:.3f} ms summed")
+    return prof
+
+
+def _profile_decode(report, runner, model, attn, pool, ids, positions, out_loc, seq, kv, device, ctx, bs,
+                    use_graphs, log) -> None:
+    """One decode step's kernels as timed (the graph replay when graphs are on) and, with graphs on, the
+    same step run eagerly (every launch visible to the profiler whatever CUPTI does with graphs)."""
+    report.profiles[f"decode b{bs} ctx {ctx} ({'graph' if use_graphs else 'eager'})"] = _profile(
+        lambda: runner.run(ids, positions, out_loc, seq, kv), device, log, f"decode b{bs} ctx {ctx}")
+    if use_graphs:
+        what = f"decode b{bs} ctx {ctx} (eager)"
+        try:
+            eager = CudaGraphDecodeRunner(model, attn, pool, max_bs=bs, use_graphs=False)
+            step = lambda: eager.run(ids, positions, out_loc, seq, kv)  # noqa: E731
+            step()  # warm-up: first-call allocations and plans stay out of the profile
+        except Exception as e:  # noqa: BLE001 - as in _profile: never costs the timings
+            report.profiles[what] = {"error": f"{type(e).__name__}: {e}"}
+            return
+        report.profiles[what] = _profile(step, device, log, what)
 
 
 def _kv_budget(device: torch.device, per_slot: int, want: int) -> int:
@@ -279,6 +317,10 @@ def to_markdown(rep: Report) -> str:
     if rep.median_abs_error is not None:
         lines += ["", f"Cost model median absolute error: {100 * rep.median_abs_error:.1f}% "
                       f"({rep.median_abs_error_ms:.3f} ms)."]
+    if rep.profiles:
+        lines += ["", "## Kernels of one step (`--profile`)", ""]
+        for what, prof in rep.profiles.items():
+            lines += [f"### {what}: {prof['error']}", ""] if "error" in prof else profile_markdown(what, prof)
     return "\n".join(lines) + "\n"
 
 
@@ -295,6 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefills", type=int, nargs="*")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke test")
+    p.add_argument("--profile", action="store_true",
+                   help="also list the kernels of the smallest decode step and prefill (torch.profiler)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default=str(_REPO / "results" / "step_latency"))
     args = p.parse_args(argv)

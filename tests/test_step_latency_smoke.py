@@ -20,7 +20,8 @@ def _load():
 def test_quick_cpu_run(tmp_path):
     mod = _load()
     cfg = os.path.join(ROOT, "configs", "models", "smollm2-135m.json")
-    assert mod.main(["--model-config", cfg, "--device", "cpu", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    assert mod.main(["--model-config", cfg, "--device", "cpu", "--quick", "--quiet", "--profile",
+                     "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "results.json").read_text())
     assert rep["attention_backend"] == "torch" and rep["cuda_graphs"] is False
     assert rep["ceilings"]["copy_bytes_per_s"] > 0 and rep["ceilings"]["matmul_flops_per_s"] > 0
@@ -32,3 +33,9 @@ def test_quick_cpu_run(tmp_path):
     assert rep["median_abs_error"] is not None
     md = (tmp_path / "results.md").read_text()
     assert "| decode | 2 | 16 |" in md and "median absolute error" in md
+    # --profile: the smallest decode step and prefill, their ops counted (CPU ops on a CPU)
+    assert set(rep["profiles"]) == {"decode b1 ctx 16 (eager)", "prefill 16"}
+    for prof in rep["profiles"].values():
+        assert prof["events"] >= len(prof["top"]) > 0 and prof["device_ms"] > 0
+        assert sum(n for _, n, _ in prof["top"]) <= prof["events"]
+    assert "## Kernels of one step" in md and "aten::" in md
