@@ -33,6 +33,8 @@ lists), e.g. `static-split:decode_sms=32`, `duet:decode_sms_grid=16,32,48,64`, `
 `chunked_prefill_size` sets that policy's token budget (defaults: aggregated 8192 as SGLang, chunked
 --chunk, static-split and duet --split-chunk). Unless overridden, duet searches decode_sms_grid
 16,32,48,64 only (each size on the grid costs a green context and a set of decode graphs).
+Tuned variants run side by side as the simulator's policy specs, e.g. `--policies aggregated chunked
+chunked:2048 static-split+decode_sms=48 duet`: each entry is its own run, labelled as written.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ from sglang_duet.kernels.attention import get_attention_backend, resolve_backend
 from sglang_duet.memory.kv_pool import KVCachePool  # noqa: E402
 from sglang_duet.model_loader.loader import load_model  # noqa: E402
 from sglang_duet.policies.base import PolicyContext, load_policy  # noqa: E402
+from sglang_duet.simulator.sweep import PolicySpec  # noqa: E402
 from sglang_duet.sampling_params import SamplingParams  # noqa: E402
 from sglang_duet.simulator.loop import RequestRecord  # noqa: E402
 from sglang_duet.simulator.metrics import request_arrays, summarize  # noqa: E402
@@ -433,15 +436,23 @@ def _kv_slots(args, device: torch.device, per_slot: int) -> int:
     return CPU_KV_DEFAULT + 1
 
 
-def policy_settings(args, name: str, user_opts: dict[str, dict]) -> tuple[dict, int]:
-    """(options for the policy, its chunked_prefill_size) after defaults and --policy-options."""
+def policy_settings(args, label: str, user_opts: dict[str, dict]) -> tuple[str, dict, int]:
+    """(the policy's name, its options, its chunked_prefill_size) for one --policies entry: a name, or the
+    simulator's spec `NAME:BUDGET+KEY=VALUE...` (a tuned variant, e.g. `chunked:2048`,
+    `static-split+decode_sms=48`). Options: the script's defaults for the policy, then --policy-options for
+    its name, then the spec's, then --policy-options for the entry's own text."""
+    spec = PolicySpec.parse(label)
+    name = spec.policy
     opts = dict(DEFAULT_OPTIONS.get(name, {}))
     opts.update(user_opts.get(name, {}))
-    budget = opts.pop("chunked_prefill_size", None)
+    opts.update(dict(spec.options))
+    if label != name:
+        opts.update(user_opts.get(label, {}))
+    budget = opts.pop("chunked_prefill_size", None) or spec.chunked_prefill_size
     if budget is None:
         budget = args.chunk if name == "chunked" else (args.split_chunk if name in SPLIT_POLICIES
                                                        else DEFAULT_BUDGETS.get(name, args.split_chunk))
-    return opts, int(budget)
+    return name, opts, int(budget)
 
 
 def capture_sizes(policies: dict[str, object], grid: list[int]) -> list[int]:
@@ -483,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
            f"cpu: {CPU_KV_DEFAULT})")
     a("--capture-sms", default="auto", help="decode SM sizes passed as duet_capture_sms: auto (from the split "
                                             "policies' options), none, or a comma list")
-    a("--policies", nargs="+", default=DEFAULT_POLICIES, help="names or .py files, space or comma separated")
+    a("--policies", nargs="+", default=DEFAULT_POLICIES,
+      help="names, .py files, or tuned variants NAME:BUDGET+KEY=VALUE (chunked:2048, static-split+decode_sms=48); "
+           "space or comma separated")
     a("--policy-options", action="append", default=[], metavar="POLICY:KEY=VALUE")
     a("--chunk", type=int, default=512, help="chunked's chunked_prefill_size")
     a("--split-chunk", type=int, default=2048, help="static-split's and duet's chunked_prefill_size")
@@ -537,9 +550,9 @@ def setup(args, meta: dict, log) -> types.SimpleNamespace:
     settings, probes, errors = {}, {}, {}
     for name in policies:
         try:
-            opts, budget = policy_settings(args, name, user_opts)
-            settings[name] = (opts, budget)
-            probes[name] = load_policy(name, PolicyContext(chunked_prefill_size=budget, tbt_slo_ms=args.tbt_slo_ms,
+            policy, opts, budget = policy_settings(args, name, user_opts)
+            settings[name] = (policy, opts, budget)
+            probes[name] = load_policy(policy, PolicyContext(chunked_prefill_size=budget, tbt_slo_ms=args.tbt_slo_ms,
                                                            ttft_slo_ms=args.ttft_slo_ms, cost_model=cm, hardware=hw,
                                                            options=dict(opts)))
         except Exception as e:  # noqa: BLE001 - recorded, the other policies still run
@@ -552,7 +565,8 @@ def setup(args, meta: dict, log) -> types.SimpleNamespace:
     else:
         capture = sorted({int(x) for x in _split_list([args.capture_sms])})
     meta.update(capture_sms=capture,
-                policy_settings={k: {"options": v[0], "chunked_prefill_size": v[1]} for k, v in settings.items()})
+                policy_settings={k: {"policy": v[0], "options": v[1], "chunked_prefill_size": v[2]}
+                                 for k, v in settings.items()})
 
     attn = get_attention_backend(attn_name, mcfg, device)
     ex_args = types.SimpleNamespace(cuda_graph_max_bs=args.max_bs, hardware=hw_name,
@@ -622,10 +636,10 @@ def main(argv=None) -> int:
                     continue
                 writer.doc["in_progress"] = {"policy": name, "seed": seed}
                 writer.write()
-                opts, budget = env.settings[name]
+                policy, opts, budget = env.settings[name]
                 run.update(options=opts, chunked_prefill_size=budget)
                 try:
-                    one_run(run, ex, name, opts, budget, env.cm, env.hw, args, core_cfg, trace, warm, rate,
+                    one_run(run, ex, policy, opts, budget, env.cm, env.hw, args, core_cfg, trace, warm, rate,
                             deadline, log)
                     toks = run.pop("_tokens", None)
                     if run["status"] == "skipped":

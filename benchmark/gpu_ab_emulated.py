@@ -85,8 +85,9 @@ def main(argv=None) -> int:
                 per_seed[seed] = {pol: gpu.get((pol, seed)) for pol in policies}
             else:
                 truth = truths[label](seed=seed)
-                per_seed[seed] = {pol: emulate(meta, pol, meta["policy_settings"][pol], seed, hw, truth)
-                                  ["goodput_strict_req_s"] for pol in policies}
+                per_seed[seed] = {pol: emulate(meta, meta["policy_settings"][pol].get("policy", pol),
+                                               meta["policy_settings"][pol], seed, hw, truth)["goodput_strict_req_s"]
+                                  for pol in policies}
         rows.append((label, per_seed))
     lines = [f"# GPU A/B vs its emulation: {meta['model']} on {meta['device_name']}, {meta['workload']}, "
              f"{meta['num_requests']} requests at {meta['rate']} req/s, TBT SLO {meta['tbt_slo_ms']:g} ms",

@@ -22,7 +22,9 @@
 # and the compiled FlashInfer modules into $OUT/flashinfer_so.tgz[.partNN] (<= 15 MiB a file).
 # Carry .gpu_cache/ (git-ignored; put a lease's flashinfer_so.tgz there) and those modules are placed
 # where FlashInfer loads ahead-of-time builds from, so prewarm loads them instead of compiling (~28 s each).
-# GPU_RUN_AB_SEEDS: how many traces the A/B replays (default 1).
+# The A/B: GPU_RUN_AB_SEEDS traces (default 1) of GPU_RUN_AB_REQUESTS requests (64) at GPU_RUN_AB_RATE req/s
+# (10) through GPU_RUN_AB_POLICIES (default "aggregated chunked static-split duet"; tuned variants as
+# NAME:BUDGET+KEY=VALUE, e.g. chunked:2048 static-split+decode_sms=48).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CALL=${1:-all}
@@ -33,6 +35,9 @@ PY=${GPU_RUN_PYTHON:-python3}
 DRY=${GPU_RUN_DRY:-0}
 BUDGET=${GPU_RUN_BUDGET_S:-560}
 AB_SEEDS=${GPU_RUN_AB_SEEDS:-1}
+AB_REQUESTS=${GPU_RUN_AB_REQUESTS:-64}
+AB_RATE=${GPU_RUN_AB_RATE:-10}
+AB_POLICIES=${GPU_RUN_AB_POLICIES:-aggregated chunked static-split duet}
 mkdir -p "$OUT" "$WORK"
 START=$(date +%s)
 FAILED=0
@@ -181,11 +186,14 @@ want calibrate && run_phase calibrate 140 60 "$PY" -m sglang_duet.calibrate \
 # The A/B's policies plan with the calibration just measured when there is one (else the shipped curves).
 CAL="$WORK/calibration/$HW-calibrated.yaml"
 AB_HW=$HW; [ -s "$CAL" ] && AB_HW=$CAL
-AB_WANT=$(( 110 + 60 * AB_SEEDS ))  # one seed of four policies took 67 s on an H200 (2026-11-30)
+# One run took ~15 s on an H200 at 64 requests and 10 req/s (2026-11-30): the trace, its drain (~4 s) and
+# a warm-up (~3 s); plus ~40 s to load the model and capture graphs.
+read -r -a AB_POLICY_LIST <<<"$AB_POLICIES"
+AB_WANT=$(( 40 + AB_SEEDS * ${#AB_POLICY_LIST[@]} * (AB_REQUESTS / ${AB_RATE%.*} + 9) ))
+AB_T=$(( $(left) - 5 )); [ "$AB_T" -gt "$AB_WANT" ] && AB_T=$AB_WANT  # the phase's timeout (run_phase's rule)
 want ab && run_phase ab "$AB_WANT" 60 "$PY" benchmark/gpu_ab.py --hardware "$AB_HW" --out "$WORK/ab" \
-  --budget-s $(( AB_WANT - 20 )) \
-  --workload azure-conv --num-requests 64 --rate 10 --max-input 4096 --max-output 256 --tbt-slo-ms 100 \
-  --seeds "$AB_SEEDS"
+  --budget-s $(( AB_T - 20 )) --workload azure-conv --num-requests "$AB_REQUESTS" --rate "$AB_RATE" \
+  --max-input 4096 --max-output 256 --tbt-slo-ms 100 --seeds "$AB_SEEDS" --policies "${AB_POLICY_LIST[@]}"
 
 log "call $CALL done, failed=$FAILED"
 cat "$SUMMARY"

@@ -69,3 +69,18 @@ def test_help_parses():
     with pytest.raises(SystemExit) as e:
         _load().main(["--help"])
     assert e.value.code == 0
+
+
+def test_tuned_variants_are_their_own_entries():
+    """--policies takes the simulator's specs: each variant keeps its label, runs its policy with its
+    budget and options, and --policy-options for the policy's name still apply beneath the spec's."""
+    mod = _load()
+    args = mod.build_parser().parse_args([])
+    user = mod.parse_policy_options(["static-split:ttft_order=deadline", "static-split:decode_sms=16"])
+    assert mod.policy_settings(args, "chunked", {}) == ("chunked", {}, 512)
+    assert mod.policy_settings(args, "chunked:2048", {}) == ("chunked", {}, 2048)
+    assert mod.policy_settings(args, "static-split", user) == (
+        "static-split", {"ttft_order": "deadline", "decode_sms": 16}, 2048)
+    assert mod.policy_settings(args, "static-split:4096+decode_sms=48", user) == (
+        "static-split", {"ttft_order": "deadline", "decode_sms": 48}, 4096)
+    assert mod.policy_settings(args, "duet+k_max=2", {}) == ("duet", {"decode_sms_grid": "16,32,48,64", "k_max": 2}, 2048)
