@@ -9,34 +9,42 @@ On every partition size of the grid (8, 16, ..., 120 SMs on an H100) and on the 
 1. compute(S): a bf16 GEMM sweep on a stream confined to S SMs; the best FLOP/s of the sweep;
 2. bandwidth(S): a large device-to-device copy, bytes read + written per second;
 3. real steps of the dummy model (decode steps through the partition's CUDA graphs, eager
-   prefills) on some sizes, for a validation table: the cost model's prediction before
-   calibration (the shipped estimates) and after (the measured curves, plus a launch overhead
-   fitted on the decode rows), with each side's median absolute error.
+   prefills) on some sizes: the cost model's step terms (GEMM efficiency and padding rows, GEMM
+   streaming rate, attention efficiency, activation traffic, launch overhead) are fitted to them
+   (cost_model/fit.py), and a validation table gives the prediction before calibration (the
+   shipped estimates), after (in sample) and held out (leave-one-SM-count-out and
+   leave-one-shape-out refits), each with its median absolute error.
 It writes the calibration file in the documented format (`hardware.write_calibration`: measured
 absolute curves on the granted SM counts, `base:` the shipped file) and a report beside it
-(<out>.report.md / .json). On a CPU it refuses unless `--device cpu --quick`, which runs the same
-code with the `none` partitioner on tiny sizes and writes a file `HardwareSpec.load` accepts
-(its numbers describe the CPU, not a GPU: never ship it).
+(<out>.report.md / .json, and the sweep's points in <out>.points.json). On a CPU it refuses unless
+`--device cpu --quick`, which runs the same code with the `none` partitioner on tiny sizes and
+writes a file `HardwareSpec.load` accepts (its numbers describe the CPU, not a GPU: never ship it).
+
+The fit reruns offline, without a GPU, from the saved measurements (`--refit`):
+
+    python -m sglang_duet.calibrate --refit <out>.points.json --rows <out>.report.json \
+        [--step-latency step_latency/results.json] --out configs/hardware/h200-calibrated.yaml \
+        [--report calibration.md]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import json
 import logging
-import os
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from sglang_duet.calibrate_report import (  # noqa: F401 - SizePoint, Row, curves: also this API
+    CalibrationRefused, Row, SizePoint, base_ref, extra_rows_report, row_dict, step_latency_rows, curves,
+    fit_rows, predict, refit, report_markdown)
+from sglang_duet.cost_model import fit as step_fit
 from sglang_duet.cost_model.hardware import HardwareSpec, configs_dir, write_calibration
-from sglang_duet.cost_model.roofline import CostModel
 
 logger = logging.getLogger("sglang_duet.calibrate")
 
@@ -54,44 +62,14 @@ class Settings:
 
 
 FULL = Settings(gemm_shapes=((4096, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 4096)), copy_bytes=1 << 30,
-                decode=((1, 1024), (32, 1024), (128, 1024)), prefill=(1024, 4096), warmup=2, iters=5, prefill_iters=2,
-                validate_points=6)
+                # (32, 4096): a KV-heavy decode row per size, so the fit tells attention's bytes from the
+                # GEMMs' small-M compute (the pool it needs is no larger than (128, 1024)'s)
+                decode=((1, 1024), (32, 1024), (128, 1024), (32, 4096)), prefill=(1024, 4096), warmup=2, iters=5,
+                prefill_iters=2, validate_points=6)
 QUICK_GPU = Settings(gemm_shapes=((4096, 4096, 4096),), copy_bytes=256 << 20, decode=((1, 256), (8, 256)),
                      prefill=(512,), warmup=1, iters=3, prefill_iters=2, validate_points=3)
 QUICK_CPU = Settings(gemm_shapes=((64, 64, 64), (128, 128, 128)), copy_bytes=4 << 20, decode=((1, 16), (2, 16)),
                      prefill=(16,), warmup=1, iters=1, prefill_iters=1, validate_points=2)
-
-
-@dataclass
-class SizePoint:
-    requested: int
-    granted: int
-    flops: float  # best of the GEMM sweep, FLOP/s
-    bandwidth: float  # copy, bytes read + written per second
-    gemm: list = field(default_factory=list)  # [(M, N, K, FLOP/s)]
-
-
-@dataclass
-class Row:
-    kind: str  # decode | prefill
-    sms: int
-    batch: int
-    tokens: int  # decode: context per request; prefill: prompt length
-    measured_ms: float
-    before_ms: float = 0.0
-    after_ms: float = 0.0
-
-    @property
-    def before_err(self) -> float:
-        return (self.before_ms - self.measured_ms) / self.measured_ms
-
-    @property
-    def after_err(self) -> float:
-        return (self.after_ms - self.measured_ms) / self.measured_ms
-
-
-class CalibrationRefused(SystemExit):
-    pass
 
 
 # ---- timing on one partition ----------------------------------------------------------------------
@@ -159,16 +137,6 @@ def measure_size(part, sms: int, s: Settings, device: torch.device, dtype: torch
     t = time_on(stream, lambda: dst.copy_(src), device, s.warmup, max(s.iters, 3))
     del src, dst
     return SizePoint(sms, granted, max(g[3] for g in gemm), 2.0 * s.copy_bytes / t, gemm)
-
-
-def curves(points: list[SizePoint]) -> tuple[list, list]:
-    """[(granted SMs, value)] sorted and deduplicated (the best value per granted count)."""
-    best_c: dict[int, float] = {}
-    best_b: dict[int, float] = {}
-    for p in points:
-        best_c[p.granted] = max(best_c.get(p.granted, 0.0), p.flops)
-        best_b[p.granted] = max(best_b.get(p.granted, 0.0), p.bandwidth)
-    return sorted(best_c.items()), sorted(best_b.items())
 
 
 # ---- model steps ---------------------------------------------------------------------------------------
@@ -312,70 +280,6 @@ def measure_contention(args, part, device: torch.device, lm: LoadedModel, splits
     return out
 
 
-def predict(rows: list[Row], cfg, spec: HardwareSpec, dtype_bytes: int, attr: str) -> None:
-    cm = CostModel(cfg, spec, dtype_bytes=dtype_bytes)
-    for r in rows:
-        shape = [(1, r.tokens)] * r.batch if r.kind == "decode" else [(r.tokens, 0)]
-        sms = None if r.sms >= spec.total_sms else r.sms
-        setattr(r, attr, cm.batch_time(shape, sms) * 1e3)
-
-
-def fit_launch_overhead(rows: list[Row], cfg, spec: HardwareSpec, dtype_bytes: int) -> float | None:
-    """Per-kernel overhead that centres the decode rows (median of residual / kernels; >= 0)."""
-    bare = dataclasses.replace(spec, launch_overhead_s=0.0)
-    cm = CostModel(cfg, bare, dtype_bytes=dtype_bytes)
-    per_kernel = []
-    for r in rows:
-        if r.kind != "decode":
-            continue
-        shape = [(1, r.tokens)] * r.batch
-        sms = None if r.sms >= spec.total_sms else r.sms
-        ops = cm.breakdown(shape, sms)
-        kernels = sum(o.kernels for o in ops)
-        per_kernel.append((r.measured_ms / 1e3 - sum(o.time for o in ops)) / max(kernels, 1))
-    return max(0.0, statistics.median(per_kernel)) if per_kernel else None
-
-
-# ---- output ---------------------------------------------------------------------------------------------
-
-def _median_abs(values) -> float | None:
-    values = [abs(v) for v in values]
-    return statistics.median(values) if values else None
-
-
-def report_markdown(rep: dict) -> str:
-    lines = [f"# Calibration: {rep['device']} ({rep['partition_backend']} partitions)", "",
-             f"Written to `{rep['out']}` (base `{rep['base']}`){' — QUICK smoke run, not for use' if rep['quick'] else ''}.",
-             "", "| requested SMs | granted | GEMM TFLOP/s (best of sweep) | copy GB/s (read + write) |",
-             "|---:|---:|---:|---:|"]
-    for p in rep["sizes"]:
-        lines.append(f"| {p['requested']} | {p['granted']} | {p['flops'] / 1e12:.2f} | {p['bandwidth'] / 1e9:.1f} |")
-    lines += ["", f"Launch overhead fitted on the decode rows (in-sample): {rep['launch_overhead_s']}", "",
-              "| kind | SMs | batch | ctx / tokens | measured ms | before ms | before err | after ms | after err |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rep["rows"]:
-        lines.append(f"| {r['kind']} | {r['sms']} | {r['batch']} | {r['tokens']} | {r['measured_ms']:.3f} | "
-                     f"{r['before_ms']:.3f} | {100 * r['before_err']:+.1f}% | {r['after_ms']:.3f} | "
-                     f"{100 * r['after_err']:+.1f}% |")
-    mb, ma = rep["median_abs_error_before"], rep["median_abs_error_after"]
-    if mb is not None:
-        lines += ["", f"Median absolute error: before {100 * mb:.1f}%, after {100 * ma:.1f}%."]
-    rows = [c for c in rep.get("contention") or [] if "decode_sms" in c]
-    if rows:
-        lines += ["", "Two lanes at once (decode beside back-to-back prefills on the other SMs):", "",
-                  "| S_d | S_p | decode alone ms | beside prefill ms | x | prefill alone ms | beside decode ms | x |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for c in rows:
-            lines.append(f"| {c['decode_sms']} | {c['prefill_sms']} | {c['decode_alone_ms']:.3f} | "
-                         f"{c['decode_beside_prefill_ms']:.3f} | {c['decode_slowdown']:.2f} | "
-                         f"{c['prefill_alone_ms']:.1f} | {c['prefill_beside_decode_ms']:.1f} | "
-                         f"{c['prefill_slowdown']:.2f} |")
-    for c in rep.get("contention") or []:
-        if "error" in c:
-            lines += ["", f"Contention measurement failed: {c['error']}"]
-    return "\n".join(lines) + "\n"
-
-
 def _driver_version() -> str | None:
     try:
         from cuda.bindings import driver
@@ -384,13 +288,6 @@ def _driver_version() -> str | None:
         return f"{v // 1000}.{(v % 1000) // 10}" if err == driver.CUresult.CUDA_SUCCESS else None
     except Exception:  # noqa: BLE001 - metadata only
         return None
-
-
-def _base_ref(hardware: str, out: Path) -> str:
-    p = Path(hardware)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        return os.path.relpath(p.resolve(), out.resolve().parent)
-    return hardware
 
 
 def run(args) -> dict:
@@ -442,7 +339,7 @@ def run(args) -> dict:
                    f"({part.backend} partitions)"),
         "quick": bool(args.quick),
     }
-    base = _base_ref(args.hardware, out)
+    base = base_ref(args.hardware, out)
     write_calibration(out, base, compute_curve, bandwidth_curve, measured)
     # The curves are on disk before the (long) model steps: a run cut short still leaves them.
     Path(f"{out.with_suffix('')}.points.json").write_text(json.dumps([asdict(p) for p in points], indent=2))
@@ -458,32 +355,36 @@ def run(args) -> dict:
             logger.warning("contention measurement failed: %r", e)
             contention = [{"error": repr(e)}]
 
-    overhead = None
+    params, fit_rep, extra_rows = {}, {}, []
     if rows:
-        predict(rows, cfg, spec, dtype_bytes, "before_ms")
         cal = HardwareSpec.load(out)
-        if not args.no_fit_overhead:
-            overhead = fit_launch_overhead(rows, cfg, cal, dtype_bytes)
-        extra = {"launch_overhead_s": overhead} if overhead is not None else {}
-        mb = _median_abs(r.before_err for r in rows)
-        measured["validation"] = {"rows": len(rows), "median_abs_error_before": mb, "model": cfg.name}
-        write_calibration(out, base, compute_curve, bandwidth_curve, measured, **extra)
-        cal = HardwareSpec.load(out)
-        predict(rows, cfg, cal, dtype_bytes, "after_ms")
-        ma = _median_abs(r.after_err for r in rows)
-        measured["validation"]["median_abs_error_after"] = ma
-        write_calibration(out, base, compute_curve, bandwidth_curve, measured, **extra)
+        if args.no_fit_overhead:  # the curves only: the base file's terms stay
+            predict(rows, cfg, spec, dtype_bytes, "before_ms")
+            predict(rows, cfg, cal, dtype_bytes, "after_ms")
+        else:
+            more = step_latency_rows(args.step_latency, spec.total_sms)
+            ev = fit_rows(rows, cfg, spec, cal, dtype_bytes, more)
+            params = ev.fit.params
+            fit_rep = {"params": params, "summary": ev.summary, "step_latency": args.step_latency}
+            extra_rows = extra_rows_report(ev, len(rows))
+        measured["validation"] = {"rows": len(rows), "model": cfg.name,
+                                  "median_abs_error_before": step_fit.median_abs(r.before_err for r in rows),
+                                  "median_abs_error_after": step_fit.median_abs(r.after_err for r in rows),
+                                  **({"fit": fit_rep["summary"]} if fit_rep else {})}
+        write_calibration(out, base, compute_curve, bandwidth_curve, measured, **params)
     HardwareSpec.load(out)  # what we wrote must load
     rep = {
         "out": str(out), "base": base, "quick": bool(args.quick), "device": measured["device"],
-        "partition_backend": part.backend, "partitioner": part.describe(),
+        "partition_backend": part.backend, "partitioner": part.describe(), "measured": measured,
         "sizes": [asdict(p) for p in points],
         "compute_curve": compute_curve, "bandwidth_curve": bandwidth_curve,
-        "launch_overhead_s": overhead,
+        "launch_overhead_s": params.get("launch_overhead_s"),
+        "fit": fit_rep,
         "contention": contention,
-        "rows": [dict(asdict(r), before_err=r.before_err, after_err=r.after_err) for r in rows],
-        "median_abs_error_before": _median_abs(r.before_err for r in rows),
-        "median_abs_error_after": _median_abs(r.after_err for r in rows),
+        "rows": [row_dict(r) for r in rows],
+        "extra_rows": extra_rows,
+        "median_abs_error_before": step_fit.median_abs(r.before_err for r in rows),
+        "median_abs_error_after": step_fit.median_abs(r.after_err for r in rows),
         "seconds": time.perf_counter() - started,
     }
     stem = out.with_suffix("")
@@ -496,7 +397,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sglang_duet.calibrate", description=__doc__.split("\n")[0])
     p.add_argument("--model-config", default=str(configs_dir() / "models" / "qwen3-8b.json"),
                    help="model config for the dummy-weight validation steps")
-    p.add_argument("--hardware", default="h100", help="shipped hardware file (name or path) the calibration extends")
+    p.add_argument("--hardware", default=None,
+                   help="shipped hardware file (name or path) the calibration extends (default h100; with --refit: "
+                        "the report's base)")
     p.add_argument("--out", required=True, help="calibration file to write (YAML)")
     p.add_argument("--quick", action="store_true", help="few sizes, small shapes (a smoke run)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu (cpu only with --quick)")
@@ -506,20 +409,37 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="*", help="SM counts to measure (default: the grid + the whole GPU)")
     p.add_argument("--validate-sizes", type=int, nargs="*", help="SM counts for the model-step validation rows")
     p.add_argument("--skip-model", action="store_true", help="curves only, no validation table")
-    p.add_argument("--no-fit-overhead", action="store_true", help="keep the base file's launch overhead")
+    p.add_argument("--no-fit-overhead", action="store_true",
+                   help="fit nothing to the model steps: keep the base file's step terms and launch overhead")
     p.add_argument("--no-contention", dest="contention", action="store_false",
                    help="skip the two-lane contention rows (decode beside a prefill, per split)")
+    p.add_argument("--step-latency", help="benchmark/step_latency.py results.json: its whole-GPU rows join the fit")
+    p.add_argument("--refit", metavar="POINTS_JSON",
+                   help="no measurement: refit from a device run's <out>.points.json and --rows <out>.report.json")
+    p.add_argument("--rows", metavar="REPORT_JSON", help="with --refit: the device run's report (model-step rows)")
+    p.add_argument("--dtype-bytes", type=int, default=2, help="with --refit: bytes per weight of the measured model")
+    p.add_argument("--report", help="also write the report's markdown here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if bool(args.refit) != bool(args.rows):
+        p.error("--refit and --rows go together (the sweep's points.json and the report.json of one device run)")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        with torch.inference_mode():
-            rep = run(args)
+        if args.refit:
+            rep = refit(args.refit, args.rows, args.out, args.model_config, args.hardware, args.step_latency,
+                        args.dtype_bytes)
+        else:
+            args.hardware = args.hardware or "h100"
+            with torch.inference_mode():
+                rep = run(args)
     except CalibrationRefused as e:
         print(str(e.code), file=sys.stderr)
         return 2
+    md = report_markdown(rep)
+    if args.report:
+        Path(args.report).write_text(md)
     if not args.quiet:
-        print(report_markdown(rep))
+        print(md)
     return 0
 
 

@@ -72,6 +72,44 @@ class Curves:
 
 
 @dataclass(frozen=True)
+class StepTerms:
+    """What a forward pass costs beyond the operator inventory at the curves' rates (roofline.py
+    applies them; calibration fits them). Each default leaves the roofline unchanged."""
+
+    # The model's projection GEMMs (QKV, O, gate/up, down, LM head) reach this fraction of the
+    # sweep's best large-GEMM FLOP/s: other shapes than the sweep's squares, epilogues, no tuning.
+    gemm_efficiency: float = 1.0
+    # A GEMM of M rows costs the compute of M + gemm_pad_rows rows: below a tile's height of rows
+    # (decode batches) the tensor cores compute padding, so small-M GEMMs run far under the
+    # curve's rate. Equivalently an efficiency of M / (M + pad) on top of gemm_efficiency.
+    gemm_pad_rows: float = 0.0
+    # GEMMs stream their operands (the weights, in decode) at this multiple of the copy curve's
+    # bytes/s: a read-mostly stream on few SMs outruns a copy, which also writes.
+    gemm_bandwidth_efficiency: float = 1.0
+    # Bytes of the token-wise operators that are not GEMMs or attention (embedding, norms, RoPE,
+    # SiLU*up) as a multiple of the inventory's one fused pass each: an unfused forward reads and
+    # writes its [tokens, hidden] activations many times (fp32 norms, separate residual adds).
+    activation_traffic: float = 1.0
+
+    KEYS = ("gemm_efficiency", "gemm_pad_rows", "gemm_bandwidth_efficiency", "activation_traffic")
+
+    def __post_init__(self):
+        for k in ("gemm_efficiency", "gemm_bandwidth_efficiency"):
+            if not getattr(self, k) > 0:
+                raise HardwareSpecError(f"{k} must be > 0, got {getattr(self, k)}")
+        for k in ("gemm_pad_rows", "activation_traffic"):
+            if not getattr(self, k) >= 0:
+                raise HardwareSpecError(f"{k} must be >= 0, got {getattr(self, k)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StepTerms":
+        return cls(**{k: float(d[k]) for k in cls.KEYS if d.get(k) is not None})
+
+    def as_dict(self) -> dict:
+        return {k: float(getattr(self, k)) for k in self.KEYS}
+
+
+@dataclass(frozen=True)
 class HardwareSpec:
     name: str
     total_sms: int
@@ -84,6 +122,10 @@ class HardwareSpec:
     # Attention kernels reach this fraction of the GEMM compute curve (FlashAttention-class
     # kernels are less efficient than cuBLAS GEMMs); a calibration may measure it.
     attention_efficiency: float = 1.0
+    # How the model's own kernels differ from the sweep's large square GEMM and copy (fitted by
+    # calibration from measured model steps, cost_model/fit.py). The defaults are the plain
+    # roofline: every kernel at the curves' rates.
+    step_terms: StepTerms = field(default_factory=StepTerms)
     # False where SM partitioning is only emulated (A100): the grid is a convention.
     green_contexts: bool = True
     memory_bytes: float = 0.0
@@ -150,6 +192,7 @@ class HardwareSpec:
                 launch_overhead_s=float(d.get("launch_overhead_s", 0.0)),
                 curves=Curves(compute=compute, bandwidth=bandwidth),
                 attention_efficiency=float(d.get("attention_efficiency", 1.0)),
+                step_terms=StepTerms.from_dict(d),
                 green_contexts=bool(d.get("green_contexts", True)),
                 memory_bytes=float(d.get("memory_bytes", 0.0)),
                 source=source if measured else "estimate",

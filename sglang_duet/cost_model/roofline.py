@@ -13,6 +13,16 @@ prefill compute-bound. Pure Python (no torch): the policy calls this many times 
 Deliberate simplifications (see docs/cost-model.md): the residual add is folded into the
 norms; sampling, the logits cast and CPU scheduling are not modelled; a mixed prefill+decode
 attention kernel is one roofline over summed FLOPs and bytes.
+
+A calibrated hardware file adds what measured model steps show beyond the inventory at the
+curves' rates (`hardware.StepTerms`, fitted by cost_model/fit.py): the projection GEMMs' efficiency
+relative to the sweep's large GEMM, their padding rows at small M, their operand-streaming rate
+relative to the copy, and the activation traffic of the unfused token-wise operators; the fixed
+time per step is the launch overhead times the inventory's kernels. These change each operator's
+FLOPs and bytes *as the roofline divides them* (OpCost.flops/bytes are those effective amounts),
+so every reader of the inventory (the policies' vectorised pricer, the emulator's truth) prices
+them as `batch_time` does: each stays affine in the batch summary (T, R, attention pairs, KV
+tokens). With the defaults they are the plain FLOPs and bytes, bit for bit.
 """
 from __future__ import annotations
 
@@ -81,41 +91,55 @@ class CostModel:
         attn_flops *= 4 * self.H * self.hd * L
         bias = self.model.attention_bias
 
+        terms = self.hw.step_terms
+        pad, ge, gbw = terms.gemm_pad_rows, terms.gemm_efficiency, terms.gemm_bandwidth_efficiency
+        act = terms.activation_traffic
+
+        def gemm(name: str, rows: int, flops: float, nbytes: float, kernels: int):
+            # A GEMM of `rows` rows computes as if it had `pad` more (flops / rows per row) at
+            # `ge` of the curve's rate, and streams its operands at `gbw` times the copy's rate.
+            return (name, (flops + pad * (flops / rows)) / ge, nbytes / gbw, kernels, False)
+
+        def token_op(name: str, flops: float, nbytes: float, kernels: int):
+            # A token-wise operator that is neither a GEMM nor attention: its bytes are one
+            # fused pass; `act` is how many the real forward makes.
+            return (name, flops, nbytes * act, kernels, False)
+
         def norm(tokens: int, width: int, weight: int) -> tuple[float, float]:
             # RMSNorm: square, sum, scale, weight; reads x, writes y, reads the weight.
             return 4 * tokens * width, (2 * tokens * width + weight) * b
 
         ops: list[tuple[str, float, float, int, bool]] = [
-            ("embed", 0.0, 2 * T * h * b, 1, False),  # gather rows, write activations
+            token_op("embed", 0.0, 2 * T * h * b, 1),  # gather rows, write activations
         ]
         f, by = norm(T, h, h)
-        ops.append(("attn_norm", f * L, by * L, L, False))
-        ops.append((
-            "qkv_proj",
+        ops.append(token_op("attn_norm", f * L, by * L, L))
+        ops.append(gemm(
+            "qkv_proj", T,
             (2 * T * h * n + (T * n if bias else 0)) * L,
             (h * n + T * h + T * n + (n if bias else 0)) * b * L,
-            L, False,
+            L,
         ))
         if self.model.qk_norm:
             f, by = norm(T, qs + kvs, 2 * self.hd)
-            ops.append(("qk_norm", f * L, by * L, L, False))
+            ops.append(token_op("qk_norm", f * L, by * L, L))
         # RoPE in place on q and k: ~3 FLOPs per element (two multiplies, one add).
-        ops.append(("rope", 3 * T * (qs + kvs) * L, 2 * T * (qs + kvs) * b * L, L, False))
+        ops.append(token_op("rope", 3 * T * (qs + kvs) * L, 2 * T * (qs + kvs) * b * L, L))
         # Attention: read K/V of c_r + q_r tokens, read q, write o, write the new K/V
         # (the append kernel). Two kernels per layer.
         attn_bytes = (kv_tokens * 2 * kvs + T * 2 * kvs + 2 * T * qs) * b * L
         ops.append(("attention", attn_flops, attn_bytes, 2 * L, True))
-        ops.append(("o_proj", 2 * T * qs * h * L, (qs * h + T * qs + T * h) * b * L, L, False))
+        ops.append(gemm("o_proj", T, 2 * T * qs * h * L, (qs * h + T * qs + T * h) * b * L, L))
         f, by = norm(T, h, h)
-        ops.append(("mlp_norm", f * L, by * L, L, False))
-        ops.append(("gate_up_proj", 4 * T * h * I * L, (2 * I * h + T * h + 2 * T * I) * b * L, L, False))
+        ops.append(token_op("mlp_norm", f * L, by * L, L))
+        ops.append(gemm("gate_up_proj", T, 4 * T * h * I * L, (2 * I * h + T * h + 2 * T * I) * b * L, L))
         # silu(gate) * up: ~4 FLOPs per output; reads both halves, writes one.
-        ops.append(("act", 4 * T * I * L, 3 * T * I * b * L, L, False))
-        ops.append(("down_proj", 2 * T * I * h * L, (I * h + T * I + T * h) * b * L, L, False))
+        ops.append(token_op("act", 4 * T * I * L, 3 * T * I * b * L, L))
+        ops.append(gemm("down_proj", T, 2 * T * I * h * L, (I * h + T * I + T * h) * b * L, L))
         f, by = norm(T, h, h)
-        ops.append(("final_norm", f, by, 1, False))
+        ops.append(token_op("final_norm", f, by, 1))
         # LM head only for the rows that sample: the last new token of each request.
-        ops.append(("lm_head", 2 * R * h * V, (V * h + R * h + R * V) * b, 1, False))
+        ops.append(gemm("lm_head", R, 2 * R * h * V, (V * h + R * h + R * V) * b, 1))
         return ops
 
     # -- timing -------------------------------------------------------------------------------
