@@ -24,48 +24,13 @@ TF32), softmax statistics in float32, output in q's dtype. Scale 1/sqrt(D) as SD
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from sglang_duet.kernels.attention.base import AttentionBackend, ForwardBatch
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _fix_interpreter_scalar_index() -> None:
-    """Triton 3.6's interpreter holds a scalar as a 1-element array and turns it into a Python
-    int with int(array), which NumPy >= 2.4 rejects for arrays of ndim 1: every range() over a
-    loaded bound then fails. Re-register __index__ to read the single element (later Triton
-    releases do the same). Only the interpreter is touched; compiled GPU kernels are not."""
-    try:
-        from triton.runtime import interpreter as interp
-    except ImportError:  # pragma: no cover
-        return
-    original = getattr(interp, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_duet_scalar_fix", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._duet_scalar_fix = True
-    interp._patch_lang_tensor = patched
-
-
-try:  # triton is optional: the registry turns its absence into a clear error
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-    if interpreter_enabled():
-        _fix_interpreter_scalar_index()
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = tl = None
-    HAS_TRITON = False
+# Triton itself (optional) and the interpreter's NumPy fix live in one place for every kernel module;
+# HAS_TRITON and interpreter_enabled are also read from here by callers.
+from sglang_duet.kernels.triton_support import HAS_TRITON, interpreter_enabled, next_pow2, tl, triton
 
 
 def check_available(device: torch.device) -> None:
@@ -76,10 +41,6 @@ def check_available(device: torch.device) -> None:
     if torch.device(device).type != "cuda" and not interpreter_enabled():
         raise ValueError("--attention-backend triton needs a CUDA device (or TRITON_INTERPRET=1 "
                          "set before triton is imported, for slow CPU correctness runs)")
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 if HAS_TRITON:
@@ -221,7 +182,7 @@ def num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, max_splits: i
     no split shorter than `min_tokens_per_split` tokens. Powers of two bound recompilations."""
     want = max(1, -(-target_programs // max(1, batch * num_kv_heads)))
     by_len = max(1, max_seq_len // min_tokens_per_split)
-    return min(max_splits, _next_pow2(min(want, by_len)))
+    return min(max_splits, next_pow2(min(want, by_len)))
 
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
@@ -234,18 +195,18 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     mid_o = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
-    block_d = max(16, _next_pow2(D))
+    block_d = max(16, next_pow2(D))
     _decode_split_kernel[(B, H_kv, num_splits)](
         q, k_buf, v_buf, mid_o, mid_lse, kv_indptr, kv_indices, sm_scale,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        GROUP=group, HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_G=max(16, _next_pow2(group)),
+        GROUP=group, HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_G=max(16, next_pow2(group)),
         BLOCK_D=block_d, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
     )
     _decode_merge_kernel[(B, H)](
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
         mid_lse.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_S=max(2, _next_pow2(num_splits)), BLOCK_D=block_d,
+        HEAD_DIM=D, NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=block_d,
     )
     return out
 
@@ -264,7 +225,7 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         q, k_buf, v_buf, out, qo_indptr, kv_indptr, kv_indices, sm_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, _next_pow2(D)),
+        GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
         PRECISION=_precision(q.dtype),
     )
     return out

@@ -5,6 +5,9 @@ Numerics follow transformers step for step (RMSNorm in float32 then cast back, R
 float32 inv_freq and the rotate_half layout, cos/sin cast to the activation dtype) so that
 greedy decoding is token-exact against `generate(do_sample=False)` in float32.
 
+On a CUDA device the norms, residual adds, QK-norm + RoPE and SiLU * up run as fused Triton kernels
+(kernels/fused_ops.py, the same math; SGLANG_DUET_TORCH_OPS=1 keeps these torch ops for an A/B).
+
 Module names mirror HF (`model.layers.N.self_attn.q_proj`, ...) so that safetensors load
 by name. Tokens of all requests are flattened into one [T, hidden] batch; attention is
 delegated to an AttentionBackend that reads/writes the KV pool.
@@ -21,6 +24,7 @@ from torch import nn
 from sglang_duet.distributed.parallel_state import SINGLE, TPGroup
 from sglang_duet.distributed.sharding import ShardSpec, TPLayout, shard_tensor
 from sglang_duet.kernels.attention.base import AttentionBackend, ForwardBatch
+from sglang_duet.kernels.fused_ops import FusedOps, resolve, rmsnorm_ref, rotate_half
 from sglang_duet.models.config import ModelConfig
 
 
@@ -31,10 +35,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return rmsnorm_ref(x, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -105,11 +106,6 @@ def _transposed(w: torch.Tensor) -> torch.Tensor:
     return w.detach().t().contiguous()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class Attention(nn.Module):
     """Column-parallel q/k/v (this rank's heads only), row-parallel o_proj."""
 
@@ -151,7 +147,7 @@ class Attention(nn.Module):
         self.qkv_bias = _fuse_params(projs, "bias") if self.q_proj.bias is not None else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionBackend, kv_pool) -> torch.Tensor:
+                attn: AttentionBackend, kv_pool, ops: FusedOps | None = None) -> torch.Tensor:
         T = x.shape[0]
         if self.qkv_weight is not None:  # one GEMM instead of three (fuse_projections)
             q, k, v = linear_rows(x, self.qkv_weight, self.qkv_bias, self.qkv_weight_t).split(self.qkv_sizes, dim=-1)
@@ -162,10 +158,13 @@ class Attention(nn.Module):
             q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
             k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
             v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if ops is not None:  # QK-norm (Qwen3) and RoPE of all heads: one kernel
+            q, k = ops.qk_norm_rope(q, k, cos, sin, self.q_norm, self.k_norm)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         o = attn.run(self.layer_id, q, k, v, kv_pool)
         if self.o_weight_t is not None:  # only without tensor parallelism (add_gemv_weights)
             return linear_rows(o, self.o_proj.weight, self.o_proj.bias, self.o_weight_t)
@@ -193,11 +192,12 @@ class MLP(nn.Module):
         self.gate_up_weight = _fuse_params(projs, "weight")
         self.gate_up_bias = _fuse_params(projs, "bias") if self.gate_proj.bias is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: FusedOps | None = None) -> torch.Tensor:
         if self.gate_up_weight is not None:
             gate, up = linear_rows(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_weight_t).chunk(2, dim=-1)
-            return row_parallel(self.down_proj, F.silu(gate) * up, self.tp)
-        return row_parallel(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), self.tp)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return row_parallel(self.down_proj, F.silu(gate) * up if ops is None else ops.silu_mul(gate, up), self.tp)
 
 
 def _fuse_params(modules, attr: str) -> torch.Tensor:
@@ -233,6 +233,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, attn, kv_pool):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_pool)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, x, residual, cos, sin, attn, kv_pool, ops: FusedOps):
+        """SGLang's layout: (x, residual) -> (this layer's MLP output, residual), each norm one kernel with the
+        residual add before it (residual None: x is the embedding). The same sums as forward() (a + b == b + a)."""
+        x, residual = ops.add_norm(x, residual, self.input_layernorm)
+        x, residual = ops.add_norm(self.self_attn(x, cos, sin, attn, kv_pool, ops), residual, self.post_attention_layernorm)
+        return self.mlp(x, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -272,6 +279,9 @@ class LlamaForCausalLM(nn.Module):
         self._inv_freq_cpu = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self._inv_freq: torch.Tensor | None = None
         self.lm_head_weight_t: torch.Tensor | None = None  # set by add_gemv_weights()
+        #: the fused Triton layer ops (kernels/fused_ops.py): None decides by device (CUDA and Triton, unless
+        #: SGLANG_DUET_TORCH_OPS=1), True forces them (a CPU under TRITON_INTERPRET=1: tests), False never
+        self.use_fused_ops: bool | None = None
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and gate/up of every layer (one GEMM each). Call after the weights are loaded and
@@ -410,6 +420,13 @@ class LlamaForCausalLM(nn.Module):
             attn.plan(fb)
         x = self.embed(fb.input_ids)
         cos, sin = self.rope_cos_sin(fb.positions, x.dtype)
+        ops = resolve(x.device, self.use_fused_ops)
+        if ops is not None:
+            residual = None
+            for layer in self.model.layers:
+                x, residual = layer.forward_fused(x, residual, cos, sin, attn, kv_pool, ops)
+            idx = fb.sample_indices  # the final norm too only for the rows we sample from
+            return self._lm_head(ops.add_norm(x[idx], residual[idx], self.model.norm)[0])
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn, kv_pool)
         return self.compute_logits(x, fb.sample_indices)
@@ -417,7 +434,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, x: torch.Tensor, sample_indices: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the rows `sample_indices` of the last layer's output x."""
         # RMSNorm and lm_head are per-token: only the rows we sample from need them.
-        x = self.model.norm(x[sample_indices])
+        return self._lm_head(self.model.norm(x[sample_indices]))
+
+    def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of final-normed rows x."""
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.tp.size == 1:
             if self.lm_head_weight_t is not None and x.shape[0] <= GEMV_MAX_ROWS:
