@@ -290,6 +290,16 @@ def _driver_version() -> str | None:
         return None
 
 
+def _device_step_latency_rows(args, spec: HardwareSpec) -> list:
+    """--step-latency's rows for a device run: a missing or unreadable file (its benchmark failed)
+    costs the fit those rows, not the run's measurements."""
+    try:
+        return step_latency_rows(args.step_latency, spec.total_sms)
+    except (CalibrationRefused, KeyError, TypeError, ValueError) as e:
+        logger.warning("--step-latency %s not used: %s", args.step_latency, getattr(e, "code", e))
+        return []
+
+
 def run(args) -> dict:
     want_cpu = args.device == "cpu"
     if args.device == "auto":
@@ -358,19 +368,22 @@ def run(args) -> dict:
     params, fit_rep, extra_rows = {}, {}, []
     if rows:
         cal = HardwareSpec.load(out)
-        if args.no_fit_overhead:  # the curves only: the base file's terms stay
+        if not args.no_fit_overhead:
+            try:
+                ev = fit_rows(rows, cfg, spec, cal, dtype_bytes, _device_step_latency_rows(args, spec))
+                params = ev.fit.params
+                fit_rep = {"params": params, "summary": ev.summary, "step_latency": args.step_latency}
+                extra_rows = extra_rows_report(ev, len(rows))
+            except Exception as e:  # noqa: BLE001 - the measurements are worth keeping: refit them offline
+                logger.warning("step-term fit failed (%r): the curves only; refit with --refit", e)
+                fit_rep = {"error": repr(e)}
+        if not params:  # the curves only: the base file's terms stay
             predict(rows, cfg, spec, dtype_bytes, "before_ms")
             predict(rows, cfg, cal, dtype_bytes, "after_ms")
-        else:
-            more = step_latency_rows(args.step_latency, spec.total_sms)
-            ev = fit_rows(rows, cfg, spec, cal, dtype_bytes, more)
-            params = ev.fit.params
-            fit_rep = {"params": params, "summary": ev.summary, "step_latency": args.step_latency}
-            extra_rows = extra_rows_report(ev, len(rows))
         measured["validation"] = {"rows": len(rows), "model": cfg.name,
                                   "median_abs_error_before": step_fit.median_abs(r.before_err for r in rows),
                                   "median_abs_error_after": step_fit.median_abs(r.after_err for r in rows),
-                                  **({"fit": fit_rep["summary"]} if fit_rep else {})}
+                                  **({"fit": fit_rep["summary"]} if params else {})}
         write_calibration(out, base, compute_curve, bandwidth_curve, measured, **params)
     HardwareSpec.load(out)  # what we wrote must load
     rep = {

@@ -113,7 +113,8 @@ def _fit_markdown(rep: dict) -> list[str]:
                   "squares on relative errors):", "", "| term | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in fit["params"].items()]
     else:
-        lines.append(f"Step terms not fitted (launch overhead {rep.get('launch_overhead_s')}).")
+        why = f" (the fit failed: {fit['error']})" if fit.get("error") else ""
+        lines.append(f"Step terms not fitted{why}: the base file's terms with the measured curves.")
     rows = list(rep["rows"]) + list(rep.get("extra_rows") or [])
     lines += ["", "Before: the shipped estimates. After: the fit, in sample. Held out: predicted by a refit that "
               "never saw the row's SM count (size) or its (kind, batch, tokens) on any size (shape).", "",

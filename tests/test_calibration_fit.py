@@ -181,3 +181,27 @@ def test_refit_cli_errors_name_the_flag(tmp_path, capsys):
                            "--out", str(out), "--quiet"]) == 2
     assert "no model-step rows" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_device_run_fits_the_step_terms_and_survives_a_missing_step_latency_file(tmp_path):
+    """The CPU smoke mode runs the device path: the fit's terms land in the file and the report."""
+    from test_calibrate_smoke import TINY
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    out = tmp_path / "cpu.yaml"
+    assert calibrate.main(["--device", "cpu", "--quick", "--model-config", str(cfg), "--hardware", "h100",
+                           "--out", str(out), "--step-latency", str(tmp_path / "absent.json"), "--quiet"]) == 0
+    d = yaml.safe_load(out.read_text())
+    assert set(F.params_of(np.ones(6))) <= set(d)  # every fitted term written
+    rep = json.loads((tmp_path / "cpu.report.json").read_text())
+    assert rep["fit"]["params"] == {k: d[k] for k in rep["fit"]["params"]}
+    assert all(r["held_out_ms"] is not None for r in rep["rows"])  # two sizes: each predicted by the other
+    assert rep["measured"]["quick"] is True
+    # and the refit of what it saved gives the same terms
+    again = tmp_path / "again.yaml"
+    assert calibrate.main(["--refit", str(tmp_path / "cpu.points.json"), "--rows", str(tmp_path / "cpu.report.json"),
+                           "--model-config", str(cfg), "--dtype-bytes", "4", "--out", str(again), "--quiet"]) == 0
+    d2 = yaml.safe_load(again.read_text())
+    for k in rep["fit"]["params"]:
+        assert d2[k] == pytest.approx(d[k], rel=1e-6), k
