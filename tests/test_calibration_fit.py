@@ -205,3 +205,20 @@ def test_device_run_fits_the_step_terms_and_survives_a_missing_step_latency_file
     d2 = yaml.safe_load(again.read_text())
     for k in rep["fit"]["params"]:
         assert d2[k] == pytest.approx(d[k], rel=1e-6), k
+
+
+def test_the_fits_linear_form_is_the_roofline_for_any_terms():
+    """Per side of each max(), the roofline is linear in theta: the fit's features give batch_time
+    exactly for random terms, on rows where every operator's side flips (huge padding, batched prefills)."""
+    curves = _calibrated_curves()
+    model = CostModel.load("qwen3-8b", "h200").model
+    bare = CostModel(model, F.bare(curves))
+    rng = np.random.default_rng(3)
+    rows = [F.StepRow("prefill", 32, 4, 512, 1.0), F.StepRow("decode", 132, 64, 2048, 1.0),
+            F.StepRow("prefill", 8, 1, 8192, 1.0), F.StepRow("decode", 16, 1, 100, 1.0)]
+    for _ in range(20):
+        theta = np.array([rng.uniform(0.8, 3), rng.uniform(0, 5000), rng.uniform(0.8, 3), rng.uniform(0.8, 3),
+                          rng.uniform(0, 20), rng.uniform(0, 5e-5)])
+        cm = CostModel(model, F.apply(curves, F.params_of(theta)))
+        for r in rows:
+            assert F._features(bare, r).predict(theta) * 1e3 == pytest.approx(F.predict_ms(cm, r), rel=1e-12)
