@@ -222,3 +222,12 @@ def test_the_fits_linear_form_is_the_roofline_for_any_terms():
         cm = CostModel(model, F.apply(curves, F.params_of(theta)))
         for r in rows:
             assert F._features(bare, r).predict(theta) * 1e3 == pytest.approx(F.predict_ms(cm, r), rel=1e-12)
+
+
+def test_a_cpu_calibration_on_a_gpu_calibration_drops_the_gpu_step_terms():
+    from sglang_duet.cost_model.cpu_calibration import CpuCalibration, cpu_spec
+
+    cal = CpuCalibration(key="k", compute=1e11, attention=5e10, bandwidth=2e10, per_step_s=0.0, per_request_s=0.0,
+                         median_rel_err=0.0, points=[])
+    assert HardwareSpec.load(COMMITTED).step_terms != StepTerms()
+    assert cpu_spec(HardwareSpec.load(COMMITTED), cal).step_terms == StepTerms()

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .hardware import Curves, HardwareSpec
+from .hardware import Curves, HardwareSpec, StepTerms
 from .roofline import CostModel
 
 logger = logging.getLogger(__name__)
@@ -242,6 +242,7 @@ def cpu_spec(base: HardwareSpec, cal: CpuCalibration) -> HardwareSpec:
         curves=Curves(compute=base.curves.compute.scaled(cal.compute / base.compute()),
                       bandwidth=base.curves.bandwidth.scaled(cal.bandwidth / base.bandwidth())),
         launch_overhead_s=0.0, attention_efficiency=cal.attention / cal.compute, green_contexts=False,
+        step_terms=StepTerms(),  # a GPU calibration's fitted terms describe its kernels, not the CPU's
         source=f"cpu-calibration:{cal.key}",
         measured={"compute": cal.compute, "attention": cal.attention, "bandwidth": cal.bandwidth,
                   "per_step_s": cal.per_step_s, "per_request_s": cal.per_request_s,
