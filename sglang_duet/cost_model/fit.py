@@ -9,12 +9,12 @@ efficiency and the launch overhead) to the rows.
 
 The roofline is linear in six parameters once each operator's side of its max() is fixed:
 
-    theta[0] = 1 / gemm_efficiency              seconds per GEMM FLOP, per second of the curve
-    theta[1] = gemm_pad_rows / gemm_efficiency  the same, per padding row's FLOPs
-    theta[2] = 1 / gemm_bandwidth_efficiency    per GEMM byte at the copy curve's rate
-    theta[3] = 1 / attention_efficiency         per attention FLOP at the GEMM curve's rate
-    theta[4] = activation_traffic               per token-wise operator byte (one fused pass)
-    theta[5] = launch_overhead_s                per kernel of the inventory (the fixed time per step)
+    theta[0] = 1 / gemm_efficiency              x a GEMM's FLOP time at the compute curve's rate
+    theta[1] = gemm_pad_rows / gemm_efficiency  x the FLOP time of one of its rows
+    theta[2] = 1 / gemm_bandwidth_efficiency    x a GEMM's byte time at the copy curve's rate
+    theta[3] = 1 / attention_efficiency         x attention's FLOP time at the compute curve's rate
+    theta[4] = activation_traffic               x the byte time of the token-wise operators' one pass
+    theta[5] = launch_overhead_s                x the inventory's kernels (the fixed time per step)
 
 so the fit alternates: pick each operator's bound side at the current parameters, solve a bounded
 non-negative least squares on the relative errors (every row counts by its error in percent, not in
