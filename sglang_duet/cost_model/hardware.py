@@ -4,7 +4,8 @@ curves of achievable compute and memory bandwidth.
 Pure Python + yaml (no torch) so that policies, the simulator and the emulated executor can
 use it on any machine. The shipped files in `configs/hardware/` hold datasheet peaks and
 ESTIMATED curves; a calibration file measured on the device replaces the curves (format in
-docs/cost-model.md).
+docs/cost-model.md) and may set the step terms fitted to measured model steps (`StepTerms`'s
+keys, `attention_efficiency`, `launch_overhead_s`: cost_model/fit.py).
 """
 from __future__ import annotations
 
