@@ -153,9 +153,10 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     k_out = torch.empty((T, H_kv, D), dtype=k.dtype, device=k.device)
     if T:
         has_norm = q_norm_w is not None
+        qw, kw = (q_norm_w.contiguous(), k_norm_w.contiguous()) if has_norm else (q, k)  # (q, k: unread)
         kernels = _kernels()
         kernels.qk_norm_rope_kernel[(T, H + H_kv)](
-            q, k, q_out, k_out, q_norm_w.contiguous() if has_norm else q, k_norm_w.contiguous() if has_norm else k, cos, sin,
+            q, k, q_out, k_out, qw, kw, cos, sin,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
             H, H_kv, D // 2, float(eps), HAS_NORM=has_norm, BLOCK_H=kernels.next_pow2(D // 2), num_warps=1)
     return q_out, k_out

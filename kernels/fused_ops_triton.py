@@ -13,7 +13,7 @@ if not HAS_TRITON:  # pragma: no cover - depends on the environment
 
 @triton.jit
 def rmsnorm_kernel(X, R, W, Out, ROut, stride_x, stride_r, D, eps,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     """One row per program. With a residual: ROut = round(X + R), Out = norm(ROut)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -28,6 +28,7 @@ def rmsnorm_kernel(X, R, W, Out, ROut, stride_x, stride_r, D, eps,
     y = (xf * rstd).to(x.dtype)
     w = tl.load(W + cols, mask=mask, other=0.0)
     tl.store(Out + row * D + cols, (w.to(tl.float32) * y.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
+
 
 @triton.jit
 def _norm_rope_head(X, Out, W, Cos, Sin, half, eps, HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -57,10 +58,11 @@ def _norm_rope_head(X, Out, W, Cos, Sin, half, eps, HAS_NORM: tl.constexpr, BLOC
     tl.store(Out + offs, o1.to(dt), mask=mask)
     tl.store(Out + half + offs, o2.to(dt), mask=mask)
 
+
 @triton.jit
 def qk_norm_rope_kernel(Q, K, QOut, KOut, QW, KW, Cos, Sin,
-                         stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
-                         H, H_KV, half, eps, HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr):
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
+                        H, H_KV, half, eps, HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program (token t, head h): h < H is query head h, else key head h - H."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -73,6 +75,7 @@ def qk_norm_rope_kernel(Q, K, QOut, KOut, QW, KW, Cos, Sin,
         hk = h - H
         _norm_rope_head(K + t * stride_kt + hk * stride_kh, KOut + (t * H_KV + hk) * (2 * half), KW, cos, sin,
                         half, eps, HAS_NORM, BLOCK_H)
+
 
 @triton.jit
 def silu_mul_kernel(G, U, Out, stride_g, stride_u, N, BLOCK: tl.constexpr):

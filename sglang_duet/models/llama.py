@@ -238,7 +238,8 @@ class DecoderLayer(nn.Module):
         """SGLang's layout: (x, residual) -> (this layer's MLP output, residual), each norm one kernel with the
         residual add before it (residual None: x is the embedding). The same sums as forward() (a + b == b + a)."""
         x, residual = ops.add_norm(x, residual, self.input_layernorm)
-        x, residual = ops.add_norm(self.self_attn(x, cos, sin, attn, kv_pool, ops), residual, self.post_attention_layernorm)
+        x = self.self_attn(x, cos, sin, attn, kv_pool, ops)
+        x, residual = ops.add_norm(x, residual, self.post_attention_layernorm)
         return self.mlp(x, ops), residual
 
 
@@ -516,21 +517,20 @@ class LlamaForCausalLM(nn.Module):
             return
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, std, generator=gen)
+                _fill_dummy(name, p, gen, std)
 
     def _dummy_shards(self, gen: torch.Generator, std: float, dev: torch.device):
         with torch.device("meta"):
             whole = LlamaForCausalLM(self.config, self.dtype)
         for name, meta in whole.named_parameters():
-            if name.endswith("norm.weight"):
-                t = torch.ones(meta.shape, dtype=self.dtype, device=dev)
-            elif name.endswith(".bias"):
-                t = torch.zeros(meta.shape, dtype=self.dtype, device=dev)
-            else:
-                t = torch.empty(meta.shape, dtype=self.dtype, device=dev).normal_(0.0, std, generator=gen)
+            t = _fill_dummy(name, torch.empty(meta.shape, dtype=self.dtype, device=dev), gen, std)
             yield name, shard_tensor(t, self.weight_shard(name))
+
+
+def _fill_dummy(name: str, t: torch.Tensor, gen: torch.Generator, std: float) -> torch.Tensor:
+    """Parameter `name`'s dummy value, in place: ones for norms, zeros for biases, else N(0, std) from gen."""
+    if name.endswith("norm.weight"):
+        return t.fill_(1.0)
+    if name.endswith(".bias"):
+        return t.zero_()
+    return t.normal_(0.0, std, generator=gen)
