@@ -38,6 +38,7 @@ import time
 from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, PrefillChunk, ReqWork
 from sglang_duet.core.request import ReqState, Request
 from sglang_duet.core.scheduler_core import ALL_LANES, CoreConfig, SchedulerView
+from sglang_duet.core.waiting_queue import WaitingQueue
 from sglang_duet.cost_model.roofline import CostModel
 from sglang_duet.sampling_params import SamplingParams
 
@@ -66,11 +67,14 @@ def make_views(batch: int, queue: int, seed: int = 0) -> dict[str, SchedulerView
     pre.state, pre.num_computed = ReqState.RUNNING, 2048
     wait = [_waiting(f"w{i}", rng.randint(300, 6000), now - 0.25 + 0.25 * i / max(1, queue)) for i in range(queue)]
     cfg = CoreConfig(kv_slots=350_001, context_length=CTX_LEN, max_running_requests=max(256, batch + 64))
+    queue_cols = WaitingQueue()  # the columns the core's view carries beside the waiting requests
+    for r in wait:
+        queue_cols.append(r)
 
     def view(idle, inflight, decoding):
         return SchedulerView(now=now, waiting=wait, prefilling=[pre], decoding=decoding, inflight=inflight,
                              idle_lanes=frozenset(idle), kv_free=200_000, kv_total=350_000,
-                             num_running=batch + 1 + 8, config=cfg)
+                             num_running=batch + 1 + 8, config=cfg, waiting_columns=queue_cols.columns())
 
     chunk = PrefillChunk("x", 0, 4096)
     busy_p = Launch(0, LaneKind.PREFILL, LaneBatch(prefill=[chunk]), [ReqWork("x", [1] * 4096, 0, [], True)],

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from sglang_duet.core.plan import LaneBatch, LaneKind, Launch, LaunchResult, PrefillChunk, StepPlan
 from sglang_duet.core.scheduler_core import SchedulerView
+from sglang_duet.policies import search_kernels_loader as search_kernels
 from sglang_duet.policies.pricing import Priced, Summary, SummaryPricer, prefill_summary  # re-exported
 
 logger = logging.getLogger("sglang_duet.policy")
@@ -224,6 +225,11 @@ def deadline_order(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float
     now = view.now * 1e3
     limit = 4 * ttft_slo_ms if defer_limit_ms is None else defer_limit_ms
     t = start = now + sum(r.remaining_prefill for r in view.prefilling) / tokens_per_ms
+    cols = view.waiting_columns
+    if cols is not None and search_kernels.AVAILABLE:  # the same walk, compiled, over the core's columns
+        aside, fcfs_ok = search_kernels.kernels().deadline_walk(
+            cols.arrival, cols.seq_len, cols.out_len, cols.computed, start, now, limit, tokens_per_ms, ttft_slo_ms)
+        return waiting if fcfs_ok else _set_aside(waiting, aside.tolist())
     # One pass over the queue (this runs every plan, and a queue's requests are cold in the cache):
     # Moore-Hodgson, and the sums that say whether everyone makes it in FCFS order anyway (then its
     # answer is not needed). The heap holds the longest request taken first, ties to the earliest:
@@ -254,8 +260,13 @@ def deadline_order(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float
             push(heap, -n * size + i)
     if start + total / tokens_per_ms <= first * 1e3 + ttft_slo_ms:
         return waiting  # everyone makes it in FCFS order
+    return _set_aside(waiting, late)
+
+
+def _set_aside(waiting: list, late: list[int]) -> list:
+    """The queue with the requests at indices `late` moved to its end, in queue order."""
     late.sort()
-    if not late or late[0] == size - len(late):
+    if not late or late[0] == len(waiting) - len(late):
         return waiting  # nothing set aside, or only the last ones: the order stays FCFS
     aside = set(late)
     return [r for i, r in enumerate(waiting) if i not in aside] + [waiting[j] for j in late]
@@ -266,8 +277,9 @@ def deadline_view(view: SchedulerView, tokens_per_ms: float, ttft_slo_ms: float)
     order = deadline_order(view, tokens_per_ms, ttft_slo_ms)
     if order is view.waiting:
         return view
-    # dataclasses.replace, without its per-call look-up of the fields (a view has no init=False ones)
-    return type(view)(**{**view.__dict__, "waiting": order})
+    # dataclasses.replace, without its per-call look-up of the fields (a view has no init=False ones);
+    # the columns follow the core's order, not this one
+    return type(view)(**{**view.__dict__, "waiting": order, "waiting_columns": None})
 
 
 def ttft_order_option(options: dict, default: str, who: str) -> str:

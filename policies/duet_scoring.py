@@ -177,3 +177,5 @@ def warm_up(tb, pricer, scales, work) -> None:
     layout = tb.step_layout(int(tb.grid[0]), 1)
     search_kernels.kernels().decode_steps(tb.unit_template, 1, 1.0, 1, W, w_const, layout.take, layout.prep_rows,
                                           layout.prep_of, layout.block, scales[1:2].copy(), ops)
+    ints = np.zeros(2, dtype=np.int64)  # the waiting queue's columns (core/waiting_queue.py)
+    search_kernels.kernels().deadline_walk(np.zeros(2), ints, ints, ints, 0.0, 0.0, 1.0, 1.0, 1.0)

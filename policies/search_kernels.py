@@ -1,5 +1,6 @@
 """duet's search as compiled loops (numba): the chunk list cut at every budget, the priced rows
-(`SummaryPricer.ms_blocks`), and every candidate scored (policies/duet.py, `DuetPolicy.search`).
+(`SummaryPricer.ms_blocks`), and every candidate scored (policies/duet.py, `DuetPolicy.search`); and
+the deadline walk over the waiting queue's columns that orders what the search takes (`deadline_walk`).
 
 Why compiled: the search prices ~230 rows, a few microseconds of arithmetic, but as numpy it is
 ~85 calls on small arrays, and in a serving loop the arrays are cold by the next plan: 0.5-0.6 ms
@@ -366,3 +367,68 @@ def decode_steps(unit_template, n, cached, k, W, w_const, take, prep_rows, prep_
         X[j, 2] = unit_template[j, 2] * nf + cached
         X[j, 3] = unit_template[j, 3] * nf + cached
     return price_rows(X, W, w_const, take, prep_rows, prep_of, block, scales, ops)
+
+
+@numba.njit(cache=True, nogil=True)
+def deadline_walk(arrival, seq_len, out_len, computed, start, now, limit, tokens_per_ms, ttft_slo_ms):
+    """`base.deadline_order`'s one pass, over the waiting queue's columns (core/waiting_queue.py) instead
+    of its request objects: the same numbers in the same order (n = seq_len - computed, pending being 0
+    for a waiting request), so the same answer. Returns (the indices set aside, in the order they were,
+    and whether everyone makes the SLO in FCFS order anyway).
+
+    The heap holds keys -n * size + i as `heapq` does there; any valid min-heap pops the same keys
+    (they are distinct), so the walk sets the same requests aside."""
+    size = arrival.shape[0]
+    heap = np.empty(size, dtype=np.int64)
+    hn = 0
+    late = np.empty(size, dtype=np.int64)
+    nl = 0
+    t = start
+    total = 0
+    first = np.inf
+    for i in range(size):
+        n = seq_len[i] - computed[i]
+        total += n
+        a = arrival[i]
+        if a < first:
+            first = a
+        t += n / tokens_per_ms
+        a *= 1e3
+        if out_len[i] or now - a > limit:
+            continue
+        key = -n * size + i
+        if t > a + ttft_slo_ms:  # heappushpop: the smallest of the heap and the key comes out
+            if hn and heap[0] < key:
+                key, heap[0] = heap[0], key
+                _sift_down(heap, hn, 0)
+            j = key % size
+            late[nl] = j
+            nl += 1
+            t += (key - j) // size / tokens_per_ms
+        else:  # heappush
+            heap[hn] = key
+            c = hn
+            hn += 1
+            while c > 0:
+                p = (c - 1) >> 1
+                if heap[p] <= heap[c]:
+                    break
+                heap[p], heap[c] = heap[c], heap[p]
+                c = p
+    return late[:nl], start + total / tokens_per_ms <= first * 1e3 + ttft_slo_ms
+
+
+@numba.njit(cache=True, nogil=True)
+def _sift_down(heap, hn, c):
+    """Restore the min-heap below c after heap[c] grew."""
+    while True:
+        m = c
+        left = 2 * c + 1
+        if left < hn and heap[left] < heap[m]:
+            m = left
+        if left + 1 < hn and heap[left + 1] < heap[m]:
+            m = left + 1
+        if m == c:
+            return
+        heap[m], heap[c] = heap[c], heap[m]
+        c = m

@@ -8,7 +8,6 @@ the `LaunchResult`s that executors report, possibly from two lanes at different 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +17,7 @@ from sglang_duet.core.kv_allocator import TokenSlotAllocator
 from sglang_duet.core.output_processor import RequestUpdate, SchedulerOutputProcessorMixin
 from sglang_duet.core.plan import LaneKind, Launch
 from sglang_duet.core.request import Request, ReqState
+from sglang_duet.core.waiting_queue import WaitingColumns, WaitingQueue
 from sglang_duet.sampling_params import SamplingParams
 
 ALL_LANES = frozenset({LaneKind.AGGREGATED, LaneKind.PREFILL, LaneKind.DECODE})
@@ -85,6 +85,9 @@ class SchedulerView:
     kv_total: int
     num_running: int  # requests holding KV (on a lane or not)
     config: CoreConfig
+    # `waiting`'s numbers as arrays, in its order (core/waiting_queue.py); None where a view is built by
+    # hand or its waiting list was reordered (then a policy reads the requests).
+    waiting_columns: WaitingColumns | None = None
 
     @property
     def all_idle(self) -> bool:
@@ -126,7 +129,7 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin, LaunchReso
         # running launch had ended); the executor's support is the caller's to check.
         self._overlap = config.overlap and getattr(policy, "supports_overlap", False)
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: dict[str, Request] = {}  # insertion order = admission order
         self.inflight: dict[int, Launch] = {}
         self._busy: dict[LaneKind, int] = {}  # lane -> the launch running on it
@@ -352,7 +355,7 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin, LaunchReso
                 prefilling.append(r)
         return SchedulerView(
             now=self.clock(),
-            waiting=list(self.waiting),
+            waiting=self.waiting.snapshot(),
             prefilling=prefilling,
             decoding=decoding,
             inflight={} if head is not None else {k: self.inflight[i] for k, i in self._busy.items()},
@@ -361,6 +364,7 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin, LaunchReso
             kv_total=self.allocator.capacity,
             num_running=len(self.running),
             config=self.config,
+            waiting_columns=self.waiting.columns(),
         )
 
     def _length_limit(self, prompt_len: int, params: SamplingParams) -> int:
@@ -390,6 +394,7 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin, LaunchReso
             for r in matched:  # those not admitted hold nothing again
                 if r.state is ReqState.WAITING:
                     r.num_computed = r.prefix_pin = 0
+            self.waiting.clear_computed()
 
     def _schedule(self) -> list[Launch]:
         view = self.view()
@@ -418,7 +423,7 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin, LaunchReso
         already counted for a request ahead of it (what admitting it takes from kv_free). lpm then
         orders the window by hit. Nothing is locked: `_use_cached_prefix` matches again at admission."""
         cache, waiting = self.prefix_cache, self.waiting
-        head = [waiting.popleft() for _ in range(min(LPM_WINDOW, len(waiting)))]
+        head = waiting.head(LPM_WINDOW)
         nodes = {}
         version = cache.version
         for r in head:
@@ -435,5 +440,5 @@ class SchedulerCore(SchedulerOutputProcessorMixin, KVAccountingMixin, LaunchReso
         seen: set[int] = set()
         for r in head:
             r.prefix_pin = cache.pin_cost(nodes[r.rid], seen)
-        waiting.extendleft(reversed(head))
+        waiting.replace_head(head)
         return head
