@@ -182,7 +182,8 @@ want bench_torch_ops && run_phase bench_torch_ops 100 40 env SGLANG_DUET_TORCH_O
   "$PY" benchmark/step_latency.py "${STEP_ARGS[@]}" --out "$WORK/step_latency_torch_ops"
 want calibrate && run_phase calibrate 140 60 "$PY" -m sglang_duet.calibrate \
   --model-config configs/models/qwen3-8b.json --hardware "$HW" --out "$WORK/calibration/$HW-calibrated.yaml" \
-  --sizes 8 16 24 32 48 64 80 96 112 124 132 --validate-sizes 16 32 64 96 132
+  --sizes 8 16 24 32 48 64 80 96 112 124 132 --validate-sizes 16 32 64 96 132 \
+  --step-latency "$WORK/step_latency/results.json"  # the bench phase's whole-GPU rows join the fit
 # The A/B's policies plan with the calibration just measured when there is one (else the shipped curves).
 CAL="$WORK/calibration/$HW-calibrated.yaml"
 AB_HW=$HW; [ -s "$CAL" ] && AB_HW=$CAL

@@ -45,6 +45,26 @@ def test_dry_run_runs_every_phase_of_both_calls(tmp_path):
     assert not (REPO / "sglang_duet" / "kernels").is_symlink()  # a dry run leaves the checkout alone
 
 
+def test_third_call_and_a_chosen_phase_list(tmp_path):
+    """lease3 (after a first lease) runs the fused-op tests and the torch-ops A/B too; a quoted list
+    runs exactly those phases, in the script's order, and names its files without spaces."""
+    p, s = _run(tmp_path, "lease3", GPU_RUN_AB_SEEDS="3", GPU_RUN_AB_RATE="20", GPU_RUN_AB_REQUESTS="96",
+                GPU_RUN_AB_POLICIES="aggregated chunked:2048 static-split+decode_sms=48 duet")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert s == {k: "ok" for k in ("prewarm", "fused", "tests", "bench", "bench_torch_ops", "calibrate", "ab")}
+    log = (tmp_path / "work" / "gpu_run.log").read_text()
+    assert "--seeds 3" in log and "SGLANG_DUET_TORCH_OPS=1" in log
+    assert "--num-requests 96 --rate 20" in log
+    assert "--policies aggregated chunked:2048 static-split+decode_sms=48 duet" in log
+    assert "test_gpu_fused_ops.py" in log
+    p, s = _run(tmp_path, "ab fused")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert list(s) == ["fused", "ab"]
+    assert (tmp_path / "out" / "results-ab_fused.tgz").exists()
+    p, _ = _run(tmp_path, "ab nonsense")
+    assert p.returncode == 2 and "usage" in p.stderr
+
+
 def test_a_failing_phase_fails_the_call_and_the_rest_still_run(tmp_path):
     p, s = _run(tmp_path, "lease2", GPU_RUN_PYTHON="false")
     assert p.returncode == 1
