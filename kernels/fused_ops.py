@@ -12,8 +12,8 @@ Numerics are today's op sequences (the `*_ref` functions, which models/llama.py 
   * the residual add rounded to the activation dtype as torch's add is, and the norm of that rounded value;
   * RoPE as q * cos + rotate_half(q) * sin with every product and the sum rounded to the activation dtype
     (in bf16, as torch rounds each op's result); SiLU(gate) rounded, then times up.
-Only the float32 sums of the norms run in another order (last-bit differences in float32; rarely one bf16
-ulp of a norm's output). In float32 the compiler may also contract a multiply-add of RoPE into an FMA.
+Only the float32 sums of the norms run in another order, and on a GPU 1/sqrt and exp are the fast
+approximate instructions (last-bit differences in float32; rarely one bf16 ulp of an output).
 
 All kernels are CUDA-graph capturable: grids and buffers depend on shapes only, no host syncs.
 Inputs may be row-strided views (q/k/v split from one GEMM output, gate/up halves of one); the last dim
@@ -91,6 +91,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+# Every launch: no contraction of a multiply and an add into one FMA (Triton's default contracts them, e.g.
+# RoPE's bf16 x * cos + rot * sin into fma.rn.bf16, one rounding where torch rounds twice). The kernels are
+# memory-bound: the FMAs would save nothing, and without them each product and sum rounds as torch's does.
+TORCH_ROUNDING = {"enable_fp_fusion": False}
+
+
 def _norm_warps(block: int) -> int:
     return min(8, max(1, block // 512))
 
@@ -123,7 +129,8 @@ def _rmsnorm(x, residual, weight, eps):
         block = kernels.next_pow2(D)
         kernels.rmsnorm_kernel[(n,)](x2, r2, weight.contiguous(), out, res_out if res_out is not None else out,
                                      x2.stride(0), r2.stride(0), D, float(eps),
-                                     HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_norm_warps(block))
+                                     HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_norm_warps(block),
+                                     **TORCH_ROUNDING)
     return out, res_out
 
 
@@ -158,7 +165,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         kernels.qk_norm_rope_kernel[(T, H + H_kv)](
             q, k, q_out, k_out, qw, kw, cos, sin,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-            H, H_kv, D // 2, float(eps), HAS_NORM=has_norm, BLOCK_H=kernels.next_pow2(D // 2), num_warps=1)
+            H, H_kv, D // 2, float(eps), HAS_NORM=has_norm, BLOCK_H=kernels.next_pow2(D // 2), num_warps=1,
+            **TORCH_ROUNDING)
     return q_out, k_out
 
 
@@ -174,7 +182,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((T, N), dtype=gate.dtype, device=gate.device)
     if T and N:
         _kernels().silu_mul_kernel[(T, -(-N // SILU_BLOCK))](gate, up, out, gate.stride(0), up.stride(0), N,
-                                                              BLOCK=SILU_BLOCK, num_warps=4)
+                                                              BLOCK=SILU_BLOCK, num_warps=4, **TORCH_ROUNDING)
     return out
 
 
