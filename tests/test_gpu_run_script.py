@@ -21,7 +21,7 @@ def _run(tmp_path, call, **env):
              GPU_RUN_PYTHON=sys.executable)
     e.update(env)
     p = subprocess.run(["bash", str(SCRIPT), call], cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
-    summary = tmp_path / "work" / f"summary-{call}.txt"
+    summary = tmp_path / "work" / f"summary-{'_'.join(call.split())}.txt"
     lines = summary.read_text().splitlines() if summary.exists() else []
     return p, {ln.split()[0]: ln.split()[1] for ln in lines}
 
