@@ -193,13 +193,12 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp=
 
 
 def _prepare_for_inference(model: LlamaForCausalLM, device: torch.device) -> None:
-    """On a CPU, one GEMM for q/k/v and one for gate/up per layer (bit-identical to the separate ones
-    there, and fewer passes over the activations). GPU paths (CUDA graphs, FlashInfer) keep the
-    separate projections they were validated with."""
-    if device.type == "cpu":
-        model.fuse_projections()
-        if model.wants_gemv_weights(device):  # decode steps of 1-3 rows at the CPU's streaming speed (llama.py)
-            model.add_gemv_weights()
+    """One GEMM for q/k/v and one for gate/up per layer: on a CPU bit-identical to the separate ones and
+    fewer passes over the activations; on a GPU three launches fewer per layer (a decode step of a
+    36-layer model is launch-bound: docs/gpu-notes.md, H200 lease of 2026-11-30)."""
+    model.fuse_projections()
+    if model.wants_gemv_weights(device):  # decode steps of 1-3 rows at the CPU's streaming speed (llama.py)
+        model.add_gemv_weights()
 
 
 def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "auto",
