@@ -177,6 +177,11 @@ want duet && run_phase duet 150 40 "${PYTEST[@]}" -m gpu \
   tests/gpu/test_gpu_duet.py
 STEP_ARGS=(--hardware "$HW" --batches 1 32 128 --contexts 1024 4096 --prefills 1024 8192 --profile)
 want bench && run_phase bench 100 40 "$PY" benchmark/step_latency.py "${STEP_ARGS[@]}" --out "$WORK/step_latency"
+# If the model failed on its fused kernels, the calibration and the A/B run on the torch ops (still measured).
+if want bench && ! grep -q "^bench ok" "$SUMMARY"; then
+  export SGLANG_DUET_TORCH_OPS=1
+  log "bench failed: SGLANG_DUET_TORCH_OPS=1 from here on (the torch ops, not the fused kernels)"
+fi
 # The same steps with the model's plain torch ops instead of the fused kernels: the fusion's A/B.
 want bench_torch_ops && run_phase bench_torch_ops 100 40 env SGLANG_DUET_TORCH_OPS=1 \
   "$PY" benchmark/step_latency.py "${STEP_ARGS[@]}" --out "$WORK/step_latency_torch_ops"
