@@ -17,6 +17,7 @@ here, else h200).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import statistics
@@ -61,17 +62,22 @@ def measured(doc: dict) -> dict[tuple[str, int], float]:
     return out
 
 
+def _best_other(g: dict[str, float | None]) -> float | None:
+    """The best goodput of the policies other than duet (the tuned baselines and the default)."""
+    return max((v for k, v in g.items() if k != "duet" and v is not None), default=None)
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("results", help="a gpu_ab.py results.json")
+    p.add_argument("results", help="a gpu_ab.py results.json (or .json.gz)")
     p.add_argument("--hardware", default=None, help="what the policies plan with (a name in configs/hardware or a YAML)")
     p.add_argument("--out", default=None, help="write the markdown table here too")
     a = p.parse_args(argv)
-    doc = json.loads(Path(a.results).read_text())
+    doc = json.loads((gzip.open(a.results, "rt") if a.results.endswith(".gz") else open(a.results)).read())
     meta = doc["meta"]
     hw = a.hardware or (meta["hardware"] if os.path.exists(str(meta["hardware"])) else "h200")
     gpu = measured(doc)
@@ -92,16 +98,18 @@ def main(argv=None) -> int:
     lines = [f"# GPU A/B vs its emulation: {meta['model']} on {meta['device_name']}, {meta['workload']}, "
              f"{meta['num_requests']} requests at {meta['rate']} req/s, TBT SLO {meta['tbt_slo_ms']:g} ms",
              "", f"Policies plan with `{hw}`. Strict goodput (req/s) per seed; ratios are medians over seeds.", "",
-             "| source | seed | " + " | ".join(policies) + " | duet / chunked | duet / aggregated |",
-             "|---|---:|" + "---:|" * len(policies) + "---:|---:|"]
+             "| source | seed | " + " | ".join(policies) + " | duet / chunked | duet / aggregated | duet / best other |",
+             "|---|---:|" + "---:|" * len(policies) + "---:|---:|---:|"]
     for label, per_seed in rows:
         for seed, g in per_seed.items():
             cells = " | ".join("-" if g[pol] is None else f"{g[pol]:.3f}" for pol in policies)
             lines.append(f"| {label} | {seed} | {cells} | {_ratio(g.get('duet'), g.get('chunked'))} | "
-                         f"{_ratio(g.get('duet'), g.get('aggregated'))} |")
+                         f"{_ratio(g.get('duet'), g.get('aggregated'))} | {_ratio(g.get('duet'), _best_other(g))} |")
         ratios = [g["duet"] / g["chunked"] for g in per_seed.values() if g.get("duet") and g.get("chunked")]
-        if ratios:
-            lines.append(f"| {label} | median |{' |' * len(policies)} {statistics.median(ratios):.2f} | |")
+        best = [g["duet"] / _best_other(g) for g in per_seed.values() if g.get("duet") and _best_other(g)]
+        if ratios or best:
+            med = lambda x: f"{statistics.median(x):.2f}" if x else "-"  # noqa: E731
+            lines.append(f"| {label} | median |{' |' * len(policies)} {med(ratios)} | | {med(best)} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

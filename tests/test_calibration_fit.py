@@ -18,7 +18,9 @@ from sglang_duet.cost_model.hardware import HardwareSpec, HardwareSpecError, Ste
 from sglang_duet.cost_model.roofline import CostModel
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "benchmark" / "results" / "gpu" / "h200-2026-11-30-calibration"
+# The committed calibration is the one of the model as it runs now (fused norm/RoPE/SiLU kernels, third
+# call of the 2026-11-30 lease); the earlier call's data (torch ops) stays beside it for the record.
+DATA = REPO / "benchmark" / "results" / "gpu" / "h200-2026-11-30-fused-calibration"
 COMMITTED = REPO / "configs" / "hardware" / "h200-calibrated.yaml"
 
 SHAPES = [[(1, 1024)], [(1, 4096)] * 32, [(1, 1024)] * 128, [(1024, 0)], [(8192, 0)],
@@ -143,11 +145,11 @@ def test_refit_of_the_committed_measurements_gives_the_committed_calibration(tmp
               "activation_traffic", "launch_overhead_s"):
         assert got[k] == pytest.approx(want[k], rel=1e-6), k
     v = got["measured"]["validation"]
-    assert v["rows"] == 33 and v["model"] == "qwen3-8b"  # 25 device rows + 8 step-latency rows
+    assert v["rows"] == 43 and v["model"] == "qwen3-8b"  # 35 device rows + 8 step-latency rows
     for k, x in want["measured"]["validation"].items():
         assert v[k] == (pytest.approx(x, rel=1e-6) if isinstance(x, float) else x), k
     assert v["median_abs_error_held_out_sm_count"] <= 0.10 and v["median_abs_error_in_sample"] <= 0.10
-    assert v["median_abs_error_before"] > 0.3  # the shipped estimates were far off
+    assert v["median_abs_error_before"] > 0.1  # the shipped estimates were off
     assert "held out" in md.read_text() and "step_latency" in md.read_text()
     # the committed file loads by name, with its terms, and the policies' pricers stay exact on it
     cm = CostModel.load("qwen3-8b", "h200-calibrated")
