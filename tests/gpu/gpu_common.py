@@ -64,3 +64,28 @@ def save_small_model(tmp_path, seed: int = 0, std: float = 0.05) -> str:
     model.init_dummy_weights(seed, std=std)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
     return folder
+
+
+# ---- comparing a bf16 run with a float32 reference -------------------------------------------------
+TOP = 5
+# How far below the float32 reference's best token (in log-probability) the token a bf16 run takes may be
+# where it first leaves the reference. bf16 carries ~3 significant digits through every layer, so a small
+# random model's logits move by a few hundredths: a bf16 CPU run of the small model below first left its
+# float32 reference where the reference's top two were 0.011 apart (their median gap is 0.25). A token
+# further below than this is an error, not a rounding.
+NEAR_TIE_NATS = 0.1
+
+
+def first_divergences(ref_outs: list[dict], got: list[list[int]]) -> list[tuple[int, float | None]]:
+    """(position, log-prob gap) where each run first takes another token than the reference: the gap
+    between the reference's token and the taken one in the reference's own top-TOP list there (None: the
+    taken token is not in it). Runs equal to the reference give nothing."""
+    out = []
+    for r, g_ in zip(ref_outs, got):
+        lps = r["meta_info"]["output_token_logprobs"]
+        j = next((j for j, (a, b) in enumerate(zip(r["output_ids"], g_)) if a != b), None)
+        if j is None:
+            continue
+        top = dict(lps[j]["top"])
+        out.append((j, top[r["output_ids"][j]] - top[g_[j]] if g_[j] in top else None))
+    return out

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu_common import GPU, requires_flashinfer, requires_triton, save_small_model
+from gpu_common import (GPU, NEAR_TIE_NATS, TOP, first_divergences, requires_flashinfer, requires_triton,
+                        save_small_model)
 from sglang_duet.engine import Engine
 from sglang_duet.sampling_params import SamplingParams
 
@@ -52,18 +53,22 @@ def test_seeded_sampling_triton_fp32_matches_cpu(tiny_model_factory):
 def test_greedy_flashinfer_bf16_vs_cpu(tmp_path):
     """FlashInfer needs a head_dim it has kernels for (the tiny families use 16/32), so this runs
     a small saved Llama with head_dim 128, GQA 4. bf16 cannot be token-exact with a float32
-    reference over many tokens: the first tokens must agree, and most of the rest."""
+    reference over many tokens, and once a greedy run takes another token it continues from another
+    context, so the share of equal tokens only says where the first flip fell (70% on the H200,
+    2026-11-30). What must hold: the first tokens agree, and where the bf16 run first leaves the
+    reference, the reference itself nearly tied (`first_divergences`)."""
     path = save_small_model(tmp_path)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 40, 200, 17)]
-    params = SamplingParams(temperature=0.0, max_new_tokens=NEW, ignore_eos=True)
-    ref = _ids(Engine(model_path=path, dtype="float32", device="cpu").generate(input_ids=prompts, sampling_params=params))
+    ref = Engine(model_path=path, dtype="float32", device="cpu").generate(
+        input_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=NEW, ignore_eos=True,
+                                                          logprobs=True, top_logprobs=TOP))
     got = _ids(_gpu_engine(path, dtype="bfloat16", attention_backend="flashinfer").generate(
-        input_ids=prompts, sampling_params=params))
-    for r, g_ in zip(ref, got):
+        input_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=NEW, ignore_eos=True)))
+    for r, g_ in zip(_ids(ref), got):
         assert g_[:4] == r[:4]
-    agree = sum(a == b for r, g_ in zip(ref, got) for a, b in zip(r, g_)) / (NEW * len(prompts))
-    assert agree >= 0.75, f"only {agree:.0%} of greedy tokens agree with the float32 CPU reference"
+    for where, gap in first_divergences(ref, got):
+        assert gap is not None and gap <= NEAR_TIE_NATS, (where, gap)
 
 
 @requires_triton
