@@ -6,8 +6,8 @@
 # The GPU image already has torch 2.11 (cu130), triton 3.6, numpy, transformers, tokenizers,
 # safetensors, jinja2, pyyaml, tqdm, aiohttp (+ its deps), anyio, click, h11, httpx,
 # prometheus-client, typing-extensions, annotated-doc, uvloop, pytest: those are NOT carried.
-# numba is not carried (llvmlite's wheel alone is ~42 MB of the 64 MB a run carries): duet plans
-# with its numpy search there (policies/search_kernels.py; the same plans).
+# numba is not carried: the image has numba and llvmlite (device KINDS.md), and no warning that duet's
+# compiled search was unavailable appeared in the 2026-11-30 A/B logs (policies/search_kernels.py).
 # Versions are pinned so the bundle is reproducible; each is the version the CPU dev
 # machines run, and --no-deps means every needed dependency is listed here explicitly.
 set -euo pipefail
