@@ -13,6 +13,14 @@ Two emulations: `truth on` (the emulator's default ground truth, a perturbed mod
 not plan with: how a policy is judged here) and `exact` (the truth is the planning model itself).
 The policies plan with --hardware (default: the one the GPU run's policies planned with, if it exists
 here, else h200).
+
+`--truth SPEC` (repeatable) adds an emulation with another truth: a truth file (e.g.
+configs/truth/h200-2026-11-30.yaml, the H200's measured host time, prefill-step scale and two-lane
+contention) or a TruthConfig.parse spec ('file=...,noise=0'); its row is labelled with the file's
+name or the spec. `--no-default-truths` leaves out the two default emulations; `--latency` adds a
+table of TTFT / TBT p99 per source and policy (means over seeds). `--policy SPEC` (repeatable) adds an
+emulated-only column, a policy the GPU did not run, in the simulator's spec (e.g.
+`duet+running_target=1`): the GPU run's settings of that policy with the spec's options over them.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ sys.path.insert(0, str(_REPO / "benchmark"))
 from gpu_ab import Rec, build_trace, metrics  # noqa: E402
 
 from sglang_duet.simulator.loop import SimConfig, build_cost_model, simulate  # noqa: E402
+from sglang_duet.simulator.sweep import PolicySpec  # noqa: E402
 from sglang_duet.cost_model.truth import TruthConfig  # noqa: E402
 from sglang_duet.workloads import RequestSpec  # noqa: E402
 
@@ -62,9 +71,40 @@ def measured(doc: dict) -> dict[tuple[str, int], float]:
     return out
 
 
-def _best_other(g: dict[str, float | None]) -> float | None:
-    """The best goodput of the policies other than duet (the tuned baselines and the default)."""
-    return max((v for k, v in g.items() if k != "duet" and v is not None), default=None)
+def extra_policy(meta: dict, text: str) -> dict:
+    """The settings of a policy spec the GPU did not run: the GPU run's settings of the same policy
+    (its first entry, e.g. duet's decode_sms_grid and budget), the spec's budget and options over them."""
+    spec = PolicySpec.parse(text)
+    # (older results files name each setting by its policy alone, without a "policy" key)
+    base = next((v for k, v in meta["policy_settings"].items() if v.get("policy", k) == spec.policy), None)
+    if base is None:
+        raise SystemExit(f"--policy {text}: the GPU run has no {spec.policy!r} to take settings from")
+    return {"policy": spec.policy, "options": {**base["options"], **dict(spec.options)},
+            "chunked_prefill_size": spec.chunked_prefill_size or base["chunked_prefill_size"]}
+
+
+def _truth_label(spec: str) -> str:
+    return Path(spec).stem if spec.endswith((".yaml", ".yml")) else spec
+
+
+def _truth_factory(spec: str):
+    """seed -> the TruthConfig of `spec` (a truth file or a TruthConfig.parse spec) with that noise seed."""
+    if spec.endswith((".yaml", ".yml")):
+        if not os.path.exists(spec):
+            raise SystemExit(f"--truth: no such file {spec}")
+        return lambda seed: TruthConfig.from_file(spec, seed=seed)
+    TruthConfig.parse(spec)  # a bad spec fails here, naming the option, before any emulation runs
+    return lambda seed: TruthConfig.parse(spec, seed=seed)
+
+
+def _lat(m: dict) -> tuple[float, float]:
+    return float(m.get("ttft_p99_ms") or float("nan")), float(m.get("tbt_p99_ms") or float("nan"))
+
+
+def _best_other(g: dict[str, float | None], skip=("duet",)) -> float | None:
+    """The best goodput of the policies other than duet (the tuned baselines and the default); `skip`:
+    the columns left out (duet, and --policy's emulated-only variants)."""
+    return max((v for k, v in g.items() if k not in skip and v is not None), default=None)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -76,24 +116,47 @@ def main(argv=None) -> int:
     p.add_argument("results", help="a gpu_ab.py results.json (or .json.gz)")
     p.add_argument("--hardware", default=None, help="what the policies plan with (a name in configs/hardware or a YAML)")
     p.add_argument("--out", default=None, help="write the markdown table here too")
+    p.add_argument("--truth", action="append", default=[], metavar="SPEC",
+                   help="another emulation: a truth file (YAML) or a TruthConfig spec; repeatable")
+    p.add_argument("--no-default-truths", action="store_true",
+                   help="leave out the 'truth on' and 'exact' emulations (only --truth's)")
+    p.add_argument("--latency", action="store_true", help="add TTFT / TBT p99 per source and policy")
+    p.add_argument("--policy", action="append", default=[], metavar="SPEC",
+                   help="an emulated-only policy column, e.g. duet+running_target=1 (the GPU run's settings of "
+                        "that policy, the spec's options over them); repeatable")
     a = p.parse_args(argv)
+    truths = {} if a.no_default_truths else {"emulator, truth on": TruthConfig, "emulator, exact": TruthConfig.exact}
+    for spec in a.truth:
+        truths[f"emulator, {_truth_label(spec)}"] = _truth_factory(spec)
+    if not truths and a.no_default_truths:
+        p.error("--no-default-truths needs at least one --truth")
     doc = json.loads((gzip.open(a.results, "rt") if a.results.endswith(".gz") else open(a.results)).read())
     meta = doc["meta"]
     hw = a.hardware or (meta["hardware"] if os.path.exists(str(meta["hardware"])) else "h200")
     gpu = measured(doc)
-    policies = meta["policies"]
+    policies = list(meta["policies"])
+    for spec in a.policy:
+        meta["policy_settings"][spec] = extra_policy(meta, spec)
+        policies.append(spec)
+    skip = ("duet", *a.policy)
     rows = []
-    truths = {"emulator, truth on": TruthConfig, "emulator, exact": TruthConfig.exact}
+    lat: dict[str, dict[str, list[tuple[float, float]]]] = {}  # source -> policy -> [(TTFT p99, TBT p99)]
     for label in ("GPU (measured)", *truths):
         per_seed = {}
         for seed in meta["seeds"]:
             if label.startswith("GPU"):
                 per_seed[seed] = {pol: gpu.get((pol, seed)) for pol in policies}
+                for run in doc["runs"]:
+                    if run.get("status") == "ok" and run["seed"] == seed:
+                        lat.setdefault(label, {}).setdefault(run["policy"], []).append(_lat(run["delivery"]))
             else:
                 truth = truths[label](seed=seed)
-                per_seed[seed] = {pol: emulate(meta, meta["policy_settings"][pol].get("policy", pol),
-                                               meta["policy_settings"][pol], seed, hw, truth)["goodput_strict_req_s"]
-                                  for pol in policies}
+                per_seed[seed] = {}
+                for pol in policies:
+                    m = emulate(meta, meta["policy_settings"][pol].get("policy", pol), meta["policy_settings"][pol],
+                                seed, hw, truth)
+                    per_seed[seed][pol] = m["goodput_strict_req_s"]
+                    lat.setdefault(label, {}).setdefault(pol, []).append(_lat(m))
         rows.append((label, per_seed))
     lines = [f"# GPU A/B vs its emulation: {meta['model']} on {meta['device_name']}, {meta['workload']}, "
              f"{meta['num_requests']} requests at {meta['rate']} req/s, TBT SLO {meta['tbt_slo_ms']:g} ms",
@@ -104,12 +167,22 @@ def main(argv=None) -> int:
         for seed, g in per_seed.items():
             cells = " | ".join("-" if g[pol] is None else f"{g[pol]:.3f}" for pol in policies)
             lines.append(f"| {label} | {seed} | {cells} | {_ratio(g.get('duet'), g.get('chunked'))} | "
-                         f"{_ratio(g.get('duet'), g.get('aggregated'))} | {_ratio(g.get('duet'), _best_other(g))} |")
+                         f"{_ratio(g.get('duet'), g.get('aggregated'))} | {_ratio(g.get('duet'), _best_other(g, skip))} |")
         ratios = [g["duet"] / g["chunked"] for g in per_seed.values() if g.get("duet") and g.get("chunked")]
-        best = [g["duet"] / _best_other(g) for g in per_seed.values() if g.get("duet") and _best_other(g)]
+        best = [g["duet"] / _best_other(g, skip) for g in per_seed.values() if g.get("duet") and _best_other(g, skip)]
         if ratios or best:
             med = lambda x: f"{statistics.median(x):.2f}" if x else "-"  # noqa: E731
             lines.append(f"| {label} | median |{' |' * len(policies)} {med(ratios)} | | {med(best)} |")
+    if a.latency:
+        lines += ["", "TTFT p99 / TBT p99 (ms, delivery times), means over seeds:", "",
+                  "| source | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
+        for label, per_pol in lat.items():
+            cells = []
+            for pol in policies:
+                v = per_pol.get(pol) or []
+                cells.append(f"{statistics.mean(x for x, _ in v):.0f} / {statistics.mean(y for _, y in v):.1f}"
+                             if v else "-")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -14,6 +14,19 @@ belief in the ways a real GPU does, so that a policy cannot win by knowing the e
 - attention priced per request (a sum of per-request rooflines instead of one roofline over the
   batch's summed FLOPs and bytes).
 
+Three more effects a GPU showed (benchmark/results/gpu/h200-2026-11-30/lease3/emulator-vs-gpu.md),
+off by default (the emulator's tables do not move) and set from a measured file (`file=...`):
+- `host_hidden`: whether a launch queued behind its lane's running one hides its host time
+  (overlap scheduling, the emulator's default). False: every step's host time is serial with the
+  device, as on the H200, whose lane worker prepares, replays and syncs each step in turn;
+- `prefill_step_scale`: the device time of a step with a multi-token row (a prefill chunk or a
+  mixed batch: an eager forward, attention over a cached prefix) times this. The calibration fits
+  graph-replayed decode steps and cold single prefills; chunks ran ~1.09x that on the H200;
+- `contention="measured"` with `contention_points`: two lanes' slowdowns read from a measurement
+  instead of the bandwidth model: [(decode SMs, decode x, prefill x), ...], interpolated linearly
+  in the decode lane's SM count (clamped at the ends). The H200 measured x1.32 / x1.09 (32 / 100
+  SMs) and x1.21 / x1.15 (64 / 68), where the phase model says x1.03 / x1.07 and x1.06 / x1.08.
+
 All constants are ESTIMATES; docs/cost-model.md says where they come from.
 `TruthConfig.exact()` switches everything off: the truth is then the belief, op for op.
 """
@@ -22,11 +35,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from .hardware import Curves, HardwareSpec
 from .roofline import CostModel
 
-CONTENTION_MODES = ("phase", "bandwidth", "none")
+CONTENTION_MODES = ("phase", "bandwidth", "none", "measured")
+# The fields added for a measured truth, with the defaults that leave the emulator as it was:
+# `describe()` leaves them out at these values (results files name the truth by describe()).
+_MEASURED_DEFAULTS = {"host_hidden": True, "prefill_step_scale": 1.0, "contention_points": ()}
 
 
 @dataclass(frozen=True)
@@ -40,10 +57,23 @@ class TruthConfig:
     switch_s: float = 30e-6  # a split launch whose SM count differs from its lane's previous one (ESTIMATE)
     contention: str = "phase"  # HBM contention between overlapping lanes: phase | bandwidth | none
     per_request_attention: bool = True
+    # Measured on a GPU (see the module docstring); the defaults are the emulator as it was.
+    host_hidden: bool = True  # a queued launch's host time hides behind the running one (overlap)
+    prefill_step_scale: float = 1.0  # device time of a step with a multi-token row (eager forward), times
+    # contention="measured": ((decode SMs, decode slowdown, prefill slowdown), ...) while both split lanes run
+    contention_points: tuple = ()
 
     def __post_init__(self):
         if self.contention not in CONTENTION_MODES:
             raise ValueError(f"contention must be one of {CONTENTION_MODES}, got {self.contention!r}")
+        pts = tuple(sorted((float(sd), float(xd), float(xp)) for sd, xd, xp in self.contention_points))
+        if any(sd <= 0 or xd < 1 or xp < 1 for sd, xd, xp in pts):
+            raise ValueError(f"contention_points are (decode SMs > 0, decode x >= 1, prefill x >= 1), got {pts}")
+        if self.contention == "measured" and not pts:
+            raise ValueError("contention=measured needs contention_points (decode SMs, decode x, prefill x)")
+        object.__setattr__(self, "contention_points", pts)
+        if not self.prefill_step_scale > 0:
+            raise ValueError(f"prefill_step_scale must be > 0, got {self.prefill_step_scale}")
         c, b = (float(x) for x in self.perturb)
         if not (c > 0 and b > 0):
             raise ValueError(f"perturb factors must be > 0, got {self.perturb}")
@@ -62,16 +92,52 @@ class TruthConfig:
     def host_s(self, requests: int) -> float:
         return self.host_base_s + self.host_per_req_s * requests if requests else 0.0
 
+    def lane_slowdowns(self, decode_sms: float) -> tuple[float, float]:
+        """contention=measured: (decode lane's, prefill lane's) slowdown while both run, the decode
+        lane on `decode_sms` SMs: `contention_points` interpolated linearly, clamped at the ends."""
+        pts = self.contention_points
+        if decode_sms <= pts[0][0]:
+            return pts[0][1], pts[0][2]
+        for (s0, d0, p0), (s1, d1, p1) in zip(pts, pts[1:]):
+            if decode_sms <= s1:
+                w = (decode_sms - s0) / (s1 - s0)
+                return d0 + w * (d1 - d0), p0 + w * (p1 - p0)
+        return pts[-1][1], pts[-1][2]
+
     def describe(self) -> dict:
         d = dataclasses.asdict(self)
         d["perturb"] = list(self.perturb)
+        for k, default in _MEASURED_DEFAULTS.items():
+            if d[k] == default:
+                del d[k]  # as before these fields existed: results that name the truth do not change
+        if "contention_points" in d:
+            d["contention_points"] = [list(p) for p in d["contention_points"]]
         return d
+
+    @classmethod
+    def from_file(cls, path, **defaults) -> "TruthConfig":
+        """The truth a measured file describes: its `truth:` mapping (or the whole file) in `parse`'s
+        keys over `defaults`, e.g. configs/truth/h200-2026-11-30.yaml."""
+        import yaml
+
+        doc = yaml.safe_load(open(path)) or {}
+        items = doc.get("truth", doc) if isinstance(doc, dict) else None
+        if not isinstance(items, dict):
+            raise ValueError(f"truth file {path}: expected a mapping (under 'truth:'), got {type(items).__name__}")
+        items = dict(items)
+        inner = items.get("file")
+        if inner is not None:  # a truth file built on another: its path is relative to this file's folder
+            near = Path(path).parent / str(inner)
+            items["file"] = str(near if near.exists() else inner)
+        return cls.parse(items, **defaults)
 
     @classmethod
     def parse(cls, text: str | dict | None, **defaults) -> "TruthConfig | None":
         """'on' (the defaults), 'off' (exact), or 'key=value,...' over the defaults, e.g.
         'hardware=h200,perturb=0.85:1.15,noise=0.05,seed=3,host_us=100:10,switch_us=30,
-        contention=phase,attention=per-request' (a dict with the same keys works too)."""
+        contention=phase,attention=per-request' (a dict with the same keys works too), and the measured
+        keys 'host_hidden=0,prefill_step_scale=1.09,contention=measured,
+        contention_points=32:1.32:1.09/64:1.21:1.15'; 'file=PATH' reads a truth file's keys first."""
         if text is None or (isinstance(text, str) and text.strip().lower() in ("", "on", "true", "1")):
             return cls(**defaults)
         if isinstance(text, str) and text.strip().lower() in ("off", "false", "0", "exact"):
@@ -79,9 +145,15 @@ class TruthConfig:
         items = text.items() if isinstance(text, dict) else (
             kv.split("=", 1) for kv in text.split(",") if kv.strip())
         kw = dict(defaults)
+        items = list(items)
+        for k, v in items:  # a file's keys first, so the string's own keys override them
+            if k.strip() == "file":
+                kw = dataclasses.asdict(cls.from_file(str(v).strip(), **kw))
         for k, v in items:
             k = k.strip().replace("-", "_")
             v = v.strip() if isinstance(v, str) else v
+            if k == "file":
+                continue
             if k in ("off", "exact") and str(v).lower() in ("1", "true"):
                 kw.update(noise_sigma=0.0, host_base_s=0.0, host_per_req_s=0.0, switch_s=0.0,
                           per_request_attention=False)
@@ -100,6 +172,12 @@ class TruthConfig:
                 kw["switch_s"] = float(v) * 1e-6
             elif k == "contention":
                 kw["contention"] = str(v)
+            elif k == "host_hidden":
+                kw["host_hidden"] = _bool(v, k)
+            elif k == "prefill_step_scale":
+                kw["prefill_step_scale"] = float(v)
+            elif k == "contention_points":
+                kw["contention_points"] = _points(v)
             elif k == "attention":
                 if v not in ("per-request", "summed"):
                     raise ValueError(f"truth attention must be per-request or summed, got {v!r}")
@@ -107,6 +185,27 @@ class TruthConfig:
             else:
                 raise ValueError(f"unknown truth option {k!r}")
         return cls(**kw)
+
+
+def _bool(v, name: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"truth {name} must be a boolean, got {v!r}")
+    return text in ("1", "true", "yes", "on")
+
+
+def _points(v) -> tuple:
+    """'32:1.32:1.09/64:1.21:1.15' or [[32, 1.32, 1.09], ...] -> ((32.0, 1.32, 1.09), ...)."""
+    rows = v if isinstance(v, (list, tuple)) else [p for p in str(v).split("/") if p.strip()]
+    out = []
+    for p in rows:
+        vals = p if isinstance(p, (list, tuple)) else str(p).split(":")
+        if len(vals) != 3:
+            raise ValueError(f"truth contention_points: each point is decode_sms:decode_x:prefill_x, got {p!r}")
+        out.append(tuple(float(x) for x in vals))
+    return tuple(out)
 
 
 def _pair(v) -> tuple[float, float]:
@@ -165,6 +264,21 @@ class LaunchCost:
     @property
     def device_s(self) -> float:
         return sum(self.step_s)
+
+    def scale_first_step(self, f: float) -> None:
+        """Stretch the first step's device time by f (a truth's `prefill_step_scale`: only a launch's
+        first step can hold a multi-token row, and it is then its only step). Bytes stay: a slower
+        step asks less bandwidth."""
+        if len(self.step_s) != 1:
+            raise ValueError("scale_first_step: a launch with a multi-token row has one step")
+        self.step_s[0] *= f
+        self.mem_tm *= f
+        self.mem_fixed *= f
+        self.comp_fixed *= f
+        self.fixed *= f
+        for acc in self.comp.values():
+            acc[0] *= f
+            acc[1] *= f
 
     @property
     def bytes(self) -> float:

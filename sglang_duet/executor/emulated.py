@@ -30,7 +30,8 @@ of a layer interleave far faster than a step lasts, so a decode step sees the pr
 including the memory-bound phases that the launch average hides); `"bandwidth"` uses one
 launch-averaged demand (the earlier model); `"none"` turns contention off. Progress is tracked
 in alone-seconds, so a launch slows only while the overlap lasts and every event time is
-recomputed whenever a launch starts or ends.
+recomputed whenever a launch starts or ends. `"measured"` (a measured truth's, see
+cost_model/truth.py) slows a decode and a prefill lane by the slowdowns measured on a GPU instead.
 
 Clocks. 'wall': time.monotonic (or the given clock); poll(timeout) really sleeps until the next
 event or the timeout, so a server serves with GPU-shaped latencies (`time_scale` < 1 runs faster
@@ -213,7 +214,11 @@ class EmulatedExecutor(Executor):
         `rows`: the launch's own, when they are gathered already."""
         rows = rows if rows is not None else LaunchRows(launch.work)
         sms = None if launch.lane == LaneKind.AGGREGATED else launch.sms
-        return self.pricer.price_rows(rows.q, rows.c, rows.s, sms)
+        lc = self.pricer.price_rows(rows.q, rows.c, rows.s, sms)
+        scale = self._truth.prefill_step_scale
+        if scale != 1.0 and max(rows.q, default=1) > 1:  # an eager forward (prefill chunk, mixed batch)
+            lc.scale_first_step(scale)
+        return lc
 
     def submit(self, launch: Launch) -> None:
         now = self.now()
@@ -249,6 +254,8 @@ class EmulatedExecutor(Executor):
             self._lane_sms[launch.lane] = launch.sms
         scale = self.time_scale
         acc, bounds, host_total = switch, [], switch
+        if not truth.host_hidden:  # a lane worker that prepares, runs and syncs each step in turn
+            hidden_host_s = 0.0
         for dev, reqs in zip(lc.step_s, lc.step_reqs):
             host = truth.host_s(reqs)
             if hidden_host_s > 0:  # prepared while the launch before it ran
@@ -334,6 +341,9 @@ class EmulatedExecutor(Executor):
             for r in runs:
                 r.rate = 1.0
             return
+        if self.contention == "measured":
+            self._rerate_measured(runs)
+            return
         total_bw = self.hw.bandwidth()
         for r in runs:
             others = [p for o in runs if o is not r for p in o.phases]
@@ -348,6 +358,20 @@ class EmulatedExecutor(Executor):
                     w = q.alone / other_alone if other_alone > 0 else 0.0
                     t += w * (p.time(total_bw / d) if d > total_bw else p.alone)
             r.rate = r.alone / t if t > 0 else 1.0
+
+    def _rerate_measured(self, runs: list[_Running]) -> None:
+        """contention=measured: while a decode-lane and a prefill-lane launch run together, each
+        progresses at 1 / its measured slowdown (TruthConfig.lane_slowdowns at the decode lane's
+        SMs), host time included (a GPU's two lane workers share one host too); anything else
+        runs at its alone rate."""
+        by_lane = {r.launch.lane: r for r in runs}
+        dec, pre = by_lane.get(LaneKind.DECODE), by_lane.get(LaneKind.PREFILL)
+        for r in runs:
+            r.rate = 1.0
+        if dec is not None and pre is not None:
+            sms = dec.launch.sms if dec.launch.sms is not None else self.hw.total_sms
+            xd, xp = self._truth.lane_slowdowns(sms)
+            dec.rate, pre.rate = 1.0 / xd, 1.0 / xp
 
     def _report(self, run: _Running, t: float, final: bool) -> None:
         """The tokens of step `run.step`, visible at t; the final part also ends the launch. One token
