@@ -109,7 +109,8 @@ Options (--policy-config): budgets (aggregated token budgets; default 512..8192 
 --chunked-prefill-size), split_budgets ([2048, 4096, 8192]), decode_sms_grid (the S_d the search
 considers, as duet-paper; default the hardware's whole grid), k_max (8), slo_margin (0.85),
 decode_gain (1), kv_gain (2), kv_gain_from (0.9), ttft_gain (1), kv_target (0.75), running_target (0.65),
-demand_window_s (20),
+demand_window_s (20), demand_rate ("arrivals"; "admitted", a prototype: Little's lambda no higher than
+the admission rate, see duet_feedback.Demand),
 sync_fraction (0: a lane waits for its partner only when a joint plan would change the partition
 or its own launch cannot fit), hysteresis (0.02), ttft_order ("deadline"), calibrate (0.05; 0 turns
 calibration off), compiled (true: the search's array program as numba loops, policies/search_kernels.py,
@@ -198,7 +199,8 @@ class DuetPolicy(OneLaneBusy, Policy):
         running_target = float(o.get("running_target", 0.65))
         if not 0 < running_target <= 1:
             raise ValueError(f"duet: running_target must be in (0, 1], got {running_target}")
-        self.demand = Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.75)), running_target)
+        self.demand = Demand(float(o.get("demand_window_s", 20.0)), float(o.get("kv_target", 0.75)), running_target,
+                             rate_from=str(o.get("demand_rate", "arrivals")))
         self._grid_index = {sms: g for g, sms in enumerate(self.grid)}
         self._decode_scale_src = self._decode_scale_row = None
         self._scales_key: tuple | None = None

@@ -57,12 +57,29 @@ class Demand:
     where a pool near kv_target still admits what fits.
 
     Output lengths are the requests' max_new_tokens (an upper bound in real serving: the target is
-    then conservative, decodes faster than they need). Fewer than 20 arrivals seen: no target."""
+    then conservative, decodes faster than they need). Fewer than 20 arrivals seen: no target.
 
-    def __init__(self, window_s: float, kv_target: float, running_target: float | None = None):
+    `rate_from="admitted"` (a prototype, off by default): lambda is the lower of the arrival rate
+    and the rate at which requests left the waiting queue over the window. Requests hold KV and a
+    batch slot from their admission, so that is Little's lambda; the two agree unless the queue
+    grows. Under overload they do not: on the H200 A/B at 30 req/s (max_running 64) the arrival
+    rate asked for 9 ms decode steps no step could reach, and the decode term then outbid the
+    prefill that the waiting prompts needed (benchmark/results/gpu/h200-2026-11-30/lease3/
+    emulator-vs-gpu.md). Admissions are counted as arrivals seen minus the waiting queue's length
+    (a retracted request back in the queue counts as one admission fewer until it is re-admitted)."""
+
+    RATE_FROM = ("arrivals", "admitted")
+
+    def __init__(self, window_s: float, kv_target: float, running_target: float | None = None,
+                 rate_from: str = "arrivals"):
+        if rate_from not in self.RATE_FROM:
+            raise ValueError(f"duet: demand_rate must be one of {self.RATE_FROM}, got {rate_from!r}")
         self.window_s = window_s
         self.kv_target = kv_target
         self.running_target = kv_target if running_target is None else running_target
+        self.rate_from = rate_from
+        self._arrived = 0  # arrivals seen, ever (rate_from="admitted")
+        self._admitted: deque = deque()  # (time, arrivals seen - waiting) per observation, over the window
         self._seen: deque = deque()  # (arrival time, kv token-steps, output tokens)
         self._kv_sum = 0.0
         self._out_sum = 0.0
@@ -93,12 +110,26 @@ class Demand:
             _, kv, out = self._seen.popleft()
             self._kv_sum -= kv
             self._out_sum -= out
+        if self.rate_from == "admitted":
+            self._arrived += len(new)
+            adm = self._admitted
+            adm.append((view.now, self._arrived - len(view.waiting)))
+            while len(adm) > 1 and adm[1][0] <= horizon:  # keep one observation at or before the horizon
+                adm.popleft()
 
     def rate(self, now: float) -> float:
-        """Arrivals per second over the window (or since the first arrival, if shorter)."""
+        """Arrivals per second over the window (or since the first arrival, if shorter); with
+        rate_from="admitted", no more than the admissions per second over the same span."""
         if self._first is None or len(self._seen) < 20:
             return 0.0
-        return len(self._seen) / min(self.window_s, max(now - self._first, 1e-3))
+        span = min(self.window_s, max(now - self._first, 1e-3))
+        lam = len(self._seen) / span
+        if self.rate_from == "admitted" and self._admitted:
+            t0, a0 = self._admitted[0]
+            t1, a1 = self._admitted[-1]
+            if t1 - t0 > 0:
+                lam = min(lam, max(0.0, a1 - a0) / (t1 - t0))
+        return lam
 
     def target_ms(self, view: SchedulerView, ceiling: float) -> float:
         lam = self.rate(view.now)
