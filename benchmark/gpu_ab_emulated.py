@@ -18,7 +18,8 @@ here, else h200).
 configs/truth/h200-2026-11-30.yaml, the H200's measured host time, prefill-step scale and two-lane
 contention) or a TruthConfig.parse spec ('file=...,noise=0'); its row is labelled with the file's
 name or the spec. `--no-default-truths` leaves out the two default emulations; `--latency` adds a
-table of TTFT / TBT p99 per source and policy (means over seeds). `--policy SPEC` (repeatable) adds an
+table of TTFT / TBT p99 per source and policy (means over seeds), `--launches` one of launches per
+lane and the seconds both split lanes ran at once. `--policy SPEC` (repeatable) adds an
 emulated-only column, a policy the GPU did not run, in the simulator's spec (e.g.
 `duet+running_target=1`): the GPU run's settings of that policy with the spec's options over them.
 """
@@ -54,12 +55,31 @@ def emulate(meta: dict, policy: str, settings: dict, seed: int, hardware: str, t
                     rate=meta["rate"], num_requests=len(specs), seed=seed, tbt_slo_ms=meta["tbt_slo_ms"],
                     ttft_slo_ms=meta["ttft_slo_ms"], chunked_prefill_size=settings["chunked_prefill_size"],
                     max_running_requests=meta["max_running"], kv_slots=kv + 1, truth=truth,
-                    policy_options=dict(settings["options"]))
+                    policy_options=dict(settings["options"]), record_launches=True)
     res = simulate(cfg, specs=specs, cost_model=cm)
     recs = [Rec(r.rid, r.arrival, r.input_len, r.output_len, delivery=list(r.token_times),
                 finished=len(r.token_times) == r.output_len) for r in res.records]
     first = min(r.arrival for r in recs)
-    return metrics(recs, "delivery", first, meta["rate"], meta["tbt_slo_ms"], meta["ttft_slo_ms"])
+    m = metrics(recs, "delivery", first, meta["rate"], meta["tbt_slo_ms"], meta["ttft_slo_ms"])
+    m["launches"] = dict(res.stats["launches"])
+    m["lane_overlap_s"] = lane_overlap(res.launches)
+    return m
+
+
+def lane_overlap(launches) -> float:
+    """Seconds a prefill-lane and a decode-lane launch ran at once (LaunchRecords; as the GPU's
+    lane_overlap_s, from each launch's start to its end, host time included)."""
+    pre = sorted((x.started, x.started + x.actual_s) for x in launches if x.lane == "prefill")
+    dec = sorted((x.started, x.started + x.actual_s) for x in launches if x.lane == "decode")
+    total, j = 0.0, 0
+    for a0, a1 in pre:  # the lanes' own launches never overlap each other: a sweep over both lists
+        while j < len(dec) and dec[j][1] <= a0:
+            j += 1
+        k = j
+        while k < len(dec) and dec[k][0] < a1:
+            total += max(0.0, min(a1, dec[k][1]) - max(a0, dec[k][0]))
+            k += 1
+    return total
 
 
 def measured(doc: dict) -> dict[tuple[str, int], float]:
@@ -121,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-default-truths", action="store_true",
                    help="leave out the 'truth on' and 'exact' emulations (only --truth's)")
     p.add_argument("--latency", action="store_true", help="add TTFT / TBT p99 per source and policy")
+    p.add_argument("--launches", action="store_true",
+                   help="add launches per lane and lane overlap per source and policy (means over seeds)")
     p.add_argument("--policy", action="append", default=[], metavar="SPEC",
                    help="an emulated-only policy column, e.g. duet+running_target=1 (the GPU run's settings of "
                         "that policy, the spec's options over them); repeatable")
@@ -141,6 +163,7 @@ def main(argv=None) -> int:
     skip = ("duet", *a.policy)
     rows = []
     lat: dict[str, dict[str, list[tuple[float, float]]]] = {}  # source -> policy -> [(TTFT p99, TBT p99)]
+    lau: dict[str, dict[str, list[tuple[dict, float]]]] = {}  # source -> policy -> [(launches per lane, overlap s)]
     for label in ("GPU (measured)", *truths):
         per_seed = {}
         for seed in meta["seeds"]:
@@ -149,6 +172,9 @@ def main(argv=None) -> int:
                 for run in doc["runs"]:
                     if run.get("status") == "ok" and run["seed"] == seed:
                         lat.setdefault(label, {}).setdefault(run["policy"], []).append(_lat(run["delivery"]))
+                        ex = run.get("executor") or {}
+                        lau.setdefault(label, {}).setdefault(run["policy"], []).append(
+                            (ex.get("launches") or {}, float(ex.get("lane_overlap_s") or 0.0)))
             else:
                 truth = truths[label](seed=seed)
                 per_seed[seed] = {}
@@ -157,6 +183,7 @@ def main(argv=None) -> int:
                                 seed, hw, truth)
                     per_seed[seed][pol] = m["goodput_strict_req_s"]
                     lat.setdefault(label, {}).setdefault(pol, []).append(_lat(m))
+                    lau.setdefault(label, {}).setdefault(pol, []).append((m["launches"], m["lane_overlap_s"]))
         rows.append((label, per_seed))
     lines = [f"# GPU A/B vs its emulation: {meta['model']} on {meta['device_name']}, {meta['workload']}, "
              f"{meta['num_requests']} requests at {meta['rate']} req/s, TBT SLO {meta['tbt_slo_ms']:g} ms",
@@ -182,6 +209,19 @@ def main(argv=None) -> int:
                 v = per_pol.get(pol) or []
                 cells.append(f"{statistics.mean(x for x, _ in v):.0f} / {statistics.mean(y for _, y in v):.1f}"
                              if v else "-")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if a.launches:
+        lines += ["", "Launches aggregated / prefill / decode and lane overlap (s), means over seeds:", "",
+                  "| source | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
+        for label, per_pol in lau.items():
+            cells = []
+            for pol in policies:
+                v = per_pol.get(pol) or []
+                if not v:  # a policy the GPU did not run
+                    cells.append("-")
+                    continue
+                n = [statistics.mean(x.get(lane, 0) for x, _ in v) for lane in ("aggregated", "prefill", "decode")]
+                cells.append(" / ".join(f"{x:.0f}" for x in n) + f", {statistics.mean(o for _, o in v):.2f}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -60,3 +60,29 @@ def test_only_the_given_truth_and_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         mod.main([RESULTS, "--no-default-truths"])
     assert "--no-default-truths needs at least one --truth" in capsys.readouterr().err
+
+
+def test_lane_overlap_counts_only_prefill_beside_decode():
+    from types import SimpleNamespace as L
+
+    mod = _module()
+    launches = [L(lane="prefill", started=0.0, actual_s=1.0), L(lane="decode", started=0.5, actual_s=0.2),
+                L(lane="decode", started=0.9, actual_s=0.3), L(lane="aggregated", started=0.0, actual_s=5.0),
+                L(lane="prefill", started=2.0, actual_s=1.0), L(lane="decode", started=2.5, actual_s=1.0)]
+    assert mod.lane_overlap(launches) == pytest.approx(0.2 + 0.1 + 0.5)
+
+
+def test_launches_table_has_the_gpu_counts(tmp_path):
+    mod = _module()
+    out = tmp_path / "t.md"
+    assert mod.main([RESULTS, "--hardware", "h200", "--no-default-truths", "--truth", TRUTH, "--launches",
+                     "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Launches aggregated / prefill / decode and lane overlap" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| GPU (measured) | ") and " / " in ln)
+    import json
+
+    with open(RESULTS) as f:
+        duet = next(r for r in json.load(f)["runs"] if r["policy"] == "duet")
+    n = duet["executor"]["launches"]
+    assert f"{n['aggregated']} / {n['prefill']} / {n['decode']}, {duet['executor']['lane_overlap_s']:.2f}" in line
