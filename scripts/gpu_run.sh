@@ -9,7 +9,7 @@
 #   bash scripts/gpu_run.sh all      # both, in one call (when one call has the time)
 #   bash scripts/gpu_run.sh lease3   # after a first lease: fused-op and engine tests, fused vs torch ops, calibration, 3-seed A/B
 #   bash scripts/gpu_run.sh "PHASE ..."  # chosen phases, in this order: smoke prewarm fused tests duet bench
-#                                        # bench_torch_ops calibrate ab
+#                                        # bench_torch_ops bench_triton calibrate ab
 #
 #   GPU_RUN_DRY=1 bash scripts/gpu_run.sh all   # on any machine: every phase's shell logic runs, each
 #                                               # python command only checks itself (--help /
@@ -136,7 +136,7 @@ if [ "$DRY" != 1 ]; then
   HW=$("$PY" -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name(0) else "h100")' 2>/dev/null || echo h100)
 fi
 want() { case " $PHASES " in *" $1 "*) return 0;; *) return 1;; esac; }
-ALL_PHASES="smoke prewarm fused tests duet bench bench_torch_ops calibrate ab"
+ALL_PHASES="smoke prewarm fused tests duet bench bench_torch_ops bench_triton calibrate ab"
 case "$CALL" in
   lease1) PHASES="smoke prewarm tests duet" ;;
   lease2) PHASES="prewarm bench calibrate ab" ;;  # prewarm: seconds when the cache is warm, else the compile
@@ -177,6 +177,10 @@ want duet && run_phase duet 150 40 "${PYTEST[@]}" -m gpu \
   tests/gpu/test_gpu_duet.py
 STEP_ARGS=(--hardware "$HW" --batches 1 32 128 --contexts 1024 4096 --prefills 1024 8192 --profile)
 want bench && run_phase bench 100 40 "$PY" benchmark/step_latency.py "${STEP_ARGS[@]}" --out "$WORK/step_latency"
+# The same steps on the Triton attention backend: at batch 1 FlashInfer's tensor-core decode (a prefill
+# kernel and a merge, ~12.6 us a layer on the H200) may lose to a plain decode kernel.
+want bench_triton && run_phase bench_triton 100 40 "$PY" benchmark/step_latency.py "${STEP_ARGS[@]}" \
+  --attention-backend triton --out "$WORK/step_latency_triton"
 # If the model failed on its fused kernels, the calibration and the A/B run on the torch ops (still measured).
 if want bench && ! grep -q "^bench ok" "$SUMMARY"; then
   export SGLANG_DUET_TORCH_OPS=1

@@ -57,6 +57,9 @@ def test_third_call_and_a_chosen_phase_list(tmp_path):
     assert "--num-requests 96 --rate 20" in log
     assert "--policies aggregated chunked:2048 static-split+decode_sms=48 duet" in log
     assert "test_gpu_fused_ops.py" in log
+    p, s = _run(tmp_path, "bench_triton bench")
+    assert p.returncode == 0 and list(s) == ["bench", "bench_triton"], p.stdout + p.stderr
+    assert "--attention-backend triton" in (tmp_path / "work" / "gpu_run.log").read_text()
     p, s = _run(tmp_path, "ab fused")
     assert p.returncode == 0, p.stdout + p.stderr
     assert list(s) == ["fused", "ab"]
