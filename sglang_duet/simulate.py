@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="on: noise, host time, switch cost, per-request attention, phase contention (defaults "
                         "below); off: the exact model (the belief itself, launch-averaged contention); the "
                         "options below apply over either")
+    t.add_argument("--truth-file", default=None, metavar="PATH",
+                   help="a measured truth (e.g. configs/truth/h200-2026-11-30.yaml: host time, prefill-step scale, "
+                        "two-lane contention measured on a GPU) in place of --truth's; the options below apply over it")
     t.add_argument("--truth-hardware", default=None, help="hardware name or file of the truth (default: --hardware)")
     t.add_argument("--truth-perturb", default=None, metavar="COMPUTE,BANDWIDTH",
                    help="scale the truth's compute and bandwidth curves, e.g. 0.85,1.15 (default 1,1)")
@@ -111,7 +114,10 @@ def truth_config(a: argparse.Namespace) -> TruthConfig:
     if a.truth_attention:
         over["attention"] = a.truth_attention
     seed = a.seed if a.truth_seed is None else a.truth_seed
-    base = TruthConfig(seed=seed) if a.truth == "on" else TruthConfig.exact(seed=seed)
+    if a.truth_file:
+        base = TruthConfig.from_file(a.truth_file, seed=seed)
+    else:
+        base = TruthConfig(seed=seed) if a.truth == "on" else TruthConfig.exact(seed=seed)
     if not over:
         return base
     return TruthConfig.parse(over, **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})

@@ -175,3 +175,16 @@ def test_truth_file_that_is_not_a_mapping_is_refused(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="expected a mapping"):
         TruthConfig.from_file(str(bad))
+
+
+def test_simulate_reads_a_truth_file_and_its_flags_apply_over_it():
+    from sglang_duet.simulate import base_config, parse_args
+
+    cfg = base_config(parse_args(["--truth-file", TRUTH_FILE, "--seed", "3", "--truth-noise", "0"]))
+    t = cfg.truth
+    assert (t.contention, t.prefill_step_scale, t.host_hidden, t.seed, t.noise_sigma) == ("measured", 1.09, False, 3, 0.0)
+
+
+def test_measured_contention_without_points_is_refused_by_the_executor(cm):
+    with pytest.raises(ValueError, match="needs a truth with contention_points"):
+        EmulatedExecutor(cm, clock_mode="virtual", contention="measured", truth=TruthConfig())

@@ -147,6 +147,8 @@ class EmulatedExecutor(Executor):
         self._cm = cost_model  # the belief (what policies plan with); also sizes the token range
         self.truth = truth if truth is not None else TruthConfig.exact()  # also sets the contention mode
         if contention is not None:
+            if contention == "measured" and not self.truth.contention_points:
+                raise ValueError("contention 'measured' needs a truth with contention_points (e.g. a truth file)")
             self.contention = contention
         self.mode = clock_mode
         self._wall = clock
