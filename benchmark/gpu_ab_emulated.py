@@ -19,7 +19,8 @@ configs/truth/h200-2026-11-30.yaml, the H200's measured host time, prefill-step 
 contention) or a TruthConfig.parse spec ('file=...,noise=0'); its row is labelled with the file's
 name or the spec. `--no-default-truths` leaves out the two default emulations; `--latency` adds a
 table of TTFT / TBT p99 per source and policy (means over seeds), `--launches` one of launches per
-lane and the seconds both split lanes ran at once. `--policy SPEC` (repeatable) adds an
+lane and the seconds both split lanes ran at once, `--predictions` each lane's launch time over the
+policy's prediction (the GPU run's measured_over_predicted beside the emulator's). `--policy SPEC` (repeatable) adds an
 emulated-only column, a policy the GPU did not run, in the simulator's spec (e.g.
 `duet+running_target=1`): the GPU run's settings of that policy with the spec's options over them.
 """
@@ -63,6 +64,11 @@ def emulate(meta: dict, policy: str, settings: dict, seed: int, hardware: str, t
     m = metrics(recs, "delivery", first, meta["rate"], meta["tbt_slo_ms"], meta["ttft_slo_ms"])
     m["launches"] = dict(res.stats["launches"])
     m["lane_overlap_s"] = lane_overlap(res.launches)
+    ratios: dict[str, list[float]] = {}
+    for x in res.launches:  # as gpu_ab's measured_over_predicted: each launch's time over the policy's prediction
+        if x.predicted_s:
+            ratios.setdefault(x.lane, []).append(x.actual_s / x.predicted_s)
+    m["measured_over_predicted"] = {lane: {"median": statistics.median(v), "n": len(v)} for lane, v in ratios.items()}
     return m
 
 
@@ -141,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-default-truths", action="store_true",
                    help="leave out the 'truth on' and 'exact' emulations (only --truth's)")
     p.add_argument("--latency", action="store_true", help="add TTFT / TBT p99 per source and policy")
+    p.add_argument("--predictions", action="store_true",
+                   help="add each lane's median launch time over the policy's prediction per source and policy")
     p.add_argument("--launches", action="store_true",
                    help="add launches per lane and lane overlap per source and policy (means over seeds)")
     p.add_argument("--policy", action="append", default=[], metavar="SPEC",
@@ -164,6 +172,7 @@ def main(argv=None) -> int:
     rows = []
     lat: dict[str, dict[str, list[tuple[float, float]]]] = {}  # source -> policy -> [(TTFT p99, TBT p99)]
     lau: dict[str, dict[str, list[tuple[dict, float]]]] = {}  # source -> policy -> [(launches per lane, overlap s)]
+    mop: dict[str, dict[str, list[dict]]] = {}  # source -> policy -> [measured_over_predicted per seed]
     for label in ("GPU (measured)", *truths):
         per_seed = {}
         for seed in meta["seeds"]:
@@ -172,6 +181,7 @@ def main(argv=None) -> int:
                 for run in doc["runs"]:
                     if run.get("status") == "ok" and run["seed"] == seed:
                         lat.setdefault(label, {}).setdefault(run["policy"], []).append(_lat(run["delivery"]))
+                        mop.setdefault(label, {}).setdefault(run["policy"], []).append(run.get("measured_over_predicted") or {})
                         ex = run.get("executor") or {}
                         lau.setdefault(label, {}).setdefault(run["policy"], []).append(
                             (ex.get("launches") or {}, float(ex.get("lane_overlap_s") or 0.0)))
@@ -184,6 +194,7 @@ def main(argv=None) -> int:
                     per_seed[seed][pol] = m["goodput_strict_req_s"]
                     lat.setdefault(label, {}).setdefault(pol, []).append(_lat(m))
                     lau.setdefault(label, {}).setdefault(pol, []).append((m["launches"], m["lane_overlap_s"]))
+                    mop.setdefault(label, {}).setdefault(pol, []).append(m["measured_over_predicted"])
         rows.append((label, per_seed))
     lines = [f"# GPU A/B vs its emulation: {meta['model']} on {meta['device_name']}, {meta['workload']}, "
              f"{meta['num_requests']} requests at {meta['rate']} req/s, TBT SLO {meta['tbt_slo_ms']:g} ms",
@@ -209,6 +220,19 @@ def main(argv=None) -> int:
                 v = per_pol.get(pol) or []
                 cells.append(f"{statistics.mean(x for x, _ in v):.0f} / {statistics.mean(y for _, y in v):.1f}"
                              if v else "-")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if a.predictions:
+        lines += ["", "Launch time / the policy's prediction, median per lane (agg / prefill / decode), means over seeds "
+                  "(GPU: from the first kernel; emulator: from submission, host time included):", "",
+                  "| source | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
+        for label, per_pol in mop.items():
+            cells = []
+            for pol in policies:
+                per_lane = []
+                for lane in ("aggregated", "prefill", "decode"):
+                    v = [d[lane]["median"] for d in per_pol.get(pol) or [] if lane in d]
+                    per_lane.append(f"{statistics.mean(v):.2f}" if v else "-")
+                cells.append(" / ".join(per_lane) if per_pol.get(pol) else "-")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if a.launches:
         lines += ["", "Launches aggregated / prefill / decode and lane overlap (s), means over seeds:", "",

@@ -86,3 +86,19 @@ def test_launches_table_has_the_gpu_counts(tmp_path):
         duet = next(r for r in json.load(f)["runs"] if r["policy"] == "duet")
     n = duet["executor"]["launches"]
     assert f"{n['aggregated']} / {n['prefill']} / {n['decode']}, {duet['executor']['lane_overlap_s']:.2f}" in line
+
+
+def test_predictions_table_puts_the_gpu_ratios_beside_the_emulators(tmp_path):
+    mod = _module()
+    out = tmp_path / "t.md"
+    assert mod.main([RESULTS, "--hardware", "h200", "--truth", "off", "--no-default-truths", "--predictions",
+                     "--out", str(out)]) == 0
+    text = out.read_text()
+    import json
+
+    with open(RESULTS) as f:
+        chunked = next(r for r in json.load(f)["runs"] if r["policy"] == "chunked")
+    gpu = next(ln for ln in text.splitlines() if ln.startswith("| GPU (measured) | ") and " / " in ln)
+    assert f"{chunked['measured_over_predicted']['aggregated']['median']:.2f} / - / -" in gpu
+    exact = next(ln for ln in text.splitlines() if ln.startswith("| emulator, off | ") and " / " in ln)
+    assert "| 1.00 / - / - |" in exact  # the exact truth takes what chunked predicted, launch for launch
