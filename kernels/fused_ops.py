@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -134,12 +135,37 @@ def _rmsnorm(x, residual, weight, eps):
     return out, res_out
 
 
+@dataclass(frozen=True)
+class KVStore:
+    """Where `qk_norm_rope` also writes each new token's roped k and its v: one layer's pool rows
+    (`k_cache`, `v_cache`: contiguous [slots, H_kv, D] in the activations' dtype) at slots `loc` ([T] int64,
+    the batch's out_cache_loc). Then the attention backend runs with kv_stored=True: two scatter launches
+    per layer fewer (72 in a Qwen3-8B decode step)."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    loc: torch.Tensor
+    v: torch.Tensor  # [T, H_kv, D], any token/head strides (a view of the q/k/v GEMM's output)
+
+    def check(self, k: torch.Tensor) -> None:
+        T, H_kv, D = k.shape
+        for name, c in (("k_cache", self.k_cache), ("v_cache", self.v_cache)):
+            if c.dim() != 3 or tuple(c.shape[1:]) != (H_kv, D) or not c.is_contiguous() or c.dtype != k.dtype:
+                raise ValueError(f"KVStore.{name} {tuple(c.shape)} {c.dtype}: want contiguous [slots, {H_kv}, {D}] "
+                                 f"{k.dtype}")
+        if tuple(self.v.shape) != (T, H_kv, D) or self.v.dtype != k.dtype:
+            raise ValueError(f"KVStore.v {tuple(self.v.shape)} {self.v.dtype}: want [{T}, {H_kv}, {D}] {k.dtype}")
+        if tuple(self.loc.shape) != (T,) or self.loc.dtype != torch.int64:
+            raise ValueError(f"KVStore.loc {tuple(self.loc.shape)} {self.loc.dtype}: want [{T}] int64")
+
+
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  q_norm_w: torch.Tensor | None = None, k_norm_w: torch.Tensor | None = None,
-                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float = 1e-6, kv_store: KVStore | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """qk_norm_rope_ref in one kernel: q [T, H, D], k [T, H_kv, D] (any token/head strides), cos/sin
     [T, 1, D] or [T, D]; per-head RMSNorm first when the weights are given (Qwen3). New contiguous
-    outputs. Weights, cos and sin must have q's dtype (the model's; mixed dtypes would promote)."""
+    outputs. Weights, cos and sin must have q's dtype (the model's; mixed dtypes would promote).
+    With `kv_store`, the roped k and the v of every token are also written into the KV pool there."""
     T, H, D = q.shape
     H_kv = k.shape[1]
     if k.shape != (T, H_kv, D) or D % 2:
@@ -155,6 +181,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         cos, sin = cos[:, 0], sin[:, 0]
     if cos.shape != (T, D) or sin.shape != (T, D):
         raise ValueError(f"cos/sin {tuple(cos.shape)}: want [T, 1, D] = [{T}, 1, {D}]")
+    if kv_store is not None:
+        kv_store.check(k)
     q, k, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
     q_out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     k_out = torch.empty((T, H_kv, D), dtype=k.dtype, device=k.device)
@@ -162,11 +190,16 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         has_norm = q_norm_w is not None
         qw, kw = (q_norm_w.contiguous(), k_norm_w.contiguous()) if has_norm else (q, k)  # (q, k: unread)
         kernels = _kernels()
+        if kv_store is not None:
+            v = kv_store.v if kv_store.v.stride(-1) == 1 else kv_store.v.contiguous()
+            v_args = (v, kv_store.k_cache, kv_store.v_cache, kv_store.loc)
+        else:
+            v, v_args = k, (k, k_out, k_out, k)  # (unread)
         kernels.qk_norm_rope_kernel[(T, H + H_kv)](
-            q, k, q_out, k_out, qw, kw, cos, sin,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-            H, H_kv, D // 2, float(eps), HAS_NORM=has_norm, BLOCK_H=kernels.next_pow2(D // 2), num_warps=1,
-            **TORCH_ROUNDING)
+            q, k, q_out, k_out, qw, kw, cos, sin, *v_args,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0), v.stride(0), v.stride(1),
+            H, H_kv, D // 2, float(eps), HAS_NORM=has_norm, STORE_KV=kv_store is not None,
+            BLOCK_H=kernels.next_pow2(D // 2), num_warps=1, **TORCH_ROUNDING)
     return q_out, k_out
 
 
@@ -204,11 +237,26 @@ class FusedOps:
         return fused_add_rmsnorm(x, residual, norm.weight, norm.eps)
 
     @staticmethod
-    def qk_norm_rope(q, k, cos, sin, q_norm=None, k_norm=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head q_norm/k_norm (Qwen3; None: none) then RoPE, q and k in one kernel."""
+    def qk_norm_rope(q, k, cos, sin, q_norm=None, k_norm=None,
+                     kv_store: KVStore | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head q_norm/k_norm (Qwen3; None: none) then RoPE, q and k in one kernel (and k, v into the
+        pool with `kv_store`)."""
         if q_norm is None:
-            return qk_norm_rope(q, k, cos, sin)
-        return qk_norm_rope(q, k, cos, sin, q_norm.weight, k_norm.weight, q_norm.eps)
+            return qk_norm_rope(q, k, cos, sin, kv_store=kv_store)
+        return qk_norm_rope(q, k, cos, sin, q_norm.weight, k_norm.weight, q_norm.eps, kv_store)
+
+    @staticmethod
+    def kv_store(attn, kv_pool, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> KVStore | None:
+        """Where the RoPE kernel can write this layer's new k/v itself: the pool's rows at the slots the
+        attention backend's batch assigns, when the pool holds the activations' dtype in contiguous
+        [slots, H_kv, D] rows; else None (the backend stores them)."""
+        loc = attn.new_token_slots()
+        if loc is None or kv_pool.dtype != k.dtype or loc.dtype != torch.int64:
+            return None
+        k_cache, v_cache = kv_pool.get_kv(layer_id)
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or tuple(k_cache.shape[1:]) != tuple(k.shape[1:]):
+            return None
+        return KVStore(k_cache, v_cache, loc, v)
 
     silu_mul = staticmethod(silu_mul)
 

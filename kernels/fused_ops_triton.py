@@ -31,10 +31,9 @@ def rmsnorm_kernel(X, R, W, Out, ROut, stride_x, stride_r, D, eps,
 
 
 @triton.jit
-def _norm_rope_head(X, Out, W, Cos, Sin, half, eps, HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One head of head_dim 2 * half: X, Out, Cos, Sin point at its first element (contiguous)."""
-    offs = tl.arange(0, BLOCK_H)
-    mask = offs < half
+def _norm_rope_head(X, W, Cos, Sin, offs, mask, half, eps, HAS_NORM: tl.constexpr):
+    """One head of head_dim 2 * half (X, Cos, Sin point at its first element, contiguous): its two halves
+    after the optional per-head RMSNorm and RoPE, in X's dtype."""
     x1 = tl.load(X + offs, mask=mask, other=0.0)
     x2 = tl.load(X + half + offs, mask=mask, other=0.0)
     dt = x1.dtype
@@ -55,26 +54,41 @@ def _norm_rope_head(X, Out, W, Cos, Sin, half, eps, HAS_NORM: tl.constexpr, BLOC
     # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product rounded as torch's is
     o1 = (a * c1).to(dt).to(tl.float32) - (b * s1).to(dt).to(tl.float32)
     o2 = (b * c2).to(dt).to(tl.float32) + (a * s2).to(dt).to(tl.float32)
-    tl.store(Out + offs, o1.to(dt), mask=mask)
-    tl.store(Out + half + offs, o2.to(dt), mask=mask)
+    return o1.to(dt), o2.to(dt)
 
 
 @triton.jit
-def qk_norm_rope_kernel(Q, K, QOut, KOut, QW, KW, Cos, Sin,
-                        stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
-                        H, H_KV, half, eps, HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program (token t, head h): h < H is query head h, else key head h - H."""
+def qk_norm_rope_kernel(Q, K, QOut, KOut, QW, KW, Cos, Sin, V, KCache, VCache, Loc,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st, stride_vt, stride_vh,
+                        H, H_KV, half, eps, HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """Program (token t, head h): h < H is query head h, else key head h - H. With STORE_KV a key head also
+    writes its roped k and the token's v for that head into the layer's KV pool rows at slot Loc[t]
+    (what the attention backend's store would do, without its two scatter launches)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     cos = Cos + t * stride_ct
     sin = Sin + t * stride_st
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < half
     if h < H:
-        _norm_rope_head(Q + t * stride_qt + h * stride_qh, QOut + (t * H + h) * (2 * half), QW, cos, sin,
-                        half, eps, HAS_NORM, BLOCK_H)
+        o1, o2 = _norm_rope_head(Q + t * stride_qt + h * stride_qh, QW, cos, sin, offs, mask, half, eps, HAS_NORM)
+        out = QOut + (t * H + h) * (2 * half)
+        tl.store(out + offs, o1, mask=mask)
+        tl.store(out + half + offs, o2, mask=mask)
     else:
         hk = h - H
-        _norm_rope_head(K + t * stride_kt + hk * stride_kh, KOut + (t * H_KV + hk) * (2 * half), KW, cos, sin,
-                        half, eps, HAS_NORM, BLOCK_H)
+        o1, o2 = _norm_rope_head(K + t * stride_kt + hk * stride_kh, KW, cos, sin, offs, mask, half, eps, HAS_NORM)
+        out = KOut + (t * H_KV + hk) * (2 * half)
+        tl.store(out + offs, o1, mask=mask)
+        tl.store(out + half + offs, o2, mask=mask)
+        if STORE_KV:
+            row = tl.load(Loc + t).to(tl.int64) * (H_KV * 2 * half) + hk * (2 * half)
+            tl.store(KCache + row + offs, o1.to(KCache.dtype.element_ty), mask=mask)
+            tl.store(KCache + row + half + offs, o2.to(KCache.dtype.element_ty), mask=mask)
+            v = V + t * stride_vt + hk * stride_vh
+            tl.store(VCache + row + offs, tl.load(v + offs, mask=mask, other=0.0), mask=mask)
+            tl.store(VCache + row + half + offs, tl.load(v + half + offs, mask=mask, other=0.0), mask=mask)
 
 
 @triton.jit

@@ -162,9 +162,9 @@ class _LoggingAttention(TorchAttentionBackend):
         self.log.append("plan")
         super().plan(fb)
 
-    def run(self, layer_id, *args):
+    def run(self, layer_id, *args, **kw):
         self.log.append(f"run{layer_id}")
-        return super().run(layer_id, *args)
+        return super().run(layer_id, *args, **kw)
 
 
 def test_before_launch_comes_after_the_plan_and_before_the_first_kernel(model):

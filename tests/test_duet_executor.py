@@ -157,10 +157,10 @@ class HoldingAttention(TorchAttentionBackend):
 
     hold = None
 
-    def run(self, layer_id, *args):
+    def run(self, layer_id, *args, **kw):
         if layer_id == 0 and self.hold is not None:
             self.hold()
-        return super().run(layer_id, *args)
+        return super().run(layer_id, *args, **kw)
 
 
 class HeldPrefill(DuetGPUExecutor):
@@ -362,9 +362,9 @@ class PlanLog(TorchAttentionBackend):
     def plan_now(self, q_dtype, kv_dtype):
         self.log.append((f"plan_now {q_dtype} {kv_dtype}", time.monotonic()))
 
-    def run(self, layer_id, *args):
+    def run(self, layer_id, *args, **kw):
         self.log.append((f"run{layer_id}", time.monotonic()))
-        return super().run(layer_id, *args)
+        return super().run(layer_id, *args, **kw)
 
 
 def test_prefill_step_is_timed_from_after_its_plan(model):

@@ -125,6 +125,33 @@ def test_qk_norm_rope(dtype, qk_norm, T, H, H_kv, D):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H,H_kv,D", [(1, 4, 2, 64), (5, 2, 1, 32)])
+def test_qk_norm_rope_writes_k_and_v_into_the_pool(dtype, T, H, H_kv, D):
+    """With a KVStore the kernel also writes the roped k (bit for bit what it returns) and v (copied) at
+    the slots `loc`, and no other row of the pool."""
+    g = gen(T * 7 + H + D)
+    qkv = randn(T, (H + 2 * H_kv) * D, dtype=dtype, g=g)
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, H_kv * D, H_kv * D], dim=-1))
+    cos, sin = cos_sin(T, D, dtype, g)
+    slots = 3 * T + 4
+    k_cache = torch.full((slots, H_kv, D), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    loc = torch.randperm(slots, generator=g)[:T].to(DEVICE)
+    store = fused_ops.KVStore(k_cache, v_cache, loc, v)
+    got_q, got_k = fused_ops.qk_norm_rope(q, k, cos, sin, kv_store=store)
+    ref_q, ref_k = fused_ops.qk_norm_rope_ref(q, k, cos, sin)
+    assert rel_err(got_k, ref_k) <= TOL[dtype] and rel_err(got_q, ref_q) <= TOL[dtype]
+    assert torch.equal(k_cache[loc], got_k) and torch.equal(v_cache[loc], v)
+    others = torch.ones(slots, dtype=torch.bool)
+    others[loc.cpu()] = False
+    assert k_cache[others.to(DEVICE)].isnan().all() and v_cache[others.to(DEVICE)].isnan().all()
+    with pytest.raises(ValueError, match="KVStore.loc"):
+        fused_ops.qk_norm_rope(q, k, cos, sin, kv_store=fused_ops.KVStore(k_cache, v_cache, loc.int(), v))
+    with pytest.raises(ValueError, match="KVStore.k_cache"):
+        fused_ops.qk_norm_rope(q, k, cos, sin, kv_store=fused_ops.KVStore(k_cache[:, :, :D // 2], v_cache, loc, v))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,N", [(1, 1500), (5, 576), (2, 64)])
 def test_silu_and_mul(dtype, T, N):
     g = gen(T * 31 + N)
@@ -186,7 +213,7 @@ from sglang_duet.kernels import fused_ops, fused_ops_triton as K
 
 def compile_(fn, dtype, **constexprs):
     ints = ("D", "N", "H", "H_KV", "half")
-    sig = {p.name: "constexpr" if p.is_constexpr else "fp32" if p.name == "eps" else
+    sig = {p.name: "constexpr" if p.is_constexpr else "fp32" if p.name == "eps" else "*i64" if p.name == "Loc" else
            "i32" if p.name in ints or p.name.startswith("stride") else f"*{dtype}" for p in fn.params}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(fused_ops.TORCH_ROUNDING))
@@ -194,8 +221,9 @@ def compile_(fn, dtype, **constexprs):
 for dtype in ("bf16", "fp32"):
     for flag in (False, True):
         compile_(K.rmsnorm_kernel, dtype, HAS_RESIDUAL=flag, BLOCK=4096)
-        ptx = compile_(K.qk_norm_rope_kernel, dtype, HAS_NORM=flag, BLOCK_H=64).asm["ptx"]
-        assert not re.search(r"\bfma\.", ptx), "RoPE contracted into an FMA"
+        for store in (False, True):
+            ptx = compile_(K.qk_norm_rope_kernel, dtype, HAS_NORM=flag, STORE_KV=store, BLOCK_H=64).asm["ptx"]
+            assert not re.search(r"\bfma\.", ptx), "RoPE contracted into an FMA"
     compile_(K.silu_mul_kernel, dtype, BLOCK=fused_ops.SILU_BLOCK)
 print("compiled")
 """

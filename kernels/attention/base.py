@@ -120,13 +120,22 @@ class AttentionBackend(abc.ABC):
     `plan` is called once per forward launch with the batch (index work shared by all
     layers happens there); `run` is called once per layer with the new tokens' q, k, v
     (RoPE already applied) shaped [T, H, D], [T, H_kv, D], [T, H_kv, D]. It must store
-    k and v at `fb.out_cache_loc` in the pool and return the attention output [T, H * D].
+    k and v at `fb.out_cache_loc` in the pool, unless the caller already did (kv_stored=True:
+    the fused RoPE kernel writes them, kernels/fused_ops.py), and return the attention output
+    [T, H * D].
     """
 
     name: str = "base"
+    _fb: ForwardBatch | None = None  # the batch of the last plan (or graph plan)
 
     @abc.abstractmethod
     def plan(self, fb: ForwardBatch) -> None: ...
 
     @abc.abstractmethod
-    def run(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool) -> torch.Tensor: ...
+    def run(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool,
+            kv_stored: bool = False) -> torch.Tensor: ...
+
+    def new_token_slots(self) -> torch.Tensor | None:
+        """The KV slots of the planned batch's new tokens (fb.out_cache_loc), where run() stores k and v;
+        None before a plan."""
+        return None if self._fb is None else self._fb.out_cache_loc

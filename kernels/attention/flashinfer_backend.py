@@ -165,12 +165,14 @@ class FlashInferAttentionBackend(AttentionBackend):
             self._wrapper = self.prefill_wrapper
         self._pending = False
 
-    def run(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool) -> torch.Tensor:
+    def run(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool,
+            kv_stored: bool = False) -> torch.Tensor:
         fb = self._fb
         assert fb is not None, "plan() must be called before run()"
         if self._pending:
             self.plan_now(q.dtype, kv_pool.dtype)
-        kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
+        if not kv_stored:
+            kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
         k_buf, v_buf = kv_pool.get_kv(layer_id)
         T = q.shape[0]
         out = self._wrapper.run(q.contiguous(), (k_buf.unsqueeze(1), v_buf.unsqueeze(1)))

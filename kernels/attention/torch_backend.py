@@ -73,10 +73,12 @@ class TorchAttentionBackend(AttentionBackend):
             rows = torch.tensor([q_off[i] for i in decodes], dtype=torch.long, device=dev).unsqueeze(1)
             self._groups.append(_Group(rows, slots, mask, False, decode=True))
 
-    def run(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool) -> torch.Tensor:
+    def run(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool,
+            kv_stored: bool = False) -> torch.Tensor:
         fb = self._fb
         assert fb is not None, "plan() must be called before run()"
-        kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
+        if not kv_stored:
+            kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
         k_buf, v_buf = kv_pool.get_kv(layer_id)
         T, H, D = q.shape
         n_rep = H // k_buf.shape[1]

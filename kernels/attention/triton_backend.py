@@ -262,10 +262,12 @@ class TritonAttentionBackend(AttentionBackend):
             ext = fb.extend_lens_cpu or (fb.seq_lens - fb.prefix_lens).tolist()
             self._max_extend = max(ext)
 
-    def run(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool) -> torch.Tensor:
+    def run(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_pool,
+            kv_stored: bool = False) -> torch.Tensor:
         fb = self._fb
         assert fb is not None, "plan() must be called before run()"
-        kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
+        if not kv_stored:
+            kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
         k_buf, v_buf = kv_pool.get_kv(layer_id)
         q = q.contiguous()
         T, H, D = q.shape

@@ -158,14 +158,16 @@ class Attention(nn.Module):
             q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
             k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
             v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        if ops is not None:  # QK-norm (Qwen3) and RoPE of all heads: one kernel
-            q, k = ops.qk_norm_rope(q, k, cos, sin, self.q_norm, self.k_norm)
+        store = None
+        if ops is not None:  # QK-norm (Qwen3) and RoPE of all heads, and k/v into the pool: one kernel
+            store = ops.kv_store(attn, kv_pool, self.layer_id, k, v)
+            q, k = ops.qk_norm_rope(q, k, cos, sin, self.q_norm, self.k_norm, store)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        o = attn.run(self.layer_id, q, k, v, kv_pool)
+        o = attn.run(self.layer_id, q, k, v, kv_pool, kv_stored=store is not None)
         if self.o_weight_t is not None:  # only without tensor parallelism (add_gemv_weights)
             return linear_rows(o, self.o_proj.weight, self.o_proj.bias, self.o_weight_t)
         return row_parallel(self.o_proj, o, self.tp)
