@@ -131,8 +131,8 @@ for n in ("triton", "flashinfer", "tvm_ffi", "cuda.bindings", "zmq", "fastapi", 
   log "environment: $(tr '\n' ';' <"$WORK/env.txt" | cut -c1-600)"
 fi
 
-HW=h100
-if [ "$DRY" != 1 ]; then
+HW=${GPU_RUN_HW:-h100}  # the hardware file's name; on the device, read from the GPU unless set
+if [ "$DRY" != 1 ] && [ -z "${GPU_RUN_HW:-}" ]; then
   HW=$("$PY" -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name(0) else "h100")' 2>/dev/null || echo h100)
 fi
 want() { case " $PHASES " in *" $1 "*) return 0;; *) return 1;; esac; }
@@ -193,9 +193,13 @@ want calibrate && run_phase calibrate 140 60 "$PY" -m sglang_duet.calibrate \
   --model-config configs/models/qwen3-8b.json --hardware "$HW" --out "$WORK/calibration/$HW-calibrated.yaml" \
   --sizes 8 16 24 32 48 64 80 96 112 124 132 --validate-sizes 16 32 64 96 132 \
   --step-latency "$WORK/step_latency/results.json"  # the bench phase's whole-GPU rows join the fit
-# The A/B's policies plan with the calibration just measured when there is one (else the shipped curves).
+# The A/B's policies plan with the calibration just measured when there is one, else the committed one of a
+# past lease, else the shipped curves.
 CAL="$WORK/calibration/$HW-calibrated.yaml"
-AB_HW=$HW; [ -s "$CAL" ] && AB_HW=$CAL
+AB_HW=$HW
+if [ -s "$CAL" ]; then AB_HW=$CAL
+elif [ -s "configs/hardware/$HW-calibrated.yaml" ]; then AB_HW="configs/hardware/$HW-calibrated.yaml"  # a past lease's
+fi
 # One run took ~15 s on an H200 at 64 requests and 10 req/s (2026-11-30): the trace, its drain (~4 s) and
 # a warm-up (~3 s); plus ~40 s to load the model and capture graphs.
 read -r -a AB_POLICY_LIST <<<"$AB_POLICIES"

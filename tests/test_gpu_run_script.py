@@ -64,6 +64,10 @@ def test_third_call_and_a_chosen_phase_list(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert list(s) == ["fused", "ab"]
     assert (tmp_path / "out" / "results-ab_fused.tgz").exists()
+    # without a calibration of this call, the A/B plans with the committed one of a past lease
+    p, s = _run(tmp_path, "ab", GPU_RUN_HW="h200")
+    assert p.returncode == 0 and s == {"ab": "ok"}
+    assert "--hardware configs/hardware/h200-calibrated.yaml" in (tmp_path / "work" / "gpu_run.log").read_text()
     p, _ = _run(tmp_path, "ab nonsense")
     assert p.returncode == 2 and "usage" in p.stderr
 
