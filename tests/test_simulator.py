@@ -344,3 +344,16 @@ def test_tp2_simulation_prices_compute_bound_prefill_faster_than_tp1():
 def test_tp_size_flag_is_checked():
     with pytest.raises(SystemExit):
         main(["--tp-size", "0", "--num-requests", "2", "--quiet"])
+
+
+def test_goodput_table_runs_on_a_measured_truth_file():
+    """--truth-file: the table's emulated GPU is the measured truth (configs/truth/), perturbable."""
+    from sglang_duet.cost_model.truth import TruthConfig
+    from sglang_duet.simulator import goodput_table
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "truth", "h200-2026-11-30.yaml")
+    t = goodput_table.base_config(goodput_table.parse_args(["--truth-file", path])).truth
+    assert t == TruthConfig.from_file(path) and t != TruthConfig()
+    assert t.contention == "measured" and t.host_hidden is False
+    p = goodput_table.base_config(goodput_table.parse_args(["--truth-file", path, "--truth-perturb", "0.9,1.1"])).truth
+    assert p.perturb == (0.9, 1.1) and p.contention == "measured"

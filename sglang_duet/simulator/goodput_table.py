@@ -19,7 +19,7 @@
 3. The table: goodput mean and 95% t-interval over seeds per policy and definition, and duet's
    ratio to each other policy (mean of the per-seed ratios and its t-interval).
 
-`--truth-perturb C,B` runs on a perturbed truth; with `--tuned-from TABLE.json` the baselines are
+`--truth-perturb C,B` runs on a perturbed truth, `--truth-file` on a measured one (configs/truth/); with `--tuned-from TABLE.json` the baselines are
 the members tuned there (e.g. on the unperturbed curves) instead of being tuned again.
 `--reuse TABLE.json --rerun duet-8192` keeps that table's tuning and per-seed runs of every other
 policy and simulates only the named ones again (after a change to them; same settings assumed).
@@ -375,6 +375,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rel-tol", type=float, default=0.06, help="bisect until the bracket is this narrow")
     p.add_argument("--truth", choices=("on", "off"), default="on")
     p.add_argument("--truth-perturb", default=None, metavar="COMPUTE,BANDWIDTH")
+    p.add_argument("--truth-file", default=None, metavar="PATH",
+                   help="a measured truth (configs/truth/*.yaml) in place of --truth's; --truth-perturb applies over it")
     p.add_argument("--out", default=None, help="folder for table.md and table.json (required unless --collect)")
     p.add_argument("--collect", nargs="+", default=None, metavar="TABLE.json",
                    help="print the headline rows of these tables and exit")
@@ -386,7 +388,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def base_config(a) -> SimConfig:
-    truth = TruthConfig() if a.truth == "on" else TruthConfig.exact()
+    if a.truth_file:
+        truth = TruthConfig.from_file(a.truth_file)
+    else:
+        truth = TruthConfig() if a.truth == "on" else TruthConfig.exact()
     if a.truth_perturb:
         truth = dataclasses.replace(truth, perturb=tuple(float(x) for x in a.truth_perturb.split(",")))
     arrival = None
@@ -458,6 +463,7 @@ def main(argv=None) -> int:
     truth = base.truth.describe() if base.truth else "exact"
     title = (f"{a.model} on emulated {a.hardware}" + (f" x {a.tp_size} (tensor parallel)" if a.tp_size > 1 else "")
              + f", {a.workload}" + (f" ({a.arrival} arrivals)" if a.arrival else "")
+             + (f", truth {os.path.basename(a.truth_file)}" if a.truth_file else "")
              + (f", truth perturbed {a.truth_perturb}" if a.truth_perturb else ""))
     tune_lines = []
     for fam, t in tuned.items():
