@@ -6,10 +6,8 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "gpu"))
-from gpu_common import NEAR_TIE_NATS, TOP, first_divergences, save_small_model  # noqa: E402
+from gpu_common import NEAR_TIE_NATS, first_divergences, greedy_reference, save_small_model  # noqa: E402
 
 from sglang_duet.engine import Engine  # noqa: E402
 from sglang_duet.sampling_params import SamplingParams  # noqa: E402
@@ -19,11 +17,7 @@ NEW = 16
 
 def test_bf16_leaves_the_reference_only_at_near_ties_and_a_wrong_token_is_caught(tmp_path):
     path = save_small_model(tmp_path)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 40, 200, 17)]
-    ref = Engine(model_path=path, dtype="float32", device="cpu").generate(
-        input_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=NEW, ignore_eos=True,
-                                                          logprobs=True, top_logprobs=TOP))
+    prompts, ref = greedy_reference(path, NEW)
     got = [o["output_ids"] for o in Engine(model_path=path, dtype="bfloat16", device="cpu").generate(
         input_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=NEW, ignore_eos=True))]
     divs = first_divergences(ref, got)

@@ -76,6 +76,20 @@ TOP = 5
 NEAR_TIE_NATS = 0.1
 
 
+def greedy_reference(path: str, new_tokens: int) -> tuple[list[list[int]], list[dict]]:
+    """Four prompts (5 to 200 random ids) and the float32 CPU engine's greedy outputs on them, with the
+    top-TOP log-probabilities at each token (what `first_divergences` reads)."""
+    from sglang_duet.engine import Engine
+    from sglang_duet.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 40, 200, 17)]
+    ref = Engine(model_path=path, dtype="float32", device="cpu").generate(
+        input_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=new_tokens,
+                                                          ignore_eos=True, logprobs=True, top_logprobs=TOP))
+    return prompts, ref
+
+
 def first_divergences(ref_outs: list[dict], got: list[list[int]]) -> list[tuple[int, float | None]]:
     """(position, log-prob gap) where each run first takes another token than the reference: the gap
     between the reference's token and the taken one in the reference's own top-TOP list there (None: the

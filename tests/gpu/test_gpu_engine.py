@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from gpu_common import (GPU, NEAR_TIE_NATS, TOP, first_divergences, requires_flashinfer, requires_triton,
-                        save_small_model)
+from gpu_common import (GPU, NEAR_TIE_NATS, first_divergences, greedy_reference, requires_flashinfer,
+                        requires_triton, save_small_model)
 from sglang_duet.engine import Engine
 from sglang_duet.sampling_params import SamplingParams
 
@@ -58,11 +57,7 @@ def test_greedy_flashinfer_bf16_vs_cpu(tmp_path):
     2026-11-30). What must hold: the first tokens agree, and where the bf16 run first leaves the
     reference, the reference itself nearly tied (`first_divergences`)."""
     path = save_small_model(tmp_path)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 40, 200, 17)]
-    ref = Engine(model_path=path, dtype="float32", device="cpu").generate(
-        input_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=NEW, ignore_eos=True,
-                                                          logprobs=True, top_logprobs=TOP))
+    prompts, ref = greedy_reference(path, NEW)
     got = _ids(_gpu_engine(path, dtype="bfloat16", attention_backend="flashinfer").generate(
         input_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_new_tokens=NEW, ignore_eos=True)))
     for r, g_ in zip(_ids(ref), got):
