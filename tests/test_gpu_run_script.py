@@ -57,17 +57,15 @@ def test_third_call_and_a_chosen_phase_list(tmp_path):
     assert "--num-requests 96 --rate 20" in log
     assert "--policies aggregated chunked:2048 static-split+decode_sms=48 duet" in log
     assert "test_gpu_fused_ops.py" in log
-    p, s = _run(tmp_path, "bench_triton bench")
-    assert p.returncode == 0 and list(s) == ["bench", "bench_triton"], p.stdout + p.stderr
-    assert "--attention-backend triton" in (tmp_path / "work" / "gpu_run.log").read_text()
-    p, s = _run(tmp_path, "ab fused")
+    # a chosen list runs in the script's order; without a calibration of this call the A/B plans with
+    # the committed one of a past lease
+    p, s = _run(tmp_path, "ab bench_triton fused", GPU_RUN_HW="h200")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert list(s) == ["fused", "ab"]
-    assert (tmp_path / "out" / "results-ab_fused.tgz").exists()
-    # without a calibration of this call, the A/B plans with the committed one of a past lease
-    p, s = _run(tmp_path, "ab", GPU_RUN_HW="h200")
-    assert p.returncode == 0 and s == {"ab": "ok"}
-    assert "--hardware configs/hardware/h200-calibrated.yaml" in (tmp_path / "work" / "gpu_run.log").read_text()
+    assert list(s) == ["fused", "bench_triton", "ab"]
+    assert (tmp_path / "out" / "results-ab_bench_triton_fused.tgz").exists()
+    log = (tmp_path / "work" / "gpu_run.log").read_text()
+    assert "--attention-backend triton" in log
+    assert "--hardware configs/hardware/h200-calibrated.yaml" in log
     p, _ = _run(tmp_path, "ab nonsense")
     assert p.returncode == 2 and "usage" in p.stderr
 
