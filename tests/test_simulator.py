@@ -2,6 +2,7 @@
 and a reduced sweep writes its table and plots."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -357,3 +358,7 @@ def test_goodput_table_runs_on_a_measured_truth_file():
     assert t.contention == "measured" and t.host_hidden is False
     p = goodput_table.base_config(goodput_table.parse_args(["--truth-file", path, "--truth-perturb", "0.9,1.1"])).truth
     assert p.perturb == (0.9, 1.1) and p.contention == "measured"
+    # the no-host ablation: the same file's truth with its host time at zero
+    nh = goodput_table.base_config(goodput_table.parse_args(["--truth-file", path.replace(".yaml", "-no-host.yaml")])).truth
+    assert (nh.host_base_s, nh.host_per_req_s) == (0.0, 0.0) and t.host_base_s > 0
+    assert dataclasses.replace(nh, host_base_s=t.host_base_s, host_per_req_s=t.host_per_req_s) == t
