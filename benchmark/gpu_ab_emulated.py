@@ -133,6 +133,22 @@ def _best_other(g: dict[str, float | None], skip=("duet",)) -> float | None:
     return max((v for k, v in g.items() if k not in skip and v is not None), default=None)
 
 
+LANES = ("aggregated", "prefill", "decode")
+
+
+def _policy_table(title: str, per_label: dict, policies: list[str], cell) -> list[str]:
+    """One row per source, one cell per policy: cell(that policy's values over seeds), '-' where it has none
+    (a policy the GPU did not run)."""
+    lines = ["", title, "", "| source | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
+    for label, per_pol in per_label.items():
+        lines.append(f"| {label} | " + " | ".join(cell(per_pol[p]) if per_pol.get(p) else "-" for p in policies) + " |")
+    return lines
+
+
+def _mean_or_dash(v: list[float]) -> str:
+    return f"{statistics.mean(v):.2f}" if v else "-"
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}"
 
@@ -212,41 +228,18 @@ def main(argv=None) -> int:
             med = lambda x: f"{statistics.median(x):.2f}" if x else "-"  # noqa: E731
             lines.append(f"| {label} | median |{' |' * len(policies)} {med(ratios)} | | {med(best)} |")
     if a.latency:
-        lines += ["", "TTFT p99 / TBT p99 (ms, delivery times), means over seeds:", "",
-                  "| source | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
-        for label, per_pol in lat.items():
-            cells = []
-            for pol in policies:
-                v = per_pol.get(pol) or []
-                cells.append(f"{statistics.mean(x for x, _ in v):.0f} / {statistics.mean(y for _, y in v):.1f}"
-                             if v else "-")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += _policy_table("TTFT p99 / TBT p99 (ms, delivery times), means over seeds:", lat, policies,
+                               lambda v: f"{statistics.mean(x for x, _ in v):.0f} / {statistics.mean(y for _, y in v):.1f}")
     if a.predictions:
-        lines += ["", "Launch time / the policy's prediction, median per lane (agg / prefill / decode), means over seeds "
-                  "(GPU: from the first kernel; emulator: from submission, host time included):", "",
-                  "| source | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
-        for label, per_pol in mop.items():
-            cells = []
-            for pol in policies:
-                per_lane = []
-                for lane in ("aggregated", "prefill", "decode"):
-                    v = [d[lane]["median"] for d in per_pol.get(pol) or [] if lane in d]
-                    per_lane.append(f"{statistics.mean(v):.2f}" if v else "-")
-                cells.append(" / ".join(per_lane) if per_pol.get(pol) else "-")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += _policy_table(
+            "Launch time / the policy's prediction, median per lane (agg / prefill / decode), means over seeds "
+            "(GPU: from the first kernel; emulator: from submission, host time included):", mop, policies,
+            lambda v: " / ".join(_mean_or_dash([d[lane]["median"] for d in v if lane in d]) for lane in LANES))
     if a.launches:
-        lines += ["", "Launches aggregated / prefill / decode and lane overlap (s), means over seeds:", "",
-                  "| source | " + " | ".join(policies) + " |", "|---|" + "---|" * len(policies)]
-        for label, per_pol in lau.items():
-            cells = []
-            for pol in policies:
-                v = per_pol.get(pol) or []
-                if not v:  # a policy the GPU did not run
-                    cells.append("-")
-                    continue
-                n = [statistics.mean(x.get(lane, 0) for x, _ in v) for lane in ("aggregated", "prefill", "decode")]
-                cells.append(" / ".join(f"{x:.0f}" for x in n) + f", {statistics.mean(o for _, o in v):.2f}")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += _policy_table(
+            "Launches aggregated / prefill / decode and lane overlap (s), means over seeds:", lau, policies,
+            lambda v: " / ".join(f"{statistics.mean(x.get(lane, 0) for x, _ in v):.0f}" for lane in LANES)
+            + f", {statistics.mean(o for _, o in v):.2f}")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
