@@ -17,10 +17,17 @@ from sglang_duet.server_args import ServerArgs
 NO_ENV: dict = {}
 
 
-def test_two_cpus_one_model_thread_pinned_beside_the_others():
+def test_two_cpus_the_model_shares_the_others_cpu_with_its_second_thread():
     plan = plan_cpu_threads({0, 1}, env=NO_ENV)
-    assert plan == CpuPlan(threads=1, model_cpus=(1,), other_cpus=(0,), thread_cpus=(1,))
-    assert plan.model_env() == {"OMP_NUM_THREADS": "1"}  # one thread: the process's CPU set pins it
+    # thread 0 (Python's too) alone on CPU 1, thread 1 beside the main process and detokenizer on CPU 0
+    assert plan == CpuPlan(threads=2, model_cpus=(1, 0), other_cpus=(0,), thread_cpus=(1, 0))
+    assert plan.model_env() == {"OMP_NUM_THREADS": "2", "GOMP_CPU_AFFINITY": "1 0"}
+    assert plan_cpu_threads({0, 1}, threads=1, env=NO_ENV).thread_cpus == (1,)  # --cpu-threads 1: the old split
+    # two hyperthreads of one core: nothing to gain from sharing, the model keeps its one CPU
+    one_core = plan_cpu_threads({0, 1}, core_of={0: (0, 0), 1: (0, 0)}, env=NO_ENV)
+    assert one_core.model_cpus == (1,) and one_core.threads == 1
+    # three CPUs leave the model two cores of its own: no sharing
+    assert plan_cpu_threads({0, 1, 2}, env=NO_ENV).model_cpus == (1, 2)
     four = plan_cpu_threads(range(5), env=NO_ENV)
     assert four.model_env() == {"OMP_NUM_THREADS": "4", "GOMP_CPU_AFFINITY": "1 2 3 4"}
 
@@ -71,7 +78,8 @@ def test_parse_cpu_list():
     (None, "0-1", {0, 1}, "leave at least one CPU"),
     (None, "one", {0, 1}, "--cpu-bind one: expected auto, off or a CPU list"),
     (3, "1", {0, 1, 2}, "--cpu-threads 3: more threads than the 1 CPU(s) of --cpu-bind 1"),
-    (4, "auto", {0, 1}, "--cpu-threads 4: more threads than the 1 CPU(s) --cpu-bind auto gives"),
+    (4, "auto", {0, 1}, "--cpu-threads 4: more threads than the 2 CPU(s) --cpu-bind auto gives"),
+    (4, "auto", {0, 1, 2}, "--cpu-threads 4: more threads than the 2 CPU(s) --cpu-bind auto gives"),
 ])
 def test_bad_flags_are_named(threads, bind, allowed, needle):
     assert needle in check_cpu_flags(threads, bind, allowed)
@@ -125,12 +133,18 @@ def test_a_child_gets_the_plans_threads_and_then_every_thread_its_cpus():
     deadline = time.monotonic() + 120
     while len(os.listdir(f"/proc/{child.pid}/task")) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)  # until its side thread runs
-    assert pin_process(child.pid, plan.model_cpus) >= 2  # the main thread and the side thread at least
+    moved = pin_process(child.pid, plan.model_cpus)
+    if set(plan.model_cpus) != set(allowed):
+        assert moved >= 2  # the main thread and the side thread at least
     go.put(None)
     go.put(None)
     tasks, omp, torch_threads = q.get(timeout=120)
     child.join(30)
-    assert all(cpus == list(plan.model_cpus) for cpus in tasks.values()), tasks
+    assert all(set(cpus) <= set(plan.model_cpus) for cpus in tasks.values()), tasks
+    if plan.threads >= 2:  # GOMP_CPU_AFFINITY bound the main thread (torch's thread 0) to the plan's first CPU
+        assert tasks[child.pid] == [plan.thread_cpus[0]], tasks
+    else:
+        assert all(cpus == list(plan.model_cpus) for cpus in tasks.values()), tasks
     assert omp == str(plan.threads) and torch_threads == plan.threads
     assert sorted(os.sched_getaffinity(0)) == allowed  # pinning the child moved nothing here
 

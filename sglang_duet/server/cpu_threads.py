@@ -9,7 +9,14 @@ process may use (`os.sched_getaffinity`, so a taskset/cgroup limit is respected)
   * the lowest-numbered CPUs (1 of up to 8, else 2) go to the main process and the detokenizer;
   * the rest to the model process, with one torch thread per physical core among them (a second
     hyperthread on a core only competes for the same execution units), each thread pinned to one
-    CPU (GOMP_CPU_AFFINITY: torch's OpenMP runtime binds thread i to the i-th CPU listed).
+    CPU (GOMP_CPU_AFFINITY: torch's OpenMP runtime binds thread i to the i-th CPU listed);
+  * except where that would leave the model a single physical core (2 CPUs): its threads then span
+    every core, its own first (thread 0, the one that also runs Python, never shares), the last
+    sharing the main process's CPU. Measured on 2 AVX2 cores serving SmolLM2 under a 16-concurrent
+    burst, the main process, the detokenizer and bench_serving's client together used about a third of
+    CPU 0 (CPU seconds over the run), so the model's second thread gets the rest: output tok/s
+    60 -> 88, median TPOT 219 -> 148 ms, one-at-a-time TPOT unchanged
+    (benchmark/results/cpu_vs_peer-cpu2-vllm-fp32.md, stop 27).
 
 `plan_cpu_threads` is the pure rule (tests call it with made-up CPU sets and topologies). The
 launcher (server/launcher.py) spawns the model process with the plan's thread count (and threads'
@@ -97,7 +104,7 @@ def check_cpu_flags(threads: int | None, bind: str, allowed: set[int]) -> str | 
     if bind == "off" or len(allowed) < 2:
         return None
     if bind == "auto":
-        n_model = len(allowed) - _reserved(len(allowed))
+        n_model = len(_auto_split(tuple(sorted(allowed)), {})[0])
         if threads is not None and threads > n_model:
             return (f"--cpu-threads {threads}: more threads than the {n_model} CPU(s) --cpu-bind auto gives the model "
                     f"process of the {len(allowed)} available (pass --cpu-bind off to place them freely)")
@@ -122,6 +129,23 @@ def _reserved(n_cpus: int) -> int:
     return 1 if n_cpus <= 8 else 2
 
 
+def _core(cpu: int, core_of: dict):
+    return core_of.get(cpu, ("cpu", cpu))
+
+
+def _auto_split(allowed: tuple[int, ...], core_of: dict, threads: int | None = None
+                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(model CPUs in thread order, the main process's and detokenizer's CPUs) for --cpu-bind auto: the
+    lowest CPUs to the other processes; where the rest is one physical core (and more than one thread is
+    wanted, or the count is left to the plan), the model shares theirs too."""
+    reserve = _reserved(len(allowed))
+    model_cpus, other_cpus = allowed[reserve:], allowed[:reserve]
+    one_core_left = len({_core(c, core_of) for c in model_cpus}) == 1
+    if one_core_left and len({_core(c, core_of) for c in allowed}) > 1 and (threads is None or threads > 1):
+        model_cpus = model_cpus + other_cpus  # its own core first: thread 0 runs Python too
+    return model_cpus, other_cpus
+
+
 def plan_cpu_threads(allowed, threads: int | None = None, bind: str = "auto", core_of: dict | None = None,
                      env: dict | None = None) -> CpuPlan:
     """The plan for a model process given the CPUs this process may use (`allowed`), --cpu-threads
@@ -142,15 +166,14 @@ def plan_cpu_threads(allowed, threads: int | None = None, bind: str = "auto", co
         # as before this module: leave one CPU to the other two processes
         return CpuPlan(threads or max(1, len(allowed) - 1), (), (), (), notes)
     if bind == "auto":
-        reserve = _reserved(len(allowed))
-        model_cpus, other_cpus = allowed[reserve:], allowed[:reserve]
+        model_cpus, other_cpus = _auto_split(allowed, core_of, threads)
     else:
         model_cpus = parse_cpu_list(bind)
         other_cpus = tuple(c for c in allowed if c not in model_cpus)
     # one thread per physical core: the first CPU of each core among the model's CPUs
     seen, per_core = set(), []
     for c in model_cpus:
-        core = core_of.get(c, ("cpu", c))
+        core = _core(c, core_of)
         if core not in seen:
             seen.add(core)
             per_core.append(c)
