@@ -116,10 +116,11 @@ def test_the_cache_key_names_what_changes_a_rank_s_timings(monkeypatch):
     others = {cc.calibration_key(model, "torch.float32", "TorchAttention", 2),
               cc.calibration_key(model, "torch.float32", "TorchAttention", 2, 2),
               cc.calibration_key(model, "torch.bfloat16", "TorchAttention"),
-              cc.calibration_key(model, "torch.float32", "OtherAttention")}
+              cc.calibration_key(model, "torch.float32", "OtherAttention"),
+              cc.calibration_key(model, "torch.float32", "TorchAttention", packed=True)}
     monkeypatch.setattr(torch, "get_num_threads", lambda: 977)
     others.add(cc.calibration_key(model, "torch.float32", "TorchAttention"))
-    assert len(others) == 5 and key not in others
+    assert len(others) == 6 and key not in others
 
 
 def test_timed_batches_never_hold_more_kv_than_the_pool():

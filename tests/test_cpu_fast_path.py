@@ -342,18 +342,19 @@ def test_the_cpu_lm_head_in_pieces_gives_the_same_logits_bit_for_bit(tiny_model_
     """compute_logits on a CPU runs the LM head over LM_HEAD_CPU_ROWS vocabulary rows at a time for 2+ rows."""
     import torch.nn.functional as F
 
-    from sglang_duet.models import llama
+    from sglang_duet.models import cpu_weights
 
+    monkeypatch.setenv("SGLANG_DUET_CPU_PACKED", "0")  # the path without oneDNN's blocked weights
     model = load_model(tiny_model_factory("llama"), dtype="float32").model
-    monkeypatch.setattr(llama, "LM_HEAD_CPU_ROWS", 100)  # the tiny vocabulary is 384 rows: 4 pieces, the last short
+    monkeypatch.setattr(cpu_weights, "LM_HEAD_CPU_ROWS", 100)  # the tiny vocabulary is 384 rows: 4 pieces, the last short
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(6, model.config.hidden_size, generator=gen)
     idx = torch.tensor([0, 2, 3, 5])
     w = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     assert w.shape[0] > 100 and w.shape[0] % 100
     calls = []
-    real = llama._chunked_linear
-    monkeypatch.setattr(llama, "_chunked_linear", lambda *a: calls.append(1) or real(*a))
+    real = cpu_weights._chunked_linear
+    monkeypatch.setattr(cpu_weights, "_chunked_linear", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode():
         got = model.compute_logits(x, idx)
         assert calls  # the chunked path ran

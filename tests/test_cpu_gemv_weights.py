@@ -1,4 +1,4 @@
-"""One-row CPU steps against [in, out] copies of the wide weights (models/llama.py, GEMV_COPY_MAX_BYTES):
+"""One-row CPU steps against [in, out] copies of the wide weights (models/cpu_weights.py, GEMV_COPY_MAX_BYTES):
 which models get them, that they are exact transposes that one-row steps (and only those) multiply with,
 that greedy decoding of a single request stays token-exact with transformers (tiny models and the embedded
 SmolLM2), and that the embedded model's serving file carries them mapped."""
@@ -48,8 +48,10 @@ def hf_greedy(path: str, prompt: list[int], max_new: int, eos: int) -> list[int]
 
 @pytest.mark.parametrize("family", ["llama", "smollm", "qwen2", "qwen3"])  # untied, tied, q/k/v bias, QK-norm
 def test_copies_are_exact_transposes_and_steps_of_up_to_3_rows_use_them(family, tiny_model_factory, monkeypatch):
+    # without the blocked weights (no oneDNN, or SGLANG_DUET_CPU_PACKED=0); with them: test_cpu_packed_weights.py
+    monkeypatch.setenv("SGLANG_DUET_CPU_PACKED", "0")
     model = load_model(tiny_model_factory(family), dtype="float32").model
-    assert model.has_gemv_weights
+    assert model.has_gemv_weights and not model.has_packed_weights
     a, m = model.model.layers[0].self_attn, model.model.layers[0].mlp
     head = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     for w_t, w in ((a.qkv_weight_t, a.qkv_weight), (a.o_weight_t, a.o_proj.weight),

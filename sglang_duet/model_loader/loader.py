@@ -192,13 +192,23 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp=
     return model.eval()
 
 
-def _prepare_for_inference(model: LlamaForCausalLM, device: torch.device) -> None:
+def _prepare_for_inference(model: LlamaForCausalLM, device: torch.device, pack: bool = True) -> None:
     """One GEMM for q/k/v and one for gate/up per layer: on a CPU bit-identical to the separate ones and
     fewer passes over the activations; on a GPU three launches fewer per layer (a decode step of a
-    36-layer model is launch-bound: docs/gpu-notes.md, H200 lease of 2026-11-30)."""
+    36-layer model is launch-bound: docs/gpu-notes.md, H200 lease of 2026-11-30). pack=False: a copy
+    made only to write the serving file, which holds no blocked weights."""
     model.fuse_projections()
-    if model.wants_gemv_weights(device):  # decode steps of 1-3 rows at the CPU's streaming speed (llama.py)
+    if model.wants_gemv_weights(device):  # one-row steps at the CPU's streaming speed (models/cpu_weights.py)
         model.add_gemv_weights()
+    if pack:
+        _add_packed_weights(model, device)
+
+
+def _add_packed_weights(model: LlamaForCausalLM, device: torch.device) -> None:
+    """Small float32 models on a CPU multiply steps of a few rows with oneDNN's blocked weights
+    (models/cpu_weights.py); SGLANG_DUET_CPU_PACKED=0 keeps MKL's GEMM (an A/B, or to save the memory)."""
+    if os.environ.get("SGLANG_DUET_CPU_PACKED", "1") != "0" and model.wants_packed_weights(device):
+        model.add_packed_weights()
 
 
 def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "auto",
@@ -270,11 +280,12 @@ def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "
                        mapped_file=mapped, phases=phases)
 
 
-def _copied_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp, files: list[str]) -> LlamaForCausalLM:
+def _copied_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp, files: list[str],
+                  pack: bool = True) -> LlamaForCausalLM:
     """Parameters allocated on `device` and the checkpoint copied into them (this rank's slices)."""
     model = _empty_model(cfg, dtype, device, tp)
     model.load_weights(iter_safetensors(files, model.weight_shard))
-    _prepare_for_inference(model, device)
+    _prepare_for_inference(model, device, pack)
     return model
 
 
@@ -287,7 +298,8 @@ def _mapped_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, dtype).to(dtype)
     try:
-        path = load_prepared(model, files, lambda: _copied_model(cfg, dtype, device, None, files))
+        path = load_prepared(model, files, lambda: _copied_model(cfg, dtype, device, None, files, pack=False))
+        _add_packed_weights(model, device)
         return model.eval(), path
     except Exception as e:  # noqa: BLE001 - e.g. a read-only cache: serve from a copy as before
         logger.warning("serving-layout weights unavailable (%s: %s); loading a private copy", type(e).__name__, e)

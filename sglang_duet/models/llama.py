@@ -26,6 +26,9 @@ from sglang_duet.distributed.sharding import ShardSpec, TPLayout, shard_tensor
 from sglang_duet.kernels.attention.base import AttentionBackend, ForwardBatch
 from sglang_duet.kernels.fused_ops import FusedOps, resolve, rmsnorm_ref, rotate_half
 from sglang_duet.models.config import ModelConfig
+from sglang_duet.models.cpu_weights import (GEMV_COPY_MAX_BYTES, GEMV_MAX_ROWS, NO_PACKED_ROWS,  # noqa: F401
+                                            PackedRows, linear_rows, lm_head_rows, onednn_available, pack,
+                                            transposed)
 
 
 class RMSNorm(nn.Module):
@@ -70,42 +73,6 @@ def row_parallel(linear: nn.Linear, x: torch.Tensor, tp: TPGroup) -> torch.Tenso
     return y if linear.bias is None else y + linear.bias
 
 
-# The LM head on a CPU, as GEMMs over this many vocabulary rows at a time: for a few rows of x (a decode
-# batch) one GEMM over SmolLM2's 49152 x 576 head ran 15-25% slower than 1024-row pieces (MKL, one AVX2
-# core: 28.8 vs 22.6 ms at 16 rows, CPU time), and every logit is the same dot product, bit for bit.
-LM_HEAD_CPU_ROWS = 1024
-
-
-def _chunked_linear(x: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.cat([F.linear(x, w[s:s + rows]) for s in range(0, w.shape[0], rows)], dim=1)
-
-
-# One row (the decode step of a single request) against a weight stored [out, in], as nn.Linear keeps it,
-# is MKL's dot-product gemv, which streamed SmolLM2's weights at 13-14 GB/s on the 2-core AVX2 test machine
-# (one thread); the same product against an [in, out] copy (x @ w_t, the axpy-style gemv) at 18-24 GB/s:
-# the LM head 8.8 -> 4.8 ms, gate/up of 30 layers 18.9 -> 14.0 ms. At 2 and 3 rows MKL's [out, in] path
-# is worse still (about one more pass over the weights per row): q/k/v + o + gate/up of 30 layers plus the
-# LM head took 76 / 101 ms against 39 / 53 ms with the copies (in-process A/B, load ~3). From 4 rows up
-# MKL's GEMM kernel takes over and the [out, in] layout is as fast or faster (LM head at 16 rows: 32 vs
-# 43 ms); down_proj (in > out) is faster [out, in] at every row count. So a small float32 model on a CPU
-# keeps a second, transposed copy of its wide weights (q/k/v, o, gate/up, LM head; +78% of SmolLM2's
-# bytes) for steps of up to GEMV_MAX_ROWS rows. Bigger models would pay too much memory.
-GEMV_COPY_MAX_BYTES = 1 << 30
-GEMV_MAX_ROWS = 3
-
-
-def linear_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_t: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, w, b), computed against the transposed copy w_t ([in, out], contiguous) when x has at most
-    GEMV_MAX_ROWS rows and there is one (same product, summed in another order: last-bit differences)."""
-    if w_t is not None and x.shape[0] <= GEMV_MAX_ROWS:
-        return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
-    return F.linear(x, w, b)
-
-
-def _transposed(w: torch.Tensor) -> torch.Tensor:
-    return w.detach().t().contiguous()
-
-
 class Attention(nn.Module):
     """Column-parallel q/k/v (this rank's heads only), row-parallel o_proj."""
 
@@ -135,9 +102,13 @@ class Attention(nn.Module):
         # Set by fuse(): q/k/v weights concatenated (the three parameters become views of it).
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
-        # Set by add_gemv_weights(): [in, out] copies of the fused q/k/v and of o_proj for steps of up to GEMV_MAX_ROWS rows.
+        # Set by add_gemv_weights(): [in, out] copies of the fused q/k/v and of o_proj for few-row steps;
+        # by add_packed_weights(): both in oneDNN's blocked layout (models/cpu_weights.py).
         self.qkv_weight_t: torch.Tensor | None = None
         self.o_weight_t: torch.Tensor | None = None
+        self.qkv_packed: torch.Tensor | None = None
+        self.o_packed: torch.Tensor | None = None
+        self.packed_rows = NO_PACKED_ROWS
 
     def fuse(self) -> None:
         """Concatenate q/k/v into one [q+2kv, hidden] weight and make the three parameters views of it:
@@ -150,7 +121,8 @@ class Attention(nn.Module):
                 attn: AttentionBackend, kv_pool, ops: FusedOps | None = None) -> torch.Tensor:
         T = x.shape[0]
         if self.qkv_weight is not None:  # one GEMM instead of three (fuse_projections)
-            q, k, v = linear_rows(x, self.qkv_weight, self.qkv_bias, self.qkv_weight_t).split(self.qkv_sizes, dim=-1)
+            q, k, v = linear_rows(x, self.qkv_weight, self.qkv_bias, self.qkv_weight_t, self.qkv_packed,
+                                  self.packed_rows).split(self.qkv_sizes, dim=-1)
             q = q.view(T, self.num_heads, self.head_dim)
             k = k.view(T, self.num_kv_heads, self.head_dim)
             v = v.view(T, self.num_kv_heads, self.head_dim)
@@ -168,8 +140,8 @@ class Attention(nn.Module):
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
         o = attn.run(self.layer_id, q, k, v, kv_pool, kv_stored=store is not None)
-        if self.o_weight_t is not None:  # only without tensor parallelism (add_gemv_weights)
-            return linear_rows(o, self.o_proj.weight, self.o_proj.bias, self.o_weight_t)
+        if self.o_weight_t is not None or self.o_packed is not None:  # only without tensor parallelism
+            return linear_rows(o, self.o_proj.weight, self.o_proj.bias, self.o_weight_t, self.o_packed, self.packed_rows)
         return row_parallel(self.o_proj, o, self.tp)
 
 
@@ -187,6 +159,9 @@ class MLP(nn.Module):
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
         self.gate_up_bias: torch.Tensor | None = None
         self.gate_up_weight_t: torch.Tensor | None = None  # set by add_gemv_weights()
+        self.gate_up_packed: torch.Tensor | None = None  # set by add_packed_weights(), and:
+        self.down_packed: torch.Tensor | None = None
+        self.packed_rows = NO_PACKED_ROWS
 
     def fuse(self) -> None:
         """gate and up in one [2 * inter, hidden] weight (the two parameters become views of it)."""
@@ -196,10 +171,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ops: FusedOps | None = None) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            gate, up = linear_rows(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_weight_t).chunk(2, dim=-1)
+            gate, up = linear_rows(x, self.gate_up_weight, self.gate_up_bias, self.gate_up_weight_t, self.gate_up_packed,
+                                   self.packed_rows).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return row_parallel(self.down_proj, F.silu(gate) * up if ops is None else ops.silu_mul(gate, up), self.tp)
+        h = F.silu(gate) * up if ops is None else ops.silu_mul(gate, up)
+        if self.down_packed is not None:  # only without tensor parallelism
+            return linear_rows(h, self.down_proj.weight, self.down_proj.bias, None, self.down_packed, self.packed_rows)
+        return row_parallel(self.down_proj, h, self.tp)
 
 
 def _fuse_params(modules, attr: str) -> torch.Tensor:
@@ -282,6 +261,8 @@ class LlamaForCausalLM(nn.Module):
         self._inv_freq_cpu = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self._inv_freq: torch.Tensor | None = None
         self.lm_head_weight_t: torch.Tensor | None = None  # set by add_gemv_weights()
+        self.lm_head_packed: torch.Tensor | None = None  # set by add_packed_weights()
+        self.packed_rows = NO_PACKED_ROWS
         #: the fused Triton layer ops (kernels/fused_ops.py): None decides by device (CUDA and Triton, unless
         #: SGLANG_DUET_TORCH_OPS=1), True forces them (a CPU under TRITON_INTERPRET=1: tests), False never
         self.use_fused_ops: bool | None = None
@@ -320,15 +301,51 @@ class LlamaForCausalLM(nn.Module):
     def add_gemv_weights(self) -> None:
         """Make the [in, out] copies that steps of up to GEMV_MAX_ROWS rows multiply with (after the weights are final)."""
         for owner, attr, w, _ in self._gemv_slots():
-            setattr(owner, attr, _transposed(w))
+            setattr(owner, attr, transposed(w))
 
     def drop_gemv_weights(self) -> None:
+        """Drop the few-row copies and the blocked weights (both stale once the weights change)."""
         for owner, attr, _, _ in self._gemv_slots():
             setattr(owner, attr, None)
+        for owner, attr, _ in self._packed_slots():
+            setattr(owner, attr, None)
+        self._set_packed_rows(NO_PACKED_ROWS)
 
     @property
     def has_gemv_weights(self) -> bool:
         return self.lm_head_weight_t is not None
+
+    # ---- blocked (prepacked) weights: see models/cpu_weights.py -------------------------------------
+    def _packed_slots(self):
+        """(owner, attribute, the [out, in] weight it packs) of every blocked weight."""
+        out = []
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            out += [(a, "qkv_packed", a.qkv_weight), (a, "o_packed", a.o_proj.weight),
+                    (m, "gate_up_packed", m.gate_up_weight), (m, "down_packed", m.down_proj.weight)]
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return out + [(self, "lm_head_packed", head)]
+
+    def wants_packed_weights(self, device: torch.device) -> bool:
+        """Whether this model gets blocked weights: where it gets the few-row copies (a small fused float32
+        model on a CPU, one rank) and torch has oneDNN. They are process-private memory, the model's size again."""
+        return self.wants_gemv_weights(device) and onednn_available()
+
+    def add_packed_weights(self, threads: int | None = None) -> None:
+        """Pack every weight in oneDNN's blocked layout (after the weights are final), used for the row counts
+        PackedRows.for_threads(threads) gives, `threads` the model's torch threads (default: now)."""
+        rows = PackedRows.for_threads(torch.get_num_threads() if threads is None else threads)
+        for owner, attr, w in self._packed_slots():
+            setattr(owner, attr, pack(w))
+        self._set_packed_rows(rows)
+
+    def _set_packed_rows(self, rows: PackedRows) -> None:
+        for module in (self, *(m for layer in self.model.layers for m in (layer.self_attn, layer.mlp))):
+            module.packed_rows = rows
+
+    @property
+    def has_packed_weights(self) -> bool:
+        return self.lm_head_packed is not None
 
     # ---- serving layout (model_loader/prepared.py maps these from one file) ------------------------
     _FUSED = (("self_attn", "qkv", ("q_proj", "k_proj", "v_proj")), ("mlp", "gate_up", ("gate_proj", "up_proj")))
@@ -443,11 +460,7 @@ class LlamaForCausalLM(nn.Module):
         """Float32 logits of final-normed rows x."""
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.tp.size == 1:
-            if self.lm_head_weight_t is not None and x.shape[0] <= GEMV_MAX_ROWS:
-                return linear_rows(x, w, None, self.lm_head_weight_t).float()
-            if x.device.type == "cpu" and x.shape[0] > 1 and w.shape[0] > LM_HEAD_CPU_ROWS:
-                return _chunked_linear(x, w, LM_HEAD_CPU_ROWS).float()
-            return F.linear(x, w).float()
+            return lm_head_rows(x, w, self.lm_head_weight_t, self.lm_head_packed, self.packed_rows).float()
         # vocab-parallel LM head: each rank scores its slice of the vocabulary; gather, drop padding
         logits = self.tp.all_gather_last_dim(F.linear(x, w).float())
         return logits[:, :self.config.vocab_size]
