@@ -44,9 +44,12 @@ class ServerArgs:
     emulated_step_ms: float | None = None  # emulated executor: every launch costs exactly this (cost_model/constant.py)
     attention_backend: str = "auto"  # auto: flashinfer, else triton, else torch on a GPU; torch on a CPU
     disable_cuda_graph: bool = False
-    # SGLang's flag. Here: the CPU decode step through torch.compile (models/decode_step.py); off by default
-    # because its first compile takes 10-40 s on a small CPU (cached on disk afterwards)
+    # SGLang's flag. Here: the CPU decode step through torch.compile (models/decode_step.py), which a CPU model
+    # gets by default anyway where it can run (one rank, a C++ compiler): this flag makes a failure to a
+    # warning; --disable-torch-compile (vLLM's --enforce-eager) or SGLANG_DUET_CPU_COMPILE=0 runs eagerly.
+    # The first compile takes ~12 s on 2 cores, later starts ~5 s (inductor's cache under the cache folder)
     enable_torch_compile: bool = False
+    disable_torch_compile: bool = False
     # Overlap scheduling (SGLang's flag): plan the next step while one runs, where the policy and the
     # executor support it (aggregated/chunked on the emulated GPU or the async GPU executor)
     disable_overlap_schedule: bool = False

@@ -14,6 +14,10 @@ if not torch.cuda.is_available():
 # The suite's oracle is transformers in float32: pin the CPU's --dtype auto there, also on CPUs where it
 # would pick bf16 (tests of the bf16 path pass dtype explicitly).
 os.environ.setdefault("SGLANG_DUET_CPU_DTYPE", "float32")
+# A CPU model compiles its decode step by default (executor/gpu_executor.wants_torch_compile): every engine and
+# server the suite starts would compile (~5-12 s each on 2 cores). The suite runs eagerly; the compiled step has
+# its own tests (test_cpu_fast_path.py), which ask for it.
+os.environ.setdefault("SGLANG_DUET_CPU_COMPILE", "0")
 
 sys.path.insert(0, os.path.dirname(__file__))  # lets test modules `import tiny_models`
 

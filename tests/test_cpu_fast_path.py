@@ -147,41 +147,76 @@ def _decode_case(model, gen):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_the_functional_decode_layer_equals_the_eager_model(family, tiny_model_factory):
-    """The compiled step's Python, run without compiling (compile_fn = identity): same logits and KV."""
+    """The compiled step's Python, run without compiling (compile_fn = identity): same logits and KV as the
+    eager model, through the layer function of each weight form (models/cpu_weights.py) at the row counts
+    that take it."""
+    from sglang_duet.models.decode_step import COPIES, PACKED, PLAIN
+
     model = load_model(tiny_model_factory(family), dtype="float32").model
     pool, decode = _decode_case(model, torch.Generator().manual_seed(2))
     snapshot = pool.buffer.clone()
-    eager = _run(model, decode, pool)
-    eager_kv = pool.buffer.clone()
-    pool.buffer.copy_(snapshot)
-    step = CompiledDecodeStep(model, pool, compile_fn=lambda fn: fn)
-    with torch.inference_mode():
-        got = step(ForwardBatch.build(decode))
-        assert step(ForwardBatch.build([([1, 2], 0, [9, 10], True)])) is None  # not decode-only
-    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(pool.buffer, eager_kv, rtol=1e-5, atol=1e-6)
-    # 1 and 3 requests: the few-row function, over the model's [in, out] copies; same logits and KV
-    assert step.few_rows == 3 and model.has_gemv_weights and set(step._compiled) == {False}
-    for n in (1, 3):
+
+    def check(step, n, form):
+        assert step.form_for(n) == form
         pool.buffer.copy_(snapshot)
-        eager_few = _run(model, decode[:n], pool)
-        eager_few_kv = pool.buffer.clone()
+        eager = _run(model, decode[:n], pool)
+        eager_kv = pool.buffer.clone()
         pool.buffer.copy_(snapshot)
         with torch.inference_mode():
-            got_few = step(ForwardBatch.build(decode[:n]))
-        assert got_few is not None
-        torch.testing.assert_close(got_few, eager_few, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(pool.buffer, eager_few_kv, rtol=1e-5, atol=1e-6)
-    assert set(step._compiled) == {False, True} and step._graphs == {"batched", "one", "few"}
-    # a model without the copies (e.g. bf16, or too big for them) runs a single request eagerly
+            got = step(ForwardBatch.build(decode[:n]))
+        assert got is not None
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pool.buffer, eager_kv, rtol=1e-5, atol=1e-6)
+
+    # oneDNN's blocked weights, at two threads: every count from one request (up to 128)
+    model.add_packed_weights(threads=2)
+    step = CompiledDecodeStep(model, pool, compile_fn=lambda fn: fn)
+    for n in (1, 3, 5):
+        check(step, n, PACKED)
+    assert step._graphs == {"packed/one", "packed/batch"}
+    with torch.inference_mode():
+        assert step(ForwardBatch.build([([1, 2], 0, [9, 10], True)])) is None  # not decode-only
+    # at one thread: one request over the [in, out] copies, 2-32 blocked, beyond that the eager model
+    model.add_packed_weights(threads=1)
+    step = CompiledDecodeStep(model, pool, compile_fn=lambda fn: fn)
+    check(step, 1, COPIES)
+    check(step, 3, PACKED)
+    assert step.form_for(33) is None
+    # the copies without blocked weights (no oneDNN, or SGLANG_DUET_CPU_PACKED=0): up to 3 requests, then [out, in]
+    model.drop_packed_weights()
+    step = CompiledDecodeStep(model, pool, compile_fn=lambda fn: fn)
+    for n, form in ((1, COPIES), (3, COPIES), (5, PLAIN)):
+        check(step, n, form)
+    assert step._graphs == {"copies/one", "copies/batch", "plain/batch"}
+    # neither (e.g. bf16, or a model too big for them): a single request runs eagerly
     model.drop_gemv_weights()
     plain = CompiledDecodeStep(model, pool, compile_fn=lambda fn: fn)
     with torch.inference_mode():
-        assert not plain.few_rows and plain(ForwardBatch.build(decode[:1])) is None
+        assert plain.form_for(1) is None and plain(ForwardBatch.build(decode[:1])) is None
+    check(plain, 5, PLAIN)
     # the start-up warm-up runs the step over the padding slot and leaves the pool as it found it
     before = pool.buffer.clone()
     step.warm_up()
     assert torch.equal(pool.buffer, before)
+
+
+def test_a_cpu_model_compiles_its_decode_step_by_default(tiny_model_factory, monkeypatch):
+    from sglang_duet.executor import gpu_executor
+    from sglang_duet.server_args import ServerArgs
+
+    model = load_model(tiny_model_factory("llama"), dtype="float32").model
+    monkeypatch.delenv(gpu_executor.CPU_COMPILE_ENV, raising=False)
+    monkeypatch.setattr(decode_step, "cpp_compiler", lambda: "/usr/bin/g++")
+    wants = gpu_executor.wants_torch_compile
+    assert wants(ServerArgs(), model, "cpu") and wants(None, model, "cpu")
+    assert not wants(ServerArgs(disable_torch_compile=True), model, "cpu")  # --disable-torch-compile
+    assert not wants(ServerArgs(), model, "cuda")  # the GPU has CUDA graphs
+    monkeypatch.setenv(gpu_executor.CPU_COMPILE_ENV, "0")
+    assert not wants(ServerArgs(), model, "cpu") and wants(ServerArgs(enable_torch_compile=True), model, "cpu")
+    monkeypatch.delenv(gpu_executor.CPU_COMPILE_ENV)
+    monkeypatch.setattr(decode_step, "cpp_compiler", lambda: None)
+    assert not wants(ServerArgs(), model, "cpu")  # no compiler: eager, no warning (nobody asked)
+    assert wants(ServerArgs(enable_torch_compile=True), model, "cpu")  # asked: build() warns and runs eagerly
 
 
 def test_a_failing_compile_falls_back_to_eager_for_good(tiny_model_factory, caplog):
@@ -277,14 +312,15 @@ def test_torch_compiled_engine_is_token_exact_with_transformers(tiny_model_facto
     engine = Engine(model_path=path, dtype="float32", enable_torch_compile=True)
     params = {"temperature": 0, "max_new_tokens": 16}
     got = [o["output_ids"] for o in engine.generate(PROMPTS, sampling_params=params)]
-    # one request alone: every decode step through the one-request graph (the model's one-row copies)
+    # one request alone: every decode step through the one-request graph
     alone = engine.generate(PROMPTS[0], sampling_params=params)["output_ids"]
-    # the start-up compiles serve every batch and context
-    assert counters["stats"]["unique_graphs"] == 3  # batched, one request, 2-3 requests
     step = engine.core.executor.decode_step
     # compiled at start-up (warm_up), before any request
     assert step is not None and step.active and step.compile_s is not None, step and step.reason_off
-    assert step.few_rows and step._graphs == {"batched", "one", "few"}
+    # the start-up compiles serve every batch and context: one request, and a batch, each in the weight form the
+    # eager model uses there (blocked weights; the copies for one request at one thread)
+    assert step._graphs == {f"{step.form_for(1)}/one", f"{step.form_for(2)}/batch"}
+    assert counters["stats"]["unique_graphs"] == 2
     ref = hf_greedy(path, PROMPTS, 16)
     for g, r in zip(got, ref):
         assert g == r[:len(g)]
@@ -362,3 +398,33 @@ def test_the_cpu_lm_head_in_pieces_gives_the_same_logits_bit_for_bit(tiny_model_
         one = model.compute_logits(x, idx[:1])  # one row: a single GEMV, against the [in, out] copy
         assert len(calls) == 1 and torch.equal(one, torch.mm(model.model.norm(x[idx[:1]]), model.lm_head_weight_t))
         torch.testing.assert_close(one, F.linear(model.model.norm(x[idx[:1]]), w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_default_compiled_step_of_smollm2_is_token_exact_with_transformers():
+    """The embedded model as a CPU server runs it by default (compiled decode step over the blocked weights):
+    8 prompts batched and 3 alone, 32 greedy tokens each, equal to transformers' float32 generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sglang_duet import Engine
+    from sglang_duet.model_loader.embedded import default_model_path
+
+    path = default_model_path()
+    prompts = SMOLLM_PROMPTS + ["Once upon a time", "import numpy as np\n", "The best way to learn"]
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").input_ids
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+            ref.append(out[0, ids.shape[1]:].tolist())
+    engine = Engine(dtype="float32", enable_torch_compile=True)
+    step = engine.core.executor.decode_step
+    assert step is not None and step.active, step and step.reason_off
+    params = {"temperature": 0, "max_new_tokens": 32}
+    got = [o["output_ids"] for o in engine.generate(input_ids=[tok(p).input_ids for p in prompts], sampling_params=params)]
+    alone = [engine.generate(input_ids=tok(p).input_ids, sampling_params=params)["output_ids"] for p in prompts[:3]]
+    assert got == [r[:len(g)] for g, r in zip(got, ref)] and all(len(g) > 8 for g in got)
+    assert alone == [r[:len(a)] for a, r in zip(alone, ref)]
+    assert {g.split("/")[1] for g in step._graphs} == {"one", "batch"}

@@ -4,9 +4,11 @@ What it compiles: ONE decoder layer as a function of (activations, the layer's w
 buffers, the step's slot table). Every layer of the model runs the same compiled code with its own
 weights, so the compile cost is one layer's, not the model's (a whole-model graph of 30 layers took
 minutes on a 2-core machine). Batch size and context length are dynamic dimensions: one compile serves
-every decode batch of 4+ requests; up to 3 requests take a second layer function that multiplies with
-the model's [in, out] weight copies (models/llama.py, GEMV_MAX_ROWS), compiled for one request and for
-2-3, so start-up compiles three graphs.
+every decode batch in its range. The GEMMs multiply with the form of the weights the eager model
+would use at that row count (models/cpu_weights.py): oneDNN's blocked weights (through a custom op that
+inductor leaves as an extern call: its own lowering of the blocked linear wants frozen weights), the
+[in, out] copies, or the [out, in] weights; each form is its own layer function, compiled for one
+request and for a batch, so start-up compiles two or three graphs.
 
 Why it is faster than the eager layer:
   * attention reads the paged KV pool in place: `k_buf[slots]` is fused by inductor into the score
@@ -14,7 +16,7 @@ Why it is faster than the eager layer:
     of every request are never materialised;
   * RMSNorm, RoPE, the residual adds, SiLU * up and the softmax are fused loops instead of ~20
     separate ops per layer (each its own pass over memory and its own Python dispatch).
-The GEMMs stay extern calls (the same BLAS the eager path uses).
+The GEMMs stay extern calls (the same oneDNN / BLAS calls the eager path makes).
 
 Only decode-only batches (one new token per request) take this path; prefill and mixed batches run
 the eager model. The executor compiles at start-up (`warm_up`), so no request waits for the compiler. It is refused (eager runs, a warning says why) when the model is tensor-parallel,
@@ -35,9 +37,21 @@ import torch.nn.functional as F
 
 from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.memory.kv_pool import PADDING_SLOT
+from sglang_duet.models.cpu_weights import NO_PACKED_ROWS, packed_linear
 from sglang_duet.models.llama import GEMV_MAX_ROWS
 
 logger = logging.getLogger(__name__)
+
+
+@torch.library.custom_op("sglang_duet::cpu_packed_linear", mutates_args=())
+def _packed_linear_op(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """models/cpu_weights.packed_linear as an op inductor calls as it is (an opaque blocked weight)."""
+    return packed_linear(x, packed, bias)
+
+
+@_packed_linear_op.register_fake
+def _(x, packed, bias, out_features):
+    return x.new_empty(x.shape[0], out_features)
 
 
 def cpp_compiler() -> str | None:
@@ -92,17 +106,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x @ w_t (+ b) against an [in, out] weight: models/llama.py's few-row product (linear_rows)."""
+    """x @ w_t (+ b) against an [in, out] weight: models/cpu_weights.py's few-row product (linear_rows)."""
     return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
 
 
-def make_decode_layer(num_heads: int, num_kv_heads: int, head_dim: int, eps: float, one_row: bool = False):
-    """The decoder layer of models/llama.py as one function (the ints are constants of its graph).
+# The forms of a layer's weights the compiled layer multiplies with (models/cpu_weights.py)
+PLAIN, COPIES, PACKED = "plain", "copies", "packed"
 
-    one_row=True: the layer of a decode step of up to GEMV_MAX_ROWS requests, whose q/k/v, o and gate/up
-    weights are the model's [in, out] copies (LlamaForCausalLM.add_gemv_weights), multiplied as x @ w_t. It is its
-    own function (its own code object), so torch.compile keeps its graph apart from the batched one."""
+
+def make_decode_layer(num_heads: int, num_kv_heads: int, head_dim: int, eps: float, form: str = PLAIN,
+                      hidden: int = 0, intermediate: int = 0):
+    """The decoder layer of models/llama.py as one function (the ints are constants of its graph), its
+    q/k/v, o, gate/up and down products against the weights in `form`:
+      PLAIN   the [out, in] weights (F.linear);
+      COPIES  the [in, out] copies of q/k/v, o and gate/up (x @ w_t), down_proj [out, in];
+      PACKED  oneDNN's blocked weights of all four (hidden and intermediate: their output sizes).
+    Each form is its own function (its own code object), so torch.compile keeps their graphs apart."""
     H, hkv, D = num_heads, num_kv_heads, head_dim
+    qkv_out = (H + 2 * hkv) * D
 
     def attention_block(x, cos, sin, loc, slots, valid, qkv, q_norm, k_norm, k_buf, v_buf):
         T = x.shape[0]
@@ -124,41 +145,55 @@ def make_decode_layer(num_heads: int, num_kv_heads: int, head_dim: int, eps: flo
         gate, up = F.linear(_rms_norm(x, ln2, eps), w_gate_up, b_gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, w_down, b_down)
 
-    def decode_layer_one_row(x, cos, sin, loc, slots, valid, ln1, w_qkv_t, b_qkv, q_norm, k_norm, w_o_t, b_o,
-                             ln2, w_gate_up_t, b_gate_up, w_down, b_down, k_buf, v_buf):
+    def decode_layer_copies(x, cos, sin, loc, slots, valid, ln1, w_qkv_t, b_qkv, q_norm, k_norm, w_o_t, b_o,
+                            ln2, w_gate_up_t, b_gate_up, w_down, b_down, k_buf, v_buf):
         qkv = _linear_t(_rms_norm(x, ln1, eps), w_qkv_t, b_qkv)
         o = attention_block(x, cos, sin, loc, slots, valid, qkv, q_norm, k_norm, k_buf, v_buf)
         x = x + _linear_t(o, w_o_t, b_o)
         gate, up = _linear_t(_rms_norm(x, ln2, eps), w_gate_up_t, b_gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, w_down, b_down)  # down_proj: [out, in] is as fast (llama.py)
+        return x + F.linear(F.silu(gate) * up, w_down, b_down)  # down_proj: no copy (models/cpu_weights.py)
 
-    return decode_layer_one_row if one_row else decode_layer
+    def decode_layer_packed(x, cos, sin, loc, slots, valid, ln1, p_qkv, b_qkv, q_norm, k_norm, p_o, b_o,
+                            ln2, p_gate_up, b_gate_up, p_down, b_down, k_buf, v_buf):
+        mm = _packed_linear_op
+        qkv = mm(_rms_norm(x, ln1, eps), p_qkv, b_qkv, qkv_out)
+        o = attention_block(x, cos, sin, loc, slots, valid, qkv, q_norm, k_norm, k_buf, v_buf)
+        x = x + mm(o, p_o, b_o, hidden)
+        gate, up = mm(_rms_norm(x, ln2, eps), p_gate_up, b_gate_up, 2 * intermediate).chunk(2, dim=-1)
+        return x + mm(F.silu(gate) * up, p_down, b_down, hidden)
+
+    return {PLAIN: decode_layer, COPIES: decode_layer_copies, PACKED: decode_layer_packed}[form]
 
 
-def _layer_weights(layer, one_row: bool = False) -> tuple:
-    """The layer's tensors in make_decode_layer's order; one_row: the [in, out] copies of q/k/v, o, gate/up."""
+def _layer_weights(layer, form: str = PLAIN) -> tuple:
+    """The layer's tensors in make_decode_layer's order, its four weights in `form`."""
     a, m = layer.self_attn, layer.mlp
     if a.qkv_weight is None or m.gate_up_weight is None:
         a.fuse()
         m.fuse()
-    w_qkv, w_o, w_gate_up = ((a.qkv_weight_t, a.o_weight_t, m.gate_up_weight_t) if one_row
-                             else (a.qkv_weight, a.o_proj.weight, m.gate_up_weight))
+    w_qkv, w_o, w_gate_up, w_down = {
+        PLAIN: (a.qkv_weight, a.o_proj.weight, m.gate_up_weight, m.down_proj.weight),
+        COPIES: (a.qkv_weight_t, a.o_weight_t, m.gate_up_weight_t, m.down_proj.weight),
+        PACKED: (a.qkv_packed, a.o_packed, m.gate_up_packed, m.down_packed),
+    }[form]
     return (layer.input_layernorm.weight, w_qkv, a.qkv_bias,
             a.q_norm.weight if a.q_norm is not None else None, a.k_norm.weight if a.k_norm is not None else None,
             w_o, a.o_proj.bias, layer.post_attention_layernorm.weight,
-            w_gate_up, m.gate_up_bias, m.down_proj.weight, m.down_proj.bias)
+            w_gate_up, m.gate_up_bias, w_down, m.down_proj.bias)
 
 
 class CompiledDecodeStep:
     """`step(fb)`: logits of a decode-only batch through the compiled layer, or None when the caller
     must run the eager model (not a decode-only batch, or the compiled path is off).
 
-    Two layer functions: a batched one for 4+ requests (batch and context dynamic), and one for up to
-    GEMV_MAX_ROWS requests that multiplies with the model's [in, out] weight copies
-    (LlamaForCausalLM.add_gemv_weights; SmolLM2 on one AVX2 core, one request: 42 -> 33 ms per step
-    against the eager model with the same copies), compiled for one request (context dynamic) and for 2-3
-    (batch dynamic too): three graphs. A model without those copies runs a single request eagerly and
-    2+ requests through the batched function."""
+    A batch of n requests takes the layer function of the weight form the eager model would multiply
+    with at n rows (models/cpu_weights.linear_rows): the blocked weights for n in the model's
+    `packed_rows`, else the [in, out] copies for up to GEMV_MAX_ROWS requests, else the [out, in]
+    weights; each compiled for one request (context dynamic) and for a batch (batch dynamic too). With
+    blocked weights, a batch past their range runs eagerly (GEMM-bound there; and no graph is compiled
+    mid-traffic), as does a single request where neither the copies nor the blocked weights serve it
+    (BLAS gemv beats a padded two-row GEMM). SmolLM2 at two threads, one request: 40 -> 32 ms per step
+    (copies); 16 requests: see benchmark/results/cpu_decode-cpu2.md."""
 
     def __init__(self, model, kv_pool, compile_fn=None):
         """compile_fn: how to compile the layer function (default torch.compile with dynamic batch and
@@ -168,17 +203,29 @@ class CompiledDecodeStep:
         self.reason_off: str | None = None
         cfg = model.config
         layout = model.layout
-        #: requests per step that take the few-row function (the model's copies); 0 without copies
+        #: requests per step that take the copies' function; 0 without copies
         self.few_rows = GEMV_MAX_ROWS if getattr(model, "has_gemv_weights", False) else 0
-        variants = (False, True) if self.few_rows else (False,)
-        self._layers = {v: make_decode_layer(layout.num_heads, layout.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
-                                             one_row=v) for v in variants}
+        #: requests per step that take the blocked weights' function (none without them)
+        self.packed_rows = model.packed_rows if getattr(model, "has_packed_weights", False) else NO_PACKED_ROWS
+        forms = [PLAIN] + [COPIES] * bool(self.few_rows) + [PACKED] * (self.packed_rows.hi > 0)
+        self._layers = {f: make_decode_layer(layout.num_heads, layout.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
+                                             f, cfg.hidden_size, layout.intermediate) for f in forms}
         self._compile = compile_fn or self._compile_layer
-        self._compiled: dict[bool, object] = {}  # by few-row or not; torch.compile keeps each one's graphs
-        self._graphs: set[str] = set()  # "batched", "one", "few" once each has run
-        self._weights = {v: [_layer_weights(layer, v) for layer in model.model.layers] for v in variants}
+        self._compiled: dict[str, object] = {}  # by form; torch.compile keeps each one's graphs
+        self._graphs: set[str] = set()  # "form/one" and "form/batch" once each has run
+        self._weights = {f: [_layer_weights(layer, f) for layer in model.model.layers] for f in forms}
         #: seconds the first compiled step of each graph took (compile included), summed, once they ran
         self.compile_s: float | None = None
+
+    def form_for(self, n: int) -> str | None:
+        """The weight form a decode step of n requests multiplies with; None: the eager model runs it."""
+        if n in self.packed_rows:
+            return PACKED
+        if n <= self.few_rows:
+            return COPIES
+        if self.packed_rows.hi > 0 or n == 1:
+            return None
+        return PLAIN
 
     def _compile_layer(self, fn):
         """torch.compile with inductor; the batch and context dimensions are marked dynamic per call."""
@@ -197,17 +244,21 @@ class CompiledDecodeStep:
         if why:
             logger.warning("--enable-torch-compile: the decode step runs eagerly: %s", why)
             return None
+        from sglang_duet.model_loader.embedded import cache_root
+
+        # inductor's compiled code in the project's cache folder (its default is under /tmp, which a reboot
+        # may empty): later starts load it (~5 s) instead of compiling (~12 s on 2 cores)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_root(), "inductor"))
         return cls(model, kv_pool)
 
     def warm_up(self) -> None:
-        """Compile now (start-up), not at the first decode mid-traffic: a decode step of 4 requests (2 without
-        the few-row function), then of 1 and 2, over the padding slot, whose KV is zeroed again afterwards
-        (it must stay finite and is masked wherever it is read)."""
+        """Compile now (start-up), not at the first decode mid-traffic: decode steps of 4, 1 and 2 requests
+        over the padding slot (every graph a batch can take), whose KV is zeroed again afterwards (it must
+        stay finite and is masked wherever it is read)."""
         # batch and context of distinct sizes, so torch does not tie the two dynamic dimensions together;
         # built under inference mode like the executor's batches (else the guards differ: a second compile)
-        sizes = (self.few_rows + 1, 1, 2) if self.few_rows else (2,)
         with torch.inference_mode():
-            for n in sizes:
+            for n in (4, 1, 2):
                 self(ForwardBatch.build([([0], 2, [PADDING_SLOT] * 3, True)] * n, self.kv_pool.device))
             self.kv_pool.buffer[:, :, PADDING_SLOT].zero_()
 
@@ -219,18 +270,16 @@ class CompiledDecodeStep:
         if self.reason_off is not None or not fb.is_decode_only:
             return None
         n = fb.num_requests
-        few = n <= self.few_rows
-        if n == 1 and not few:
-            # without the copies a single request runs eagerly: its matmuls are BLAS gemv there, which beat
-            # the padded two-row GEMMs a batched graph would need
+        form = self.form_for(n)
+        if form is None:
             return None
-        graph = ("one" if n == 1 else "few") if few else "batched"
+        graph = f"{form}/{'one' if n == 1 else 'batch'}"
         first = graph not in self._graphs
         start = time.perf_counter()
         try:
-            if few not in self._compiled:
-                self._compiled[few] = self._compile(self._layers[few])
-            logits = self._run(fb, few)
+            if form not in self._compiled:
+                self._compiled[form] = self._compile(self._layers[form])
+            logits = self._run(fb, form)
         except Exception as e:  # noqa: BLE001 - any compile/runtime failure falls back to the eager model
             self.reason_off = f"{type(e).__name__}: {e}"
             logger.warning("torch.compile'd decode step failed (%s): decode runs eagerly from now on",
@@ -243,7 +292,7 @@ class CompiledDecodeStep:
             logger.info("decode step (%s) compiled in %.1f s (first step included)", graph, took)
         return logits
 
-    def _run(self, fb: ForwardBatch, few: bool = False) -> torch.Tensor:
+    def _run(self, fb: ForwardBatch, form: str) -> torch.Tensor:
         model = self.model
         x = model.embed(fb.input_ids)
         positions, loc = fb.positions, fb.out_cache_loc
@@ -251,8 +300,8 @@ class CompiledDecodeStep:
         cos, sin = model.rope_cos_sin(positions, x.dtype)
         self._mark_dynamic(x, cos, sin, loc, slots, valid, batch=fb.num_requests > 1)
         pool = self.kv_pool
-        layer = self._compiled[few]
-        for i, w in enumerate(self._weights[few]):
+        layer = self._compiled[form]
+        for i, w in enumerate(self._weights[form]):
             k_buf, v_buf = pool.get_kv(i)
             x = layer(x, cos, sin, loc, slots, valid, *w, k_buf, v_buf)
         return model.compute_logits(x, fb.sample_indices)

@@ -307,9 +307,7 @@ class LlamaForCausalLM(nn.Module):
         """Drop the few-row copies and the blocked weights (both stale once the weights change)."""
         for owner, attr, _, _ in self._gemv_slots():
             setattr(owner, attr, None)
-        for owner, attr, _ in self._packed_slots():
-            setattr(owner, attr, None)
-        self._set_packed_rows(NO_PACKED_ROWS)
+        self.drop_packed_weights()
 
     @property
     def has_gemv_weights(self) -> bool:
@@ -338,6 +336,11 @@ class LlamaForCausalLM(nn.Module):
         for owner, attr, w in self._packed_slots():
             setattr(owner, attr, pack(w))
         self._set_packed_rows(rows)
+
+    def drop_packed_weights(self) -> None:
+        for owner, attr, _ in self._packed_slots():
+            setattr(owner, attr, None)
+        self._set_packed_rows(NO_PACKED_ROWS)
 
     def _set_packed_rows(self, rows: PackedRows) -> None:
         for module in (self, *(m for layer in self.model.layers for m in (layer.self_attn, layer.mlp))):

@@ -59,9 +59,10 @@ _SPECS: dict[str, tuple[str, dict]] = {
                         "larger values cost less host time per token at many streams", {}),
     "attention_backend": ("attention backend", {}),
     "disable_cuda_graph": ("do not capture CUDA graphs", {}),
-    "enable_torch_compile": ("CPU: run decode steps of 2+ requests through one torch.compile'd decoder layer "
-                             "(compiled at start-up, 10-40 s on a small CPU; eager fallback without a C++ compiler)",
-                             {}),
+    "enable_torch_compile": ("CPU: decode steps through one torch.compile'd decoder layer (the default on a CPU where "
+                             "a C++ compiler is found; compiled at start-up: ~12 s the first time on 2 cores, ~5 s "
+                             "after; a failure falls back to eager with a warning)", {}),
+    "disable_torch_compile": ("CPU: run every step eagerly (no start-up compile; as SGLANG_DUET_CPU_COMPILE=0)", {}),
     "disable_overlap_schedule": ("plan each step only after the previous one ended (default: aggregated and chunked "
                                  "plan the next step while one runs, on executors that support it)", {}),
     "cuda_graph_max_bs": ("largest decode batch captured in a CUDA graph (default 256)", {}),
