@@ -117,10 +117,11 @@ def test_the_cache_key_names_what_changes_a_rank_s_timings(monkeypatch):
               cc.calibration_key(model, "torch.float32", "TorchAttention", 2, 2),
               cc.calibration_key(model, "torch.bfloat16", "TorchAttention"),
               cc.calibration_key(model, "torch.float32", "OtherAttention"),
-              cc.calibration_key(model, "torch.float32", "TorchAttention", packed=True)}
+              cc.calibration_key(model, "torch.float32", "TorchAttention", cpu_paths=("packed",)),
+              cc.calibration_key(model, "torch.float32", "TorchAttention", cpu_paths=("packed", "compiled"))}
     monkeypatch.setattr(torch, "get_num_threads", lambda: 977)
     others.add(cc.calibration_key(model, "torch.float32", "TorchAttention"))
-    assert len(others) == 6 and key not in others
+    assert len(others) == 7 and key not in others
 
 
 def test_timed_batches_never_hold_more_kv_than_the_pool():
@@ -141,3 +142,14 @@ def test_timed_batches_never_hold_more_kv_than_the_pool():
         decodes = [p.reqs for p in points if p.reqs[0][0] == 1]
         assert [len(r) for r in decodes] and sorted(len(r) for r in decodes) == sorted(b for b, _ in cc.DECODE_SHAPES)
         assert all(c + 1 < context for reqs in decodes for _, c in reqs)
+
+
+def test_the_cpu_paths_of_an_executor():
+    from types import SimpleNamespace as NS
+
+    eager = NS(model=NS(has_packed_weights=False), decode_step=None)
+    assert cc.cpu_paths(eager) == ()
+    packed = NS(model=NS(has_packed_weights=True), decode_step=NS(active=False))  # a compile that failed
+    assert cc.cpu_paths(packed) == ("packed",)
+    both = NS(model=NS(has_packed_weights=True), decode_step=NS(active=True))
+    assert cc.cpu_paths(both) == ("packed", "compiled")
