@@ -35,7 +35,9 @@ def run_engine(model_path, prompts, output_len, policy, dtype, compile_):
     t0, c0 = time.perf_counter(), time.process_time()
     outs = engine.generate(input_ids=prompts, sampling_params=params)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return sum(len(o["output_ids"]) for o in outs), dt, cpu, [o["output_ids"] for o in outs]
+    step = getattr(engine.core.executor, "decode_step", None)  # compiled by default on a CPU with a compiler
+    compiled = step is not None and step.active
+    return sum(len(o["output_ids"]) for o in outs), dt, cpu, [o["output_ids"] for o in outs], compiled
 
 
 def run_transformers(model_dir, prompts, output_len, dtype):
@@ -98,7 +100,7 @@ def main(argv=None):
 
     dtype = resolve_dtype(args.dtype, "float32", __import__("torch").device("cpu"))
     load0 = os.getloadavg()[0]
-    n_e, t_e, c_e, out_e = run_engine(model_dir, prompts, args.output_len, args.policy, dtype,
+    n_e, t_e, c_e, out_e, compiled = run_engine(model_dir, prompts, args.output_len, args.policy, dtype,
                                       args.enable_torch_compile)
     n_t, t_t, c_t, out_t = run_transformers(model_dir, prompts, args.output_len, dtype)
     load1 = os.getloadavg()[0]
@@ -106,7 +108,7 @@ def main(argv=None):
     flags = (f" --dtype {args.dtype}" if args.dtype != "auto" else "") + \
         (f" --threads {args.threads}" if args.threads else "") + \
         (" --enable-torch-compile" if args.enable_torch_compile else "")
-    engine_name = f"sglang-duet ({args.policy}{', torch.compile' if args.enable_torch_compile else ''})"
+    engine_name = f"sglang-duet ({args.policy}{', torch.compile' if compiled else ', eager'})"
     lines = [
         f"## offline throughput: {os.path.basename(os.path.normpath(model_dir))}, batch {args.batch}, "
         f"input {args.input_len}, output {args.output_len}, {str(dtype).removeprefix('torch.')}",
