@@ -14,7 +14,7 @@ from sglang_duet.kernels.attention.torch_backend import TorchAttentionBackend
 from sglang_duet.memory import KVCachePool
 from sglang_duet.model_loader import prepared
 from sglang_duet.model_loader.loader import load_model
-from sglang_duet.models import llama
+from sglang_duet.models import cpu_weights
 
 PROMPTS = ["The capital of France is", "Hello world! How", "def add(a, b):\n"]
 
@@ -73,7 +73,7 @@ def test_copies_are_exact_transposes_and_steps_of_up_to_3_rows_use_them(family, 
 
     got = {n: decode(n) for n in (1, 2, 3)}
     assert rows_of_linear == [3] * n_layers  # up to GEMV_MAX_ROWS rows: only down_proj is [out, in]
-    decode(llama.GEMV_MAX_ROWS + 1)
+    decode(cpu_weights.GEMV_MAX_ROWS + 1)
     assert rows_of_linear == [4] * (4 * n_layers + 1)  # 4 rows: q/k/v, o, gate/up, down, the LM head
     model.drop_gemv_weights()
     for n, logits in got.items():
@@ -98,7 +98,7 @@ def test_which_models_get_the_copies(tiny_model_factory, monkeypatch):
     assert model.gemv_copy_bytes() == sum(t.numel() * 4 for t in (
         *(l.self_attn.qkv_weight for l in model.model.layers), *(l.self_attn.o_proj.weight for l in model.model.layers),
         *(l.mlp.gate_up_weight for l in model.model.layers), model.lm_head.weight))
-    monkeypatch.setattr(llama, "GEMV_COPY_MAX_BYTES", model.gemv_copy_bytes() - 1)  # a model too big for them
+    monkeypatch.setattr(cpu_weights, "GEMV_COPY_MAX_BYTES", model.gemv_copy_bytes() - 1)  # a model too big for them
     assert not load_model(path, dtype="float32").model.has_gemv_weights
     # new weights make the copies stale: load_weights drops them
     model.load_weights(model.state_dict().items())

@@ -113,3 +113,85 @@ def lm_head_rows(x: torch.Tensor, w: torch.Tensor, w_t: torch.Tensor | None = No
     if x.device.type == "cpu" and rows > 1 and w.shape[0] > LM_HEAD_CPU_ROWS:
         return _chunked_linear(x, w, LM_HEAD_CPU_ROWS)
     return F.linear(x, w)
+
+
+class CpuWeightFormsMixin:
+    """LlamaForCausalLM's second and third forms of its weights: the [in, out] copies (in the serving file
+    for the embedded model) and the blocked weights (process-private). Reads the model's `model.layers`,
+    `lm_head`, `dtype` and `tp`; each layer's attention and MLP hold their forms as attributes
+    (`qkv_weight_t`, `qkv_packed`, ..., and `packed_rows`)."""
+
+    def _gemv_slots(self):
+        """(owner, attribute, the [out, in] weight it transposes, serving name) of every few-row copy."""
+        out = []
+        for i, layer in enumerate(self.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            out.append((a, "qkv_weight_t", a.qkv_weight, f"model.layers.{i}.self_attn.qkv_weight_t"))
+            out.append((a, "o_weight_t", a.o_proj.weight, f"model.layers.{i}.self_attn.o_weight_t"))
+            out.append((m, "gate_up_weight_t", m.gate_up_weight, f"model.layers.{i}.mlp.gate_up_weight_t"))
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        out.append((self, "lm_head_weight_t", head, "lm_head_weight_t"))
+        return out
+
+    def gemv_copy_bytes(self) -> int:
+        """Bytes the few-row copies take (0 where they do not apply: see wants_gemv_weights)."""
+        return sum(w.numel() * w.element_size() for _, _, w, _ in self._gemv_slots() if w is not None)
+
+    def wants_gemv_weights(self, device: torch.device) -> bool:
+        """Whether this model gets the few-row copies: fused, float32, on a CPU, one rank, and the copies
+        under GEMV_COPY_MAX_BYTES (the gain was measured there; elsewhere it costs memory for nothing known)."""
+        return (torch.device(device).type == "cpu" and self.dtype == torch.float32 and self.tp.size == 1
+                and self.model.layers[0].self_attn.qkv_weight is not None
+                and self.gemv_copy_bytes() <= GEMV_COPY_MAX_BYTES)
+
+    def add_gemv_weights(self) -> None:
+        """Make the [in, out] copies that steps of up to GEMV_MAX_ROWS rows multiply with (after the weights are final)."""
+        for owner, attr, w, _ in self._gemv_slots():
+            setattr(owner, attr, transposed(w))
+
+    def drop_gemv_weights(self) -> None:
+        """Drop the few-row copies and the blocked weights (both stale once the weights change)."""
+        for owner, attr, _, _ in self._gemv_slots():
+            setattr(owner, attr, None)
+        self.drop_packed_weights()
+
+    @property
+    def has_gemv_weights(self) -> bool:
+        return self.lm_head_weight_t is not None
+
+    def _packed_slots(self):
+        """(owner, attribute, the [out, in] weight it packs) of every blocked weight."""
+        out = []
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            out += [(a, "qkv_packed", a.qkv_weight), (a, "o_packed", a.o_proj.weight),
+                    (m, "gate_up_packed", m.gate_up_weight), (m, "down_packed", m.down_proj.weight)]
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return out + [(self, "lm_head_packed", head)]
+
+    def wants_packed_weights(self, device: torch.device) -> bool:
+        """Whether this model gets blocked weights: where it gets the few-row copies (a small fused float32
+        model on a CPU, one rank) and torch has oneDNN. They are process-private memory, the model's size again."""
+        return self.wants_gemv_weights(device) and onednn_available()
+
+    def add_packed_weights(self, threads: int | None = None) -> None:
+        """Pack every weight in oneDNN's blocked layout (after the weights are final), used for the row counts
+        PackedRows.for_threads(threads) gives, `threads` the model's torch threads (default: now)."""
+        rows = PackedRows.for_threads(torch.get_num_threads() if threads is None else threads)
+        for owner, attr, w in self._packed_slots():
+            setattr(owner, attr, pack(w))
+        self._set_packed_rows(rows)
+
+    def drop_packed_weights(self) -> None:
+        for owner, attr, _ in self._packed_slots():
+            setattr(owner, attr, None)
+        self._set_packed_rows(NO_PACKED_ROWS)
+
+    def _set_packed_rows(self, rows: PackedRows) -> None:
+        for module in (self, *(m for layer in self.model.layers for m in (layer.self_attn, layer.mlp))):
+            module.packed_rows = rows
+
+    @property
+    def has_packed_weights(self) -> bool:
+        return self.lm_head_packed is not None
+

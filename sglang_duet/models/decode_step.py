@@ -37,8 +37,7 @@ import torch.nn.functional as F
 
 from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.memory.kv_pool import PADDING_SLOT
-from sglang_duet.models.cpu_weights import NO_PACKED_ROWS, packed_linear
-from sglang_duet.models.llama import GEMV_MAX_ROWS
+from sglang_duet.models.cpu_weights import GEMV_MAX_ROWS, NO_PACKED_ROWS, packed_linear
 
 logger = logging.getLogger(__name__)
 
