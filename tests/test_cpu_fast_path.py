@@ -428,3 +428,34 @@ def test_the_default_compiled_step_of_smollm2_is_token_exact_with_transformers()
     assert got == [r[:len(g)] for g, r in zip(got, ref)] and all(len(g) > 8 for g in got)
     assert alone == [r[:len(a)] for a, r in zip(alone, ref)]
     assert {g.split("/")[1] for g in step._graphs} == {"one", "batch"}
+
+
+def test_the_torch_backend_gathers_k_and_v_into_two_buffers_it_keeps(tiny_model_factory, monkeypatch):
+    """Every layer and step gathers into the same two buffers (K, V; grown when a batch needs more), with the
+    logits of gathering into fresh tensors."""
+    from sglang_duet.kernels.attention import torch_backend
+
+    model = load_model(tiny_model_factory("qwen3"), dtype="float32").model
+    pool, decode = _decode_case(model, torch.Generator().manual_seed(4))
+    snapshot = pool.buffer.clone()
+
+    def logits(attn, batch):
+        pool.buffer.copy_(snapshot)
+        with torch.inference_mode():
+            return model(ForwardBatch.build(batch), attn, pool)
+
+    fresh_backend = TorchAttentionBackend()
+    monkeypatch.setattr(fresh_backend, "_gather", lambda which, buf, slots: torch_backend._gather(buf, slots))
+    want = {n: logits(fresh_backend, decode[:n]) for n in (2, 5)}
+    outs = []
+    real = torch_backend._gather
+    monkeypatch.setattr(torch_backend, "_gather", lambda buf, slots, out=None: outs.append(out) or real(buf, slots, out))
+    attn = TorchAttentionBackend()
+    storages = []
+    for n in (2, 2, 5):  # 5 requests need bigger buffers
+        outs.clear()
+        torch.testing.assert_close(logits(attn, decode[:n]), want[n], rtol=0, atol=0)
+        assert len(outs) == 2 * model.config.num_hidden_layers
+        storages.append({o.untyped_storage().data_ptr() for o in outs})
+        assert len(storages[-1]) == 2, n
+    assert storages[0] == storages[1]  # the second step reuses the first's buffers
