@@ -22,6 +22,7 @@ def test_two_cpus_the_model_shares_the_others_cpu_with_its_second_thread():
     # thread 0 (Python's too) alone on CPU 1, thread 1 beside the main process and detokenizer on CPU 0
     assert plan == CpuPlan(threads=2, model_cpus=(1, 0), other_cpus=(0,), thread_cpus=(1, 0))
     assert plan.model_env() == {"OMP_NUM_THREADS": "2", "GOMP_CPU_AFFINITY": "1 0"}
+    assert "pinned to 1,0;" in plan.describe()  # in thread order
     assert plan_cpu_threads({0, 1}, threads=1, env=NO_ENV).thread_cpus == (1,)  # --cpu-threads 1: the old split
     # two hyperthreads of one core: nothing to gain from sharing, the model keeps its one CPU
     one_core = plan_cpu_threads({0, 1}, core_of={0: (0, 0), 1: (0, 0)}, env=NO_ENV)

@@ -60,7 +60,7 @@ class CpuPlan:
         if not self.pinned:
             return f"model process: {self.threads} torch thread(s), not pinned" + "".join(f"; {n}" for n in self.notes)
         return (f"model process on CPUs {_cpu_list(self.model_cpus)} with {self.threads} torch thread(s)"
-                f"{' pinned to ' + _cpu_list(self.thread_cpus) if self.thread_cpus else ''}; main process and "
+                f"{' pinned to ' + ','.join(map(str, self.thread_cpus)) if self.thread_cpus else ''}; main process and "
                 f"detokenizer on CPUs {_cpu_list(self.other_cpus)}")
 
 
