@@ -209,7 +209,10 @@ def test_a_cpu_model_compiles_its_decode_step_by_default(tiny_model_factory, mon
     monkeypatch.setattr(decode_step, "cpp_compiler", lambda: "/usr/bin/g++")
     wants = gpu_executor.wants_torch_compile
     assert wants(ServerArgs(), model, "cpu") and wants(None, model, "cpu")
-    assert not wants(ServerArgs(disable_torch_compile=True), model, "cpu")  # --disable-torch-compile
+    from sglang_duet.server.args import parse_args
+
+    assert not wants(parse_args(["--disable-torch-compile"]), model, "cpu")
+    assert wants(parse_args([]), model, "cpu")
     assert not wants(ServerArgs(), model, "cuda")  # the GPU has CUDA graphs
     monkeypatch.setenv(gpu_executor.CPU_COMPILE_ENV, "0")
     assert not wants(ServerArgs(), model, "cpu") and wants(ServerArgs(enable_torch_compile=True), model, "cpu")
