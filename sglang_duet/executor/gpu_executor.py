@@ -252,9 +252,11 @@ def wants_torch_compile(args, model, device: torch.device) -> bool:
         return True
     if getattr(args, "disable_torch_compile", False) or os.environ.get(CPU_COMPILE_ENV, "1") == "0":
         return False
+    if torch.device(device).type != "cpu" or model.tp.size != 1:
+        return False
     from sglang_duet.models.decode_step import cpp_compiler
 
-    return torch.device(device).type == "cpu" and model.tp.size == 1 and cpp_compiler() is not None
+    return cpp_compiler() is not None
 
 
 def build_model_executor(model, kv_pool, attn_backend, device: torch.device, args=None, clock=time.monotonic):
