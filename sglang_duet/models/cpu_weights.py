@@ -68,6 +68,20 @@ class PackedRows:
 
 NO_PACKED_ROWS = PackedRows(1, 0)
 
+# The forms of a weight a product multiplies with
+PLAIN, COPIES, PACKED = "plain", "copies", "packed"
+
+
+def product_form(rows: int, packed_rows: PackedRows, copies: bool) -> str:
+    """The form a product of `rows` rows multiplies with: the blocked weights for `packed_rows`, else the
+    [in, out] copies (if there are any) up to GEMV_MAX_ROWS rows, else the [out, in] weights. The one rule of
+    the eager products (linear_rows) and the compiled decode layer (models/decode_step.py)."""
+    if rows in packed_rows:
+        return PACKED
+    if copies and rows <= GEMV_MAX_ROWS:
+        return COPIES
+    return PLAIN
+
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -96,10 +110,10 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w_t: t
     """F.linear(x, w, b), computed against the form that is fastest for x's row count: the blocked weight
     `packed` for `packed_rows`, else the [in, out] copy w_t up to GEMV_MAX_ROWS rows, else w itself. The
     same products summed in another order: last-bit differences."""
-    rows = x.shape[0]
-    if packed is not None and rows in packed_rows:
+    form = product_form(x.shape[0], packed_rows if packed is not None else NO_PACKED_ROWS, w_t is not None)
+    if form == PACKED:
         return packed_linear(x, packed, b)
-    if w_t is not None and rows <= GEMV_MAX_ROWS:
+    if form == COPIES:
         return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
     return F.linear(x, w, b)
 
@@ -108,7 +122,7 @@ def lm_head_rows(x: torch.Tensor, w: torch.Tensor, w_t: torch.Tensor | None = No
                  packed: torch.Tensor | None = None, packed_rows: PackedRows = NO_PACKED_ROWS) -> torch.Tensor:
     """Logits x @ w.T (not yet float32) of one rank's whole vocabulary."""
     rows, head_rows = x.shape[0], packed_rows.for_lm_head()
-    if (packed is not None and rows in head_rows) or (w_t is not None and rows <= GEMV_MAX_ROWS):
+    if product_form(rows, head_rows if packed is not None else NO_PACKED_ROWS, w_t is not None) != PLAIN:
         return linear_rows(x, w, None, w_t, packed, head_rows)
     if x.device.type == "cpu" and rows > 1 and w.shape[0] > LM_HEAD_CPU_ROWS:
         return _chunked_linear(x, w, LM_HEAD_CPU_ROWS)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.memory.kv_pool import PADDING_SLOT
-from sglang_duet.models.cpu_weights import GEMV_MAX_ROWS, NO_PACKED_ROWS, packed_linear
+from sglang_duet.models.cpu_weights import COPIES, NO_PACKED_ROWS, PACKED, PLAIN, packed_linear, product_form
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +107,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x @ w_t (+ b) against an [in, out] weight: models/cpu_weights.py's few-row product (linear_rows)."""
     return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
-
-
-# The forms of a layer's weights the compiled layer multiplies with (models/cpu_weights.py)
-PLAIN, COPIES, PACKED = "plain", "copies", "packed"
 
 
 def make_decode_layer(num_heads: int, num_kv_heads: int, head_dim: int, eps: float, form: str = PLAIN,
@@ -191,8 +187,8 @@ class CompiledDecodeStep:
     weights; each compiled for one request (context dynamic) and for a batch (batch dynamic too). With
     blocked weights, a batch past their range runs eagerly (GEMM-bound there; and no graph is compiled
     mid-traffic), as does a single request where neither the copies nor the blocked weights serve it
-    (BLAS gemv beats a padded two-row GEMM). SmolLM2 at two threads, one request: 40 -> 32 ms per step
-    (copies); 16 requests: see benchmark/results/cpu_decode-cpu2.md."""
+    (BLAS gemv beats a padded two-row GEMM). SmolLM2 at two threads (blocked weights): one request 38.9 ->
+    31.0 ms per step, 16 requests 80.8 -> 72.9 ms (benchmark/results/cpu_decode-cpu2.md)."""
 
     def __init__(self, model, kv_pool, compile_fn=None):
         """compile_fn: how to compile the layer function (default torch.compile with dynamic batch and
@@ -202,11 +198,11 @@ class CompiledDecodeStep:
         self.reason_off: str | None = None
         cfg = model.config
         layout = model.layout
-        #: requests per step that take the copies' function; 0 without copies
-        self.few_rows = GEMV_MAX_ROWS if getattr(model, "has_gemv_weights", False) else 0
+        #: whether the model has the [in, out] copies (steps of up to GEMV_MAX_ROWS requests take them)
+        self.has_copies = bool(getattr(model, "has_gemv_weights", False))
         #: requests per step that take the blocked weights' function (none without them)
         self.packed_rows = model.packed_rows if getattr(model, "has_packed_weights", False) else NO_PACKED_ROWS
-        forms = [PLAIN] + [COPIES] * bool(self.few_rows) + [PACKED] * (self.packed_rows.hi > 0)
+        forms = [PLAIN] + [COPIES] * self.has_copies + [PACKED] * (self.packed_rows.hi > 0)
         self._layers = {f: make_decode_layer(layout.num_heads, layout.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
                                              f, cfg.hidden_size, layout.intermediate) for f in forms}
         self._compile = compile_fn or self._compile_layer
@@ -217,14 +213,12 @@ class CompiledDecodeStep:
         self.compile_s: float | None = None
 
     def form_for(self, n: int) -> str | None:
-        """The weight form a decode step of n requests multiplies with; None: the eager model runs it."""
-        if n in self.packed_rows:
-            return PACKED
-        if n <= self.few_rows:
-            return COPIES
-        if self.packed_rows.hi > 0 or n == 1:
+        """The weight form a decode step of n requests multiplies with (the eager products' rule); None: the
+        eager model runs it (past the blocked weights' range, or a single request on the [out, in] weights)."""
+        form = product_form(n, self.packed_rows, self.has_copies)
+        if form == PLAIN and (self.packed_rows.hi > 0 or n == 1):
             return None
-        return PLAIN
+        return form
 
     def _compile_layer(self, fn):
         """torch.compile with inductor; the batch and context dimensions are marked dynamic per call."""
