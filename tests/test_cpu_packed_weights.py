@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from sglang_duet.kernels.attention.base import ForwardBatch
 from sglang_duet.kernels.attention.torch_backend import TorchAttentionBackend
 from sglang_duet.memory import KVCachePool
+from sglang_duet.model_loader import loader
 from sglang_duet.model_loader.loader import load_model
 from sglang_duet.models import cpu_weights
 from sglang_duet.models.cpu_weights import PackedRows
@@ -18,15 +19,15 @@ from sglang_duet.models.cpu_weights import PackedRows
 pytestmark = pytest.mark.skipif(not cpu_weights.onednn_available(), reason="torch without oneDNN")
 
 
-def _pool(cfg, slots: int = 2048) -> KVCachePool:
-    return KVCachePool(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
+def _pool(cfg, slots: int = 2048, dtype: torch.dtype = torch.float32) -> KVCachePool:
+    return KVCachePool(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim, dtype)
 
 
 def _decode(model, n: int, ctx: int = 4) -> torch.Tensor:
     """n requests, one new token each, `ctx` tokens of context (whatever the pool holds there)."""
     batch = [([5 + i % 50], ctx - 1, [1 + ctx * i + j for j in range(ctx)], True) for i in range(n)]
     with torch.inference_mode():
-        return model(ForwardBatch.build(batch), TorchAttentionBackend(), _pool(model.config))
+        return model(ForwardBatch.build(batch), TorchAttentionBackend(), _pool(model.config, dtype=model.dtype))
 
 
 def test_which_models_get_them(tiny_model_factory, monkeypatch):
@@ -34,7 +35,11 @@ def test_which_models_get_them(tiny_model_factory, monkeypatch):
     model = load_model(path, dtype="float32").model
     assert model.has_packed_weights and model.wants_packed_weights(torch.device("cpu"))
     assert not model.wants_packed_weights(torch.device("cuda"))
-    assert not load_model(path, dtype="bfloat16").model.has_packed_weights  # measured for float32 only
+    # bf16: only where the CPU runs it natively (elsewhere never measured)
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
+    assert not load_model(path, dtype="bfloat16").model.has_packed_weights
+    monkeypatch.undo()
+    assert load_model(path, dtype="bfloat16").model.has_packed_weights == loader.cpu_has_native_bf16()
     monkeypatch.setenv("SGLANG_DUET_CPU_PACKED", "0")
     assert not load_model(path, dtype="float32").model.has_packed_weights
     # new weights make them stale: load_weights drops them with the copies
@@ -80,6 +85,32 @@ def test_each_row_count_uses_its_form_and_the_logits_match(family, tiny_model_fa
     assert not model.has_packed_weights and count(2)[1] == {"packed": 0, "linear": 4 * layers + 1, "copy": 0}
     for (_, n), logits in got.items():
         torch.testing.assert_close(logits, count(n)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not loader.cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+def test_a_bf16_model_multiplies_every_step_with_them(tiny_model_factory, monkeypatch):
+    """bf16 has no [in, out] copies: one row, a few and a prefill's worth all take the blocked weights, at
+    one thread and at two, with the plain bf16 GEMM's logits up to bf16 rounding."""
+    model = load_model(tiny_model_factory("qwen3"), dtype="bfloat16").model
+    assert model.has_packed_weights and not model.has_gemv_weights
+    layers = model.config.num_hidden_layers
+    calls = []
+    real_packed, real_linear = cpu_weights.packed_linear, F.linear
+    monkeypatch.setattr(cpu_weights, "packed_linear", lambda *a: calls.append("packed") or real_packed(*a))
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: calls.append("linear") or real_linear(x, w, b))
+    got = {}
+    for threads in (1, 2):
+        model.add_packed_weights(threads)
+        for n in (1, 3, 300):
+            calls.clear()
+            got[threads, n] = _decode(model, n)
+            assert calls == ["packed"] * (4 * layers + 1), (threads, n)
+    model.drop_packed_weights()
+    for (_, n), logits in got.items():
+        calls.clear()
+        plain = _decode(model, n)
+        assert "packed" not in calls
+        torch.testing.assert_close(logits, plain, rtol=0.05, atol=0.05)
 
 
 def test_they_are_not_in_the_serving_file(tiny_model_factory):

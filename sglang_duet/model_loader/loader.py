@@ -205,10 +205,14 @@ def _prepare_for_inference(model: LlamaForCausalLM, device: torch.device, pack: 
 
 
 def _add_packed_weights(model: LlamaForCausalLM, device: torch.device) -> None:
-    """Small float32 models on a CPU multiply steps of a few rows with oneDNN's blocked weights
-    (models/cpu_weights.py); SGLANG_DUET_CPU_PACKED=0 keeps MKL's GEMM (an A/B, or to save the memory)."""
-    if os.environ.get("SGLANG_DUET_CPU_PACKED", "1") != "0" and model.wants_packed_weights(device):
-        model.add_packed_weights()
+    """Small float32 and bf16 models on a CPU multiply with oneDNN's blocked weights (models/cpu_weights.py),
+    bf16 only where the CPU runs it natively (elsewhere it was never measured, and oneDNN may not take it);
+    SGLANG_DUET_CPU_PACKED=0 keeps the plain GEMM (an A/B, or to save the memory)."""
+    if os.environ.get("SGLANG_DUET_CPU_PACKED", "1") == "0" or not model.wants_packed_weights(device):
+        return
+    if model.dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        return
+    model.add_packed_weights()
 
 
 def load_model(model_path: str | None, load_format: str = "auto", dtype: str = "auto",
