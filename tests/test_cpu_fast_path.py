@@ -200,6 +200,41 @@ def test_the_functional_decode_layer_equals_the_eager_model(family, tiny_model_f
     assert torch.equal(pool.buffer, before)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_mixed_step_through_the_functional_layer_equals_the_eager_model(family, tiny_model_factory):
+    """Decodes next to one request's prefill chunk (chunked prefill's step), the chunk after its cached prefix
+    or at position 0, first, in the middle or last in the batch: same logits and KV as the eager model."""
+    from sglang_duet.models.decode_step import BATCH, MIXED, ONE, step_kind
+
+    model = load_model(tiny_model_factory(family), dtype="float32").model
+    pool, decode = _decode_case(model, torch.Generator().manual_seed(4))
+    free = [s for s in range(1, 256) if s not in {x for _, _, slots, _ in decode for x in slots}]
+    after_prefix = ([11, 12, 13, 14], 3, free[:7], True)  # its first 3 tokens were cached by an earlier chunk
+    pool.buffer[:, :, free[:3]] = torch.randn_like(pool.buffer[:, :, free[:3]])
+    snapshot = pool.buffer.clone()
+    from_zero = ([21, 22, 23, 24, 25, 26], 0, free[10:16], True)
+    step = CompiledDecodeStep(model, pool, compile_fn=lambda fn: fn)
+    for batch in ([after_prefix] + decode[:3], decode[:2] + [from_zero] + decode[2:4], decode[:4] + [after_prefix]):
+        fb = ForwardBatch.build(batch)
+        assert step_kind(fb)[0] == MIXED
+        pool.buffer.copy_(snapshot)
+        eager = _run(model, batch, pool)
+        eager_kv = pool.buffer.clone()
+        pool.buffer.copy_(snapshot)
+        with torch.inference_mode():
+            got = step(fb)
+        assert got is not None and got.shape == eager.shape
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pool.buffer, eager_kv, rtol=1e-5, atol=1e-6)
+    assert step.steps == {f"{step.form_for(7)}/mixed": 3}
+    # a chunk with fewer than two decodes, or two chunks, runs eagerly
+    with torch.inference_mode():
+        for batch in ([after_prefix] + decode[:1], [after_prefix, from_zero] + decode[:3]):
+            assert step_kind(ForwardBatch.build(batch)) is None and step(ForwardBatch.build(batch)) is None
+    assert step_kind(ForwardBatch.build(decode[:1])) == (ONE, None)
+    assert step_kind(ForwardBatch.build(decode[:2])) == (BATCH, None)
+
+
 def test_a_cpu_model_compiles_its_decode_step_by_default(tiny_model_factory, monkeypatch):
     from sglang_duet.executor import gpu_executor
     from sglang_duet.server_args import ServerArgs
@@ -312,18 +347,21 @@ def test_torch_compiled_engine_is_token_exact_with_transformers(tiny_model_facto
 
     path = tiny_model_factory("llama")
     counters.clear()
-    engine = Engine(model_path=path, dtype="float32", enable_torch_compile=True)
+    # chunks of 8 tokens: the prompts' later chunks run next to the earlier ones' decodes (mixed steps)
+    engine = Engine(model_path=path, dtype="float32", enable_torch_compile=True, policy="chunked",
+                    chunked_prefill_size=8)
     params = {"temperature": 0, "max_new_tokens": 16}
     got = [o["output_ids"] for o in engine.generate(PROMPTS, sampling_params=params)]
+    assert engine.core.executor.decode_step.steps[f"{engine.core.executor.decode_step.form_for(8)}/mixed"] > 0
     # one request alone: every decode step through the one-request graph
     alone = engine.generate(PROMPTS[0], sampling_params=params)["output_ids"]
     step = engine.core.executor.decode_step
     # compiled at start-up (warm_up), before any request
     assert step is not None and step.active and step.compile_s is not None, step and step.reason_off
-    # the start-up compiles serve every batch and context: one request, and a batch, each in the weight form the
-    # eager model uses there (blocked weights; the copies for one request at one thread)
-    assert step._graphs == {f"{step.form_for(1)}/one", f"{step.form_for(2)}/batch"}
-    assert counters["stats"]["unique_graphs"] == 2
+    # the start-up compiles serve every batch and context: one request, a batch, and a batch with a chunk, each in
+    # the weight form the eager model uses there (blocked weights; the copies for one request at one thread)
+    assert step._graphs == {f"{step.form_for(1)}/one", f"{step.form_for(2)}/batch", f"{step.form_for(8)}/mixed"}
+    assert counters["stats"]["unique_graphs"] == 3
     ref = hf_greedy(path, PROMPTS, 16)
     for g, r in zip(got, ref):
         assert g == r[:len(g)]
@@ -430,7 +468,7 @@ def test_the_default_compiled_step_of_smollm2_is_token_exact_with_transformers()
     alone = [engine.generate(input_ids=tok(p).input_ids, sampling_params=params)["output_ids"] for p in prompts[:3]]
     assert got == [r[:len(g)] for g, r in zip(got, ref)] and all(len(g) > 8 for g in got)
     assert alone == [r[:len(a)] for a, r in zip(alone, ref)]
-    assert {g.split("/")[1] for g in step._graphs} == {"one", "batch"}
+    assert {g.split("/")[1] for g in step._graphs} == {"one", "batch", "mixed"}
 
 
 def test_the_torch_backend_gathers_k_and_v_into_two_buffers_it_keeps(tiny_model_factory, monkeypatch):
