@@ -202,8 +202,8 @@ def test_the_functional_decode_layer_equals_the_eager_model(family, tiny_model_f
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_a_mixed_step_through_the_functional_layer_equals_the_eager_model(family, tiny_model_factory):
-    """Decodes next to one request's prefill chunk (chunked prefill's step), the chunk after its cached prefix
-    or at position 0, first, in the middle or last in the batch: same logits and KV as the eager model."""
+    """Decodes next to prefill chunks (chunked prefill's step), a chunk after its cached prefix or at position 0,
+    first, in the middle or last in the batch, or two chunks at once: same logits and KV as the eager model."""
     from sglang_duet.models.decode_step import BATCH, MIXED, ONE, step_kind
 
     model = load_model(tiny_model_factory(family), dtype="float32").model
@@ -213,8 +213,10 @@ def test_a_mixed_step_through_the_functional_layer_equals_the_eager_model(family
     pool.buffer[:, :, free[:3]] = torch.randn_like(pool.buffer[:, :, free[:3]])
     snapshot = pool.buffer.clone()
     from_zero = ([21, 22, 23, 24, 25, 26], 0, free[10:16], True)
+    two = ([31, 32], 0, free[20:22], True)
     step = CompiledDecodeStep(model, pool, compile_fn=lambda fn: fn)
-    for batch in ([after_prefix] + decode[:3], decode[:2] + [from_zero] + decode[2:4], decode[:4] + [after_prefix]):
+    for batch in ([after_prefix] + decode[:3], decode[:2] + [from_zero] + decode[2:4], decode[:4] + [after_prefix],
+                  [two] + decode[:2] + [after_prefix] + decode[2:3]):  # two chunks: one attention call
         fb = ForwardBatch.build(batch)
         assert step_kind(fb)[0] == MIXED
         pool.buffer.copy_(snapshot)
@@ -226,13 +228,16 @@ def test_a_mixed_step_through_the_functional_layer_equals_the_eager_model(family
         assert got is not None and got.shape == eager.shape
         torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(pool.buffer, eager_kv, rtol=1e-5, atol=1e-6)
-    assert step.steps == {f"{step.form_for(7)}/mixed": 3}
-    # a chunk with fewer than two decodes, or two chunks, runs eagerly
+    assert step.steps == {f"{step.form_for(7)}/mixed": 4}
+    # chunks next to fewer than two decodes run eagerly, and so do chunks whose joint attention would waste
+    # more than MIXED_ATTENTION_WASTE (here: a 40-token chunk after 200 cached next to a 60-token one from 0)
+    long_prefix = (list(range(40)), 200, list(range(1, 241)), True)
     with torch.inference_mode():
-        for batch in ([after_prefix] + decode[:1], [after_prefix, from_zero] + decode[:3]):
+        for batch in ([after_prefix] + decode[:1], [from_zero], [long_prefix, ([1] * 60, 0, list(range(1, 61)), True)]
+                      + decode[:2]):
             assert step_kind(ForwardBatch.build(batch)) is None and step(ForwardBatch.build(batch)) is None
-    assert step_kind(ForwardBatch.build(decode[:1])) == (ONE, None)
-    assert step_kind(ForwardBatch.build(decode[:2])) == (BATCH, None)
+    assert step_kind(ForwardBatch.build(decode[:1])) == (ONE, [])
+    assert step_kind(ForwardBatch.build(decode[:2])) == (BATCH, [])
 
 
 def test_a_cpu_model_compiles_its_decode_step_by_default(tiny_model_factory, monkeypatch):

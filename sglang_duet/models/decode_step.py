@@ -19,7 +19,7 @@ Why it is faster than the eager layer:
 The GEMMs stay extern calls (the same oneDNN / BLAS calls the eager path makes).
 
 Decode batches (one new token per request) take this path, and so do chunked prefill's mixed steps: 2+
-decodes next to ONE request's chunk, whose rows go last and attend through SDPA's CPU kernel over K/V
+decodes next to prefill chunks, whose rows go last and attend through one SDPA call (CPU kernel) over K/V
 gathered from the pool (`chunk_attention`); the GEMMs then multiply every row at once. In a 2-core bf16
 step of 15 decodes and a 64-token chunk that took 89 -> 80 ms (the GEMMs ~52 of it). Whole prefills and
 steps with two chunks run the eager model. The executor compiles at start-up (`warm_up`), so no request waits for the compiler. It is refused (eager runs, a warning says why) when the model is tensor-parallel,
@@ -104,9 +104,9 @@ def paged_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
 
 def chunk_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,
                     mask: torch.Tensor) -> torch.Tensor:
-    """The new tokens of ONE request over its cached prefix and themselves: q [n, H, D], slots [L] (its
-    KV slots in position order, the new tokens' included), mask [n, L] bool (key position <= query
-    position) -> [n, H * D]. SDPA's CPU kernel (inductor calls it as it is) on K/V gathered from the
+    """The new tokens of one or more requests' chunks over their cached prefixes and themselves: q [n, H, D],
+    slots [L] (each request's KV slots in position order, the new tokens' included, one request after the
+    other), mask [n, L] bool (MixedInputs.chunk_mask) -> [n, H * D]. SDPA's CPU kernel (inductor calls it as it is) on K/V gathered from the
     pool, the n_rep query heads of each KV head stacked as its query rows ([1, H_kv, n_rep * n, D],
     the mask repeated to match): GQA without a repeated copy of K/V."""
     n, H, D = q.shape
@@ -158,7 +158,7 @@ def make_decode_layer(num_heads: int, num_kv_heads: int, head_dim: int, eps: flo
         v_buf.index_copy_(0, loc, v.to(v_buf.dtype))
         if chunk_slots is None:
             return paged_decode_attention(q, k_buf, v_buf, slots, valid).reshape(T, H * D)
-        # a mixed step: the decode rows first (one query each over the paged pool), then one request's chunk
+        # a mixed step: the decode rows first (one query each over the paged pool), then the chunks' rows
         nd = slots.shape[0]
         decoded = paged_decode_attention(q[:nd], k_buf, v_buf, slots, valid).reshape(nd, H * D)
         return torch.cat([decoded, chunk_attention(q[nd:], k_buf, v_buf, chunk_slots, chunk_mask)])
@@ -215,49 +215,75 @@ def _layer_weights(layer, form: str = PLAIN) -> tuple:
 ONE, BATCH, MIXED = "one", "batch", "mixed"
 
 
-def step_kind(fb: ForwardBatch) -> tuple[str, int | None] | None:
-    """(kind, chunk) of a batch the compiled layer runs, None for any other (the eager model runs it):
+#: a MIXED step's chunks attend as one SDPA call over all their keys (block-diagonal mask): at most this many
+#: times the (query, key) pairs they need, else the eager model runs the step (one SDPA call per chunk)
+MIXED_ATTENTION_WASTE = 2.0
+
+
+def step_kind(fb: ForwardBatch) -> tuple[str, list[int]] | None:
+    """(kind, chunks) of a batch the compiled layer runs, None for any other (the eager model runs it):
     ONE (one request adding one token), BATCH (2+ requests adding one token each), or MIXED: 2+ requests
-    adding one token each and one request, batch index `chunk`, adding 2+ (a prefill chunk next to the
-    decodes: chunked prefill's usual step). Fewer than two decodes, or two chunks, run eagerly."""
+    adding one token each and the requests at batch indices `chunks` adding 2+ (prefill chunks next to the
+    decodes: chunked prefill's usual step, where a budget's tail often starts the next prompt), as long as
+    one attention call over all the chunks' keys does at most MIXED_ATTENTION_WASTE times their work.
+    Fewer than two decodes (a prefill, or its first chunks) run eagerly."""
     ext = fb.extend_lens_cpu or fb.qo_indptr.diff().tolist()
     chunks = [i for i, n in enumerate(ext) if n > 1]
     if not chunks:
-        return (ONE, None) if len(ext) == 1 else (BATCH, None)
-    if len(chunks) == 1 and len(ext) >= 3:
-        return MIXED, chunks[0]
-    return None
+        return (ONE, []) if len(ext) == 1 else (BATCH, [])
+    if len(ext) - len(chunks) < 2:
+        return None
+    if len(chunks) > 1:
+        seq = fb.seq_lens_cpu or fb.seq_lens.tolist()
+        need = sum(ext[i] * seq[i] for i in chunks)
+        if sum(ext[i] for i in chunks) * sum(seq[i] for i in chunks) > MIXED_ATTENTION_WASTE * need:
+            return None
+    return MIXED, chunks
 
 
 @dataclass
 class MixedInputs:
-    """What a MIXED step adds to a decode batch's inputs: the decode rows go first."""
+    """What a MIXED step adds to a decode batch's inputs; the decode rows go first, then each chunk's rows."""
 
     rows: torch.Tensor | None  # [T] the batch's rows in the step's order (None: the decode rows already lead)
     decodes: list[int]  # batch indices of the one-token requests, in order
-    chunk_slots: torch.Tensor  # [p + n] KV slots of the chunk's request, position order
-    chunk_mask: torch.Tensor  # [n, p + n] bool: new token j (position p + j) sees keys at positions <= p + j
+    chunk_slots: torch.Tensor  # [sum L] KV slots of each chunk's request (L = p + n of it), one after the other
+    chunk_mask: torch.Tensor  # [sum n, sum L] bool: a chunk's new token j (position p + j) sees its own
+    #                           request's keys at positions <= p + j, and no other's
 
     @classmethod
-    def of(cls, fb: ForwardBatch, chunk: int) -> "MixedInputs":
+    def of(cls, fb: ForwardBatch, chunks: list[int]) -> "MixedInputs":
         ext = fb.extend_lens_cpu or fb.qo_indptr.diff().tolist()
         seq = fb.seq_lens_cpu or fb.seq_lens.tolist()
         dev = fb.device
-        first = sum(ext[:chunk])  # the chunk's rows: [first, first + n)
-        n, total = ext[chunk], sum(ext)
+        starts = [0]
+        for n in ext:
+            starts.append(starts[-1] + n)
+        is_chunk = set(chunks)
+        decodes = [i for i in range(len(ext)) if i not in is_chunk]
+        order = decodes + chunks
         rows = None
-        if first + n != total:
-            ar = torch.arange(total, device=dev)
-            rows = torch.cat([ar[:first], ar[first + n:], ar[first:first + n]])
-        kv0 = sum(seq[:chunk])
-        length = seq[chunk]
-        p = length - n
-        mask = torch.arange(length, device=dev)[None, :] <= torch.arange(p, length, device=dev)[:, None]
-        return cls(rows, [i for i in range(len(ext)) if i != chunk], fb.kv_indices[kv0:kv0 + length], mask)
+        if order != sorted(order):
+            rows = torch.tensor([r for i in order for r in range(starts[i], starts[i + 1])], dtype=torch.long,
+                                device=dev)
+        kv_start = [0]
+        for n in seq:
+            kv_start.append(kv_start[-1] + n)
+        slots = torch.cat([fb.kv_indices[kv_start[i]:kv_start[i + 1]] for i in chunks])
+        # per chunk row: the first and the last key column it may see
+        lo, hi, col = [], [], 0
+        for i in chunks:
+            p = seq[i] - ext[i]
+            lo += [col] * ext[i]
+            hi += [col + p + j for j in range(ext[i])]
+            col += seq[i]
+        keys = torch.arange(col, device=dev)[None, :]
+        lo_t, hi_t = (torch.tensor(v, device=dev)[:, None] for v in (lo, hi))
+        return cls(rows, decodes, slots, (keys >= lo_t) & (keys <= hi_t))
 
 
 class CompiledDecodeStep:
-    """`step(fb)`: logits of a decode batch, or of a decode batch plus one prefill chunk, through the
+    """`step(fb)`: logits of a decode batch, or of a decode batch plus prefill chunks, through the
     compiled layer; None when the caller must run the eager model (any other batch, or the compiled path
     is off).
 
@@ -373,14 +399,14 @@ class CompiledDecodeStep:
             logger.info("decode step (%s) compiled in %.1f s (first step included)", graph, took)
         return logits
 
-    def _run(self, fb: ForwardBatch, form: str, chunk: int | None) -> torch.Tensor:
+    def _run(self, fb: ForwardBatch, form: str, chunks: list[int]) -> torch.Tensor:
         model = self.model
         ids, positions, loc, sample = fb.input_ids, fb.positions, fb.out_cache_loc, fb.sample_indices
         chunk_inputs: tuple = ()
-        if chunk is None:
+        if not chunks:
             slots, valid = decode_slot_table(fb)
         else:
-            mixed = MixedInputs.of(fb, chunk)
+            mixed = MixedInputs.of(fb, chunks)
             slots, valid = decode_slot_table(fb, mixed.decodes)
             chunk_inputs = (mixed.chunk_slots, mixed.chunk_mask)
             if mixed.rows is not None:  # the step's rows in the layer's order; logits read back through it
