@@ -7,6 +7,13 @@ price of re-reading the weights (and earlier chunks' KV) once per chunk.
 
 Option `ttft_order` ("fcfs", the default, or "deadline": admit first the waiting requests that
 can still meet the TTFT SLO, see base.deadline_order) to measure what queue order alone is worth.
+
+Option `surge_tokens` (default 0: off; the CPU default policy sets it, cost_model/cpu_budget.py): the
+budget protects running streams, so while more requests wait for their first token (waiting or
+mid-prefill) than streams decode, a step's prefill may take `surge_tokens` tokens instead. A burst
+of arrivals is then prefilled in one or two efficient steps instead of 64-token chunks that every
+running stream waits through, one after the other; a lone long prompt next to a running stream is
+still chunked at the budget.
 """
 from __future__ import annotations
 
@@ -24,16 +31,22 @@ class ChunkedPolicy(Policy):
         super().__init__(ctx)
         self.ttft_order = ttft_order_option(self.options, "fcfs", self.name)
         self._rate = prefill_rate(self.ctx)
+        self.surge_tokens = int(self.options.get("surge_tokens", 0))
+        if self.surge_tokens < 0:
+            raise ValueError(f"{self.name}: surge_tokens must be >= 0, got {self.surge_tokens}")
 
     def plan(self, view: SchedulerView) -> StepPlan | None:
         if not view.all_idle:
             return None  # one lane on all SMs: wait for the launch in flight
         if self.ttft_order == "deadline":
             view = deadline_view(view, self._rate, self.ctx.ttft_slo_ms)
-        batch = chunked_batch(view, self.ctx.chunked_prefill_size)
+        budget, why = self.ctx.chunked_prefill_size, "decode-first"
+        if self.surge_tokens > budget and len(view.waiting) + len(view.prefilling) > len(view.decoding):
+            budget, why = self.surge_tokens, "surge: more requests wait for a first token than decode"
+        batch = chunked_batch(view, budget)
         if batch.is_empty():
             return None
-        plan = StepPlan(aggregated=batch, reason=f"decode-first, budget {self.ctx.chunked_prefill_size}")
+        plan = StepPlan(aggregated=batch, reason=f"{why}, budget {budget}")
         pred = predict_ms(self.ctx, view, batch)
         if pred is not None:
             plan.predicted_ms["aggregated"] = pred

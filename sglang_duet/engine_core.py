@@ -160,9 +160,9 @@ class EngineCore:
         build_emulated(self, args)
 
     def _policy_context(self, args: ServerArgs) -> PolicyContext:
-        options = {}
+        options = dict(self.default_policy.options) if self.default_policy is not None else {}
         if args.policy_config:
-            options = _read_config_file(args.policy_config)
+            options.update(_read_config_file(args.policy_config))
         cost_model = hardware = None
         try:
             from sglang_duet.cost_model.hardware import HardwareSpec

@@ -137,7 +137,8 @@ def test_without_a_calibration_the_budget_is_fixed_and_says_why(monkeypatch, cal
     assert (args.policy, args.chunked_prefill_size, why.source) == ("chunked", CPU_PREFILL_BUDGET, "fixed")
     assert cc.COST_MODEL_ENV in why.reason and calibrations == []
     assert [r.getMessage() for r in caplog.records if "no --policy" in r.getMessage()] == [
-        f"no --policy on a CPU: chunked (mixed chunked prefill), --chunked-prefill-size {CPU_PREFILL_BUDGET}: "
+        f"no --policy on a CPU: chunked (mixed chunked prefill, options {{'surge_tokens': {cb.CPU_SURGE_TOKENS}}}), "
+        f"--chunked-prefill-size {CPU_PREFILL_BUDGET}: "
         f"{why.reason}"]  # one start-up line
 
     monkeypatch.delenv(cc.COST_MODEL_ENV)
@@ -202,8 +203,48 @@ def test_an_engine_without_policy_runs_chunked_with_the_calibrated_budget(tiny_m
         # the policy plans with the very model the budget came from: timed (here: loaded) once
         assert len(slow_cpu) == 1 and eng.policy.ctx.cost_model is eng.cpu_cost_model
         assert eng.policy.describe()["chunked_prefill_size"] == expected
+        assert eng.policy.surge_tokens == cb.CPU_SURGE_TOKENS == eng.default_policy.options["surge_tokens"]
     finally:
         eng.shutdown()
+
+
+def test_a_burst_is_prefilled_at_once_while_a_lone_prompt_is_chunked(tiny_model_factory, slow_cpu, tmp_path):
+    """The default's surge: with one stream decoding, three 100-token prompts arriving together get their first
+    tokens in one step (the stream's token too); a --policy-config surge_tokens of 0 chunks them at the budget,
+    and so does an explicit --policy chunked."""
+    model = tiny_model_factory("llama")
+    params = SamplingParams(temperature=0.0, max_new_tokens=50, ignore_eos=True)
+
+    def steps_to_first_tokens(eng) -> tuple[int, list[int]]:
+        eng.add_request("stream", [1, 2, 3, 4], params)
+        for _ in range(3):
+            eng.step(None)
+        for r in "abc":
+            eng.add_request(r, [5 + i % 50 for i in range(100)], SamplingParams(max_new_tokens=1))
+        started, stream = set(), []
+        while started != set("abc"):
+            updates = eng.step(None)
+            started |= {u.rid for u in updates if u.rid in "abc" and u.new_token_ids}
+            stream.append(sum(len(u.new_token_ids) for u in updates if u.rid == "stream"))
+            assert len(stream) < 50
+        return len(stream), stream
+
+    eng = engine_core(model)
+    try:
+        assert eng.prefill_budget == cb.MIN_BUDGET
+        assert steps_to_first_tokens(eng) == (1, [1])
+    finally:
+        eng.shutdown()
+    off = tmp_path / "off.json"
+    off.write_text('{"surge_tokens": 0}')
+    for kw in ({"policy_config": str(off)}, {"policy": "chunked", "chunked_prefill_size": cb.MIN_BUDGET}):
+        eng = engine_core(model, **kw)
+        try:
+            assert eng.policy.surge_tokens == 0
+            steps, stream = steps_to_first_tokens(eng)
+            assert steps >= 300 // cb.MIN_BUDGET and stream == [1] * steps, kw
+        finally:
+            eng.shutdown()
 
 
 def test_an_engine_without_calibration_runs_chunked_with_the_fixed_budget(tiny_model_factory, slow_cpu,

@@ -66,6 +66,33 @@ def test_chunked_is_decode_first_within_budget():
     assert pol.plan(view(dec=decs, idle={LaneKind.PREFILL})) is None  # aggregated needs both lanes
 
 
+def test_chunked_surges_while_more_requests_wait_than_decode():
+    """surge_tokens: the budget protects running streams; while more requests wait for their first token
+    (waiting or mid-prefill) than decode, a step may prefill surge_tokens; otherwise the budget holds."""
+    pol = load_policy("chunked", ctx(budget=64, surge_tokens=2048))
+    decs = [decoding(f"d{i}", 500) for i in range(2)]
+    prompts = [waiting(r, 300) for r in "abc"]
+    b = pol.plan(view(wait=prompts, dec=decs, budget=64)).aggregated
+    assert b.decode == ["d0", "d1"] and [(c.rid, c.length) for c in b.prefill] == [("a", 300), ("b", 300), ("c", 300)]
+    # as many waiting as decoding: the budget (64 tokens, two of them the decodes')
+    b = pol.plan(view(wait=prompts[:2], dec=decs, budget=64)).aggregated
+    assert [(c.rid, c.length) for c in b.prefill] == [("a", 62)]
+    # a request mid-prefill counts as waiting for its first token
+    mid = waiting("m", 300)
+    mid.state, mid.num_computed = ReqState.RUNNING, 62
+    b = pol.plan(view(wait=prompts[:2], pre=[mid], dec=decs, budget=64)).aggregated
+    assert [(c.rid, c.length) for c in b.prefill] == [("m", 238), ("a", 300), ("b", 300)]
+    # capped at surge_tokens: the last prompt taken is chunked there
+    b = pol.plan(view(wait=[waiting(r, 1500) for r in "xyz"], dec=decs, budget=64)).aggregated
+    assert b.num_tokens == 2048 and [(c.rid, c.length) for c in b.prefill] == [("x", 1500), ("y", 546)]
+    # off by default (an A/B's chunked baseline is the plain one), and never negative
+    plain = load_policy("chunked", ctx(budget=64))
+    assert plain.surge_tokens == 0
+    assert plain.plan(view(wait=prompts, budget=64)).aggregated.num_tokens == 64
+    with pytest.raises(ValueError, match="surge_tokens"):
+        load_policy("chunked", ctx(surge_tokens=-1))
+
+
 # ---- duet-paper (the DuetServe rule as the paper states it; the new duet: tests/test_duet_policy.py) ----
 
 
