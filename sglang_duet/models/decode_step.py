@@ -8,7 +8,7 @@ every decode batch in its range. The GEMMs multiply with the form of the weights
 would use at that row count (models/cpu_weights.py): oneDNN's blocked weights (through a custom op that
 inductor leaves as an extern call: its own lowering of the blocked linear wants frozen weights), the
 [in, out] copies, or the [out, in] weights; each form is its own layer function, compiled for one
-request, for a batch, and for a batch with one prefill chunk, so start-up compiles three or four graphs.
+request, for a batch, and for a batch with prefill chunks, so start-up compiles three or four graphs.
 
 Why it is faster than the eager layer:
   * attention reads the paged KV pool in place: `k_buf[slots]` is fused by inductor into the score
@@ -21,9 +21,11 @@ The GEMMs stay extern calls (the same oneDNN / BLAS calls the eager path makes).
 Decode batches (one new token per request) take this path, and so do chunked prefill's mixed steps: 2+
 decodes next to prefill chunks, whose rows go last and attend through one SDPA call (CPU kernel) over K/V
 gathered from the pool (`chunk_attention`); the GEMMs then multiply every row at once. In a 2-core bf16
-step of 15 decodes and a 64-token chunk that took 89 -> 80 ms (the GEMMs ~52 of it). Whole prefills and
-steps with two chunks run the eager model. The executor compiles at start-up (`warm_up`), so no request waits for the compiler. It is refused (eager runs, a warning says why) when the model is tensor-parallel,
-not on a CPU, when no C++ compiler is found, or when compiling or running the compiled step raises.
+step of 15 decodes and a 64-token chunk that took 89 -> 80 ms (the GEMMs ~52 of it). Steps with fewer
+than two decodes (a prefill) run the eager model (`step_kind`). The executor compiles at start-up
+(`warm_up`), so no request waits for the compiler. It is refused (eager runs, a warning says why) when
+the model is tensor-parallel, not on a CPU, when no C++ compiler is found, or when compiling or running
+the compiled step raises.
 Numerics: the same formulas as the eager layer (float32 RMSNorm and softmax); inductor's reductions
 sum in a different order, so logits differ from eager in the last bits (tests bound the difference
 and check greedy tokens).
@@ -36,6 +38,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -106,9 +109,9 @@ def chunk_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, s
                     mask: torch.Tensor) -> torch.Tensor:
     """The new tokens of one or more requests' chunks over their cached prefixes and themselves: q [n, H, D],
     slots [L] (each request's KV slots in position order, the new tokens' included, one request after the
-    other), mask [n, L] bool (MixedInputs.chunk_mask) -> [n, H * D]. SDPA's CPU kernel (inductor calls it as it is) on K/V gathered from the
-    pool, the n_rep query heads of each KV head stacked as its query rows ([1, H_kv, n_rep * n, D],
-    the mask repeated to match): GQA without a repeated copy of K/V."""
+    other), mask [n, L] bool (MixedInputs.chunk_mask) -> [n, H * D]. SDPA's CPU kernel (inductor calls it
+    as it is) on K/V gathered from the pool, the n_rep query heads of each KV head stacked as its query rows
+    ([1, H_kv, n_rep * n, D], the mask repeated to match): GQA without a repeated copy of K/V."""
     n, H, D = q.shape
     hkv = k_buf.shape[1]
     rep = H // hkv
@@ -260,9 +263,7 @@ class MixedInputs:
         ext = fb.extend_lens_cpu or fb.qo_indptr.diff().tolist()
         seq = fb.seq_lens_cpu or fb.seq_lens.tolist()
         dev = fb.device
-        starts = [0]
-        for n in ext:
-            starts.append(starts[-1] + n)
+        starts = list(accumulate(ext, initial=0))
         is_chunk = set(chunks)
         decodes = [i for i in range(len(ext)) if i not in is_chunk]
         order = decodes + chunks
@@ -270,9 +271,7 @@ class MixedInputs:
         if order != sorted(order):
             rows = torch.tensor([r for i in order for r in range(starts[i], starts[i + 1])], dtype=torch.long,
                                 device=dev)
-        kv_start = [0]
-        for n in seq:
-            kv_start.append(kv_start[-1] + n)
+        kv_start = list(accumulate(seq, initial=0))
         slots = torch.cat([fb.kv_indices[kv_start[i]:kv_start[i + 1]] for i in chunks])
         # per chunk row: the first and the last key column it may see
         lo, hi, col = [], [], 0
@@ -291,10 +290,11 @@ class CompiledDecodeStep:
     compiled layer; None when the caller must run the eager model (any other batch, or the compiled path
     is off).
 
-    A batch of n requests takes the layer function of the weight form the eager model would multiply
-    with at n rows (models/cpu_weights.linear_rows): the blocked weights for n in the model's
-    `packed_rows`, else the [in, out] copies for up to GEMV_MAX_ROWS requests, else the [out, in]
-    weights; each compiled for one request (context dynamic) and for a batch (batch dynamic too). With
+    A step of n rows (requests, plus the chunks' extra tokens) takes the layer function of the weight form
+    the eager model would multiply with at n rows (models/cpu_weights.linear_rows): the blocked weights for
+    n in the model's `packed_rows`, else the [in, out] copies for up to GEMV_MAX_ROWS requests, else the
+    [out, in] weights; each compiled for one request (context dynamic), for a batch (batch dynamic too) and
+    for a batch with chunks (their lengths and contexts dynamic too). With
     blocked weights, a batch past their range runs eagerly (GEMM-bound there; and no graph is compiled
     mid-traffic), as does a single request where neither the copies nor the blocked weights serve it
     (BLAS gemv beats a padded two-row GEMM). SmolLM2 at two threads (blocked weights): one request 38.9 ->
@@ -366,8 +366,8 @@ class CompiledDecodeStep:
             for n in (4, 1, 2):
                 self(ForwardBatch.build([([0], 2, [PADDING_SLOT] * 3, True)] * n, self.kv_pool.device))
             # mixed: 3 decodes at 4 tokens, then a 5-token chunk after 2 cached (rows 8, chunk context 7)
-            self(ForwardBatch.build([([0], 3, [PADDING_SLOT] * 4, True)] * 3 + [([0] * 5, 2, [PADDING_SLOT] * 7, True)],
-                                    self.kv_pool.device))
+            decodes = [([0], 3, [PADDING_SLOT] * 4, True)] * 3
+            self(ForwardBatch.build(decodes + [([0] * 5, 2, [PADDING_SLOT] * 7, True)], self.kv_pool.device))
             self.kv_pool.buffer[:, :, PADDING_SLOT].zero_()
 
     @property
