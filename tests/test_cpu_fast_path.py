@@ -240,6 +240,12 @@ def test_a_mixed_step_through_the_functional_layer_equals_the_eager_model(family
     # under MIXED_ATTENTION_SPARE_PAIRS)
     tail_and_head = [([1] * 17, 111, list(range(1, 129)), True), ([1] * 32, 0, list(range(1, 33)), True)]
     assert step_kind(ForwardBatch.build(tail_and_head + decode[:2])) == (MIXED, [0, 1])
+    # one chunk whose attention is past MIXED_MAX_CHUNK_PAIRS: eager (SDPA's causal kernel); at it: compiled
+    def fresh(n):  # a fresh n-token prompt beside two decodes: n * n (query, key) pairs
+        return ForwardBatch.build([([1] * n, 0, list(range(1, n + 1)), True)] + decode[:2])
+
+    n = int(decode_step.MIXED_MAX_CHUNK_PAIRS ** 0.5)
+    assert step_kind(fresh(n))[0] == MIXED and step_kind(fresh(n + 1)) is None
     assert step_kind(ForwardBatch.build(decode[:1])) == (ONE, [])
     assert step_kind(ForwardBatch.build(decode[:2])) == (BATCH, [])
 

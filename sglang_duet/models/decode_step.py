@@ -224,6 +224,10 @@ ONE, BATCH, MIXED = "one", "batch", "mixed"
 #: threads); else the eager model runs the step (one SDPA call per chunk)
 MIXED_ATTENTION_WASTE = 2.0
 MIXED_ATTENTION_SPARE_PAIRS = 1 << 15
+#: ...and only while the chunks need at most this many (query, key) pairs: past it the eager model's SDPA,
+#: causal without a mask for a fresh prompt, wins (bf16 on 2 cores, 15 decodes beside a fresh chunk of n
+#: tokens, compiled / eager: n 512 479 / 527 ms, 1024 (2 decodes) 1314 / 1123; 256 after 1024 cached 400 / 389)
+MIXED_MAX_CHUNK_PAIRS = 1 << 18
 
 
 def step_kind(fb: ForwardBatch) -> tuple[str, list[int]] | None:
@@ -231,17 +235,19 @@ def step_kind(fb: ForwardBatch) -> tuple[str, list[int]] | None:
     ONE (one request adding one token), BATCH (2+ requests adding one token each), or MIXED: 2+ requests
     adding one token each and the requests at batch indices `chunks` adding 2+ (prefill chunks next to the
     decodes: chunked prefill's usual step, where a budget's tail often starts the next prompt), as long as
-    one attention call over all the chunks' keys wastes little (MIXED_ATTENTION_WASTE).
-    Fewer than two decodes (a prefill, or its first chunks) run eagerly."""
+    one attention call over all the chunks' keys wastes little (MIXED_ATTENTION_WASTE) and their attention
+    is small (MIXED_MAX_CHUNK_PAIRS). Fewer than two decodes (a prefill, or its first chunks) run eagerly."""
     ext = fb.extend_lens_cpu or fb.qo_indptr.diff().tolist()
     chunks = [i for i, n in enumerate(ext) if n > 1]
     if not chunks:
         return (ONE, []) if len(ext) == 1 else (BATCH, [])
     if len(ext) - len(chunks) < 2:
         return None
+    seq = fb.seq_lens_cpu or fb.seq_lens.tolist()
+    need = sum(ext[i] * seq[i] for i in chunks)
+    if need > MIXED_MAX_CHUNK_PAIRS:
+        return None
     if len(chunks) > 1:
-        seq = fb.seq_lens_cpu or fb.seq_lens.tolist()
-        need = sum(ext[i] * seq[i] for i in chunks)
         spare = sum(ext[i] for i in chunks) * sum(seq[i] for i in chunks) - need
         if spare > max((MIXED_ATTENTION_WASTE - 1) * need, MIXED_ATTENTION_SPARE_PAIRS):
             return None
