@@ -281,7 +281,8 @@ def calibration_key(model_config, dtype: str, attn_name: str, tp_size: int = 1, 
     cfg = {k: v for k, v in cfg.items() if k not in ("name", "path", "model_path")}
     blob = json.dumps({"v": CALIBRATION_VERSION, "cfg": cfg, "dtype": dtype, "threads": torch.get_num_threads(),
                        "cpu": cpu_name(), "attn": attn_name, "torch": torch.__version__, "tp": int(tp_size),
-                       "nnodes": int(nnodes), **({"paths": sorted(cpu_paths)} if cpu_paths else {})}, sort_keys=True, default=str)
+                       "nnodes": int(nnodes), **({"paths": sorted(cpu_paths)} if cpu_paths else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -59,7 +59,8 @@ _SPECS: dict[str, tuple[str, dict]] = {
                         "larger values cost less host time per token at many streams", {}),
     "attention_backend": ("attention backend", {}),
     "disable_cuda_graph": ("do not capture CUDA graphs", {}),
-    "enable_torch_compile": ("CPU: decode steps through one torch.compile'd decoder layer (the default on a CPU where "
+    "enable_torch_compile": ("CPU: decode and mixed (decodes + prefill chunks) steps through one torch.compile'd "
+                             "decoder layer (the default on a CPU where "
                              "a C++ compiler is found; compiled at start-up: ~12 s the first time on 2 cores, ~5 s "
                              "after; a failure falls back to eager with a warning)", {}),
     "disable_torch_compile": ("CPU: run every step eagerly (no start-up compile; as SGLANG_DUET_CPU_COMPILE=0)", {}),
